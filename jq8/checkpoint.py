@@ -1,0 +1,194 @@
+"""Training checkpoints: a thin wrapper over Orbax's ``CheckpointManager``.
+
+Layout of ``<directory>/<step>/`` (one folder per saved step, written atomically by Orbax: it is built
+under ``<step>.orbax-checkpoint-tmp-*`` and renamed when complete, so a run killed mid-save leaves only a
+tmp folder that is never listed as a step)::
+
+    params/     Orbax PyTree (OCDBT): the fp32 master weights, the Flax ``params`` collection
+                (e.g. {"wte": {"embedding": ...}, "h_0": {...}, ..., "ln_f": {...}})
+    opt_state/  Orbax PyTree: the Optax state (same leaves as params for AdamW's mu / nu, plus counts)
+    meta/       JSON: {"step", "data_position", "rng" (uint32 key data), "model_config", "train_config",
+                "policy", "format_version", ...}: everything needed to rebuild the model and resume
+
+``load_params`` reads only ``params`` + ``meta`` (what ``quantize.py`` needs); ``Checkpointer.restore``
+reads everything and first checks the saved parameter shapes against the model being built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+ITEMS = ("params", "opt_state", "meta")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model / optimizer being restored into."""
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_compatible(saved: Any, expected: Any, what: str = "params") -> None:
+    """Raises :class:`CheckpointMismatchError` naming the first parameter whose path/shape/dtype differ.
+
+    saved: the metadata tree of a checkpoint item (leaves with ``.shape``/``.dtype``);
+    expected: the abstract tree being restored into (arrays or ``jax.ShapeDtypeStruct``).
+    """
+    saved_leaves = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want_leaves = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing = sorted(set(want_leaves) - set(saved_leaves))
+    extra = sorted(set(saved_leaves) - set(want_leaves))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"checkpoint {what} do not match the model: missing from checkpoint {missing[:5]}, "
+            f"unexpected in checkpoint {extra[:5]}. Was it written for another model family/config?"
+        )
+    for name, want in want_leaves.items():
+        got = saved_leaves[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointMismatchError(
+                f"checkpoint {what} '{name}' has shape {tuple(got.shape)} but the model expects "
+                f"{tuple(want.shape)}: the checkpoint was written for another model shape "
+                "(check num_layers / d_model / vocab_size / max_seq_len, or use a fresh run_dir)."
+            )
+
+
+class Checkpointer:
+    """Periodic async saves, keep-last-N, resume from the latest complete step.
+
+    directory: where steps are written (created if missing). keep: how many recent steps to keep.
+    async_save: write in a background thread while training continues (``wait()`` blocks on it).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # remove partial saves left by a killed run
+            create=True,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None. Partial (tmp) folders are never counted."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any]) -> None:
+        """Starts saving ``step`` (returns before the write finishes when async). meta must be JSON-able."""
+        meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION}
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_params: Any, abstract_opt_state: Any, step: int | None = None):
+        """Restores (params, opt_state, meta) of ``step`` (default: latest) into the given abstract trees.
+
+        The abstract trees (``jax.ShapeDtypeStruct`` with shardings, e.g. from ``jax.eval_shape``) decide
+        the restored dtypes and shardings. Raises CheckpointMismatchError naming the first mismatching
+        parameter if the checkpoint was written for another model shape.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        md = self._mngr.item_metadata(step)
+        check_compatible(md["params"].tree, abstract_params, "params")
+        check_compatible(md["opt_state"].tree, abstract_opt_state, "optimizer state")
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["params"], out["opt_state"], out["meta"]
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        """Blocks until any in-flight async save is complete on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_params(
+    directory: str | os.PathLike, step: int | None = None, *, sharding: jax.sharding.Sharding | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Reads the fp32 params and the meta dict of a training checkpoint (no optimizer state).
+
+    directory: the run's checkpoint folder (``<run_dir>/checkpoints``), or one step folder
+      (``.../checkpoints/<step>``). Returns (params, meta): params is the Flax ``params`` dict of
+      jax.Arrays placed on ``sharding`` (default: the first local device), whatever the device layout
+      of the run that wrote it; ``meta["model_config"]`` rebuilds the model with
+      ``models.presets.build_model``.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    base = os.path.basename(directory)
+    if step is None and base.isdigit() and os.path.isdir(os.path.join(directory, "params")):
+        directory, step = os.path.dirname(directory), int(base)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        tree = mngr.item_metadata(step)["params"].tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+        )
+    return out["params"], out["meta"]
+
+
+def rng_to_json(key: jax.Array) -> list[int]:
+    """A typed or raw jax.random key -> JSON list of its uint32 words."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return [int(v) for v in np.asarray(key).reshape(-1)]
+
+
+def rng_from_json(words: list[int]) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(words, dtype=np.uint32))

@@ -1,0 +1,247 @@
+"""Jetfire INT8 training ops: ``jax.custom_vjp`` compositions that keep INT8 inside one differentiated op.
+
+    jetfire_linear       float (..., K) -> float (..., N)        drop-in Dense
+    jetfire_norm_linear  LN -> linear, INT8 in between            attention's qkv projection
+    jetfire_mlp          LN -> fc1 -> GELU|SwiGLU -> fc2, INT8 between all of them; the residual-stream
+                         input is saved for the backward as INT8 blocks + mean/rstd (the activation-memory
+                         saving of Jetfire), fc1's output as INT8 from the GEMM epilogue
+
+Outputs are in ``policy.compute_dtype`` (the residual stream around them stays fp32). Under a policy whose
+GEMMs are all high precision (``policy.int8`` False) each op is the plain jnp reference below, which is
+also what :mod:`jq8.nn` runs for the bf16 policy, so both policies share one definition of the math.
+
+``key``: a ``jax.random`` key for the stochastic rounding of gradients (one per op and step; ``None`` gives
+a fixed seed). Differences from Jetfire's reference code (see /work/shared/design/jetfire.md): LayerNorm
+uses the biased variance with eps and exact full-row backward; fc2's grad-input and the LayerNorm backward
+input are left in ``compute_dtype`` (they are consumed at once by the fused GELU backward / LN backward,
+so re-quantizing them would add error without saving a GEMM); stochastic-rounding noise is a hash of
+(seed, row, col), distinct for every tile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jq8 import jetfire_ops as ops
+from jq8.policy import Policy
+
+F32 = jnp.float32
+Params = Mapping[str, Mapping[str, jax.Array]]
+
+
+def seeds_from_key(key: jax.Array | None, n: int) -> jax.Array:
+    """(n, 2) uint32 noise seeds, one per backward quantization; zeros when ``key`` is None."""
+    if key is None:
+        return jnp.zeros((n, 2), jnp.uint32)
+    return jax.random.bits(key, (n, 2), jnp.uint32)
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+# -------------------------------------------------------------------------------------- references
+
+
+def linear_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, compute_dtype=F32) -> jax.Array:
+    """x: (..., K) @ kernel (K, N) + bias in ``compute_dtype`` with fp32 accumulation -> (..., N)."""
+    y = jnp.dot(x.astype(compute_dtype), kernel.astype(compute_dtype), preferred_element_type=F32)
+    if bias is not None:
+        y = y + bias.astype(F32)
+    return y.astype(compute_dtype)
+
+
+def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, eps=1e-5, rms=False) -> jax.Array:
+    """LayerNorm (or RMSNorm) over the last axis with fp32 statistics -> fp32."""
+    return ops.layer_norm_float(x, gamma, beta, eps=eps, rms=rms)[0]
+
+
+def _act_reference(params: Params, h: jax.Array, activation: str, cd) -> jax.Array:
+    u = linear_reference(h, params["fc1"]["kernel"], params["fc1"].get("bias"), cd).astype(F32)
+    if activation == "gelu":
+        return jax.nn.gelu(u, approximate=False)
+    v = linear_reference(h, params["gate"]["kernel"], params["gate"].get("bias"), cd).astype(F32)
+    return u * jax.nn.silu(v)
+
+
+def mlp_reference(x: jax.Array, params: Params, *, compute_dtype=F32, activation="gelu", eps=1e-5,
+                  rms=False) -> jax.Array:
+    """Float MLP branch fc2(act(fc1(norm(x)))): x (..., D) -> (..., D) in ``compute_dtype``."""
+    h = norm_reference(x, params["norm"]["scale"], params["norm"].get("bias"), eps=eps, rms=rms)
+    a = _act_reference(params, h, activation, compute_dtype)
+    return linear_reference(a, params["fc2"]["kernel"], params["fc2"].get("bias"), compute_dtype)
+
+
+def norm_linear_reference(x, norm: Mapping[str, jax.Array], kernel, bias, *, compute_dtype=F32, eps=1e-5,
+                          rms=False) -> jax.Array:
+    """linear(norm(x)) in float: x (..., D) -> (..., N) ``compute_dtype``."""
+    h = norm_reference(x, norm["scale"], norm.get("bias"), eps=eps, rms=rms)
+    return linear_reference(h, kernel, bias, compute_dtype)
+
+
+# ------------------------------------------------------------------------------------------ linear
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _linear(x, w, b, seeds, policy):
+    return _linear_fwd(x, w, b, seeds, policy)[0]
+
+
+def _linear_fwd(x, w, b, seeds, policy):
+    x_fwd, x_dw = ops.activation_operands(x, policy)
+    w_fwd, w_dx = ops.weight_operands(w, policy)
+    y = ops.linear_fwd(x_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype)
+    return y, (x_dw, w_dx, seeds, b is not None, x.dtype)
+
+
+def _linear_bwd(policy, res, g):
+    x_dw, w_dx, seeds, has_bias, x_dtype = res
+    dx, dw, db = ops.linear_bwd(g, x_dw, w_dx, policy, seeds[0], has_bias=has_bias)
+    return dx.astype(x_dtype), dw, db, None
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_fwd_static = _linear_fwd
+
+
+def jetfire_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, key: jax.Array | None,
+                   policy: Policy) -> jax.Array:
+    """y = x @ kernel + bias with Jetfire INT8 GEMMs (forward, grad-input, grad-weight per the policy).
+
+    x: (..., K) float; kernel: (K, N) fp32 master (re-quantized each call); bias: (N,) or None.
+    Returns (..., N) in ``policy.compute_dtype``.
+    """
+    if not policy.int8:
+        return linear_reference(x, kernel, bias, policy.compute_dtype)
+    policy.check_dims(in_features=kernel.shape[0], out_features=kernel.shape[1])
+    y = _linear(_flat(x), kernel, bias, seeds_from_key(key, 1), policy)
+    return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+
+# ------------------------------------------------------------------------------------- norm + linear
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _norm_linear(x, norm, w, b, seeds, policy, eps, rms):
+    return _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms)[0]
+
+
+def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms):
+    h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
+    w_fwd, w_dx = ops.weight_operands(w, policy)
+    y = ops.linear_fwd(h_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype)
+    return y, (ln_res, h_dw, w_dx, norm, seeds, b is not None, x.dtype)
+
+
+def _norm_linear_bwd(policy, eps, rms, res, g):
+    ln_res, h_dw, w_dx, norm, seeds, has_bias, x_dtype = res
+    g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
+    dh = ops.grad_input(g_dx, w_dx, policy)
+    dw = ops.grad_weight(h_dw, g_dw, policy)
+    db = jnp.sum(g.astype(F32), axis=0) if has_bias else None
+    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, norm["scale"], rms=rms, has_beta="bias" in norm)
+    dnorm = {"scale": dgamma, **({"bias": dbeta} if "bias" in norm else {})}
+    return dx.astype(x_dtype), dnorm, dw, db, None
+
+
+_norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
+
+
+def jetfire_norm_linear(x: jax.Array, norm: Mapping[str, jax.Array], kernel: jax.Array,
+                        bias: jax.Array | None, key: jax.Array | None, policy: Policy, *, eps: float = 1e-5,
+                        rms: bool = False) -> jax.Array:
+    """linear(LayerNorm(x)) with the normalised activation INT8 between them.
+
+    x: (..., D) fp32 residual stream; norm: {"scale": (D,), "bias": (D,) unless rms}; kernel (D, N) fp32.
+    Returns (..., N) in ``policy.compute_dtype``.
+    """
+    if not policy.int8:
+        return norm_linear_reference(x, norm, kernel, bias, compute_dtype=policy.compute_dtype, eps=eps, rms=rms)
+    policy.check_dims(in_features=kernel.shape[0], out_features=kernel.shape[1])
+    y = _norm_linear(_flat(x), dict(norm), kernel, bias, seeds_from_key(key, 1), policy, float(eps), bool(rms))
+    return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _mlp(x, params, seeds, policy, activation, eps, rms):
+    return _mlp_fwd(x, params, seeds, policy, activation, eps, rms)[0]
+
+
+def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
+    cd = policy.compute_dtype
+    norm, fc1, fc2 = params["norm"], params["fc1"], params["fc2"]
+    h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
+    # fc1's output goes INT8 straight from the GEMM epilogue (round-to-nearest) into the activation.
+    u_spec = policy.spec if policy.int8_forward else None
+    w1_fwd, w1_dx = ops.weight_operands(fc1["kernel"], policy)
+    u = ops.linear_fwd(h_fwd, w1_fwd, fc1.get("bias"), policy, out_dtype=cd, out_spec=u_spec)
+    if activation == "gelu":
+        v, wg_dx = None, None
+        a_fwd, a_dw = ops.gelu_fwd(u, policy)
+    else:
+        gate = params["gate"]
+        wg_fwd, wg_dx = ops.weight_operands(gate["kernel"], policy)
+        v = ops.linear_fwd(h_fwd, wg_fwd, gate.get("bias"), policy, out_dtype=cd, out_spec=u_spec)
+        a_fwd, a_dw = ops.swiglu_fwd(u, v, policy)
+    w2_fwd, w2_dx = ops.weight_operands(fc2["kernel"], policy)
+    y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=cd)
+    res = (ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, norm["scale"], seeds, x.dtype,
+           {k: tuple(sorted(p)) for k, p in params.items()})
+    return y, res
+
+
+def _mlp_bwd(policy, activation, eps, rms, res, g):
+    cd = policy.compute_dtype
+    ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, gamma, seeds, x_dtype, names = res
+    grads = {}
+
+    def pack(name, dw, db):
+        grads[name] = {"kernel": dw, **({"bias": db} if "bias" in names[name] else {})}
+
+    g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
+    da = ops.grad_input(g_dx, w2_dx, policy)
+    pack("fc2", ops.grad_weight(a_dw, g_dw, policy), jnp.sum(g.astype(F32), axis=0))
+    if activation == "gelu":
+        du_dx, du_dw, db1 = ops.gelu_bwd(da, u, policy, seeds[1])
+        dh = ops.grad_input(du_dx, w1_dx, policy)
+    else:
+        (du_dx, du_dw, db1), (dv_dx, dv_dw, dbg) = ops.swiglu_bwd(da, u, v, policy, seeds[1:3])
+        dh = ops.grad_input(du_dx, w1_dx, policy) + ops.grad_input(dv_dx, wg_dx, policy)
+        pack("gate", ops.grad_weight(h_dw, dv_dw, policy), dbg)
+    pack("fc1", ops.grad_weight(h_dw, du_dw, policy), db1)
+    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, gamma, rms=rms, has_beta="bias" in names["norm"])
+    grads["norm"] = {"scale": dgamma, **({"bias": dbeta} if "bias" in names["norm"] else {})}
+    del cd
+    return dx.astype(x_dtype), grads, None
+
+
+_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Policy, *,
+                activation: str = "gelu", eps: float = 1e-5, rms: bool = False) -> jax.Array:
+    """The pre-norm MLP branch fc2(act(fc1(norm(x)))) with Jetfire INT8 data flow.
+
+    x: (..., D) fp32 residual stream. params: {"norm": {"scale", "bias"?}, "fc1": {"kernel" (D, F),
+    "bias"?}, "fc2": {"kernel" (F, D), "bias"?}, and "gate" like fc1 for swiglu}: the parameter tree of
+    :class:`jq8.nn.MlpBlock`. Returns (..., D) in ``policy.compute_dtype``; the residual add is the caller's.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not policy.int8:
+        return mlp_reference(x, params, compute_dtype=policy.compute_dtype, activation=activation, eps=eps,
+                             rms=rms)
+    d, f = params["fc1"]["kernel"].shape
+    policy.check_dims(model_dim=d, hidden=f)
+    p = {k: dict(v) for k, v in params.items()}
+    y = _mlp(_flat(x), p, seeds_from_key(key, 3), policy, activation, float(eps), bool(rms))
+    return y.reshape(x.shape)

@@ -1,0 +1,171 @@
+"""The seam between the Jetfire ops and the Pallas kernels: one place picks kernel or reference.
+
+Each function has the signature of the kernel of the same name in ``pallas_kernels/`` (see the kernel API
+contract). ``use_kernels=True`` calls the Pallas kernel (interpret mode on CPU); ``False`` calls the
+kernel file's ``*_reference``. While a kernel file does not exist yet, both fall back to the small jnp
+definitions below, built on :mod:`jq8.quant` (no second quantizer).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jq8.quant import QArray, QuantSpec, dequantize, quantize
+
+_MODULES = {
+    "quantize_tiles": "pallas_kernels.quantize",
+    "layer_norm_quantize": "pallas_kernels.norm_quantize",
+    "bias_gelu_quantize": "pallas_kernels.gelu_quantize",
+    "gelu_backward_quantize": "pallas_kernels.gelu_quantize",
+    "matmul_qarrays": "pallas_kernels.int8_matmul_block_scaled",
+}
+
+
+def _lookup(name: str, use_kernels: bool) -> Callable | None:
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+    return getattr(mod, name if use_kernels else f"{name}_reference", None) or getattr(mod, name, None)
+
+
+def implementation(name: str, use_kernels: bool) -> str:
+    """Which implementation runs for ``name``: "kernel", "reference" or "fallback" (for tests/reports)."""
+    fn = _lookup(name, use_kernels)
+    if fn is None:
+        return "fallback"
+    return "reference" if fn.__name__.endswith("_reference") else "kernel"
+
+
+# ------------------------------------------------------------------------------------------ gelu
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, fp32: Jetfire's choice, and the one the bf16 modules use too."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_grad(x: jax.Array) -> jax.Array:
+    """d GELU / dx = Phi(x) + x phi(x), fp32."""
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
+    pdf = jnp.exp(-0.5 * x * x) * (2.0 * jnp.pi) ** -0.5
+    return cdf + x * pdf
+
+
+def _both(x: jax.Array, spec: QuantSpec, transposed_spec: QuantSpec | None, **kw):
+    q = quantize(x, spec, **kw)
+    if transposed_spec is None:
+        return q
+    return q, quantize(x.T, transposed_spec, **kw)
+
+
+# ------------------------------------------------------------------------------ fallbacks (jnp)
+
+
+def _quantize_tiles_fallback(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, interpret=None):
+    return _both(x, spec, transposed_spec, rounding=rounding, seed=seed)
+
+
+def _layer_norm_quantize_fallback(
+    x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, interpret=None
+):
+    xf = x.astype(jnp.float32)
+    mean = jnp.zeros(x.shape[0], jnp.float32) if rms else jnp.mean(xf, axis=1)
+    xc = xf - mean[:, None]
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=1) + eps)
+    y = xc * rstd[:, None] * gamma.astype(jnp.float32)
+    if beta is not None:
+        y = y + beta.astype(jnp.float32)
+    q = _both(y, spec, transposed_spec)
+    return (*q, mean, rstd) if transposed_spec is not None else (q, mean, rstd)
+
+
+def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", transposed_spec=None, interpret=None):
+    y = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    if activation == "gelu":
+        y = gelu(y)
+    elif activation is not None:
+        raise ValueError(f"activation must be 'gelu' or None, got {activation!r}")
+    return _both(y, spec, transposed_spec)
+
+
+def _gelu_backward_quantize_fallback(
+    grad, x, bias=None, *, spec, rounding="stochastic", seed=None, transposed_spec=None, interpret=None
+):
+    u = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
+    if bias is not None:
+        u = u + bias.astype(jnp.float32)
+    g = dequantize(grad, jnp.float32) if isinstance(grad, QArray) else grad.astype(jnp.float32)
+    return _both(g * gelu_grad(u), spec, transposed_spec, rounding=rounding, seed=seed)
+
+
+def _matmul_qarrays_fallback(
+    a, b, *, bias=None, activation=None, residual=None, out_dtype=jnp.bfloat16, out_spec=None, config=None,
+    interpret=None,
+):
+    out = jnp.dot(
+        dequantize(a, jnp.float32), dequantize(b, jnp.float32).T, precision=jax.lax.Precision.HIGHEST
+    )
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    if activation == "gelu":
+        out = gelu(out)
+    elif activation is not None:
+        raise ValueError(f"activation must be 'gelu' or None, got {activation!r}")
+    if residual is not None:
+        out = out + residual.astype(jnp.float32)
+    if out_spec is not None:
+        return quantize(out.astype(out_dtype), out_spec)
+    return out.astype(out_dtype)
+
+
+_FALLBACKS = {
+    "quantize_tiles": _quantize_tiles_fallback,
+    "layer_norm_quantize": _layer_norm_quantize_fallback,
+    "bias_gelu_quantize": _bias_gelu_quantize_fallback,
+    "gelu_backward_quantize": _gelu_backward_quantize_fallback,
+    "matmul_qarrays": _matmul_qarrays_fallback,
+}
+
+
+def _call(name: str, use_kernels: bool, *args, **kwargs):
+    return (_lookup(name, use_kernels) or _FALLBACKS[name])(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ public seam
+
+
+def quantize_tiles(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, use_kernels=True):
+    """x: (M, N) float -> QArray (M, N) [, QArray (N, M) of x.T] int8, bit-exact to jq8.quant.quantize."""
+    return _call("quantize_tiles", use_kernels, x, spec, rounding=rounding, seed=seed,
+                 transposed_spec=transposed_spec)
+
+
+def layer_norm_quantize(x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, use_kernels=True):
+    """x: (M, N) float -> (q[, qT], mean (M,) f32, rstd (M,) f32); q quantizes LN(x) (full-row stats)."""
+    return _call("layer_norm_quantize", use_kernels, x, gamma, beta, eps=eps, rms=rms, spec=spec,
+                 transposed_spec=transposed_spec)
+
+
+def bias_gelu_quantize(x, bias=None, *, spec, activation="gelu", transposed_spec=None, use_kernels=True):
+    """x: (M, N) float or QArray -> quantized act(x + bias) [, its transposed copy]."""
+    return _call("bias_gelu_quantize", use_kernels, x, bias, spec=spec, activation=activation,
+                 transposed_spec=transposed_spec)
+
+
+def gelu_backward_quantize(grad, x, bias=None, *, spec, rounding="stochastic", seed=None,
+                           transposed_spec=None, use_kernels=True):
+    """grad, x: (M, N) (x: the GELU input, float or QArray) -> quantized grad * GELU'(x + bias) [, T]."""
+    return _call("gelu_backward_quantize", use_kernels, grad, x, bias, spec=spec, rounding=rounding,
+                 seed=seed, transposed_spec=transposed_spec)
+
+
+def matmul_qarrays(a: QArray, b: QArray, *, use_kernels=True, **epilogue):
+    """a: QArray (M, K), b: QArray (N, K) -> epilogue(a @ b.T): (M, N) out_dtype, or a QArray with out_spec."""
+    return _call("matmul_qarrays", use_kernels, a, b, **epilogue)

@@ -1,0 +1,238 @@
+"""Precision policy: which GEMMs run in INT8 (Jetfire data flow) and which stay high precision.
+
+A :class:`Policy` is a frozen, hashable dataclass, so it can be a Flax module attribute and a static
+argument of ``jax.jit`` / ``jax.custom_vjp``. Two named policies exist:
+
+    "bf16"          plain bf16-compute layers with fp32 parameters (the baseline)
+    "jetfire-int8"  Jetfire INT8 training: block-quantized (32 x 32) activations, weights and gradients;
+                    INT8 between LayerNorm -> fc1 -> GELU -> fc2 and into the attention projections
+
+:data:`HIGH_PRECISION_ISLANDS` lists, in one place, what never runs in INT8 under any policy.
+
+:func:`apply_policy` puts a policy on an *existing* Flax model whose layers are ``flax.linen.Dense``: rules
+are (module-path regex, policy) pairs, and matching ``Dense`` calls are rerouted through
+:func:`jq8.jetfire.jetfire_linear` with ``flax.linen.intercept_methods``; parameters are untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jq8.quant import QuantSpec
+
+PolicyName = Literal["bf16", "jetfire-int8"]
+POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
+
+# What stays in high precision under every policy, and why (Jetfire's split, kept explicit here).
+HIGH_PRECISION_ISLANDS: tuple[tuple[str, str], ...] = (
+    ("embeddings", "a gather, not a GEMM; token/position tables are looked up in fp32"),
+    ("residual stream", "x + branch(x) is accumulated in fp32 so INT8 errors do not compound across layers"),
+    ("attention core", "softmax(QK^T)V via jax.nn.dot_product_attention in bf16 on dequantized Q, K, V"),
+    ("final norm", "the last LayerNorm feeds the LM head; its output is not quantized"),
+    ("LM head", "logits need the full dynamic range; the tied/untied head is a bf16 GEMM"),
+    ("loss", "softmax cross-entropy in fp32"),
+    ("optimizer", "AdamW on fp32 master weights; INT8 weights are re-quantized from them every step"),
+    ("norm statistics", "LayerNorm/RMSNorm mean and rstd are fp32 full-row statistics"),
+    ("bias / norm gradients", "bias, gamma and beta gradients are fp32 reductions"),
+)
+
+_COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Numerics of the transformer-block GEMMs.
+
+    name: "bf16" or "jetfire-int8". Under "bf16" the int8 flags are ignored.
+    block: (rows, cols) tile of the Jetfire block quantization (powers of two; 32 x 32 in the paper).
+    rounding_bwd: rounding of backward (gradient) quantization: "stochastic" (unbiased) or "nearest".
+      Forward quantization is always round-to-nearest.
+    int8_forward / int8_grad_input / int8_grad_weight: per-GEMM switches (the forward GEMM Y = X W, the
+      grad-input GEMM dX = dY W^T, the grad-weight GEMM dW = X^T dY); a GEMM switched off runs in
+      ``compute_dtype`` with fp32 accumulation.
+    compute_dtype: dtype of the high-precision GEMMs and of block outputs' intermediate values.
+    use_kernels: run the Pallas kernels (interpret mode on CPU); False uses their pure-jnp references
+      (fast on CPU, for tests).
+    """
+
+    name: PolicyName = "bf16"
+    block: tuple[int, int] = (32, 32)
+    rounding_bwd: Literal["stochastic", "nearest"] = "stochastic"
+    int8_forward: bool = True
+    int8_grad_input: bool = True
+    int8_grad_weight: bool = True
+    compute_dtype: Any = jnp.bfloat16
+    use_kernels: bool = True
+
+    def __post_init__(self):
+        if self.name not in POLICY_NAMES:
+            raise ValueError(f"unknown policy name {self.name!r}; expected one of {POLICY_NAMES}")
+        block = tuple(int(b) for b in self.block)
+        if len(block) != 2 or not all(_is_pow2(b) for b in block):
+            raise ValueError(
+                f"block must be two powers of two (the kernels' tile sizes), got {self.block}; "
+                "Jetfire uses (32, 32)"
+            )
+        object.__setattr__(self, "block", block)
+        if self.rounding_bwd not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
+        dt = jnp.dtype(self.compute_dtype)
+        if dt not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {dt}")
+        object.__setattr__(self, "compute_dtype", dt)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> Policy:
+        """The named policy ("bf16" or "jetfire-int8"), with any field overridden by keyword."""
+        if name not in POLICY_NAMES:
+            raise ValueError(f"unknown policy name {name!r}; expected one of {POLICY_NAMES}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ValueError(f"unknown Policy field(s) {sorted(unknown)}; valid fields: {sorted(fields)}")
+        return cls(name=name, **overrides)
+
+    @property
+    def int8(self) -> bool:
+        """True when at least one GEMM runs in INT8."""
+        return self.name == "jetfire-int8" and (
+            self.int8_forward or self.int8_grad_input or self.int8_grad_weight
+        )
+
+    @property
+    def spec(self) -> QuantSpec:
+        """Block spec of an (M, N) operand (activations, weights, gradients)."""
+        return QuantSpec.blocks(self.block)
+
+    @property
+    def spec_t(self) -> QuantSpec:
+        """Block spec of the transposed (N, M) copy; equals ``spec`` for square blocks."""
+        return QuantSpec.blocks(self.block[::-1])
+
+    def check_dims(self, **dims: int) -> None:
+        """Raises if an INT8 policy meets a contraction/feature dimension that is not a block multiple.
+
+        Only dimensions that become a GEMM's K or a weight axis are checked (tokens may be ragged: the
+        kernels mask partial tiles). Pass them by name, e.g. ``check_dims(in_features=768)``.
+        """
+        if not self.int8:
+            return
+        for label, n in dims.items():
+            for b in set(self.block):
+                if n % b:
+                    raise ValueError(
+                        f"{label}={n} is not a multiple of the INT8 block size {b} (policy block "
+                        f"{self.block}); choose {label} as a multiple of {b} or use a smaller block, "
+                        "e.g. Policy.from_name('jetfire-int8', block=(16, 16))"
+                    )
+
+
+def as_policy(policy: Policy | str) -> Policy:
+    """A Policy from a Policy or a policy name."""
+    return policy if isinstance(policy, Policy) else Policy.from_name(policy)
+
+
+# ------------------------------------------------------------------------------- apply to a model
+
+Rules = Sequence[tuple[str, Policy | str]] | Mapping[str, Policy | str]
+
+
+@dataclasses.dataclass
+class PolicyModel:
+    """A Flax model with a policy applied by rules; ``init`` / ``apply`` mirror ``flax.linen.Module``.
+
+    rules: (regex, policy) pairs, matched with ``re.fullmatch`` against a Dense module's path joined by
+    "/" (e.g. ``"blocks_0/mlp/fc1"``); the first matching rule wins; Dense modules that match no rule
+    run unchanged. After each ``init``/``apply``, a rule that matched no ``nn.Dense`` raises ValueError.
+    Stochastic rounding draws keys from the ``"quant"`` rng stream when given, else from ``"dropout"``,
+    else a fixed key (deterministic noise: pass an rng to vary it per step).
+    """
+
+    model: nn.Module
+    rules: tuple[tuple[re.Pattern, Policy], ...]
+
+    def _interceptor(self, matched: set[int], seen: list[str]) -> Callable:
+        from jq8.jetfire import jetfire_linear  # late import: jetfire imports policy
+
+        def intercept(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+                return next_fun(*args, **kwargs)
+            path = "/".join(str(p) for p in mod.scope.path)
+            seen.append(path)
+            hit = next((i for i, (rx, _) in enumerate(self.rules) if rx.fullmatch(path)), None)
+            if hit is None:
+                return next_fun(*args, **kwargs)
+            matched.add(hit)
+            policy = self.rules[hit][1]
+            if mod.is_initializing() or not policy.int8:
+                return next_fun(*args, **kwargs)  # creates the parameters / plain layer
+            (x,) = args
+            kernel = mod.get_variable("params", "kernel")
+            bias = mod.get_variable("params", "bias") if mod.use_bias else None
+            key = quant_key(mod)
+            y = jetfire_linear(x, kernel, bias, key, policy)
+            return y.astype(mod.dtype or y.dtype)
+
+        return intercept
+
+    def _run(self, fn: Callable, *args, **kwargs):
+        matched: set[int] = set()
+        seen: list[str] = []
+        with nn.intercept_methods(self._interceptor(matched, seen)):
+            out = fn(*args, **kwargs)
+        missing = [self.rules[i][0].pattern for i in range(len(self.rules)) if i not in matched]
+        if missing:
+            raise ValueError(
+                f"policy rule(s) {missing} matched no nn.Dense module; Dense paths seen: {sorted(set(seen))}"
+            )
+        return out
+
+    def init(self, *args, **kwargs):
+        return self._run(self.model.init, *args, **kwargs)
+
+    def apply(self, *args, **kwargs):
+        return self._run(self.model.apply, *args, **kwargs)
+
+
+def apply_policy(model: nn.Module, rules: Rules) -> PolicyModel:
+    """Applies policies to ``model``'s ``nn.Dense`` layers by module-path regex (see :class:`PolicyModel`).
+
+    Example: ``apply_policy(model, {r".*mlp/fc[12]": "jetfire-int8"}).apply(variables, x, rngs=...)``.
+    Only 2-D-kernel Dense layers (kernel (in, out)) whose ``in``/``out`` are block multiples qualify.
+    """
+    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    if not items:
+        raise ValueError("apply_policy needs at least one (regex, policy) rule")
+    compiled = []
+    for pattern, policy in items:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid module-path regex {pattern!r}: {e}") from e
+        compiled.append((rx, as_policy(policy)))
+    return PolicyModel(model, tuple(compiled))
+
+
+def quant_key(module: nn.Module) -> jax.Array:
+    """A per-call key for stochastic rounding: the 'quant' rng, else 'dropout', else a fixed path key.
+
+    ``make_rng`` folds in the module path and a call counter, so every op and step gets its own noise.
+    """
+    for stream in ("quant", "dropout"):
+        if module.has_rng(stream):
+            return module.make_rng(stream)
+    path = "/".join(str(p) for p in module.scope.path)
+    return jax.random.fold_in(jax.random.PRNGKey(0), zlib.crc32(path.encode()) & 0x7FFFFFFF)

@@ -1,0 +1,296 @@
+"""ZeroQuant post-training quantization: rules, schemes, and weight quantization of a Flax params tree.
+
+A :class:`QuantRule` says how the Dense layers whose *module path* (``"blocks_0/mlp/fc1"``, the keys of the
+params tree joined by ``/``) matches a regex are quantized: weight bits, weight granularity and the
+activation mode. Rules are tried in order; the first match wins; a Dense matched by no rule stays in full
+precision (embeddings, final norm and LM head by default). A rule that matches no Dense is an error.
+
+Weights are stored for the inference GEMM's "NT" layout: a Flax kernel ``W`` (K=in, N=out) becomes a
+:class:`~jq8.quant.QArray` of ``W.T`` with shape (N, K), so both GEMM operands are K-contiguous (see
+``design/h100.md``). Weight granularities, as tiles of that (N, K) view:
+
+* ``group_size=None``                          one scale per output channel, tile (1, K)
+* ``group_axis="contraction"``, ``group_size=g``  GPTQ/AWQ groups of g along K, tile (1, g): scales vary
+  along K, so the GEMM is the block-scaled kernel
+* ``group_axis="rows"``, ``group_size=r``          DeepSpeed/ZeroQuant groups: runs of r whole output rows
+  share a scale, tile (r, K) (``r=-1`` is per-tensor); scales are constant along K (epilogue only)
+
+Activation modes: ``"token"`` (ZeroQuant: one dynamic scale per token, no calibration), ``"static"`` (the
+baseline: one calibrated per-tensor scale, see :func:`jq8.ptq_infer.calibrate_static`), ``"none"``
+(weight-only: activations stay bf16/f32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq8.quant import QArray, QuantSpec, quantize
+
+GroupAxis = Literal["contraction", "rows"]
+ActMode = Literal["token", "static", "none"]
+
+# Default Dense names of the attention and MLP sublayers (GPT: attn/{qkv,out}, mlp/{fc1,fc2[,gate]};
+# BERT: attention/{query,key,value,out}, mlp/{fc1,fc2}).
+ATTN_PATTERN = r"(^|/)(qkv|query|key|value|out)$"
+MLP_PATTERN = r"(^|/)(fc1|fc2|gate)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """How the Dense layers whose module path matches ``pattern`` (``re.search``) are quantized.
+
+    weight_bits: 8 or 4 (INT4 codes are packed two per byte).
+    group_size: None = one scale per output channel; else the group length along ``group_axis``
+      (-1 with ``group_axis="rows"`` = one scale for the whole tensor).
+    group_axis: "contraction" (groups along K) or "rows" (runs of whole output rows, DeepSpeed style).
+    symmetric: symmetric weight codes. Asymmetric weights are only served weight-only (act_mode "none").
+    act_mode: "token" (dynamic per-token INT8), "static" (calibrated per-tensor INT8), "none" (float).
+    """
+
+    pattern: str
+    weight_bits: int = 8
+    group_size: int | None = None
+    group_axis: GroupAxis = "contraction"
+    symmetric: bool = True
+    act_mode: ActMode = "token"
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}") from None
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"QuantRule {self.pattern!r}: weight_bits must be 8 or 4, got {self.weight_bits}")
+        if self.group_axis not in ("contraction", "rows"):
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: group_axis must be 'contraction' or 'rows', got {self.group_axis!r}"
+            )
+        if self.act_mode not in ("token", "static", "none"):
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: act_mode must be 'token', 'static' or 'none', got {self.act_mode!r}"
+            )
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"QuantRule {self.pattern!r}: group_size must be positive, -1 or None")
+        if self.group_size == -1 and self.group_axis != "rows":
+            raise ValueError(f"QuantRule {self.pattern!r}: group_size=-1 (per-tensor) needs group_axis='rows'")
+        if not self.symmetric and self.act_mode != "none":
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: asymmetric weights are supported weight-only (act_mode='none'); "
+                "the INT8 GEMM epilogue has no zero-point correction"
+            )
+
+    def matches(self, path: str) -> bool:
+        return re.search(self.pattern, path) is not None
+
+    def weight_spec(self) -> QuantSpec:
+        """The QuantSpec of the transposed (N, K) weight."""
+        b, s = self.weight_bits, self.symmetric
+        if self.group_size is None:
+            return QuantSpec.per_row(b, s)
+        if self.group_axis == "contraction":
+            return QuantSpec.groups(self.group_size, axis=1, bits=b, symmetric=s)
+        return QuantSpec.row_runs(self.group_size, b, s)
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size is None else f"{self.group_axis} groups of {self.group_size}"
+        return f"W{self.weight_bits} ({g}{'' if self.symmetric else ', asym'}), acts {self.act_mode}"
+
+
+def _scheme_table(int4_group: int) -> dict[str, list[QuantRule]]:
+    return {
+        # ZeroQuant W8A8: fine-grained weights (per output channel: a row run of 1, free in the epilogue)
+        # and dynamic token-wise INT8 activations.
+        "w8a8": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8)],
+        # ZeroQuant mixed precision: INT4 MLP (contraction groups), INT8 attention, INT8 token-wise acts.
+        "w4/8-a8": [
+            QuantRule(MLP_PATTERN, 4, int4_group, "contraction"),
+            QuantRule(ATTN_PATTERN, 8),
+        ],
+        "w8a16": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8, act_mode="none")],
+        "w4a16": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 4, int4_group, "contraction", act_mode="none")],
+        # The classic baseline ZeroQuant beats: per-tensor weights, calibrated per-tensor activations.
+        "static-w8a8": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8, -1, "rows", act_mode="static")],
+    }
+
+
+SCHEMES: tuple[str, ...] = tuple(_scheme_table(128))
+
+
+def scheme_rules(name: str, *, int4_group: int = 128) -> list[QuantRule]:
+    """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size."""
+    table = _scheme_table(int4_group)
+    if name not in table:
+        raise ValueError(f"unknown quantization scheme {name!r}; known schemes: {', '.join(table)}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------ params tree
+
+
+def dense_paths(params: Mapping[str, Any]) -> list[str]:
+    """Module paths of every Dense-like layer (a dict holding a 2-D ``kernel``), in tree order."""
+    out: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, prefix + (str(k),))
+            elif k == "kernel" and getattr(v, "ndim", 0) == 2:
+                out.append("/".join(prefix))
+
+    walk(params, ())
+    return out
+
+
+def assign_rules(paths: list[str], rules: list[QuantRule] | tuple[QuantRule, ...]) -> dict[str, int]:
+    """path -> index of the first rule matching it; raises if a rule matches nothing."""
+    if not rules:
+        raise ValueError("no quantization rules given")
+    assignment: dict[str, int] = {}
+    used = [False] * len(rules)
+    for p in paths:
+        for i, r in enumerate(rules):
+            if r.matches(p):
+                assignment[p] = i
+                used[i] = True
+                break
+    unused = [rules[i].pattern for i, u in enumerate(used) if not u]
+    if unused:
+        raise ValueError(
+            f"quantization rule(s) {unused} match no Dense layer; the model's Dense paths are: {paths}"
+        )
+    return assignment
+
+
+def get_path(tree: Mapping[str, Any], path: str) -> Any:
+    node = tree
+    for k in path.split("/"):
+        node = node[k]
+    return node
+
+
+def _map_path(tree: Mapping[str, Any], path: str, fn) -> dict:
+    """A copy of ``tree`` (dicts copied along ``path`` only) with the node at ``path`` replaced by fn(node)."""
+    keys = path.split("/")
+    new = dict(tree)
+    if len(keys) == 1:
+        new[keys[0]] = fn(tree[keys[0]])
+    else:
+        new[keys[0]] = _map_path(tree[keys[0]], "/".join(keys[1:]), fn)
+    return new
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedParams:
+    """A quantized model's parameters (a pytree).
+
+    params: the float params tree with the quantized Dense ``kernel``s removed (biases, norms, embeddings,
+      unquantized layers stay as they were).
+    weights: module path -> QArray of the transposed kernel, shape (N=out, K=in).
+    act_scales: module path -> () float32 calibrated per-tensor activation scale (static mode only).
+    rules / assignment: static; ``assignment`` pairs each quantized path with its rule index.
+    """
+
+    params: dict
+    weights: dict
+    act_scales: dict
+    rules: tuple[QuantRule, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    assignment: tuple[tuple[str, int], ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def rule_for(self, path: str) -> QuantRule | None:
+        for p, i in self.assignment:
+            if p == path:
+                return self.rules[i]
+        return None
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.assignment)
+
+
+def quantize_weight(kernel: jax.Array, rule: QuantRule) -> QArray:
+    """Flax kernel (K, N) float -> QArray of its transpose (N, K) under ``rule.weight_spec()``."""
+    w = jnp.asarray(kernel, jnp.float32)
+    return quantize(w.T, rule.weight_spec())
+
+
+def quantize_params(params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]) -> QuantizedParams:
+    """Quantizes every Dense kernel matched by ``rules`` (first match wins) to a QArray (INT4 packed).
+
+    params: a Flax params tree (the ``"params"`` collection, not the variables dict).
+    """
+    if "params" in params and isinstance(params["params"], Mapping) and len(params) == 1:
+        raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
+    rules = tuple(rules)
+    assignment = assign_rules(dense_paths(params), rules)
+    weights: dict[str, QArray] = {}
+    rest: dict = dict(params)
+    for path, i in assignment.items():
+        weights[path] = quantize_weight(get_path(params, path)["kernel"], rules[i])
+        rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "kernel"})
+    return QuantizedParams(rest, weights, {}, rules, tuple(assignment.items()))
+
+
+def restore_kernels(qp: QuantizedParams, dtype=jnp.float32) -> dict:
+    """The float params tree with each quantized kernel replaced by its dequantized (K, N) value."""
+    tree = qp.params
+    for path, q in qp.weights.items():
+        kern = q.dequantize(jnp.float32).T.astype(dtype)
+        tree = _map_path(tree, path, lambda node, kern=kern: {**node, "kernel": kern})
+    return tree
+
+
+def _nbytes(x: Any) -> int:
+    return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+
+
+def bits_report(qp: QuantizedParams) -> dict[str, Any]:
+    """Per quantized layer and in total: bytes of codes + scales vs the fp32 / fp16 model.
+
+    Returns {"layers": [{path, shape (K, N), rule, bytes, fp16_bytes, bits_per_weight}], "quantized_bytes",
+    "float_bytes" (the unquantized rest, at its stored dtype), "total_bytes", "fp32_total_bytes",
+    "fp16_total_bytes", "compression_vs_fp16", "compression_vs_fp32"}.
+    """
+    layers = []
+    qbytes = 0
+    n_qweights = 0
+    for path, q in qp.weights.items():
+        n, k = q.shape
+        rule = qp.rule_for(path)
+        b = q.nbytes
+        qbytes += b
+        n_qweights += n * k
+        layers.append(
+            dict(path=path, shape=(k, n), rule=rule.describe() if rule else "?", bytes=b, fp16_bytes=2 * n * k,
+                 bits_per_weight=round(8 * b / (n * k), 3))
+        )
+    leaves = jax.tree_util.tree_leaves(qp.params) + jax.tree_util.tree_leaves(qp.act_scales)
+    float_bytes = sum(_nbytes(x) for x in leaves)
+    n_float = sum(int(np.prod(np.shape(x))) for x in leaves)
+    total = qbytes + float_bytes
+    fp32 = 4 * (n_qweights + n_float)
+    fp16 = 2 * (n_qweights + n_float)
+    return dict(layers=layers, quantized_bytes=qbytes, float_bytes=float_bytes, total_bytes=total,
+                fp32_total_bytes=fp32, fp16_total_bytes=fp16, compression_vs_fp16=round(fp16 / total, 3),
+                compression_vs_fp32=round(fp32 / total, 3))
+
+
+def format_bits_report(rep: dict[str, Any]) -> str:
+    lines = [f"{'layer':40s} {'K x N':>12s} {'bits/w':>7s}  rule"]
+    for lay in rep["layers"]:
+        k, n = lay["shape"]
+        lines.append(f"{lay['path']:40s} {f'{k}x{n}':>12s} {lay['bits_per_weight']:7.2f}  {lay['rule']}")
+    lines.append(
+        f"total {rep['total_bytes'] / 1e6:.3f} MB (quantized {rep['quantized_bytes'] / 1e6:.3f} MB + float "
+        f"{rep['float_bytes'] / 1e6:.3f} MB); fp16 model {rep['fp16_total_bytes'] / 1e6:.3f} MB "
+        f"({rep['compression_vs_fp16']}x), fp32 {rep['fp32_total_bytes'] / 1e6:.3f} MB"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""INT8 inference of a ZeroQuant-quantized Flax model: real integer GEMMs, no fake quantization.
+
+How the quantized model enters a Flax model: ``flax.linen.intercept_methods``. Every Dense-like module
+whose path has a quantized weight in :class:`~jq8.ptq.QuantizedParams` has its ``__call__`` replaced by
+:func:`quantized_linear` (activation quantization -> INT8 x INT8/INT4 GEMM with the dequantization, bias,
+optional activation and residual fused into the epilogue). Why interception rather than a rewritten
+model: the user's model (GPT, LLaMA, MiniLM BERT...) runs unchanged, rules find layers by module path, and
+LKD (jq8.lkd) uses the same hook for its straight-through student. The one thing a per-Dense hook cannot
+see is the op that *produces* the Dense input (LayerNorm, GELU), so the token-wise activation quantization
+there is a separate (fused, one-pass) quantize kernel; :mod:`jq8.ptq_gpt` adds the GPT-specific fused
+forward where LayerNorm/GELU and the quantization are one kernel (``norm_quantize`` / ``gelu_quantize``).
+
+Backends (``backend=``): ``"pallas"`` runs the Pallas kernels of ``pallas_kernels`` (compiled on GPU,
+interpret mode on CPU); ``"xla"`` runs the same integer math with XLA ops (``lax.dot_general`` int8 x int8
+-> int32, then the fp32 epilogue), which is what CPU uses by default and what the kernels are checked
+against. ``None`` = pallas on GPU, xla elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jq8.ptq import QuantizedParams, QuantRule
+from jq8.quant import QArray, QuantSpec, qmax, quantize, round_half_away, unpack_int4
+
+TOKEN_SPEC = QuantSpec.per_row(8)
+STATIC_SPEC = QuantSpec.per_tensor(8)
+
+
+def resolve_backend(backend: str | None) -> str:
+    if backend is None:
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if backend not in ("pallas", "xla"):
+        raise ValueError(f"backend must be 'pallas', 'xla' or None, got {backend!r}")
+    return backend
+
+
+# ------------------------------------------------------------------------------------ activation quant
+
+
+def quantize_static(x: jax.Array, scale: jax.Array) -> QArray:
+    """(M, K) float -> QArray with one *given* per-tensor scale (calibrated; static W8A8 baseline).
+
+    jq8.quant.quantize derives scales from the data; a calibrated range needs codes for a fixed scale, with
+    the same rounding (round_half_away) and clamp [-127, 127]. Values beyond the range saturate.
+    """
+    s = jnp.asarray(scale, jnp.float32).reshape(1, 1)
+    codes = jnp.clip(round_half_away(x.astype(jnp.float32) / s), -qmax(8), qmax(8)).astype(jnp.int8)
+    return QArray(codes, s, None, STATIC_SPEC, tuple(x.shape), x.dtype)
+
+
+def quantize_tokens(x: jax.Array, backend: str) -> QArray:
+    """(M, K) float -> per-token (per-row) INT8 QArray, scale (M, 1) f32."""
+    if backend == "pallas":
+        from pallas_kernels.quantize import quantize_tiles
+
+        return quantize_tiles(x, TOKEN_SPEC)
+    return quantize(x, TOKEN_SPEC)
+
+
+# ------------------------------------------------------------------------------------------- GEMMs
+
+
+def _apply_activation(y: jax.Array, activation: str | None) -> jax.Array:
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return jax.nn.gelu(y, approximate=False)
+    if activation == "gelu_tanh":
+        return jax.nn.gelu(y, approximate=True)
+    raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
+
+
+def _weight_codes(w: QArray) -> jax.Array:
+    n, k = w.shape_2d
+    return unpack_int4(w.values, k) if w.spec.bits == 4 else w.values
+
+
+def matmul_qarrays_xla(
+    a: QArray,
+    b: QArray,
+    *,
+    bias: jax.Array | None = None,
+    activation: str | None = None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+    """XLA twin of ``pallas_kernels.int8_matmul_block_scaled.matmul_qarrays`` for the PTQ layouts.
+
+    a: (M, K) int8 QArray with a scale constant along K (per-token (M, 1) or per-tensor (1, 1)).
+    b: (N, K) int8 / packed-INT4 QArray, symmetric, scales (gn, 1) (per channel / row runs / tensor) or
+      (N, cdiv(K, g)) (contraction groups). Returns act(a @ b.T * scales + bias) + residual, (M, N).
+    The product is int8 x int8 -> int32 (exact); contraction groups get one int32 partial per group,
+    rescaled into an fp32 sum, as the block-scaled kernel does.
+    """
+    m, k = a.shape_2d
+    n, kb = b.shape_2d
+    if k != kb:
+        raise ValueError(f"contraction mismatch: activations (M={m}, K={k}) vs weight (N={n}, K={kb})")
+    if a.scale.shape[1] != 1 or b.zero_point is not None or a.zero_point is not None:
+        raise ValueError("matmul_qarrays_xla: activation scales must be constant along K and codes symmetric")
+    bc = _weight_codes(b)
+    a_scale = jnp.broadcast_to(a.scale, (m, 1)) if a.scale.shape[0] == 1 else a.scale
+    tn, tk = b.spec.resolve(n, k)
+    if b.scale.shape[1] == 1:  # weight scales constant along K: one int32 GEMM, scales in the epilogue
+        acc = jax.lax.dot_general(a.values, bc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
+        y = acc.astype(jnp.float32) * a_scale * b_scale
+    else:  # groups along K: int32 partial per group, rescaled into fp32
+        g = b.scale.shape[1]
+        pad = g * tk - k
+        av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, tk)
+        bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, tk)
+        part = jax.lax.dot_general(av, bv, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+        b_scale = jnp.repeat(b.scale, tn, axis=0)[:n]  # (N, G)
+        y = jnp.einsum("gmn,ng->mn", part.astype(jnp.float32), b_scale) * a_scale
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    y = _apply_activation(y, activation)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+def matmul_qarrays(a: QArray, b: QArray, *, backend: str, **epilogue) -> jax.Array:
+    """(M, K) x (N, K) quantized GEMM with the fused epilogue, on the chosen backend."""
+    if backend == "pallas":
+        from pallas_kernels.int8_matmul_block_scaled import matmul_qarrays as kernel
+
+        return kernel(a, b, **epilogue)
+    return matmul_qarrays_xla(a, b, **epilogue)
+
+
+def quantized_linear(
+    x: jax.Array,
+    w: QArray,
+    rule: QuantRule,
+    *,
+    bias: jax.Array | None = None,
+    activation: str | None = None,
+    residual: jax.Array | None = None,
+    static_scale: jax.Array | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """y = act(x @ W + bias) + residual with W stored quantized as w = Q(W.T) of shape (N, K).
+
+    x: (..., K) float; returns (..., N) in x's dtype (f32 accumulation inside).
+    act_mode "token": per-token INT8 activations; "static": INT8 with the calibrated ``static_scale``;
+    "none": weight-only (W dequantized, float GEMM in x's dtype).
+    """
+    backend = resolve_backend(backend)
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape_2d[0]
+    x2 = x.reshape(-1, k)
+    res2 = None if residual is None else residual.reshape(-1, n)
+    out_dtype = x.dtype
+    if rule.act_mode == "none":
+        wd = w.dequantize(x.dtype)  # (N, K); XLA fuses the dequantize into the dot's operand
+        y = jax.lax.dot_general(x2, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        y = _apply_activation(y, activation)
+        if res2 is not None:
+            y = y + res2.astype(jnp.float32)
+        return y.astype(out_dtype).reshape(*lead, n)
+    if rule.act_mode == "static":
+        if static_scale is None:
+            raise ValueError("act_mode 'static' needs calibrated activation scales: run ptq_infer.calibrate_static")
+        xq = quantize_static(x2, static_scale)
+    else:
+        xq = quantize_tokens(x2, backend)
+    y = matmul_qarrays(xq, w, backend=backend, bias=bias, activation=activation, residual=res2,
+                       out_dtype=out_dtype)
+    return y.reshape(*lead, n)
+
+
+# -------------------------------------------------------------------------------- Flax interception
+
+
+def _module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+def dense_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callable:
+    """A ``nn.intercept_methods`` interceptor running every quantized Dense of ``qp`` as INT8."""
+    backend = resolve_backend(backend)
+    rules = {p: qp.rules[i] for p, i in qp.assignment}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = _module_path(context.module)
+        rule = rules.get(path)
+        if rule is None:
+            return next_fun(*args, **kwargs)
+        if len(args) != 1 or kwargs:
+            raise TypeError(f"quantized Dense {path!r} expects one positional input, got {len(args)} args, {kwargs}")
+        bias = context.module.variables.get("params", {}).get("bias")
+        return quantized_linear(args[0], qp.weights[path], rule, bias=bias, static_scale=qp.act_scales.get(path),
+                                backend=backend)
+
+    return interceptor
+
+
+def apply_quantized(
+    model: nn.Module, qp: QuantizedParams, *args, backend: str | None = None, method=None, **kwargs
+) -> Any:
+    """``model.apply`` with the quantized params: same arguments and outputs as the float model."""
+    with nn.intercept_methods(dense_interceptor(qp, backend)):
+        return model.apply({"params": qp.params}, *args, method=method, **kwargs)
+
+
+# -------------------------------------------------------------------------- static-range calibration
+
+
+@contextlib.contextmanager
+def record_dense_inputs(paths: Iterable[str], sink: Callable[[str, jax.Array], None]) -> Iterator[None]:
+    """Within the context, calls ``sink(path, x)`` with the input of each Dense whose path is in ``paths``."""
+    wanted = set(paths)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            path = _module_path(context.module)
+            if path in wanted:
+                sink(path, args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def calibrate_static(
+    model: nn.Module, params: Mapping[str, Any], batches: Iterable[Any], qp: QuantizedParams,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> QuantizedParams:
+    """Per-tensor activation scales (absmax / 127 over the calibration batches) for every static-mode layer.
+
+    Runs the *float* model on each batch (``model.apply({'params': params}, batch, **apply_kwargs)``) and
+    returns ``qp`` with ``act_scales`` filled.
+    """
+    paths = [p for p, i in qp.assignment if qp.rules[i].act_mode == "static"]
+    if not paths:
+        return qp
+    kw = dict(apply_kwargs or {})
+
+    @jax.jit
+    def amax_of(batch):
+        found: dict[str, jax.Array] = {}
+
+        def sink(path, x):
+            found[path] = jnp.max(jnp.abs(x.astype(jnp.float32)))
+
+        with record_dense_inputs(paths, sink):
+            model.apply({"params": params}, batch, **kw)
+        return found
+
+    amax = {p: jnp.float32(0) for p in paths}
+    n = 0
+    for batch in batches:
+        cur = amax_of(batch)
+        amax = {p: jnp.maximum(amax[p], cur[p]) for p in paths}
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate_static got no calibration batches")
+    scales = {p: jnp.maximum(amax[p] / qmax(8), jnp.finfo(jnp.float32).tiny) for p in paths}
+    return QuantizedParams(qp.params, qp.weights, scales, qp.rules, qp.assignment)

@@ -1,0 +1,86 @@
+"""GPT-2 style decoder: learned positions, pre-LN blocks, GELU MLP, LM head tied to the token embedding.
+
+The two residual branches of each block (attention, MLP) are ``jq8.nn`` modules that take a ``policy``
+(bf16 or Jetfire INT8); everything else (embeddings, final norm, LM head, loss) runs in fp32, and the
+residual stream is fp32.
+
+Parameter tree (what checkpoints and ``quantize.py`` see)::
+
+    wte/embedding (vocab, d)     wpe/embedding (max_seq_len, d)
+    h_0 ... h_{L-1}/attn/...     h_i/mlp/...      (layout owned by jq8.nn.AttentionBlock / MlpBlock)
+    ln_f/{scale, bias} (d,)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from models.presets import ModelConfig
+
+try:
+    from jq8.nn import AttentionBlock, MlpBlock
+except ImportError:  # until jq8.nn lands
+    from models._fallback_nn import AttentionBlock, MlpBlock
+
+EMBED_INIT = nn.initializers.normal(0.02)
+
+
+class DecoderBlock(nn.Module):
+    """x + attn(x), then + mlp(x); each branch normalizes its own input (pre-norm). x: (B, T, d) f32."""
+
+    config: ModelConfig
+    policy: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        c = self.config
+        llama = c.family == "llama"
+        norm = "rmsnorm" if llama else "layernorm"
+        attn = AttentionBlock(
+            c.num_heads, self.policy, norm=norm, rotary=llama, causal=True, dropout_rate=c.dropout_rate,
+            name="attn",
+        )
+        mlp = MlpBlock(
+            c.hidden, self.policy, activation="swiglu" if llama else "gelu", norm=norm,
+            dropout_rate=c.dropout_rate, name="mlp",
+        )
+        x = x + attn(x, deterministic=deterministic).astype(jnp.float32)
+        return x + mlp(x, deterministic=deterministic).astype(jnp.float32)
+
+
+def decoder_stack(config: ModelConfig, policy: Any, x: jax.Array, deterministic: bool) -> jax.Array:
+    """Applies the L blocks (named h_0..h_{L-1}) inside the caller's compact scope."""
+    block_cls = nn.remat(DecoderBlock, static_argnums=(2,)) if config.remat else DecoderBlock
+    for i in range(config.num_layers):
+        x = block_cls(config, policy, name=f"h_{i}")(x, deterministic)
+    return x
+
+
+class GPT(nn.Module):
+    config: ModelConfig
+    policy: Any
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """tokens: (B, T) int32 with T <= max_seq_len -> logits (B, T, vocab) float32."""
+        c = self.config
+        t = tokens.shape[-1]
+        if t > c.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={c.max_seq_len}")
+        wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=EMBED_INIT, name="wte")
+        wpe = nn.Embed(c.max_seq_len, c.d_model, embedding_init=EMBED_INIT, name="wpe")
+        x = wte(tokens) + wpe(jnp.arange(t))[None]
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        x = decoder_stack(c, self.policy, x, deterministic)
+        x = nn.LayerNorm(dtype=jnp.float32, name="ln_f")(x)
+        return wte.attend(x.astype(jnp.float32))
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy. logits: (B, T, V) f32, targets: (B, T) int32 -> scalar f32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()

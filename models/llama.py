@@ -1,0 +1,38 @@
+"""LLaMA-style decoder: rotary positions, pre-RMSNorm blocks, SwiGLU MLP, untied LM head.
+
+Same policy seam as :mod:`models.gpt`: the branches are ``jq8.nn`` modules; embedding, final norm and LM
+head run in fp32. Parameter tree::
+
+    wte/embedding (vocab, d)   h_i/attn/...   h_i/mlp/...   ln_f/scale (d,)   lm_head/kernel (d, vocab)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.gpt import EMBED_INIT, decoder_stack, lm_loss
+from models.presets import ModelConfig
+
+__all__ = ["Llama", "lm_loss"]
+
+
+class Llama(nn.Module):
+    config: ModelConfig
+    policy: Any
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """tokens: (B, T) int32 with T <= max_seq_len -> logits (B, T, vocab) float32."""
+        c = self.config
+        if tokens.shape[-1] > c.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_seq_len={c.max_seq_len}")
+        x = nn.Embed(c.vocab_size, c.d_model, embedding_init=EMBED_INIT, name="wte")(tokens)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        x = decoder_stack(c, self.policy, x, deterministic)
+        x = nn.RMSNorm(dtype=jnp.float32, name="ln_f")(x)
+        head = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.float32, kernel_init=EMBED_INIT, name="lm_head")
+        return head(x.astype(jnp.float32))

@@ -1,0 +1,101 @@
+"""Model configurations shared by the GPT and LLaMA families, the named presets, and ``build_model``.
+
+One frozen dataclass describes both families, so a checkpoint stores one flat dict (``dataclasses.asdict``)
+and ``quantize.py`` / ``train.py`` rebuild any model from it with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer hyper-parameters.
+
+    family: "gpt" (learned positions, LayerNorm, GELU MLP, tied LM head) or "llama" (rotary, RMSNorm,
+      SwiGLU MLP, untied LM head).
+    vocab_size: number of token ids; the embedding and LM head have this many rows. In a training config
+      0 means "from the tokenizer, rounded up to a multiple of 64" (train.py fills it in).
+    max_seq_len: longest sequence (the size of GPT's position table; LLaMA only checks it).
+    mlp_hidden: MLP width; 0 means 4 * d_model (gpt) or the LLaMA rule 2/3 * 4 * d_model rounded up to 64.
+    remat: recompute each block in the backward pass (saves activation memory for the large presets).
+    """
+
+    family: str = "gpt"
+    vocab_size: int = 50304
+    max_seq_len: int = 1024
+    num_layers: int = 12
+    num_heads: int = 12
+    d_model: int = 768
+    mlp_hidden: int = 0
+    dropout_rate: float = 0.0
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.family not in ("gpt", "llama"):
+            raise ValueError(f"family must be 'gpt' or 'llama', got {self.family!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.family == "llama" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got {self.d_model // self.num_heads}")
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.family == "gpt":
+            return 4 * self.d_model
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+def _gpt(layers: int, heads: int, d: int, seq: int = 1024, vocab: int = 50304, **kw) -> ModelConfig:
+    return ModelConfig("gpt", vocab, seq, layers, heads, d, **kw)
+
+
+def _llama(layers: int, heads: int, d: int, seq: int = 2048, vocab: int = 32000, **kw) -> ModelConfig:
+    return ModelConfig("llama", vocab, seq, layers, heads, d, **kw)
+
+
+# GPT-2 sizes (vocab padded 50257 -> 50304 as nanoGPT does, for friendlier GEMM shapes).
+PRESETS: dict[str, ModelConfig] = {
+    "gpt-tiny": _gpt(2, 4, 128, seq=64, vocab=512),
+    "gpt2-124m": _gpt(12, 12, 768),
+    "gpt2-350m": _gpt(24, 16, 1024),
+    "gpt2-774m": _gpt(36, 20, 1280),
+    "gpt2-1.5b": _gpt(48, 25, 1600),
+    "llama-tiny": _llama(2, 4, 128, seq=64, vocab=512),
+    "llama-125m": _llama(12, 12, 768),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset with fields replaced, e.g. ``preset("gpt-tiny", vocab_size=1024)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def build_model(config: ModelConfig | dict[str, Any], policy: Any):
+    """The Flax module for ``config`` under ``policy`` (a ``jq8.policy.Policy``)."""
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    if config.family == "gpt":
+        from models.gpt import GPT
+
+        return GPT(config, policy)
+    from models.llama import Llama
+
+    return Llama(config, policy)

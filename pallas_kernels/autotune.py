@@ -1,0 +1,209 @@
+"""Tile configurations for the INT8 GEMM kernels: a per-GPU JSON cache, a heuristic default, and a tuner.
+
+Kernels call :func:`lookup_config` when ``config=None``: it returns the cached choice for
+(kernel, M, N, K, key) on this GPU model, else :func:`heuristic_config`. Nothing is timed implicitly: tuning
+runs only through :func:`autotune` (or ``python -m pallas_kernels.autotune --shapes ...`` on a GPU), which
+times each candidate (median of several runs after warm-up, ``block_until_ready``) and writes the winner to
+``pallas_kernels/tuning/<gpu name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+
+from pallas_kernels._common import TileConfig
+
+TUNING_DIR = Path(__file__).parent / "tuning"
+_LOCK = threading.Lock()
+_CACHE: dict[str, dict[str, dict]] = {}  # gpu name -> {entry key -> TileConfig fields}
+
+
+def gpu_name() -> str:
+    """A file-name-safe device kind ("NVIDIA_H100_80GB_HBM3"), or "cpu"."""
+    dev = jax.devices()[0]
+    kind = dev.device_kind if dev.platform == "gpu" else dev.platform
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", kind).strip("_") or "unknown"
+
+
+def entry_key(kernel: str, m: int, n: int, k: int, key: str) -> str:
+    return f"{kernel}|{m}x{n}x{k}|{key}"
+
+
+def cache_path(name: str | None = None) -> Path:
+    return TUNING_DIR / f"{name or gpu_name()}.json"
+
+
+def _load(name: str) -> dict[str, dict]:
+    with _LOCK:
+        if name not in _CACHE:
+            path = cache_path(name)
+            _CACHE[name] = json.loads(path.read_text()) if path.exists() else {}
+        return _CACHE[name]
+
+
+def lookup_config(kernel: str, m: int, n: int, k: int, key: str = "") -> TileConfig:
+    """Cached config for this shape on this GPU, else the heuristic default."""
+    entry = _load(gpu_name()).get(entry_key(kernel, m, n, k, key))
+    if entry is not None:
+        return TileConfig(**entry)
+    return heuristic_config(kernel, m, n, k)
+
+
+def store_config(kernel: str, m: int, n: int, k: int, key: str, cfg: TileConfig, *, save: bool = True) -> None:
+    name = gpu_name()
+    table = _load(name)
+    with _LOCK:
+        table[entry_key(kernel, m, n, k, key)] = dataclasses.asdict(cfg)
+        if save:
+            TUNING_DIR.mkdir(parents=True, exist_ok=True)
+            cache_path(name).write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+
+
+def heuristic_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
+    """Default tiles: 256x128x128 / 8 warps / 3 stages (best measured int8 NT tile on H100) for large GEMMs,
+    smaller tiles when M or N is small so that enough programs exist to fill the GPU."""
+    del kernel
+    bk = 128 if k >= 128 else 64
+    if m >= 2048 and n >= 1024:
+        return TileConfig(256, 128, bk, num_warps=8, num_stages=3, group_m=8)
+    if m >= 512 and n >= 256:
+        return TileConfig(128, 128, bk, num_warps=8, num_stages=3, group_m=8)
+    bm = 64 if m > 32 else 32
+    bn = 64 if n > 32 else 32
+    return TileConfig(bm, bn, 64, num_warps=4, num_stages=3, group_m=8)
+
+
+def default_candidates(m: int, n: int, k: int) -> list[TileConfig]:
+    """A short candidate list (the device-time budget is small); all have block_k >= 64 (block_k=16 is wrong
+    on GPU and 256x256 tiles spill registers, h100.md)."""
+    c = [
+        TileConfig(256, 128, 128, 8, 3, 8),
+        TileConfig(128, 256, 128, 8, 3, 8),
+        TileConfig(128, 128, 128, 8, 3, 8),
+        TileConfig(128, 128, 128, 4, 4, 8),
+        TileConfig(128, 128, 64, 4, 4, 8),
+        TileConfig(256, 128, 64, 8, 4, 8),
+    ]
+    if min(m, n) < 1024:
+        c += [TileConfig(64, 128, 128, 4, 4, 8), TileConfig(64, 64, 128, 4, 3, 8)]
+    return c
+
+
+def time_fn(fn: Callable[[], object], *, iters: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds (``block_until_ready`` after each call)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def autotune(
+    kernel: str,
+    m: int,
+    n: int,
+    k: int,
+    key: str,
+    run: Callable[[TileConfig], object],
+    candidates: Sequence[TileConfig] | None = None,
+    *,
+    iters: int = 10,
+    save: bool = True,
+    verbose: bool = False,
+) -> TileConfig:
+    """Times ``run(config)`` for each candidate, caches and returns the fastest. Candidates that fail to
+    compile (shared memory, registers) are skipped. Call on a GPU, outside jit."""
+    if jax.default_backend() != "gpu":
+        raise RuntimeError("autotune times kernels on a GPU; on CPU kernels use the heuristic config")
+    best, best_t = None, float("inf")
+    for cfg in candidates or default_candidates(m, n, k):
+        try:
+            t = time_fn(lambda cfg=cfg: run(cfg), iters=iters)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is simply not chosen
+            if verbose:
+                print(f"  {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if verbose:
+            print(f"  {cfg}: {t * 1e3:.3f} ms")
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"no candidate config ran for {kernel} {m}x{n}x{k} {key}")
+    store_config(kernel, m, n, k, key, best, save=save)
+    return best
+
+
+def tune_int8_matmul(m: int, n: int, k: int, *, candidates=None, iters: int = 10, verbose: bool = False):
+    """Tunes the W8A8 kernel (bf16 output, per-row x per-column scales) at one shape."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.int8_matmul import int8_matmul
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.randint(ka, (m, k), -127, 128, jnp.int8)
+    b = jax.random.randint(kb, (n, k), -127, 128, jnp.int8)
+    sa = jnp.full((m, 1), 1e-3, jnp.float32)
+    sb = jnp.full((1, n), 1e-3, jnp.float32)
+    return autotune("int8_matmul", m, n, k, "b8-bfloat16",
+                    lambda cfg: int8_matmul(a, b, sa, sb, config=cfg), candidates, iters=iters, verbose=verbose)
+
+
+def tune_block_scaled(m: int, n: int, k: int, a_tile, b_tile, *, candidates=None, iters: int = 10,
+                      verbose: bool = False):
+    """Tunes the block-scaled kernel for scale tiles ``a_tile`` (of (M, K)) and ``b_tile`` (of (N, K))."""
+    import jax.numpy as jnp
+
+    from jq8.quant import QuantSpec
+    from pallas_kernels.int8_matmul_block_scaled import block_scaled_key, int8_matmul_block_scaled
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.randint(ka, (m, k), -127, 128, jnp.int8)
+    b = jax.random.randint(kb, (n, k), -127, 128, jnp.int8)
+    sa = jnp.full(QuantSpec(a_tile).scale_shape(m, k), 1e-3, jnp.float32)
+    sb = jnp.full(QuantSpec(b_tile).scale_shape(n, k), 1e-3, jnp.float32)
+    key = block_scaled_key(a_tile, b_tile, m, n, k, "bfloat16")
+    return autotune("int8_matmul_block_scaled", m, n, k, key,
+                    lambda cfg: int8_matmul_block_scaled(a, sa, b, sb, config=cfg, a_tile=a_tile, b_tile=b_tile),
+                    candidates, iters=iters, verbose=verbose)
+
+
+def _parse_shape(s: str) -> tuple[int, int, int]:
+    m, n, k = (int(x) for x in s.lower().split("x"))
+    return m, n, k
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fill the GEMM tile cache for this GPU.")
+    parser.add_argument("--shapes", required=True, help="comma-separated MxNxK, e.g. 8192x8192x8192,16384x2304x768")
+    parser.add_argument("--kernels", default="int8_matmul,block_scaled",
+                        help="int8_matmul and/or block_scaled (tiles 32x32, 1x128/128x128, 128x128)")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    kernels = args.kernels.split(",")
+    for shape in args.shapes.split(","):
+        m, n, k = _parse_shape(shape)
+        if "int8_matmul" in kernels:
+            cfg = tune_int8_matmul(m, n, k, iters=args.iters, verbose=True)
+            print(f"int8_matmul {m}x{n}x{k}: {cfg}")
+        if "block_scaled" in kernels:
+            for a_tile, b_tile in (((32, 32), (32, 32)), ((1, 128), (128, 128)), ((128, 128), (128, 128))):
+                cfg = tune_block_scaled(m, n, k, a_tile, b_tile, iters=args.iters, verbose=True)
+                print(f"block_scaled {a_tile}x{b_tile} {m}x{n}x{k}: {cfg}")
+    print(f"cache: {cache_path()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""W8A8 INT8 GEMM (NT layout) with a fused dequantize / bias / activation / residual / requantize epilogue.
+
+    out = act(a @ b.T * a_scale * b_scale + bias) + residual
+
+a: (M, K) int8 and b: (N, K) int8 are both K-contiguous ("NT": the layout the H100 INT8 tensor cores want,
+see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte, (N, ceil(K/2)) uint8 as written
+by :func:`jq8.quant.pack_int4`, unpacked to int8 inside the kernel. The product accumulates in int32 over a
+``fori_loop`` on K; scales that are constant along K (per-row activations, per-column weights) apply once in
+the epilogue. Scales that vary along K live in :mod:`pallas_kernels.int8_matmul_block_scaled`, which reuses
+the loaders and the epilogue defined here.
+
+Ragged M, N, K are handled with masked loads (K tail zero-filled) and masked stores; no padding copies.
+Programs are ordered in groups of ``group_m`` rows of tiles so that neighbouring programs share B tiles in L2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jq8.quant import SCALE_FLOOR, QArray, QuantSpec, check_int32_k, qmax, quantize, round_half_away, unpack_int4
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, resolve_interpret
+
+Activation = Literal["gelu", "gelu_tanh", "relu"] | None
+NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last axis of both operands
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
+MAX_PER_ROW_BLOCK_N = 1024  # per-row requantization keeps a whole output row in one tile
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def int8_matmul_reference(
+    a: jax.Array,
+    b: jax.Array,
+    a_scale: jax.Array | None = None,
+    b_scale: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    activation: Activation = None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
+    b_bits: int = 8,
+    config: TileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array | QArray:
+    """Plain-XLA definition of :func:`int8_matmul` (same signature; ``config``/``interpret`` are ignored)."""
+    del config, interpret
+    m, k = a.shape
+    bv = unpack_int4(b, k) if b_bits == 4 else b
+    acc = lax.dot_general(a, bv, NT_DIMS, preferred_element_type=jnp.int32)
+    if a_scale is None and b_scale is None:
+        _check_raw_output(bias, activation, residual, out_spec)
+        return acc
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * jnp.asarray(a_scale, jnp.float32).reshape(m, 1)
+    if b_scale is not None:
+        y = y * jnp.asarray(b_scale, jnp.float32).reshape(1, -1)
+    return epilogue_reference(y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+                              out_spec=out_spec)
+
+
+def epilogue_reference(y: jax.Array, *, bias, activation, residual, out_dtype, out_spec) -> jax.Array | QArray:
+    """y: (M, N) f32 dequantized product -> act(y + bias) + residual, cast or requantized."""
+    if bias is not None:
+        y = y + jnp.asarray(bias, jnp.float32)[None, :]
+    y = activation_fn(y, activation, exact_erf=True)
+    if residual is not None:
+        y = y + jnp.asarray(residual, jnp.float32)
+    if out_spec is None:
+        return y.astype(out_dtype)
+    return dataclasses.replace(quantize(y, out_spec), dtype=jnp.dtype(out_dtype))
+
+
+# ------------------------------------------------------------------------------------- shared pieces
+
+
+def erf_approx(x: jax.Array) -> jax.Array:
+    """erf for f32 inside Triton kernels (which have no erf primitive): Abramowitz & Stegun 7.1.26.
+
+    Max absolute error 1.5e-7 (about one f32 ulp near 1), so GELU built on it matches the exact-erf GELU to
+    well below bf16 resolution.
+    """
+    ax = jnp.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * ax)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    r = 1.0 - poly * jnp.exp(-ax * ax)
+    return jnp.where(x < 0, -r, r)
+
+
+def activation_fn(y: jax.Array, activation: Activation, *, exact_erf: bool = False) -> jax.Array:
+    """The epilogue activations on f32: exact-erf GELU, tanh GELU, ReLU, or identity."""
+    if activation is None:
+        return y
+    if activation == "gelu":
+        if exact_erf:
+            return jax.nn.gelu(y, approximate=False)
+        return 0.5 * y * (1.0 + erf_approx(y * 0.7071067811865476))
+    if activation == "gelu_tanh":
+        return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+    if activation == "relu":
+        return jnp.maximum(y, 0.0)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_raw_output(bias, activation, residual, out_spec) -> None:
+    if bias is not None or activation is not None or residual is not None or out_spec is not None:
+        raise ValueError(
+            "bias/activation/residual/out_spec need a dequantized output: pass a_scale and/or b_scale "
+            "(with both scales None the kernel returns the raw int32 product)."
+        )
+
+
+def grouped_program_ids(pid: jax.Array, num_m: int, num_n: int, group_m: int) -> tuple[jax.Array, jax.Array]:
+    """1-D program id -> (tile row, tile column), walking ``group_m`` tile rows per column (L2 reuse of B)."""
+    width = group_m * num_n
+    group = pid // width
+    first_m = group * group_m
+    size_m = jnp.minimum(num_m - first_m, group_m)
+    local = pid % width
+    return first_m + local % size_m, local // size_m
+
+
+def unpack_int4_tile(packed: jax.Array) -> jax.Array:
+    """(r, c) uint8 packed INT4 (even column in the low nibble) -> (r, 2c) int8, sign-extended."""
+    r, c = packed.shape
+    s = lax.bitcast_convert_type(packed, jnp.int8)
+    lo = lax.shift_right_arithmetic(lax.shift_left(s, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(s, jnp.int8(4))
+    return jnp.stack([lo, hi], axis=-1).reshape(r, 2 * c)
+
+
+def load_k_tile(ref, start, size: int, k0, bk: int, *, row_mask, k_valid: int | None, bits: int = 8):
+    """Rows [start, start + size) x K columns [k0, k0 + bk) of an (R, K) int8 ref as (size, bk) int8.
+
+    For bits=4 the ref is (R, ceil(K/2)) uint8 and the tile is unpacked. ``row_mask`` (size,) bool or None;
+    ``k_valid``: K when this tile may cross the end of K (the tail is zero-filled), else None.
+    """
+    width = bk // 2 if bits == 4 else bk
+    c0 = k0 // 2 if bits == 4 else k0
+    k_limit = None if k_valid is None else (cdiv(k_valid, 2) if bits == 4 else k_valid)
+    mask = None if row_mask is None else row_mask[:, None]
+    if k_limit is not None:
+        kmask = (c0 + jnp.arange(width))[None, :] < k_limit
+        mask = kmask if mask is None else (mask & kmask)
+    view = ref.at[pl.ds(start, size), pl.ds(c0, width)]
+    tile = view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+    return unpack_int4_tile(tile) if bits == 4 else tile
+
+
+def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(bm, bk) int8 x (bn, bk) int8 -> (bm, bn) int32 on the INT8 tensor cores."""
+    return lax.dot_general(a, b, NT_DIMS, preferred_element_type=jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """Static description of the epilogue (hashable; part of the kernel's static arguments)."""
+
+    has_bias: bool = False
+    activation: Activation = None
+    has_residual: bool = False
+    out_dtype: str = "bfloat16"
+    requant: str | None = None  # None, "row" (whole row per tile) or "blocks"
+    q_tile: tuple[int, int] = (1, 1)
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.has_bias) + int(self.has_residual)
+
+
+def make_epilogue(
+    m: int, n: int, cfg: TileConfig, *, bias, activation, residual, out_dtype, out_spec: QuantSpec | None
+) -> Epilogue:
+    """Validates the epilogue arguments against the problem and the tile configuration."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape (N,) = ({n},), got {bias.shape}")
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"residual must have shape (M, N) = ({m}, {n}), got {residual.shape}")
+    requant, q_tile = None, (1, 1)
+    if out_spec is not None:
+        if out_spec.bits != 8 or not out_spec.symmetric:
+            raise NotImplementedError(f"fused requantization supports symmetric INT8 only, got {out_spec}")
+        tm, tn = out_spec.resolve(m, n)
+        if tm == 1 and tn == n and out_spec.tile[1] == -1:
+            if cfg.block_n < n:
+                raise ValueError(
+                    f"per-row requantization needs a whole output row in one tile: block_n={cfg.block_n} < N={n}; "
+                    f"use block_n >= {next_pow2(n)} (config=None picks it), or quantize the output separately."
+                )
+            requant, q_tile = "row", (1, n)
+        elif _is_pow2(tm) and _is_pow2(tn) and cfg.block_m % tm == 0 and cfg.block_n % tn == 0:
+            requant, q_tile = "blocks", (tm, tn)
+        else:
+            raise NotImplementedError(
+                f"fused requantization supports per-row (1, -1) or power-of-two blocks dividing the tile "
+                f"({cfg.block_m}x{cfg.block_n}); got tile {out_spec.tile} for a {m}x{n} output."
+            )
+    return Epilogue(bias is not None, activation, residual is not None, jnp.dtype(out_dtype).name, requant, q_tile)
+
+
+def epilogue_inputs(bias, residual) -> list[jax.Array]:
+    out = []
+    if bias is not None:
+        out.append(jnp.asarray(bias, jnp.float32))
+    if residual is not None:
+        out.append(residual)
+    return out
+
+
+def epilogue_out_shapes(m: int, n: int, epi: Epilogue):
+    if epi.requant is None:
+        return jax.ShapeDtypeStruct((m, n), jnp.dtype(epi.out_dtype))
+    tm, tn = epi.q_tile
+    scale_shape = (m,) if epi.requant == "row" else (cdiv(m, tm), cdiv(n, tn))
+    return (jax.ShapeDtypeStruct((m, n), jnp.int8), jax.ShapeDtypeStruct(scale_shape, jnp.float32))
+
+
+def wrap_output(out, m: int, n: int, epi: Epilogue, out_spec: QuantSpec | None):
+    if epi.requant is None:
+        return out
+    codes, scale = out
+    if epi.requant == "row":
+        scale = scale.reshape(m, 1)
+    return QArray(codes, scale, None, out_spec, (m, n), jnp.dtype(epi.out_dtype))
+
+
+def store_epilogue(y, epi_refs, out_refs, *, epi: Epilogue, row0, col0, bm: int, bn: int, m: int, n: int):
+    """y: (bm, bn) f32 dequantized tile at (row0, col0) -> bias, activation, residual, cast/requantize, store."""
+    rows = row0 + jnp.arange(bm)
+    cols = col0 + jnp.arange(bn)
+    row_ok = rows < m if m % bm else None
+    col_ok = cols < n if n % bn else None
+    mask = _and_masks(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
+    it = iter(epi_refs)
+    if epi.has_bias:
+        bias_view = next(it).at[pl.ds(col0, bn)]
+        bias = bias_view[...] if col_ok is None else plgpu.load(bias_view, mask=col_ok, other=0.0)
+        y = y + bias[None, :]
+    y = activation_fn(y, epi.activation)
+    if epi.has_residual:
+        res_view = next(it).at[pl.ds(row0, bm), pl.ds(col0, bn)]
+        res = res_view[...] if mask is None else plgpu.load(res_view, mask=mask, other=0)
+        y = y + res.astype(jnp.float32)
+    if epi.requant is None:
+        _store(out_refs[0].at[pl.ds(row0, bm), pl.ds(col0, bn)], y.astype(jnp.dtype(epi.out_dtype)), mask)
+        return
+    q_ref, s_ref = out_refs
+    if mask is not None:  # padding must not raise a tile's absmax
+        y = jnp.where(mask, y, 0.0)
+    if epi.requant == "row":
+        scale = jnp.maximum(jnp.max(jnp.abs(y), axis=1) / qmax(8), SCALE_FLOOR)  # (bm,)
+        codes = _codes(y / scale[:, None])
+        _store(s_ref.at[pl.ds(row0, bm)], scale, row_ok)
+    else:
+        tm, tn = epi.q_tile
+        gm, gn = bm // tm, bn // tn
+        amax = jnp.max(jnp.max(jnp.abs(y.reshape(gm, tm, gn, tn)), axis=3), axis=1)  # (gm, gn)
+        scale = jnp.maximum(amax / qmax(8), SCALE_FLOOR)
+        full = jnp.broadcast_to(scale[:, None, :, None], (gm, tm, gn, tn)).reshape(bm, bn)
+        codes = _codes(y / full)
+        s_rows, s_cols = row0 // tm + jnp.arange(gm), col0 // tn + jnp.arange(gn)
+        s_mask = _and_masks(
+            (s_rows < cdiv(m, tm))[:, None] if m % bm else None, (s_cols < cdiv(n, tn))[None, :] if n % bn else None
+        )
+        _store(s_ref.at[pl.ds(row0 // tm, gm), pl.ds(col0 // tn, gn)], scale, s_mask)
+    _store(q_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], codes, mask)
+
+
+def _codes(y: jax.Array) -> jax.Array:
+    """Same rounding and clamping as jq8.quant.quantize (NaN -> 0: the tile's scale carries the NaN)."""
+    y = round_half_away(y)
+    y = jnp.where(y != y, 0.0, y)
+    return jnp.clip(y, -qmax(8), qmax(8)).astype(jnp.int8)
+
+
+def _and_masks(a, b):
+    if a is None:
+        return b
+    return a if b is None else (a & b)
+
+
+def _store(view, value, mask) -> None:
+    if mask is None:
+        view[...] = value
+    else:
+        plgpu.store(view, value, mask=mask)
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def load_vector(ref, start, size: int, limit: int | None):
+    """(size,) f32 slice of a 1-D ref; ``limit`` masks entries >= limit (ragged edge), None = in bounds."""
+    view = ref.at[pl.ds(start, size)]
+    if limit is None:
+        return view[...]
+    return plgpu.load(view, mask=(start + jnp.arange(size)) < limit, other=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    m: int
+    n: int
+    k: int
+    b_bits: int
+    scaled_a: bool
+    scaled_b: bool
+
+
+def _w8a8_kernel(*refs, p: _Problem, cfg: TileConfig, epi: Epilogue):
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    num_m, num_n = cdiv(p.m, bm), cdiv(p.n, bn)
+    a_ref, b_ref, *rest = refs
+    sa_ref = rest.pop(0) if p.scaled_a else None
+    sb_ref = rest.pop(0) if p.scaled_b else None
+    epi_refs, out_refs = rest[: epi.num_inputs], rest[epi.num_inputs :]
+
+    pid_m, pid_n = grouped_program_ids(pl.program_id(0), num_m, num_n, cfg.group_m)
+    row0 = pl.multiple_of(pid_m * bm, bm)
+    col0 = pl.multiple_of(pid_n * bn, bn)
+    a_rows = (row0 + jnp.arange(bm)) < p.m if p.m % bm else None
+    b_rows = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
+
+    def step(k0, acc, k_valid):
+        a = load_k_tile(a_ref, row0, bm, k0, bk, row_mask=a_rows, k_valid=k_valid)
+        b = load_k_tile(b_ref, col0, bn, k0, bk, row_mask=b_rows, k_valid=k_valid, bits=p.b_bits)
+        return acc + int_dot(a, b)
+
+    acc = jnp.zeros((bm, bn), jnp.int32)
+    acc = lax.fori_loop(0, p.k // bk, lambda i, c: step(pl.multiple_of(i * bk, bk), c, None), acc)
+    if p.k % bk:  # K tail: one masked step, zero-filled past K
+        acc = step(jnp.int32((p.k // bk) * bk), acc, p.k)  # traced start: the slice crosses the end of K
+
+    if not (p.scaled_a or p.scaled_b):  # raw int32 product
+        mask = _and_masks(None if a_rows is None else a_rows[:, None], None if b_rows is None else b_rows[None, :])
+        _store(out_refs[0].at[pl.ds(row0, bm), pl.ds(col0, bn)], acc, mask)
+        return
+    y = acc.astype(jnp.float32)
+    if p.scaled_a:
+        y = y * load_vector(sa_ref, row0, bm, p.m if p.m % bm else None)[:, None]
+    if p.scaled_b:
+        y = y * load_vector(sb_ref, col0, bn, p.n if p.n % bn else None)[None, :]
+    store_epilogue(y, epi_refs, out_refs, epi=epi, row0=row0, col0=col0, bm=bm, bn=bn, m=p.m, n=p.n)
+
+
+def resolve_config(
+    kernel: str, m: int, n: int, k: int, key: str, config: TileConfig | None, out_spec: QuantSpec | None
+) -> TileConfig:
+    """The explicit config, else the autotuned/heuristic one (made wide enough for per-row requantization)."""
+    from pallas_kernels import autotune  # local import: autotune imports the kernels for its CLI
+
+    if config is not None:
+        cfg = config
+    else:
+        cfg = autotune.lookup_config(kernel, m, n, k, key)
+        if out_spec is not None and out_spec.tile[0] == 1 and out_spec.tile[1] == -1:
+            bn = next_pow2(n)
+            if bn > MAX_PER_ROW_BLOCK_N:
+                raise ValueError(
+                    f"per-row requantization in the GEMM epilogue supports N <= {MAX_PER_ROW_BLOCK_N} "
+                    f"(got N={n}); quantize the output with pallas_kernels.quantize instead."
+                )
+            bm = max(16, min(64, 16384 // bn))
+            cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=min(cfg.block_k, 64), num_warps=8)
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        if not _is_pow2(v) or v < 16:
+            raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
+    if cfg.block_k < 32:
+        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")
+    return cfg
+
+
+def epilogue_key(b_bits: int, epi: Epilogue, extra: str = "") -> str:
+    """Autotune cache key for everything but the shape."""
+    parts = [f"b{b_bits}", epi.out_dtype, str(epi.activation), f"bias{int(epi.has_bias)}",
+             f"res{int(epi.has_residual)}", str(epi.requant)]
+    return "-".join(parts + ([extra] if extra else []))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "interpret"),
+)
+def int8_matmul(
+    a: jax.Array,
+    b: jax.Array,
+    a_scale: jax.Array | None = None,
+    b_scale: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    activation: Activation = None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
+    b_bits: int = 8,
+    config: TileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array | QArray:
+    """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
+
+    a: (M, K) int8. b: (N, K) int8, or (N, ceil(K/2)) uint8 packed INT4 with ``b_bits=4``.
+    a_scale: (M, 1) or (M,) f32 per-row; b_scale: (1, N) or (N,) f32 per-column (either may be None = 1).
+    bias: (N,) float; residual: (M, N) float; activation: None, "gelu" (erf), "gelu_tanh", "relu".
+    Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
+    a :class:`QArray` requantized in the epilogue; with both scales None the raw (M, N) int32 product.
+    ``config=None`` uses the autotune cache or a heuristic (never autotunes implicitly).
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != jnp.int8:
+        raise TypeError(f"a must be int8, got {a.dtype}")
+    if b_bits == 8:
+        if b.dtype != jnp.int8 or b.shape[1] != k:
+            raise ValueError(f"b must be (N, K={k}) int8, got {b.shape} {b.dtype}")
+    elif b_bits == 4:
+        if b.dtype != jnp.uint8 or b.shape[1] != cdiv(k, 2):
+            raise ValueError(f"b_bits=4 needs b packed as (N, ceil(K/2)={cdiv(k, 2)}) uint8, got {b.shape} {b.dtype}")
+    else:
+        raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
+    check_int32_k(k)
+    raw = a_scale is None and b_scale is None
+    if raw:
+        _check_raw_output(bias, activation, residual, out_spec)
+    cfg0 = resolve_config("int8_matmul", m, n, k, f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}",
+                          config, out_spec)
+    epi = make_epilogue(m, n, cfg0, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+                        out_spec=out_spec)
+    inputs = [a, b]
+    if a_scale is not None:
+        if math.prod(a_scale.shape) != m:
+            raise ValueError(f"a_scale must be (M, 1) = ({m}, 1) per-row, got {a_scale.shape}")
+        inputs.append(jnp.asarray(a_scale, jnp.float32).reshape(m))
+    if b_scale is not None:
+        if math.prod(b_scale.shape) != n:
+            raise ValueError(f"b_scale must be (1, N) = (1, {n}) per-column, got {b_scale.shape}")
+        inputs.append(jnp.asarray(b_scale, jnp.float32).reshape(n))
+    inputs += epilogue_inputs(bias, residual)
+    prob = _Problem(m, n, k, b_bits, a_scale is not None, b_scale is not None)
+    out_shape = jax.ShapeDtypeStruct((m, n), jnp.int32) if raw else epilogue_out_shapes(m, n, epi)
+    out = pl.pallas_call(
+        functools.partial(_w8a8_kernel, p=prob, cfg=cfg0, epi=epi),
+        out_shape=out_shape,
+        grid=(cdiv(m, cfg0.block_m) * cdiv(n, cfg0.block_n),),
+        compiler_params=compiler_params(cfg0.num_warps, cfg0.num_stages),
+        interpret=resolve_interpret(interpret),
+        name="int8_matmul",
+    )(*inputs)
+    return out if raw else wrap_output(out, m, n, epi, out_spec)
