@@ -40,6 +40,16 @@ def seeds_from_key(key: jax.Array | None, n: int) -> jax.Array:
     return jax.random.bits(key, (n, 2), jnp.uint32)
 
 
+def _dtype_tag(x: jax.Array | None) -> jax.Array | None:
+    # custom_vjp residuals must be arrays: a size-0 array carries a dtype (and None an absent bias).
+    return None if x is None else jnp.zeros((0,), x.dtype)
+
+
+def _structure(params: Params) -> dict:
+    # The parameter tree's keys with no leaves: a residual that tells the backward which biases exist.
+    return {k: {n: () for n in p} for k, p in params.items()}
+
+
 def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
@@ -95,17 +105,16 @@ def _linear_fwd(x, w, b, seeds, policy):
     x_fwd, x_dw = ops.activation_operands(x, policy)
     w_fwd, w_dx = ops.weight_operands(w, policy)
     y = ops.linear_fwd(x_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype)
-    return y, (x_dw, w_dx, seeds, b is not None, x.dtype)
+    return y, (x_dw, w_dx, seeds, _dtype_tag(b), _dtype_tag(x))
 
 
 def _linear_bwd(policy, res, g):
-    x_dw, w_dx, seeds, has_bias, x_dtype = res
-    dx, dw, db = ops.linear_bwd(g, x_dw, w_dx, policy, seeds[0], has_bias=has_bias)
-    return dx.astype(x_dtype), dw, db, None
+    x_dw, w_dx, seeds, b_tag, x_tag = res
+    dx, dw, db = ops.linear_bwd(g, x_dw, w_dx, policy, seeds[0], has_bias=b_tag is not None)
+    return dx.astype(x_tag.dtype), dw, db, None
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
-_linear_fwd_static = _linear_fwd
 
 
 def jetfire_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, key: jax.Array | None,
@@ -134,11 +143,12 @@ def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms):
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
     w_fwd, w_dx = ops.weight_operands(w, policy)
     y = ops.linear_fwd(h_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype)
-    return y, (ln_res, h_dw, w_dx, norm, seeds, b is not None, x.dtype)
+    return y, (ln_res, h_dw, w_dx, norm, seeds, _dtype_tag(b), _dtype_tag(x))
 
 
 def _norm_linear_bwd(policy, eps, rms, res, g):
-    ln_res, h_dw, w_dx, norm, seeds, has_bias, x_dtype = res
+    ln_res, h_dw, w_dx, norm, seeds, b_tag, x_tag = res
+    has_bias, x_dtype = b_tag is not None, x_tag.dtype
     g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
     dh = ops.grad_input(g_dx, w_dx, policy)
     dw = ops.grad_weight(h_dw, g_dw, policy)
@@ -192,14 +202,13 @@ def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
         a_fwd, a_dw = ops.swiglu_fwd(u, v, policy)
     w2_fwd, w2_dx = ops.weight_operands(fc2["kernel"], policy)
     y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=cd)
-    res = (ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, norm["scale"], seeds, x.dtype,
-           {k: tuple(sorted(p)) for k, p in params.items()})
+    res = (ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, norm["scale"], seeds, _dtype_tag(x),
+           _structure(params))
     return y, res
 
 
 def _mlp_bwd(policy, activation, eps, rms, res, g):
-    cd = policy.compute_dtype
-    ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, gamma, seeds, x_dtype, names = res
+    ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, gamma, seeds, x_tag, names = res
     grads = {}
 
     def pack(name, dw, db):
@@ -218,8 +227,7 @@ def _mlp_bwd(policy, activation, eps, rms, res, g):
     pack("fc1", ops.grad_weight(h_dw, du_dw, policy), db1)
     dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, gamma, rms=rms, has_beta="bias" in names["norm"])
     grads["norm"] = {"scale": dgamma, **({"bias": dbeta} if "bias" in names["norm"] else {})}
-    del cd
-    return dx.astype(x_dtype), grads, None
+    return dx.astype(x_tag.dtype), grads, None
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)

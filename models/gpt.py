@@ -22,10 +22,7 @@ import optax
 
 from models.presets import ModelConfig
 
-try:
-    from jq8.nn import AttentionBlock, MlpBlock
-except ImportError:  # until jq8.nn lands
-    from models._fallback_nn import AttentionBlock, MlpBlock
+from jq8.nn import AttentionBlock, MlpBlock
 
 EMBED_INIT = nn.initializers.normal(0.02)
 

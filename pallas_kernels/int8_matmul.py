@@ -388,13 +388,6 @@ def resolve_config(
     return cfg
 
 
-def epilogue_key(b_bits: int, epi: Epilogue, extra: str = "") -> str:
-    """Autotune cache key for everything but the shape."""
-    parts = [f"b{b_bits}", epi.out_dtype, str(epi.activation), f"bias{int(epi.has_bias)}",
-             f"res{int(epi.has_residual)}", str(epi.requant)]
-    return "-".join(parts + ([extra] if extra else []))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "interpret"),

@@ -203,8 +203,10 @@ def expand_tile(s: jax.Array, rt: int, ct: int, bm: int, bn: int) -> jax.Array:
 
 def div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
     """Correctly rounded fp32 a / b (what XLA computes); Triton's ``/`` is approximate on the GPU."""
+    b = jnp.broadcast_to(b, a.shape)
     if interpret:
-        return a / b
+        # The barrier stops XLA rewriting ``a / broadcast(b)`` as ``a * broadcast(1 / b)`` (not exact).
+        return a / lax.optimization_barrier(b)
     return plgpu.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;",
         args=[a, b],

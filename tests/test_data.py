@@ -1,0 +1,286 @@
+"""Tests for jq8.wikitext (markup stripping) and jq8.data (tokenizers, token cache, batches)."""
+
+from __future__ import annotations
+
+import bz2
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jq8 import data, wikitext
+
+# --------------------------------------------------------------------------------------------- wikitext
+
+
+def test_nested_templates_and_tables_removed():
+    src = ("Before {{Infobox|name={{lang|fr|x}}|a=[[b|c]]}} middle {{cite|t={{{1}}}|u=v}} after.\n"
+           "{| class=\"wikitable\"\n|-\n| cell {{flag|X}} || {{tl|y}}\n|}\nTail {{a|}} end.")
+    out = wikitext.strip_markup(src)
+    assert out == "Before middle after.\n\nTail end."  # the removed table leaves a paragraph break
+
+
+def test_unbalanced_template_does_not_swallow_text():
+    out = wikitext.strip_markup("Start {{broken and more text [[Link|shown]] here.")
+    assert "more text" in out and "shown here." in out and "{{" not in out
+
+
+def test_refs_comments_and_tags():
+    src = ('Claim<ref name="a/b">{{cite web|url=http://x.org}}</ref> holds<ref name=x /> true'
+           '<!-- hidden [[Link]] --> and <small>small text</small> H<sub>2</sub>O<br/>.'
+           '<math>x^2</math>&nbsp;Ok &ndash; done')
+    out = wikitext.strip_markup(src)
+    assert out == "Claim holds true and small text H2O. Ok \u2013 done"
+
+
+def test_links_files_categories():
+    src = ("A [[Target page|label one]] and [[Plain]] and [[Page#Section|sec]] [[Other#Part]].\n"
+           "[[File:X.jpg|thumb|left|Caption with [[inner|link]] and [1.1.0] brackets.]]\n"
+           "[[Image:Y.png|thumb]] [[Category:Things]] [[de:Anarchismus]] [[wikt:word]]"
+           " [http://example.com Example site] [http://bare.org]")
+    out = wikitext.strip_markup(src)
+    assert out.split("\n") == ["A label one and Plain and sec Other.", "", "word Example site"]
+
+
+def test_quotes_headings_lists():
+    src = ("'''Bold''' and ''italic'' and '''''both'''''.\n\n== History ==\n=== Early ===\n"
+           "* item one\n# item two")
+    out = wikitext.strip_markup(src)
+    assert out.split("\n") == ["Bold and italic and both.", "", "History", "", "Early", "", "item one",
+                               "item two"]
+
+
+def _write_dump(path: Path, pages: list[tuple[str, int, bool, str]]) -> None:
+    body = []
+    for title, ns, redirect, text in pages:
+        red = '<redirect title="X" />' if redirect else ""
+        esc = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        body.append(f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><id>2</id>"
+                    f'<text xml:space="preserve">{esc}</text></revision></page>')
+    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(body) + "</mediawiki>")
+    path.write_bytes(bz2.compress(xml.encode()))
+
+
+def test_iter_articles_skips_redirects_and_other_namespaces(tmp_path):
+    long = "Word " * 60
+    dump = tmp_path / "d.xml.bz2"
+    _write_dump(dump, [("Kept", 0, False, f"'''Kept''' text<ref>r</ref> {long}"),
+                       ("Redir", 0, True, "#REDIRECT [[Kept]]"),
+                       ("Wikipedia:Policy", 4, False, long),
+                       ("Short", 0, False, "tiny"),
+                       ("Second", 0, False, "{{stub}}" + long)])
+    arts = list(wikitext.iter_articles(dump))
+    assert [t for t, _ in arts] == ["Kept", "Second"]
+    assert arts[0][1].startswith("Kept text Word")
+    with pytest.raises(FileNotFoundError):
+        list(wikitext.iter_articles(tmp_path / "missing.xml.bz2"))
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def _random_text(rng: np.random.Generator, n_words: int) -> str:
+    alphabet = list(string.ascii_letters + "äöüßé日本語—") + ["  ", "\t"]
+    words = ["".join(rng.choice(alphabet, size=rng.integers(1, 9))) for _ in range(n_words)]
+    return "w" + " ".join(words) + "."  # no edge whitespace: documents are stripped when split
+
+
+@pytest.mark.parametrize("spec", ["wiki-8k", "bytes"])
+def test_tokenizer_round_trip(spec):
+    tok = data.load_tokenizer(spec)
+    rng = np.random.default_rng()
+    texts = [_random_text(rng, 40) for _ in range(4)] + ["The history of anarchism.\n\nIt is a philosophy."]
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+    assert tok.decode(tok.encode_batch(["a"])[0] + [tok.eot_id]) == "a" + data.EOT
+
+
+def test_committed_tokenizer_is_compressive():
+    tok = data.load_tokenizer()
+    assert (tok.vocab_size, tok.eot_id) == (8192, 0)
+    text = "The United States is a country in North America. Its capital is Washington."
+    assert len(tok.encode(text)) < len(text.encode()) / 3  # BPE on English text: > 3 bytes per token
+
+
+def test_train_tokenizer_saves_and_reloads(tmp_path):
+    src = tmp_path / "corpus.txt"
+    rng = np.random.default_rng()
+    src.write_text("\n\n".join(_random_text(rng, 80) for _ in range(6)))
+    out = tmp_path / "tok.json"
+    tok = data.train_tokenizer(src, vocab_size=300, out_path=out)
+    again = data.load_tokenizer(out)
+    assert tok.vocab_size == again.vocab_size <= 300
+    assert tok.fingerprint() == again.fingerprint()
+    text = src.read_text()[:500]
+    assert again.decode(again.encode(text)) == text
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def _write_corpus(path: Path, rng: np.random.Generator, n_docs: int = 12, words: int = 120) -> list[str]:
+    docs = [_random_text(rng, words) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return docs
+
+
+def _all_docs_from_cache(ds: data.TokenDataset, tok) -> list[str]:
+    docs = []
+    for split in ds.SPLITS:
+        ids = np.asarray(ds.tokens(split)).tolist()
+        docs += [d for d in tok.decode(ids).split(data.EOT) if d]
+    return docs
+
+
+def test_prepare_user_file_caches_and_retokenizes_on_change(tmp_path):
+    rng = np.random.default_rng()
+    src, cache = tmp_path / "user.txt", tmp_path / "cache"
+    docs = _write_corpus(src, rng)
+    ds = data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.2)
+    assert not ds.from_cache
+    # Every document comes back exactly once, train and val disjoint by document.
+    assert sorted(_all_docs_from_cache(ds, data.ByteTokenizer())) == sorted(docs)
+    assert ds.meta["splits"]["val"]["documents"] >= 1
+    assert isinstance(ds.tokens("train"), np.memmap) and ds.tokens("train").dtype == np.uint16
+
+    again = data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.2)
+    assert again.from_cache and again.path == ds.path
+    np.testing.assert_array_equal(again.tokens("train"), ds.tokens("train"))
+
+    docs2 = _write_corpus(src, rng)  # changed source -> new key, re-tokenized
+    changed = data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.2)
+    assert not changed.from_cache and changed.path != ds.path
+    assert sorted(_all_docs_from_cache(changed, data.ByteTokenizer())) == sorted(docs2)
+
+    other_tok = data.prepare(src, tokenizer="wiki-8k", cache_dir=cache, val_fraction=0.2)
+    assert not other_tok.from_cache and other_tok.vocab_size == 8192
+    assert sorted(_all_docs_from_cache(other_tok, data.load_tokenizer())) == sorted(docs2)
+
+
+def test_directory_source_equals_its_files(tmp_path):
+    rng = np.random.default_rng()
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    docs_b = _write_corpus(d / "b.txt", rng, n_docs=3)
+    docs_a = _write_corpus(d / "sub" / "a.txt", rng, n_docs=2)
+    (d / "ignored.md").write_text("not a txt file")
+    assert data.load_documents(d) == docs_b + docs_a  # sorted paths: b.txt < sub/a.txt
+    ds = data.prepare(d, tokenizer="bytes", cache_dir=tmp_path / "c", val_fraction=0.2)
+    assert sorted(_all_docs_from_cache(ds, data.ByteTokenizer())) == sorted(docs_a + docs_b)
+
+
+def test_split_by_document_is_deterministic_and_order_free():
+    rng = np.random.default_rng()
+    docs = [_random_text(rng, int(rng.integers(5, 50))) for _ in range(30)]
+    counts = [len(d) for d in docs]
+    mask = data.split_documents(docs, counts, 0.1)
+    assert 1 <= mask.sum() < len(docs)
+    assert sum(c for c, m in zip(counts, mask) if m) >= 0.1 * sum(counts)
+    perm = rng.permutation(len(docs))
+    mask_perm = data.split_documents([docs[i] for i in perm], [counts[i] for i in perm], 0.1)
+    assert {docs[i] for i in perm[mask_perm]} == {d for d, m in zip(docs, mask) if m}
+
+
+def test_bundled_wiki_corpus(tmp_path):
+    ds = data.prepare(cache_dir=tmp_path)
+    n_train, n_val = len(ds.tokens("train")), len(ds.tokens("val"))
+    assert n_train > 500_000 and 0.03 < n_val / (n_train + n_val) < 0.1
+    text = ds.decode(np.asarray(ds.tokens("val")[:2000]))
+    assert "{{" not in text and "[[" not in text and "<ref" not in text
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory) -> data.TokenDataset:
+    tmp = tmp_path_factory.mktemp("batches")
+    _write_corpus(tmp / "c.txt", np.random.default_rng(), n_docs=10, words=150)
+    return data.prepare(tmp / "c.txt", tokenizer="bytes", cache_dir=tmp / "cache", val_fraction=0.15)
+
+
+def test_batches_deterministic_and_resumable(small_ds):
+    b, t = 6, 37
+    full = [next_b for _, next_b in zip(range(8), small_ds.batches("train", b, t, seed=3))]
+    again = [next_b for _, next_b in zip(range(8), small_ds.batches("train", b, t, seed=3))]
+    resumed = [next_b for _, next_b in zip(range(3), small_ds.batches("train", b, t, seed=3, start_step=5))]
+    for x, y in zip(full, again):
+        np.testing.assert_array_equal(x.inputs, y.inputs)
+    for x, y in zip(full[5:], resumed):
+        np.testing.assert_array_equal(x.inputs, y.inputs)
+        np.testing.assert_array_equal(x.targets, y.targets)
+    other = small_ds.batch("train", 0, b, t, seed=4)
+    assert not np.array_equal(other.inputs, full[0].inputs)
+
+
+def test_batch_matches_token_windows(small_ds):
+    b, t = 5, 29
+    toks = np.asarray(small_ds.tokens("train")).astype(np.int32)
+    starts = small_ds.window_starts("train", 2, b, t, seed=1)
+    batch = small_ds.batch("train", 2, b, t, seed=1)
+    assert batch.inputs.shape == batch.targets.shape == (b, t) and batch.inputs.dtype == np.int32
+    for row, s in enumerate(starts):
+        np.testing.assert_array_equal(batch.inputs[row], toks[s:s + t])
+        np.testing.assert_array_equal(batch.targets[row], toks[s + 1:s + t + 1])
+
+
+def test_epoch_visits_every_window_once(small_ds):
+    t = 41
+    windows = small_ds.num_windows("train", t)
+    starts = np.concatenate([small_ds.window_starts("train", s, 1, t, seed=7) for s in range(2 * windows)])
+    first, second = starts[:windows], starts[windows:]
+    for epoch in (first, second):
+        rel = np.sort(epoch - epoch.min())
+        np.testing.assert_array_equal(rel, np.arange(windows) * t)  # non-overlapping, each once
+        assert epoch.max() + t + 1 <= len(small_ds.tokens("train"))
+
+
+def test_shards_tile_the_global_batch(small_ds):
+    b, t, n = 12, 23, 3
+    full = small_ds.batch("train", 4, b, t, seed=2)
+    parts = [small_ds.batch("train", 4, b, t, seed=2, shard=i, num_shards=n) for i in range(n)]
+    np.testing.assert_array_equal(np.concatenate([p.inputs for p in parts]), full.inputs)
+    shard_stream = small_ds.batches("train", b, t, seed=2, start_step=4, shard=1, num_shards=n)
+    np.testing.assert_array_equal(next(shard_stream).inputs, parts[1].inputs)
+
+
+def test_eval_batches_cover_val_in_order(small_ds):
+    b, t = 3, 19
+    toks = np.asarray(small_ds.tokens("val")).astype(np.int32)
+    batches = list(small_ds.eval_batches("val", b, t))
+    assert len(batches) == small_ds.num_windows("val", t) // b
+    rows = np.concatenate([x.inputs for x in batches])
+    np.testing.assert_array_equal(rows.reshape(-1), toks[:rows.size])
+    assert len(list(small_ds.eval_batches("val", b, t, max_batches=1))) == 1
+
+
+def test_clear_errors(tmp_path, small_ds):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.prepare(tmp_path / "nope.txt", tokenizer="bytes", cache_dir=tmp_path)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .txt files"):
+        data.prepare(tmp_path / "empty_dir", tokenizer="bytes", cache_dir=tmp_path)
+    (tmp_path / "one.txt").write_text("a single document without blank lines")
+    with pytest.raises(ValueError, match="single document"):
+        data.prepare(tmp_path / "one.txt", tokenizer="bytes", cache_dir=tmp_path)
+    too_long = len(small_ds.tokens("val"))
+    with pytest.raises(ValueError, match=f"needs at least {too_long + 1}"):
+        small_ds.batch("val", 0, 2, too_long)
+    with pytest.raises(ValueError, match="not divisible"):
+        small_ds.batch("train", 0, 6, 8, num_shards=4)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.prepare(tmp_path / "one.txt", tokenizer="bytes", cache_dir=tmp_path, val_fraction=1.0)
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        data.load_tokenizer(tmp_path / "missing.json")
+
+
+def test_no_val_split_is_allowed_but_val_batches_explain(tmp_path):
+    (tmp_path / "one.txt").write_text("a single document without blank lines " * 20)
+    ds = data.prepare(tmp_path / "one.txt", tokenizer="bytes", cache_dir=tmp_path / "c", val_fraction=0.0)
+    assert len(ds.tokens("val")) == 0 and ds.batch("train", 0, 2, 16).inputs.shape == (2, 16)
+    with pytest.raises(ValueError, match="val_fraction=0"):
+        ds.batch("val", 0, 2, 16)
+    assert json.loads((ds.path / "meta.json").read_text())["splits"]["val"]["tokens"] == 0
