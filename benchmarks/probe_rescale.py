@@ -43,7 +43,7 @@ def _to_f32(p, magic):
     return p.astype(jnp.float32)
 
 
-def kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, bk, qk, nk, mode, magic):
+def kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, bk, qk, nk, mode, magic, pipe=False):
     bm, bn = o_ref.shape
     g = bk // qk
 
@@ -64,6 +64,29 @@ def kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, bk, qk, nk, mode, magic):
             ssum = ssum + s
         return acc, ssum
 
+    if pipe:
+        # Software-pipelined by hand: issue the MMA of group i, then rescale group i - 1's partial, so the
+        # CUDA-core rescale has no data dependency on the tensor-core work in flight.
+        assert g == 1 and mode in ("row", "sq")
+
+        def scale_of(gi):
+            return sa_ref[:, gi][:, None] if mode == "row" else sa_ref[0, gi] * sb_ref[0, gi]
+
+        def pbody(i, carry):
+            acc, p_prev = carry
+            p = lax.dot_general(a_ref[:, pl.ds(i * bk, bk)], b_ref[:, pl.ds(i * bk, bk)], NT,
+                                preferred_element_type=jnp.int32)
+            acc = acc + p_prev.astype(jnp.float32) * scale_of(jnp.maximum(i - 1, 0))
+            return acc, p
+
+        zero = jnp.zeros((bm, bn), jnp.int32)
+        acc, p_last = lax.fori_loop(0, nk, pbody, (jnp.zeros((bm, bn), jnp.float32), zero))
+        acc = acc + p_last.astype(jnp.float32) * scale_of(nk - 1)
+        if mode == "row":
+            acc = acc * sb_ref[:, 0][None, :]
+        o_ref[...] = acc.astype(o_ref.dtype)
+        return
+
     if mode == "none":
         def ibody(i, acc):
             return acc + lax.dot_general(a_ref[:, pl.ds(i * bk, bk)], b_ref[:, pl.ds(i * bk, bk)], NT,
@@ -81,14 +104,14 @@ def kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, bk, qk, nk, mode, magic):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _call(a, sa, b, sb, mode, magic, qk, bk, bm, bn, warps, stages):
+def _call(a, sa, b, sb, mode, magic, qk, bk, bm, bn, warps, stages, pipe=False):
     m, k = a.shape
     n = b.shape[0]
     # "sq" scales are one row per 128-row block: a (1, groups) block indexed by the program's block.
     sa_rows = 1 if mode == "sq" else bm
     sb_rows = 1 if mode == "sq" else bn
     return pl.pallas_call(
-        functools.partial(kernel, bk=bk, qk=qk, nk=k // bk, mode=mode, magic=magic),
+        functools.partial(kernel, bk=bk, qk=qk, nk=k // bk, mode=mode, magic=magic, pipe=pipe),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
         grid=(m // bm, n // bn),
         in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
@@ -127,6 +150,9 @@ def main():
     flops = 2 * n**3
     rows = []
 
+    def rel(o, ref):
+        return f"err={float(jnp.linalg.norm(o.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)):.1e}"
+
     def add(name, f, args_list, check=None):
         try:
             t = bench(f, args_list)
@@ -142,7 +168,7 @@ def main():
     tiles = [(128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3)]
     if INTERPRET:
         tiles = [(64, 64, 4, 2)]
-    for qk in (32, 64, 128, 256):
+    for qk in () if os.environ.get("ONLY_PIPE") else (32, 64, 128, 256):
         if qk > n:
             continue
         kg = n // qk
@@ -152,9 +178,6 @@ def main():
         af = (a8.astype(jnp.float32).reshape(n, kg, qk) * sa[:, :, None]).reshape(n, n)
         bf = (b8.astype(jnp.float32).reshape(n, kg, qk) * sb[:, :, None]).reshape(n, n)
         ref2 = lax.dot_general(af, bf, NT, precision=lax.Precision.HIGHEST)
-
-        def rel(o, ref):
-            return f"err={float(jnp.linalg.norm(o.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)):.1e}"
 
         for mode in ("row", "sq", "two") if qk < 256 else ("row", "sq"):
             if mode == "sq":
@@ -187,6 +210,39 @@ def main():
                                                   warps=w, stages=st))
                     add(f"{mode}/{'magic' if magic else 'cvt'} qk={qk} bk={bk} {bm}x{bn} w{w} s{st}", f, args,
                         check=lambda o, ref=ref: rel(o, ref))
+    # Hand-pipelined rescale (MMA of group i overlaps the rescale of group i - 1).
+    for qk in (64, 128, 256):
+        if qk > n:
+            continue
+        kg = n // qk
+        sa = jax.random.uniform(keys[0], (n, kg), jnp.float32, 0.5, 1.5)
+        sb = jax.random.uniform(keys[1], (n, kg), jnp.float32, 0.5, 1.5)
+        a8, b8 = sets[0]
+        for mode in ("row", "sq"):
+            if mode == "sq" and (INTERPRET or qk != 128):
+                continue
+            if mode == "row":
+                sbc = sb[:, :1]
+                af = (a8.astype(jnp.float32).reshape(n, kg, qk) * sa[:, :, None]).reshape(n, n)
+                ref = lax.dot_general(af, b8.astype(jnp.float32) * sbc, NT, precision=lax.Precision.HIGHEST)
+                args = [(s[0], sa, s[1], sbc) for s in sets]
+            else:
+                sa_m = jnp.repeat(sa[::qk], qk, axis=0)[:n]
+                sb_m = jnp.repeat(sb[::qk], qk, axis=0)[:n]
+                afm = (a8.astype(jnp.float32).reshape(n, kg, qk) * sa_m[:, :, None]).reshape(n, n)
+                bfm = (b8.astype(jnp.float32).reshape(n, kg, qk) * sb_m[:, :, None]).reshape(n, n)
+                ref = lax.dot_general(afm, bfm, NT, precision=lax.Precision.HIGHEST)
+                args = [(s[0], sa[::qk], s[1], sb[::qk]) for s in sets]
+            for bm, bn, w, st in tiles:
+                if qk > 128 and bm * bn > 128 * 128:
+                    continue
+                if mode == "sq" and (bm, bn) != (128, 128):
+                    continue
+                f = jax.jit(functools.partial(_call, mode=mode, magic=False, qk=qk, bk=qk, bm=bm, bn=bn,
+                                              warps=w, stages=st, pipe=True))
+                name = f"{mode}/pipe qk={qk} {bm}x{bn} w{w} s{st}"
+                add(name, f, args, check=lambda o, ref=ref: rel(o, ref))
+
     # Upper bound: no rescale in the loop.
     for bm, bn, w, st in tiles:
         sa1 = jnp.ones((n, 1), jnp.float32)
