@@ -5,12 +5,14 @@
 1. Correctness of every kernel variant against its reference at 1024^3 and a ragged shape (1030x770x1000):
    raw int32 (exact), W8A8 epilogues, requantized output, INT4 weights, block-scaled 32x32 / 1x128+128x128 /
    128x128 / group-wise g128.
-2. Timing (median of >= 20 samples after warm-up; each sample runs a few calls back to back over >= 2 rotated
-   input sets, then ``block_until_ready``) at 8192^3 and the forward NT GEMMs of GPT-2 training (16384
-   tokens; hidden 768/1024/1600/4096: qkv d->3d, out d->d, fc1 d->4d, fc2 4d->d):
-   XLA bf16 ``x @ w``; XLA int8 ``dot_general`` s8 x s8 -> s32 with rhs (N, K); XLA int8 + scale multiply (what
-   AQT / Qwix run); our W8A8 (fused dequant epilogue, bf16 out); our block-scaled GEMM (32x32, 1x128 act with
-   128x128 weight, 128x128), bf16 out. Prints TOP/s and ratios vs XLA measured in the same run.
+2. Timing (median of >= 20 samples after warm-up; each sample runs a few calls back to back over >= 2
+   rotated input sets, then ``block_until_ready``) at 8192^3 and the forward NT GEMMs of GPT-2 training
+   (16384 tokens; hidden 768/1024/1600/4096: qkv d->3d, out d->d, fc1 d->4d, fc2 4d->d): XLA bf16 ``x @ w``;
+   XLA int8 ``dot_general`` s8 x s8 -> s32 with rhs (N, K); XLA int8 + scale multiply (what AQT / Qwix run);
+   our W8A8 (fused dequant epilogue, bf16 out); our block-scaled GEMM (32x32, 1x128 act with 128x128
+   weight, 128x128), bf16 out. Prints TOP/s and ratios vs XLA measured in the same run.
+3. At 8192^3 only: block-scaled rescale variants (int->float convert vs the magic-number trick, with and
+   without overlapping the rescale behind the next group's product).
 ``--tune`` autotunes our kernels first (short candidate list), ``--quick`` times fewer shapes.
 Results (and the tuning cache) are written under ``$OUT`` when it is set.
 CPU smoke test: ``INTERPRET=1 PYTHONPATH=. python3 benchmarks/kernels.py --quick`` (tiny shapes).
@@ -39,6 +41,7 @@ from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_matmul_block_scaled import (
+    Rescale,
     int8_matmul_block_scaled,
     int8_matmul_block_scaled_reference,
 )
@@ -75,8 +78,12 @@ def gpt2_shapes(tokens: int, hiddens) -> list[tuple[str, int, int, int]]:
     """Forward NT GEMMs (name, M, N, K) of a GPT-2 block: qkv d->3d, out d->d, fc1 d->4d, fc2 4d->d."""
     out = []
     for d in hiddens:
-        out += [(f"d{d} qkv", tokens, 3 * d, d), (f"d{d} out", tokens, d, d), (f"d{d} fc1", tokens, 4 * d, d),
-                (f"d{d} fc2", tokens, d, 4 * d)]
+        out += [
+            (f"d{d} qkv", tokens, 3 * d, d),
+            (f"d{d} out", tokens, d, d),
+            (f"d{d} fc1", tokens, 4 * d, d),
+            (f"d{d} fc2", tokens, d, 4 * d),
+        ]
     return out
 
 
@@ -125,7 +132,10 @@ def check_correctness(m: int, n: int, k: int, interpret: bool | None) -> list[di
         d = jnp.abs(o.values.astype(jnp.int32) - r.values.astype(jnp.int32))
         eq, mx = float(jnp.mean(d == 0)), int(jnp.max(d))
         se = float(jnp.max(jnp.abs(o.scale / r.scale - 1)))
-        return eq >= 0.99 and mx <= 1 and se < 1e-3, f"codes equal={eq:.4f} max|diff|={mx} scale relerr={se:.1e}"
+        return (
+            eq >= 0.99 and mx <= 1 and se < 1e-3,
+            f"codes equal={eq:.4f} max|diff|={mx} scale relerr={se:.1e}",
+        )
 
     def int4():
         w4 = rand_int8(ks[4], (n, k), -7, 8)
@@ -140,16 +150,31 @@ def check_correctness(m: int, n: int, k: int, interpret: bool | None) -> list[di
         o = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, **tiles, **kw)
         r = int8_matmul_block_scaled_reference(*args, out_dtype=jnp.float32, **tiles)
         e = rel_err(o, r)
-        return e < 1e-4, f"rel_err vs f32 reference={e:.2e}, quantization err vs x@w.T={rel_err(r, x @ w.T):.2e}"
+        return (
+            e < 1e-4,
+            f"rel_err vs f32 reference={e:.2e}, quantization err vs x@w.T={rel_err(r, x @ w.T):.2e}",
+        )
 
     run("int8_matmul raw int32", raw)
-    run("int8_matmul W8A8 bf16", lambda: close(int8_matmul(a, b, sa, sb, **kw), int8_matmul_reference(a, b, sa, sb)))
-    run("int8_matmul W8A8 bias+gelu+residual", lambda: close(
-        int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", residual=res, **kw),
-        int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", residual=res)))
-    run("int8_matmul W8A8 gelu_tanh f32", lambda: close(
-        int8_matmul(a, b, sa, sb, activation="gelu_tanh", out_dtype=jnp.float32, **kw),
-        int8_matmul_reference(a, b, sa, sb, activation="gelu_tanh", out_dtype=jnp.float32), 1e-5))
+    run(
+        "int8_matmul W8A8 bf16",
+        lambda: close(int8_matmul(a, b, sa, sb, **kw), int8_matmul_reference(a, b, sa, sb)),
+    )
+    run(
+        "int8_matmul W8A8 bias+gelu+residual",
+        lambda: close(
+            int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", residual=res, **kw),
+            int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", residual=res),
+        ),
+    )
+    run(
+        "int8_matmul W8A8 gelu_tanh f32",
+        lambda: close(
+            int8_matmul(a, b, sa, sb, activation="gelu_tanh", out_dtype=jnp.float32, **kw),
+            int8_matmul_reference(a, b, sa, sb, activation="gelu_tanh", out_dtype=jnp.float32),
+            1e-5,
+        ),
+    )
     run("int8_matmul requant 32x32", lambda: requant(QuantSpec.blocks((32, 32))))
     run("int8_matmul requant 1x128", lambda: requant(QuantSpec.groups(128, axis=1)))
     if n <= 1024:
@@ -191,7 +216,7 @@ def make_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
     keys = jax.random.split(jax.random.key(m + n + k), 4 * n_sets)
     bf, i8, bs = [], [], {name: [] for name in BLOCK_SCALED}
     for s in range(n_sets):
-        k0, k1, k2, k3 = keys[4 * s: 4 * s + 4]
+        k0, k1, k2, k3 = keys[4 * s : 4 * s + 4]
         bf.append((jax.random.normal(k0, (m, k), jnp.bfloat16), jax.random.normal(k1, (k, n), jnp.bfloat16)))
         a, b = rand_int8(k0, (m, k)), rand_int8(k1, (n, k))
         i8.append((a, b, rand_scale(k2, (m, 1)), rand_scale(k3, (1, n))))
@@ -200,22 +225,109 @@ def make_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
             sb = rand_scale(k3, QuantSpec(tb).scale_shape(n, k))
             bs[name].append((a, sa, b, sb))
     variants["xla bf16"] = (jax.jit(lambda x, w: x @ w), bf)
-    variants["xla int8"] = (jax.jit(lambda a, b, sa, sb: lax.dot_general(a, b, NT, preferred_element_type=jnp.int32)),
-                            i8)
-    variants["xla int8+scale"] = (jax.jit(lambda a, b, sa, sb: (
-        lax.dot_general(a, b, NT, preferred_element_type=jnp.int32).astype(jnp.float32) * sa * sb
-    ).astype(jnp.bfloat16)), i8)
+    variants["xla int8"] = (
+        jax.jit(lambda a, b, sa, sb: lax.dot_general(a, b, NT, preferred_element_type=jnp.int32)),
+        i8,
+    )
+    variants["xla int8+scale"] = (
+        jax.jit(
+            lambda a, b, sa, sb: (
+                lax.dot_general(a, b, NT, preferred_element_type=jnp.int32).astype(jnp.float32) * sa * sb
+            ).astype(jnp.bfloat16)
+        ),
+        i8,
+    )
     variants["ours W8A8"] = (jax.jit(lambda a, b, sa, sb: int8_matmul(a, b, sa, sb, interpret=interpret)), i8)
     for name, (ta, tb) in BLOCK_SCALED.items():
-        variants[f"ours {name}"] = (jax.jit(lambda a, sa, b, sb, ta=ta, tb=tb: int8_matmul_block_scaled(
-            a, sa, b, sb, a_tile=ta, b_tile=tb, interpret=interpret)), bs[name])
+        variants[f"ours {name}"] = (
+            jax.jit(
+                lambda a, sa, b, sb, ta=ta, tb=tb: int8_matmul_block_scaled(
+                    a, sa, b, sb, a_tile=ta, b_tile=tb, interpret=interpret
+                )
+            ),
+            bs[name],
+        )
     return variants
 
 
-TUNE_W8A8 = [TileConfig(256, 128, 128, 8, 3, 8), TileConfig(128, 256, 128, 8, 3, 8),
-             TileConfig(128, 128, 128, 8, 3, 8), TileConfig(128, 128, 64, 4, 4, 8)]
-TUNE_BS = [TileConfig(128, 128, 128, 8, 3, 8), TileConfig(256, 128, 128, 8, 3, 8),
-           TileConfig(128, 128, 64, 4, 4, 8)]
+def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
+    """Variants timed at one shape only: rescale strategies, ZeroQuant groups, W4A8, fused epilogues."""
+    keys = jax.random.split(jax.random.key(m + n + k + 1), 4 * n_sets)
+    sets = {"32": [], "128": [], "g128": [], "w8a8": [], "w4a8": []}
+    for s in range(n_sets):
+        k0, k1, k2, k3 = keys[4 * s : 4 * s + 4]
+        a, b = rand_int8(k0, (m, k)), rand_int8(k1, (n, k))
+        sets["32"].append((a, rand_scale(k2, (m // 32, k // 32)), b, rand_scale(k3, (n // 32, k // 32))))
+        sets["128"].append((a, rand_scale(k2, (m, k // 128)), b, rand_scale(k3, (n // 128, k // 128))))
+        sets["g128"].append((a, rand_scale(k2, (m, 1)), b, rand_scale(k3, (n, k // 128))))
+        bias = jax.random.normal(k2, (n,), jnp.float32)
+        sets["w8a8"].append((a, b, rand_scale(k2, (m, 1)), rand_scale(k3, (1, n)), bias))
+        b4 = pack_int4(rand_int8(k1, (n, k), -7, 8))
+        sets["w4a8"].append((a, b4, rand_scale(k2, (m, 1)), rand_scale(k3, (1, n)), bias))
+
+    def bs(ta, tb, rescale):
+        return jax.jit(
+            lambda a, sa, b, sb: int8_matmul_block_scaled(
+                a, sa, b, sb, a_tile=ta, b_tile=tb, rescale=rescale, interpret=interpret
+            )
+        )
+
+    cvt, magic = Rescale(False, False), Rescale(True, False)
+    cvt_ov, magic_ov = Rescale(False, True), Rescale(True, True)
+    v = {}
+    for label, ta, tb, key in (
+        ("bs 32x32", (32, 32), (32, 32), "32"),
+        ("bs 1x128+128x128", (1, 128), (128, 128), "128"),
+        ("bs row x g128", (1, -1), (1, 128), "g128"),
+    ):
+        for rname, r in (
+            ("cvt", cvt),
+            ("magic", magic),
+            ("cvt+overlap", cvt_ov),
+            ("magic+overlap", magic_ov),
+        ):
+            v[f"ours {label} {rname}"] = (bs(ta, tb, r), sets[key])
+    v["ours W8A8 bias+gelu"] = (
+        jax.jit(
+            lambda a, b, sa, sb, bias: int8_matmul(
+                a, b, sa, sb, bias=bias, activation="gelu", interpret=interpret
+            )
+        ),
+        sets["w8a8"],
+    )
+    v["ours W8A8 bias+gelu -> int8 32x32"] = (
+        jax.jit(
+            lambda a, b, sa, sb, bias: int8_matmul(
+                a,
+                b,
+                sa,
+                sb,
+                bias=bias,
+                activation="gelu",
+                out_spec=QuantSpec.blocks((32, 32)),
+                interpret=interpret,
+            )
+        ),
+        sets["w8a8"],
+    )
+    v["ours W4A8 (INT4 weights)"] = (
+        jax.jit(lambda a, b, sa, sb, bias: int8_matmul(a, b, sa, sb, b_bits=4, interpret=interpret)),
+        sets["w4a8"],
+    )
+    return v
+
+
+TUNE_W8A8 = [
+    TileConfig(256, 128, 128, 8, 3, 8),
+    TileConfig(128, 256, 128, 8, 3, 8),
+    TileConfig(128, 128, 128, 8, 3, 8),
+    TileConfig(128, 128, 64, 4, 4, 8),
+]
+TUNE_BS = [
+    TileConfig(128, 128, 128, 8, 3, 8),
+    TileConfig(256, 128, 128, 8, 3, 8),
+    TileConfig(128, 128, 64, 4, 4, 8),
+]
 
 
 def tune_shape(m: int, n: int, k: int, iters: int) -> None:
@@ -237,6 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget", type=float, default=420.0, help="seconds; stop timing new shapes after this")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--no-extra", action="store_true", help="skip the per-variant study at the first shape")
     args = p.parse_args(argv)
     interpret = True if INTERPRET else None
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -251,11 +364,19 @@ def main(argv=None) -> int:
         shapes = [("8192^3", 8192, 8192, 8192)]
         shapes += gpt2_shapes(16384, (1024, 4096) if args.quick else (768, 1024, 1600, 4096))
         if args.quick:
-            shapes = [s for s in shapes if not s[0].endswith(("qkv", "out"))] + [s for s in shapes if
-                                                                               s[0] == "d1024 qkv"]
+            shapes = [s for s in shapes if not s[0].endswith(("qkv", "out"))] + [
+                s for s in shapes if s[0] == "d1024 qkv"
+            ]
 
-    result = dict(jax=jax.__version__, device=str(jax.devices()[0]), gpu=autotune.gpu_name(), argv=sys.argv[1:],
-                  correctness=[], timings=[], configs={})
+    result = dict(
+        jax=jax.__version__,
+        device=str(jax.devices()[0]),
+        gpu=autotune.gpu_name(),
+        argv=sys.argv[1:],
+        correctness=[],
+        timings=[],
+        configs={},
+    )
     if not args.skip_check:
         for m, n, k in check_shapes:
             result["correctness"] += check_correctness(m, n, k, interpret)
@@ -283,9 +404,26 @@ def main(argv=None) -> int:
             "int8_matmul": str(autotune.lookup_config("int8_matmul", m, n, k, "b8-bfloat16")),
         }
         result["timings"].append(row)
-        log(f"{label} {m}x{n}x{k}: " + ", ".join(f"{kk} {v:.0f}" for kk, v in row["tops"].items()) + " TOP/s")
+        log(f"{label} {m}x{n}x{k}: " + ", ".join(f"{kk} {v:.4g}" for kk, v in row["tops"].items()) + " TOP/s")
+        if label == shapes[0][0] and not args.no_extra:
+            extra = dict(label=label, m=m, n=n, k=k, ms={}, tops={})
+            for name, (fn, arg_sets) in make_extra_variants(m, n, k, interpret, n_sets=2).items():
+                try:
+                    t = time_call(fn, arg_sets, iters=args.iters)
+                    extra["ms"][name] = t * 1e3
+                    extra["tops"][name] = 2 * m * n * k / t / 1e12
+                    log(f"extra {label} {name}: {extra['tops'][name]:.4g} TOP/s")
+                except Exception as e:  # noqa: BLE001
+                    log(f"FAIL timing {label} {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            result["extra"] = extra
 
     print_table(result["timings"])
+    if "extra" in result:
+        e = result["extra"]
+        print(f"\n### variants at {e['label']} ({e['m']}x{e['n']}x{e['k']}), TOP/s\n")
+        print("| variant | TOP/s | ms |\n| --- | --- | --- |")
+        for name in e["tops"]:
+            print(f"| {name} | {e['tops'][name]:.4g} | {e['ms'][name]:.3f} |")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
@@ -303,7 +441,7 @@ def print_table(rows: list[dict]) -> None:
     print("| shape | M x N x K | " + " | ".join(names) + " |")
     print("|" + " --- |" * (len(names) + 2))
     for r in rows:
-        cells = [f"{r['tops'][n]:.0f}" if n in r["tops"] else "fail" for n in names]
+        cells = [f"{r['tops'][n]:.4g}" if n in r["tops"] else "fail" for n in names]
         print(f"| {r['label']} | {r['m']}x{r['n']}x{r['k']} | " + " | ".join(cells) + " |")
     ours = ["ours W8A8"] + [f"ours {n}" for n in BLOCK_SCALED]
     for base in ("xla bf16", "xla int8", "xla int8+scale"):

@@ -36,6 +36,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WIKI_SAMPLE = DATA_DIR / "enwiki-sample.xml.bz2"
 LEE_BACKGROUND = DATA_DIR / "lee_background.txt"
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer-wiki-8k.json"
+SENTENCES = DATA_DIR / "sentences.txt"
 EOT = "<|endoftext|>"
 CACHE_FORMAT = 1
 _NAMED_SOURCES = {"wiki": WIKI_SAMPLE, "lee": LEE_BACKGROUND}
@@ -103,6 +104,24 @@ def source_fingerprint(source: str | os.PathLike | None = None) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def load_sentence_groups(path: str | os.PathLike | None = None) -> list[list[str]]:
+    """Paraphrase groups from ``data/sentences.txt`` (or ``path``): a blank line ends a group, ``#`` lines
+    are comments. For retrieval checks: a sentence's nearest neighbour should be in its own group."""
+    path = Path(path) if path is not None else SENTENCES
+    if not path.is_file():
+        raise FileNotFoundError(f"sentence groups file not found: {path}")
+    groups: list[list[str]] = [[]]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        if line:
+            groups[-1].append(line)
+        elif groups[-1]:
+            groups.append([])
+    return [g for g in groups if g]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

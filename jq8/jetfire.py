@@ -65,7 +65,8 @@ def linear_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, co
     return y.astype(compute_dtype)
 
 
-def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, eps=1e-5, rms=False) -> jax.Array:
+def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, eps=1e-5,
+                   rms=False) -> jax.Array:
     """LayerNorm (or RMSNorm) over the last axis with fp32 statistics -> fp32."""
     return ops.layer_norm_float(x, gamma, beta, eps=eps, rms=rms)[0]
 
@@ -170,9 +171,11 @@ def jetfire_norm_linear(x: jax.Array, norm: Mapping[str, jax.Array], kernel: jax
     Returns (..., N) in ``policy.compute_dtype``.
     """
     if not policy.int8:
-        return norm_linear_reference(x, norm, kernel, bias, compute_dtype=policy.compute_dtype, eps=eps, rms=rms)
+        cd = policy.compute_dtype
+        return norm_linear_reference(x, norm, kernel, bias, compute_dtype=cd, eps=eps, rms=rms)
     policy.check_dims(in_features=kernel.shape[0], out_features=kernel.shape[1])
-    y = _norm_linear(_flat(x), dict(norm), kernel, bias, seeds_from_key(key, 1), policy, float(eps), bool(rms))
+    seeds = seeds_from_key(key, 1)
+    y = _norm_linear(_flat(x), dict(norm), kernel, bias, seeds, policy, float(eps), bool(rms))
     return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 

@@ -8,6 +8,7 @@ definitions below, built on :mod:`jq8.quant` (no second quantizer).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 
@@ -30,7 +31,8 @@ def _lookup(name: str, use_kernels: bool) -> Callable | None:
         mod = importlib.import_module(_MODULES[name])
     except ImportError:
         return None
-    return getattr(mod, name if use_kernels else f"{name}_reference", None) or getattr(mod, name, None)
+    # No reference in the kernel file (e.g. a dispatcher): use_kernels=False then takes the fallback below.
+    return getattr(mod, name if use_kernels else f"{name}_reference", None)
 
 
 def implementation(name: str, use_kernels: bool) -> str:
@@ -84,7 +86,8 @@ def _layer_norm_quantize_fallback(
     return (*q, mean, rstd) if transposed_spec is not None else (q, mean, rstd)
 
 
-def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", transposed_spec=None, interpret=None):
+def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", transposed_spec=None,
+                                 interpret=None):
     y = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -96,7 +99,7 @@ def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", trans
 
 
 def _gelu_backward_quantize_fallback(
-    grad, x, bias=None, *, spec, rounding="stochastic", seed=None, transposed_spec=None, interpret=None
+    grad, x, spec, *, rounding="stochastic", seed=None, bias=None, transposed_spec=None, interpret=None
 ):
     u = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
     if bias is not None:
@@ -120,8 +123,8 @@ def _matmul_qarrays_fallback(
         raise ValueError(f"activation must be 'gelu' or None, got {activation!r}")
     if residual is not None:
         out = out + residual.astype(jnp.float32)
-    if out_spec is not None:
-        return quantize(out.astype(out_dtype), out_spec)
+    if out_spec is not None:  # requantized from the fp32 epilogue value, as the kernels do
+        return dataclasses.replace(quantize(out, out_spec), dtype=jnp.dtype(out_dtype))
     return out.astype(out_dtype)
 
 
@@ -162,10 +165,10 @@ def bias_gelu_quantize(x, bias=None, *, spec, activation="gelu", transposed_spec
 def gelu_backward_quantize(grad, x, bias=None, *, spec, rounding="stochastic", seed=None,
                            transposed_spec=None, use_kernels=True):
     """grad, x: (M, N) (x: the GELU input, float or QArray) -> quantized grad * GELU'(x + bias) [, T]."""
-    return _call("gelu_backward_quantize", use_kernels, grad, x, bias, spec=spec, rounding=rounding,
+    return _call("gelu_backward_quantize", use_kernels, grad, x, spec=spec, bias=bias, rounding=rounding,
                  seed=seed, transposed_spec=transposed_spec)
 
 
 def matmul_qarrays(a: QArray, b: QArray, *, use_kernels=True, **epilogue):
-    """a: QArray (M, K), b: QArray (N, K) -> epilogue(a @ b.T): (M, N) out_dtype, or a QArray with out_spec."""
+    """a: QArray (M, K), b: QArray (N, K) -> epilogue(a @ b.T): (M, N) out_dtype, or QArray with out_spec."""
     return _call("matmul_qarrays", use_kernels, a, b, **epilogue)

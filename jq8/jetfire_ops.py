@@ -86,7 +86,8 @@ def weight_operands(w: jax.Array, policy: Policy) -> tuple[Operand, Operand]:
     if not (policy.int8_forward or policy.int8_grad_input):
         return w.astype(policy.compute_dtype), w
     qw, qwt = kb.quantize_tiles(w, policy.spec, transposed_spec=policy.spec_t, use_kernels=policy.use_kernels)
-    return (qwt if policy.int8_forward else w.astype(policy.compute_dtype)), (qw if policy.int8_grad_input else w)
+    w_fwd = qwt if policy.int8_forward else w.astype(policy.compute_dtype)
+    return w_fwd, (qw if policy.int8_grad_input else w)
 
 
 # ------------------------------------------------------------------------------------------ linear

@@ -203,6 +203,7 @@ def distill(
     assignment = assign_rules(dense_paths(params), rules)
     rules_by_path = {p: rules[i] for p, i in assignment.items()}
     blocks = capture_blocks(model, params, list(calib_chunks), config.block_pattern, apply_kwargs)
+    fp_params = params
     params = dict(params)
     key = jax.random.PRNGKey(config.seed)
     report: list[dict] = []
@@ -229,7 +230,7 @@ def distill(
                 return mod.apply({"params": p}, x, *args, **kwargs)
 
         if bi > 0 and config.lkd_input == "quantized":
-            _check_sequential(blocks[bi - 1], blk, get_path(params, blocks[bi - 1].path))
+            _check_sequential(blocks[bi - 1], blk, get_path(fp_params, blocks[bi - 1].path))
         xs = blk.inputs if (config.lkd_input == "fp" or q_stream is None) else q_stream
         teacher_j = jax.jit(teacher)
         student_j = jax.jit(student)

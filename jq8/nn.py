@@ -63,8 +63,9 @@ class Dense(nn.Module):
     def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
         """Creates (at init) and returns (kernel (in, features) fp32, bias (features,) fp32 or None)."""
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), F32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), F32) if self.use_bias else None
-        return kernel, bias
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), F32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = self.weights(x.shape[-1])

@@ -99,7 +99,12 @@ class QuantRule:
         return QuantSpec.row_runs(self.group_size, b, s)
 
     def describe(self) -> str:
-        g = "per-channel" if self.group_size is None else f"{self.group_axis} groups of {self.group_size}"
+        if self.group_size is None:
+            g = "per-channel"
+        elif self.group_size == -1:
+            g = "per-tensor"
+        else:
+            g = f"{self.group_axis} groups of {self.group_size}"
         return f"W{self.weight_bits} ({g}{'' if self.symmetric else ', asym'}), acts {self.act_mode}"
 
 
@@ -123,12 +128,15 @@ def _scheme_table(int4_group: int) -> dict[str, list[QuantRule]]:
 SCHEMES: tuple[str, ...] = tuple(_scheme_table(128))
 
 
-def scheme_rules(name: str, *, int4_group: int = 128) -> list[QuantRule]:
+def scheme(name: str, *, int4_group: int = 128) -> list[QuantRule]:
     """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size."""
     table = _scheme_table(int4_group)
     if name not in table:
         raise ValueError(f"unknown quantization scheme {name!r}; known schemes: {', '.join(table)}")
     return table[name]
+
+
+scheme_rules = scheme
 
 
 # ------------------------------------------------------------------------------------------ params tree

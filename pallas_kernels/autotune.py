@@ -59,7 +59,9 @@ def lookup_config(kernel: str, m: int, n: int, k: int, key: str = "") -> TileCon
     return heuristic_config(kernel, m, n, k)
 
 
-def store_config(kernel: str, m: int, n: int, k: int, key: str, cfg: TileConfig, *, save: bool = True) -> None:
+def store_config(
+    kernel: str, m: int, n: int, k: int, key: str, cfg: TileConfig, *, save: bool = True
+) -> None:
     name = gpu_name()
     table = _load(name)
     with _LOCK:
@@ -157,12 +159,22 @@ def tune_int8_matmul(m: int, n: int, k: int, *, candidates=None, iters: int = 10
     b = jax.random.randint(kb, (n, k), -127, 128, jnp.int8)
     sa = jnp.full((m, 1), 1e-3, jnp.float32)
     sb = jnp.full((1, n), 1e-3, jnp.float32)
-    return autotune("int8_matmul", m, n, k, "b8-bfloat16",
-                    lambda cfg: int8_matmul(a, b, sa, sb, config=cfg), candidates, iters=iters, verbose=verbose)
+    return autotune(
+        "int8_matmul",
+        m,
+        n,
+        k,
+        "b8-bfloat16",
+        lambda cfg: int8_matmul(a, b, sa, sb, config=cfg),
+        candidates,
+        iters=iters,
+        verbose=verbose,
+    )
 
 
-def tune_block_scaled(m: int, n: int, k: int, a_tile, b_tile, *, candidates=None, iters: int = 10,
-                      verbose: bool = False):
+def tune_block_scaled(
+    m: int, n: int, k: int, a_tile, b_tile, *, candidates=None, iters: int = 10, verbose: bool = False
+):
     """Tunes the block-scaled kernel for scale tiles ``a_tile`` (of (M, K)) and ``b_tile`` (of (N, K))."""
     import jax.numpy as jnp
 
@@ -175,9 +187,17 @@ def tune_block_scaled(m: int, n: int, k: int, a_tile, b_tile, *, candidates=None
     sa = jnp.full(QuantSpec(a_tile).scale_shape(m, k), 1e-3, jnp.float32)
     sb = jnp.full(QuantSpec(b_tile).scale_shape(n, k), 1e-3, jnp.float32)
     key = block_scaled_key(a_tile, b_tile, m, n, k, "bfloat16")
-    return autotune("int8_matmul_block_scaled", m, n, k, key,
-                    lambda cfg: int8_matmul_block_scaled(a, sa, b, sb, config=cfg, a_tile=a_tile, b_tile=b_tile),
-                    candidates, iters=iters, verbose=verbose)
+    return autotune(
+        "int8_matmul_block_scaled",
+        m,
+        n,
+        k,
+        key,
+        lambda cfg: int8_matmul_block_scaled(a, sa, b, sb, config=cfg, a_tile=a_tile, b_tile=b_tile),
+        candidates,
+        iters=iters,
+        verbose=verbose,
+    )
 
 
 def _parse_shape(s: str) -> tuple[int, int, int]:
@@ -187,9 +207,14 @@ def _parse_shape(s: str) -> tuple[int, int, int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fill the GEMM tile cache for this GPU.")
-    parser.add_argument("--shapes", required=True, help="comma-separated MxNxK, e.g. 8192x8192x8192,16384x2304x768")
-    parser.add_argument("--kernels", default="int8_matmul,block_scaled",
-                        help="int8_matmul and/or block_scaled (tiles 32x32, 1x128/128x128, 128x128)")
+    parser.add_argument(
+        "--shapes", required=True, help="comma-separated MxNxK, e.g. 8192x8192x8192,16384x2304x768"
+    )
+    parser.add_argument(
+        "--kernels",
+        default="int8_matmul,block_scaled",
+        help="int8_matmul and/or block_scaled (tiles 32x32, 1x128/128x128, 128x128)",
+    )
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
     kernels = args.kernels.split(",")

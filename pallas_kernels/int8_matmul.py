@@ -2,12 +2,12 @@
 
     out = act(a @ b.T * a_scale * b_scale + bias) + residual
 
-a: (M, K) int8 and b: (N, K) int8 are both K-contiguous ("NT": the layout the H100 INT8 tensor cores want,
-see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte, (N, ceil(K/2)) uint8 as written
-by :func:`jq8.quant.pack_int4`, unpacked to int8 inside the kernel. The product accumulates in int32 over a
-``fori_loop`` on K; scales that are constant along K (per-row activations, per-column weights) apply once in
-the epilogue. Scales that vary along K live in :mod:`pallas_kernels.int8_matmul_block_scaled`, which reuses
-the loaders and the epilogue defined here.
+a: (M, K) int8 and b: (N, K) int8 are both K-contiguous ("NT": the layout the H100 INT8 tensor cores
+want, see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte, (N, ceil(K/2)) uint8
+as written by :func:`jq8.quant.pack_int4`, unpacked to int8 inside the kernel. The product accumulates in
+int32 over a ``fori_loop`` on K; scales that are constant along K (per-row activations, per-column weights)
+apply once in the epilogue. Scales that vary along K live in :mod:`pallas_kernels.int8_matmul_block_scaled`,
+which reuses the loaders and the epilogue defined here.
 
 Ragged M, N, K are handled with masked loads (K tail zero-filled) and masked stores; no padding copies.
 Programs are ordered in groups of ``group_m`` rows of tiles so that neighbouring programs share B tiles in L2.
@@ -26,7 +26,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jq8.quant import SCALE_FLOOR, QArray, QuantSpec, check_int32_k, qmax, quantize, round_half_away, unpack_int4
+from jq8.quant import (
+    SCALE_FLOOR,
+    QArray,
+    QuantSpec,
+    check_int32_k,
+    qmax,
+    quantize,
+    round_half_away,
+    unpack_int4,
+)
 from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, resolve_interpret
 
 Activation = Literal["gelu", "gelu_tanh", "relu"] | None
@@ -66,11 +75,14 @@ def int8_matmul_reference(
         y = y * jnp.asarray(a_scale, jnp.float32).reshape(m, 1)
     if b_scale is not None:
         y = y * jnp.asarray(b_scale, jnp.float32).reshape(1, -1)
-    return epilogue_reference(y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-                              out_spec=out_spec)
+    return epilogue_reference(
+        y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
+    )
 
 
-def epilogue_reference(y: jax.Array, *, bias, activation, residual, out_dtype, out_spec) -> jax.Array | QArray:
+def epilogue_reference(
+    y: jax.Array, *, bias, activation, residual, out_dtype, out_spec
+) -> jax.Array | QArray:
     """y: (M, N) f32 dequantized product -> act(y + bias) + residual, cast or requantized."""
     if bias is not None:
         y = y + jnp.asarray(bias, jnp.float32)[None, :]
@@ -197,8 +209,9 @@ def make_epilogue(
         if tm == 1 and tn == n and out_spec.tile[1] == -1:
             if cfg.block_n < n:
                 raise ValueError(
-                    f"per-row requantization needs a whole output row in one tile: block_n={cfg.block_n} < N={n}; "
-                    f"use block_n >= {next_pow2(n)} (config=None picks it), or quantize the output separately."
+                    f"per-row requantization needs a whole output row in one tile: block_n={cfg.block_n} < "
+                    f"N={n}; use block_n >= {next_pow2(n)} (config=None picks it), or quantize the output "
+                    "separately."
                 )
             requant, q_tile = "row", (1, n)
         elif _is_pow2(tm) and _is_pow2(tn) and cfg.block_m % tm == 0 and cfg.block_n % tn == 0:
@@ -208,7 +221,9 @@ def make_epilogue(
                 f"fused requantization supports per-row (1, -1) or power-of-two blocks dividing the tile "
                 f"({cfg.block_m}x{cfg.block_n}); got tile {out_spec.tile} for a {m}x{n} output."
             )
-    return Epilogue(bias is not None, activation, residual is not None, jnp.dtype(out_dtype).name, requant, q_tile)
+    return Epilogue(
+        bias is not None, activation, residual is not None, jnp.dtype(out_dtype).name, requant, q_tile
+    )
 
 
 def epilogue_inputs(bias, residual) -> list[jax.Array]:
@@ -238,12 +253,15 @@ def wrap_output(out, m: int, n: int, epi: Epilogue, out_spec: QuantSpec | None):
 
 
 def store_epilogue(y, epi_refs, out_refs, *, epi: Epilogue, row0, col0, bm: int, bn: int, m: int, n: int):
-    """y: (bm, bn) f32 dequantized tile at (row0, col0) -> bias, activation, residual, cast/requantize, store."""
+    """y: (bm, bn) f32 dequantized tile at (row0, col0) -> bias, activation, residual, cast or requantize,
+    masked store."""
     rows = row0 + jnp.arange(bm)
     cols = col0 + jnp.arange(bn)
     row_ok = rows < m if m % bm else None
     col_ok = cols < n if n % bn else None
-    mask = _and_masks(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
+    mask = _and_masks(
+        None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :]
+    )
     it = iter(epi_refs)
     if epi.has_bias:
         bias_view = next(it).at[pl.ds(col0, bn)]
@@ -273,7 +291,8 @@ def store_epilogue(y, epi_refs, out_refs, *, epi: Epilogue, row0, col0, bm: int,
         codes = _codes(y / full)
         s_rows, s_cols = row0 // tm + jnp.arange(gm), col0 // tn + jnp.arange(gn)
         s_mask = _and_masks(
-            (s_rows < cdiv(m, tm))[:, None] if m % bm else None, (s_cols < cdiv(n, tn))[None, :] if n % bn else None
+            (s_rows < cdiv(m, tm))[:, None] if m % bm else None,
+            (s_cols < cdiv(n, tn))[None, :] if n % bn else None,
         )
         _store(s_ref.at[pl.ds(row0 // tm, gm), pl.ds(col0 // tn, gn)], scale, s_mask)
     _store(q_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], codes, mask)
@@ -349,7 +368,9 @@ def _w8a8_kernel(*refs, p: _Problem, cfg: TileConfig, epi: Epilogue):
         acc = step(jnp.int32((p.k // bk) * bk), acc, p.k)  # traced start: the slice crosses the end of K
 
     if not (p.scaled_a or p.scaled_b):  # raw int32 product
-        mask = _and_masks(None if a_rows is None else a_rows[:, None], None if b_rows is None else b_rows[None, :])
+        mask = _and_masks(
+            None if a_rows is None else a_rows[:, None], None if b_rows is None else b_rows[None, :]
+        )
         _store(out_refs[0].at[pl.ds(row0, bm), pl.ds(col0, bn)], acc, mask)
         return
     y = acc.astype(jnp.float32)
@@ -379,6 +400,10 @@ def resolve_config(
                 )
             bm = max(16, min(64, 16384 // bn))
             cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=min(cfg.block_k, 64), num_warps=8)
+        elif out_spec is not None:  # requantization blocks must fit in the output tile
+            tm, tn = out_spec.resolve(m, n)
+            if _is_pow2(tm) and _is_pow2(tn):
+                cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, tm), block_n=max(cfg.block_n, tn))
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(cfg, name)
         if not _is_pow2(v) or v < 16:
@@ -425,17 +450,28 @@ def int8_matmul(
             raise ValueError(f"b must be (N, K={k}) int8, got {b.shape} {b.dtype}")
     elif b_bits == 4:
         if b.dtype != jnp.uint8 or b.shape[1] != cdiv(k, 2):
-            raise ValueError(f"b_bits=4 needs b packed as (N, ceil(K/2)={cdiv(k, 2)}) uint8, got {b.shape} {b.dtype}")
+            raise ValueError(
+                f"b_bits=4 needs b packed as (N, ceil(K/2)={cdiv(k, 2)}) uint8, got {b.shape} {b.dtype}"
+            )
     else:
         raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
     check_int32_k(k)
     raw = a_scale is None and b_scale is None
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
-    cfg0 = resolve_config("int8_matmul", m, n, k, f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}",
-                          config, out_spec)
-    epi = make_epilogue(m, n, cfg0, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-                        out_spec=out_spec)
+    cfg0 = resolve_config(
+        "int8_matmul", m, n, k, f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}", config, out_spec
+    )
+    epi = make_epilogue(
+        m,
+        n,
+        cfg0,
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        out_dtype=out_dtype,
+        out_spec=out_spec,
+    )
     inputs = [a, b]
     if a_scale is not None:
         if math.prod(a_scale.shape) != m:

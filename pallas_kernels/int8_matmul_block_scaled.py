@@ -80,7 +80,9 @@ def resolve_tiles(shape: tuple[int, int], scale_shape: tuple[int, ...], tile) ->
     t = QuantSpec(tuple(tile)).resolve(rows, k)
     expected = (cdiv(rows, t[0]), cdiv(k, t[1]))
     if tuple(scale_shape) != expected:
-        raise ValueError(f"scale shape {scale_shape} does not match tile {t} of a {rows}x{k} operand ({expected})")
+        raise ValueError(
+            f"scale shape {scale_shape} does not match tile {t} of a {rows}x{k} operand ({expected})"
+        )
     return t
 
 
@@ -121,8 +123,9 @@ def int8_matmul_block_scaled_reference(
     af = a.astype(jnp.float32) * expand_tiles(a_scale.astype(jnp.float32), ta, (m, k))
     bf = bv.astype(jnp.float32) * expand_tiles(b_scale.astype(jnp.float32), tb, (n, k))
     y = lax.dot_general(af, bf, NT_DIMS, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return epilogue_reference(y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-                              out_spec=out_spec)
+    return epilogue_reference(
+        y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
+    )
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -141,6 +144,8 @@ class _Plan:
     a_k: int  # K tile of a's scales (== k when constant along K: applied in the epilogue)
     b_k: int
     gk: int  # K group of the in-loop rescale (0: no operand varies along K)
+    magic_convert: bool = True
+    overlap: bool = False
 
     @property
     def a_in_loop(self) -> bool:
@@ -171,6 +176,31 @@ def _scale_vector(ref, col, start, block: int, tile: int, rows: int):
     return jnp.broadcast_to(v[:, None], (count, tile)).reshape(block)
 
 
+MAGIC_BITS = 0x4B400000  # bit pattern of 1.5 * 2**23
+MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23
+
+
+def to_f32(x: jax.Array, magic: bool) -> jax.Array:
+    """int32 -> f32. ``magic``: exact for |x| < 2**22 with an integer add and a float subtract instead of the
+    int->float convert instruction, which runs at a fraction of FMA throughput on the CUDA cores (the rescale
+    of the per-group partial is the bottleneck of block-scaled GEMMs, h100.md)."""
+    if not magic:
+        return x.astype(jnp.float32)
+    return lax.bitcast_convert_type(x + jnp.int32(MAGIC_BITS), jnp.float32) - MAGIC_FLOAT
+
+
+@dataclasses.dataclass(frozen=True)
+class Rescale:
+    """How the per-K-group int32 partial becomes f32 (static; benchmarked variants, all exact).
+
+    magic_convert: int->float by the 1.5 * 2**23 trick (used when the group's partial provably fits 2**22).
+    overlap: software-pipeline the rescale of group g-1 behind the product of group g (more registers).
+    """
+
+    magic_convert: bool = True
+    overlap: bool = False
+
+
 def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: TileConfig, bk: int, epi):
     bm, bn = cfg.block_m, cfg.block_n
     num_m, num_n = cdiv(p.m, bm), cdiv(p.n, bn)
@@ -191,6 +221,7 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
 
     def partial(k0, nsteps: int, k_valid):
         """int32 product over K columns [k0, k0 + nsteps * bk)."""
+
         def one(kk, acc):
             a = load_k_tile(a_ref, row0, bm, kk, bk, row_mask=a_mask, k_valid=k_valid)
             b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=b_mask, k_valid=k_valid, bits=p.b_bits)
@@ -204,28 +235,49 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
         return lax.fori_loop(0, nsteps, lambda s, c: one(pl.multiple_of(k0 + s * bk, bk), c), acc)
 
     if p.gk == 0:  # no scale varies along K: plain int32 loop, all scaling in the epilogue
-        acc = lax.fori_loop(0, p.k // bk, lambda i, c: c + partial(pl.multiple_of(i * bk, bk), 1, None),
-                            jnp.zeros((bm, bn), jnp.int32))
+        acc = lax.fori_loop(
+            0,
+            p.k // bk,
+            lambda i, c: c + partial(pl.multiple_of(i * bk, bk), 1, None),
+            jnp.zeros((bm, bn), jnp.int32),
+        )
         if p.k % bk:
             acc = acc + partial(jnp.int32((p.k // bk) * bk), 1, p.k)
         y = acc.astype(jnp.float32)
     else:
         steps = p.gk // bk
 
-        def group(g, acc, nsteps=steps, k_valid=None):
-            part = partial(pl.multiple_of(g * p.gk, p.gk), nsteps, k_valid).astype(jnp.float32)
+        def scale_of(g):
             if p.a_in_loop and p.b_in_loop:
-                scale = sa(g // (p.a_k // p.gk)) * sb(g // (p.b_k // p.gk))  # (bm|1, bn|1)
-            elif p.a_in_loop:
-                scale = sa(g // (p.a_k // p.gk))
-            else:
-                scale = sb(g // (p.b_k // p.gk))
-            return acc + part * scale
+                return sa(g // (p.a_k // p.gk)) * sb(g // (p.b_k // p.gk))  # (bm|1, bn|1)
+            if p.a_in_loop:
+                return sa(g // (p.a_k // p.gk))
+            return sb(g // (p.b_k // p.gk))
 
-        y = lax.fori_loop(0, p.k // p.gk, group, jnp.zeros((bm, bn), jnp.float32))
+        def part_of(g, nsteps=steps, k_valid=None):
+            return partial(pl.multiple_of(g * p.gk, p.gk), nsteps, k_valid)
+
+        def rescale(acc, part, g):
+            return acc + to_f32(part, p.magic_convert) * scale_of(g)
+
+        num_g = p.k // p.gk
+        zeros = jnp.zeros((bm, bn), jnp.float32)
+        if p.overlap and num_g >= 2:
+            # Software pipeline: group g's tensor-core product is issued before group g-1's partial is
+            # converted and rescaled on the CUDA cores, so the two can overlap.
+            def body(g, carry):
+                acc, prev = carry
+                cur = part_of(g)
+                return rescale(acc, prev, g - 1), cur
+
+            y, last = lax.fori_loop(1, num_g, body, (zeros, part_of(jnp.int32(0))))
+            y = rescale(y, last, num_g - 1)
+        else:
+            y = lax.fori_loop(0, num_g, lambda g, acc: rescale(acc, part_of(g), g), zeros)
         tail = p.k % p.gk
         if tail:
-            y = group(jnp.int32(p.k // p.gk), y, cdiv(tail, bk), p.k)
+            g = jnp.int32(num_g)
+            y = rescale(y, part_of(g, cdiv(tail, bk), p.k), g)
     if not p.a_in_loop:
         y = y * sa(0)
     if not p.b_in_loop:
@@ -245,7 +297,17 @@ def _row_tile(scale: jax.Array, tile: int, rows: int) -> tuple[jax.Array, int]:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "a_tile", "b_tile", "config", "interpret"),
+    static_argnames=(
+        "activation",
+        "out_dtype",
+        "out_spec",
+        "b_bits",
+        "a_tile",
+        "b_tile",
+        "rescale",
+        "config",
+        "interpret",
+    ),
 )
 def int8_matmul_block_scaled(
     a: jax.Array,
@@ -261,6 +323,7 @@ def int8_matmul_block_scaled(
     b_bits: int = 8,
     a_tile: tuple[int, int] | None = None,
     b_tile: tuple[int, int] | None = None,
+    rescale: Rescale = Rescale(),
     config: TileConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray:
@@ -269,7 +332,8 @@ def int8_matmul_block_scaled(
     a: (M, K) int8, a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 (or (N, ceil(K/2)) uint8
     INT4 with ``b_bits=4``), b_scale (cdiv(N, tb_n), cdiv(K, tb_k)) f32. Tiles are inferred from the shapes
     (see :func:`infer_tile`) unless ``a_tile``/``b_tile`` are given. K tiles that vary must be powers of two
-    >= 32. Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul`.
+    >= 32. ``rescale`` picks how per-group partials are converted (:class:`Rescale`; results are identical).
+    Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul`.
     """
     m, k = a.shape
     n = b.shape[0]
@@ -277,24 +341,41 @@ def int8_matmul_block_scaled(
         raise TypeError(f"a must be int8, got {a.dtype}")
     expect_b = (n, cdiv(k, 2) if b_bits == 4 else k)
     if b_bits not in (4, 8) or b.shape != expect_b or b.dtype != (jnp.uint8 if b_bits == 4 else jnp.int8):
-        raise ValueError(f"b must be {expect_b} {'uint8 packed INT4' if b_bits == 4 else 'int8'}, got {b.shape} {b.dtype}")
+        raise ValueError(
+            f"b must be {expect_b} {'uint8 packed INT4' if b_bits == 4 else 'int8'}, got {b.shape} {b.dtype}"
+        )
     ta = resolve_tiles((m, k), a_scale.shape, a_tile)
     tb = resolve_tiles((n, k), b_scale.shape, b_tile)
     varying = [t[1] for t, s in ((ta, a_scale), (tb, b_scale)) if s.shape[1] > 1]
     for t in varying:
         if t & (t - 1) or t < MIN_K_GROUP:
-            raise NotImplementedError(f"K tiles that vary along K must be powers of two >= {MIN_K_GROUP}, got {t}")
+            raise NotImplementedError(
+                f"K tiles that vary along K must be powers of two >= {MIN_K_GROUP}, got {t}"
+            )
     gk = min(varying) if varying else 0
     check_int32_k(gk or k)
     key = block_scaled_key(ta, tb, m, n, k, out_dtype)
     cfg = resolve_config("int8_matmul_block_scaled", m, n, k, key, config, out_spec)
     bk = min(cfg.block_k, gk) if gk else cfg.block_k
-    epi = make_epilogue(m, n, cfg, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-                        out_spec=out_spec)
+    epi = make_epilogue(
+        m, n, cfg, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
+    )
     sa_t, a_rows = _row_tile(jnp.asarray(a_scale, jnp.float32), ta[0], m)
     sb_t, b_rows = _row_tile(jnp.asarray(b_scale, jnp.float32), tb[0], n)
-    plan = _Plan(m, n, k, b_bits, a_rows, b_rows, ta[1] if a_scale.shape[1] > 1 else k,
-                 tb[1] if b_scale.shape[1] > 1 else k, gk)
+    magic = rescale.magic_convert and gk * 127 * 127 < 2**22  # the trick is exact below 2**22
+    plan = _Plan(
+        m,
+        n,
+        k,
+        b_bits,
+        a_rows,
+        b_rows,
+        ta[1] if a_scale.shape[1] > 1 else k,
+        tb[1] if b_scale.shape[1] > 1 else k,
+        gk,
+        magic,
+        rescale.overlap,
+    )
     out = pl.pallas_call(
         functools.partial(_block_scaled_kernel, p=plan, cfg=cfg, bk=bk, epi=epi),
         out_shape=epilogue_out_shapes(m, n, epi),
@@ -318,7 +399,9 @@ def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
     """
     (m, k), (n, kb) = a.shape_2d, b.shape_2d
     if k != kb:
-        raise ValueError(f"contraction mismatch: a is {a.shape_2d}, b is {b.shape_2d} (both operands are (., K))")
+        raise ValueError(
+            f"contraction mismatch: a is {a.shape_2d}, b is {b.shape_2d} (both operands are (., K))"
+        )
     if a.zero_point is not None or b.zero_point is not None:
         raise NotImplementedError("matmul_qarrays needs symmetric quantization (no zero points)")
     if a.spec.bits != 8:
@@ -328,5 +411,6 @@ def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
         sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
         return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
-    return int8_matmul_block_scaled(a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb,
-                                    **epilogue)
+    return int8_matmul_block_scaled(
+        a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
+    )

@@ -384,6 +384,43 @@ def out_shapes(m: int, n: int, specs: Sequence[tuple[QuantSpec, bool]]) -> list[
     return shapes
 
 
+def poisoned(shapes: Sequence[jax.ShapeDtypeStruct]) -> list[jax.Array]:
+    """Output buffers prefilled with values no kernel writes (-128 codes, NaN scales), for write checks."""
+    return [
+        jnp.full(s.shape, -128 if s.dtype == jnp.int8 else jnp.nan, s.dtype) for s in shapes
+    ]
+
+
+def launch(
+    kernel,
+    operands: Sequence[jax.Array],
+    shapes: Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    config: QuantizeConfig,
+    *,
+    interpret: bool,
+    poison: bool,
+    name: str,
+) -> list[jax.Array]:
+    """pallas_call over whole-array refs; with ``poison`` the outputs start as :func:`poisoned` buffers
+    (aliased inputs the kernel ignores), so any element a kernel fails to write stays visible."""
+    prefill = poisoned(shapes) if poison else []
+    n_in = len(operands)
+
+    def body(*refs):
+        kernel(*refs[:n_in], *refs[n_in + len(prefill):])
+
+    return pl.pallas_call(
+        body,
+        grid=grid,
+        out_shape=list(shapes),
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        input_output_aliases={n_in + i: i for i in range(len(prefill))},
+        name=name,
+    )(*operands, *prefill)
+
+
 def as_seed(seed: jax.Array | None, rounding: Rounding) -> jax.Array:
     """The (2,) uint32 seed operand every kernel takes (zeros, unused, for nearest rounding)."""
     if rounding == "stochastic":
@@ -409,23 +446,20 @@ def _quantize_kernel(seed_ref, x_ref, *out_refs, plan, outs, rounding, interpret
         )
         return x.astype(jnp.float32)
 
-    sweep(load, outs, out_refs, plan, rounding=rounding, seed=load_seed(seed_ref, rounding), interpret=interpret)
+    seed = load_seed(seed_ref, rounding)
+    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret"))
-def _quantize_call(x, seed, *, specs, rounding, config, interpret):
+@functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
+def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False):
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     plan = plan_blocks(m, n, [o.tile for o in outs], config)
     kernel = functools.partial(_quantize_kernel, plan=plan, outs=outs, rounding=rounding, interpret=interpret)
-    return pl.pallas_call(
-        kernel,
-        grid=plan.grid,
-        out_shape=out_shapes(m, n, specs),
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
-        interpret=interpret,
-        name="quantize_tiles",
-    )(seed, x)
+    return launch(
+        kernel, [seed, x], out_shapes(m, n, specs), plan.grid, config,
+        interpret=interpret, poison=poison, name="quantize_tiles",
+    )
 
 
 def quantize_tiles(
@@ -437,6 +471,7 @@ def quantize_tiles(
     transposed_spec: QuantSpec | None = None,
     interpret: bool | None = None,
     config: QuantizeConfig | None = None,
+    poison_outputs: bool = False,
 ) -> QArray | tuple[QArray, QArray]:
     """Symmetric INT8 quantization of x in one pass; bit-exact to ``jq8.quant.quantize``.
 
@@ -445,6 +480,8 @@ def quantize_tiles(
     rounding: "nearest" (half away from zero) or "stochastic" (needs ``seed``: noise_seed(key), (2,) uint32).
     transposed_spec: also return the codes of x.T (N, M) under this spec, written from the same loaded
       blocks; stochastic noise for it is indexed by x.T's coordinates (as quantize(x.T, seed=seed)).
+    config: block / warps (default QuantizeConfig()). poison_outputs: testing aid, outputs start as
+      -128 codes / NaN scales so an element the kernel never writes shows up.
     Returns QArray (values (M, N) int8, scale f32 ``spec.scale_shape``) or (q, qT).
     """
     x = jnp.asarray(x)
@@ -469,7 +506,10 @@ def quantize_tiles(
         groups = [(s,) for s in specs]  # e.g. per-row + per-row of x.T: a whole matrix per program
     arrays = []
     for group in groups:
-        arrays += _quantize_call(x2, seed_arr, specs=group, rounding=rounding, config=config, interpret=interpret)
+        arrays += _quantize_call(
+            x2, seed_arr, specs=group, rounding=rounding, config=config,
+            interpret=interpret, poison=poison_outputs,
+        )
     q = QArray(arrays[0], arrays[1], None, spec, tuple(shape), x.dtype)
     if transposed_spec is None:
         return q
@@ -485,9 +525,10 @@ def quantize_tiles_reference(
     transposed_spec: QuantSpec | None = None,
     interpret: bool | None = None,
     config: QuantizeConfig | None = None,
+    poison_outputs: bool = False,
 ) -> QArray | tuple[QArray, QArray]:
     """Same contract as :func:`quantize_tiles`, computed by jq8.quant.quantize (the definition)."""
-    del interpret, config
+    del interpret, config, poison_outputs
     q = quantize(x, spec, rounding=rounding, seed=seed)
     if transposed_spec is None:
         return q

@@ -1,0 +1,84 @@
+"""Evaluation of (quantized) language models: held-out perplexity and text generation.
+
+Both take a ``logits_fn(tokens (B, T) int32) -> logits (B, T, V) float`` so the float model, the INT8
+model (``jq8.ptq_infer.apply_quantized``) and a reloaded compact checkpoint are evaluated by one code path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def perplexity(logits_fn: LogitsFn, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]:
+    """exp(mean next-token cross-entropy) over ``batches`` of (inputs, targets), each (B, T) int.
+
+    Returns {"ppl", "loss", "tokens", "seconds"}; every batch is weighted by its token count.
+    """
+
+    @jax.jit
+    def batch_nll(inputs, targets):
+        logits = logits_fn(inputs).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    for inputs, targets in batches:
+        total += float(batch_nll(jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32)))
+        count += int(np.prod(np.shape(targets)))
+    if count == 0:
+        raise ValueError("perplexity got no evaluation batches")
+    loss = total / count
+    return {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": count,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def generate(
+    logits_fn: LogitsFn,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    window: int,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    eot_id: int | None = None,
+) -> list[int]:
+    """Greedy (``top_k`` None or 1) or top-k sampled continuation of ``prompt`` (token ids).
+
+    The model sees the last ``window`` tokens (its max sequence length), padded on the right to a fixed
+    length so every step reuses one compiled program; a causal model ignores the padding.
+    """
+    if not prompt:
+        raise ValueError("generate needs a non-empty prompt")
+
+    @jax.jit
+    def next_logits(buf, pos):
+        return logits_fn(buf[None])[0, pos].astype(jnp.float32)
+
+    ids = list(prompt)
+    key = jax.random.PRNGKey(seed)
+    for _ in range(max_new_tokens):
+        ctx = ids[-window:]
+        buf = np.zeros((window,), np.int32)
+        buf[: len(ctx)] = ctx
+        logits = next_logits(jnp.asarray(buf), len(ctx) - 1)
+        if top_k is None or top_k <= 1:
+            nxt = int(jnp.argmax(logits))
+        else:
+            key, sub = jax.random.split(key)
+            vals, idx = jax.lax.top_k(logits / max(temperature, 1e-6), top_k)
+            nxt = int(idx[jax.random.categorical(sub, vals)])
+        ids.append(nxt)
+        if eot_id is not None and nxt == eot_id:
+            break
+    return ids[len(prompt):]

@@ -1,0 +1,312 @@
+"""GELU producers fused with INT8 quantization (Pallas GPU, Triton lowering): Jetfire's INT8 -> INT8 GELU.
+
+``bias_gelu_quantize``: y = act(dequant(x) + bias) in fp32, quantized under ``spec`` (+ ``transposed_spec``).
+``gelu_backward_quantize``: dx = g * GELU'(dequant(x) + bias), quantized (stochastic rounding by default, as
+Jetfire quantizes gradients). Both reuse :func:`pallas_kernels.quantize.sweep`; inputs may be dense
+float arrays or QArrays (symmetric INT8 whose non-whole tile sizes are powers of two), dequantized in
+registers.
+
+Exact GELU needs erf, and Pallas-Triton has no lowering rule for ``lax.erf_p`` (JAX 0.10.2: only
+``erf_inv``), so the kernels use :func:`erfc_nonneg` -- the Chebyshev fit of Numerical Recipes (``erfcc``,
+fractional error < 1.2e-7 everywhere) built from ``exp``, which lowers. Writing GELU as
+``0.5 * x * erfc(-x / sqrt(2))`` keeps that relative accuracy in the negative tail. The jnp references use
+``lax.erf`` (exact); kernel and reference agree to a few fp32 ulps. ``activation="gelu_tanh"`` is the
+tanh approximation (``tanh`` lowers directly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jq8.quant import QArray, QuantSpec, Rounding, quantize
+from pallas_kernels._common import resolve_interpret
+from pallas_kernels.quantize import (
+    BlockPlan,
+    OutSpec,
+    QuantizeConfig,
+    as_seed,
+    block_mask,
+    block_tile,
+    expand_tile,
+    launch,
+    load_seed,
+    out_shapes,
+    plan_blocks,
+    sweep,
+    x_tile,
+)
+
+Activation = Literal["gelu", "gelu_tanh"] | None
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+# -------------------------------------------------------------------------------- GELU in fp32 (kernel-safe)
+
+
+def erfc_nonneg(a: jax.Array) -> jax.Array:
+    """erfc(a) for a >= 0 (Numerical Recipes ``erfcc``: fractional error < 1.2e-7); exp/mul/add only."""
+    t = 1.0 / (1.0 + 0.5 * a)
+    p = -0.82215223 + t * 0.17087277
+    for c in (1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196, 1.00002368):
+        p = c + t * p
+    return t * jnp.exp(-a * a - 1.26551223 + t * p)
+
+
+def _phi_cdf(x: jax.Array) -> jax.Array:
+    """Standard normal CDF Phi(x) = 0.5 * erfc(-x / sqrt(2)), accurate in both tails."""
+    z = x * _SQRT_HALF
+    e = erfc_nonneg(jnp.abs(z))
+    return 0.5 * jnp.where(z >= 0, 2.0 - e, e)
+
+
+def gelu_fp32(x: jax.Array, activation: Activation) -> jax.Array:
+    """act(x) in fp32 with kernel-safe primitives: exact GELU x * Phi(x), its tanh form, or identity."""
+    if activation is None:
+        return x
+    if activation == "gelu":
+        return x * _phi_cdf(x)
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + jnp.tanh(_TANH_C * (x + 0.044715 * x * x * x)))
+    raise ValueError(f"activation must be 'gelu', 'gelu_tanh' or None, got {activation!r}")
+
+
+def gelu_grad_fp32(x: jax.Array, activation: Activation) -> jax.Array:
+    """d act / dx in fp32: Phi(x) + x * phi(x) for exact GELU, the tanh form's derivative, or 1."""
+    if activation is None:
+        return jnp.ones_like(x)
+    if activation == "gelu":
+        return _phi_cdf(x) + x * (_INV_SQRT_2PI * jnp.exp(-0.5 * x * x))
+    if activation == "gelu_tanh":
+        th = jnp.tanh(_TANH_C * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _TANH_C * (1.0 + 3 * 0.044715 * x * x)
+    raise ValueError(f"activation must be 'gelu', 'gelu_tanh' or None, got {activation!r}")
+
+
+# ------------------------------------------------------------------------------------------ operand loading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+    """How a kernel input is read: a dense float (M, N) array, a QArray of tile (x coordinates), or a bias."""
+
+    kind: Literal["dense", "qarray", "bias"]
+    tile: tuple[int, int] = (1, 1)
+
+    @property
+    def n_refs(self) -> int:
+        return 2 if self.kind == "qarray" else 1
+
+    @property
+    def requirement(self) -> tuple[int, int]:
+        """Block divisibility it imposes: its tile, with a whole axis imposing nothing (one scale)."""
+        return tuple(1 if t == -1 else t for t in self.tile) if self.kind == "qarray" else (1, 1)
+
+
+def _as_operand(a, m: int, n: int) -> tuple[_Operand, list[jax.Array]]:
+    if isinstance(a, QArray):
+        if a.shape_2d != (m, n) or a.values.dtype != jnp.int8:
+            raise ValueError(
+                f"QArray operand must hold ({m}, {n}) int8 codes, got {a.shape} {a.values.dtype}"
+            )
+        return _Operand("qarray", x_tile(a.spec, m, n)), [a.values.reshape(m, n), a.scale]
+    a = jnp.asarray(a)
+    if a.shape != (m, n) or not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"dense operand must be a float ({m}, {n}) array, got {a.shape} {a.dtype}")
+    return _Operand("dense"), [a]
+
+
+def _load_operand(op: _Operand, refs, r0, c0, plan: BlockPlan) -> jax.Array:
+    """The (bm, bn) fp32 block of an operand at (r0, c0); 0 outside the array."""
+    mask = block_mask(r0, c0, plan)
+    if op.kind == "bias":
+        cmask = c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n
+        return plgpu.load(refs[0].at[pl.ds(c0, plan.bn)], mask=cmask, other=0.0).astype(jnp.float32)[None, :]
+    v = plgpu.load(refs[0].at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=mask, other=0)
+    v = v.astype(jnp.float32)
+    if op.kind == "dense":
+        return v
+    rt, ct = block_tile(op.tile, plan.bm, plan.bn)
+    gr, gc = plan.bm // rt, plan.bn // ct
+    sr0 = 0 if op.tile[0] == -1 else r0 // rt
+    sc0 = 0 if op.tile[1] == -1 else c0 // ct
+    srows = sr0 + jnp.arange(gr, dtype=jnp.int32)[:, None]
+    scols = sc0 + jnp.arange(gc, dtype=jnp.int32)[None, :]
+    smask = (srows < refs[1].shape[0]) & (scols < refs[1].shape[1])
+    s = plgpu.load(refs[1].at[pl.ds(sr0, gr), pl.ds(sc0, gc)], mask=smask, other=0.0)
+    return jnp.where(mask, v * expand_tile(s, rt, ct, plan.bm, plan.bn), 0.0)
+
+
+def _split_refs(ops, refs):
+    out, i = [], 0
+    for op in ops:
+        out.append(refs[i:i + op.n_refs])
+        i += op.n_refs
+    return out, refs[i:]
+
+
+def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, rounding, interpret):
+    """mode "forward": act(x + bias); "backward": g * act'(x + bias). ops = (x, bias?, g?)."""
+    op_refs, out_refs = _split_refs(ops, refs)
+
+    def load(r0, c0):
+        vals = [_load_operand(op, r, r0, c0, plan) for op, r in zip(ops, op_refs)]
+        x = vals[0]
+        has_bias = len(ops) > 1 and ops[1].kind == "bias"
+        if has_bias:
+            x = x + vals[1]
+        if mode == "forward":
+            y = gelu_fp32(x, activation)
+        else:
+            y = vals[-1] * gelu_grad_fp32(x, activation)
+        return jnp.where(block_mask(r0, c0, plan), y, 0.0)
+
+    seed = load_seed(seed_ref, rounding)
+    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("ops", "mode", "activation", "specs", "rounding", "config", "interpret", "poison"),
+)
+def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, config, interpret, poison):
+    m, n = arrays[0].shape  # ops[0] is x: dense (M, N) or QArray codes (M, N)
+    outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
+    plan = plan_blocks(m, n, [o.tile for o in outs] + [op.requirement for op in ops], config)
+    kernel = functools.partial(
+        _producer_kernel, ops=ops, mode=mode, activation=activation, plan=plan, outs=outs,
+        rounding=rounding, interpret=interpret,
+    )
+    return launch(kernel, [seed, *arrays], out_shapes(m, n, specs), plan.grid, config,
+                  interpret=interpret, poison=poison, name=f"gelu_quantize_{mode}")
+
+
+def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed, interpret, config, poison):
+    if len(jnp.shape(x) if not isinstance(x, QArray) else x.shape) != 2:
+        raise ValueError(f"x must be (M, N), got shape {x.shape}")
+    m, n = x.shape if isinstance(x, QArray) else jnp.shape(x)
+    op, arrays = _as_operand(x, m, n)
+    ops = [op]
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
+        ops.append(_Operand("bias"))
+        arrays.append(bias)
+    if g is not None:
+        gop, garrs = _as_operand(g, m, n)
+        ops.append(gop)
+        arrays += garrs
+    specs = ((spec, False),) + (((transposed_spec, True),) if transposed_spec is not None else ())
+    res = _producer_call(
+        as_seed(seed, rounding), arrays, ops=tuple(ops), mode=mode, activation=activation, specs=specs,
+        rounding=rounding, config=config or QuantizeConfig(), interpret=resolve_interpret(interpret),
+        poison=poison,
+    )
+    dtype = (g if g is not None else x).dtype
+    q = QArray(res[0], res[1], None, spec, (m, n), dtype)
+    if transposed_spec is None:
+        return q
+    return q, QArray(res[2], res[3], None, transposed_spec, (n, m), dtype)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def bias_gelu_quantize(
+    x: jax.Array | QArray,
+    bias: jax.Array | None = None,
+    *,
+    spec: QuantSpec,
+    activation: Activation = "gelu",
+    transposed_spec: QuantSpec | None = None,
+    rounding: Rounding = "nearest",
+    seed: jax.Array | None = None,
+    interpret: bool | None = None,
+    config: QuantizeConfig | None = None,
+    poison_outputs: bool = False,
+) -> QArray | tuple[QArray, QArray]:
+    """Quantized act(dequant(x) + bias), fp32 math.
+
+    x: (M, N) float, or a QArray (M, N) symmetric INT8. bias: (N,) or None.
+    activation: "gelu" (exact, erf), "gelu_tanh", or None (bias add + requantize only).
+    Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec.
+    """
+    return _run(x, bias, None, mode="forward", activation=activation, spec=spec,
+                transposed_spec=transposed_spec, rounding=rounding, seed=seed, interpret=interpret,
+                config=config, poison=poison_outputs)
+
+
+def gelu_backward_quantize(
+    g: jax.Array | QArray,
+    x: QArray | jax.Array,
+    spec: QuantSpec,
+    *,
+    rounding: Rounding = "stochastic",
+    seed: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    activation: Activation = "gelu",
+    transposed_spec: QuantSpec | None = None,
+    interpret: bool | None = None,
+    config: QuantizeConfig | None = None,
+    poison_outputs: bool = False,
+) -> QArray | tuple[QArray, QArray]:
+    """Quantized GELU backward: dx = g * act'(dequant(x) + bias), fp32 math (Jetfire's GELU backward).
+
+    g: (M, N) upstream gradient, float or QArray. x: (M, N) the GELU's (pre-bias) input, usually the QArray
+    the forward kept. bias: (N,) or None. rounding: "stochastic" (needs seed = noise_seed(key)) or
+    "nearest". Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec.
+    """
+    return _run(x, bias, g, mode="backward", activation=activation, spec=spec,
+                transposed_spec=transposed_spec, rounding=rounding, seed=seed, interpret=interpret,
+                config=config, poison=poison_outputs)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def _dense(a) -> jax.Array:
+    return a.dequantize(jnp.float32) if isinstance(a, QArray) else jnp.asarray(a, jnp.float32)
+
+
+def _act_reference(x: jax.Array, activation: Activation) -> jax.Array:
+    if activation is None:
+        return x
+    return jax.nn.gelu(x, approximate=activation == "gelu_tanh")
+
+
+def _quantize_reference(y, spec, transposed_spec, rounding, seed, dtype):
+    q = dataclasses.replace(quantize(y, spec, rounding=rounding, seed=seed), dtype=dtype)
+    if transposed_spec is None:
+        return q
+    return q, dataclasses.replace(quantize(y.T, transposed_spec, rounding=rounding, seed=seed), dtype=dtype)
+
+
+def bias_gelu_quantize_reference(
+    x, bias=None, *, spec, activation="gelu", transposed_spec=None, rounding="nearest", seed=None,
+    interpret=None, config=None, poison_outputs=False,
+):
+    """Same contract as :func:`bias_gelu_quantize`: jnp fp32 (``lax.erf``) + jq8.quant.quantize."""
+    del interpret, config, poison_outputs
+    h = _dense(x) + (0.0 if bias is None else jnp.asarray(bias, jnp.float32))
+    return _quantize_reference(_act_reference(h, activation), spec, transposed_spec, rounding, seed, x.dtype)
+
+
+def gelu_backward_quantize_reference(
+    g, x, spec, *, rounding="stochastic", seed=None, bias=None, activation="gelu", transposed_spec=None,
+    interpret=None, config=None, poison_outputs=False,
+):
+    """Same contract as :func:`gelu_backward_quantize`: the derivative by jax.jvp of jax.nn.gelu."""
+    del interpret, config, poison_outputs
+    h = _dense(x) + (0.0 if bias is None else jnp.asarray(bias, jnp.float32))
+    _, d = jax.jvp(lambda v: _act_reference(v, activation), (h,), (jnp.ones_like(h),))
+    return _quantize_reference(_dense(g) * d, spec, transposed_spec, rounding, seed, g.dtype)

@@ -1,0 +1,267 @@
+"""ZeroQuant post-training quantization of a jq8 training checkpoint, evaluated and saved compact.
+
+    python quantize.py --ckpt runs/tiny --scheme w4/8-a8 --lkd --out runs/tiny-w48a8 [--overwrite]
+    python quantize.py --eval runs/tiny-w48a8 [--ckpt runs/tiny] [--generate "The history of"]
+
+Reads top to bottom: load the float model, data (evaluation: the held-out split of the training corpus;
+calibration: a *different* text, lee_background by default), quantize under each setting of the table,
+distill (LKD) if asked, evaluate perplexity with the real INT8 path, save the compact checkpoint, reload it
+and evaluate it again, print + save the table (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq8 import evaluate, lkd, ptq, ptq_infer, qcheckpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, or one step dir")
+    p.add_argument("--scheme", default="w4/8-a8", help=f"one of {', '.join(ptq.SCHEMES)}")
+    p.add_argument("--out", help="directory for the compact quantized checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--eval", dest="eval_dir", help="reload a compact checkpoint and evaluate it (INT8 path)")
+    p.add_argument("--lkd", action="store_true", help="layer-wise knowledge distillation after quantizing")
+    p.add_argument("--lkd-input", default="fp", choices=("fp", "quantized", "both"),
+                   help="student input: float model's (ZeroQuant) or quantized model's own (GPTQ-style)")
+    p.add_argument("--lkd-steps", type=int, default=100)
+    p.add_argument("--lkd-lr", type=float, default=1e-4)
+    p.add_argument("--lkd-batch", type=int, default=8)
+    p.add_argument("--calib", default="lee", help="calibration text for LKD / static ranges (jq8.data source)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
+    p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
+    p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=0, help="0 = the training sequence length")
+    p.add_argument("--float-dtype", default="float16", help="storage dtype of the unquantized params")
+    p.add_argument("--backend", default=None, choices=(None, "pallas", "xla"),
+                   help="INT8 GEMM backend (default: pallas on GPU, xla on CPU)")
+    p.add_argument("--generate", default=None, help="prompt to continue with the quantized (and FP) model")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--top-k", type=int, default=1, help="1 = greedy")
+    p.add_argument("--json", default=None, help="where to save the table (default <out>/eval.json)")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_float_model(ckpt: str):
+    """(model, params, meta) from a train.py checkpoint; the model runs fp32 (bf16 policy, f32 compute)."""
+    from jq8.checkpoint import load_params
+    from jq8.policy import Policy
+    from models.presets import build_model
+
+    path = Path(ckpt)
+    if not path.exists():
+        fail(f"--ckpt {ckpt} does not exist")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    try:
+        params, meta = load_params(path)
+    except Exception as e:  # Orbax raises many kinds; the user needs to know it is not a jq8 checkpoint
+        fail(f"{ckpt} is not a jq8 training checkpoint ({type(e).__name__}: {e}); expected a train.py run dir")
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        fail(f"{ckpt} is not a jq8 training checkpoint (no model_config in its meta)")
+    model = build_model(meta["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    return model, params, meta
+
+
+def eval_data(meta: dict, args, seq_len: int):
+    from jq8.data import prepare
+
+    tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
+    src = args.eval_source or meta.get("train_config", {}).get("dataset", "wiki")
+    ds = prepare(**({} if src == "wiki" else {"source": src}), tokenizer=tok)
+    batches = [(b.inputs, b.targets) for b in ds.eval_batches("val", args.batch_size, seq_len,
+                                                               max_batches=args.eval_batches)]
+    if not batches:
+        fail(f"the evaluation split of {src!r} has no full batch of {args.batch_size} x {seq_len}")
+    return ds, batches
+
+
+def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
+    """args.calib_samples sequences of seq_len tokens from the calibration text, in chunks of lkd_batch."""
+    from jq8.data import prepare
+
+    tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
+    ds = prepare(source=args.calib, tokenizer=tok, val_fraction=0.0)
+    toks = np.asarray(ds.tokens("train"))
+    need = args.calib_samples * seq_len
+    if toks.size < need:
+        fail(f"calibration data too small: {args.calib!r} has {toks.size} tokens, need {need} "
+             f"({args.calib_samples} x {seq_len}); lower --calib-samples or pass a larger --calib")
+    seqs = toks[:need].astype(np.int32).reshape(args.calib_samples, seq_len)
+    bs = max(1, min(args.lkd_batch, args.calib_samples))
+    return [jnp.asarray(seqs[i:i + bs]) for i in range(0, args.calib_samples - bs + 1, bs)]
+
+
+def quantized_logits(model, qp, backend):
+    return lambda tokens: ptq_infer.apply_quantized(model, qp, tokens, backend=backend)
+
+
+def table_row(name: str, res: dict, size: int, **extra) -> dict:
+    return {"setting": name, "ppl": round(res["ppl"], 3), "loss": round(res["loss"], 4), "bytes": size,
+            "eval_s": res["seconds"], **extra}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'setting':34s} {'ppl':>9s} {'MB':>8s} {'quant s':>8s} {'lkd s':>7s} {'eval s':>7s}")
+    for r in rows:
+        print(f"{r['setting']:34s} {r['ppl']:9.3f} {r['bytes'] / 1e6:8.3f} {r.get('quant_s', 0):8.2f} "
+              f"{r.get('lkd_s', 0):7.1f} {r['eval_s']:7.2f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.scheme not in ptq.SCHEMES:
+        fail(f"unknown scheme {args.scheme!r}; known schemes: {', '.join(ptq.SCHEMES)}")
+    if args.eval_dir:
+        return eval_main(args)
+    if not args.ckpt or not args.out:
+        fail("pass --ckpt <train.py run dir> and --out <dir> (or --eval <quantized dir>)")
+    if Path(args.out).exists() and not args.overwrite:
+        fail(f"--out {args.out} already exists; pass --overwrite to replace it")
+
+    model, params, meta = load_float_model(args.ckpt)
+    seq_len = args.seq_len or meta.get("train_config", {}).get("seq_len", 64)
+    ds, batches = eval_data(meta, args, seq_len)
+    calib = calibration_chunks(meta, args, seq_len)
+    fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
+    rows = []
+
+    fp_res = evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches)
+    rows.append(table_row("FP32", fp_res, fp_bytes))
+
+    def run_scheme(name: str, label: str, p=None, **extra):
+        t0 = time.perf_counter()
+        qp = ptq.quantize_params(params if p is None else p, ptq.scheme(name, int4_group=args.int4_group))
+        if any(r.act_mode == "static" for r in qp.rules):
+            qp = ptq_infer.calibrate_static(model, params, calib, qp)
+        qp = qcheckpoint.as_stored(qp, args.float_dtype)
+        qs = time.perf_counter() - t0
+        res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
+        size = ptq.bits_report(qp)["total_bytes"] if args.float_dtype != "float16" else _stored_bytes(qp)
+        rows.append(table_row(label, res, size, quant_s=round(qs, 3), **extra))
+        return qp, res
+
+    run_scheme("static-w8a8", "W8A8 static (per-tensor)")
+    run_scheme("w8a8", "W8A8 ZeroQuant")
+    final_qp, final_res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant")
+    lkd_reports = {}
+    if args.lkd:
+        rules = ptq.scheme(args.scheme, int4_group=args.int4_group)
+        modes = ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]
+        for mode in modes:
+            cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode)
+            t0 = time.perf_counter()
+            new_params, rep = lkd.distill(model, params, rules, calib, cfg)
+            lkd_s = time.perf_counter() - t0
+            lkd_reports[mode] = rep
+            qp, res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant + LKD ({mode} input)", p=new_params,
+                                 lkd_s=round(lkd_s, 2))
+            if res["ppl"] < final_res["ppl"] or mode == modes[0]:
+                final_qp, final_res = qp, res
+
+    t0 = time.perf_counter()
+    extra = {"tokenizer": meta.get("tokenizer", {}), "source_ckpt": os.path.abspath(args.ckpt), "scheme": args.scheme,
+             "lkd": args.lkd, "seq_len": seq_len}
+    qcheckpoint.save_quantized(args.out, final_qp, model_config=meta["model_config"], extra=extra,
+                               float_dtype=args.float_dtype, overwrite=args.overwrite)
+    save_s = time.perf_counter() - t0
+    qp2, _ = qcheckpoint.load_quantized(args.out)
+    res2 = evaluate.perplexity(quantized_logits(model, qp2, args.backend), batches)
+    disk = qcheckpoint.disk_bytes(args.out)
+    rows.append(table_row(f"reloaded from {args.out}", res2, disk, save_s=round(save_s, 3)))
+
+    print_table(rows)
+    report = {"rows": rows, "fp32_bytes": fp_bytes, "disk_bytes": disk,
+              "fp16_bytes": fp_bytes // 2, "size_ratio_vs_fp16": round(fp_bytes / 2 / disk, 3),
+              "bits": ptq.bits_report(final_qp), "lkd": lkd_reports,
+              "eval": {"batches": len(batches), "batch_size": args.batch_size, "seq_len": seq_len}}
+    if lkd_reports:
+        print(ptq.format_bits_report(report["bits"]))
+    print(f"compact checkpoint {args.out}: {disk / 1e6:.3f} MB on disk (fp32 model {fp_bytes / 1e6:.3f} MB, "
+          f"{fp_bytes / disk:.2f}x smaller)")
+    if args.generate:
+        report["generation"] = generations(args, model, params, final_qp, meta, seq_len)
+    out_json = args.json or os.path.join(args.out, "eval.json")
+    Path(out_json).write_text(json.dumps(report, indent=1, default=str))
+    print(f"table saved to {out_json}")
+    return report
+
+
+def _stored_bytes(qp) -> int:
+    """Bytes of the quantized arrays + float params at 2 bytes (the float16 storage)."""
+    rep = ptq.bits_report(qp)
+    return rep["quantized_bytes"] + rep["float_bytes"] // 2
+
+
+def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
+    """Continuations of --generate by the FP model (when loaded) and the INT8 model."""
+    from jq8.data import load_tokenizer
+
+    tok = load_tokenizer(meta.get("tokenizer", {}).get("spec", "wiki-8k"))
+    prompt = tok.encode(args.generate)
+    out = {}
+    fns = {"int8": quantized_logits(model, qp, args.backend)}
+    if params is not None:
+        fns = {"fp32": lambda t: model.apply({"params": params}, t), **fns}
+    for name, fn in fns.items():
+        ids = evaluate.generate(fn, prompt, max_new_tokens=args.max_new_tokens, window=seq_len, top_k=args.top_k)
+        text = tok.decode(ids)
+        out[name] = text
+        print(f"[{name}] {args.generate}{text}")
+    return out
+
+
+def eval_main(args) -> dict:
+    from jq8.policy import Policy
+    from models.presets import build_model
+
+    try:
+        qp, manifest = qcheckpoint.load_quantized(args.eval_dir)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    model = build_model(manifest["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32,
+                                                                   use_kernels=False))
+    extra = manifest.get("extra", {})
+    seq_len = args.seq_len or extra.get("seq_len", 64)
+    meta = {"tokenizer": extra.get("tokenizer", {})}
+    params = None
+    if args.ckpt:
+        _, params, meta = load_float_model(args.ckpt)
+    ds, batches = eval_data(meta, args, seq_len)
+    rows = []
+    if params is not None:
+        fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
+        rows.append(table_row("FP32", evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches),
+                              fp_bytes))
+    res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
+    rows.append(table_row(f"{extra.get('scheme', '?')} from {args.eval_dir}", res,
+                          qcheckpoint.disk_bytes(args.eval_dir)))
+    print_table(rows)
+    report = {"rows": rows}
+    if args.generate:
+        report["generation"] = generations(args, model, params, qp, meta, seq_len)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Jetfire custom_vjp ops against jax.grad of the fp32 references (CPU, jnp references of the kernels)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8 import jetfire_backend as kb
+from jq8 import jetfire_ops as ops
+from jq8.jetfire import (
+    _mlp_fwd,
+    jetfire_linear,
+    jetfire_mlp,
+    jetfire_norm_linear,
+    linear_reference,
+    mlp_reference,
+    norm_linear_reference,
+)
+from jq8.policy import Policy
+from jq8.quant import QArray, dequantize, quantize
+
+INT8 = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32)
+F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)
+M = 45  # ragged token count: not a multiple of the 32-row block
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def rand(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+
+
+def mlp_params(d, f, activation="gelu", rms=False, seed=0):
+    k = iter(range(seed * 10, seed * 10 + 10))
+    bias = activation == "gelu"
+    p = {"norm": {"scale": 1.0 + rand(next(k), (d,), 0.1)},
+         "fc1": {"kernel": rand(next(k), (d, f), d**-0.5)},
+         "fc2": {"kernel": rand(next(k), (f, d), f**-0.5)}}
+    if not rms:
+        p["norm"]["bias"] = rand(next(k), (d,), 0.1)
+    if bias:
+        p["fc1"]["bias"] = rand(next(k), (f,), 0.1)
+        p["fc2"]["bias"] = rand(next(k), (d,), 0.1)
+    if activation == "swiglu":
+        p["gate"] = {"kernel": rand(next(k), (d, f), d**-0.5)}
+    return p
+
+
+def check_grads(fn_int8, fn_ref, args, tol, label):
+    """Forward output and every gradient of sum(out * probe) within ``tol`` relative error."""
+    out_ref = fn_ref(*args)
+    probe = rand(99, out_ref.shape)
+    n = len(args)
+    loss = lambda f: (lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe))
+    g8 = jax.jit(jax.grad(loss(fn_int8), argnums=tuple(range(n))))(*args)
+    gr = jax.grad(loss(fn_ref), argnums=tuple(range(n)))(*args)
+    errs = {"out": rel(fn_int8(*args), out_ref)}
+    for i, (a, b) in enumerate(zip(g8, gr)):
+        for (path, x8), xr in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+            errs[f"arg{i}{jax.tree_util.keystr(path)}"] = rel(x8, xr)
+    print(label, {k: round(v, 4) for k, v in errs.items()})
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"{label}: relative errors above {tol}: {bad}"
+    return errs
+
+
+# --------------------------------------------------------------------------------------- composed ops
+
+
+def test_linear_grads_match_fp32_reference():
+    x, w, b = rand(1, (3, 15, 64)), rand(2, (64, 96), 0.125), rand(3, (96,), 0.1)
+    key = jax.random.PRNGKey(7)
+    check_grads(lambda x, w, b: jetfire_linear(x, w, b, key, INT8),
+                lambda x, w, b: linear_reference(x, w, b), (x, w, b), 5e-2, "linear")
+
+
+def test_linear_without_bias_and_bf16_compute():
+    pol = Policy.from_name("jetfire-int8", use_kernels=False)  # bf16 outputs
+    x, w = rand(1, (M, 32)), rand(2, (32, 64), 0.2)
+    y = jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol)
+    assert y.dtype == jnp.bfloat16 and y.shape == (M, 64)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol) ** 2),
+                      argnums=(0, 1))(x, w)
+    dxr, dwr = jax.grad(lambda x, w: jnp.sum(linear_reference(x, w, None) ** 2), argnums=(0, 1))(x, w)
+    assert dx.dtype == x.dtype and rel(dx, dxr) < 5e-2 and rel(dw, dwr) < 5e-2
+
+
+@pytest.mark.parametrize("activation,rms", [("gelu", False), ("swiglu", True)])
+def test_mlp_grads_match_fp32_reference(activation, rms):
+    d, f = 64, 128
+    x, p = rand(4, (M, d)), mlp_params(d, f, activation, rms)
+    key = jax.random.PRNGKey(3)
+    check_grads(lambda x, p: jetfire_mlp(x, p, key, INT8, activation=activation, rms=rms),
+                lambda x, p: mlp_reference(x, p, activation=activation, rms=rms), (x, p), 5e-2,
+                f"mlp[{activation}, rms={rms}]")
+
+
+def test_norm_linear_grads_match_fp32_reference():
+    x, w, b = rand(5, (2, 20, 64)), rand(6, (64, 96), 0.125), rand(7, (96,), 0.1)
+    norm = {"scale": 1.0 + rand(8, (64,), 0.1), "bias": rand(9, (64,), 0.1)}
+    key = jax.random.PRNGKey(11)
+    check_grads(lambda x, n, w, b: jetfire_norm_linear(x, n, w, b, key, INT8),
+                lambda x, n, w, b: norm_linear_reference(x, n, w, b), (x, norm, w, b), 5e-2, "norm_linear")
+
+
+@pytest.mark.parametrize("fwd,gi,gw", [(True, False, False), (False, True, False), (False, False, True),
+                                       (True, True, False), (False, True, True)])
+def test_per_gemm_toggles(fwd, gi, gw):
+    pol = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32,
+                           int8_forward=fwd, int8_grad_input=gi, int8_grad_weight=gw)
+    x, p = rand(4, (M, 64)), mlp_params(64, 96)
+    errs = check_grads(lambda x, p: jetfire_mlp(x, p, jax.random.PRNGKey(1), pol),
+                       lambda x, p: mlp_reference(x, p), (x, p), 5e-2, f"toggles fwd={fwd} gi={gi} gw={gw}")
+    # A GEMM left in fp32 leaves its result exact: the forward output, or (with only grad-weight INT8
+    # and an fp32 forward) the fc2 bias gradient, which reads the exact output gradient.
+    if not fwd:
+        assert errs["out"] < 1e-5
+    else:
+        assert errs["out"] > 1e-4  # the INT8 forward really ran
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Averaged over keys, INT8 weight/input gradients converge to those of the (nearest-rounded) forward
+    operands with the exact output gradient: the backward quantization adds noise, not bias."""
+    x, w = rand(1, (64, 64)), rand(2, (64, 64), 0.125)
+    g = rand(3, (64, 64))
+
+    def grads(key):
+        _, vjp = jax.vjp(lambda x, w: jetfire_linear(x, w, None, key, INT8), x, w)
+        return vjp(g)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 256)
+    dx, dw = jax.jit(jax.vmap(grads))(keys)
+    xq = dequantize(quantize(x, INT8.spec), jnp.float32)
+    wq = dequantize(quantize(w, INT8.spec), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    want_dx, want_dw = jnp.dot(g, wq.T, precision=hi), jnp.dot(xq.T, g, precision=hi)
+    one_dx, one_dw = rel(dx[0], want_dx), rel(dw[0], want_dw)
+    mean_dx, mean_dw = rel(dx.mean(0), want_dx), rel(dw.mean(0), want_dw)
+    print(f"SR single-key error dx {one_dx:.4f} dw {one_dw:.4f}; mean of 256 keys dx {mean_dx:.5f} dw {mean_dw:.5f}")
+    # Independent noise shrinks like 1/sqrt(256) = 1/16; a bias would not shrink.
+    assert mean_dx < one_dx / 8 and mean_dw < one_dw / 8
+    assert one_dx > 1e-3  # the gradients really were quantized
+    # Different keys give different noise, one key is reproducible.
+    assert not np.allclose(dw[0], dw[1])
+    np.testing.assert_array_equal(grads(keys[0])[1], dw[0])
+
+
+def test_nearest_backward_rounding_is_deterministic_across_keys():
+    pol = Policy.from_name("jetfire-int8", use_kernels=False, rounding_bwd="nearest")
+    x, w = rand(1, (40, 32)), rand(2, (32, 32))
+    grad = lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol) ** 2))(w)
+    np.testing.assert_array_equal(grad(jax.random.PRNGKey(0)), grad(jax.random.PRNGKey(1)))
+
+
+# --------------------------------------------------------------------------------------- single ops
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_backward_is_exact(rms):
+    x, gamma, beta = rand(1, (M, 96), 3.0) + 1.5, 1.0 + rand(2, (96,), 0.2), rand(3, (96,), 0.2)
+    beta = None if rms else beta
+    dh = rand(4, (M, 96))
+    _, _, res = ops.layer_norm_fwd(x, gamma, beta, F32, eps=1e-5, rms=rms)
+    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, res, gamma, rms=rms, has_beta=not rms)
+    f = lambda x, g, b: ops.layer_norm_float(x, g, b, eps=1e-5, rms=rms)[0]
+    _, vjp = jax.vjp(f, x, gamma, beta)
+    rx, rg, rb = vjp(dh)
+    assert rel(dx, rx) < 1e-5 and rel(dgamma, rg) < 1e-5
+    if not rms:
+        assert rel(dbeta, rb) < 1e-5
+
+
+def test_layer_norm_forward_saves_int8_and_full_row_stats():
+    x = rand(1, (M, 160), 2.0) + 3.0  # 160 = 5 blocks: statistics must span every block of the row
+    gamma, beta = 1.0 + rand(2, (160,), 0.1), rand(3, (160,), 0.1)
+    h, h_dw, (x_saved, mean, rstd) = ops.layer_norm_fwd(x, gamma, beta, INT8, eps=1e-5, rms=False)
+    assert isinstance(h, QArray) and h.values.dtype == jnp.int8 and h.values.shape == (M, 160)
+    assert isinstance(h_dw, QArray) and h_dw.values.shape == (160, M)
+    assert isinstance(x_saved, QArray) and x_saved.values.dtype == jnp.int8
+    np.testing.assert_allclose(mean, x.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(np.var(np.asarray(x), 1) + 1e-5), rtol=1e-4)
+    ref = ops.layer_norm_float(x, gamma, beta, eps=1e-5, rms=False)[0]
+    assert rel(dequantize(h, jnp.float32), ref) < 1e-2
+    assert rel(dequantize(h_dw, jnp.float32), ref.T) < 1e-2
+
+
+def test_gelu_backward_matches_autodiff():
+    u, da = rand(1, (M, 64), 2.0), rand(2, (M, 64))
+    pol = Policy.from_name("jetfire-int8", use_kernels=False, int8_grad_input=False, int8_grad_weight=False)
+    _, _, db = ops.gelu_bwd(da, u, pol, jnp.zeros(2, jnp.uint32))
+    _, vjp = jax.vjp(lambda u: jax.nn.gelu(u, approximate=False), u)
+    (want,) = vjp(da)
+    assert rel(db, want.sum(0)) < 1e-5
+    q, qt, db8 = ops.gelu_bwd(da, u, INT8, jnp.array([1, 2], jnp.uint32))
+    assert q.values.dtype == jnp.int8 and qt.values.shape == (64, M)
+    assert rel(dequantize(q, jnp.float32), want) < 2e-2 and rel(db8, want.sum(0)) < 5e-2
+
+
+def test_mlp_residuals_are_int8():
+    """What the MLP keeps for its backward: the residual-stream input and fc1/GELU outputs as INT8 blocks."""
+    d, f = 64, 128
+    x, p = rand(4, (M, d)), mlp_params(d, f)
+    _, res = _mlp_fwd(x, p, jnp.zeros((3, 2), jnp.uint32), INT8, "gelu", 1e-5, False)
+    (x_saved, _, _), h_dw, u, _, a_dw = res[:5]
+    for name, q, shape in [("x", x_saved, (M, d)), ("h^T", h_dw, (d, M)), ("u", u, (M, f)), ("a^T", a_dw, (f, M))]:
+        assert isinstance(q, QArray) and q.values.dtype == jnp.int8, name
+        assert q.values.shape == shape, (name, q.values.shape)
+    float_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(res) if a.dtype == jnp.float32
+                      and a.ndim == 2 and a.shape[0] >= M)
+    assert float_bytes == 0, "no (tokens, features) fp32 activation should be saved"
+
+
+def test_dimension_not_multiple_of_block_raises():
+    with pytest.raises(ValueError, match="hidden=100 is not a multiple of the INT8 block size 32"):
+        jetfire_mlp(rand(1, (8, 64)), mlp_params(64, 100), None, INT8)
+    with pytest.raises(ValueError, match="in_features=48"):
+        jetfire_linear(rand(1, (8, 48)), rand(2, (48, 64)), None, None, INT8)
+
+
+def test_backend_reports_implementation():
+    assert kb.implementation("quantize_tiles", False) in ("reference", "fallback")
+    for name in ("quantize_tiles", "matmul_qarrays", "layer_norm_quantize", "bias_gelu_quantize"):
+        assert kb.implementation(name, True) in ("kernel", "fallback")
+
+
+def test_kernel_path_matches_reference_path():
+    """use_kernels=True (Pallas, interpret mode on CPU) against use_kernels=False on one small MLP."""
+    if all(kb.implementation(n, True) == "fallback" for n in ("quantize_tiles", "matmul_qarrays")):
+        pytest.skip("no Pallas kernels available yet")
+    pk = Policy.from_name("jetfire-int8", use_kernels=True, compute_dtype=jnp.float32)
+    x, p = rand(4, (40, 64)), mlp_params(64, 64)
+    key = jax.random.PRNGKey(5)
+    f = lambda pol: jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2),
+                                       argnums=(0, 1))(x, p)
+    (vk, gk), (vr, gr) = f(pk), f(INT8)
+    assert abs(float(vk) - float(vr)) <= 1e-3 * abs(float(vr))
+    for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gr)):
+        assert rel(a, b) < 1e-2

@@ -1,0 +1,138 @@
+"""quantize_tiles (Pallas, interpret mode on CPU) against jq8.quant.quantize: bit-exact codes and scales."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8.quant import QuantSpec, noise_seed
+from pallas_kernels.quantize import (
+    QuantizeConfig,
+    plan_blocks,
+    quantize_tiles,
+    quantize_tiles_reference,
+    x_tile,
+)
+
+P, C, B, G = QuantSpec.per_row(), QuantSpec.per_column(), QuantSpec.blocks, QuantSpec.groups
+
+
+def _data(shape, dtype, key=0):
+    k1, k2 = jax.random.split(jax.random.key(key))
+    # Heavy-tailed rows/columns so tiles get very different scales.
+    x = jax.random.normal(k1, shape) * jnp.exp(jax.random.normal(k2, shape[:1] + (1,)))
+    return x.astype(dtype)
+
+
+def _assert_bit_exact(got, ref):
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.spec == r.spec and g.shape == r.shape and g.dtype == r.dtype
+        assert g.values.dtype == jnp.int8 and g.values.shape == r.values.shape
+        assert g.scale.shape == r.scale.shape
+        v, rv = np.asarray(g.values), np.asarray(r.values)
+        assert not (v == -128).any(), "some codes were never written (poison -128 left)"
+        np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(r.scale))
+        np.testing.assert_array_equal(v, rv)
+
+
+CASES = [
+    # (shape, dtype, spec, transposed_spec, rounding)
+    ((70, 200), jnp.bfloat16, P, None, "nearest"),
+    ((64, 128), jnp.float32, P, P, "stochastic"),  # both whole axes: two launches
+    ((70, 200), jnp.float32, C, None, "stochastic"),
+    ((70, 200), jnp.bfloat16, G(32, 1), G(32, 0), "nearest"),
+    ((70, 200), jnp.float32, G(64, 0), None, "stochastic"),
+    ((70, 200), jnp.bfloat16, B((32, 32)), B((32, 32)), "nearest"),
+    ((64, 128), jnp.float32, B((32, 32)), B((32, 32)), "stochastic"),
+    ((100, 90), jnp.bfloat16, B((64, 64)), B((64, 64)), "stochastic"),
+    ((150, 300), jnp.float32, B((1, 128)), B((128, 128)), "nearest"),
+    ((150, 300), jnp.bfloat16, B((128, 128)), None, "stochastic"),
+    ((70, 200), jnp.bfloat16, P, B((32, 32)), "stochastic"),
+    ((33, 47), jnp.float32, QuantSpec.per_tensor(), None, "nearest"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,spec,tspec,rounding", CASES)
+def test_bit_exact_to_reference(shape, dtype, spec, tspec, rounding):
+    x = _data(shape, dtype)
+    seed = noise_seed(jax.random.key(7))
+    kw = dict(rounding=rounding, seed=seed, transposed_spec=tspec)
+    got = quantize_tiles(x, spec, poison_outputs=True, **kw)
+    _assert_bit_exact(got, quantize_tiles_reference(x, spec, **kw))
+
+
+@pytest.mark.parametrize(
+    "shape,spec,tspec,budget",
+    [
+        ((20, 300), P, G(32, 1), 256),  # rows longer than the budget: each program sweeps its columns
+        ((300, 70), C, B((32, 32)), 256),  # columns longer than the budget: sweep the rows
+        ((40, 90), QuantSpec.per_tensor(), None, 512),
+    ],
+)
+def test_sweep_mode_bit_exact(shape, spec, tspec, budget):
+    x = _data(shape, jnp.float32, key=3)
+    seed = noise_seed(jax.random.key(1))
+    cfg = QuantizeConfig(max_block_elems=budget)
+    tiles = [x_tile(spec, *shape)] + ([x_tile(tspec, *shape, transposed=True)] if tspec else [])
+    assert plan_blocks(*shape, tiles, cfg).loop_axis is not None  # the case under test
+    for rounding in ("nearest", "stochastic"):
+        kw = dict(rounding=rounding, seed=seed, transposed_spec=tspec)
+        got = quantize_tiles(x, spec, config=cfg, poison_outputs=True, **kw)
+        _assert_bit_exact(got, quantize_tiles_reference(x, spec, **kw))
+
+
+def test_default_outputs_and_nd_input():
+    x = _data((3, 10, 200), jnp.bfloat16)
+    q = quantize_tiles(x, P)
+    assert q.shape == (3, 10, 200)
+    _assert_bit_exact(q, quantize_tiles_reference(x, P))
+
+
+def test_ties_and_negatives_round_half_away():
+    # scale = 127 / 127 = 1 per row: values k + 0.5 are exact ties and must round away from zero.
+    row = jnp.array([127.0, -127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -126.5], jnp.float32)
+    x = jnp.tile(row, (3, 1))
+    q = quantize_tiles(x, P)
+    np.testing.assert_array_equal(np.asarray(q.values[0]), [127, -127, 1, -1, 2, -2, 3, -3, 0, -127])
+    _assert_bit_exact(q, quantize_tiles_reference(x, P))
+
+
+def test_non_finite_tiles_stay_visible():
+    x = _data((64, 96), jnp.float32)
+    x = x.at[3, 5].set(jnp.nan).at[40, 70].set(jnp.inf)
+    spec = B((32, 32))
+    got, ref = quantize_tiles(x, spec), quantize_tiles_reference(x, spec)
+    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(ref.scale))  # NaN == NaN here
+    np.testing.assert_array_equal(np.asarray(got.values), np.asarray(ref.values))
+    assert not np.isfinite(np.asarray(got.scale)).all()
+
+
+def test_stochastic_noise_differs_across_programs():
+    # Identical data in every 32x32 block: with global-coordinate noise the codes still differ per block.
+    x = jnp.tile(_data((32, 32), jnp.float32), (4, 4)) * 0.37
+    q = quantize_tiles(x, B((32, 32)), rounding="stochastic", seed=noise_seed(jax.random.key(0)))
+    v = np.asarray(q.values)
+    assert (v[:32, :32] != v[32:64, 32:64]).any()
+    _assert_bit_exact(q, quantize_tiles_reference(x, B((32, 32)), rounding="stochastic",
+                                                  seed=noise_seed(jax.random.key(0))))
+
+
+def test_errors_are_actionable():
+    x = _data((16, 64), jnp.float32)
+    with pytest.raises(NotImplementedError, match="INT4"):
+        quantize_tiles(x, QuantSpec.blocks((32, 32), bits=4))
+    with pytest.raises(NotImplementedError, match="symmetric"):
+        quantize_tiles(x, QuantSpec.per_row(symmetric=False))
+    with pytest.raises(NotImplementedError, match="powers of two"):
+        quantize_tiles(x, G(24, 1))
+    with pytest.raises(ValueError, match="seed"):
+        quantize_tiles(x, P, rounding="stochastic")
+    with pytest.raises(TypeError):
+        quantize_tiles(x.astype(jnp.int32), P)
+    with pytest.raises(ValueError, match="own call"):
+        plan_blocks(4096, 4096, [(1, -1), (-1, 1)], QuantizeConfig())

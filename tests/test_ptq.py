@@ -1,0 +1,207 @@
+"""ZeroQuant PTQ: rules and schemes, weight quantization, the INT8 GEMM path and the Flax interception."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8 import ptq, ptq_infer
+from jq8.quant import QuantSpec, dequantize, fake_quantize, quantize
+
+
+def tiny_gpt(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 203, seq: int = 24, seed: int = 0):
+    """(model, params, tokens) for a small models.gpt GPT run in fp32; weights scaled up to be non-trivial."""
+    from jq8.policy import Policy
+    from models.presets import build_model, preset
+
+    cfg = dataclasses.replace(preset("gpt-tiny"), num_layers=layers, d_model=d, num_heads=heads,
+                              vocab_size=vocab, max_seq_len=seq)
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (3, seq), 0, vocab)
+    params = model.init(jax.random.PRNGKey(seed), tokens)["params"]
+    # Random biases and LN params so every parameter kind matters (init leaves them 0 / 1).
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
+    return model, jax.tree_util.tree_unflatten(tree, leaves), tokens
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return tiny_gpt()
+
+
+# ------------------------------------------------------------------------------------------- rules
+
+
+def test_dense_paths_and_first_match_wins(gpt):
+    _, params, _ = gpt
+    paths = ptq.dense_paths(params)
+    assert sorted(paths) == sorted(f"h_{i}/{s}" for i in range(2) for s in ("attn/qkv", "attn/out", "mlp/fc1", "mlp/fc2"))
+    rules = [ptq.QuantRule(r"h_0/mlp/fc1$", 4, 16), ptq.QuantRule(r"mlp/", 8), ptq.QuantRule(r"attn/qkv", 8)]
+    qp = ptq.quantize_params(params, rules)
+    assert qp.rule_for("h_0/mlp/fc1").weight_bits == 4
+    assert qp.rule_for("h_1/mlp/fc1").weight_bits == 8
+    assert qp.rule_for("h_0/attn/out") is None  # matched by nothing: stays float
+    assert "kernel" in params["h_0"]["attn"]["out"] and "kernel" in qp.params["h_0"]["attn"]["out"]
+    assert "kernel" not in qp.params["h_0"]["mlp"]["fc1"] and "bias" in qp.params["h_0"]["mlp"]["fc1"]
+
+
+def test_rule_matching_nothing_lists_paths(gpt):
+    _, params, _ = gpt
+    with pytest.raises(ValueError, match=r"match no Dense.*h_0/attn/qkv"):
+        ptq.quantize_params(params, [ptq.QuantRule("mlp/"), ptq.QuantRule("does_not_exist")])
+
+
+def test_unknown_scheme_lists_names():
+    with pytest.raises(ValueError, match=r"w4/8-a8.*static-w8a8"):
+        ptq.scheme("w3a3")
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [(dict(weight_bits=3), "weight_bits"), (dict(group_axis="cols"), "group_axis"), (dict(act_mode="dyn"), "act_mode"),
+     (dict(group_size=-1), "per-tensor"), (dict(symmetric=False), "weight-only"), (dict(group_size=0), "positive")],
+)
+def test_rule_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ptq.QuantRule("fc1", **kw)
+    with pytest.raises(ValueError, match="regex"):
+        ptq.QuantRule("fc1(")
+
+
+def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
+    _, params, _ = gpt
+    qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32))
+    for path, q in qp.weights.items():
+        n, k = q.shape
+        if "/mlp/" in path:
+            assert q.spec.bits == 4 and q.values.dtype == jnp.uint8 and q.values.shape == (n, -(-k // 2))
+            assert q.scale.shape == (n, -(-k // 32))
+        else:
+            assert q.spec.bits == 8 and q.values.dtype == jnp.int8 and q.scale.shape == (n, 1)
+    rep = ptq.bits_report(qp)
+    bits = {lay["path"]: lay["bits_per_weight"] for lay in rep["layers"]}
+    assert 4 < bits["h_0/mlp/fc2"] < 4 + 32 / 32 + 0.01  # 4 bits + one f32 scale per 32 weights
+    assert 8 < bits["h_0/attn/qkv"] < 8 + 32 / 64 + 0.01
+    assert rep["total_bytes"] == rep["quantized_bytes"] + rep["float_bytes"]
+
+
+@pytest.mark.parametrize("bits, group_size, axis", [(8, None, "contraction"), (8, 3, "rows"), (4, 16, "contraction"),
+                                                    (8, -1, "rows"), (4, 24, "contraction")])
+def test_quantize_weight_is_transposed_and_within_half_step(bits, group_size, axis):
+    rule = ptq.QuantRule("x", bits, group_size, axis)
+    w = jax.random.normal(jax.random.PRNGKey(3), (72, 37)) * 0.3  # (K, N): ragged vs every group
+    q = ptq.quantize_weight(w, rule)
+    assert q.shape == (37, 72)
+    err = jnp.abs(q.dequantize(jnp.float32).T - w)
+    tile = rule.weight_spec().resolve(37, 72)
+    step = jnp.repeat(jnp.repeat(q.scale, tile[0], 0), tile[1], 1)[:37, :72].T
+    assert bool(jnp.all(err <= 0.5 * step + 1e-7))
+
+
+# ------------------------------------------------------------------------------------------- GEMMs
+
+
+def _ref_product(a, b, bias=None, activation=None, residual=None):
+    y = dequantize(a, jnp.float32) @ dequantize(b, jnp.float32).T
+    if bias is not None:
+        y = y + bias
+    if activation == "gelu":
+        y = jax.nn.gelu(y, approximate=False)
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.per_row(8), QuantSpec.row_runs(5, 8), QuantSpec.per_tensor(8),
+                                  QuantSpec.groups(32, 1, 8), QuantSpec.groups(32, 1, 4), QuantSpec.per_row(4)])
+def test_int8_gemm_xla_matches_dequantized_product(spec):
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
+    m, k, n = 13, 72, 29
+    a = quantize(jax.random.normal(k1, (m, k)), QuantSpec.per_row(8))
+    b = quantize(jax.random.normal(k2, (n, k)), spec)
+    bias, res = jax.random.normal(k3, (n,)), jax.random.normal(k4, (m, n))
+    got = ptq_infer.matmul_qarrays_xla(a, b, bias=bias, activation="gelu", residual=res, out_dtype=jnp.float32)
+    np.testing.assert_allclose(got, _ref_product(a, b, bias, "gelu", res), rtol=2e-5, atol=2e-5)
+
+
+def test_quantize_static_saturates_and_rounds_like_quant():
+    x = jax.random.normal(jax.random.PRNGKey(0), (9, 17)) * 2
+    s = jnp.float32(1.5 / 127)  # range [-1.5, 1.5]: larger values saturate
+    q = ptq_infer.quantize_static(x, s)
+    d = q.dequantize(jnp.float32)
+    np.testing.assert_allclose(d, jnp.clip(fake_quantize(jnp.clip(x, -1.5, 1.5), QuantSpec.per_tensor()), -1.5, 1.5),
+                               atol=1.5 / 127)
+    assert int(jnp.max(jnp.abs(q.values))) == 127
+    inside = jnp.abs(x) < 1.5
+    assert bool(jnp.all(jnp.abs(d - x)[inside] <= 0.5 * s + 1e-6))
+
+
+def test_pallas_backend_matches_xla_backend():
+    pytest.importorskip("pallas_kernels.int8_matmul_block_scaled")
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+    x = jax.random.normal(k1, (2, 9, 64))
+    bias = jax.random.normal(k3, (40,))
+    for rule in (ptq.QuantRule("x", 8), ptq.QuantRule("x", 4, 32)):
+        w = ptq.quantize_weight(jax.random.normal(k2, (64, 40)) * 0.2, rule)
+        a = ptq_infer.quantized_linear(x, w, rule, bias=bias, backend="xla")
+        b = ptq_infer.quantized_linear(x, w, rule, bias=bias, backend="pallas")
+        assert b.shape == (2, 9, 40)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- whole-model path
+
+
+def _fake_quant_reference(model, params, qp, tokens):
+    """The float model with each quantized Dense replaced by dequant(Q(x)) @ dequant(Q(W)) (simulation)."""
+    from jq8.lkd import ste_interceptor
+    import flax.linen as nn
+
+    rules = {p: qp.rules[i] for p, i in qp.assignment}
+    with nn.intercept_methods(ste_interceptor(rules)):
+        return model.apply({"params": params}, tokens)
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4/8-a8", "w8a16", "w4a16"])
+def test_int8_model_equals_fake_quant_simulation(gpt, name):
+    model, params, tokens = gpt
+    qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32))
+    got = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t))(qp, tokens)
+    sim = _fake_quant_reference(model, params, qp, tokens)
+    fp = model.apply({"params": params}, tokens)
+    assert got.shape == fp.shape and got.dtype == jnp.float32
+    # Same integer products; differences are fp32 summation order only (plus rare token-scale ties).
+    np.testing.assert_allclose(got, sim, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(fp))))
+    err = float(jnp.sqrt(jnp.mean((got - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2)))
+    assert 0 < err < (0.02 if "8" in name.split("-")[0][:3] and "4" not in name else 0.2), err
+
+
+def test_int8_path_runs_integer_dots(gpt):
+    """The quantized forward contains int8 x int8 -> int32 dots (no float GEMM for quantized layers)."""
+    model, params, tokens = gpt
+    qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
+    text = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t, backend="xla")).lower(qp, tokens).as_text()
+    n_int_dots = sum(1 for line in text.splitlines() if "dot_general" in line and "xi8" in line and "xi32" in line)
+    assert n_int_dots >= 8, n_int_dots
+
+
+def test_static_calibration_uses_input_ranges(gpt):
+    model, params, tokens = gpt
+    qp = ptq.quantize_params(params, ptq.scheme("static-w8a8"))
+    with pytest.raises(ValueError, match="calibrate_static"):
+        ptq_infer.apply_quantized(model, qp, tokens)
+    seen = {}
+    with ptq_infer.record_dense_inputs(qp.paths, lambda p, x: seen.setdefault(p, []).append(x)):
+        model.apply({"params": params}, tokens[:2])
+        model.apply({"params": params}, tokens[2:])
+    qp = ptq_infer.calibrate_static(model, params, [tokens[:2], tokens[2:]], qp)
+    for p in qp.paths:
+        amax = max(float(jnp.max(jnp.abs(x))) for x in seen[p])
+        np.testing.assert_allclose(float(qp.act_scales[p]), amax / 127, rtol=1e-6)
+    out = ptq_infer.apply_quantized(model, qp, tokens)
+    fp = model.apply({"params": params}, tokens)
+    assert float(jnp.sqrt(jnp.mean((out - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2))) < 0.1
