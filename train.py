@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return model.init({"params": key}, dummy)["params"]
 
     # ---------------------------------------------------------------- devices: data parallel + FSDP
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(jax.devices()[: cfg.num_devices] if cfg.num_devices else None)
     batch_sh = sharding.batch_sharding(mesh)
     if cfg.batch_size % mesh.size:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {mesh.size} devices")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     train_step = jax.jit(train_step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
 
@@ -201,18 +201,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and is_main), dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
 
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        # The loss logged at step s is computed on the weights after s - 1 updates, so a non-finite loss at
+        # step s condemns checkpoint s - 1; checkpoints <= s - 2 gave a finite loss afterwards.
+        ckpt.wait()
+        good = [s for s in ckpt.all_steps() if s <= step - 2]
+        where = ckpt.step_dir(good[-1]) if good else "none (no checkpoint before the divergence)"
+        return TrainingDiverged(
+            f"{what} at step {step}; stopping. Last good checkpoint: {where}. "
+            "Try a lower --lr, a longer --warmup_steps or --grad_clip=1.0."
+        )
+
     def check(step: int, m: dict) -> float:
         loss = float(m["loss"])
         if not math.isfinite(loss):
-            ckpt.wait()
-            last = ckpt.latest_step()
-            where = ckpt.step_dir(last) if last is not None else "none (no checkpoint was written yet)"
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step}; stopping. Last good checkpoint: {where}. "
-                "Try a lower --lr, a longer --warmup_steps or --grad_clip=1.0."
-            )
+            raise diverged(step, f"loss is {loss}")
         history.append((step, loss))
         return loss
+
+    all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
     pending = None  # (step, metrics) of the previous step: read one step late so dispatch stays ahead
     try:
@@ -246,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if pending is not None:
                     check(*pending)  # never save a state whose loss was not finite
                     pending = None
+                if not bool(all_finite(params)):
+                    raise diverged(step + 1, "weights became non-finite")
                 save(step)
         if pending is not None:
             check(*pending)
@@ -254,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         writer.close()
         ckpt.close()
     final = history[-1][1] if history else float("nan")
-    return {"history": history, "final_loss": final, "run_dir": cfg.run_dir, "start_step": start}
+    return {"history": history, "final_loss": final, "start_step": start, "params": params, "config": cfg}
 
 
 if __name__ == "__main__":

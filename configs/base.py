@@ -7,6 +7,7 @@ model fields are reached with a ``model.`` prefix: ``--steps=200 --policy=jetfir
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
 import types
@@ -50,6 +51,7 @@ class TrainConfig:
     # devices
     sharding: str = "fsdp"  # "fsdp" (params split over devices) | "dp" (params replicated)
     fsdp_min_size: int = 2**14  # arrays smaller than this stay replicated
+    num_devices: int = 0  # use the first N devices (0: all)
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,14 +70,16 @@ def load_config(path: str) -> TrainConfig:
     return mod.get_config()
 
 
-def valid_keys(cfg: Any = TrainConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cfg):
-        if f.name == "model" and prefix == "":
-            keys += valid_keys(ModelConfig, "model.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+def valid_keys() -> list[str]:
+    """Every overridable key: TrainConfig fields, then ``model.<field>`` for each ModelConfig field."""
+    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    return top + ["model." + f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid_keys())}")
 
 
 def _parse(value: str, typ: Any, key: str) -> Any:
@@ -112,7 +116,7 @@ def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
         elif key in fields and key != "model":
             top[key] = _parse(value, fields[key].type, key)
         else:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise _unknown(key)
     if model:
         top["model"] = dataclasses.replace(cfg.model, **model)
     return dataclasses.replace(cfg, **top)

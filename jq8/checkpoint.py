@@ -17,6 +17,8 @@ reads everything and first checks the saved parameter shapes against the model b
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +47,7 @@ def _path_str(path: tuple) -> str:
 
 
 def check_compatible(saved: Any, expected: Any, what: str = "params") -> None:
-    """Raises :class:`CheckpointMismatchError` naming the first parameter whose path/shape/dtype differ.
+    """Raises :class:`CheckpointMismatchError` naming the parameters whose paths or shapes differ.
 
     saved: the metadata tree of a checkpoint item (leaves with ``.shape``/``.dtype``);
     expected: the abstract tree being restored into (arrays or ``jax.ShapeDtypeStruct``).
@@ -59,14 +61,36 @@ def check_compatible(saved: Any, expected: Any, what: str = "params") -> None:
             f"checkpoint {what} do not match the model: missing from checkpoint {missing[:5]}, "
             f"unexpected in checkpoint {extra[:5]}. Was it written for another model family/config?"
         )
-    for name, want in want_leaves.items():
-        got = saved_leaves[name]
-        if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointMismatchError(
-                f"checkpoint {what} '{name}' has shape {tuple(got.shape)} but the model expects "
-                f"{tuple(want.shape)}: the checkpoint was written for another model shape "
-                "(check num_layers / d_model / vocab_size / max_seq_len, or use a fresh run_dir)."
-            )
+    bad = [
+        f"'{name}' has shape {tuple(saved_leaves[name].shape)} in the checkpoint but the model expects "
+        f"{tuple(want.shape)}"
+        for name, want in want_leaves.items()
+        if tuple(saved_leaves[name].shape) != tuple(want.shape)
+    ]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {what} do not fit the model: " + "; ".join(bad[:5]) + more + ". The checkpoint was "
+            "written for another model shape (check num_layers / d_model / vocab_size / max_seq_len, or use "
+            "a fresh run_dir)."
+        )
+
+
+_PARTIAL = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+
+
+def remove_partial_saves(directory: str) -> list[str]:
+    """Deletes ``<step>.orbax-checkpoint-tmp*`` folders (saves a killed run never finished); returns them.
+
+    Orbax never lists them as steps anyway; removing them up front (synchronously, unlike Orbax's own
+    background clean-up) keeps the folder tidy and lets that step be saved again.
+    """
+    if not os.path.isdir(directory):
+        return []
+    removed = [n for n in sorted(os.listdir(directory)) if _PARTIAL.match(n)]
+    for name in removed:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return removed
 
 
 class Checkpointer:
@@ -78,12 +102,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # remove partial saves left by a killed run
-            create=True,
-        )
+        self.removed_partial = remove_partial_saves(self.directory) if jax.process_index() == 0 else []
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
     def latest_step(self) -> int | None:
@@ -98,16 +118,12 @@ class Checkpointer:
 
     def save(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any]) -> None:
         """Starts saving ``step`` (returns before the write finishes when async). meta must be JSON-able."""
-        meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION}
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        has_opt = bool(jax.tree.leaves(opt_state))  # Orbax refuses empty trees (e.g. plain SGD's state)
+        meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION, "has_opt_state": has_opt}
+        items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        if has_opt:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_params: Any, abstract_opt_state: Any, step: int | None = None):
         """Restores (params, opt_state, meta) of ``step`` (default: latest) into the given abstract trees.
@@ -121,16 +137,15 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         md = self._mngr.item_metadata(step)
         check_compatible(md["params"].tree, abstract_params, "params")
-        check_compatible(md["opt_state"].tree, abstract_opt_state, "optimizer state")
-        out = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return out["params"], out["opt_state"], out["meta"]
+        items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        has_opt = md["opt_state"] is not None
+        if has_opt:
+            check_compatible(md["opt_state"].tree, abstract_opt_state, "optimizer state")
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        elif jax.tree.leaves(abstract_opt_state):
+            raise CheckpointMismatchError(f"checkpoint step {step} holds no optimizer state, but the optimizer has one")
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        return out["params"], (out["opt_state"] if has_opt else abstract_opt_state), out["meta"]
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

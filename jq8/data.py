@@ -255,8 +255,9 @@ class TokenDataset:
     """Memory-mapped token splits written by `prepare` (``train.bin``/``val.bin``: uint16, 1-D).
 
     Batches sample non-overlapping ``seq_len + 1`` windows without replacement within an epoch: window order
-    is a permutation seeded by ``(seed, epoch)``, plus a per-epoch offset so window boundaries move between
-    epochs. Global sample ``g = step * batch_size + row`` fixes everything, so batches are reproducible from
+    is a permutation seeded by ``(seed, epoch)``, plus a per-epoch offset in ``[0, seq_len]`` or more so
+    window boundaries move between epochs (a small corpus trained for many epochs sees varied contexts).
+    Global sample ``g = step * batch_size + row`` fixes everything, so batches are reproducible from
     ``(seed, step)`` alone; shard ``s`` of ``num_shards`` takes global rows ``[s * B/num_shards,
     (s+1) * B/num_shards)``, so each host reads only its own rows of the same global batch.
     """
@@ -274,7 +275,7 @@ class TokenDataset:
         self.from_cache = from_cache
         self._splits = {s: _open_tokens(self.path / f"{s}.bin", self.meta["splits"][s]["tokens"])
                         for s in self.SPLITS}
-        self._perm_cache: dict[tuple, np.ndarray] = {}
+        self._perm_cache: dict[tuple, tuple[np.ndarray, int]] = {}
 
     def tokens(self, split: str) -> np.ndarray:
         """The whole split: (n,) uint16, memory-mapped (read-only)."""
@@ -285,6 +286,16 @@ class TokenDataset:
     def num_windows(self, split: str, seq_len: int) -> int:
         """Non-overlapping (seq_len + 1)-token windows per epoch (consecutive windows share one token)."""
         return max(0, (len(self.tokens(split)) - 1) // seq_len)
+
+    def epoch_windows(self, split: str, seq_len: int) -> int:
+        """Windows sampled per training epoch: one fewer than `num_windows` (when there are at least two),
+        so the leftover is >= seq_len and the per-epoch offset can shift window boundaries by any amount."""
+        windows = self.num_windows(split, seq_len)
+        return windows - 1 if windows > 1 else windows
+
+    def steps_per_epoch(self, split: str, batch_size: int, seq_len: int) -> float:
+        """Global batches per training epoch (fractional: epochs roll over mid-batch)."""
+        return self.epoch_windows(split, seq_len) / batch_size
 
     def _check(self, split: str, seq_len: int, batch_size: int, num_shards: int, shard: int) -> int:
         if seq_len < 1 or batch_size < 1:
@@ -304,7 +315,7 @@ class TokenDataset:
     def _epoch_order(self, split: str, seq_len: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
         key = (split, seq_len, seed, epoch)
         if key not in self._perm_cache:
-            windows = self.num_windows(split, seq_len)
+            windows = self.epoch_windows(split, seq_len)
             rng = np.random.default_rng([seed, epoch, self.SPLITS.index(split), seq_len])
             slack = len(self.tokens(split)) - 1 - windows * seq_len
             offset = int(rng.integers(0, slack + 1))
@@ -316,7 +327,8 @@ class TokenDataset:
     def window_starts(self, split: str, step: int, batch_size: int, seq_len: int, seed: int = 0,
                       shard: int = 0, num_shards: int = 1) -> np.ndarray:
         """Token offsets of this shard's rows of global batch ``step``: (batch_size // num_shards,) int64."""
-        windows = self._check(split, seq_len, batch_size, num_shards, shard)
+        self._check(split, seq_len, batch_size, num_shards, shard)
+        windows = self.epoch_windows(split, seq_len)
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         local = batch_size // num_shards
@@ -350,22 +362,29 @@ class TokenDataset:
 
     def eval_batches(self, split: str = "val", batch_size: int = 8, seq_len: int = 256,
                      max_batches: int | None = None, shard: int = 0, num_shards: int = 1) -> Iterator[Batch]:
-        """Every window of the split once, in order, as full batches (a final partial batch is dropped,
-        so shapes stay static for jit). Deterministic, no seed: the same val loss every time."""
+        """The split's non-overlapping windows in order, as full batches (static shapes for jit).
+        Deterministic, no seed: the same val loss every time.
+
+        ``windows // batch_size`` batches (a final partial batch is dropped); a split with fewer windows
+        than ``batch_size`` gives one batch whose rows wrap around to the first windows again, so a large
+        global batch still evaluates (repeated windows then weigh double).
+        """
         windows = self._check(split, seq_len, batch_size, num_shards, shard)
-        count = windows // batch_size
-        if count == 0:
-            raise ValueError(f"split {split!r} has {windows} windows of seq_len={seq_len}, fewer than "
-                             f"batch_size={batch_size}; lower batch_size or seq_len")
+        count = max(1, windows // batch_size)
         count = min(count, max_batches) if max_batches is not None else count
         local = batch_size // num_shards
         for b in range(count):
             first = b * batch_size + shard * local
-            yield self._gather(split, np.arange(first, first + local, dtype=np.int64) * seq_len, seq_len)
+            index = np.arange(first, first + local, dtype=np.int64) % windows
+            yield self._gather(split, index * seq_len, seq_len)
 
     def decode(self, ids: Sequence[int], tokenizer: str | os.PathLike | TextTokenizer | None = None) -> str:
         """Ids -> text with the tokenizer this cache was built with (or the one given)."""
-        return load_tokenizer(tokenizer or self.meta["tokenizer_spec"]).decode(ids)
+        spec = tokenizer if tokenizer is not None else self.meta["tokenizer_spec"]
+        if spec is None:
+            raise ValueError(f"this cache was built with a tokenizer object ({self.meta['tokenizer']!r}); "
+                             "pass it: ds.decode(ids, tokenizer)")
+        return load_tokenizer(spec).decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(self.tokens(s)):,}" for s in self.SPLITS)
@@ -412,14 +431,21 @@ def split_documents(docs: Sequence[str], token_counts: Sequence[int], val_fracti
     return is_val
 
 
-def _write_tokens(path: Path, chunks: list[list[int]], eot_id: int) -> int:
-    arrays = []
-    for ids in chunks:
-        arrays.append(np.asarray(ids, dtype=np.uint16))
-        arrays.append(np.asarray([eot_id], dtype=np.uint16))
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
-    flat.tofile(path)
-    return int(flat.shape[0])
+def _encode_documents(tok: TextTokenizer, docs: Sequence[str], chunk: int = 512) -> list[np.ndarray]:
+    """Each document -> (n_i + 1,) uint16 ids ending with EOT; encoded in chunks so memory stays at
+    2 bytes per token rather than a Python int per token."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(docs), chunk):
+        for ids in tok.encode_batch(docs[start:start + chunk]):
+            out.append(np.asarray(list(ids) + [tok.eot_id], dtype=np.uint16))
+    return out
+
+
+def _write_tokens(path: Path, docs: list[np.ndarray]) -> int:
+    with open(path, "wb") as f:
+        for ids in docs:
+            f.write(ids.tobytes())
+    return int(sum(d.shape[0] for d in docs))
 
 
 def prepare(source: str | os.PathLike | None = None,
@@ -449,18 +475,22 @@ def prepare(source: str | os.PathLike | None = None,
         return TokenDataset(final, from_cache=True)
 
     docs = load_documents(source)
-    encoded = tok.encode_batch(docs)
-    is_val = split_documents(docs, [len(e) + 1 for e in encoded], val_fraction)
+    encoded = _encode_documents(tok, docs)
+    is_val = split_documents(docs, [e.shape[0] for e in encoded], val_fraction)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_root))
     try:
         splits = {}
         for name, mask in (("train", ~is_val), ("val", is_val)):
             chosen = [e for e, m in zip(encoded, mask) if m]
-            splits[name] = {"tokens": _write_tokens(tmp / f"{name}.bin", chosen, tok.eot_id),
+            splits[name] = {"tokens": _write_tokens(tmp / f"{name}.bin", chosen),
                             "documents": len(chosen)}
-        spec = tokenizer if isinstance(tokenizer, str) else str(tokenizer) if isinstance(
-            tokenizer, os.PathLike) else None
+        if isinstance(tokenizer, str) and tokenizer in ("wiki-8k", "bytes"):
+            spec = tokenizer
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            spec = str(Path(tokenizer).resolve())
+        else:
+            spec = None  # a tokenizer object: decode() then needs it passed explicitly
         meta = {**key_fields, "key": key, "source": str(src_path), "tokenizer": tok.name,
                 "tokenizer_spec": spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                 "cleaner_version": wikitext.CLEANER_VERSION, "dtype": "uint16", "splits": splits}

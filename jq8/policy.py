@@ -55,7 +55,7 @@ def _is_pow2(n: int) -> bool:
 class Policy:
     """Numerics of the transformer-block GEMMs.
 
-    name: "bf16" or "jetfire-int8". Under "bf16" the int8 flags are ignored.
+    name: "bf16" or "jetfire-int8". Under "bf16" the int8 flags are set to False.
     block: (rows, cols) tile of the Jetfire block quantization (powers of two; 32 x 32 in the paper).
     rounding_bwd: rounding of backward (gradient) quantization: "stochastic" (unbiased) or "nearest".
       Forward quantization is always round-to-nearest.
@@ -92,6 +92,9 @@ class Policy:
         if dt not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {dt}")
         object.__setattr__(self, "compute_dtype", dt)
+        if self.name == "bf16":  # no INT8 GEMM under bf16, whatever the flags said
+            for f in ("int8_forward", "int8_grad_input", "int8_grad_weight"):
+                object.__setattr__(self, f, False)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> Policy:

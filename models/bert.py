@@ -235,13 +235,15 @@ def convert_hf_bert(weights: Mapping[str, np.ndarray], config: BertConfig) -> di
     return params
 
 
-def _check_tree(params: dict, model: BertModel) -> None:
+def check_params(params: Mapping, model: BertModel) -> None:
+    """Raise ValueError unless ``params`` has exactly the tree, shapes and dtypes ``model.init`` makes."""
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
                                                  jnp.ones((1, 4), jnp.int32)))["params"]
     got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
     want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), expected)
     if got != want:
-        raise ValueError("converted params do not match the Flax BertModel layout")
+        raise ValueError("params do not match the Flax BertModel layout (tree, shapes or dtypes differ); "
+                         "was the checkpoint converted for a different BertConfig?")
 
 
 def load_tokenizer(model_dir: Path, max_seq_len: int):  # -> tokenizers.Tokenizer
@@ -269,7 +271,7 @@ def load_minilm(dtype: Any = jnp.float32, precision: Any = None) -> tuple[BertMo
     config = BertConfig.from_hf(json.loads((model_dir / "config.json").read_text()), max_seq_len=max_seq_len)
     model = BertModel(config, dtype=dtype, precision=precision)
     params = convert_hf_bert(load_file(str(model_dir / "model.safetensors")), config)
-    _check_tree(params, model)
+    check_params(params, model)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return model, params, load_tokenizer(model_dir, max_seq_len)
 
@@ -302,19 +304,26 @@ def embed(model: BertModel, params: Mapping, tokenizer, sentences: Sequence[str]
           apply_fn: ApplyFn | None = None) -> np.ndarray:
     """Sentences -> (n, hidden) f32 unit-norm sentence embeddings (numpy).
 
+    All batches share one shape (min(batch_size, n), T) with T the longest sentence of the call rounded up
+    to 8, so one call compiles once; padding rows and columns are masked and do not change the results.
     apply_fn(params, input_ids, attention_mask, token_type_ids) -> (B, T, H) hidden states; default
-    ``model.apply({"params": params}, ...)``. Pass another (e.g. wrapping ``jq8.ptq_infer.apply_quantized``)
-    to embed with a quantized model; everything else (tokenization, pooling) stays identical.
+    ``model.apply({"params": params}, ...)`` under jit. Pass another (e.g. wrapping
+    ``jq8.ptq_infer.apply_quantized``) to embed with a quantized model; tokenization and pooling stay
+    identical.
     """
     if isinstance(sentences, str):
         raise TypeError("embed() takes a sequence of sentences, not one string; wrap it in a list")
+    n = len(sentences)
+    if n == 0:
+        return np.zeros((0, model.config.hidden), np.float32)
     if apply_fn is None:
         apply_fn = functools.partial(_apply_jit, model)
+    enc = tokenize(tokenizer, sentences)
+    rows = min(batch_size, n)
+    padded = {k: np.pad(v, ((0, (-n) % rows), (0, 0))) for k, v in enc.items()}
     out = []
-    for start in range(0, len(sentences), batch_size):
-        enc = tokenize(tokenizer, sentences[start:start + batch_size])
-        hidden = apply_fn(params, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        out.append(np.asarray(mean_pool_normalize(hidden, enc["attention_mask"])))
-    if not out:
-        return np.zeros((0, model.config.hidden), np.float32)
-    return np.concatenate(out).astype(np.float32)
+    for start in range(0, n, rows):
+        b = {k: v[start:start + rows] for k, v in padded.items()}
+        hidden = apply_fn(params, b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        out.append(np.asarray(mean_pool_normalize(hidden, b["attention_mask"])))
+    return np.concatenate(out)[:n].astype(np.float32)

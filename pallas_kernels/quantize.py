@@ -176,8 +176,7 @@ def block_tile(tile: Tile, bm: int, bn: int) -> Tile:
     return (bm if tile[0] == -1 else tile[0], bn if tile[1] == -1 else tile[1])
 
 
-def tile_absmax(a: jax.Array, rt: int, ct: int) -> jax.Array:
-    """a: (bm, bn) fp32 >= 0 -> (bm / rt, bn / ct) max over each (rt, ct) sub-block."""
+def _tile_max(a: jax.Array, rt: int, ct: int) -> jax.Array:
     bm, bn = a.shape
     if ct == bn:
         a = jnp.max(a, axis=1, keepdims=True)
@@ -188,6 +187,22 @@ def tile_absmax(a: jax.Array, rt: int, ct: int) -> jax.Array:
     elif rt > 1:
         a = jnp.max(a.reshape(bm // rt, rt, a.shape[1]), axis=1)
     return a
+
+
+def tile_absmax(a: jax.Array, rt: int, ct: int) -> jax.Array:
+    """a: (bm, bn) fp32 |x| -> (bm / rt, bn / ct) max over each (rt, ct) sub-block, NaN if any is NaN.
+
+    Triton lowers max to the NaN-ignoring ``maxnumf`` (and XLA:CPU's fast min/max ignores NaN too), so a
+    second reduction of a NaN flag keeps jq8.quant's contract: a tile holding NaN gets a NaN scale.
+    """
+    amax = _tile_max(a, rt, ct)
+    has_nan = _tile_max(jnp.where(a != a, 1.0, 0.0), rt, ct)
+    return jnp.where(has_nan > 0, jnp.nan, amax)
+
+
+def nan_max(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Elementwise max that propagates NaN (Triton's max does not)."""
+    return jnp.where((a != a) | (b != b), jnp.nan, jnp.maximum(a, b))
 
 
 def expand_tile(s: jax.Array, rt: int, ct: int, bm: int, bn: int) -> jax.Array:
@@ -217,8 +232,8 @@ def div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
 
 
 def scale_from_absmax(amax: jax.Array) -> jax.Array:
-    """Per-tile scale, exactly as jq8.quant.tile_stats computes it for symmetric INT8."""
-    return jnp.maximum(amax * INV_QMAX8, SCALE_FLOOR)
+    """Per-tile scale, exactly as jq8.quant.tile_stats computes it for symmetric INT8 (NaN stays NaN)."""
+    return jnp.where(amax != amax, amax, jnp.maximum(amax * INV_QMAX8, SCALE_FLOOR))
 
 
 def to_codes(y: jax.Array) -> jax.Array:
@@ -349,7 +364,7 @@ def sweep(
         r0, c0 = origin(k)
         a = jnp.abs(load(r0, c0))
         return tuple(
-            jnp.maximum(acc, tile_absmax(a, *block_tile(outs[i].tile, plan.bm, plan.bn)))
+            nan_max(acc, tile_absmax(a, *block_tile(outs[i].tile, plan.bm, plan.bn)))
             for acc, i in zip(accs, swept_ids)
         )
 

@@ -81,7 +81,7 @@ def test_flax_bert_matches_numpy_reference():
     sd = _random_hf_state(TINY, rng)
     params = bert.convert_hf_bert(sd, TINY)
     model = bert.BertModel(TINY, precision=jax.lax.Precision.HIGHEST)
-    bert._check_tree(params, model)
+    bert.check_params(params, model)
     ids, mask, types = _random_inputs(rng, TINY, 3, 13)
     got = np.asarray(model.apply({"params": params}, ids, mask, types))
     want = _reference_bert(sd, TINY, ids, mask, types)
@@ -113,6 +113,11 @@ def test_convert_rejects_unknown_tensors():
     del sd["encoder.layer.9.attention.self.query.weight"], sd["encoder.layer.1.output.dense.bias"]
     with pytest.raises(KeyError, match="output.dense.bias"):
         bert.convert_hf_bert(sd, TINY)
+    params = bert.convert_hf_bert(_random_hf_state(TINY, np.random.default_rng()), TINY)
+    fc1 = params["encoder"]["layer_1"]["mlp"]["fc1"]
+    fc1["kernel"] = fc1["kernel"][:, :-1]
+    with pytest.raises(ValueError, match="do not match"):
+        bert.check_params(params, bert.BertModel(TINY))
 
 
 def test_missing_package_error_names_pip_command(monkeypatch):
@@ -154,10 +159,12 @@ def test_minilm_shapes_norms_and_paraphrase_retrieval(groups_and_embeddings):
 def test_minilm_padding_and_batching_do_not_change_embeddings(minilm, groups_and_embeddings):
     sentences, _, emb = groups_and_embeddings
     idx = np.random.default_rng().permutation(len(sentences))[:5]
-    alone = np.concatenate([bert.embed(*minilm, [sentences[i]]) for i in idx[:2]])
-    np.testing.assert_allclose(alone, emb[idx[:2]], atol=2e-5)
-    longer = [sentences[i] for i in idx] + ["a much longer sentence " * 12]
-    np.testing.assert_allclose(bert.embed(*minilm, longer, batch_size=4)[:5], emb[idx], atol=2e-5)
+    # Other batch composition, longer padding and a padded last batch (6 rows in batches of 4).
+    longer = [sentences[i] for i in idx] + ["a much longer sentence " * 100]  # > 256 tokens: truncated
+    assert bert.tokenize(minilm[2], longer)["input_ids"].shape == (6, 256)
+    out = bert.embed(*minilm, longer, batch_size=4)
+    np.testing.assert_allclose(out[:5], emb[idx], atol=2e-5)
+    assert np.isfinite(out).all() and abs(np.linalg.norm(out[5]) - 1) < 1e-5
 
 
 def test_minilm_matches_pytorch_reference(minilm, groups_and_embeddings):

@@ -229,13 +229,21 @@ def test_batch_matches_token_windows(small_ds):
 
 def test_epoch_visits_every_window_once(small_ds):
     t = 41
-    windows = small_ds.num_windows("train", t)
-    starts = np.concatenate([small_ds.window_starts("train", s, 1, t, seed=7) for s in range(2 * windows)])
-    first, second = starts[:windows], starts[windows:]
-    for epoch in (first, second):
-        rel = np.sort(epoch - epoch.min())
+    windows = small_ds.epoch_windows("train", t)
+    assert windows == small_ds.num_windows("train", t) - 1
+    offsets = []
+    for epoch in range(5):  # with batch_size == windows, step e is exactly epoch e
+        starts = small_ds.window_starts("train", epoch, windows, t, seed=7)
+        rel = np.sort(starts - starts.min())
         np.testing.assert_array_equal(rel, np.arange(windows) * t)  # non-overlapping, each once
-        assert epoch.max() + t + 1 <= len(small_ds.tokens("train"))
+        assert starts.min() >= 0 and starts.max() + t + 1 <= len(small_ds.tokens("train"))
+        offsets.append(starts.min())
+    assert len(set(offsets)) > 1  # boundaries shift between epochs (5 draws from >= 42 offsets)
+    # Small batches crossing an epoch boundary give the same windows as the whole-epoch view.
+    steps = range(windows // 7 + 2)
+    small = np.concatenate([small_ds.window_starts("train", s, 7, t, seed=7) for s in steps])
+    whole = np.concatenate([small_ds.window_starts("train", e, windows, t, seed=7) for e in (0, 1)])
+    np.testing.assert_array_equal(small, whole[:len(small)])
 
 
 def test_shards_tile_the_global_batch(small_ds):
@@ -255,6 +263,11 @@ def test_eval_batches_cover_val_in_order(small_ds):
     rows = np.concatenate([x.inputs for x in batches])
     np.testing.assert_array_equal(rows.reshape(-1), toks[:rows.size])
     assert len(list(small_ds.eval_batches("val", b, t, max_batches=1))) == 1
+    # Fewer windows than the batch: one batch whose rows wrap around.
+    windows = small_ds.num_windows("val", 2 * t)
+    (wrapped,) = small_ds.eval_batches("val", windows + 2, 2 * t)
+    assert wrapped.inputs.shape == (windows + 2, 2 * t)
+    np.testing.assert_array_equal(wrapped.inputs[windows:], wrapped.inputs[:2])
 
 
 def test_clear_errors(tmp_path, small_ds):
@@ -284,3 +297,22 @@ def test_no_val_split_is_allowed_but_val_batches_explain(tmp_path):
     with pytest.raises(ValueError, match="val_fraction=0"):
         ds.batch("val", 0, 2, 16)
     assert json.loads((ds.path / "meta.json").read_text())["splits"]["val"]["tokens"] == 0
+
+
+def test_tokenizer_object_and_decode(tmp_path):
+    rng = np.random.default_rng()
+    docs = _write_corpus(tmp_path / "c.txt", rng, n_docs=4)
+    tok = data.ByteTokenizer()
+    ds = data.prepare(tmp_path / "c.txt", tokenizer=tok, cache_dir=tmp_path / "cache", val_fraction=0.25)
+    ids = np.asarray(ds.tokens("train"))
+    assert ds.decode(ids, tok).split(data.EOT)[0] in docs
+    with pytest.raises(ValueError, match="pass it"):
+        ds.decode(ids)
+
+
+def test_sentence_groups():
+    groups = data.load_sentence_groups()
+    flat = [s for g in groups for s in g]
+    assert len(groups) >= 20 and all(len(g) >= 2 for g in groups)
+    assert 60 <= len(flat) <= 100 and len(set(flat)) == len(flat)
+    assert not any(s.startswith("#") for s in flat)

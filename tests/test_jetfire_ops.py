@@ -53,13 +53,14 @@ def mlp_params(d, f, activation="gelu", rms=False, seed=0):
 
 def check_grads(fn_int8, fn_ref, args, tol, label):
     """Forward output and every gradient of sum(out * probe) within ``tol`` relative error."""
-    out_ref = fn_ref(*args)
-    probe = rand(99, out_ref.shape)
     n = len(args)
-    loss = lambda f: (lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe))
-    g8 = jax.jit(jax.grad(loss(fn_int8), argnums=tuple(range(n))))(*args)
-    gr = jax.grad(loss(fn_ref), argnums=tuple(range(n)))(*args)
-    errs = {"out": rel(fn_int8(*args), out_ref)}
+    probe = rand(99, jax.eval_shape(fn_ref, *args).shape)
+    # One jit per implementation: output and all gradients (eager dispatch is slow on CPU).
+    both = lambda f: jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(f(*a).astype(jnp.float32) * probe),
+                                                            f(*a)), argnums=tuple(range(n)), has_aux=True))
+    (_, out8), g8 = both(fn_int8)(*args)
+    (_, out_ref), gr = both(fn_ref)(*args)
+    errs = {"out": rel(out8, out_ref)}
     for i, (a, b) in enumerate(zip(g8, gr)):
         for (path, x8), xr in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
             errs[f"arg{i}{jax.tree_util.keystr(path)}"] = rel(x8, xr)
@@ -82,11 +83,11 @@ def test_linear_grads_match_fp32_reference():
 def test_linear_without_bias_and_bf16_compute():
     pol = Policy.from_name("jetfire-int8", use_kernels=False)  # bf16 outputs
     x, w = rand(1, (M, 32)), rand(2, (32, 64), 0.2)
-    y = jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol)
+    y = jax.eval_shape(lambda x, w: jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol), x, w)
     assert y.dtype == jnp.bfloat16 and y.shape == (M, 64)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol) ** 2),
-                      argnums=(0, 1))(x, w)
-    dxr, dwr = jax.grad(lambda x, w: jnp.sum(linear_reference(x, w, None) ** 2), argnums=(0, 1))(x, w)
+    loss = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2), argnums=(0, 1)))
+    dx, dw = loss(lambda x, w: jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol))(x, w)
+    dxr, dwr = loss(lambda x, w: linear_reference(x, w, None))(x, w)
     assert dx.dtype == x.dtype and rel(dx, dxr) < 5e-2 and rel(dw, dwr) < 5e-2
 
 
@@ -142,7 +143,7 @@ def test_stochastic_rounding_is_unbiased():
     want_dx, want_dw = jnp.dot(g, wq.T, precision=hi), jnp.dot(xq.T, g, precision=hi)
     one_dx, one_dw = rel(dx[0], want_dx), rel(dw[0], want_dw)
     mean_dx, mean_dw = rel(dx.mean(0), want_dx), rel(dw.mean(0), want_dw)
-    print(f"SR single-key error dx {one_dx:.4f} dw {one_dw:.4f}; mean of 256 keys dx {mean_dx:.5f} dw {mean_dw:.5f}")
+    print(f"SR error, one key: dx {one_dx:.4f} dw {one_dw:.4f}; 256 keys: dx {mean_dx:.5f} dw {mean_dw:.5f}")
     # Independent noise shrinks like 1/sqrt(256) = 1/16; a bias would not shrink.
     assert mean_dx < one_dx / 8 and mean_dw < one_dw / 8
     assert one_dx > 1e-3  # the gradients really were quantized
@@ -154,7 +155,8 @@ def test_stochastic_rounding_is_unbiased():
 def test_nearest_backward_rounding_is_deterministic_across_keys():
     pol = Policy.from_name("jetfire-int8", use_kernels=False, rounding_bwd="nearest")
     x, w = rand(1, (40, 32)), rand(2, (32, 32))
-    grad = lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol) ** 2))(w)
+    grad = jax.jit(lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol).astype(jnp.float32)
+                                                        ** 2))(w))
     np.testing.assert_array_equal(grad(jax.random.PRNGKey(0)), grad(jax.random.PRNGKey(1)))
 
 
@@ -166,11 +168,15 @@ def test_layer_norm_backward_is_exact(rms):
     x, gamma, beta = rand(1, (M, 96), 3.0) + 1.5, 1.0 + rand(2, (96,), 0.2), rand(3, (96,), 0.2)
     beta = None if rms else beta
     dh = rand(4, (M, 96))
-    _, _, res = ops.layer_norm_fwd(x, gamma, beta, F32, eps=1e-5, rms=rms)
-    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, res, gamma, rms=rms, has_beta=not rms)
-    f = lambda x, g, b: ops.layer_norm_float(x, g, b, eps=1e-5, rms=rms)[0]
-    _, vjp = jax.vjp(f, x, gamma, beta)
-    rx, rg, rb = vjp(dh)
+
+    @jax.jit
+    def run(x, gamma, beta, dh):
+        _, _, res = ops.layer_norm_fwd(x, gamma, beta, F32, eps=1e-5, rms=rms)
+        ours = ops.layer_norm_bwd(dh, res, gamma, rms=rms, has_beta=not rms)
+        _, vjp = jax.vjp(lambda x, g, b: ops.layer_norm_float(x, g, b, eps=1e-5, rms=rms)[0], x, gamma, beta)
+        return ours, vjp(dh)
+
+    (dx, dgamma, dbeta), (rx, rg, rb) = run(x, gamma, beta, dh)
     assert rel(dx, rx) < 1e-5 and rel(dgamma, rg) < 1e-5
     if not rms:
         assert rel(dbeta, rb) < 1e-5
@@ -179,7 +185,8 @@ def test_layer_norm_backward_is_exact(rms):
 def test_layer_norm_forward_saves_int8_and_full_row_stats():
     x = rand(1, (M, 160), 2.0) + 3.0  # 160 = 5 blocks: statistics must span every block of the row
     gamma, beta = 1.0 + rand(2, (160,), 0.1), rand(3, (160,), 0.1)
-    h, h_dw, (x_saved, mean, rstd) = ops.layer_norm_fwd(x, gamma, beta, INT8, eps=1e-5, rms=False)
+    fwd = jax.jit(lambda x, g, b: ops.layer_norm_fwd(x, g, b, INT8, eps=1e-5, rms=False))
+    h, h_dw, (x_saved, mean, rstd) = fwd(x, gamma, beta)
     assert isinstance(h, QArray) and h.values.dtype == jnp.int8 and h.values.shape == (M, 160)
     assert isinstance(h_dw, QArray) and h_dw.values.shape == (160, M)
     assert isinstance(x_saved, QArray) and x_saved.values.dtype == jnp.int8
@@ -193,11 +200,15 @@ def test_layer_norm_forward_saves_int8_and_full_row_stats():
 def test_gelu_backward_matches_autodiff():
     u, da = rand(1, (M, 64), 2.0), rand(2, (M, 64))
     pol = Policy.from_name("jetfire-int8", use_kernels=False, int8_grad_input=False, int8_grad_weight=False)
-    _, _, db = ops.gelu_bwd(da, u, pol, jnp.zeros(2, jnp.uint32))
-    _, vjp = jax.vjp(lambda u: jax.nn.gelu(u, approximate=False), u)
-    (want,) = vjp(da)
+
+    @jax.jit
+    def run(da, u):
+        _, vjp = jax.vjp(lambda u: jax.nn.gelu(u, approximate=False), u)
+        return (ops.gelu_bwd(da, u, pol, jnp.zeros(2, jnp.uint32))[2],
+                ops.gelu_bwd(da, u, INT8, jnp.array([1, 2], jnp.uint32)), vjp(da)[0])
+
+    db, (q, qt, db8), want = run(da, u)
     assert rel(db, want.sum(0)) < 1e-5
-    q, qt, db8 = ops.gelu_bwd(da, u, INT8, jnp.array([1, 2], jnp.uint32))
     assert q.values.dtype == jnp.int8 and qt.values.shape == (64, M)
     assert rel(dequantize(q, jnp.float32), want) < 2e-2 and rel(db8, want.sum(0)) < 5e-2
 
@@ -206,9 +217,11 @@ def test_mlp_residuals_are_int8():
     """What the MLP keeps for its backward: the residual-stream input and fc1/GELU outputs as INT8 blocks."""
     d, f = 64, 128
     x, p = rand(4, (M, d)), mlp_params(d, f)
-    _, res = _mlp_fwd(x, p, jnp.zeros((3, 2), jnp.uint32), INT8, "gelu", 1e-5, False)
+    seeds = jnp.zeros((3, 2), jnp.uint32)
+    _, res = jax.eval_shape(lambda x, p: _mlp_fwd(x, p, seeds, INT8, "gelu", 1e-5, False), x, p)
     (x_saved, _, _), h_dw, u, _, a_dw = res[:5]
-    for name, q, shape in [("x", x_saved, (M, d)), ("h^T", h_dw, (d, M)), ("u", u, (M, f)), ("a^T", a_dw, (f, M))]:
+    expected = [("x", x_saved, (M, d)), ("h^T", h_dw, (d, M)), ("u", u, (M, f)), ("a^T", a_dw, (f, M))]
+    for name, q, shape in expected:
         assert isinstance(q, QArray) and q.values.dtype == jnp.int8, name
         assert q.values.shape == shape, (name, q.values.shape)
     float_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(res) if a.dtype == jnp.float32
@@ -218,9 +231,10 @@ def test_mlp_residuals_are_int8():
 
 def test_dimension_not_multiple_of_block_raises():
     with pytest.raises(ValueError, match="hidden=100 is not a multiple of the INT8 block size 32"):
-        jetfire_mlp(rand(1, (8, 64)), mlp_params(64, 100), None, INT8)
+        jax.eval_shape(lambda x, p: jetfire_mlp(x, p, None, INT8), rand(1, (8, 64)), mlp_params(64, 100))
     with pytest.raises(ValueError, match="in_features=48"):
-        jetfire_linear(rand(1, (8, 48)), rand(2, (48, 64)), None, None, INT8)
+        jax.eval_shape(lambda x, w: jetfire_linear(x, w, None, None, INT8), rand(1, (8, 48)),
+                       rand(2, (48, 64)))
 
 
 def test_backend_reports_implementation():
@@ -236,8 +250,8 @@ def test_kernel_path_matches_reference_path():
     pk = Policy.from_name("jetfire-int8", use_kernels=True, compute_dtype=jnp.float32)
     x, p = rand(4, (40, 64)), mlp_params(64, 64)
     key = jax.random.PRNGKey(5)
-    f = lambda pol: jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2),
-                                       argnums=(0, 1))(x, p)
+    f = lambda pol: jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2),
+                                               argnums=(0, 1)))(x, p)
     (vk, gk), (vr, gr) = f(pk), f(INT8)
     assert abs(float(vk) - float(vr)) <= 1e-3 * abs(float(vr))
     for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gr)):

@@ -1,0 +1,146 @@
+"""Checkpoints: round trip, shape-mismatch errors, partial saves, and resume == uninterrupted training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train
+from jq8 import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A very small model on the bundled news text with byte tokens: seconds per run on a CPU.
+TINY = [
+    "--config", os.path.join(REPO, "configs", "tiny.py"), "--dataset=lee", "--tokenizer=bytes",
+    "--model.d_model=64", "--model.num_heads=2", "--batch_size=8", "--seq_len=32", "--eval_every=0",
+    "--log_every=1", "--progress=false", "--warmup_steps=2",
+]
+
+
+def _random_tree(key, d=(24, 40)):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "dense": {"kernel": jax.random.normal(k1, d), "bias": jax.random.normal(k2, (d[1],))},
+        "emb": {"embedding": jax.random.normal(k3, (37, d[0]))},
+    }
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def test_round_trip_restores_every_leaf_and_meta(tmp_path):
+    params = _random_tree(jax.random.key(1))
+    opt = {"mu": _random_tree(jax.random.key(2)), "count": jnp.int32(7)}
+    key = jax.random.key(5)
+    with checkpoint.Checkpointer(tmp_path / "ck", keep=2) as ck:
+        ck.save(3, params, opt, {"data_position": {"step": 3}, "rng": checkpoint.rng_to_json(key)})
+        ck.wait()
+        p2, o2, meta = ck.restore(_abstract(params), _abstract(opt))
+    for a, b in zip(jax.tree.leaves((params, opt)), jax.tree.leaves((p2, o2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert meta["step"] == 3 and meta["data_position"] == {"step": 3}
+    k2 = checkpoint.rng_from_json(meta["rng"])
+    np.testing.assert_array_equal(jax.random.normal(key, (4,)), jax.random.normal(k2, (4,)))
+    # load_params reads params only, from the run folder or a step folder.
+    p3, meta3 = checkpoint.load_params(tmp_path / "ck")
+    p4, _ = checkpoint.load_params(tmp_path / "ck" / "3")
+    for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(p3), jax.tree.leaves(p4)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert meta3["step"] == 3
+
+
+def test_keep_last_n(tmp_path):
+    params = _random_tree(jax.random.key(0))
+    with checkpoint.Checkpointer(tmp_path, keep=2) as ck:
+        for step in (1, 2, 3, 4):
+            ck.save(step, params, {}, {})
+        ck.wait()
+        assert ck.all_steps() == [3, 4]
+        assert ck.latest_step() == 4
+
+
+def test_mismatched_shape_names_the_parameter(tmp_path):
+    params = _random_tree(jax.random.key(0))
+    with checkpoint.Checkpointer(tmp_path) as ck:
+        ck.save(1, params, {}, {})
+        ck.wait()
+        other = _random_tree(jax.random.key(0), d=(24, 48))
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=r"'dense/bias' has shape \(40,\).*expects \(48,\).*'dense/kernel' has shape \(24, 40\).*expects \(24, 48\)"):
+            ck.restore(_abstract(other), {})
+        missing = {**params, "extra": {"kernel": jnp.ones((3, 3))}}
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="extra/kernel"):
+            ck.restore(_abstract(missing), {})
+
+
+def test_partial_save_is_ignored_and_cleaned(tmp_path):
+    params = _random_tree(jax.random.key(0))
+    with checkpoint.Checkpointer(tmp_path) as ck:
+        ck.save(2, params, {}, {"data_position": {"step": 2}})
+    # What a run killed mid-save leaves behind: a tmp folder with some of the files.
+    partial = tmp_path / "4.orbax-checkpoint-tmp"  # the name Orbax 0.12 uses
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "manifest.ocdbt").write_bytes(os.urandom(64))
+    ck = checkpoint.Checkpointer(tmp_path)
+    assert ck.latest_step() == 2 and ck.all_steps() == [2]
+    assert ck.removed_partial == [partial.name] and not partial.exists()
+    ck.close()
+
+
+def _history_from_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
+    # A subprocess trains and dies (os._exit, no clean-up) right after starting the async save of step 6.
+    # Up to that point it is an uninterrupted run: its logged losses are the reference.
+    args = [*TINY, "--steps=8", "--ckpt_every=3", f"--run_dir={tmp_path}"]
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {REPO!r})
+        import train
+        from jq8 import checkpoint
+        orig = checkpoint.Checkpointer.save
+        def save(self, step, *a, **k):
+            orig(self, step, *a, **k)
+            if step == 6:
+                os._exit(17)
+        checkpoint.Checkpointer.save = save
+        train.main({args!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    ck_dir = tmp_path / "checkpoints"
+    complete = sorted(int(p.name) for p in ck_dir.iterdir() if p.name.isdigit())
+    assert complete == [3], os.listdir(ck_dir)
+    reference = _history_from_metrics(tmp_path)
+    assert sorted(reference) == list(range(1, 7))
+
+    resumed = train.main(args)
+    assert resumed["start_step"] == 3
+    got = dict(resumed["history"])
+    assert sorted(got) == [4, 5, 6, 7, 8]
+    for step in (4, 5, 6):
+        assert got[step] == reference[step], (step, got[step], reference[step])
+    assert sorted(int(p.name) for p in ck_dir.iterdir()) == [3, 6, 8]  # partial 6 replaced, no tmp left
+
+
+def test_resume_with_other_model_shape_is_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    train.main([*TINY, "--steps=2", "--ckpt_every=2", f"--run_dir={run}"])
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"'h_0/.*/kernel' has shape \(64, .*expects \(96, "):
+        train.main([*TINY, "--steps=4", "--model.d_model=96", "--model.num_heads=2", f"--run_dir={run}"])
+    shutil.rmtree(run)

@@ -1,0 +1,219 @@
+"""INT8 GEMM kernels (interpret mode on CPU) vs their references and vs jq8.quant, on fresh random data at
+aligned and ragged shapes. The GPU counterpart of these checks is benchmarks/kernels.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jq8.quant import QuantSpec, dequantize, pack_int4, quantize
+from pallas_kernels import autotune
+from pallas_kernels._common import TileConfig
+from pallas_kernels.int8_matmul import erf_approx, int8_matmul, int8_matmul_reference
+from pallas_kernels.int8_matmul_block_scaled import (
+    Rescale,
+    infer_tile,
+    int8_matmul_block_scaled,
+    int8_matmul_block_scaled_reference,
+    matmul_qarrays,
+)
+
+NT = (((1,), (1,)), ((), ()))
+CFG = TileConfig(32, 64, 64, num_warps=4, num_stages=3, group_m=2)  # several programs, K loop + tail
+RAGGED = (70, 96, 200)
+ALIGNED = (64, 128, 256)
+
+
+def _int8(key, shape, lo=-127, hi=128):
+    return jax.random.randint(key, shape, lo, hi, jnp.int32).astype(jnp.int8)
+
+
+def _operands(seed: int, m: int, n: int, k: int):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    a, b = _int8(ks[0], (m, k)), _int8(ks[1], (n, k))
+    sa = jax.random.uniform(ks[2], (m, 1), jnp.float32, 1e-4, 2e-3)
+    sb = jax.random.uniform(ks[3], (1, n), jnp.float32, 1e-4, 2e-3)
+    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    res = jax.random.normal(ks[5], (m, n), jnp.float32).astype(jnp.bfloat16)
+    return a, b, sa, sb, bias, res
+
+
+def _int_ref(a, b):
+    return np.asarray(lax.dot_general(a, b, NT, preferred_element_type=jnp.int32))
+
+
+@pytest.mark.parametrize("shape,config", [(RAGGED, CFG), (ALIGNED, None)])
+def test_raw_int32_is_exact(shape, config):
+    a, b, *_ = _operands(1, *shape)
+    out = int8_matmul(a, b, config=config)
+    assert out.dtype == jnp.int32 and out.shape == shape[:2]
+    np.testing.assert_array_equal(np.asarray(out), _int_ref(a, b))
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_w8a8_epilogue_matches_reference(activation):
+    a, b, sa, sb, bias, res = _operands(2, *RAGGED)
+    kw = dict(bias=bias, activation=activation, residual=res)
+    out = int8_matmul(a, b, sa, sb, config=CFG, **kw)
+    ref = int8_matmul_reference(a, b, sa, sb, **kw)
+    assert out.dtype == jnp.bfloat16 and out.shape == RAGGED[:2]
+    # Independent f32 computation from the int32 product (not through the reference's epilogue helper).
+    y = _int_ref(a, b) * np.asarray(sa) * np.asarray(sb) + np.asarray(bias)[None]
+    if activation is not None:
+        y = np.asarray(jax.nn.gelu(jnp.asarray(y), approximate=activation == "gelu_tanh"))
+    y = y + np.asarray(res, np.float32)
+    scale = np.abs(y).max()
+    np.testing.assert_allclose(np.asarray(out, np.float32), y, rtol=1e-2, atol=1e-2 * scale)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2 * scale
+    )
+
+
+def test_w8a8_f32_output_one_sided_scale_gelu_tanh():
+    a, b, sa, _, _, _ = _operands(3, *RAGGED)
+    out = int8_matmul(a, b, sa, None, activation="gelu_tanh", out_dtype=jnp.float32, config=CFG)
+    expect = jax.nn.gelu(jnp.asarray(_int_ref(a, b) * np.asarray(sa)), approximate=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expect), rtol=1e-5, atol=1e-5)
+
+
+def test_erf_approx_accuracy():
+    x = jnp.linspace(-6, 6, 10001, dtype=jnp.float32)
+    assert float(jnp.max(jnp.abs(erf_approx(x) - jax.scipy.special.erf(x)))) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "spec,config",
+    [(QuantSpec.blocks((32, 32)), CFG), (QuantSpec.per_row(), None)],
+)
+def test_requantized_output_matches_jq8_quantize(spec, config):
+    a, b, sa, sb, bias, _ = _operands(4, *RAGGED)
+    out = int8_matmul(
+        a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, out_dtype=jnp.float32, config=config
+    )
+    y = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", out_dtype=jnp.float32)
+    q = quantize(y, spec)
+    assert out.values.shape == q.values.shape and out.scale.shape == q.scale.shape and out.spec == spec
+    diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.dequantize()), np.asarray(y), atol=float(np.asarray(q.scale).max())
+    )
+
+
+def test_int4_weights_exact():
+    k = 201  # odd: the last byte holds one code
+    a, *_ = _operands(5, RAGGED[0], RAGGED[1], k)
+    w4 = _int8(jax.random.key(6), (RAGGED[1], k), -8, 8)
+    out = int8_matmul(a, pack_int4(w4), b_bits=4, config=CFG)
+    np.testing.assert_array_equal(np.asarray(out), _int_ref(a, w4))
+
+
+def _float_operands(seed: int, m: int, n: int, k: int):
+    ka, kb, ko = jax.random.split(jax.random.key(seed), 3)
+    outliers = 1.0 + 30.0 * (jax.random.uniform(ko, (1, k)) > 0.95)  # a few hot channels
+    return jax.random.normal(ka, (m, k)) * outliers, jax.random.normal(kb, (n, k)) * 0.1
+
+
+@pytest.mark.parametrize(
+    "a_tile,b_tile,bits",
+    [
+        ((32, 32), (32, 32), 8),  # Jetfire
+        ((1, 128), (128, 128), 8),  # DeepSeek-V3 style
+        ((1, -1), (1, 64), 8),  # ZeroQuant: per-token activations, group-wise weights
+        ((64, 64), (32, 32), 4),  # INT4 weights; a's scale uniform over the 32-row tile
+    ],
+)
+def test_block_scaled_matches_dequantized_product(a_tile, b_tile, bits):
+    m, n, k = RAGGED
+    x, w = _float_operands(7, m, n, k)
+    qa, qb = quantize(x, QuantSpec(a_tile)), quantize(w, QuantSpec(b_tile, bits=bits))
+    out = matmul_qarrays(qa, qb, out_dtype=jnp.float32, config=CFG)
+    expect = lax.dot_general(dequantize(qa), dequantize(qb), NT, precision=lax.Precision.HIGHEST)
+    assert out.shape == (m, n)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(expect), rtol=1e-5, atol=1e-5 * float(jnp.abs(expect).max())
+    )
+    ref = int8_matmul_block_scaled_reference(
+        qa.values, qa.scale, qb.values, qb.scale, b_bits=bits, out_dtype=jnp.float32
+    )
+    np.testing.assert_allclose(
+        np.asarray(ref), np.asarray(expect), rtol=1e-5, atol=1e-5 * float(jnp.abs(expect).max())
+    )
+
+
+def test_rescale_variants_are_identical():
+    m, n, k = RAGGED
+    x, w = _float_operands(8, m, n, k)
+    qa, qb = quantize(x, QuantSpec((32, 32))), quantize(w, QuantSpec((32, 32)))
+    args = (qa.values, qa.scale, qb.values, qb.scale)
+    base = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG)  # magic convert, no overlap
+    for rescale in (Rescale(magic_convert=False, overlap=False), Rescale(magic_convert=True, overlap=True)):
+        out = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, rescale=rescale)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+def test_block_scaled_epilogue_and_requant():
+    m, n, k = ALIGNED
+    x, w = _float_operands(9, m, n, k)
+    qa, qb = quantize(x, QuantSpec((1, 128))), quantize(w, QuantSpec((128, 128)))
+    bias = jax.random.normal(jax.random.key(10), (n,))
+    spec = QuantSpec.groups(32, axis=1)
+    kw = dict(bias=bias, activation="gelu", out_spec=spec, out_dtype=jnp.float32)
+    out = int8_matmul_block_scaled(qa.values, qa.scale, qb.values, qb.scale, config=CFG, **kw)
+    y = int8_matmul_block_scaled_reference(
+        qa.values, qa.scale, qb.values, qb.scale, **{**kw, "out_spec": None}
+    )
+    q = quantize(y, spec)
+    diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5)
+
+
+def test_matmul_qarrays_per_channel_uses_epilogue_scales():
+    m, n, k = RAGGED
+    x, w = _float_operands(11, m, n, k)
+    qa, qb = quantize(x, QuantSpec.per_row()), quantize(w, QuantSpec.row_runs(48))  # 48: not a power of two
+    out = matmul_qarrays(qa, qb, out_dtype=jnp.float32, config=CFG)
+    expect = lax.dot_general(dequantize(qa), dequantize(qb), NT, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(expect), rtol=1e-5, atol=1e-5 * float(jnp.abs(expect).max())
+    )
+
+
+def test_infer_tile():
+    assert infer_tile(200, 7) == 32 and infer_tile(200, 2) == 128 and infer_tile(200, 1) == 200
+    assert infer_tile(70, 70) == 1 and infer_tile(96, 2) == 64
+    with pytest.raises(ValueError):
+        infer_tile(100, 3)
+
+
+def test_errors_are_actionable():
+    a, b, sa, sb, bias, _ = _operands(12, *RAGGED)
+    with pytest.raises(ValueError, match="block_n"):
+        int8_matmul(a, b, sa, sb, out_spec=QuantSpec.per_row(), config=CFG)
+    with pytest.raises(ValueError, match="block_k"):
+        int8_matmul(a, b, config=TileConfig(32, 32, 16))
+    with pytest.raises(ValueError, match="scale"):
+        int8_matmul(a, b, bias=bias)
+    with pytest.raises(NotImplementedError, match="powers of two"):
+        int8_matmul_block_scaled(a, jnp.ones((70, 13)), b, jnp.ones((96, 13)), a_tile=(1, 16), b_tile=(1, 16))
+
+
+def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "TUNING_DIR", tmp_path)
+    monkeypatch.setattr(autotune, "_CACHE", {})
+    assert autotune.lookup_config("int8_matmul", 8192, 8192, 8192, "k") == autotune.heuristic_config(
+        "int8_matmul", 8192, 8192, 8192
+    )
+    cfg = TileConfig(64, 128, 128, 4, 4, 8)
+    autotune.store_config("int8_matmul", 8192, 8192, 8192, "k", cfg)
+    monkeypatch.setattr(autotune, "_CACHE", {})  # force a re-read from the JSON file
+    assert autotune.lookup_config("int8_matmul", 8192, 8192, 8192, "k") == cfg
+    assert autotune.cache_path().exists()
+    if jax.default_backend() != "gpu":
+        with pytest.raises(RuntimeError):
+            autotune.autotune("int8_matmul", 64, 64, 64, "k", lambda c: None, [cfg])

@@ -1,0 +1,179 @@
+"""jq8.nn modules and jq8.policy: parameter trees, bf16 vs INT8 blocks under jit + grad, policy rules."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8.jetfire import mlp_reference
+from jq8.nn import AttentionBlock, Dense, LayerNorm, MlpBlock
+from jq8.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy
+
+BF16 = Policy.from_name("bf16")
+INT8 = Policy.from_name("jetfire-int8", use_kernels=False)
+
+
+class Block(nn.Module):
+    """The GPT block models/ builds: pre-norm attention and MLP branches on an fp32 residual stream."""
+
+    policy: Policy
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    rotary: bool = False
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = x + AttentionBlock(2, self.policy, norm=self.norm, rotary=self.rotary,
+                               dropout_rate=self.dropout_rate, name="attn")(x, deterministic)
+        x = x + MlpBlock(128, self.policy, activation=self.activation, norm=self.norm,
+                         dropout_rate=self.dropout_rate, name="mlp")(x, deterministic)
+        return x
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+X = jax.random.normal(jax.random.PRNGKey(0), (2, 21, 64))  # 42 tokens: ragged vs 32-row blocks
+
+
+def shapes(tree):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+
+
+@pytest.mark.parametrize("activation,norm,rotary", [("gelu", "layernorm", False), ("swiglu", "rmsnorm", True)])
+def test_parameter_tree_is_policy_independent(activation, norm, rotary):
+    trees = [shapes(Block(p, activation, norm, rotary).init(jax.random.PRNGKey(1), X)) for p in (BF16, INT8)]
+    assert trees[0] == trees[1]
+    params = trees[0]["params"]
+    assert set(params["attn"]) == {"norm", "qkv", "out"}
+    assert params["attn"]["qkv"]["kernel"] == ((64, 192), jnp.float32)
+    mlp = {"norm", "fc1", "fc2"} | ({"gate"} if activation == "swiglu" else set())
+    assert set(params["mlp"]) == mlp
+    assert params["mlp"]["fc1"]["kernel"] == ((64, 128), jnp.float32)
+    assert ("bias" in params["mlp"]["fc1"]) == (activation == "gelu")
+    assert ("bias" in params["mlp"]["norm"]) == (norm == "layernorm")
+
+
+@pytest.mark.parametrize("activation,norm,rotary", [("gelu", "layernorm", False), ("swiglu", "rmsnorm", True)])
+def test_block_int8_vs_bf16_gradients(activation, norm, rotary):
+    """A whole block under jit + grad with dropout: INT8 gradients vs bf16, error per parameter."""
+    variables = Block(BF16, activation, norm, rotary).init(jax.random.PRNGKey(1), X)
+    probe = jax.random.normal(jax.random.PRNGKey(2), X.shape)
+
+    def loss(params, policy, key):
+        y = Block(policy, activation, norm, rotary).apply({"params": params}, X, deterministic=False,
+                                                           rngs={"dropout": key})
+        return jnp.sum((y - X) * probe)  # the branches' contribution (x passes through unchanged)
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    key = jax.random.PRNGKey(3)
+    (lb, gb), (li, gi) = grad(variables["params"], BF16, key), grad(variables["params"], INT8, key)
+    assert abs(float(li - lb)) < 5e-2 * abs(float(lb))
+    errs = {jax.tree_util.keystr(p): rel(a, b)
+            for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(gi), jax.tree.leaves(gb))}
+    print(f"\nINT8 vs bf16 gradient relative error per parameter ({activation}, {norm}):")
+    for k, v in errs.items():
+        print(f"  {k:40s} {v:.4f}")
+    assert all(np.isfinite(v) for v in errs.values())
+    assert max(errs.values()) < 8e-2, errs
+
+
+def test_bf16_mlp_block_matches_reference_and_dtype():
+    m = MlpBlock(128, BF16)
+    v = m.init(jax.random.PRNGKey(1), X)
+    y = m.apply(v, X)
+    assert y.dtype == jnp.float32 and y.shape == X.shape
+    want = mlp_reference(X, v["params"])  # fp32 everywhere
+    assert 1e-4 < rel(y, want) < 2e-2  # bf16 compute: close to, but not identical with, fp32
+
+
+def test_dropout_uses_rng_and_deterministic_flag():
+    m = MlpBlock(128, INT8, dropout_rate=0.5)
+    v = m.init(jax.random.PRNGKey(1), X)
+    f = jax.jit(lambda key: m.apply(v, X, deterministic=False, rngs={"dropout": key}))
+    y1, y2 = f(jax.random.PRNGKey(1)), f(jax.random.PRNGKey(2))
+    y0 = jax.jit(lambda: m.apply(v, X))()
+    assert not np.allclose(y1, y2)
+    zeros = float(jnp.mean(y1 == 0))
+    assert 0.35 < zeros < 0.65
+    kept = y1 != 0
+    np.testing.assert_allclose(np.asarray(y1)[kept], 2 * np.asarray(y0)[kept], rtol=1e-5, atol=1e-6)
+
+
+def test_int8_dimension_errors_name_the_dimension():
+    with pytest.raises(ValueError, match=r"hidden=100 is not a multiple of the INT8 block size 32"):
+        MlpBlock(100, INT8).init(jax.random.PRNGKey(0), X)
+    with pytest.raises(ValueError, match=r"model_dim=48"):
+        AttentionBlock(2, INT8).init(jax.random.PRNGKey(0), jnp.ones((1, 4, 48)))
+    # bf16 accepts any width
+    MlpBlock(100, BF16).init(jax.random.PRNGKey(0), X)
+
+
+def test_dense_and_layernorm_modules():
+    x = jax.random.normal(jax.random.PRNGKey(4), (37, 64))
+    d = Dense(96, policy=INT8)
+    v = d.init(jax.random.PRNGKey(0), x)
+    assert shapes(v)["params"] == {"kernel": ((64, 96), jnp.float32), "bias": ((96,), jnp.float32)}
+    y8, yb = jax.jit(d.apply)(v, x), Dense(96, policy=BF16).apply(v, x)
+    assert y8.dtype == yb.dtype == jnp.bfloat16
+    assert 1e-3 < rel(y8, yb) < 3e-2
+    ln = LayerNorm(rms=True)
+    vl = ln.init(jax.random.PRNGKey(0), x)
+    assert set(vl["params"]) == {"scale"}
+    y = ln.apply(vl, x)
+    np.testing.assert_allclose(np.mean(np.square(np.asarray(y)), axis=-1), 1.0, rtol=1e-3)
+
+
+def test_policy_validation_and_names():
+    assert Policy.from_name("jetfire-int8").int8 and not Policy.from_name("bf16").int8
+    assert not Policy.from_name("bf16", int8_forward=True).int8_forward  # bf16 has no INT8 GEMM
+    assert not Policy.from_name("jetfire-int8", int8_forward=False, int8_grad_input=False,
+                                int8_grad_weight=False).int8
+    with pytest.raises(ValueError, match="unknown policy name"):
+        Policy.from_name("fp8")
+    with pytest.raises(ValueError, match="powers of two"):
+        Policy.from_name("jetfire-int8", block=(24, 24))
+    with pytest.raises(ValueError, match="rounding_bwd"):
+        Policy(name="jetfire-int8", rounding_bwd="up")
+    with pytest.raises(ValueError, match="unknown Policy field"):
+        Policy.from_name("bf16", blocks=(32, 32))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        Policy(compute_dtype=jnp.int8)
+    assert hash(Policy.from_name("jetfire-int8")) == hash(Policy(name="jetfire-int8"))
+    assert {name for name, _ in HIGH_PRECISION_ISLANDS} >= {"attention core", "LM head", "loss", "optimizer"}
+
+
+class PlainMlp(nn.Module):
+    """A model written with flax.linen.Dense, unaware of jq8."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(128, name="fc1")(x))
+        return nn.Dense(64, name="fc2")(h) + nn.Dense(64, name="skip")(x)
+
+
+def test_apply_policy_reroutes_matching_dense_layers():
+    model = PlainMlp()
+    x = jax.random.normal(jax.random.PRNGKey(5), (40, 64))
+    v = model.init(jax.random.PRNGKey(0), x)
+    pm = apply_policy(model, {r"fc[12]": Policy.from_name("jetfire-int8", use_kernels=False,
+                                                           compute_dtype=jnp.float32)})
+    assert shapes(pm.init(jax.random.PRNGKey(0), x)) == shapes(v)
+    y_plain, y_q = model.apply(v, x), pm.apply(v, x)
+    assert 1e-3 < rel(y_q, y_plain) < 3e-2  # quantized, and close
+    # Only fc1/fc2 were rerouted: the skip Dense gradient is exact wrt the plain model's skip input.
+    g_plain = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(v["params"])
+    g_q = jax.grad(lambda p: jnp.sum(pm.apply({"params": p}, x, rngs={"quant": jax.random.PRNGKey(1)}) ** 2))(
+        v["params"])
+    for name in ("fc1", "fc2", "skip"):
+        assert rel(g_q[name]["kernel"], g_plain[name]["kernel"]) < 6e-2
+    with pytest.raises(ValueError, match=r"matched no nn.Dense.*fc3"):
+        apply_policy(model, [(r"fc[12]", "jetfire-int8"), (r"fc3", "jetfire-int8")]).apply(v, x)
+    with pytest.raises(ValueError, match="invalid module-path regex"):
+        apply_policy(model, {r"fc[": "jetfire-int8"})
