@@ -33,12 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--eval", dest="eval_dir", help="reload a compact checkpoint and evaluate it (INT8 path)")
     p.add_argument("--lkd", action="store_true", help="layer-wise knowledge distillation after quantizing")
-    p.add_argument("--lkd-input", default="fp", choices=("fp", "quantized", "both"),
-                   help="student input: float model's (ZeroQuant) or quantized model's own (GPTQ-style)")
+    p.add_argument(
+        "--lkd-input",
+        default="fp",
+        choices=("fp", "quantized", "both"),
+        help="student input: float model's (ZeroQuant) or quantized model's own (GPTQ-style)",
+    )
     p.add_argument("--lkd-steps", type=int, default=100)
     p.add_argument("--lkd-lr", type=float, default=1e-4)
     p.add_argument("--lkd-batch", type=int, default=8)
-    p.add_argument("--calib", default="lee", help="calibration text for LKD / static ranges (jq8.data source)")
+    p.add_argument(
+        "--calib", default="lee", help="calibration text for LKD / static ranges (jq8.data source)"
+    )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
@@ -46,8 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training sequence length")
     p.add_argument("--float-dtype", default="float16", help="storage dtype of the unquantized params")
-    p.add_argument("--backend", default=None, choices=(None, "pallas", "xla"),
-                   help="INT8 GEMM backend (default: pallas on GPU, xla on CPU)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=(None, "pallas", "xla"),
+        help="INT8 GEMM backend (default: pallas on GPU, xla on CPU)",
+    )
     p.add_argument("--generate", default=None, help="prompt to continue with the quantized (and FP) model")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--top-k", type=int, default=1, help="1 = greedy")
@@ -74,10 +84,14 @@ def load_float_model(ckpt: str):
     try:
         params, meta = load_params(path)
     except Exception as e:  # Orbax raises many kinds; the user needs to know it is not a jq8 checkpoint
-        fail(f"{ckpt} is not a jq8 training checkpoint ({type(e).__name__}: {e}); expected a train.py run dir")
+        fail(
+            f"{ckpt} is not a jq8 training checkpoint ({type(e).__name__}: {e}); expected a train.py run dir"
+        )
     if not isinstance(meta, dict) or "model_config" not in meta:
         fail(f"{ckpt} is not a jq8 training checkpoint (no model_config in its meta)")
-    model = build_model(meta["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    model = build_model(
+        meta["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
+    )
     return model, params, meta
 
 
@@ -87,8 +101,10 @@ def eval_data(meta: dict, args, seq_len: int):
     tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
     src = args.eval_source or meta.get("train_config", {}).get("dataset", "wiki")
     ds = prepare(**({} if src == "wiki" else {"source": src}), tokenizer=tok)
-    batches = [(b.inputs, b.targets) for b in ds.eval_batches("val", args.batch_size, seq_len,
-                                                               max_batches=args.eval_batches)]
+    batches = [
+        (b.inputs, b.targets)
+        for b in ds.eval_batches("val", args.batch_size, seq_len, max_batches=args.eval_batches)
+    ]
     if not batches:
         fail(f"the evaluation split of {src!r} has no full batch of {args.batch_size} x {seq_len}")
     return ds, batches
@@ -103,11 +119,13 @@ def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
     toks = np.asarray(ds.tokens("train"))
     need = args.calib_samples * seq_len
     if toks.size < need:
-        fail(f"calibration data too small: {args.calib!r} has {toks.size} tokens, need {need} "
-             f"({args.calib_samples} x {seq_len}); lower --calib-samples or pass a larger --calib")
+        fail(
+            f"calibration data too small: {args.calib!r} has {toks.size} tokens, need {need} "
+            f"({args.calib_samples} x {seq_len}); lower --calib-samples or pass a larger --calib"
+        )
     seqs = toks[:need].astype(np.int32).reshape(args.calib_samples, seq_len)
     bs = max(1, min(args.lkd_batch, args.calib_samples))
-    return [jnp.asarray(seqs[i:i + bs]) for i in range(0, args.calib_samples - bs + 1, bs)]
+    return [jnp.asarray(seqs[i : i + bs]) for i in range(0, args.calib_samples - bs + 1, bs)]
 
 
 def quantized_logits(model, qp, backend):
@@ -115,15 +133,23 @@ def quantized_logits(model, qp, backend):
 
 
 def table_row(name: str, res: dict, size: int, **extra) -> dict:
-    return {"setting": name, "ppl": round(res["ppl"], 3), "loss": round(res["loss"], 4), "bytes": size,
-            "eval_s": res["seconds"], **extra}
+    return {
+        "setting": name,
+        "ppl": round(res["ppl"], 3),
+        "loss": round(res["loss"], 4),
+        "bytes": size,
+        "eval_s": res["seconds"],
+        **extra,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'setting':34s} {'ppl':>9s} {'MB':>8s} {'quant s':>8s} {'lkd s':>7s} {'eval s':>7s}")
     for r in rows:
-        print(f"{r['setting']:34s} {r['ppl']:9.3f} {r['bytes'] / 1e6:8.3f} {r.get('quant_s', 0):8.2f} "
-              f"{r.get('lkd_s', 0):7.1f} {r['eval_s']:7.2f}")
+        print(
+            f"{r['setting']:34s} {r['ppl']:9.3f} {r['bytes'] / 1e6:8.3f} {r.get('quant_s', 0):8.2f} "
+            f"{r.get('lkd_s', 0):7.1f} {r['eval_s']:7.2f}"
+        )
 
 
 def main(argv=None) -> dict:
@@ -155,7 +181,7 @@ def main(argv=None) -> dict:
         qp = qcheckpoint.as_stored(qp, args.float_dtype)
         qs = time.perf_counter() - t0
         res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
-        size = ptq.bits_report(qp)["total_bytes"] if args.float_dtype != "float16" else _stored_bytes(qp)
+        size = ptq.bits_report(qp, args.float_dtype)["total_bytes"]
         rows.append(table_row(label, res, size, quant_s=round(qs, 3), **extra))
         return qp, res
 
@@ -167,21 +193,38 @@ def main(argv=None) -> dict:
         rules = ptq.scheme(args.scheme, int4_group=args.int4_group)
         modes = ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]
         for mode in modes:
-            cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode)
+            cfg = lkd.LKDConfig(
+                steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode
+            )
             t0 = time.perf_counter()
             new_params, rep = lkd.distill(model, params, rules, calib, cfg)
             lkd_s = time.perf_counter() - t0
             lkd_reports[mode] = rep
-            qp, res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant + LKD ({mode} input)", p=new_params,
-                                 lkd_s=round(lkd_s, 2))
+            qp, res = run_scheme(
+                args.scheme,
+                f"{args.scheme} ZeroQuant + LKD ({mode} input)",
+                p=new_params,
+                lkd_s=round(lkd_s, 2),
+            )
             if res["ppl"] < final_res["ppl"] or mode == modes[0]:
                 final_qp, final_res = qp, res
 
     t0 = time.perf_counter()
-    extra = {"tokenizer": meta.get("tokenizer", {}), "source_ckpt": os.path.abspath(args.ckpt), "scheme": args.scheme,
-             "lkd": args.lkd, "seq_len": seq_len}
-    qcheckpoint.save_quantized(args.out, final_qp, model_config=meta["model_config"], extra=extra,
-                               float_dtype=args.float_dtype, overwrite=args.overwrite)
+    extra = {
+        "tokenizer": meta.get("tokenizer", {}),
+        "source_ckpt": os.path.abspath(args.ckpt),
+        "scheme": args.scheme,
+        "lkd": args.lkd,
+        "seq_len": seq_len,
+    }
+    qcheckpoint.save_quantized(
+        args.out,
+        final_qp,
+        model_config=meta["model_config"],
+        extra=extra,
+        float_dtype=args.float_dtype,
+        overwrite=args.overwrite,
+    )
     save_s = time.perf_counter() - t0
     qp2, _ = qcheckpoint.load_quantized(args.out)
     res2 = evaluate.perplexity(quantized_logits(model, qp2, args.backend), batches)
@@ -189,26 +232,28 @@ def main(argv=None) -> dict:
     rows.append(table_row(f"reloaded from {args.out}", res2, disk, save_s=round(save_s, 3)))
 
     print_table(rows)
-    report = {"rows": rows, "fp32_bytes": fp_bytes, "disk_bytes": disk,
-              "fp16_bytes": fp_bytes // 2, "size_ratio_vs_fp16": round(fp_bytes / 2 / disk, 3),
-              "bits": ptq.bits_report(final_qp), "lkd": lkd_reports,
-              "eval": {"batches": len(batches), "batch_size": args.batch_size, "seq_len": seq_len}}
+    report = {
+        "rows": rows,
+        "fp32_bytes": fp_bytes,
+        "disk_bytes": disk,
+        "fp16_bytes": fp_bytes // 2,
+        "size_ratio_vs_fp16": round(fp_bytes / 2 / disk, 3),
+        "bits": ptq.bits_report(final_qp, args.float_dtype),
+        "lkd": lkd_reports,
+        "eval": {"batches": len(batches), "batch_size": args.batch_size, "seq_len": seq_len},
+    }
     if lkd_reports:
         print(ptq.format_bits_report(report["bits"]))
-    print(f"compact checkpoint {args.out}: {disk / 1e6:.3f} MB on disk (fp32 model {fp_bytes / 1e6:.3f} MB, "
-          f"{fp_bytes / disk:.2f}x smaller)")
+    print(
+        f"compact checkpoint {args.out}: {disk / 1e6:.3f} MB on disk (fp32 model {fp_bytes / 1e6:.3f} MB, "
+        f"{fp_bytes / disk:.2f}x smaller)"
+    )
     if args.generate:
         report["generation"] = generations(args, model, params, final_qp, meta, seq_len)
     out_json = args.json or os.path.join(args.out, "eval.json")
     Path(out_json).write_text(json.dumps(report, indent=1, default=str))
     print(f"table saved to {out_json}")
     return report
-
-
-def _stored_bytes(qp) -> int:
-    """Bytes of the quantized arrays + float params at 2 bytes (the float16 storage)."""
-    rep = ptq.bits_report(qp)
-    return rep["quantized_bytes"] + rep["float_bytes"] // 2
 
 
 def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
@@ -222,7 +267,9 @@ def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
     if params is not None:
         fns = {"fp32": lambda t: model.apply({"params": params}, t), **fns}
     for name, fn in fns.items():
-        ids = evaluate.generate(fn, prompt, max_new_tokens=args.max_new_tokens, window=seq_len, top_k=args.top_k)
+        ids = evaluate.generate(
+            fn, prompt, max_new_tokens=args.max_new_tokens, window=seq_len, top_k=args.top_k
+        )
         text = tok.decode(ids)
         out[name] = text
         print(f"[{name}] {args.generate}{text}")
@@ -237,8 +284,9 @@ def eval_main(args) -> dict:
         qp, manifest = qcheckpoint.load_quantized(args.eval_dir)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    model = build_model(manifest["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32,
-                                                                   use_kernels=False))
+    model = build_model(
+        manifest["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
+    )
     extra = manifest.get("extra", {})
     seq_len = args.seq_len or extra.get("seq_len", 64)
     meta = {"tokenizer": extra.get("tokenizer", {})}
@@ -249,11 +297,17 @@ def eval_main(args) -> dict:
     rows = []
     if params is not None:
         fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
-        rows.append(table_row("FP32", evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches),
-                              fp_bytes))
+        rows.append(
+            table_row(
+                "FP32", evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches), fp_bytes
+            )
+        )
     res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
-    rows.append(table_row(f"{extra.get('scheme', '?')} from {args.eval_dir}", res,
-                          qcheckpoint.disk_bytes(args.eval_dir)))
+    rows.append(
+        table_row(
+            f"{extra.get('scheme', '?')} from {args.eval_dir}", res, qcheckpoint.disk_bytes(args.eval_dir)
+        )
+    )
     print_table(rows)
     report = {"rows": rows}
     if args.generate:

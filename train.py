@@ -137,14 +137,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:
-        with_sh = lambda a, s: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a, s)
-        params, opt_state, meta = ckpt.restore(with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+        # Restore straight into the shards this run uses (any device count, whatever the writer used).
+        def target(abstract, shards):
+            struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            return jax.tree.map(struct, abstract, shards)
+
+        params, opt_state, meta = ckpt.restore(target(abstract_params, param_sh),
+                                               target(abstract_opt, opt_sh))
         start = int(meta["data_position"]["step"])
         if is_main:
             print(f"resumed from {ckpt.step_dir(meta['step'])} (step {start})")
     else:
-        params = jax.jit(init_params, out_shardings=param_sh)(base_key)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        # Created directly in their shards: a model larger than one device's memory never exists whole.
+        init_state = lambda key: (lambda p: (p, tx.init(p)))(init_params(key))
+        params, opt_state = jax.jit(init_state, out_shardings=(param_sh, opt_sh))(base_key)
     if is_main:
         print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {policy.name}, {mesh.size} device(s) "
               f"({cfg.sharding}), vocab {model_cfg.vocab_size}, {ds}")
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
 
     train_step = jax.jit(train_step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
 
@@ -219,8 +226,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         history.append((step, loss))
         return loss
 
-    all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
-
     pending = None  # (step, metrics) of the previous step: read one step late so dispatch stays ahead
     try:
         for it in range(start, cfg.steps):
@@ -238,22 +243,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pending = None
                 dt = time.perf_counter() - t_last
                 tok_s = steps_since * tokens_per_step / dt
-                writer.write(step, loss=loss, lr=float(lr_at(it)), grad_norm=float(m["grad_norm"]), tokens_per_s=tok_s)
+                writer.write(step, loss=loss, lr=float(lr_at(it)), grad_norm=float(m["grad_norm"]),
+                             tokens_per_s=tok_s)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_last, steps_since = time.perf_counter(), 0
 
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if cfg.eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 val = evaluate(params)
                 writer.write(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                 if is_main:
                     bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
                 t_last = time.perf_counter()  # do not count eval time in tokens/s
 
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            if cfg.ckpt_every >= 0 and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
                 if pending is not None:
                     check(*pending)  # never save a state whose loss was not finite
                     pending = None
-                if not bool(all_finite(params)):
+                if not bool(m["params_finite"]):
                     raise diverged(step + 1, "weights became non-finite")
                 save(step)
         if pending is not None:

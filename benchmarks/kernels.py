@@ -11,8 +11,8 @@
    XLA int8 ``dot_general`` s8 x s8 -> s32 with rhs (N, K); XLA int8 + scale multiply (what AQT / Qwix run);
    our W8A8 (fused dequant epilogue, bf16 out); our block-scaled GEMM (32x32, 1x128 act with 128x128
    weight, 128x128), bf16 out. Prints TOP/s and ratios vs XLA measured in the same run.
-3. At 8192^3 only: block-scaled rescale variants (int->float convert vs the magic-number trick, with and
-   without overlapping the rescale behind the next group's product).
+3. At 8192^3 only: block-scaled int->float conversion variants (convert instruction vs the magic-number
+   trick, exact or folded), tiles that make one side's scale a scalar, W8A8 epilogues and W4A8.
 ``--tune`` autotunes our kernels first (short candidate list), ``--quick`` times fewer shapes.
 Results (and the tuning cache) are written under ``$OUT`` when it is set.
 CPU smoke test: ``INTERPRET=1 PYTHONPATH=. python3 benchmarks/kernels.py --quick`` (tiny shapes).
@@ -41,7 +41,6 @@ from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_matmul_block_scaled import (
-    Rescale,
     int8_matmul_block_scaled,
     int8_matmul_block_scaled_reference,
 )
@@ -253,40 +252,98 @@ def make_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
 def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
     """Variants timed at one shape only: rescale strategies, ZeroQuant groups, W4A8, fused epilogues."""
     keys = jax.random.split(jax.random.key(m + n + k + 1), 4 * n_sets)
-    sets = {"32": [], "128": [], "g128": [], "w8a8": [], "w4a8": []}
+    sets = {"32": [], "128": [], "sq128": [], "g128": [], "w8a8": [], "w4a8": []}
     for s in range(n_sets):
         k0, k1, k2, k3 = keys[4 * s : 4 * s + 4]
         a, b = rand_int8(k0, (m, k)), rand_int8(k1, (n, k))
         sets["32"].append((a, rand_scale(k2, (m // 32, k // 32)), b, rand_scale(k3, (n // 32, k // 32))))
         sets["128"].append((a, rand_scale(k2, (m, k // 128)), b, rand_scale(k3, (n // 128, k // 128))))
+        sets["sq128"].append(
+            (a, rand_scale(k2, (m // 128, k // 128)), b, rand_scale(k3, (n // 128, k // 128)))
+        )
         sets["g128"].append((a, rand_scale(k2, (m, 1)), b, rand_scale(k3, (n, k // 128))))
         bias = jax.random.normal(k2, (n,), jnp.float32)
         sets["w8a8"].append((a, b, rand_scale(k2, (m, 1)), rand_scale(k3, (1, n)), bias))
         b4 = pack_int4(rand_int8(k1, (n, k), -7, 8))
         sets["w4a8"].append((a, b4, rand_scale(k2, (m, 1)), rand_scale(k3, (1, n)), bias))
 
-    def bs(ta, tb, rescale):
+    def bs(ta, tb, convert, config=None, unroll=1, split_n=False):
         return jax.jit(
             lambda a, sa, b, sb: int8_matmul_block_scaled(
-                a, sa, b, sb, a_tile=ta, b_tile=tb, rescale=rescale, interpret=interpret
+                a,
+                sa,
+                b,
+                sb,
+                a_tile=ta,
+                b_tile=tb,
+                convert=convert,
+                unroll=unroll,
+                split_n=split_n,
+                config=config,
+                interpret=interpret,
             )
         )
 
-    cvt, magic = Rescale(False, False), Rescale(True, False)
-    cvt_ov, magic_ov = Rescale(False, True), Rescale(True, True)
+    small = not INTERPRET and min(m, n) < 1024
+    t128x32 = TileConfig(128, 32, 32, 4, 4, 8)  # Jetfire blocks with block_n = 32: b's scale is a scalar
+    t256x32 = TileConfig(256, 32, 32, 8, 3, 8)
+    t256 = TileConfig(256, 128, 128, 8, 3, 8)
+    t128x64 = TileConfig(128, 64, 32, 8, 3, 8)
+    t256x128x32 = TileConfig(256, 128, 32, 8, 3, 8)
     v = {}
-    for label, ta, tb, key in (
-        ("bs 32x32", (32, 32), (32, 32), "32"),
-        ("bs 1x128+128x128", (1, 128), (128, 128), "128"),
-        ("bs row x g128", (1, -1), (1, 128), "g128"),
+    for label, ta, tb, key, variants in (
+        (
+            "bs 32x32",
+            (32, 32),
+            (32, 32),
+            "32",
+            [
+                ("cvt", None),
+                ("magic", None),
+                ("auto 128x32x32", t128x32),
+                ("auto 256x32x32", t256x32),
+                ("cvt unroll2", None),
+                ("cvt unroll4 128x64x32", t128x64),
+                ("auto unroll4 128x32x32", t128x32),
+                ("auto split_n", None),
+                ("cvt split_n", None),
+                ("auto split_n unroll2", None),
+                ("auto split_n 256x128x32", t256x128x32),
+            ],
+        ),
+        (
+            "bs 1x128+128x128",
+            (1, 128),
+            (128, 128),
+            "128",
+            [("cvt", None), ("magic", None), ("magic_folded", None), ("magic 256x128x128", t256)],
+        ),
+        ("bs 128x128", (128, 128), (128, 128), "sq128", [("cvt", None), ("magic", None)]),
+        (
+            "bs row x g128",
+            (1, -1),
+            (1, 128),
+            "g128",
+            [("cvt", None), ("magic", None), ("magic_folded", None), ("magic 256x128x128", t256)],
+        ),
     ):
-        for rname, r in (
-            ("cvt", cvt),
-            ("magic", magic),
-            ("cvt+overlap", cvt_ov),
-            ("magic+overlap", magic_ov),
-        ):
-            v[f"ours {label} {rname}"] = (bs(ta, tb, r), sets[key])
+        for vname, cfg in variants:
+            if small and cfg is not None:
+                continue
+            convert = vname.split()[0]
+            unroll = int(vname.split("unroll")[1][0]) if "unroll" in vname else 1
+            v[f"ours {label} {vname}"] = (bs(ta, tb, convert, cfg, unroll, "split_n" in vname), sets[key])
+    for cfg in (TileConfig(256, 128, 128, 8, 4, 8), TileConfig(128, 256, 128, 8, 3, 8)):
+        if not small:
+            name = f"ours W8A8 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+            v[name] = (
+                jax.jit(
+                    lambda a, b, sa, sb, bias, cfg=cfg: int8_matmul(
+                        a, b, sa, sb, config=cfg, interpret=interpret
+                    )
+                ),
+                sets["w8a8"],
+            )
     v["ours W8A8 bias+gelu"] = (
         jax.jit(
             lambda a, b, sa, sb, bias: int8_matmul(
@@ -319,6 +376,7 @@ def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: 
 
 TUNE_W8A8 = [
     TileConfig(256, 128, 128, 8, 3, 8),
+    TileConfig(256, 128, 128, 8, 4, 8),
     TileConfig(128, 256, 128, 8, 3, 8),
     TileConfig(128, 128, 128, 8, 3, 8),
     TileConfig(128, 128, 64, 4, 4, 8),
@@ -327,6 +385,7 @@ TUNE_BS = [
     TileConfig(128, 128, 128, 8, 3, 8),
     TileConfig(256, 128, 128, 8, 3, 8),
     TileConfig(128, 128, 64, 4, 4, 8),
+    TileConfig(128, 32, 32, 4, 4, 8),
 ]
 
 

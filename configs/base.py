@@ -41,8 +41,8 @@ class TrainConfig:
     # logging / evaluation / checkpoints
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
-    eval_batches: int = 8
-    ckpt_every: int = 100  # 0: only at the end
+    eval_batches: int = 8  # 0: no evaluation
+    ckpt_every: int = 100  # 0: only at the end, -1: never
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
@@ -97,7 +97,8 @@ def _parse(value: str, typ: Any, key: str) -> Any:
             return int(float(value)) if "e" in value.lower() else int(value)
         return typ(value)
     except ValueError:
-        raise ValueError(f"--{key}={value!r}: expected a value of type {getattr(typ, '__name__', typ)}") from None
+        name = getattr(typ, "__name__", typ)
+        raise ValueError(f"--{key}={value!r}: expected a value of type {name}") from None
 
 
 def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
@@ -108,7 +109,8 @@ def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
     mfields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"override {arg!r} must look like --key=value; valid keys: {', '.join(valid_keys())}")
+            keys = ", ".join(valid_keys())
+            raise ValueError(f"override {arg!r} must look like --key=value; valid keys: {keys}")
         key, value = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key.startswith("model.") and key[6:] in mfields:

@@ -103,7 +103,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
         self.removed_partial = remove_partial_saves(self.directory) if jax.process_index() == 0 else []
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
     def latest_step(self) -> int | None:
@@ -143,7 +145,9 @@ class Checkpointer:
             check_compatible(md["opt_state"].tree, abstract_opt_state, "optimizer state")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         elif jax.tree.leaves(abstract_opt_state):
-            raise CheckpointMismatchError(f"checkpoint step {step} holds no optimizer state, but the optimizer has one")
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} holds no optimizer state, but the optimizer has one"
+            )
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return out["params"], (out["opt_state"] if has_opt else abstract_opt_state), out["meta"]
 

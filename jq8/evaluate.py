@@ -38,8 +38,12 @@ def perplexity(logits_fn: LogitsFn, batches: Iterable[tuple[Any, Any]]) -> dict[
     if count == 0:
         raise ValueError("perplexity got no evaluation batches")
     loss = total / count
-    return {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": count,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "ppl": math.exp(min(loss, 700.0)),
+        "loss": loss,
+        "tokens": count,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def generate(
@@ -81,4 +85,4 @@ def generate(
         ids.append(nxt)
         if eot_id is not None and nxt == eot_id:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]

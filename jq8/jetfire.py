@@ -71,12 +71,19 @@ def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, ep
     return ops.layer_norm_float(x, gamma, beta, eps=eps, rms=rms)[0]
 
 
-def _act_reference(params: Params, h: jax.Array, activation: str, cd) -> jax.Array:
-    u = linear_reference(h, params["fc1"]["kernel"], params["fc1"].get("bias"), cd).astype(F32)
+def activation_reference(u: jax.Array, v: jax.Array | None, activation: str) -> jax.Array:
+    """gelu(u) (exact erf) or u * silu(v), in the inputs' dtype (bf16 under the bf16 policy, so autodiff
+    keeps bf16 residuals, as a plain bf16 Flax MLP does)."""
     if activation == "gelu":
         return jax.nn.gelu(u, approximate=False)
-    v = linear_reference(h, params["gate"]["kernel"], params["gate"].get("bias"), cd).astype(F32)
     return u * jax.nn.silu(v)
+
+
+def _act_reference(params: Params, h: jax.Array, activation: str, cd) -> jax.Array:
+    u = linear_reference(h, params["fc1"]["kernel"], params["fc1"].get("bias"), cd)
+    v = None if activation == "gelu" else linear_reference(h, params["gate"]["kernel"],
+                                                           params["gate"].get("bias"), cd)
+    return activation_reference(u, v, activation)
 
 
 def mlp_reference(x: jax.Array, params: Params, *, compute_dtype=F32, activation="gelu", eps=1e-5,
@@ -192,7 +199,7 @@ def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
     norm, fc1, fc2 = params["norm"], params["fc1"], params["fc2"]
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
     # fc1's output goes INT8 straight from the GEMM epilogue (round-to-nearest) into the activation.
-    u_spec = policy.spec if policy.int8_forward else None
+    u_spec = policy.storage_spec if policy.int8_forward else None
     w1_fwd, w1_dx = ops.weight_operands(fc1["kernel"], policy)
     u = ops.linear_fwd(h_fwd, w1_fwd, fc1.get("bias"), policy, out_dtype=cd, out_spec=u_spec)
     if activation == "gelu":
@@ -218,7 +225,8 @@ def _mlp_bwd(policy, activation, eps, rms, res, g):
         grads[name] = {"kernel": dw, **({"bias": db} if "bias" in names[name] else {})}
 
     g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
-    da = ops.grad_input(g_dx, w2_dx, policy)
+    # dL/da (M, F), the largest float tensor of the backward: compute dtype, consumed at once by GELU'.
+    da = ops.grad_input(g_dx, w2_dx, policy, out_dtype=policy.compute_dtype)
     pack("fc2", ops.grad_weight(a_dw, g_dw, policy), jnp.sum(g.astype(F32), axis=0))
     if activation == "gelu":
         du_dx, du_dw, db1 = ops.gelu_bwd(da, u, policy, seeds[1])

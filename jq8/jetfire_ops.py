@@ -119,11 +119,11 @@ def linear_bwd(
             jnp.sum(g.astype(F32), axis=0) if has_bias else None)
 
 
-def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy) -> jax.Array:
-    """dX = dY W^T: (M, N) x (K, N) -> (M, K) f32."""
+def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy, out_dtype=F32) -> jax.Array:
+    """dX = dY W^T: (M, N) x (K, N) -> (M, K) ``out_dtype`` (fp32 accumulation)."""
     if policy.int8_grad_input:
-        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=F32, use_kernels=policy.use_kernels)
-    return _dot(g_dx, w_dx, (1, 1), policy.compute_dtype)
+        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=out_dtype, use_kernels=policy.use_kernels)
+    return _dot(g_dx, w_dx, (1, 1), policy.compute_dtype).astype(out_dtype)
 
 
 def grad_weight(x_dw: Operand, g_dw: Operand, policy: Policy) -> jax.Array:
@@ -155,7 +155,7 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
     saved for the backward as INT8 blocks (Jetfire's activation-memory saving); mean/rstd come from the
     exact x. residuals = (x_saved: QArray (M, D) or float (M, D), mean (M,), rstd (M,)).
     """
-    if policy.int8_forward:
+    if policy.int8_forward and policy.fused:
         t_spec = policy.spec_t if policy.int8_grad_weight else None
         outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.spec,
                                       transposed_spec=t_spec, use_kernels=policy.use_kernels)
@@ -164,10 +164,11 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
         else:
             h_fwd, mean, rstd = outs
             h_dw = h_fwd
-        x_saved = kb.quantize_tiles(x, policy.spec, use_kernels=policy.use_kernels)
-        return h_fwd, h_dw, (x_saved, mean, rstd)
-    h, mean, rstd = layer_norm_float(x, gamma, beta, eps=eps, rms=rms)
-    h_fwd, h_dw = activation_operands(h, policy)
+    else:
+        h, mean, rstd = layer_norm_float(x, gamma, beta, eps=eps, rms=rms)
+        h_fwd, h_dw = activation_operands(h, policy)
+    if policy.int8_forward:
+        x = kb.quantize_tiles(x, policy.storage_spec, use_kernels=policy.use_kernels)
     return h_fwd, h_dw, (x, mean, rstd)
 
 
@@ -192,12 +193,12 @@ def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool
 def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
     """GELU (exact erf) of u: (M, F), the fc1 output incl. bias (QArray from the fc1 epilogue, or float)
     -> (a_fwd, a_dw) operands for fc2's forward and grad-weight GEMMs."""
-    if isinstance(u, QArray):
+    if isinstance(u, QArray) and policy.fused:
         t_spec = policy.spec_t if policy.int8_grad_weight else None
         out = kb.bias_gelu_quantize(u, None, spec=policy.spec, activation="gelu", transposed_spec=t_spec,
                                     use_kernels=policy.use_kernels)
         return out if t_spec is not None else (out, out)
-    return activation_operands(kb.gelu(u.astype(F32)), policy)
+    return activation_operands(kb.gelu(_float(u)), policy)
 
 
 def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
@@ -205,7 +206,7 @@ def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
 
     Both backward GEMMs INT8: one fused kernel computes da * GELU'(u) and writes du and du^T quantized.
     """
-    if policy.int8_grad_input and policy.int8_grad_weight:
+    if policy.int8_grad_input and policy.int8_grad_weight and policy.fused:
         r = policy.rounding_bwd
         q, qt = kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
                                           seed=seed if r == "stochastic" else None,
@@ -229,3 +230,37 @@ def swiglu_bwd(da: jax.Array, u: Operand, v: Operand, policy: Policy, seeds: jax
     dv = da * uf * sig * (1.0 + vf * (1.0 - sig))
     return ((*grad_operands(du, policy, seeds[0]), jnp.sum(du, axis=0)),
             (*grad_operands(dv, policy, seeds[1]), jnp.sum(dv, axis=0)))
+
+
+# ------------------------------------------------------------------------------ residual add, dropout
+
+
+def residual_add(x: jax.Array, branch: Operand, policy: Policy) -> tuple[jax.Array, QArray]:
+    """Jetfire's residual add: fp32 residual + branch (QArray or float) -> (fp32 residual (M, D), its INT8
+    block copy) in one place; the copy is what a following INT8 LayerNorm backward keeps. The backward of
+    an add is the identity for both inputs (``residual_add_bwd``)."""
+    y = x.astype(F32) + _float(branch)
+    return y, kb.quantize_tiles(y, policy.storage_spec, use_kernels=policy.use_kernels)
+
+
+def residual_add_bwd(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """g: (M, D) -> (d residual, d branch): both are g."""
+    return g, g
+
+
+def dropout_fwd(q: QArray, rate: float, key: jax.Array) -> tuple[QArray, jax.Array]:
+    """Inverted dropout on an INT8 QArray (M, N) without dequantizing: dropped codes become 0 and every
+    block scale is multiplied by 1 / (1 - rate), which is exact (the scale is shared by the whole block).
+    Returns (dropped QArray, keep mask (M, N) bool)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    if q.spec.bits != 8 or q.zero_point is not None:
+        raise ValueError("dropout_fwd needs a symmetric INT8 QArray")
+    keep = jax.random.bernoulli(key, 1.0 - rate, q.values.shape)
+    values = jnp.where(keep, q.values, jnp.int8(0))
+    return QArray(values, q.scale / (1.0 - rate), None, q.spec, q.shape, q.dtype), keep
+
+
+def dropout_bwd(g: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """g: (M, N) -> g * keep / (1 - rate), fp32."""
+    return jnp.where(keep, g.astype(F32) / (1.0 - rate), 0.0)

@@ -67,7 +67,9 @@ def ste_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, rule: Qu
     gradients for both the weight and the activation quantizers.
     """
     if rule.act_mode == "static":
-        raise ValueError("LKD does not distill the static-activation baseline; use act_mode 'token' or 'none'")
+        raise ValueError(
+            "LKD does not distill the static-activation baseline; use act_mode 'token' or 'none'"
+        )
     wq = fake_quantize(kernel.astype(jnp.float32).T, rule.weight_spec()).T
     w = _ste(kernel.astype(jnp.float32), wq)
     x = x.astype(jnp.float32)
@@ -114,8 +116,13 @@ def _rebuild(template: tuple, arrays: list) -> tuple[tuple, dict]:
     return jax.tree_util.tree_unflatten(treedef, [next(it) if v is None else v for v in leaves])
 
 
-def _capture_modules(model: nn.Module, params: Mapping[str, Any], example: Any, block_pattern: str,
-                     apply_kwargs: Mapping[str, Any]) -> list[_Block]:
+def _capture_modules(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    example: Any,
+    block_pattern: str,
+    apply_kwargs: Mapping[str, Any],
+) -> list[_Block]:
     """Block modules (unbound clones) and the static structure of their calls, in call order."""
     pattern = re.compile(block_pattern)
     blocks: dict[str, _Block] = {}
@@ -135,14 +142,24 @@ def _capture_modules(model: nn.Module, params: Mapping[str, Any], example: Any, 
     return list(blocks.values())
 
 
-def block_paths(model: nn.Module, params: Mapping[str, Any], example: Any, block_pattern: str = BLOCK_PATTERN,
-                apply_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+def block_paths(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    example: Any,
+    block_pattern: str = BLOCK_PATTERN,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
     """The block module paths LKD would distill, in call order."""
     return [b.path for b in _capture_modules(model, params, example, block_pattern, dict(apply_kwargs or {}))]
 
 
-def capture_blocks(model: nn.Module, params: Mapping[str, Any], chunks: list[Any], block_pattern: str,
-                   apply_kwargs: Mapping[str, Any]) -> list[_Block]:
+def capture_blocks(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    chunks: list[Any],
+    block_pattern: str,
+    apply_kwargs: Mapping[str, Any],
+) -> list[_Block]:
     """Runs the float model on each chunk, recording every block's input and array call arguments."""
     blocks = _capture_modules(model, params, chunks[0], block_pattern, apply_kwargs)
     by_path = {b.path: b for b in blocks}
@@ -187,8 +204,12 @@ class _BlockFns:
     step: Callable  # (p, opt_state, xs, arrays, ys, idx) -> (p, opt_state, loss)
 
 
-def _block_fns(blk: _Block, rel_rules: Mapping[str, QuantRule], opt: optax.GradientTransformation,
-               per_sample: tuple[bool, ...]) -> _BlockFns:
+def _block_fns(
+    blk: _Block,
+    rel_rules: Mapping[str, QuantRule],
+    opt: optax.GradientTransformation,
+    per_sample: tuple[bool, ...],
+) -> _BlockFns:
     mod, template = blk.module, blk.template
 
     def teacher(p, x, arrays):
@@ -211,6 +232,9 @@ def _block_fns(blk: _Block, rel_rules: Mapping[str, QuantRule], opt: optax.Gradi
 
     return _BlockFns(jax.jit(teacher), jax.jit(student), jax.jit(loss), jax.jit(step))
 
+
+# Compiled per-block functions, shared by blocks of one structure and across distill calls.
+_FNS_CACHE: dict[Any, _BlockFns] = {}
 
 # ------------------------------------------------------------------------------------------- LKD
 
@@ -243,7 +267,6 @@ def distill(
     fp_params, params = params, dict(params)
     key = jax.random.PRNGKey(config.seed)
     opt = optax.adamw(config.lr, weight_decay=config.weight_decay)
-    cache: dict[Any, _BlockFns] = {}
     report: list[dict] = []
     q_stream: list | None = None  # the quantized model's input to the current block
     bar = None
@@ -254,14 +277,23 @@ def distill(
     for bi, blk in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = blk.path + "/"
-        rel_rules = {p[len(prefix):]: rules[i] for p, i in assignment.items() if p.startswith(prefix)}
+        rel_rules = {p[len(prefix) :]: rules[i] for p, i in assignment.items() if p.startswith(prefix)}
         n0 = blk.inputs[0].shape[0]
         per_sample = tuple(bool(a.ndim and a.shape[0] == n0) for a in blk.arrays[0])
         # Blocks with the same structure (module config, call template, rules) share compiled functions.
-        ckey = (repr(blk.module.clone(name="block")), blk.template, tuple(sorted(rel_rules.items())), per_sample)
-        if ckey not in cache:
-            cache[ckey] = _block_fns(blk, rel_rules, opt, per_sample)
-        fns = cache[ckey]
+        ckey = (
+            repr(blk.module.clone(name="block")),
+            blk.template,
+            tuple(sorted(rel_rules.items())),
+            per_sample,
+            config.lr,
+            config.weight_decay,
+        )
+        if ckey not in _FNS_CACHE:
+            if len(_FNS_CACHE) >= 8:
+                _FNS_CACHE.pop(next(iter(_FNS_CACHE)))
+            _FNS_CACHE[ckey] = _block_fns(blk, rel_rules, opt, per_sample)
+        fns = _FNS_CACHE[ckey]
         p0 = get_path(fp_params, blk.path)
         if config.lkd_input == "quantized" and bi > 0:
             _check_sequential(blocks[bi - 1], blk, get_path(fp_params, blocks[bi - 1].path))
@@ -281,8 +313,13 @@ def distill(
         params = _set_path(params, blk.path, p)
         if config.lkd_input == "quantized":
             q_stream = [fns.student(p, x, a) for x, a in zip(xs, blk.arrays)]
-        row = dict(block=blk.path, loss_before=before, loss_after=min(before, after), loss_after_raw=after,
-                   seconds=round(time.perf_counter() - t0, 3))
+        row = dict(
+            block=blk.path,
+            loss_before=before,
+            loss_after=min(before, after),
+            loss_after_raw=after,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
         report.append(row)
         msg = f"{blk.path}: mse {before:.4g} -> {row['loss_after']:.4g}"
         if bar is not None:
@@ -299,8 +336,10 @@ def _train_block(fns: _BlockFns, p0, opt, xs, arrays, targets, per_sample, confi
     """``config.steps`` AdamW steps on one block's params; minibatches drawn across all chunks."""
     x_all = jnp.concatenate(xs, axis=0)
     y_all = jnp.concatenate(targets, axis=0)
-    a_all = [jnp.concatenate([a[j] for a in arrays], axis=0) if ps else arrays[0][j]
-             for j, ps in enumerate(per_sample)]
+    a_all = [
+        jnp.concatenate([a[j] for a in arrays], axis=0) if ps else arrays[0][j]
+        for j, ps in enumerate(per_sample)
+    ]
     n = x_all.shape[0]
     bs = min(config.batch_size, n)
     p, s = p0, opt.init(p0)
@@ -316,7 +355,9 @@ def _check_sequential(prev: _Block, blk: _Block, prev_params: Any) -> None:
     args, kwargs = _rebuild(prev.template, prev.arrays[0])
     y = prev.module.apply({"params": prev_params}, prev.inputs[0], *args, **kwargs)
     x = blk.inputs[0]
-    err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - x.astype(jnp.float32)))) if y.shape == x.shape else 1.0
+    err = (
+        float(jnp.max(jnp.abs(y.astype(jnp.float32) - x.astype(jnp.float32)))) if y.shape == x.shape else 1.0
+    )
     scale = float(jnp.max(jnp.abs(x.astype(jnp.float32)))) + 1e-6
     if y.shape != x.shape or err > 1e-3 * scale:
         raise ValueError(

@@ -80,7 +80,9 @@ def plot(run_dirs: list[str], out: str, metric: str = "loss", labels: list[str] 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib (or pip install 'jq8[plot]')") from None
+        raise ImportError(
+            "plotting needs matplotlib: pip install matplotlib (or pip install 'jq8[plot]')"
+        ) from None
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d, label in zip(run_dirs, labels):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jq8.jetfire import (
     ACTIVATIONS,
+    activation_reference,
     jetfire_linear,
     jetfire_mlp,
     jetfire_norm_linear,
@@ -140,11 +141,7 @@ class MlpBlock(nn.Module):
                             rms=rms)
         else:
             h = norm(x)
-            if gate is None:
-                a = jax.nn.gelu(fc1(h).astype(F32), approximate=False)
-            else:
-                a = fc1(h).astype(F32) * jax.nn.silu(gate(h).astype(F32))
-            y = fc2(a)
+            y = fc2(activation_reference(fc1(h), None if gate is None else gate(h), self.activation))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return y.astype(F32)
 
@@ -212,3 +209,26 @@ class AttentionBlock(nn.Module):
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return y.astype(F32)
+
+
+class Int8DotGeneral(nn.Module):
+    """A ``dot_general`` for ``flax.linen.Dense(dot_general_cls=...)`` (the Flax fp8 pattern): Jetfire INT8.
+
+    Usage: ``nn.Dense(256, dot_general_cls=functools.partial(Int8DotGeneral, policy=policy))``. Only the
+    Dense contraction (last axis of x with axis 0 of a 2-D kernel, no batch axes) is supported; Dense adds
+    its bias afterwards in its own dtype. Stochastic-rounding keys come from the "quant"/"dropout" rngs.
+    """
+
+    policy: Policy = Policy(name="jetfire-int8")
+
+    @nn.compact
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        (lc, rc), (lb, rb) = dimension_numbers
+        if lb or rb or rhs.ndim != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs.ndim - 1,):
+            raise NotImplementedError(
+                f"Int8DotGeneral supports x (..., K) @ kernel (K, N) only, got dimension_numbers "
+                f"{dimension_numbers} for shapes {lhs.shape} x {rhs.shape}"
+            )
+        key = None if self.is_initializing() else quant_key(self)
+        y = jetfire_linear(lhs, rhs, None, key, self.policy)
+        return y.astype(preferred_element_type) if preferred_element_type is not None else y

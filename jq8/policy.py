@@ -65,6 +65,11 @@ class Policy:
     compute_dtype: dtype of the high-precision GEMMs and of block outputs' intermediate values.
     use_kernels: run the Pallas kernels (interpret mode on CPU); False uses their pure-jnp references
       (fast on CPU, for tests).
+    granularity: scales of the GEMM operands. "block" (Jetfire): ``block`` tiles, one quantized tensor
+      serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
+      experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
+      happens in the GEMM epilogue, at the price of quantizing each tensor once per layout; tensors kept
+      only for the backward (the LayerNorm input, fc1's output) stay in ``block`` tiles either way.
     """
 
     name: PolicyName = "bf16"
@@ -75,6 +80,7 @@ class Policy:
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
     use_kernels: bool = True
+    granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
@@ -86,6 +92,8 @@ class Policy:
                 "Jetfire uses (32, 32)"
             )
         object.__setattr__(self, "block", block)
+        if self.granularity not in ("block", "row"):
+            raise ValueError(f"granularity must be 'block' or 'row', got {self.granularity!r}")
         if self.rounding_bwd not in ("stochastic", "nearest"):
             raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
         dt = jnp.dtype(self.compute_dtype)
@@ -116,13 +124,24 @@ class Policy:
 
     @property
     def spec(self) -> QuantSpec:
-        """Block spec of an (M, N) operand (activations, weights, gradients)."""
-        return QuantSpec.blocks(self.block)
+        """Spec of a GEMM operand in its (rows, K) layout (activations, weights, gradients)."""
+        return QuantSpec.per_row() if self.granularity == "row" else QuantSpec.blocks(self.block)
 
     @property
     def spec_t(self) -> QuantSpec:
-        """Block spec of the transposed (N, M) copy; equals ``spec`` for square blocks."""
-        return QuantSpec.blocks(self.block[::-1])
+        """Spec of the transposed (N, M) copy; equals ``spec`` for square blocks and for rows."""
+        return QuantSpec.per_row() if self.granularity == "row" else QuantSpec.blocks(self.block[::-1])
+
+    @property
+    def storage_spec(self) -> QuantSpec:
+        """Spec of tensors saved for the backward but not fed to a GEMM (always ``block`` tiles)."""
+        return QuantSpec.blocks(self.block)
+
+    @property
+    def fused(self) -> bool:
+        """True when the fused LayerNorm / GELU kernels can write both layouts in one pass (block tiles;
+        per-row scales of both x and x^T need whole rows and whole columns)."""
+        return self.granularity == "block"
 
     def check_dims(self, **dims: int) -> None:
         """Raises if an INT8 policy meets a contraction/feature dimension that is not a block multiple.
@@ -130,7 +149,7 @@ class Policy:
         Only dimensions that become a GEMM's K or a weight axis are checked (tokens may be ragged: the
         kernels mask partial tiles). Pass them by name, e.g. ``check_dims(in_features=768)``.
         """
-        if not self.int8:
+        if not self.int8 or self.granularity == "row":
             return
         for label, n in dims.items():
             for b in set(self.block):

@@ -23,6 +23,7 @@ baseline: one calibrated per-tensor scale, see :func:`jq8.ptq_infer.calibrate_st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -67,22 +68,29 @@ class QuantRule:
         except re.error as e:
             raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}") from None
         if self.weight_bits not in (4, 8):
-            raise ValueError(f"QuantRule {self.pattern!r}: weight_bits must be 8 or 4, got {self.weight_bits}")
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: weight_bits must be 8 or 4, got {self.weight_bits}"
+            )
         if self.group_axis not in ("contraction", "rows"):
             raise ValueError(
-                f"QuantRule {self.pattern!r}: group_axis must be 'contraction' or 'rows', got {self.group_axis!r}"
+                f"QuantRule {self.pattern!r}: group_axis must be 'contraction' or 'rows', "
+                f"got {self.group_axis!r}"
             )
         if self.act_mode not in ("token", "static", "none"):
             raise ValueError(
-                f"QuantRule {self.pattern!r}: act_mode must be 'token', 'static' or 'none', got {self.act_mode!r}"
+                f"QuantRule {self.pattern!r}: act_mode must be 'token', 'static' or 'none', "
+                f"got {self.act_mode!r}"
             )
         if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"QuantRule {self.pattern!r}: group_size must be positive, -1 or None")
         if self.group_size == -1 and self.group_axis != "rows":
-            raise ValueError(f"QuantRule {self.pattern!r}: group_size=-1 (per-tensor) needs group_axis='rows'")
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: group_size=-1 (per-tensor) needs group_axis='rows'"
+            )
         if not self.symmetric and self.act_mode != "none":
             raise ValueError(
-                f"QuantRule {self.pattern!r}: asymmetric weights are supported weight-only (act_mode='none'); "
+                f"QuantRule {self.pattern!r}: asymmetric weights are supported weight-only "
+                "(act_mode='none'); "
                 "the INT8 GEMM epilogue has no zero-point correction"
             )
 
@@ -185,7 +193,7 @@ def get_path(tree: Mapping[str, Any], path: str) -> Any:
 
 
 def _map_path(tree: Mapping[str, Any], path: str, fn) -> dict:
-    """A copy of ``tree`` (dicts copied along ``path`` only) with the node at ``path`` replaced by fn(node)."""
+    """A copy of ``tree`` (dicts copied along ``path`` only), the node at ``path`` replaced by fn(node)."""
     keys = path.split("/")
     new = dict(tree)
     if len(keys) == 1:
@@ -226,11 +234,18 @@ class QuantizedParams:
 
 def quantize_weight(kernel: jax.Array, rule: QuantRule) -> QArray:
     """Flax kernel (K, N) float -> QArray of its transpose (N, K) under ``rule.weight_spec()``."""
-    w = jnp.asarray(kernel, jnp.float32)
-    return quantize(w.T, rule.weight_spec())
+    return _quantize_weight_t(jnp.asarray(kernel, jnp.float32), rule.weight_spec())
 
 
-def quantize_params(params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]) -> QuantizedParams:
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_weight_t(w: jax.Array, spec: QuantSpec) -> QArray:
+    # One compiled program per (shape, spec) instead of dozens of eagerly dispatched ops.
+    return quantize(w.T, spec)
+
+
+def quantize_params(
+    params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]
+) -> QuantizedParams:
     """Quantizes every Dense kernel matched by ``rules`` (first match wins) to a QArray (INT4 packed).
 
     params: a Flax params tree (the ``"params"`` collection, not the variables dict).
@@ -260,12 +275,14 @@ def _nbytes(x: Any) -> int:
     return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
 
 
-def bits_report(qp: QuantizedParams) -> dict[str, Any]:
+def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str, Any]:
     """Per quantized layer and in total: bytes of codes + scales vs the fp32 / fp16 model.
 
+    float_dtype: count the unquantized params (embeddings, norms, biases) at this dtype (how they are
+    stored, e.g. "float16"); None = their dtype in ``qp``.
     Returns {"layers": [{path, shape (K, N), rule, bytes, fp16_bytes, bits_per_weight}], "quantized_bytes",
-    "float_bytes" (the unquantized rest, at its stored dtype), "total_bytes", "fp32_total_bytes",
-    "fp16_total_bytes", "compression_vs_fp16", "compression_vs_fp32"}.
+    "float_bytes", "total_bytes", "fp32_total_bytes", "fp16_total_bytes", "compression_vs_fp16",
+    "compression_vs_fp32"}.
     """
     layers = []
     qbytes = 0
@@ -277,11 +294,18 @@ def bits_report(qp: QuantizedParams) -> dict[str, Any]:
         qbytes += b
         n_qweights += n * k
         layers.append(
-            dict(path=path, shape=(k, n), rule=rule.describe() if rule else "?", bytes=b, fp16_bytes=2 * n * k,
-                 bits_per_weight=round(8 * b / (n * k), 3))
+            dict(path=path, shape=(k, n), rule=rule.describe() if rule else "?", bytes=b,
+                 fp16_bytes=2 * n * k, bits_per_weight=round(8 * b / (n * k), 3))
         )
     leaves = jax.tree_util.tree_leaves(qp.params) + jax.tree_util.tree_leaves(qp.act_scales)
-    float_bytes = sum(_nbytes(x) for x in leaves)
+    if float_dtype is None:
+        float_bytes = sum(_nbytes(x) for x in leaves)
+    else:
+        size = np.dtype(jnp.dtype(float_dtype)).itemsize
+        float_bytes = sum(
+            int(np.prod(np.shape(x))) * (size if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
+            for x in jax.tree_util.tree_leaves(qp.params)
+        ) + sum(_nbytes(x) for x in jax.tree_util.tree_leaves(qp.act_scales))
     n_float = sum(int(np.prod(np.shape(x))) for x in leaves)
     total = qbytes + float_bytes
     fp32 = 4 * (n_qweights + n_float)

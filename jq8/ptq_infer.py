@@ -64,6 +64,24 @@ def quantize_tokens(x: jax.Array, backend: str) -> QArray:
     return quantize(x, TOKEN_SPEC)
 
 
+def norm_quantize_tokens(x: jax.Array, gamma, beta, *, eps: float, rms: bool, backend: str) -> QArray:
+    """LayerNorm/RMSNorm of x (M, D) fused with its per-token INT8 quantization (one pass over x)."""
+    if backend == "pallas":
+        from pallas_kernels.norm_quantize import layer_norm_quantize as fn
+    else:
+        from pallas_kernels.norm_quantize import layer_norm_quantize_reference as fn
+    return fn(x, gamma, beta, eps=eps, rms=rms, spec=TOKEN_SPEC)[0]
+
+
+def bias_gelu_quantize_tokens(x: jax.Array, bias, *, backend: str) -> QArray:
+    """GELU(x + bias) (exact erf) of x (M, N) fused with its per-token INT8 quantization."""
+    if backend == "pallas":
+        from pallas_kernels.gelu_quantize import bias_gelu_quantize as fn
+    else:
+        from pallas_kernels.gelu_quantize import bias_gelu_quantize_reference as fn
+    return fn(x, bias, spec=TOKEN_SPEC, activation="gelu")
+
+
 # ------------------------------------------------------------------------------------------- GEMMs
 
 
@@ -171,12 +189,15 @@ def quantized_linear(
         return y.astype(out_dtype).reshape(*lead, n)
     if rule.act_mode == "static":
         if static_scale is None:
-            raise ValueError("act_mode 'static' needs calibrated activation scales: run ptq_infer.calibrate_static")
+            raise ValueError(
+                "act_mode 'static' needs calibrated activation scales: run ptq_infer.calibrate_static"
+            )
         xq = quantize_static(x2, static_scale)
     else:
         xq = quantize_tokens(x2, backend)
-    y = matmul_qarrays(xq, w, backend=backend, bias=bias, activation=activation, residual=res2,
-                       out_dtype=out_dtype)
+    y = matmul_qarrays(
+        xq, w, backend=backend, bias=bias, activation=activation, residual=res2, out_dtype=out_dtype
+    )
     return y.reshape(*lead, n)
 
 
@@ -200,19 +221,125 @@ def dense_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callab
         if rule is None:
             return next_fun(*args, **kwargs)
         if len(args) != 1 or kwargs:
-            raise TypeError(f"quantized Dense {path!r} expects one positional input, got {len(args)} args, {kwargs}")
+            raise TypeError(
+                f"quantized Dense {path!r} expects one positional input, got {len(args)} args, {kwargs}"
+            )
         bias = context.module.variables.get("params", {}).get("bias")
-        return quantized_linear(args[0], qp.weights[path], rule, bias=bias, static_scale=qp.act_scales.get(path),
-                                backend=backend)
+        return quantized_linear(
+            args[0], qp.weights[path], rule, bias=bias, static_scale=qp.act_scales.get(path), backend=backend
+        )
+
+    return interceptor
+
+
+def _token_rules(rules: Mapping[str, QuantRule], path: str, names: tuple[str, ...]) -> bool:
+    return all((r := rules.get(f"{path}/{n}")) is not None and r.act_mode == "token" for n in names)
+
+
+def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: str) -> jax.Array:
+    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2."""
+    p = module.variables["params"]
+    lead, d = x.shape[:-1], x.shape[-1]
+    norm = p["norm"]
+    hq = norm_quantize_tokens(
+        x.reshape(-1, d),
+        norm["scale"],
+        norm.get("bias"),
+        eps=module.eps,
+        rms=module.norm == "rmsnorm",
+        backend=backend,
+    )
+    u = matmul_qarrays(hq, qp.weights[f"{path}/fc1"], backend=backend, out_dtype=jnp.float32)
+    aq = bias_gelu_quantize_tokens(u, p["fc1"].get("bias"), backend=backend)
+    y = matmul_qarrays(
+        aq, qp.weights[f"{path}/fc2"], backend=backend, bias=p["fc2"].get("bias"), out_dtype=jnp.float32
+    )
+    return y.reshape(*lead, d)
+
+
+def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask, backend: str) -> jax.Array:
+    """jq8.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
+    -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous)."""
+    from jq8.nn import rotary
+
+    p = module.variables["params"]
+    b, t, d = x.shape
+    h = module.num_heads
+    cd = module.policy.compute_dtype
+    norm = p["norm"]
+    xq = norm_quantize_tokens(
+        x.reshape(-1, d),
+        norm["scale"],
+        norm.get("bias"),
+        eps=module.eps,
+        rms=module.norm == "rmsnorm",
+        backend=backend,
+    )
+    qkv = matmul_qarrays(
+        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=p["qkv"].get("bias"), out_dtype=cd
+    )
+    qkv = qkv.reshape(b, t, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if module.rotary:
+        q, k = rotary(q), rotary(k)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=module.causal).reshape(b * t, d)
+    y = matmul_qarrays(
+        quantize_tokens(o, backend),
+        qp.weights[f"{path}/out"],
+        backend=backend,
+        bias=p["out"].get("bias"),
+        out_dtype=jnp.float32,
+    )
+    return y.reshape(b, t, d)
+
+
+def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callable:
+    """Like :func:`dense_interceptor`, plus whole-branch fusion for jq8.nn's MlpBlock / AttentionBlock.
+
+    A branch whose Dense layers are all token-mode INT8 runs with the activation quantization fused into
+    its producer (LayerNorm, bias+GELU) and the dequantization in the GEMM epilogues; other branches (and
+    any other model) fall back to per-Dense interception. Only inference (deterministic) calls are fused.
+    """
+    from jq8.nn import AttentionBlock, MlpBlock
+
+    backend = resolve_backend(backend)
+    rules = {p: qp.rules[i] for p, i in qp.assignment}
+    per_dense = dense_interceptor(qp, backend)
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, MlpBlock | AttentionBlock):
+            path = _module_path(mod)
+            deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else True)
+            inference = deterministic is True or mod.dropout_rate == 0.0
+            if isinstance(mod, MlpBlock) and mod.activation == "gelu" and inference:
+                if _token_rules(rules, path, ("fc1", "fc2")):
+                    return _fused_mlp(mod, qp, path, args[0], backend)
+            if isinstance(mod, AttentionBlock) and inference and args[0].ndim == 3:
+                if _token_rules(rules, path, ("qkv", "out")):
+                    mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+                    return _fused_attention(mod, qp, path, args[0], mask, backend)
+        return per_dense(next_fun, args, kwargs, context)
 
     return interceptor
 
 
 def apply_quantized(
-    model: nn.Module, qp: QuantizedParams, *args, backend: str | None = None, method=None, **kwargs
+    model: nn.Module,
+    qp: QuantizedParams,
+    *args,
+    backend: str | None = None,
+    fused: bool = True,
+    method=None,
+    **kwargs,
 ) -> Any:
-    """``model.apply`` with the quantized params: same arguments and outputs as the float model."""
-    with nn.intercept_methods(dense_interceptor(qp, backend)):
+    """``model.apply`` with the quantized params: same arguments and outputs as the float model.
+
+    fused: fuse activation quantization into LayerNorm / GELU for jq8.nn blocks (:func:`fused_interceptor`);
+    False intercepts each Dense separately (works for any Flax model).
+    """
+    icpt = fused_interceptor(qp, backend) if fused else dense_interceptor(qp, backend)
+    with nn.intercept_methods(icpt):
         return model.apply({"params": qp.params}, *args, method=method, **kwargs)
 
 
@@ -236,7 +363,10 @@ def record_dense_inputs(paths: Iterable[str], sink: Callable[[str, jax.Array], N
 
 
 def calibrate_static(
-    model: nn.Module, params: Mapping[str, Any], batches: Iterable[Any], qp: QuantizedParams,
+    model: nn.Module,
+    params: Mapping[str, Any],
+    batches: Iterable[Any],
+    qp: QuantizedParams,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> QuantizedParams:
     """Per-tensor activation scales (absmax / 127 over the calibration batches) for every static-mode layer.

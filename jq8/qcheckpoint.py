@@ -91,7 +91,11 @@ def save_quantized(
         arrays[f"w/{path}/scale"] = np.asarray(q.scale, np.float32)
         if q.zero_point is not None:
             arrays[f"w/{path}/zero_point"] = np.asarray(q.zero_point, np.float32)
-        weights_meta[path] = {"shape": list(q.shape), "dtype": jnp.dtype(q.dtype).name, "spec": _spec_json(q.spec)}
+        weights_meta[path] = {
+            "shape": list(q.shape),
+            "dtype": jnp.dtype(q.dtype).name,
+            "spec": _spec_json(q.spec),
+        }
     store = jnp.dtype(float_dtype)
     float_meta: dict[str, str] = {}
     for path, v in _flatten(qp.params).items():
@@ -146,7 +150,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{d}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
-            f"{d}: format_version {manifest['format_version']} is newer than this jq8 reads ({FORMAT_VERSION})"
+            f"{d}: format_version {manifest['format_version']} is newer than this jq8 reads "
+            f"({FORMAT_VERSION}); upgrade jq8"
         )
     return manifest
 
@@ -167,8 +172,12 @@ def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]
         spec = QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"])
         zp = arrays.get(f"w/{path}/zero_point")
         weights[path] = QArray(
-            jnp.asarray(arrays[f"w/{path}/values"]), jnp.asarray(arrays[f"w/{path}/scale"]),
-            None if zp is None else jnp.asarray(zp), spec, tuple(meta["shape"]), jnp.dtype(meta["dtype"]),
+            jnp.asarray(arrays[f"w/{path}/values"]),
+            jnp.asarray(arrays[f"w/{path}/scale"]),
+            None if zp is None else jnp.asarray(zp),
+            spec,
+            tuple(meta["shape"]),
+            jnp.dtype(meta["dtype"]),
         )
     flat = {}
     for path, dt in manifest["float_params"].items():
@@ -194,4 +203,6 @@ def as_stored(qp: QuantizedParams, float_dtype: str = "float16") -> QuantizedPar
     def rt(v):
         return v.astype(dt).astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
 
-    return QuantizedParams(jax.tree_util.tree_map(rt, qp.params), qp.weights, qp.act_scales, qp.rules, qp.assignment)
+    return QuantizedParams(
+        jax.tree_util.tree_map(rt, qp.params), qp.weights, qp.act_scales, qp.rules, qp.assignment
+    )

@@ -81,31 +81,30 @@ def array_sharding(shape: tuple[int, ...], mesh: Mesh, mode: str = "fsdp", min_s
     return NamedSharding(mesh, P(*spec))
 
 
-def qarray_sharding(q: QArray, mesh: Mesh, min_size: int = 2**14) -> QArray:
-    """A QArray of NamedShardings (same pytree structure as ``q``) that splits codes and scales together.
-
-    Rows (axis 0 of the 2-D view) are split when every device gets whole tiles: the number of row tiles
-    is divisible by the device count and tiles are full. Otherwise columns, under the same rule (INT4
-    packing halves the code columns, so a column split also needs an even tile width). Else replicated.
-    """
-    n = mesh.shape[AXIS]
+def qarray_split_axis(q: QArray, n: int, min_size: int = 2**14) -> int | None:
+    """Which axis of the 2-D view to split ``q`` along over ``n`` devices so that each device gets whole
+    tiles (codes and their scales together): 0 (rows) when the row tiles divide evenly and are full, else
+    1 (columns) under the same rule (INT4 packs two codes per byte, so a column split also needs an even
+    tile width), else None (replicate). Small arrays (< min_size codes) are not split."""
     m, k = q.shape_2d
     tm, tn = q.spec.resolve(m, k)
     gm, gn = q.scale.shape
-    rep = replicated(mesh)
-    axis = None
-    if n > 1 and q.values.ndim == 2 and q.values.size >= min_size:
-        if gm % n == 0 and m == gm * tm:
-            axis = 0
-        elif gn % n == 0 and k == gn * tn and (q.spec.bits == 8 or tn % 2 == 0):
-            axis = 1
-    if axis is None:
-        values_sh = scale_sh = rep
-    else:
-        spec = P(AXIS, None) if axis == 0 else P(None, AXIS)
-        values_sh = scale_sh = NamedSharding(mesh, spec)
-    zp_sh = None if q.zero_point is None else scale_sh
-    return QArray(values_sh, scale_sh, zp_sh, q.spec, q.shape, q.dtype)
+    if n <= 1 or q.values.ndim != 2 or q.values.size < min_size:
+        return None
+    if gm % n == 0 and m == gm * tm:
+        return 0
+    if gn % n == 0 and k == gn * tn and (q.spec.bits == 8 or tn % 2 == 0):
+        return 1
+    return None
+
+
+def qarray_sharding(q: QArray, mesh: Mesh, min_size: int = 2**14) -> QArray:
+    """A QArray of NamedShardings (same pytree structure as ``q``) splitting codes and scales together
+    along :func:`qarray_split_axis` (replicated when it is None)."""
+    axis = qarray_split_axis(q, mesh.shape[AXIS], min_size)
+    spec = P() if axis is None else (P(AXIS, None) if axis == 0 else P(None, AXIS))
+    sh = NamedSharding(mesh, spec)
+    return QArray(sh, sh, None if q.zero_point is None else sh, q.spec, q.shape, q.dtype)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, mode: str = "fsdp", min_size: int = 2**14) -> Any:
@@ -116,7 +115,9 @@ def tree_shardings(tree: Any, mesh: Mesh, mode: str = "fsdp", min_size: int = 2*
 
     def one(x):
         if isinstance(x, QArray):
-            return qarray_sharding(x, mesh, min_size) if mode == "fsdp" else jax.tree.map(lambda _: replicated(mesh), x)
+            if mode == "fsdp":
+                return qarray_sharding(x, mesh, min_size)
+            return jax.tree.map(lambda _: replicated(mesh), x)
         return array_sharding(tuple(np.shape(x)), mesh, mode, min_size)
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QArray))
@@ -131,6 +132,8 @@ def process_slice(global_batch: int) -> slice:
     """The rows of a global batch this process feeds (all of them on a single host)."""
     per = global_batch // jax.process_count()
     if per * jax.process_count() != global_batch:
-        raise ValueError(f"batch_size={global_batch} must be divisible by the process count {jax.process_count()}")
+        raise ValueError(
+            f"batch_size={global_batch} must be divisible by the process count {jax.process_count()}"
+        )
     i = jax.process_index()
     return slice(i * per, (i + 1) * per)

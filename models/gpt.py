@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from models.presets import ModelConfig
-
 from jq8.nn import AttentionBlock, MlpBlock
+from models.presets import ModelConfig
 
 EMBED_INIT = nn.initializers.normal(0.02)
 

@@ -34,5 +34,7 @@ class Llama(nn.Module):
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         x = decoder_stack(c, self.policy, x, deterministic)
         x = nn.RMSNorm(dtype=jnp.float32, name="ln_f")(x)
-        head = nn.Dense(c.vocab_size, use_bias=False, dtype=jnp.float32, kernel_init=EMBED_INIT, name="lm_head")
+        head = nn.Dense(
+            c.vocab_size, use_bias=False, dtype=jnp.float32, kernel_init=EMBED_INIT, name="lm_head"
+        )
         return head(x.astype(jnp.float32))

@@ -90,6 +90,7 @@ def default_candidates(m: int, n: int, k: int) -> list[TileConfig]:
     on GPU and 256x256 tiles spill registers, h100.md)."""
     c = [
         TileConfig(256, 128, 128, 8, 3, 8),
+        TileConfig(256, 128, 128, 8, 4, 8),
         TileConfig(128, 256, 128, 8, 3, 8),
         TileConfig(128, 128, 128, 8, 3, 8),
         TileConfig(128, 128, 128, 4, 4, 8),

@@ -186,11 +186,13 @@ def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, conf
         _producer_kernel, ops=ops, mode=mode, activation=activation, plan=plan, outs=outs,
         rounding=rounding, interpret=interpret,
     )
-    return launch(kernel, [seed, *arrays], out_shapes(m, n, specs), plan.grid, config,
+    return launch(kernel, [seed, *arrays], out_shapes(m, n, specs), plan, config,
                   interpret=interpret, poison=poison, name=f"gelu_quantize_{mode}")
 
 
 def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed, interpret, config, poison):
+    if activation not in ("gelu", "gelu_tanh", None):
+        raise ValueError(f"activation must be 'gelu', 'gelu_tanh' or None, got {activation!r}")
     if len(jnp.shape(x) if not isinstance(x, QArray) else x.shape) != 2:
         raise ValueError(f"x must be (M, N), got shape {x.shape}")
     m, n = x.shape if isinstance(x, QArray) else jnp.shape(x)

@@ -252,13 +252,26 @@ def wrap_output(out, m: int, n: int, epi: Epilogue, out_spec: QuantSpec | None):
     return QArray(codes, scale, None, out_spec, (m, n), jnp.dtype(epi.out_dtype))
 
 
-def store_epilogue(y, epi_refs, out_refs, *, epi: Epilogue, row0, col0, bm: int, bn: int, m: int, n: int):
+def store_epilogue(
+    y,
+    epi_refs,
+    out_refs,
+    *,
+    epi: Epilogue,
+    row0,
+    col0,
+    bm: int,
+    bn: int,
+    m: int,
+    n: int,
+    ragged_n: bool | None = None,
+):
     """y: (bm, bn) f32 dequantized tile at (row0, col0) -> bias, activation, residual, cast or requantize,
-    masked store."""
+    masked store. ``ragged_n``: whether columns may lie past N (default: N % bn != 0)."""
     rows = row0 + jnp.arange(bm)
     cols = col0 + jnp.arange(bn)
     row_ok = rows < m if m % bm else None
-    col_ok = cols < n if n % bn else None
+    col_ok = cols < n if (n % bn if ragged_n is None else ragged_n) else None
     mask = _and_masks(
         None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :]
     )
@@ -292,7 +305,7 @@ def store_epilogue(y, epi_refs, out_refs, *, epi: Epilogue, row0, col0, bm: int,
         s_rows, s_cols = row0 // tm + jnp.arange(gm), col0 // tn + jnp.arange(gn)
         s_mask = _and_masks(
             (s_rows < cdiv(m, tm))[:, None] if m % bm else None,
-            (s_cols < cdiv(n, tn))[None, :] if n % bn else None,
+            (s_cols < cdiv(n, tn))[None, :] if col_ok is not None else None,
         )
         _store(s_ref.at[pl.ds(row0 // tm, gm), pl.ds(col0 // tn, gn)], scale, s_mask)
     _store(q_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], codes, mask)

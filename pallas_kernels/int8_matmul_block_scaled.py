@@ -12,7 +12,9 @@ What makes it cheap (h100.md: the rescale is CUDA-core work on every accumulator
   * a scale tile as large as the output tile (128x128 weight blocks with block_n <= 128) is one scalar per
     K group, folded into the other operand's vector before it touches the accumulator;
   * scales are read as small contiguous vectors per program (the wrapper transposes them to (K groups, rows)),
-    never gathered per element.
+    never gathered per element;
+  * the int32 -> f32 conversion uses the magic-number trick where it measured faster (see ``CONVERTS``);
+  * ``unroll`` K groups per loop iteration lets one group's MMA overlap another's rescale (a tuning knob).
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ class _Plan:
     a_k: int  # K tile of a's scales (== k when constant along K: applied in the epilogue)
     b_k: int
     gk: int  # K group of the in-loop rescale (0: no operand varies along K)
-    magic_convert: bool = True
-    overlap: bool = False
+    convert: str = "cvt"  # "cvt", "magic" or "magic_folded" (see CONVERTS)
+    unroll: int = 1  # K groups per loop iteration
+    chunk_n: int = 0  # accumulate the tile in column chunks of this width (0: one chunk of block_n)
 
     @property
     def a_in_loop(self) -> bool:
@@ -154,6 +157,12 @@ class _Plan:
     @property
     def b_in_loop(self) -> bool:
         return self.gk > 0 and self.b_k < self.k
+
+    def loop_scale_shape(self, bm: int, bn: int) -> tuple[int, int]:
+        """Shape of the per-group scale applied in the loop: (bm, bn) outer product, vector, or scalar."""
+        rows = bm if self.a_in_loop and 0 < self.a_rows < bm else 1
+        cols = bn if self.b_in_loop and 0 < self.b_rows < bn else 1
+        return rows, cols
 
 
 def _scale_vector(ref, col, start, block: int, tile: int, rows: int):
@@ -176,113 +185,147 @@ def _scale_vector(ref, col, start, block: int, tile: int, rows: int):
     return jnp.broadcast_to(v[:, None], (count, tile)).reshape(block)
 
 
-MAGIC_BITS = 0x4B400000  # bit pattern of 1.5 * 2**23
+# For |p| < 2**22: bitcast_f32(p + MAGIC_BITS) == MAGIC_FLOAT + p exactly (one ulp is 1 in [2**23, 2**24)).
+MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
 MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23
+CONVERTS = ("auto", "cvt", "magic", "magic_folded")
+"""How each K group's int32 partial becomes f32 before its rescale (all but magic_folded are exact):
+cvt: the int->float convert instruction, which runs at a fraction of the FMA rate on Hopper's CUDA cores;
+magic: integer add + bitcast + float subtract (exact for |p| < 2**22);
+magic_folded: integer add + bitcast, the 1.5 * 2**23 offset times the summed scales subtracted once at the
+  end (one FMA per element per group; loses a few bits to cancellation, so not a default);
+auto: magic when the in-loop scale is a vector or a scalar per tile, cvt for a full per-row x per-column
+  outer product (measured on H100: magic makes that case slower, BENCHMARKS.md)."""
 
 
-def to_f32(x: jax.Array, magic: bool) -> jax.Array:
-    """int32 -> f32. ``magic``: exact for |x| < 2**22 with an integer add and a float subtract instead of the
-    int->float convert instruction, which runs at a fraction of FMA throughput on the CUDA cores (the rescale
-    of the per-group partial is the bottleneck of block-scaled GEMMs, h100.md)."""
-    if not magic:
+def _to_f32(x: jax.Array, convert: str) -> jax.Array:
+    if convert == "cvt":
         return x.astype(jnp.float32)
-    return lax.bitcast_convert_type(x + jnp.int32(MAGIC_BITS), jnp.float32) - MAGIC_FLOAT
-
-
-@dataclasses.dataclass(frozen=True)
-class Rescale:
-    """How the per-K-group int32 partial becomes f32 (static; benchmarked variants, all exact).
-
-    magic_convert: int->float by the 1.5 * 2**23 trick (used when the group's partial provably fits 2**22).
-    overlap: software-pipeline the rescale of group g-1 behind the product of group g (more registers).
-    """
-
-    magic_convert: bool = True
-    overlap: bool = False
+    y = lax.bitcast_convert_type(x + jnp.int32(MAGIC_BITS), jnp.float32)
+    return y if convert == "magic_folded" else y - MAGIC_FLOAT
 
 
 def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: TileConfig, bk: int, epi):
     bm, bn = cfg.block_m, cfg.block_n
+    cn = p.chunk_n or bn  # the output tile's columns are accumulated in bn // cn independent chunks
     num_m, num_n = cdiv(p.m, bm), cdiv(p.n, bn)
     epi_refs, out_refs = rest[: epi.num_inputs], rest[epi.num_inputs :]
     pid_m, pid_n = grouped_program_ids(pl.program_id(0), num_m, num_n, cfg.group_m)
     row0 = pl.multiple_of(pid_m * bm, bm)
-    col0 = pl.multiple_of(pid_n * bn, bn)
+    col0s = [pl.multiple_of(pid_n * bn + j * cn, cn) for j in range(bn // cn)]
+    ragged_n = p.n % bn != 0
     a_mask = (row0 + jnp.arange(bm)) < p.m if p.m % bm else None
-    b_mask = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
+    b_masks = [(c + jnp.arange(cn)) < p.n if ragged_n else None for c in col0s]
     a_count = cdiv(p.m, p.a_rows) if p.a_rows else 1
     b_count = cdiv(p.n, p.b_rows) if p.b_rows else 1
 
     def sa(col):
         return _scale_vector(sa_ref, col, row0, bm, p.a_rows, a_count)[:, None]  # (bm | 1, 1)
 
-    def sb(col):
-        return _scale_vector(sb_ref, col, col0, bn, p.b_rows, b_count)[None, :]  # (1, bn | 1)
+    def sb(col, j):
+        return _scale_vector(sb_ref, col, col0s[j], cn, p.b_rows, b_count)[None, :]  # (1, cn | 1)
 
     def partial(k0, nsteps: int, k_valid):
-        """int32 product over K columns [k0, k0 + nsteps * bk)."""
+        """int32 products over K columns [k0, k0 + nsteps * bk), one (bm, cn) array per column chunk."""
 
-        def one(kk, acc):
+        def one(kk, accs):
             a = load_k_tile(a_ref, row0, bm, kk, bk, row_mask=a_mask, k_valid=k_valid)
-            b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=b_mask, k_valid=k_valid, bits=p.b_bits)
-            return acc + int_dot(a, b)
+            return [
+                acc
+                + int_dot(
+                    a, load_k_tile(b_ref, c, cn, kk, bk, row_mask=bmask, k_valid=k_valid, bits=p.b_bits)
+                )
+                for acc, c, bmask in zip(accs, col0s, b_masks)
+            ]
 
-        acc = jnp.zeros((bm, bn), jnp.int32)
+        accs = [jnp.zeros((bm, cn), jnp.int32) for _ in col0s]
         if nsteps <= 4:  # unrolled: the group loop stays the one Triton pipelines
             for s in range(nsteps):
-                acc = one(k0 + s * bk, acc)
-            return acc
-        return lax.fori_loop(0, nsteps, lambda s, c: one(pl.multiple_of(k0 + s * bk, bk), c), acc)
+                accs = one(k0 + s * bk, accs)
+            return accs
+        return lax.fori_loop(0, nsteps, lambda s, c: one(pl.multiple_of(k0 + s * bk, bk), c), accs)
 
     if p.gk == 0:  # no scale varies along K: plain int32 loop, all scaling in the epilogue
-        acc = lax.fori_loop(
+        accs = lax.fori_loop(
             0,
             p.k // bk,
-            lambda i, c: c + partial(pl.multiple_of(i * bk, bk), 1, None),
-            jnp.zeros((bm, bn), jnp.int32),
+            lambda i, c: [x + y for x, y in zip(c, partial(pl.multiple_of(i * bk, bk), 1, None))],
+            [jnp.zeros((bm, cn), jnp.int32) for _ in col0s],
         )
         if p.k % bk:
-            acc = acc + partial(jnp.int32((p.k // bk) * bk), 1, p.k)
-        y = acc.astype(jnp.float32)
+            accs = [x + y for x, y in zip(accs, partial(jnp.int32((p.k // bk) * bk), 1, p.k))]
+        ys = [acc.astype(jnp.float32) for acc in accs]
     else:
         steps = p.gk // bk
 
-        def scale_of(g):
+        def scale_of(g, j):
             if p.a_in_loop and p.b_in_loop:
-                return sa(g // (p.a_k // p.gk)) * sb(g // (p.b_k // p.gk))  # (bm|1, bn|1)
+                return sa(g // (p.a_k // p.gk)) * sb(g // (p.b_k // p.gk), j)  # (bm|1, cn|1)
             if p.a_in_loop:
                 return sa(g // (p.a_k // p.gk))
-            return sb(g // (p.b_k // p.gk))
+            return sb(g // (p.b_k // p.gk), j)
 
         def part_of(g, nsteps=steps, k_valid=None):
             return partial(pl.multiple_of(g * p.gk, p.gk), nsteps, k_valid)
 
-        def rescale(acc, part, g):
-            return acc + to_f32(part, p.magic_convert) * scale_of(g)
-
         num_g = p.k // p.gk
-        zeros = jnp.zeros((bm, bn), jnp.float32)
-        if p.overlap and num_g >= 2:
-            # Software pipeline: group g's tensor-core product is issued before group g-1's partial is
-            # converted and rescaled on the CUDA cores, so the two can overlap.
-            def body(g, carry):
-                acc, prev = carry
-                cur = part_of(g)
-                return rescale(acc, prev, g - 1), cur
 
-            y, last = lax.fori_loop(1, num_g, body, (zeros, part_of(jnp.int32(0))))
-            y = rescale(y, last, num_g - 1)
-        else:
-            y = lax.fori_loop(0, num_g, lambda g, acc: rescale(acc, part_of(g), g), zeros)
-        tail = p.k % p.gk
-        if tail:
+        def rescale(carry, parts, g):
+            out = []
+            for j, ((acc, ssum), part) in enumerate(zip(carry, parts)):
+                s = scale_of(g, j)
+                acc = acc + _to_f32(part, p.convert) * s
+                out.append((acc, ssum + s) if p.convert == "magic_folded" else (acc, ssum))
+            return out
+
+        def groups(i, carry):
+            # All products of the iteration's groups are issued before any rescale, so the tensor-core work
+            # of one group can overlap the CUDA-core rescale of another (unroll > 1 costs registers).
+            gs = [i * p.unroll + u for u in range(p.unroll)]
+            parts = [part_of(g) for g in gs]
+            for g, part in zip(gs, parts):
+                carry = rescale(carry, part, g)
+            return carry
+
+        zero_ssum = jnp.zeros(p.loop_scale_shape(bm, cn), jnp.float32)
+        carry = [(jnp.zeros((bm, cn), jnp.float32), zero_ssum) for _ in col0s]
+        carry = lax.fori_loop(0, num_g // p.unroll, groups, carry)
+        for g in range(num_g - num_g % p.unroll, num_g):  # groups left over by the unrolled loop
+            carry = rescale(carry, part_of(jnp.int32(g)), g)
+        if p.k % p.gk:
             g = jnp.int32(num_g)
-            y = rescale(y, part_of(g, cdiv(tail, bk), p.k), g)
-    if not p.a_in_loop:
-        y = y * sa(0)
-    if not p.b_in_loop:
-        y = y * sb(0)
-    store_epilogue(y, epi_refs, out_refs, epi=epi, row0=row0, col0=col0, bm=bm, bn=bn, m=p.m, n=p.n)
+            carry = rescale(carry, part_of(g, cdiv(p.k % p.gk, bk), p.k), g)
+        ys = [y - MAGIC_FLOAT * ssum if p.convert == "magic_folded" else y for y, ssum in carry]
+    for j, y in enumerate(ys):
+        if not p.a_in_loop:
+            y = y * sa(0)
+        if not p.b_in_loop:
+            y = y * sb(0, j)
+        store_epilogue(
+            y,
+            epi_refs,
+            out_refs,
+            epi=epi,
+            row0=row0,
+            col0=col0s[j],
+            bm=bm,
+            bn=cn,
+            m=p.m,
+            n=p.n,
+            ragged_n=ragged_n,
+        )
+
+
+def _resolve_convert(convert: str, plan: _Plan, cfg: TileConfig) -> str:
+    if convert not in CONVERTS:
+        raise ValueError(f"convert must be one of {CONVERTS}, got {convert!r}")
+    if plan.gk * 127 * 127 >= 2**22:  # a group's partial may not fit the magic-number range
+        return "cvt"
+    if convert != "auto":
+        return convert
+    cn = plan.chunk_n or cfg.block_n
+    outer = plan.loop_scale_shape(cfg.block_m, cn) == (cfg.block_m, cn)
+    return "cvt" if outer else "magic"
 
 
 def _row_tile(scale: jax.Array, tile: int, rows: int) -> tuple[jax.Array, int]:
@@ -304,7 +347,9 @@ def _row_tile(scale: jax.Array, tile: int, rows: int) -> tuple[jax.Array, int]:
         "b_bits",
         "a_tile",
         "b_tile",
-        "rescale",
+        "convert",
+        "unroll",
+        "split_n",
         "config",
         "interpret",
     ),
@@ -323,7 +368,9 @@ def int8_matmul_block_scaled(
     b_bits: int = 8,
     a_tile: tuple[int, int] | None = None,
     b_tile: tuple[int, int] | None = None,
-    rescale: Rescale = Rescale(),
+    convert: str = "auto",
+    unroll: int = 1,
+    split_n: bool = False,
     config: TileConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray:
@@ -332,7 +379,10 @@ def int8_matmul_block_scaled(
     a: (M, K) int8, a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 (or (N, ceil(K/2)) uint8
     INT4 with ``b_bits=4``), b_scale (cdiv(N, tb_n), cdiv(K, tb_k)) f32. Tiles are inferred from the shapes
     (see :func:`infer_tile`) unless ``a_tile``/``b_tile`` are given. K tiles that vary must be powers of two
-    >= 32. ``rescale`` picks how per-group partials are converted (:class:`Rescale`; results are identical).
+    >= 32. ``convert`` picks how per-group int32 partials become f32 (see :data:`CONVERTS`); ``unroll`` K
+    groups are issued per loop iteration (a tuning knob: more overlap, more registers). ``split_n``
+    accumulates the output tile in column chunks as wide as b's scale tile, so each chunk's per-group scale
+    is a row vector times a scalar (one multiply-add per element) instead of a full outer product.
     Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul`.
     """
     m, k = a.shape
@@ -357,25 +407,32 @@ def int8_matmul_block_scaled(
     key = block_scaled_key(ta, tb, m, n, k, out_dtype)
     cfg = resolve_config("int8_matmul_block_scaled", m, n, k, key, config, out_spec)
     bk = min(cfg.block_k, gk) if gk else cfg.block_k
-    epi = make_epilogue(
-        m, n, cfg, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
-    )
     sa_t, a_rows = _row_tile(jnp.asarray(a_scale, jnp.float32), ta[0], m)
     sb_t, b_rows = _row_tile(jnp.asarray(b_scale, jnp.float32), tb[0], n)
-    magic = rescale.magic_convert and gk * 127 * 127 < 2**22  # the trick is exact below 2**22
-    plan = _Plan(
+    a_k = ta[1] if a_scale.shape[1] > 1 else k
+    b_k = tb[1] if b_scale.shape[1] > 1 else k
+    if unroll < 1:
+        raise ValueError(f"unroll must be >= 1, got {unroll}")
+    chunk_n = 0
+    if split_n:
+        if not (gk and b_scale.shape[1] > 1 and 16 <= b_rows < cfg.block_n):
+            raise ValueError(
+                f"split_n needs b's scale to vary along K with a power-of-two row tile in [16, block_n="
+                f"{cfg.block_n}); got b tile {tb}"
+            )
+        chunk_n = b_rows
+    plan = _Plan(m, n, k, b_bits, a_rows, b_rows, a_k, b_k, gk, unroll=unroll, chunk_n=chunk_n)
+    epi = make_epilogue(  # the epilogue runs per column chunk (requantization tiles must fit in one)
         m,
         n,
-        k,
-        b_bits,
-        a_rows,
-        b_rows,
-        ta[1] if a_scale.shape[1] > 1 else k,
-        tb[1] if b_scale.shape[1] > 1 else k,
-        gk,
-        magic,
-        rescale.overlap,
+        dataclasses.replace(cfg, block_n=chunk_n or cfg.block_n),
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        out_dtype=out_dtype,
+        out_spec=out_spec,
     )
+    plan = dataclasses.replace(plan, convert=_resolve_convert(convert, plan, cfg))
     out = pl.pallas_call(
         functools.partial(_block_scaled_kernel, p=plan, cfg=cfg, bk=bk, epi=epi),
         out_shape=epilogue_out_shapes(m, n, epi),

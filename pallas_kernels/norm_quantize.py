@@ -102,7 +102,7 @@ def _norm_call(x, gamma, beta, *, eps, rms, specs, config, interpret, poison=Fal
         rest = refs[int(gamma is not None) + int(beta is not None):]
         _norm_kernel(x_ref, g_ref, b_ref, *rest, plan=plan, outs=outs, eps=eps, rms=rms, interpret=interpret)
 
-    return launch(kernel, operands, shapes, plan.grid, config, interpret=interpret, poison=poison,
+    return launch(kernel, operands, shapes, plan, config, interpret=interpret, poison=poison,
                   name="layer_norm_quantize")
 
 

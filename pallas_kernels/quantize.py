@@ -66,11 +66,12 @@ class QuantizeConfig:
 
     block_m, block_n: preferred block of x per program (powers of two; grown to fit a quantization tile,
       shrunk to the register budget). max_block_elems: register budget of one loaded block, in elements.
+    num_warps: None picks :func:`default_warps` for the planned block.
     """
 
     block_m: int = 32
     block_n: int = 256
-    num_warps: int = 4
+    num_warps: int | None = None  # None: about 32 elements per thread (see default_warps)
     num_stages: int = 1
     max_block_elems: int = 16384
 
@@ -101,6 +102,14 @@ class BlockPlan:
         if self.loop_axis is None:
             return 1
         return cdiv(self.m, self.bm) if self.loop_axis == 0 else cdiv(self.n, self.bn)
+
+
+def default_warps(plan: BlockPlan) -> int:
+    """About 32 elements per thread (four 16-byte bf16 vectors), between 2 and 8 warps."""
+    warps = 2
+    while warps < 8 and plan.bm * plan.bn > 32 * 32 * warps:
+        warps *= 2
+    return warps
 
 
 def x_tile(spec: QuantSpec, m: int, n: int, transposed: bool = False) -> Tile:
@@ -152,7 +161,10 @@ def plan_blocks(m: int, n: int, tiles: Sequence[Tile], config: QuantizeConfig) -
         return b
 
     b = shrink([full[a] if whole[a] else free[a] for a in (0, 1)], [a for a in (0, 1) if not whole[a]])
-    if b[0] * b[1] <= budget:
+    # Whole columns with only a few of them per program would load strided, uncoalesced columns: sweeping
+    # the rows in (bm, >= 64)-wide chunks is faster (x is read twice, but coalesced).
+    narrow = whole[0] and not whole[1] and b[1] < min(free[1], 64)
+    if b[0] * b[1] <= budget and not narrow:
         return BlockPlan(m, n, b[0], b[1], None)
     for a in sorted((a for a in (0, 1) if whole[a]), key=lambda a: -dims[a]):
         other = 1 - a
@@ -162,6 +174,8 @@ def plan_blocks(m: int, n: int, tiles: Sequence[Tile], config: QuantizeConfig) -
         b = shrink(b, [a] if whole[other] else [a, other])
         if b[0] * b[1] <= budget:
             return BlockPlan(m, n, b[0], b[1], a)
+    if narrow:
+        return BlockPlan(m, n, *shrink([full[0], free[1]], [1]), None)
     raise ValueError(
         f"tiles {list(tiles)} on a ({m}, {n}) array need whole rows and whole columns in one program "
         f"(over the {budget}-element block budget); quantize each layout in its own call."
@@ -192,12 +206,13 @@ def _tile_max(a: jax.Array, rt: int, ct: int) -> jax.Array:
 def tile_absmax(a: jax.Array, rt: int, ct: int) -> jax.Array:
     """a: (bm, bn) fp32 |x| -> (bm / rt, bn / ct) max over each (rt, ct) sub-block, NaN if any is NaN.
 
-    Triton lowers max to the NaN-ignoring ``maxnumf`` (and XLA:CPU's fast min/max ignores NaN too), so a
-    second reduction of a NaN flag keeps jq8.quant's contract: a tile holding NaN gets a NaN scale.
+    Reduced as int32 bit patterns: for non-negative floats the integer order is the float order, and a
+    (sign-cleared) NaN sorts above inf. So one integer max keeps jq8.quant's contract (a tile holding NaN
+    gets a NaN scale), which a float max would not: Triton lowers it to the NaN-ignoring ``maxnumf``, and
+    XLA:CPU's fast min/max ignores NaN too.
     """
-    amax = _tile_max(a, rt, ct)
-    has_nan = _tile_max(jnp.where(a != a, 1.0, 0.0), rt, ct)
-    return jnp.where(has_nan > 0, jnp.nan, amax)
+    bits = _tile_max(lax.bitcast_convert_type(a, jnp.int32), rt, ct)
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def nan_max(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -225,7 +240,7 @@ def div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
     return plgpu.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;",
         args=[a, b],
-        constraints="=r,r,r",
+        constraints="=f,f,f",
         pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
     )[0]
@@ -250,64 +265,62 @@ class OutSpec:
     transposed: bool = False
 
 
-def emit_quantized(
-    x: jax.Array,
-    amax: jax.Array,
-    out: OutSpec,
-    codes_ref,
-    scale_ref,
-    r0: jax.Array,
-    c0: jax.Array,
-    plan: BlockPlan,
-    *,
-    rounding: Rounding,
-    seed: tuple[jax.Array, jax.Array] | None,
-    interpret: bool,
-    write_scale: bool = True,
-) -> None:
-    """Quantizes the block x (bm, bn) fp32 at global origin (r0, c0) given its tiles' absmax and stores it.
-
-    amax: (bm / rt, bn / ct) with (rt, ct) = block_tile(out.tile) (size 1 along a whole, swept axis).
-    For ``out.transposed`` the codes are written to the (N, M) array at (c0, r0) and the scales transposed;
-    the stochastic noise is then indexed by x.T's coordinates, as quantize(x.T) draws it.
-    """
-    bm, bn = plan.bm, plan.bn
-    rt, ct = block_tile(out.tile, bm, bn)
+def scaled_block(
+    x: jax.Array, amax: jax.Array, tile: Tile, plan: BlockPlan, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(scale (bm/rt, bn/ct), x / scale (bm, bn)) for the block x given its tiles' absmax."""
+    rt, ct = block_tile(tile, plan.bm, plan.bn)
     scale = scale_from_absmax(amax)
-    y = div_rn(x, expand_tile(scale, rt, ct, bm, bn), interpret)
-    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-    cols = c0 + jnp.arange(bn, dtype=jnp.int32)[None, :]
+    return scale, div_rn(x, expand_tile(scale, rt, ct, plan.bm, plan.bn), interpret)
+
+
+def round_codes(y: jax.Array, r0, c0, plan: BlockPlan, *, rounding: Rounding, seed, transposed: bool):
+    """x / scale (bm, bn) -> int8 codes, rounded as jq8.quant rounds them.
+
+    Stochastic noise is indexed by GLOBAL coordinates -- of x.T for the transposed copy, as quantize(x.T)
+    draws it -- so every program (and each layout) gets its own noise.
+    """
     if rounding == "nearest":
-        y = round_half_away(y)
-    elif rounding == "stochastic":
-        u = uniform_noise(seed, cols, rows) if out.transposed else uniform_noise(seed, rows, cols)
-        y = round_stochastic(y, u)
-    else:
+        return to_codes(round_half_away(y))
+    if rounding != "stochastic":
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    codes = to_codes(y)
-    mask = (rows < plan.m) & (cols < plan.n)
-    # Scale block origin: a whole axis has one scale (index 0) even while a program sweeps it.
-    sr0 = 0 if out.tile[0] == -1 else r0 // rt
-    sc0 = 0 if out.tile[1] == -1 else c0 // ct
-    if out.transposed:
-        plgpu.store(codes_ref.at[pl.ds(c0, bn), pl.ds(r0, bm)], codes.T, mask=mask.T)
+    rows = r0 + jnp.arange(plan.bm, dtype=jnp.int32)[:, None]
+    cols = c0 + jnp.arange(plan.bn, dtype=jnp.int32)[None, :]
+    u = uniform_noise(seed, cols, rows) if transposed else uniform_noise(seed, rows, cols)
+    return to_codes(round_stochastic(y, u))
+
+
+def store_codes(codes_ref, codes: jax.Array, r0, c0, plan: BlockPlan, transposed: bool) -> None:
+    """Masked store of the (bm, bn) codes at (r0, c0) of x, or transposed at (c0, r0) of the (N, M) copy."""
+    bm, bn = plan.bm, plan.bn
+    if transposed:  # mask built in the (bn, bm) layout: no transposes of boolean tensors
+        tmask = (c0 + jnp.arange(bn, dtype=jnp.int32)[:, None] < plan.n) & (
+            r0 + jnp.arange(bm, dtype=jnp.int32)[None, :] < plan.m
+        )
+        plgpu.store(codes_ref.at[pl.ds(c0, bn), pl.ds(r0, bm)], codes.T, mask=tmask)
     else:
-        plgpu.store(codes_ref.at[pl.ds(r0, bm), pl.ds(c0, bn)], codes, mask=mask)
-    if write_scale:
-        store_scale(scale_ref, scale, sr0, sc0, out.transposed)
+        plgpu.store(codes_ref.at[pl.ds(r0, bm), pl.ds(c0, bn)], codes, mask=block_mask(r0, c0, plan))
 
 
 def store_scale(scale_ref, scale: jax.Array, sr0, sc0, transposed: bool) -> None:
     """Stores a (gr, gc) block of scales (x coordinates) at scale-grid origin (sr0, sc0), masked."""
     gs = scale.shape
+    if transposed:
+        tmask = (sc0 + jnp.arange(gs[1], dtype=jnp.int32)[:, None] < scale_ref.shape[0]) & (
+            sr0 + jnp.arange(gs[0], dtype=jnp.int32)[None, :] < scale_ref.shape[1]
+        )
+        plgpu.store(scale_ref.at[pl.ds(sc0, gs[1]), pl.ds(sr0, gs[0])], scale.T, mask=tmask)
+        return
     srows = sr0 + jnp.arange(gs[0], dtype=jnp.int32)[:, None]
     scols = sc0 + jnp.arange(gs[1], dtype=jnp.int32)[None, :]
-    if transposed:
-        smask = (srows < scale_ref.shape[1]) & (scols < scale_ref.shape[0])
-        plgpu.store(scale_ref.at[pl.ds(sc0, gs[1]), pl.ds(sr0, gs[0])], scale.T, mask=smask.T)
-    else:
-        smask = (srows < scale_ref.shape[0]) & (scols < scale_ref.shape[1])
-        plgpu.store(scale_ref.at[pl.ds(sr0, gs[0]), pl.ds(sc0, gs[1])], scale, mask=smask)
+    smask = (srows < scale_ref.shape[0]) & (scols < scale_ref.shape[1])
+    plgpu.store(scale_ref.at[pl.ds(sr0, gs[0]), pl.ds(sc0, gs[1])], scale, mask=smask)
+
+
+def scale_origin(tile: Tile, r0, c0, plan: BlockPlan):
+    """Scale-grid origin of the block at (r0, c0): a whole axis has one scale (index 0)."""
+    rt, ct = block_tile(tile, plan.bm, plan.bn)
+    return (0 if tile[0] == -1 else r0 // rt, 0 if tile[1] == -1 else c0 // ct)
 
 
 LoadFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -333,24 +346,37 @@ def sweep(
 
     load(r0, c0) -> (bm, bn) fp32 block at global origin (r0, c0), with out-of-range elements set to 0
     (0 never raises an absmax). out_refs: (codes_ref, scale_ref) per output, flattened.
+    Outputs with the same tile in x coordinates (e.g. 32x32 blocks and their transposed copy) share the
+    absmax, the division and, for round-to-nearest, the codes.
     """
     pid = (pl.program_id(0), pl.program_id(1))
+    tiles = list(dict.fromkeys(o.tile for o in outs))  # distinct tiles, in order
 
     def origin(k):
         r0 = (k if plan.loop_axis == 0 else pid[0]) * plan.bm
         c0 = (k if plan.loop_axis == 1 else pid[1]) * plan.bn
         return r0, c0
 
+    def is_swept(tile: Tile) -> bool:
+        return plan.loop_axis is not None and tile[plan.loop_axis] == -1
+
     def emit_all(x, r0, c0, swept_amax):
         a = jnp.abs(x)
+        per_tile = {}
+        for t in tiles:
+            amax = swept_amax[t] if is_swept(t) else tile_absmax(a, *block_tile(t, plan.bm, plan.bn))
+            scale, y = scaled_block(x, amax, t, plan, interpret)
+            nearest = None
+            if rounding == "nearest":  # deterministic: the transposed copy reuses these codes
+                nearest = round_codes(y, r0, c0, plan, rounding=rounding, seed=seed, transposed=False)
+            per_tile[t] = (scale, y, nearest)
         for i, out in enumerate(outs):
-            rt, ct = block_tile(out.tile, plan.bm, plan.bn)
-            swept = plan.loop_axis is not None and out.tile[plan.loop_axis] == -1
-            amax = swept_amax[i] if swept else tile_absmax(a, rt, ct)
-            emit_quantized(
-                x, amax, out, out_refs[2 * i], out_refs[2 * i + 1], r0, c0, plan,
-                rounding=rounding, seed=seed, interpret=interpret, write_scale=not swept,
-            )
+            scale, y, codes = per_tile[out.tile]
+            if codes is None:
+                codes = round_codes(y, r0, c0, plan, rounding=rounding, seed=seed, transposed=out.transposed)
+            store_codes(out_refs[2 * i], codes, r0, c0, plan, out.transposed)
+            if not is_swept(out.tile):
+                store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed)
 
     if plan.loop_axis is None:
         r0, c0 = origin(0)
@@ -358,30 +384,26 @@ def sweep(
         return
 
     # Sweep: pass 1 reduces the absmax of tiles that span the swept axis, pass 2 quantizes.
-    swept_ids = [i for i, o in enumerate(outs) if o.tile[plan.loop_axis] == -1]
+    swept = [t for t in tiles if is_swept(t)]
 
     def absmax_body(k, accs):
         r0, c0 = origin(k)
         a = jnp.abs(load(r0, c0))
         return tuple(
-            nan_max(acc, tile_absmax(a, *block_tile(outs[i].tile, plan.bm, plan.bn)))
-            for acc, i in zip(accs, swept_ids)
+            nan_max(acc, tile_absmax(a, *block_tile(t, plan.bm, plan.bn))) for acc, t in zip(accs, swept)
         )
 
-    def acc_shape(i):
-        rt, ct = block_tile(outs[i].tile, plan.bm, plan.bn)
+    def acc_shape(t):
+        rt, ct = block_tile(t, plan.bm, plan.bn)
         return (plan.bm // rt, plan.bn // ct)
 
-    init = tuple(jnp.zeros(acc_shape(i), jnp.float32) for i in swept_ids)
-    accs = lax.fori_loop(0, plan.num_chunks, absmax_body, init) if swept_ids else ()
-    swept_amax = dict(zip(swept_ids, accs))
-    for i in swept_ids:  # one scale per swept tile: written once, at the sweep's origin
-        out = outs[i]
-        scale = scale_from_absmax(swept_amax[i])
-        r0, c0 = origin(0)
-        srow0 = 0 if out.tile[0] == -1 else r0 // block_tile(out.tile, plan.bm, plan.bn)[0]
-        scol0 = 0 if out.tile[1] == -1 else c0 // block_tile(out.tile, plan.bm, plan.bn)[1]
-        store_scale(out_refs[2 * i + 1], scale, srow0, scol0, out.transposed)
+    init = tuple(jnp.zeros(acc_shape(t), jnp.float32) for t in swept)
+    swept_amax = dict(zip(swept, lax.fori_loop(0, plan.num_chunks, absmax_body, init) if swept else ()))
+    r0, c0 = origin(0)
+    for i, out in enumerate(outs):  # one scale per swept tile: written once, at the sweep's origin
+        if is_swept(out.tile):
+            scale = scale_from_absmax(swept_amax[out.tile])
+            store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed)
 
     @pl.loop(0, plan.num_chunks)
     def _(k):
@@ -410,7 +432,7 @@ def launch(
     kernel,
     operands: Sequence[jax.Array],
     shapes: Sequence[jax.ShapeDtypeStruct],
-    grid: tuple[int, ...],
+    plan: BlockPlan,
     config: QuantizeConfig,
     *,
     interpret: bool,
@@ -427,9 +449,9 @@ def launch(
 
     return pl.pallas_call(
         body,
-        grid=grid,
+        grid=plan.grid,
         out_shape=list(shapes),
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        compiler_params=compiler_params(config.num_warps or default_warps(plan), config.num_stages),
         interpret=interpret,
         input_output_aliases={n_in + i: i for i in range(len(prefill))},
         name=name,
@@ -472,7 +494,7 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
     plan = plan_blocks(m, n, [o.tile for o in outs], config)
     kernel = functools.partial(_quantize_kernel, plan=plan, outs=outs, rounding=rounding, interpret=interpret)
     return launch(
-        kernel, [seed, x], out_shapes(m, n, specs), plan.grid, config,
+        kernel, [seed, x], out_shapes(m, n, specs), plan, config,
         interpret=interpret, poison=poison, name="quantize_tiles",
     )
 
@@ -512,13 +534,16 @@ def quantize_tiles(
     seed_arr = as_seed(seed, rounding)
     specs = [(spec, False)] + ([(transposed_spec, True)] if transposed_spec is not None else [])
     tiles = [x_tile(s, m, n, t) for s, t in specs]
-    try:
-        plan_blocks(m, n, tiles, config)
-        groups = [tuple(specs)]
-    except ValueError:
-        if len(specs) == 1:
-            raise
-        groups = [(s,) for s in specs]  # e.g. per-row + per-row of x.T: a whole matrix per program
+    groups = [tuple(specs)]
+    if len(specs) > 1:
+        try:
+            joint = plan_blocks(m, n, tiles, config)
+        except ValueError:
+            joint = None
+        if joint is None or (joint.grid == (1, 1) and m * n > joint.bm * joint.bn):
+            # e.g. per-row + per-row of x.T: one program would sweep the whole matrix; two launches
+            # (each reading x once) keep the GPU busy.
+            groups = [(s,) for s in specs]
     arrays = []
     for group in groups:
         arrays += _quantize_call(

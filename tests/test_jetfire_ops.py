@@ -38,9 +38,11 @@ def rand(key, shape, scale=1.0):
 def mlp_params(d, f, activation="gelu", rms=False, seed=0):
     k = iter(range(seed * 10, seed * 10 + 10))
     bias = activation == "gelu"
-    p = {"norm": {"scale": 1.0 + rand(next(k), (d,), 0.1)},
-         "fc1": {"kernel": rand(next(k), (d, f), d**-0.5)},
-         "fc2": {"kernel": rand(next(k), (f, d), f**-0.5)}}
+    p = {
+        "norm": {"scale": 1.0 + rand(next(k), (d,), 0.1)},
+        "fc1": {"kernel": rand(next(k), (d, f), d**-0.5)},
+        "fc2": {"kernel": rand(next(k), (f, d), f**-0.5)},
+    }
     if not rms:
         p["norm"]["bias"] = rand(next(k), (d,), 0.1)
     if bias:
@@ -56,8 +58,13 @@ def check_grads(fn_int8, fn_ref, args, tol, label):
     n = len(args)
     probe = rand(99, jax.eval_shape(fn_ref, *args).shape)
     # One jit per implementation: output and all gradients (eager dispatch is slow on CPU).
-    both = lambda f: jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(f(*a).astype(jnp.float32) * probe),
-                                                            f(*a)), argnums=tuple(range(n)), has_aux=True))
+    both = lambda f: jax.jit(
+        jax.value_and_grad(
+            lambda *a: (jnp.sum(f(*a).astype(jnp.float32) * probe), f(*a)),
+            argnums=tuple(range(n)),
+            has_aux=True,
+        )
+    )
     (_, out8), g8 = both(fn_int8)(*args)
     (_, out_ref), gr = both(fn_ref)(*args)
     errs = {"out": rel(out8, out_ref)}
@@ -76,8 +83,13 @@ def check_grads(fn_int8, fn_ref, args, tol, label):
 def test_linear_grads_match_fp32_reference():
     x, w, b = rand(1, (3, 15, 64)), rand(2, (64, 96), 0.125), rand(3, (96,), 0.1)
     key = jax.random.PRNGKey(7)
-    check_grads(lambda x, w, b: jetfire_linear(x, w, b, key, INT8),
-                lambda x, w, b: linear_reference(x, w, b), (x, w, b), 5e-2, "linear")
+    check_grads(
+        lambda x, w, b: jetfire_linear(x, w, b, key, INT8),
+        lambda x, w, b: linear_reference(x, w, b),
+        (x, w, b),
+        5e-2,
+        "linear",
+    )
 
 
 def test_linear_without_bias_and_bf16_compute():
@@ -91,32 +103,66 @@ def test_linear_without_bias_and_bf16_compute():
     assert dx.dtype == x.dtype and rel(dx, dxr) < 5e-2 and rel(dw, dwr) < 5e-2
 
 
-@pytest.mark.parametrize("activation,rms", [("gelu", False), ("swiglu", True)])
-def test_mlp_grads_match_fp32_reference(activation, rms):
+@pytest.mark.parametrize(
+    "activation,rms,granularity",
+    [("gelu", False, "block"), ("swiglu", True, "block"), ("gelu", False, "row")],
+)
+def test_mlp_grads_match_fp32_reference(activation, rms, granularity):
     d, f = 64, 128
     x, p = rand(4, (M, d)), mlp_params(d, f, activation, rms)
     key = jax.random.PRNGKey(3)
-    check_grads(lambda x, p: jetfire_mlp(x, p, key, INT8, activation=activation, rms=rms),
-                lambda x, p: mlp_reference(x, p, activation=activation, rms=rms), (x, p), 5e-2,
-                f"mlp[{activation}, rms={rms}]")
+    pol = Policy.from_name(
+        "jetfire-int8", use_kernels=False, compute_dtype=jnp.float32, granularity=granularity
+    )
+    check_grads(
+        lambda x, p: jetfire_mlp(x, p, key, pol, activation=activation, rms=rms),
+        lambda x, p: mlp_reference(x, p, activation=activation, rms=rms),
+        (x, p),
+        5e-2,
+        f"mlp[{activation}, rms={rms}, {granularity}]",
+    )
 
 
 def test_norm_linear_grads_match_fp32_reference():
     x, w, b = rand(5, (2, 20, 64)), rand(6, (64, 96), 0.125), rand(7, (96,), 0.1)
     norm = {"scale": 1.0 + rand(8, (64,), 0.1), "bias": rand(9, (64,), 0.1)}
     key = jax.random.PRNGKey(11)
-    check_grads(lambda x, n, w, b: jetfire_norm_linear(x, n, w, b, key, INT8),
-                lambda x, n, w, b: norm_linear_reference(x, n, w, b), (x, norm, w, b), 5e-2, "norm_linear")
+    check_grads(
+        lambda x, n, w, b: jetfire_norm_linear(x, n, w, b, key, INT8),
+        lambda x, n, w, b: norm_linear_reference(x, n, w, b),
+        (x, norm, w, b),
+        5e-2,
+        "norm_linear",
+    )
 
 
-@pytest.mark.parametrize("fwd,gi,gw", [(True, False, False), (False, True, False), (False, False, True),
-                                       (True, True, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "fwd,gi,gw",
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+        (False, True, True),
+    ],
+)
 def test_per_gemm_toggles(fwd, gi, gw):
-    pol = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32,
-                           int8_forward=fwd, int8_grad_input=gi, int8_grad_weight=gw)
+    pol = Policy.from_name(
+        "jetfire-int8",
+        use_kernels=False,
+        compute_dtype=jnp.float32,
+        int8_forward=fwd,
+        int8_grad_input=gi,
+        int8_grad_weight=gw,
+    )
     x, p = rand(4, (M, 64)), mlp_params(64, 96)
-    errs = check_grads(lambda x, p: jetfire_mlp(x, p, jax.random.PRNGKey(1), pol),
-                       lambda x, p: mlp_reference(x, p), (x, p), 5e-2, f"toggles fwd={fwd} gi={gi} gw={gw}")
+    errs = check_grads(
+        lambda x, p: jetfire_mlp(x, p, jax.random.PRNGKey(1), pol),
+        lambda x, p: mlp_reference(x, p),
+        (x, p),
+        5e-2,
+        f"toggles fwd={fwd} gi={gi} gw={gw}",
+    )
     # A GEMM left in fp32 leaves its result exact: the forward output, or (with only grad-weight INT8
     # and an fp32 forward) the fc2 bias gradient, which reads the exact output gradient.
     if not fwd:
@@ -155,8 +201,9 @@ def test_stochastic_rounding_is_unbiased():
 def test_nearest_backward_rounding_is_deterministic_across_keys():
     pol = Policy.from_name("jetfire-int8", use_kernels=False, rounding_bwd="nearest")
     x, w = rand(1, (40, 32)), rand(2, (32, 32))
-    grad = jax.jit(lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol).astype(jnp.float32)
-                                                        ** 2))(w))
+    grad = jax.jit(
+        lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol).astype(jnp.float32) ** 2))(w)
+    )
     np.testing.assert_array_equal(grad(jax.random.PRNGKey(0)), grad(jax.random.PRNGKey(1)))
 
 
@@ -204,8 +251,11 @@ def test_gelu_backward_matches_autodiff():
     @jax.jit
     def run(da, u):
         _, vjp = jax.vjp(lambda u: jax.nn.gelu(u, approximate=False), u)
-        return (ops.gelu_bwd(da, u, pol, jnp.zeros(2, jnp.uint32))[2],
-                ops.gelu_bwd(da, u, INT8, jnp.array([1, 2], jnp.uint32)), vjp(da)[0])
+        return (
+            ops.gelu_bwd(da, u, pol, jnp.zeros(2, jnp.uint32))[2],
+            ops.gelu_bwd(da, u, INT8, jnp.array([1, 2], jnp.uint32)),
+            vjp(da)[0],
+        )
 
     db, (q, qt, db8), want = run(da, u)
     assert rel(db, want.sum(0)) < 1e-5
@@ -224,8 +274,11 @@ def test_mlp_residuals_are_int8():
     for name, q, shape in expected:
         assert isinstance(q, QArray) and q.values.dtype == jnp.int8, name
         assert q.values.shape == shape, (name, q.values.shape)
-    float_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(res) if a.dtype == jnp.float32
-                      and a.ndim == 2 and a.shape[0] >= M)
+    float_bytes = sum(
+        a.size * a.dtype.itemsize
+        for a in jax.tree.leaves(res)
+        if a.dtype == jnp.float32 and a.ndim == 2 and a.shape[0] >= M
+    )
     assert float_bytes == 0, "no (tokens, features) fp32 activation should be saved"
 
 
@@ -233,8 +286,9 @@ def test_dimension_not_multiple_of_block_raises():
     with pytest.raises(ValueError, match="hidden=100 is not a multiple of the INT8 block size 32"):
         jax.eval_shape(lambda x, p: jetfire_mlp(x, p, None, INT8), rand(1, (8, 64)), mlp_params(64, 100))
     with pytest.raises(ValueError, match="in_features=48"):
-        jax.eval_shape(lambda x, w: jetfire_linear(x, w, None, None, INT8), rand(1, (8, 48)),
-                       rand(2, (48, 64)))
+        jax.eval_shape(
+            lambda x, w: jetfire_linear(x, w, None, None, INT8), rand(1, (8, 48)), rand(2, (48, 64))
+        )
 
 
 def test_backend_reports_implementation():
@@ -243,16 +297,38 @@ def test_backend_reports_implementation():
         assert kb.implementation(name, True) in ("kernel", "fallback")
 
 
-def test_kernel_path_matches_reference_path():
+@pytest.mark.parametrize("granularity", ["block", "row"])
+def test_kernel_path_matches_reference_path(granularity):
     """use_kernels=True (Pallas, interpret mode on CPU) against use_kernels=False on one small MLP."""
     if all(kb.implementation(n, True) == "fallback" for n in ("quantize_tiles", "matmul_qarrays")):
         pytest.skip("no Pallas kernels available yet")
-    pk = Policy.from_name("jetfire-int8", use_kernels=True, compute_dtype=jnp.float32)
-    x, p = rand(4, (40, 64)), mlp_params(64, 64)
+    pk, pr = (
+        Policy.from_name("jetfire-int8", use_kernels=k, compute_dtype=jnp.float32, granularity=granularity)
+        for k in (True, False)
+    )
+    x, p = rand(4, (72, 64)), mlp_params(64, 64)  # tokens > 64: int8_matmul fails for K < block_k
     key = jax.random.PRNGKey(5)
-    f = lambda pol: jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2),
-                                               argnums=(0, 1)))(x, p)
-    (vk, gk), (vr, gr) = f(pk), f(INT8)
+    f = lambda pol: jax.jit(
+        jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2), argnums=(0, 1))
+    )(x, p)
+    (vk, gk), (vr, gr) = f(pk), f(pr)
     assert abs(float(vk) - float(vr)) <= 1e-3 * abs(float(vr))
     for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gr)):
         assert rel(a, b) < 1e-2
+
+
+def test_residual_add_and_int8_dropout():
+    x, b = rand(1, (M, 64)), rand(2, (M, 64))
+    qb = quantize(b, INT8.spec)
+    y, qy = jax.jit(lambda x, qb: ops.residual_add(x, qb, INT8))(x, qb)
+    np.testing.assert_allclose(y, x + dequantize(qb, jnp.float32), rtol=1e-6, atol=1e-6)
+    assert qy.values.dtype == jnp.int8 and rel(dequantize(qy, jnp.float32), y) < 1e-2
+    gx, gb = ops.residual_add_bwd(b)
+    assert gx is b and gb is b
+    qd, keep = jax.jit(lambda q, k: ops.dropout_fwd(q, 0.25, k))(qb, jax.random.PRNGKey(0))
+    assert 0.65 < float(keep.mean()) < 0.85
+    want = jnp.where(keep, dequantize(qb, jnp.float32) / 0.75, 0.0)
+    np.testing.assert_allclose(dequantize(qd, jnp.float32), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ops.dropout_bwd(x, keep, 0.25), jnp.where(keep, x / 0.75, 0.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="rate"):
+        ops.dropout_fwd(qb, 1.0, jax.random.PRNGKey(0))

@@ -14,7 +14,6 @@ from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
 from pallas_kernels.int8_matmul import erf_approx, int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_matmul_block_scaled import (
-    Rescale,
     infer_tile,
     int8_matmul_block_scaled,
     int8_matmul_block_scaled_reference,
@@ -145,19 +144,27 @@ def test_block_scaled_matches_dequantized_product(a_tile, b_tile, bits):
     )
 
 
-def test_rescale_variants_are_identical():
+def test_int_to_float_conversions():
     m, n, k = RAGGED
     x, w = _float_operands(8, m, n, k)
-    qa, qb = quantize(x, QuantSpec((32, 32))), quantize(w, QuantSpec((32, 32)))
+    qa, qb = quantize(x, QuantSpec((1, 32))), quantize(w, QuantSpec((32, 32)))
     args = (qa.values, qa.scale, qb.values, qb.scale)
-    base = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG)  # magic convert, no overlap
-    for rescale in (Rescale(magic_convert=False, overlap=False), Rescale(magic_convert=True, overlap=True)):
-        out = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, rescale=rescale)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+    base = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, convert="cvt")
+    top = float(jnp.abs(base).max())
+    # magic is exact and unroll keeps the summation order; only the compiler's FMA contraction may differ.
+    tight = dict(rtol=1e-6, atol=1e-6 * top)
+    exact = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, convert="magic")
+    np.testing.assert_allclose(np.asarray(exact), np.asarray(base), **tight)
+    unrolled = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, convert="cvt", unroll=4)
+    np.testing.assert_allclose(np.asarray(unrolled), np.asarray(base), **tight)  # 6 groups: 1 step + 2 left
+    split = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, split_n=True)  # 2 chunks of 32
+    np.testing.assert_allclose(np.asarray(split), np.asarray(base), **tight)
+    folded = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, config=CFG, convert="magic_folded")
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(base), rtol=1e-3, atol=1e-3 * top)
 
 
 def test_block_scaled_epilogue_and_requant():
-    m, n, k = ALIGNED
+    m, n, k = RAGGED
     x, w = _float_operands(9, m, n, k)
     qa, qb = quantize(x, QuantSpec((1, 128))), quantize(w, QuantSpec((128, 128)))
     bias = jax.random.normal(jax.random.key(10), (n,))
@@ -171,6 +178,23 @@ def test_block_scaled_epilogue_and_requant():
     diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
     np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5)
+
+
+def test_split_n_epilogue_and_requant():
+    m, n, k = RAGGED
+    x, w = _float_operands(13, m, n, k)
+    qa, qb = quantize(x, QuantSpec((32, 32))), quantize(w, QuantSpec((32, 32)))
+    args = (qa.values, qa.scale, qb.values, qb.scale)
+    bias = jax.random.normal(jax.random.key(14), (n,))
+    kw = dict(bias=bias, activation="gelu_tanh", out_spec=QuantSpec.blocks((32, 32)), config=CFG)
+    out = int8_matmul_block_scaled(*args, split_n=True, **kw)
+    y = int8_matmul_block_scaled_reference(*args, **{**kw, "out_spec": None, "out_dtype": jnp.float32})
+    q = quantize(y, QuantSpec.blocks((32, 32)))
+    diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5)
+    with pytest.raises(ValueError, match="split_n"):
+        int8_matmul_block_scaled(*args[:3], jnp.ones((n, 7)), b_tile=(1, 32), split_n=True, config=CFG)
 
 
 def test_matmul_qarrays_per_channel_uses_epilogue_scales():

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ptq import tiny_gpt
+from test_ptq import run_int8, tiny_gpt
 
-from jq8 import lkd, ptq, ptq_infer
+from jq8 import lkd, ptq
 from jq8.quant import QuantSpec, fake_quantize
 
 
@@ -51,12 +51,14 @@ def test_distill_lowers_block_mse_and_touches_only_blocks(setup, mode):
     for name in ("wte", "wpe", "ln_f"):  # outside the blocks: untouched
         for a, b in zip(jax.tree_util.tree_leaves(params[name]), jax.tree_util.tree_leaves(new[name])):
             np.testing.assert_array_equal(a, b)
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params["h_0"]),
-                                                        jax.tree_util.tree_leaves(new["h_0"]))]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(params["h_0"]), jax.tree_util.tree_leaves(new["h_0"]))
+    ]
     assert any(changed) or rep[0]["loss_after_raw"] > rep[0]["loss_before"]
     # The distilled model quantizes and runs on the INT8 path.
     qp = ptq.quantize_params(new, rules)
-    out = ptq_infer.apply_quantized(model, qp, chunks[0])
+    out = run_int8(model, qp, chunks[0])
     assert out.shape == (4, 16, 97) and bool(jnp.all(jnp.isfinite(out)))
 
 

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_ptq import tiny_gpt
+from test_ptq import run_int8, tiny_gpt
 
 from jq8 import ptq, ptq_infer, qcheckpoint
 
@@ -22,8 +22,9 @@ def quantized():
 @pytest.mark.parametrize("float_dtype", ["float16", "bfloat16", "float32"])
 def test_round_trip_is_exact_and_runs(tmp_path, quantized, float_dtype):
     model, qp, tokens = quantized
-    out = qcheckpoint.save_quantized(tmp_path / "q", qp, model_config={"d_model": 64}, extra={"x": 1},
-                                     float_dtype=float_dtype)
+    out = qcheckpoint.save_quantized(
+        tmp_path / "q", qp, model_config={"d_model": 64}, extra={"x": 1}, float_dtype=float_dtype
+    )
     qp2, manifest = qcheckpoint.load_quantized(out)
     assert manifest["model_config"] == {"d_model": 64} and manifest["extra"] == {"x": 1}
     assert qp2.rules == qp.rules and dict(qp2.assignment) == dict(qp.assignment)
@@ -35,8 +36,7 @@ def test_round_trip_is_exact_and_runs(tmp_path, quantized, float_dtype):
     stored = qcheckpoint.as_stored(qp, float_dtype)
     for a, b in zip(jax.tree_util.tree_leaves(stored.params), jax.tree_util.tree_leaves(qp2.params)):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(ptq_infer.apply_quantized(model, qp2, tokens),
-                                  ptq_infer.apply_quantized(model, stored, tokens))
+    np.testing.assert_array_equal(run_int8(model, qp2, tokens), run_int8(model, stored, tokens))
 
 
 def test_size_on_disk_matches_bits(tmp_path, quantized):
@@ -45,7 +45,10 @@ def test_size_on_disk_matches_bits(tmp_path, quantized):
     rep = ptq.bits_report(qp)
     disk = qcheckpoint.disk_bytes(out)
     n_entries = 2 * len(qp.weights) + len(jax.tree_util.tree_leaves(qp.params))
-    assert rep["total_bytes"] <= disk <= rep["total_bytes"] + 400 * n_entries + 8192, (disk, rep["total_bytes"])
+    assert rep["total_bytes"] <= disk <= rep["total_bytes"] + 400 * n_entries + 8192, (
+        disk,
+        rep["total_bytes"],
+    )
 
 
 def test_static_scales_survive(tmp_path):
@@ -54,7 +57,7 @@ def test_static_scales_survive(tmp_path):
     qp = ptq_infer.calibrate_static(model, params, [tokens], qp)
     qp2, _ = qcheckpoint.load_quantized(qcheckpoint.save_quantized(tmp_path / "s", qp, float_dtype="float32"))
     assert set(qp2.act_scales) == set(qp.act_scales)
-    np.testing.assert_array_equal(ptq_infer.apply_quantized(model, qp2, tokens), ptq_infer.apply_quantized(model, qp, tokens))
+    np.testing.assert_array_equal(run_int8(model, qp2, tokens), run_int8(model, qp, tokens))
 
 
 def test_atomic_overwrite_and_errors(tmp_path, quantized):

@@ -1,0 +1,169 @@
+"""Forward + backward of one transformer block (or its MLP branch), bf16 vs Jetfire INT8, same run.
+
+    PYTHONPATH=. python3 benchmarks/block_step.py           # GPU: hidden 1024 and 4096, 16384 tokens
+    PYTHONPATH=. python3 benchmarks/block_step.py --tiny    # CPU smoke test (tiny shapes)
+    ... --hidden 4096 --parts block --policies bf16 jetfire-int8 --block 128    # one slice (10-min limit)
+
+For each width and policy it jits grad(loss) over the block's parameters and input, checks the INT8
+gradients against the bf16 ones (relative error per parameter, max reported), then times the step
+(median of ``--iters`` after warm-up) and reports peak memory: XLA's compiled memory analysis (temp +
+arguments + outputs) and, on GPU, the allocator's peak_bytes_in_use. Writes ``$OUT/block_step.json`` when
+``OUT`` is set and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq8 import jetfire_backend
+from jq8.nn import AttentionBlock, MlpBlock
+from jq8.policy import Policy
+
+POLICIES = {
+    "bf16": dict(name="bf16"),
+    "jetfire-int8": dict(name="jetfire-int8"),  # 32x32 blocks (or --block), INT8 data flow
+    "int8-row": dict(name="jetfire-int8", granularity="row"),  # per-row scales along K: epilogue-only
+    "int8-fwd-only": dict(name="jetfire-int8", int8_grad_input=False, int8_grad_weight=False),
+}
+DEFAULT_POLICIES = ["bf16", "jetfire-int8", "int8-row"]
+
+
+class Block(nn.Module):
+    """GPT block: x + attn(x), then + mlp(x); or the MLP branch alone (part="mlp")."""
+
+    policy: Policy
+    heads: int
+    part: str = "block"
+
+    @nn.compact
+    def __call__(self, x):
+        if self.part == "block":
+            x = x + AttentionBlock(self.heads, self.policy, name="attn")(x)
+        return x + MlpBlock(4 * x.shape[-1], self.policy, name="mlp")(x)
+
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def compiled_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
+             block: tuple[int, int]):
+    policy = Policy.from_name(**POLICIES[policy_name], use_kernels=use_kernels, block=block)
+    heads = max(1, hidden // 64)
+    model = Block(policy, heads, part)
+    x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
+    probe = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float32)
+    params = jax.jit(Block(Policy(), heads, part).init)(jax.random.PRNGKey(2), x)["params"]
+
+    def loss(params, x, key):
+        y = model.apply({"params": params}, x, rngs={"quant": key})
+        return jnp.sum((y - x) * probe)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    # Bytes autodiff keeps for the backward (the vjp closure's arrays: activations + weight copies).
+    residuals = jax.eval_shape(lambda p, x, k: jax.vjp(lambda p, x: loss(p, x, k), p, x)[1], params, x,
+                               jax.random.PRNGKey(0))
+    residual_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
+    key = jax.random.PRNGKey(3)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, x, key).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(params, x, key)
+    jax.block_until_ready(out)
+    for _ in range(2):
+        jax.block_until_ready(compiled(params, x, key))
+    times = []
+    keys = [jax.random.fold_in(key, i) for i in range(iters)]  # outside the timed region
+    for k in keys:
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, x, k))
+        times.append((time.perf_counter() - t) * 1e3)
+    return out, dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, block=block[0],
+                     median_ms=statistics.median(times), min_ms=min(times), compile_s=compile_s,
+                     compiled_bytes=compiled_bytes(compiled), peak_bytes=peak_bytes(),
+                     residual_bytes=residual_bytes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--parts", nargs="+", default=["mlp", "block"], choices=["mlp", "block"])
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=list(POLICIES))
+    ap.add_argument("--block", type=int, default=32, help="square INT8 block size (Jetfire: 32)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reference", action="store_true", help="jnp references instead of Pallas kernels")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 96 tokens, 2 iters")
+    args = ap.parse_args()
+    if args.tiny:
+        args.hidden, args.tokens, args.seq, args.iters = [64], 96, 48, 2
+        args.reference = True
+        args.policies = list(POLICIES)
+    use_kernels = not args.reference
+    print(f"device: {jax.devices()[0].device_kind}; kernels: "
+          + ", ".join(f"{n}={jetfire_backend.implementation(n, use_kernels)}"
+                      for n in ("quantize_tiles", "layer_norm_quantize", "bias_gelu_quantize",
+                                "gelu_backward_quantize", "matmul_qarrays")))
+    rows = []
+    for hidden in args.hidden:
+        for part in args.parts:
+            base = None
+            for pname in args.policies:
+                (lv, grads), row = run_case(hidden, args.tokens, args.seq, part, pname, args.iters,
+                                            use_kernels, (args.block, args.block))
+                if base is None:
+                    base = (lv, grads, row)
+                else:
+                    errs = {jax.tree_util.keystr(p): rel(a, b) for (p, a), b in zip(
+                        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(base[1]))}
+                    row["max_grad_rel_err_vs_first"] = max(errs.values())
+                    row["worst_param"] = max(errs, key=errs.get)
+                    row["loss_rel_err_vs_first"] = abs(float(lv - base[0])) / abs(float(base[0]))
+                    row["speedup_vs_first"] = base[2]["median_ms"] / row["median_ms"]
+                    if base[2]["compiled_bytes"] and row["compiled_bytes"]:
+                        row["memory_ratio_vs_first"] = base[2]["compiled_bytes"] / row["compiled_bytes"]
+                    row["residual_ratio_vs_first"] = base[2]["residual_bytes"] / row["residual_bytes"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "block_step.json"), "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+    mib = lambda b: f"{b / 2**20:9.1f}" if b else "        -"
+    print(f"\n{'hidden':>6} {'part':>5} {'policy':>14} {'median ms':>10} {'speedup':>8} {'mem MiB':>9} "
+          f"{'mem x':>6} {'saved MiB':>9} {'saved x':>7} {'grad err':>9}")
+    for r in rows:
+        print(f"{r['hidden']:>6} {r['part']:>5} {r['policy']:>14} {r['median_ms']:10.3f} "
+              f"{r.get('speedup_vs_first', 1.0):8.2f} {mib(r['compiled_bytes'])} "
+              f"{r.get('memory_ratio_vs_first', 1.0):6.2f} {mib(r['residual_bytes'])} "
+              f"{r.get('residual_ratio_vs_first', 1.0):7.2f} {r.get('max_grad_rel_err_vs_first', 0.0):9.4f}")
+    print("speedup, mem x, saved x: first policy / this. mem: XLA compiled peak (args + temps + outputs); "
+          "saved: bytes kept for the backward; grad err: max over parameters of |g - g_first| / |g_first|")
+
+
+if __name__ == "__main__":
+    main()

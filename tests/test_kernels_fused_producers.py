@@ -1,0 +1,151 @@
+"""layer_norm_quantize, bias_gelu_quantize, gelu_backward_quantize (Pallas, interpret mode) vs jnp references.
+
+fp32 math may differ from the reference by an ulp (summation order, erf polynomial), which can move a
+value across a rounding boundary: codes may differ by 1, so the checks are: >= 99% of codes equal, none
+off by more than 1, dequantized error <= one quantization step, scales within a few ulps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8.quant import QuantSpec, noise_seed, quantize
+from pallas_kernels.gelu_quantize import (
+    bias_gelu_quantize,
+    bias_gelu_quantize_reference,
+    gelu_backward_quantize,
+    gelu_backward_quantize_reference,
+    gelu_fp32,
+    gelu_grad_fp32,
+)
+from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference
+from pallas_kernels.quantize import QuantizeConfig
+
+P, B = QuantSpec.per_row(), QuantSpec.blocks
+
+
+def _close_q(got, ref):
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.spec == r.spec and g.shape == r.shape and g.values.shape == r.values.shape
+        v, rv = np.asarray(g.values, np.int32), np.asarray(r.values, np.int32)
+        assert not (v == -128).any(), "some codes were never written"
+        s, rs = np.asarray(g.scale), np.asarray(r.scale)
+        assert s.shape == rs.shape and np.isfinite(s).all()
+        np.testing.assert_allclose(s, rs, rtol=1e-5)
+        assert np.abs(v - rv).max() <= 1
+        assert (v == rv).mean() >= 0.99
+        dq, rdq = np.asarray(g.dequantize(jnp.float32)), np.asarray(r.dequantize(jnp.float32))
+        tile = r.spec.resolve(*r.shape_2d)
+        scale_e = np.repeat(np.repeat(rs, tile[0], 0), tile[1], 1)[: r.shape_2d[0], : r.shape_2d[1]]
+        assert (np.abs(dq - rdq) <= scale_e * 1.0001).all()  # at most one quantization step
+
+
+def _x(shape, dtype=jnp.float32, key=0, shift=0.5):
+    k1, k2 = jax.random.split(jax.random.key(key))
+    x = jax.random.normal(k1, shape) * jnp.exp(0.5 * jax.random.normal(k2, (shape[0], 1))) + shift
+    return x.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,spec,tspec,rms,budget",
+    [
+        ((70, 200), jnp.bfloat16, P, None, False, 16384),  # ZeroQuant: per-token, whole rows in one load
+        ((70, 200), jnp.float32, B((32, 32)), B((32, 32)), False, 16384),  # Jetfire: blocks + transposed
+        ((40, 300), jnp.float32, P, B((32, 32)), True, 512),  # RMSNorm; rows swept in column chunks
+    ],
+)
+def test_layer_norm_quantize(shape, dtype, spec, tspec, rms, budget):
+    x = _x(shape, dtype)
+    n = shape[1]
+    gamma = 1.0 + 0.2 * jax.random.normal(jax.random.key(1), (n,))
+    beta = 0.1 * jax.random.normal(jax.random.key(2), (n,))
+    kw = dict(eps=1e-5, rms=rms, spec=spec, transposed_spec=tspec)
+    got = layer_norm_quantize(
+        x, gamma, beta, config=QuantizeConfig(max_block_elems=budget), poison_outputs=True, **kw
+    )
+    ref = layer_norm_quantize_reference(x, gamma, beta, **kw)
+    *gq, mean, rstd = got
+    *rq, rmean, rrstd = ref
+    _close_q(tuple(gq), tuple(rq))
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(rmean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rstd), np.asarray(rrstd), rtol=1e-5)
+
+
+def test_layer_norm_without_affine():
+    x = _x((33, 100), shift=3.0)
+    got = layer_norm_quantize(x, None, None, spec=P)
+    ref = layer_norm_quantize_reference(x, None, None, spec=P)
+    _close_q(got[0], ref[0])
+    # Normalized rows: mean 0, unit variance (so the constant shift did not leak into the codes).
+    y = np.asarray(got[0].dequantize(jnp.float32))
+    assert np.abs(y.mean(axis=1)).max() < 0.05 and np.abs(y.std(axis=1) - 1).max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- GELU
+
+
+def test_kernel_gelu_matches_erf_gelu():
+    z = jnp.linspace(-10.0, 10.0, 20001)
+    exact = jax.nn.gelu(z, approximate=False)
+    assert float(jnp.max(jnp.abs(gelu_fp32(z, "gelu") - exact))) < 5e-7
+    _, d = jax.jvp(lambda v: jax.nn.gelu(v, approximate=False), (z,), (jnp.ones_like(z),))
+    assert float(jnp.max(jnp.abs(gelu_grad_fp32(z, "gelu") - d))) < 5e-7
+    _, dt = jax.jvp(lambda v: jax.nn.gelu(v, approximate=True), (z,), (jnp.ones_like(z),))
+    assert float(jnp.max(jnp.abs(gelu_grad_fp32(z, "gelu_tanh") - dt))) < 5e-6
+
+
+@pytest.mark.parametrize(
+    "x_kind,activation,spec,tspec",
+    [
+        ("qarray", "gelu", P, B((32, 32))),  # INT8 fc1 output -> GELU -> per-token + transposed blocks
+        ("dense", "gelu_tanh", B((32, 32)), None),
+        ("qarray", None, B((32, 32)), None),  # bias add + requantize only
+    ],
+)
+def test_bias_gelu_quantize(x_kind, activation, spec, tspec):
+    h = _x((70, 200), key=3, shift=0.0) * 2
+    x = quantize(h, B((32, 32))) if x_kind == "qarray" else h.astype(jnp.bfloat16)
+    bias = 0.3 * jax.random.normal(jax.random.key(4), (200,))
+    kw = dict(spec=spec, activation=activation, transposed_spec=tspec)
+    got = bias_gelu_quantize(x, bias, poison_outputs=True, **kw)
+    _close_q(got, bias_gelu_quantize_reference(x, bias, **kw))
+
+
+@pytest.mark.parametrize(
+    "g_kind,x_spec,spec,tspec,rounding,budget",
+    [
+        ("dense", B((32, 32)), B((32, 32)), B((32, 32)), "stochastic", 16384),  # Jetfire GELU backward
+        ("qarray", P, P, None, "nearest", 128),  # per-token, rows swept
+    ],
+)
+def test_gelu_backward_quantize(g_kind, x_spec, spec, tspec, rounding, budget):
+    xq = quantize(_x((70, 200), key=5, shift=0.0) * 2, x_spec)
+    g = (_x((70, 200), key=6, shift=0.0) * 1e-3).astype(jnp.bfloat16)
+    g = quantize(g, P) if g_kind == "qarray" else g
+    bias = 0.2 * jax.random.normal(jax.random.key(7), (200,))
+    kw = dict(rounding=rounding, seed=noise_seed(jax.random.key(8)), bias=bias, transposed_spec=tspec)
+    got = gelu_backward_quantize(
+        g, xq, spec, config=QuantizeConfig(max_block_elems=budget), poison_outputs=True, **kw
+    )
+    _close_q(got, gelu_backward_quantize_reference(g, xq, spec, **kw))
+
+
+def test_bad_inputs_raise():
+    x = _x((16, 64))
+    with pytest.raises(ValueError, match="gamma"):
+        layer_norm_quantize(x, jnp.ones((63,)), None, spec=P)
+    with pytest.raises(ValueError, match="bias"):
+        bias_gelu_quantize(x, jnp.ones((65,)), spec=P)
+    with pytest.raises(ValueError, match="activation"):
+        bias_gelu_quantize(x, None, spec=P, activation="relu6")
+    with pytest.raises(ValueError, match="seed"):
+        gelu_backward_quantize(x, quantize(x, P), P)  # stochastic by default: needs a seed

@@ -1,0 +1,88 @@
+"""quantize.py end to end on a tiny random GPT checkpoint: table, compact checkpoint, reload, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import quantize
+from jq8.checkpoint import Checkpointer
+
+SMALL = [
+    "--eval-batches",
+    "2",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--calib-samples",
+    "8",
+    "--lkd-batch",
+    "4",
+    "--int4-group",
+    "16",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from jq8.policy import Policy
+    from models.presets import build_model, preset
+
+    cfg = dataclasses.replace(
+        preset("gpt-tiny"), num_layers=2, d_model=32, num_heads=2, vocab_size=8192, max_seq_len=16
+    )
+    model = build_model(cfg, Policy.from_name("bf16"))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    run = tmp_path_factory.mktemp("run")
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"spec": "wiki-8k"}, "train_config": {"seq_len": 16}}
+    with Checkpointer(run / "checkpoints", async_save=False) as c:
+        c.save(1, params, {}, meta)
+    return run
+
+
+def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
+    out = tmp_path / "q"
+    rep = quantize.main(
+        ["--ckpt", str(ckpt), "--scheme", "w4/8-a8", "--lkd", "--lkd-steps", "2", "--out", str(out), *SMALL]
+    )
+    names = [r["setting"] for r in rep["rows"]]
+    assert names[:4] == ["FP32", "W8A8 static (per-tensor)", "W8A8 ZeroQuant", "w4/8-a8 ZeroQuant"]
+    assert "LKD" in names[4] and names[5].startswith("reloaded")
+    assert rep["rows"][5]["ppl"] == rep["rows"][4]["ppl"]  # the saved model is the evaluated one
+    assert all(r["ppl"] > 1 for r in rep["rows"])
+    assert rep["disk_bytes"] < rep["fp32_bytes"] / 2
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["rows"] == rep["rows"]
+    assert "FP32" in capsys.readouterr().out
+    rep2 = quantize.main(["--eval", str(out), "--generate", "The city", "--max-new-tokens", "3", *SMALL])
+    assert rep2["rows"][0]["ppl"] == rep["rows"][5]["ppl"]
+    assert isinstance(rep2["generation"]["int8"], str)
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [(["--scheme", "w2a2"], "unknown scheme"), (["--calib-samples", "100000"], "calibration data too small")],
+)
+def test_cli_errors(ckpt, tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit):
+        quantize.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "q"), *SMALL, *extra])
+    assert msg in capsys.readouterr().err
+
+
+def test_not_a_checkpoint_and_existing_out(tmp_path, ckpt, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        quantize.main(["--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "q")])
+    assert "not a jq8 training checkpoint" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(SystemExit):
+        quantize.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exists")])
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quantize.main(["--eval", str(tmp_path / "empty")])
+    assert "not a jq8 quantized checkpoint" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""Data parallel + FSDP on 8 simulated CPU devices (a subprocess: the XLA flag must precede JAX start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jq8 import sharding
+from jq8.quant import QuantSpec, quantize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, REPO)
+    import jax, numpy as np
+    import train
+    from jq8 import checkpoint, sharding
+    from jq8.quant import QuantSpec, quantize, dequantize
+
+    assert jax.device_count() == 8, jax.devices()
+    base = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--dataset=lee", "--tokenizer=bytes",
+            "--model.d_model=64", "--model.num_heads=2", "--model.num_layers=1", "--batch_size=16",
+            "--seq_len=32", "--steps=4", "--warmup_steps=1", "--lr=3e-3", "--eval_batches=0",
+            "--ckpt_every=0", "--log_every=1", "--progress=false", "--fsdp_min_size=1024"]
+    out = {}
+    no_ckpt = ["--ckpt_every=-1"]
+    for name, extra in [("fsdp8", []), ("one", ["--num_devices=1", *no_ckpt]),
+                        ("int8_fsdp8", ["--policy=jetfire-int8", *no_ckpt]),
+                        ("int8_one", ["--policy=jetfire-int8", "--num_devices=1", *no_ckpt])]:
+        run = os.path.join(TMP, name)
+        r = train.main(base + extra + ["--run_dir=" + run])
+        out[name] = [l for _, l in r["history"]]
+        if name == "fsdp8":
+            p = r["params"]
+            out["specs"] = {k: str(v.sharding.spec) for k, v in
+                            [("wte", p["wte"]["embedding"]), ("fc1", p["h_0"]["mlp"]["fc1"]["kernel"]),
+                             ("ln_f", p["ln_f"]["scale"])]}
+            out["n_shard_devices"] = len(p["wte"]["embedding"].sharding.device_set)
+            out["shard_rows"] = p["wte"]["embedding"].addressable_shards[0].data.shape[0]
+            # The sharded checkpoint loads onto one device with the same values.
+            loaded, meta = checkpoint.load_params(os.path.join(run, "checkpoints"))
+            out["ckpt_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b))
+                                    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(loaded)))
+            out["ckpt_step"] = meta["step"]
+
+    # QArray: codes and scales split together at tile boundaries.
+    mesh = sharding.make_mesh()
+    x = jax.random.normal(jax.random.key(0), (256, 96)) * np.linspace(0.1, 3, 96)
+    q = quantize(x, QuantSpec.blocks((32, 32)))
+    shs = sharding.qarray_sharding(q, mesh)
+    qs = jax.tree.map(jax.device_put, q, shs)
+    ok = True
+    for vs, ss in zip(qs.values.addressable_shards, qs.scale.addressable_shards):
+        rows = vs.index[0]
+        ok &= vs.device == ss.device and ss.index[0] == slice(rows.start // 32, rows.stop // 32)
+        local = dequantize(type(q)(vs.data, ss.data, None, q.spec, vs.data.shape, q.dtype))
+        ok &= bool(np.array_equal(np.asarray(local), np.asarray(dequantize(q))[rows]))
+    out["qarray_shards_ok"] = bool(ok)
+    out["qarray_spec"] = str(qs.values.sharding.spec)
+    out["qarray_dequant_equal"] = bool(np.array_equal(np.asarray(dequantize(qs)), np.asarray(dequantize(q))))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("shard"))
+    # Lower XLA optimisation: these programs are tiny and compile time dominates on a CPU.
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    code = f"REPO = {REPO!r}\nTMP = {tmp!r}\n" + SCRIPT
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_fsdp_params_are_split_over_all_devices(result):
+    assert result["n_shard_devices"] == 8
+    assert result["specs"]["wte"] == str(P("data", None))  # (320, 64): rows split 8 ways
+    assert result["shard_rows"] == 320 // 8
+    assert "data" in result["specs"]["fc1"]
+    assert result["specs"]["ln_f"] == str(P())  # small vectors stay replicated
+
+
+def test_sharded_training_matches_one_device(result):
+    np.testing.assert_allclose(result["fsdp8"], result["one"], rtol=2e-5)
+    assert result["fsdp8"][-1] < result["fsdp8"][0]
+
+
+def test_int8_sharded_training_tracks_one_device(result):
+    a, b = np.asarray(result["int8_fsdp8"]), np.asarray(result["int8_one"])
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    np.testing.assert_allclose(a, b, rtol=1e-2)
+
+
+def test_sharded_checkpoint_loads_on_one_device(result):
+    assert result["ckpt_equal"] and result["ckpt_step"] == 4
+
+
+def test_qarray_values_and_scales_shard_together(result):
+    assert result["qarray_spec"] == str(P("data", None))
+    assert result["qarray_shards_ok"] and result["qarray_dequant_equal"]
+
+
+def test_qarray_split_axis_rules():
+    """Codes and scales split at tile boundaries only; otherwise the other axis, else replication."""
+    x = np.random.default_rng(0).normal(size=(96, 256)).astype(np.float32)
+    blocks = QuantSpec.blocks((32, 32))
+    assert sharding.qarray_split_axis(quantize(x, blocks), 8, min_size=0) == 1  # 3 row tiles, 8 column tiles
+    assert sharding.qarray_split_axis(quantize(x.T, blocks), 8, min_size=0) == 0  # 8 row tiles
+    assert sharding.qarray_split_axis(quantize(x[:90, :250], blocks), 8, min_size=0) is None  # partial tiles
+    assert sharding.qarray_split_axis(quantize(x.T, QuantSpec.per_row()), 8, min_size=0) == 0
+    assert sharding.qarray_split_axis(quantize(x, blocks), 8, min_size=10**6) is None  # small: replicate
+    assert sharding.qarray_split_axis(quantize(x.T, blocks), 1, min_size=0) is None  # one device
+    q4 = quantize(x[:90], QuantSpec.groups(64, axis=1, bits=4))  # (90, 128) packed codes, 4 column groups
+    assert (
+        sharding.qarray_split_axis(q4, 4, min_size=0) == 1
+        and sharding.qarray_split_axis(q4, 3, min_size=0) == 0
+    )
+    one = sharding.qarray_sharding(quantize(x.T, blocks), sharding.make_mesh(jax.devices()[:1]))
+    assert one.values.spec == P() and one.scale.spec == P()
