@@ -2,6 +2,7 @@
 
     python quantize.py --ckpt runs/tiny --scheme w4/8-a8 --lkd --out runs/tiny-w48a8 [--overwrite]
     python quantize.py --eval runs/tiny-w48a8 [--ckpt runs/tiny] [--generate "The history of"]
+    python quantize.py --model minilm [--lkd]      # MiniLM sentence encoder: cosine + retrieval agreement
 
 Reads top to bottom: load the float model, data (evaluation: the held-out split of the training corpus;
 calibration: a *different* text, lee_background by default), quantize under each setting of the table,
@@ -28,6 +29,9 @@ from jq8 import evaluate, lkd, ptq, ptq_infer, qcheckpoint
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, or one step dir")
+    p.add_argument("--model", default="ckpt", choices=("ckpt", "minilm"),
+                   help="'minilm': PTQ of the pretrained all-MiniLM-L6-v2 encoder (models/bert.py) instead")
+    p.add_argument("--sentences", default="data/sentences.txt", help="paraphrase groups (--model minilm)")
     p.add_argument("--scheme", default="w4/8-a8", help=f"one of {', '.join(ptq.SCHEMES)}")
     p.add_argument("--out", help="directory for the compact quantized checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -52,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training sequence length")
     p.add_argument("--float-dtype", default="float16", help="storage dtype of the unquantized params")
+    p.add_argument("--compress", action="store_true", help="zlib-compress the checkpoint (a few %% smaller)")
     p.add_argument(
         "--backend",
         default=None,
@@ -158,6 +163,8 @@ def main(argv=None) -> dict:
         fail(f"unknown scheme {args.scheme!r}; known schemes: {', '.join(ptq.SCHEMES)}")
     if args.eval_dir:
         return eval_main(args)
+    if args.model == "minilm":
+        return minilm_main(args)
     if not args.ckpt or not args.out:
         fail("pass --ckpt <train.py run dir> and --out <dir> (or --eval <quantized dir>)")
     if Path(args.out).exists() and not args.overwrite:
@@ -224,6 +231,7 @@ def main(argv=None) -> dict:
         extra=extra,
         float_dtype=args.float_dtype,
         overwrite=args.overwrite,
+        compress=args.compress,
     )
     save_s = time.perf_counter() - t0
     qp2, _ = qcheckpoint.load_quantized(args.out)
@@ -314,6 +322,66 @@ def eval_main(args) -> dict:
         report["generation"] = generations(args, model, params, qp, meta, seq_len)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def minilm_calibration(tok, args, seq_len: int = 64) -> list[tuple]:
+    """(ids, mask, types) chunks of lee_background sentences (not the evaluation sentences)."""
+    from jq8.data import DATA_DIR
+    from models.bert import tokenize
+
+    text = (Path(DATA_DIR) / "lee_background.txt").read_text()
+    sents = [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 5]
+    if len(sents) < args.calib_samples:
+        fail(f"calibration data too small: {len(sents)} sentences, need {args.calib_samples}")
+    enc = tokenize(tok, sents[: args.calib_samples])
+    enc = {k: np.pad(v, ((0, 0), (0, max(0, seq_len - v.shape[1]))))[:, :seq_len] for k, v in enc.items()}
+    bs = max(1, min(args.lkd_batch, args.calib_samples))
+    return [tuple(jnp.asarray(enc[k][i:i + bs]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+            for i in range(0, args.calib_samples - bs + 1, bs)]
+
+
+def minilm_main(args) -> dict:
+    """PTQ of the MiniLM sentence encoder: per scheme, embedding cosine to FP and retrieval agreement."""
+    from models.bert import embed, load_minilm
+
+    model, params, tok = load_minilm()
+    sentences, groups = evaluate.read_sentence_groups(args.sentences)
+    fp_emb = embed(model, params, tok, sentences)
+    calib = minilm_calibration(tok, args)
+    rows = []
+
+    def run(label: str, scheme: str, p, **extra):
+        t0 = time.perf_counter()
+        qp = ptq.quantize_params(p, ptq.scheme(scheme, int4_group=args.int4_group))
+        if any(r.act_mode == "static" for r in qp.rules):
+            qp = ptq_infer.calibrate_static(model, params, calib, qp)
+        fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a, backend=args.backend))
+        emb = embed(model, qp, tok, sentences, apply_fn=fn)
+        m = evaluate.embedding_agreement(fp_emb, emb, groups)
+        rows.append({"setting": label, **{k: round(v, 5) for k, v in m.items()},
+                     "bytes": ptq.bits_report(qp, args.float_dtype)["total_bytes"],
+                     "seconds": round(time.perf_counter() - t0, 2), **extra})
+
+    schemes = ["static-w8a8", "w8a8", "w4/8-a8"]
+    schemes += [args.scheme] if args.scheme not in schemes else []
+    for scheme in schemes:
+        run(scheme, scheme, params)
+        if args.lkd and scheme != "static-w8a8":
+            cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch,
+                                lkd_input="fp" if args.lkd_input == "both" else args.lkd_input)
+            t0 = time.perf_counter()
+            new, _ = lkd.distill(model, params, ptq.scheme(scheme, int4_group=args.int4_group), calib, cfg)
+            run(f"{scheme} + LKD", scheme, new, lkd_s=round(time.perf_counter() - t0, 1))
+    fp_top1 = evaluate.embedding_agreement(fp_emb, fp_emb, groups)["paraphrase_top1_fp"]
+    print(f"\nMiniLM on {args.sentences}: {len(sentences)} sentences; FP paraphrase top-1 {fp_top1:.3f}")
+    print(f"{'setting':22s} {'cos mean':>9s} {'cos min':>8s} {'NN agree':>9s} {'top-1 q':>8s} {'MB':>7s}")
+    for r in rows:
+        print(f"{r['setting']:22s} {r['cos_mean']:9.5f} {r['cos_min']:8.5f} {r['nn_agreement']:9.3f} "
+              f"{r['paraphrase_top1_q']:8.3f} {r['bytes'] / 1e6:7.2f}")
+    report = {"model": "all-MiniLM-L6-v2", "rows": rows, "fp_paraphrase_top1": fp_top1}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return report
 
 

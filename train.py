@@ -144,12 +144,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         params, opt_state, meta = ckpt.restore(target(abstract_params, param_sh),
                                                target(abstract_opt, opt_sh))
-        start = int(meta["data_position"]["step"])
+        pos = meta["data_position"]
+        start = int(pos["step"])
         if is_main:
             print(f"resumed from {ckpt.step_dir(meta['step'])} (step {start})")
+            now = dict(seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dataset=ds.meta["key"])
+            changed = {k: (pos.get(k), v) for k, v in now.items() if pos.get(k) != v}
+            if changed:
+                print(f"warning: the data stream differs from the checkpointed run (old, new): {changed}")
     else:
         # Created directly in their shards: a model larger than one device's memory never exists whole.
-        init_state = lambda key: (lambda p: (p, tx.init(p)))(init_params(key))
+        def init_state(key):
+            params = init_params(key)
+            return params, tx.init(params)
+
         params, opt_state = jax.jit(init_state, out_shardings=(param_sh, opt_sh))(base_key)
     if is_main:
         print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {policy.name}, {mesh.size} device(s) "
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save(step: int) -> None:
         meta = {
             "data_position": {"split": "train", "step": step, "seed": cfg.seed, "batch_size": cfg.batch_size,
-                              "seq_len": cfg.seq_len, "dataset": ds.meta.get("key")},
+                              "seq_len": cfg.seq_len, "dataset": ds.meta["key"]},
             "rng": checkpoint.rng_to_json(base_key),
             "model_config": model_cfg.to_dict(),
             "train_config": cfg.to_dict(),
@@ -237,15 +245,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pending = (step, m)
             steps_since += 1
             bar.update(1)
+            if it == start:  # the first step includes compilation: keep it out of tokens/s
+                jax.block_until_ready(m["loss"])
+                t_last, steps_since = time.perf_counter(), 0
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 loss = check(*pending)
                 pending = None
                 dt = time.perf_counter() - t_last
-                tok_s = steps_since * tokens_per_step / dt
-                writer.write(step, loss=loss, lr=float(lr_at(it)), grad_norm=float(m["grad_norm"]),
-                             tokens_per_s=tok_s)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                speed = {"tokens_per_s": steps_since * tokens_per_step / dt} if steps_since else {}
+                writer.write(step, loss=loss, lr=float(lr_at(it)), grad_norm=float(m["grad_norm"]), **speed)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.get('tokens_per_s', 0):,.0f}")
                 t_last, steps_since = time.perf_counter(), 0
 
             if cfg.eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):

@@ -142,15 +142,15 @@ def check_correctness(m: int, n: int, k: int, interpret: bool | None) -> list[di
         exact = bool(jnp.array_equal(o, lax.dot_general(a, w4, NT, preferred_element_type=jnp.int32)))
         return exact, f"int32 exact={exact}"
 
-    def block(ta, tb, bits=8):
+    def block(ta, tb, bits=8, tol=1e-4, **opts):
         qa, qb = quantize(x, QuantSpec(ta)), quantize(w, QuantSpec(tb, bits=bits))
         args = (qa.values, qa.scale, qb.values, qb.scale)
         tiles = dict(a_tile=qa.spec.resolve(m, k), b_tile=qb.spec.resolve(n, k), b_bits=bits)
-        o = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, **tiles, **kw)
+        o = int8_matmul_block_scaled(*args, out_dtype=jnp.float32, **tiles, **opts, **kw)
         r = int8_matmul_block_scaled_reference(*args, out_dtype=jnp.float32, **tiles)
         e = rel_err(o, r)
         return (
-            e < 1e-4,
+            e < tol,
             f"rel_err vs f32 reference={e:.2e}, quantization err vs x@w.T={rel_err(r, x @ w.T):.2e}",
         )
 
@@ -183,6 +183,10 @@ def check_correctness(m: int, n: int, k: int, interpret: bool | None) -> list[di
         run(f"block_scaled {name}", lambda ta=ta, tb=tb: block(ta, tb))
     run("block_scaled per-row act x g128 weight", lambda: block((1, -1), (1, 128)))
     run("block_scaled per-row act x g64 INT4 weight", lambda: block((1, -1), (1, 64), bits=4))
+    run("block_scaled 32x32 split_n unroll2", lambda: block((32, 32), (32, 32), split_n=True, unroll=2))
+    run(
+        "block_scaled 32x32 magic_folded", lambda: block((32, 32), (32, 32), tol=1e-2, convert="magic_folded")
+    )
     return records
 
 

@@ -76,8 +76,14 @@ def valid_keys() -> list[str]:
     return top + ["model." + f.name for f in dataclasses.fields(ModelConfig)]
 
 
+# nanoGPT / HF names people type by habit -> ours (only used for the "did you mean" hint).
+_ALIASES = {"learning_rate": "lr", "max_iters": "steps", "max_steps": "steps", "n_layer": "model.num_layers",
+            "n_head": "model.num_heads", "n_embd": "model.d_model", "block_size": "seq_len",
+            "dropout": "model.dropout_rate", "out_dir": "run_dir", "eval_interval": "eval_every"}
+
+
 def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1)
+    close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, valid_keys(), n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""
     return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid_keys())}")
 

@@ -86,3 +86,50 @@ def generate(
         if eot_id is not None and nxt == eot_id:
             break
     return ids[len(prompt) :]
+
+
+# ------------------------------------------------------------------------------- sentence encoders
+
+
+def read_sentence_groups(path: str) -> tuple[list[str], np.ndarray]:
+    """A paraphrase file (one sentence a line, blank line between groups, '#' comments) ->
+    (sentences, group id per sentence (n,) int)."""
+    sentences: list[str] = []
+    groups: list[int] = []
+    gid = 0
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("#"):
+                continue
+            if not line:
+                if groups and groups[-1] == gid:
+                    gid += 1
+                continue
+            sentences.append(line)
+            groups.append(gid)
+    if not sentences:
+        raise ValueError(f"{path} holds no sentences")
+    return sentences, np.asarray(groups)
+
+
+def embedding_agreement(fp: np.ndarray, q: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """How a quantized sentence encoder agrees with the float one. fp, q: (n, H) unit-norm embeddings.
+
+    cos_mean / cos_min: cosine between each sentence's float and quantized embedding;
+    nn_agreement: fraction of sentences whose nearest other sentence is the same under both models;
+    paraphrase_top1_fp / _q: fraction whose nearest other sentence is a paraphrase (same group).
+    """
+    fp, q = np.asarray(fp, np.float64), np.asarray(q, np.float64)
+    cos = np.sum(fp * q, axis=1) / (np.linalg.norm(fp, axis=1) * np.linalg.norm(q, axis=1))
+
+    def nearest(e):
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argmax(s, axis=1)
+
+    nn_fp, nn_q = nearest(fp), nearest(q)
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+            "nn_agreement": float(np.mean(nn_fp == nn_q)),
+            "paraphrase_top1_fp": float(np.mean(groups[nn_fp] == groups)),
+            "paraphrase_top1_q": float(np.mean(groups[nn_q] == groups))}

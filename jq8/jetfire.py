@@ -12,10 +12,11 @@ also what :mod:`jq8.nn` runs for the bf16 policy, so both policies share one def
 
 ``key``: a ``jax.random`` key for the stochastic rounding of gradients (one per op and step; ``None`` gives
 a fixed seed). Differences from Jetfire's reference code (see /work/shared/design/jetfire.md): LayerNorm
-uses the biased variance with eps and exact full-row backward; fc2's grad-input and the LayerNorm backward
-input are left in ``compute_dtype`` (they are consumed at once by the fused GELU backward / LN backward,
-so re-quantizing them would add error without saving a GEMM); stochastic-rounding noise is a hash of
-(seed, row, col), distinct for every tile.
+uses the biased variance with eps and exact full-row backward; fc2's grad-input (``compute_dtype``) and the
+LayerNorm backward input (fp32) are not re-quantized (they are consumed at once by the fused GELU backward
+/ the LN backward, so re-quantizing them would add error without saving a GEMM); stochastic-rounding noise
+is a hash of (seed, row, col), distinct for every tile. ``policy.granularity="row"`` swaps the 32 x 32
+blocks of the GEMM operands for per-row scales along K (see :class:`jq8.policy.Policy`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ def _flat(x: jax.Array) -> jax.Array:
 
 
 def linear_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, compute_dtype=F32) -> jax.Array:
-    """x: (..., K) @ kernel (K, N) + bias in ``compute_dtype`` with fp32 accumulation -> (..., N)."""
-    y = jnp.dot(x.astype(compute_dtype), kernel.astype(compute_dtype), preferred_element_type=F32)
+    """x: (..., K) @ kernel (K, N) + bias in ``compute_dtype`` -> (..., N) ``compute_dtype``.
+
+    As ``flax.linen.Dense(dtype=compute_dtype)`` does it (the GEMM accumulates in fp32 internally and
+    writes ``compute_dtype``): the bf16 baseline the INT8 path is measured against.
+    """
+    y = jnp.dot(x.astype(compute_dtype), kernel.astype(compute_dtype))
     if bias is not None:
-        y = y + bias.astype(F32)
-    return y.astype(compute_dtype)
+        y = y + bias.astype(compute_dtype)
+    return y
 
 
 def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, eps=1e-5,

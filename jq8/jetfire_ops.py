@@ -166,7 +166,8 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
             h_dw = h_fwd
     else:
         h, mean, rstd = layer_norm_float(x, gamma, beta, eps=eps, rms=rms)
-        h_fwd, h_dw = activation_operands(h, policy)
+        # The jnp producer writes compute dtype (half the bytes the quantize kernels then read).
+        h_fwd, h_dw = activation_operands(h.astype(policy.compute_dtype), policy)
     if policy.int8_forward:
         x = kb.quantize_tiles(x, policy.storage_spec, use_kernels=policy.use_kernels)
     return h_fwd, h_dw, (x, mean, rstd)
@@ -198,7 +199,7 @@ def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
         out = kb.bias_gelu_quantize(u, None, spec=policy.spec, activation="gelu", transposed_spec=t_spec,
                                     use_kernels=policy.use_kernels)
         return out if t_spec is not None else (out, out)
-    return activation_operands(kb.gelu(_float(u)), policy)
+    return activation_operands(kb.gelu(_float(u)).astype(policy.compute_dtype), policy)
 
 
 def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
@@ -213,13 +214,14 @@ def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
                                           transposed_spec=policy.spec_t, use_kernels=policy.use_kernels)
         return q, qt, jnp.sum(dequantize(qt, F32), axis=1)
     du = da.astype(F32) * kb.gelu_grad(_float(u))
-    g_dx, g_dw = grad_operands(du, policy, seed)
+    g_dx, g_dw = grad_operands(du.astype(policy.compute_dtype), policy, seed)
     return g_dx, g_dw, jnp.sum(du, axis=0)
 
 
 def swiglu_fwd(u: Operand, v: Operand, policy: Policy) -> tuple[Operand, Operand]:
     """a = u * silu(v) for u = fc1 (up) and v = gate outputs (M, F) -> (a_fwd, a_dw); fp32 math."""
-    return activation_operands(_float(u) * jax.nn.silu(_float(v)), policy)
+    a = _float(u) * jax.nn.silu(_float(v))
+    return activation_operands(a.astype(policy.compute_dtype), policy)
 
 
 def swiglu_bwd(da: jax.Array, u: Operand, v: Operand, policy: Policy, seeds: jax.Array):
@@ -228,8 +230,9 @@ def swiglu_bwd(da: jax.Array, u: Operand, v: Operand, policy: Policy, seeds: jax
     sig = jax.nn.sigmoid(vf)
     du = da * vf * sig
     dv = da * uf * sig * (1.0 + vf * (1.0 - sig))
-    return ((*grad_operands(du, policy, seeds[0]), jnp.sum(du, axis=0)),
-            (*grad_operands(dv, policy, seeds[1]), jnp.sum(dv, axis=0)))
+    cd = policy.compute_dtype
+    return ((*grad_operands(du.astype(cd), policy, seeds[0]), jnp.sum(du, axis=0)),
+            (*grad_operands(dv.astype(cd), policy, seeds[1]), jnp.sum(dv, axis=0)))
 
 
 # ------------------------------------------------------------------------------ residual add, dropout

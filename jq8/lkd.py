@@ -110,6 +110,11 @@ class _Block:
     arrays: list = dataclasses.field(default_factory=list)  # per chunk: the array call arguments (masks...)
 
 
+def _as_args(chunk: Any) -> tuple:
+    """A calibration chunk is one model input (tokens) or a tuple of positional inputs (ids, mask, ...)."""
+    return chunk if isinstance(chunk, tuple) else (chunk,)
+
+
 def _rebuild(template: tuple, arrays: list) -> tuple[tuple, dict]:
     treedef, leaves = template
     it = iter(arrays)
@@ -136,7 +141,7 @@ def _capture_modules(
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, b: model.apply({"params": p}, b, **apply_kwargs), params, example)
+        jax.eval_shape(lambda p, b: model.apply({"params": p}, *_as_args(b), **apply_kwargs), params, example)
     if not blocks:
         raise ValueError(f"LKD found no block module matching {block_pattern!r}; pass block_pattern=")
     return list(blocks.values())
@@ -176,7 +181,7 @@ def capture_blocks(
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            model.apply({"params": p}, b, **apply_kwargs)
+            model.apply({"params": p}, *_as_args(b), **apply_kwargs)
         return found
 
     for chunk in chunks:
@@ -250,11 +255,12 @@ def distill(
 ) -> tuple[dict, list[dict]]:
     """Layer-wise KD of every block; returns (distilled float params, per-block report).
 
-    calib_chunks: model inputs (e.g. token arrays (B, T) int32) forming the calibration set; all chunks
-      must have the same shape. The returned params are float: quantize them with
-      ``jq8.ptq.quantize_params(params, rules)``. A block whose distillation ends with a higher loss than
-      it started keeps its original weights. Report rows: {block, loss_before, loss_after,
-      loss_after_raw, seconds}; losses are the mean MSE between student and teacher over the whole set.
+    calib_chunks: model inputs forming the calibration set: token arrays (B, T) int32, or tuples of
+      positional inputs (e.g. BERT's (ids, mask, types)); all chunks must have the same shapes.
+    The returned params are float: quantize them with ``jq8.ptq.quantize_params(params, rules)``.
+    A block whose distillation ends with a higher loss than it started keeps its original weights.
+    Report rows: {block, loss_before, loss_after, loss_after_raw, seconds}; losses are the mean MSE
+    between student and teacher over the whole calibration set.
     """
     apply_kwargs = dict(apply_kwargs or {})
     rules = tuple(rules)

@@ -371,8 +371,8 @@ def calibrate_static(
 ) -> QuantizedParams:
     """Per-tensor activation scales (absmax / 127 over the calibration batches) for every static-mode layer.
 
-    Runs the *float* model on each batch (``model.apply({'params': params}, batch, **apply_kwargs)``) and
-    returns ``qp`` with ``act_scales`` filled.
+    Runs the *float* model on each batch (``model.apply({'params': params}, batch, **apply_kwargs)``; a
+    tuple batch is unpacked into positional inputs) and returns ``qp`` with ``act_scales`` filled.
     """
     paths = [p for p, i in qp.assignment if qp.rules[i].act_mode == "static"]
     if not paths:
@@ -387,7 +387,7 @@ def calibrate_static(
             found[path] = jnp.max(jnp.abs(x.astype(jnp.float32)))
 
         with record_dense_inputs(paths, sink):
-            model.apply({"params": params}, batch, **kw)
+            model.apply({"params": params}, *(batch if isinstance(batch, tuple) else (batch,)), **kw)
         return found
 
     amax = {p: jnp.float32(0) for p in paths}

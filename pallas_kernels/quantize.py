@@ -5,24 +5,29 @@ quantization tile inside the block in registers, and writes the INT8 codes and p
 ``transposed_spec`` it also writes the (N, M) codes of ``x.T`` (and their scales) from the same loaded
 block -- the operand layout the backward GEMMs need (see kernel_api: every GEMM is "NT").
 
-Results are bit-exact to :func:`jq8.quant.quantize`:
+Results are bit-exact to :func:`jq8.quant.quantize` (run eagerly; see the last point):
 - the same ``round_half_away`` / ``uniform_noise`` functions run inside the kernel, the noise indexed by
   GLOBAL (row, column), so every program draws its own noise;
 - ragged edges are masked loads with 0 as the fill: 0 never raises an absmax, so a partial tile's scale
   equals the reference's edge-padded one;
+- the absmax is reduced on int32 bit patterns so a NaN reaches the scale (Triton's float max drops NaN);
 - ``scale = amax * (1/127)``: XLA's algebraic simplifier turns the reference's ``amax / 127`` into this
-  multiply (measured, every backend), so the kernel writes the multiply explicitly;
+  multiply (measured on CPU, and the pass is backend-independent), so the kernel writes the multiply;
 - ``code = x / scale`` is a correctly rounded division (``div.rn.f32`` inline PTX on the GPU: Triton's own
-  fp32 ``/`` is the approximate ``div.full.f32``).
+  fp32 ``/`` is the approximate ``div.full.f32``). Under ``jax.jit`` XLA may rewrite the reference's
+  ``x / broadcast(scale)`` into a multiply by the reciprocal (seen on CPU for bf16 input), which moves
+  rare exact ties by one code; the eager reference divides exactly, as the kernel does.
 
-Block planning: a quantization tile (in x coordinates, -1 = a whole axis) must lie inside one program's
-block. Tile sizes that are not a whole axis must be powers of two. A whole-axis tile makes the block span
-that axis (``next_pow2``); when that exceeds the register budget the program instead *sweeps* the axis in
-chunks: one pass for the absmax, one to quantize (x is read twice, mostly from L2).
+Block planning (:func:`plan_blocks`): a quantization tile (in x coordinates, -1 = a whole axis) must lie
+inside one program's block. Tile sizes that are not a whole axis must be powers of two. A whole-axis tile
+makes the block span that axis (``next_pow2``); when that exceeds the register budget the program instead
+*sweeps* the axis in chunks: one pass for the absmax, one to quantize (x is read twice, mostly from L2).
+Whole-column statistics over a long M therefore run on few programs (slow; a two-phase kernel with an
+atomic partial absmax would fix it).
 
-The building blocks (:func:`plan_blocks`, :func:`tile_absmax`, :func:`emit_quantized`, :func:`sweep`)
-are shared with the fused producer kernels (``norm_quantize.py``, ``gelu_quantize.py``): each provides
-only a ``load(r0, c0) -> fp32 block`` function.
+The building blocks (:func:`plan_blocks`, :func:`tile_absmax`, :func:`scaled_block`, :func:`round_codes`,
+:func:`store_codes`, :func:`store_scale`, :func:`sweep`, :func:`launch`) are shared with the fused producer
+kernels (``norm_quantize.py``, ``gelu_quantize.py``): each provides only a ``load(r0, c0) -> fp32 block``.
 """
 
 from __future__ import annotations
@@ -522,8 +527,8 @@ def quantize_tiles(
     Returns QArray (values (M, N) int8, scale f32 ``spec.scale_shape``) or (q, qT).
     """
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"quantize_tiles expects a floating array, got {x.dtype}")
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim == 0:
+        raise TypeError(f"quantize_tiles expects a floating array of rank >= 1, got {x.dtype}{x.shape}")
     if transposed_spec is not None and x.ndim != 2:
         raise ValueError(f"transposed_spec needs a 2-D x, got shape {x.shape}")
     shape = x.shape

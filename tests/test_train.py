@@ -28,6 +28,10 @@ def test_unknown_key_lists_valid_keys():
     listing = r"unknown config key 'lerning_rate'.*valid keys:.*\blr\b.*model\.d_model"
     with pytest.raises(ValueError, match=listing):
         apply_overrides(cfg, ["--lerning_rate=1e-3"])
+    with pytest.raises(ValueError, match=r"did you mean --lr\?"):
+        apply_overrides(cfg, ["--learning_rate=1e-3"])
+    with pytest.raises(ValueError, match=r"did you mean --model.num_layers\?"):
+        apply_overrides(cfg, ["--model.num_layer=2"])
     with pytest.raises(ValueError, match="unknown config key 'model.width'"):
         apply_overrides(cfg, ["--model.width=3"])
     with pytest.raises(ValueError, match="expected a value of type int"):
@@ -113,3 +117,16 @@ def test_llama_int8_policy_trains(tmp_path):
     assert out["config"].model.family == "llama" and out["config"].policy == "jetfire-int8"
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
     assert dataclasses.asdict(out["config"])["model"]["vocab_size"] % 64 == 0
+
+
+def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tensorboardX"):
+            metrics.MetricsWriter(str(tmp_path), tensorboard=True)
+    else:
+        w = metrics.MetricsWriter(str(tmp_path), tensorboard=True)
+        w.write(1, loss=2.0)
+        w.close()
+        assert (tmp_path / "tb").is_dir()
