@@ -368,16 +368,18 @@ def minilm_main(args) -> dict:
     for scheme in schemes:
         run(scheme, scheme, params)
         if args.lkd and scheme != "static-w8a8":
-            cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch,
-                                lkd_input="fp" if args.lkd_input == "both" else args.lkd_input)
-            t0 = time.perf_counter()
-            new, _ = lkd.distill(model, params, ptq.scheme(scheme, int4_group=args.int4_group), calib, cfg)
-            run(f"{scheme} + LKD", scheme, new, lkd_s=round(time.perf_counter() - t0, 1))
+            for mode in ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]:
+                cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch,
+                                    lkd_input=mode)
+                t0 = time.perf_counter()
+                rules = ptq.scheme(scheme, int4_group=args.int4_group)
+                new, _ = lkd.distill(model, params, rules, calib, cfg)
+                run(f"{scheme} + LKD ({mode})", scheme, new, lkd_s=round(time.perf_counter() - t0, 1))
     fp_top1 = evaluate.embedding_agreement(fp_emb, fp_emb, groups)["paraphrase_top1_fp"]
     print(f"\nMiniLM on {args.sentences}: {len(sentences)} sentences; FP paraphrase top-1 {fp_top1:.3f}")
-    print(f"{'setting':22s} {'cos mean':>9s} {'cos min':>8s} {'NN agree':>9s} {'top-1 q':>8s} {'MB':>7s}")
+    print(f"{'setting':28s} {'cos mean':>9s} {'cos min':>8s} {'NN agree':>9s} {'top-1 q':>8s} {'MB':>7s}")
     for r in rows:
-        print(f"{r['setting']:22s} {r['cos_mean']:9.5f} {r['cos_min']:8.5f} {r['nn_agreement']:9.3f} "
+        print(f"{r['setting']:28s} {r['cos_mean']:9.5f} {r['cos_min']:8.5f} {r['nn_agreement']:9.3f} "
               f"{r['paraphrase_top1_q']:8.3f} {r['bytes'] / 1e6:7.2f}")
     report = {"model": "all-MiniLM-L6-v2", "rows": rows, "fp_paraphrase_top1": fp_top1}
     if args.json:

@@ -83,6 +83,11 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs training from command-line style arguments (default ``sys.argv[1:]``).
+
+    Returns {"history": [(step, loss), ...] for the steps run here, "final_loss", "start_step" (0, or the
+    resumed step), "params" (final, sharded), "config" (the resolved TrainConfig)}.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "plot":
         metrics.main(argv)

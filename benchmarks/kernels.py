@@ -21,6 +21,7 @@ CPU smoke test: ``INTERPRET=1 PYTHONPATH=. python3 benchmarks/kernels.py --quick
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -256,11 +257,12 @@ def make_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
 def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: int):
     """Variants timed at one shape only: rescale strategies, ZeroQuant groups, W4A8, fused epilogues."""
     keys = jax.random.split(jax.random.key(m + n + k + 1), 4 * n_sets)
-    sets = {"32": [], "128": [], "sq128": [], "g128": [], "w8a8": [], "w4a8": []}
+    sets = {"32": [], "64": [], "128": [], "sq128": [], "g128": [], "w8a8": [], "w4a8": []}
     for s in range(n_sets):
         k0, k1, k2, k3 = keys[4 * s : 4 * s + 4]
         a, b = rand_int8(k0, (m, k)), rand_int8(k1, (n, k))
         sets["32"].append((a, rand_scale(k2, (m // 32, k // 32)), b, rand_scale(k3, (n // 32, k // 32))))
+        sets["64"].append((a, rand_scale(k2, (m // 64, k // 64)), b, rand_scale(k3, (n // 64, k // 64))))
         sets["128"].append((a, rand_scale(k2, (m, k // 128)), b, rand_scale(k3, (n // 128, k // 128))))
         sets["sq128"].append(
             (a, rand_scale(k2, (m // 128, k // 128)), b, rand_scale(k3, (n // 128, k // 128)))
@@ -288,66 +290,74 @@ def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: 
             )
         )
 
-    small = not INTERPRET and min(m, n) < 1024
+    t128 = TileConfig(128, 128, 128, 8, 3, 8)
     t128x32 = TileConfig(128, 32, 32, 4, 4, 8)  # Jetfire blocks with block_n = 32: b's scale is a scalar
-    t256x32 = TileConfig(256, 32, 32, 8, 3, 8)
-    t256 = TileConfig(256, 128, 128, 8, 3, 8)
-    t128x64 = TileConfig(128, 64, 32, 8, 3, 8)
+    t128w4 = TileConfig(128, 128, 32, 4, 4, 8)
     t256x128x32 = TileConfig(256, 128, 32, 8, 3, 8)
-    v = {}
-    for label, ta, tb, key, variants in (
+    t128x256x32 = TileConfig(128, 256, 32, 8, 3, 8)
+    # "<convert> [split_n] [unrollN] <tile>"; explicit tiles so that a tuning cache does not change them.
+    studies = (
         (
             "bs 32x32",
             (32, 32),
             (32, 32),
             "32",
             [
-                ("cvt", None),
-                ("magic", None),
+                ("cvt 128x128", t128),
                 ("auto 128x32x32", t128x32),
-                ("auto 256x32x32", t256x32),
-                ("cvt unroll2", None),
-                ("cvt unroll4 128x64x32", t128x64),
-                ("auto unroll4 128x32x32", t128x32),
-                ("auto split_n", None),
-                ("cvt split_n", None),
-                ("auto split_n unroll2", None),
+                ("auto split_n 128x128", t128),
+                ("cvt split_n 128x128", t128),
+                ("auto split_n unroll2 128x128", t128),
+                ("auto split_n 128x128x32 w4 s4", t128w4),
                 ("auto split_n 256x128x32", t256x128x32),
+                ("auto split_n 128x256x32", t128x256x32),
             ],
         ),
+        ("bs 64x64", (64, 64), (64, 64), "64", [("cvt 128x128", t128), ("auto split_n 128x128", t128)]),
         (
             "bs 1x128+128x128",
             (1, 128),
             (128, 128),
             "128",
-            [("cvt", None), ("magic", None), ("magic_folded", None), ("magic 256x128x128", t256)],
+            [("magic 128x128", t128), ("magic_folded 128x128", t128)],
         ),
-        ("bs 128x128", (128, 128), (128, 128), "sq128", [("cvt", None), ("magic", None)]),
+        ("bs 128x128", (128, 128), (128, 128), "sq128", [("magic 128x128", t128)]),
         (
             "bs row x g128",
             (1, -1),
             (1, 128),
             "g128",
-            [("cvt", None), ("magic", None), ("magic_folded", None), ("magic 256x128x128", t256)],
+            [("magic 128x128", t128), ("magic_folded 128x128", t128)],
         ),
-    ):
+    )
+    v = {}
+    for label, ta, tb, key, variants in studies:
         for vname, cfg in variants:
-            if small and cfg is not None:
-                continue
-            convert = vname.split()[0]
-            unroll = int(vname.split("unroll")[1][0]) if "unroll" in vname else 1
-            v[f"ours {label} {vname}"] = (bs(ta, tb, convert, cfg, unroll, "split_n" in vname), sets[key])
-    for cfg in (TileConfig(256, 128, 128, 8, 4, 8), TileConfig(128, 256, 128, 8, 3, 8)):
-        if not small:
-            name = f"ours W8A8 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
-            v[name] = (
-                jax.jit(
-                    lambda a, b, sa, sb, bias, cfg=cfg: int8_matmul(
-                        a, b, sa, sb, config=cfg, interpret=interpret
-                    )
-                ),
-                sets["w8a8"],
-            )
+            words = vname.split()
+            unroll = next((int(w[6:]) for w in words if w.startswith("unroll")), 1)
+            fn = bs(ta, tb, words[0], cfg, unroll, "split_n" in words)
+            v[f"ours {label} {vname}"] = (fn, sets[key])
+
+    def tile_name(c: TileConfig) -> str:
+        return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+
+    for cfg in (t128, TileConfig(256, 128, 128, 8, 3, 8), TileConfig(256, 128, 128, 8, 4, 8), t128x256x32):
+        cfg = dataclasses.replace(cfg, block_k=128)
+        v[f"ours W8A8 {tile_name(cfg)}"] = (
+            jax.jit(
+                lambda a, b, sa, sb, bias, c=cfg: int8_matmul(a, b, sa, sb, config=c, interpret=interpret)
+            ),
+            sets["w8a8"],
+        )
+    for cfg in (t128, TileConfig(256, 128, 128, 8, 3, 8), TileConfig(256, 128, 64, 8, 4, 8)):
+        v[f"ours W4A8 {tile_name(cfg)}"] = (
+            jax.jit(
+                lambda a, b, sa, sb, bias, c=cfg: int8_matmul(
+                    a, b, sa, sb, b_bits=4, config=c, interpret=interpret
+                )
+            ),
+            sets["w4a8"],
+        )
     v["ours W8A8 bias+gelu"] = (
         jax.jit(
             lambda a, b, sa, sb, bias: int8_matmul(
@@ -370,10 +380,6 @@ def make_extra_variants(m: int, n: int, k: int, interpret: bool | None, n_sets: 
             )
         ),
         sets["w8a8"],
-    )
-    v["ours W4A8 (INT4 weights)"] = (
-        jax.jit(lambda a, b, sa, sb, bias: int8_matmul(a, b, sa, sb, b_bits=4, interpret=interpret)),
-        sets["w4a8"],
     )
     return v
 
@@ -413,6 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=420.0, help="seconds; stop timing new shapes after this")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--no-extra", action="store_true", help="skip the per-variant study at the first shape")
+    p.add_argument("--extra-only", action="store_true", help="only the per-variant study at the first shape")
     args = p.parse_args(argv)
     interpret = True if INTERPRET else None
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -425,11 +432,14 @@ def main(argv=None) -> int:
     else:
         check_shapes = [(1024, 1024, 1024), (1030, 770, 1000)]
         shapes = [("8192^3", 8192, 8192, 8192)]
-        shapes += gpt2_shapes(16384, (1024, 4096) if args.quick else (768, 1024, 1600, 4096))
+        # Most informative first: the --budget guard drops the shapes at the end of the list.
+        shapes += gpt2_shapes(16384, (4096, 1024) if args.quick else (4096, 1024, 1600, 768))
         if args.quick:
             shapes = [s for s in shapes if not s[0].endswith(("qkv", "out"))] + [
                 s for s in shapes if s[0] == "d1024 qkv"
             ]
+    if args.extra_only:
+        shapes = shapes[:1]
 
     result = dict(
         jax=jax.__version__,
@@ -456,7 +466,8 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 log(f"tuning failed at {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}")
         row = dict(label=label, m=m, n=n, k=k, ms={}, tops={})
-        for name, (fn, arg_sets) in make_variants(m, n, k, interpret, n_sets=2).items():
+        variants = {} if args.extra_only else make_variants(m, n, k, interpret, n_sets=2)
+        for name, (fn, arg_sets) in variants.items():
             try:
                 t = time_call(fn, arg_sets, iters=args.iters)
                 row["ms"][name] = t * 1e3
@@ -466,7 +477,8 @@ def main(argv=None) -> int:
         row["configs"] = {
             "int8_matmul": str(autotune.lookup_config("int8_matmul", m, n, k, "b8-bfloat16")),
         }
-        result["timings"].append(row)
+        if variants:
+            result["timings"].append(row)
         log(f"{label} {m}x{n}x{k}: " + ", ".join(f"{kk} {v:.4g}" for kk, v in row["tops"].items()) + " TOP/s")
         if label == shapes[0][0] and not args.no_extra:
             extra = dict(label=label, m=m, n=n, k=k, ms={}, tops={})

@@ -16,7 +16,7 @@
    (T(2R) - T(R)) / R, which cancels dispatch and the chain's first copy. Median of ``--samples``.
    GB/s counts bytes read + written (input, codes, transposed codes, scales, LN statistics).
 3. Phase ``sweep`` (default on): a tile sweep (block_m, block_n or row budget, num_warps) per shape for
-   per-row, 32x32+T and LayerNorm, reporting the best config.
+   per-row, 32x32+T and LayerNorm (per-row, 32x32+T), reporting the best config.
 Phases and cases can be chosen (``--phases check,time``, ``--cases per-row,blocks32+T``) to fit a run into
 a time limit; the script prints progress with timestamps.
 Writes ``$OUT/quantize_kernels.json`` when OUT is set; prints a table at the end.
@@ -59,6 +59,7 @@ P, B32, G128 = QuantSpec.per_row(), QuantSpec.blocks((32, 32)), QuantSpec.groups
 # name -> (kind, spec, transposed_spec, rounding)
 CASES = {
     "per-row": ("quant", P, None, "nearest"),
+    "per-row+T per-row": ("quant", P, P, "nearest"),  # per-token training: x and x.T both per row
     "blocks32": ("quant", B32, None, "nearest"),
     "blocks32+T": ("quant", B32, B32, "nearest"),
     "groups1x128": ("quant", G128, None, "nearest"),
@@ -69,7 +70,7 @@ CASES = {
     "GELU fwd blocks32+T": ("gelu", B32, B32, "nearest"),  # bf16 + bias -> GELU -> INT8 (and x.T)
     "GELU bwd blocks32+T stoch": ("gelu_bwd", B32, B32, "stochastic"),  # g bf16, x INT8 blocks -> INT8
 }
-SWEEP_CASES = ("per-row", "blocks32+T", "LN per-row")
+SWEEP_CASES = ("per-row", "blocks32+T", "LN per-row", "LN blocks32+T")
 
 
 def log(*a) -> None:
@@ -221,6 +222,10 @@ def sweep_configs(case: str, m: int, n: int) -> list[QuantizeConfig]:
         if case in ("per-row", "LN per-row"):
             # whole rows: block_m is cut down to budget / next_pow2(N) rows per program
             out += [QuantizeConfig(64, 1024, warps, 1, budget) for budget in (4096, 8192, 16384, 32768)]
+        elif case.startswith("LN"):
+            # 32 whole rows per program: one load if within the budget, else column chunks of block_n
+            for budget in (16384, 32768):
+                out += [QuantizeConfig(32, bn, warps, 1, budget) for bn in (128, 256, 512)]
         else:
             for bm, bn in ((32, 128), (32, 256), (64, 256), (32, 512), (64, 128), (128, 128)):
                 out.append(QuantizeConfig(bm, bn, warps, 1, max(bm * bn, 16384)))

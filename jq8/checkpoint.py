@@ -1,8 +1,8 @@
 """Training checkpoints: a thin wrapper over Orbax's ``CheckpointManager``.
 
 Layout of ``<directory>/<step>/`` (one folder per saved step, written atomically by Orbax: it is built
-under ``<step>.orbax-checkpoint-tmp-*`` and renamed when complete, so a run killed mid-save leaves only a
-tmp folder that is never listed as a step)::
+under ``<step>.orbax-checkpoint-tmp`` and renamed when complete, so a run killed mid-save leaves only a
+tmp folder that is never listed as a step, and which the next ``Checkpointer`` deletes)::
 
     params/     Orbax PyTree (OCDBT): the fp32 master weights, the Flax ``params`` collection
                 (e.g. {"wte": {"embedding": ...}, "h_0": {...}, ..., "ln_f": {...}})
@@ -27,7 +27,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
-ITEMS = ("params", "opt_state", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -177,13 +176,15 @@ def load_params(
 ) -> tuple[Any, dict[str, Any]]:
     """Reads the fp32 params and the meta dict of a training checkpoint (no optimizer state).
 
-    directory: the run's checkpoint folder (``<run_dir>/checkpoints``), or one step folder
-      (``.../checkpoints/<step>``). Returns (params, meta): params is the Flax ``params`` dict of
-      jax.Arrays placed on ``sharding`` (default: the first local device), whatever the device layout
-      of the run that wrote it; ``meta["model_config"]`` rebuilds the model with
+    directory: a train.py run folder (``runs/tiny``), its checkpoint folder (``runs/tiny/checkpoints``), or
+      one step folder (``runs/tiny/checkpoints/300``). Returns (params, meta): params is the Flax
+      ``params`` dict of jax.Arrays placed on ``sharding`` (default: the first local device), whatever
+      the device layout of the run that wrote it; ``meta["model_config"]`` rebuilds the model with
       ``models.presets.build_model``.
     """
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
     base = os.path.basename(directory)
     if step is None and base.isdigit() and os.path.isdir(os.path.join(directory, "params")):
         directory, step = os.path.dirname(directory), int(base)

@@ -35,9 +35,10 @@ POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
 HIGH_PRECISION_ISLANDS: tuple[tuple[str, str], ...] = (
     ("embeddings", "a gather, not a GEMM; token/position tables are looked up in fp32"),
     ("residual stream", "x + branch(x) is accumulated in fp32 so INT8 errors do not compound across layers"),
-    ("attention core", "softmax(QK^T)V via jax.nn.dot_product_attention in bf16 on dequantized Q, K, V"),
+    ("attention core", "softmax(QK^T)V via jax.nn.dot_product_attention in compute dtype on the qkv GEMM's "
+     "high-precision output (its INT8 operands are the LN output and the weight)"),
     ("final norm", "the last LayerNorm feeds the LM head; its output is not quantized"),
-    ("LM head", "logits need the full dynamic range; the tied/untied head is a bf16 GEMM"),
+    ("LM head", "logits need the full dynamic range; the tied/untied head stays a bf16/fp32 GEMM"),
     ("loss", "softmax cross-entropy in fp32"),
     ("optimizer", "AdamW on fp32 master weights; INT8 weights are re-quantized from them every step"),
     ("norm statistics", "LayerNorm/RMSNorm mean and rstd are fp32 full-row statistics"),
@@ -206,7 +207,8 @@ class PolicyModel:
             bias = mod.get_variable("params", "bias") if mod.use_bias else None
             key = quant_key(mod)
             y = jetfire_linear(x, kernel, bias, key, policy)
-            return y.astype(mod.dtype or y.dtype)
+            # nn.Dense's output dtype: its ``dtype``, else inferred from input and kernel.
+            return y.astype(mod.dtype or jnp.result_type(x.dtype, kernel.dtype))
 
         return intercept
 

@@ -1,14 +1,22 @@
 """INT8 inference of a ZeroQuant-quantized Flax model: real integer GEMMs, no fake quantization.
 
-How the quantized model enters a Flax model: ``flax.linen.intercept_methods``. Every Dense-like module
-whose path has a quantized weight in :class:`~jq8.ptq.QuantizedParams` has its ``__call__`` replaced by
-:func:`quantized_linear` (activation quantization -> INT8 x INT8/INT4 GEMM with the dequantization, bias,
-optional activation and residual fused into the epilogue). Why interception rather than a rewritten
-model: the user's model (GPT, LLaMA, MiniLM BERT...) runs unchanged, rules find layers by module path, and
-LKD (jq8.lkd) uses the same hook for its straight-through student. The one thing a per-Dense hook cannot
-see is the op that *produces* the Dense input (LayerNorm, GELU), so the token-wise activation quantization
-there is a separate (fused, one-pass) quantize kernel; :mod:`jq8.ptq_gpt` adds the GPT-specific fused
-forward where LayerNorm/GELU and the quantization are one kernel (``norm_quantize`` / ``gelu_quantize``).
+How the quantized model enters a Flax model: ``flax.linen.intercept_methods`` (chosen over a functional
+forward that mirrors the model). Two levels, one interceptor (:func:`fused_interceptor`):
+
+* jq8.nn's ``MlpBlock`` / ``AttentionBlock`` (the GPT/LLaMA branches) whose Dense layers are all INT8
+  token-wise are replaced whole by the fused ZeroQuant data flow: LayerNorm + per-token quantization in
+  one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias in the epilogue -> bias + GELU +
+  quantization in one kernel (``gelu_quantize``) -> INT8/INT4 GEMM (dequant + bias in the epilogue);
+  attention itself stays a float island. This mirrors the two branch bodies (small, tested against the
+  per-Dense path to 1e-5).
+* Any other Dense-like module whose path has a quantized weight (BERT, weight-only schemes, other
+  models) has its ``__call__`` replaced by :func:`quantized_linear`: a one-pass per-token quantize kernel
+  on its input, then the INT8 GEMM with the fused epilogue. A per-Dense hook cannot see the op that
+  produced its input, so this level cannot fuse the quantization into LayerNorm / GELU.
+
+Why interception: the user's model (GPT, LLaMA, MiniLM BERT...) runs unchanged from its own code, rules
+find layers by module path, LKD (jq8.lkd) uses the same hook for its straight-through student, and only
+the two jq8.nn branches (which this repo owns) are mirrored, not whole models.
 
 Backends (``backend=``): ``"pallas"`` runs the Pallas kernels of ``pallas_kernels`` (compiled on GPU,
 interpret mode on CPU); ``"xla"`` runs the same integer math with XLA ops (``lax.dot_general`` int8 x int8
@@ -338,6 +346,12 @@ def apply_quantized(
     fused: fuse activation quantization into LayerNorm / GELU for jq8.nn blocks (:func:`fused_interceptor`);
     False intercepts each Dense separately (works for any Flax model).
     """
+    policy = getattr(model, "policy", None)
+    if getattr(policy, "int8", False):
+        raise ValueError(
+            "apply_quantized needs the model built with a float policy (Policy.from_name('bf16')): under "
+            "'jetfire-int8' the blocks run fused training ops that bypass the quantized Dense layers"
+        )
     icpt = fused_interceptor(qp, backend) if fused else dense_interceptor(qp, backend)
     with nn.intercept_methods(icpt):
         return model.apply({"params": qp.params}, *args, method=method, **kwargs)

@@ -230,7 +230,7 @@ def tile_stats(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | No
         amax = jnp.max(jnp.abs(t), axis=(1, 3))
         # XLA's max reduction may drop NaN on some backends; keep it in the scale explicitly.
         amax = jnp.where(jnp.isnan(t).any(axis=(1, 3)), jnp.nan, amax)
-        return jnp.maximum(amax / qmax(spec.bits), SCALE_FLOOR), None
+        return jnp.maximum(amax * np.float32(1.0 / qmax(spec.bits)), SCALE_FLOOR), None
     # The range always includes 0 (exactly representable, as in PyTorch's observers); this also keeps a
     # constant tile's zero point finite.
     lo = jnp.where(jnp.isnan(t).any(axis=(1, 3)), jnp.nan, jnp.minimum(jnp.min(t, axis=(1, 3)), 0.0))
@@ -240,6 +240,11 @@ def tile_stats(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | No
     # Code range [-2**(b-1), 2**(b-1)-1]; zero point maps lo to the lowest code.
     zero_point = round_half_away(-(2 ** (spec.bits - 1)) - lo / scale)
     return scale, zero_point
+
+
+def reciprocal(scale: jax.Array) -> jax.Array:
+    """1 / scale, correctly rounded (kernels compute it with div.rn, once per tile)."""
+    return jnp.float32(1.0) / scale
 
 
 def expand_tiles(s: jax.Array, tile: tuple[int, int], shape2d: tuple[int, int]) -> jax.Array:
@@ -268,7 +273,9 @@ def quantize(
     tile = spec.resolve(*shape2d)
     scale, zp = tile_stats(x, spec)
     x2 = x.astype(jnp.float32).reshape(shape2d)
-    y = x2 / expand_tiles(scale, tile, shape2d)
+    # Multiply by a per-tile reciprocal, written out: XLA would otherwise rewrite x / broadcast(scale)
+    # into this under jit only (jit and eager would differ), and kernels avoid a division per element.
+    y = x2 * expand_tiles(reciprocal(scale), tile, shape2d)
     if zp is not None:
         y = y + expand_tiles(zp, tile, shape2d)
     if rounding == "nearest":

@@ -416,12 +416,12 @@ def int8_matmul_block_scaled(
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     chunk_n = 0
     if split_n:
-        if not (gk and b_scale.shape[1] > 1 and 16 <= b_rows < cfg.block_n):
+        if not (gk and b_scale.shape[1] > 1 and b_rows >= 16):
             raise ValueError(
-                f"split_n needs b's scale to vary along K with a power-of-two row tile in [16, block_n="
-                f"{cfg.block_n}); got b tile {tb}"
+                f"split_n needs b's scale to vary along K with a power-of-two row tile >= 16; got b tile {tb}"
             )
-        chunk_n = b_rows
+        if b_rows < cfg.block_n:  # else b's scale is already one value per tile and K group
+            chunk_n = b_rows
     plan = _Plan(m, n, k, b_bits, a_rows, b_rows, a_k, b_k, gk, unroll=unroll, chunk_n=chunk_n)
     epi = make_epilogue(  # the epilogue runs per column chunk (requantization tiles must fit in one)
         m,

@@ -72,6 +72,9 @@ class QuantizeConfig:
     block_m, block_n: preferred block of x per program (powers of two; grown to fit a quantization tile,
       shrunk to the register budget). max_block_elems: register budget of one loaded block, in elements.
     num_warps: None picks :func:`default_warps` for the planned block.
+    xla_column_stats_rows: ``quantize_tiles`` only: tiles spanning all M rows (per-column, or per-row of
+      x.T) over more rows than this get their absmax from an XLA column reduction first, so the kernel
+      keeps a full grid instead of a few programs sweeping whole columns.
     """
 
     block_m: int = 32
@@ -79,6 +82,7 @@ class QuantizeConfig:
     num_warps: int | None = None  # None: about 32 elements per thread (see default_warps)
     num_stages: int = 1
     max_block_elems: int = 16384
+    xla_column_stats_rows: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +280,9 @@ def scaled_block(
     """(scale (bm/rt, bn/ct), x / scale (bm, bn)) for the block x given its tiles' absmax."""
     rt, ct = block_tile(tile, plan.bm, plan.bn)
     scale = scale_from_absmax(amax)
-    return scale, div_rn(x, expand_tile(scale, rt, ct, plan.bm, plan.bn), interpret)
+    # jq8.quant multiplies by the correctly rounded per-tile reciprocal: one division per tile, not element.
+    inv = div_rn(jnp.ones_like(scale), scale, interpret)
+    return scale, x * expand_tile(inv, rt, ct, plan.bm, plan.bn)
 
 
 def round_codes(y: jax.Array, r0, c0, plan: BlockPlan, *, rounding: Rounding, seed, transposed: bool):
@@ -307,19 +313,40 @@ def store_codes(codes_ref, codes: jax.Array, r0, c0, plan: BlockPlan, transposed
         plgpu.store(codes_ref.at[pl.ds(r0, bm), pl.ds(c0, bn)], codes, mask=block_mask(r0, c0, plan))
 
 
-def store_scale(scale_ref, scale: jax.Array, sr0, sc0, transposed: bool) -> None:
-    """Stores a (gr, gc) block of scales (x coordinates) at scale-grid origin (sr0, sc0), masked."""
+def store_scale(scale_ref, scale: jax.Array, sr0, sc0, transposed: bool, enabled=None) -> None:
+    """Stores a (gr, gc) block of scales (x coordinates) at scale-grid origin (sr0, sc0), masked
+    (and only where the scalar ``enabled`` holds, when given)."""
     gs = scale.shape
     if transposed:
-        tmask = (sc0 + jnp.arange(gs[1], dtype=jnp.int32)[:, None] < scale_ref.shape[0]) & (
+        mask = (sc0 + jnp.arange(gs[1], dtype=jnp.int32)[:, None] < scale_ref.shape[0]) & (
             sr0 + jnp.arange(gs[0], dtype=jnp.int32)[None, :] < scale_ref.shape[1]
         )
-        plgpu.store(scale_ref.at[pl.ds(sc0, gs[1]), pl.ds(sr0, gs[0])], scale.T, mask=tmask)
-        return
-    srows = sr0 + jnp.arange(gs[0], dtype=jnp.int32)[:, None]
-    scols = sc0 + jnp.arange(gs[1], dtype=jnp.int32)[None, :]
-    smask = (srows < scale_ref.shape[0]) & (scols < scale_ref.shape[1])
-    plgpu.store(scale_ref.at[pl.ds(sr0, gs[0]), pl.ds(sc0, gs[1])], scale, mask=smask)
+        ref, val = scale_ref.at[pl.ds(sc0, gs[1]), pl.ds(sr0, gs[0])], scale.T
+    else:
+        mask = (sr0 + jnp.arange(gs[0], dtype=jnp.int32)[:, None] < scale_ref.shape[0]) & (
+            sc0 + jnp.arange(gs[1], dtype=jnp.int32)[None, :] < scale_ref.shape[1]
+        )
+        ref, val = scale_ref.at[pl.ds(sr0, gs[0]), pl.ds(sc0, gs[1])], scale
+    plgpu.store(ref, val, mask=mask if enabled is None else mask & enabled)
+
+
+def column_absmax(x: jax.Array, ct: int) -> jax.Array:
+    """(M, N) float -> (1, cdiv(N, ct)) f32: absmax over all rows and ``ct`` columns (XLA, outside kernels).
+
+    Reduced on int32 bit patterns like :func:`tile_absmax`: exact, NaN-preserving on every backend.
+    """
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32).max(axis=0)
+    n = bits.shape[0]
+    gn = cdiv(n, ct)
+    bits = jnp.pad(bits, (0, gn * ct - n)).reshape(gn, ct).max(axis=1)
+    return lax.bitcast_convert_type(bits, jnp.float32)[None, :]
+
+
+def _load_column_amax(ref, c0, ct: int, plan: BlockPlan) -> jax.Array:
+    """The (1, bn / ct) slice of a :func:`column_absmax` array for the block at column c0."""
+    g = plan.bn // ct
+    cols = c0 // ct + jnp.arange(g, dtype=jnp.int32)
+    return plgpu.load(ref.at[pl.ds(0, 1), pl.ds(c0 // ct, g)], mask=(cols < ref.shape[1])[None, :], other=0.0)
 
 
 def scale_origin(tile: Tile, r0, c0, plan: BlockPlan):
@@ -346,14 +373,18 @@ def sweep(
     rounding: Rounding,
     seed,
     interpret: bool,
+    column_amax: dict | None = None,
 ) -> None:
     """The kernel body shared by every quantize kernel: quantize this program's region into ``outs``.
 
     load(r0, c0) -> (bm, bn) fp32 block at global origin (r0, c0), with out-of-range elements set to 0
     (0 never raises an absmax). out_refs: (codes_ref, scale_ref) per output, flattened.
+    column_amax: {tile (-1, ct): ref (1, cdiv(N, ct)) f32} absmax of tiles spanning all rows, computed
+    beforehand (see :func:`column_absmax`); the program's block then needs no whole columns.
     Outputs with the same tile in x coordinates (e.g. 32x32 blocks and their transposed copy) share the
     absmax, the division and, for round-to-nearest, the codes.
     """
+    column_amax = column_amax or {}
     pid = (pl.program_id(0), pl.program_id(1))
     tiles = list(dict.fromkeys(o.tile for o in outs))  # distinct tiles, in order
 
@@ -369,7 +400,12 @@ def sweep(
         a = jnp.abs(x)
         per_tile = {}
         for t in tiles:
-            amax = swept_amax[t] if is_swept(t) else tile_absmax(a, *block_tile(t, plan.bm, plan.bn))
+            if t in column_amax:
+                amax = _load_column_amax(column_amax[t], c0, t[1], plan)
+            elif is_swept(t):
+                amax = swept_amax[t]
+            else:
+                amax = tile_absmax(a, *block_tile(t, plan.bm, plan.bn))
             scale, y = scaled_block(x, amax, t, plan, interpret)
             nearest = None
             if rounding == "nearest":  # deterministic: the transposed copy reuses these codes
@@ -381,7 +417,10 @@ def sweep(
                 codes = round_codes(y, r0, c0, plan, rounding=rounding, seed=seed, transposed=out.transposed)
             store_codes(out_refs[2 * i], codes, r0, c0, plan, out.transposed)
             if not is_swept(out.tile):
-                store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed)
+                # column-stat scales are the same in every program along M: the first row block writes them
+                first = (r0 == 0) if out.tile in column_amax else None
+                store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed,
+                            enabled=first)
 
     if plan.loop_axis is None:
         r0, c0 = origin(0)
@@ -481,7 +520,10 @@ def load_seed(seed_ref, rounding: Rounding):
 # ------------------------------------------------------------------------------------------- the kernel
 
 
-def _quantize_kernel(seed_ref, x_ref, *out_refs, plan, outs, rounding, interpret):
+def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, column_tiles, rounding, interpret):
+    column_amax = dict(zip(column_tiles, refs[: len(column_tiles)]))
+    out_refs = refs[len(column_tiles):]
+
     def load(r0, c0):
         x = plgpu.load(
             x_ref.at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=block_mask(r0, c0, plan), other=0.0
@@ -489,17 +531,27 @@ def _quantize_kernel(seed_ref, x_ref, *out_refs, plan, outs, rounding, interpret
         return x.astype(jnp.float32)
 
     seed = load_seed(seed_ref, rounding)
-    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret)
+    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret,
+          column_amax=column_amax)
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
 def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False):
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
-    plan = plan_blocks(m, n, [o.tile for o in outs], config)
-    kernel = functools.partial(_quantize_kernel, plan=plan, outs=outs, rounding=rounding, interpret=interpret)
+    # Tiles spanning all of a long M: absmax from an XLA column reduction, so blocks need no whole columns.
+    column_tiles = ()
+    if m > config.xla_column_stats_rows:
+        column_tiles = tuple(dict.fromkeys(o.tile for o in outs if o.tile[0] == -1 and o.tile[1] != -1))
+    plan_tiles = [(1, o.tile[1]) if o.tile in column_tiles else o.tile for o in outs]
+    plan = plan_blocks(m, n, plan_tiles, config)
+    kernel = functools.partial(
+        _quantize_kernel, plan=plan, outs=outs, column_tiles=column_tiles, rounding=rounding,
+        interpret=interpret,
+    )
+    stats = [column_absmax(x, t[1]) for t in column_tiles]
     return launch(
-        kernel, [seed, x], out_shapes(m, n, specs), plan, config,
+        kernel, [seed, x, *stats], out_shapes(m, n, specs), plan, config,
         interpret=interpret, poison=poison, name="quantize_tiles",
     )
 
@@ -539,6 +591,8 @@ def quantize_tiles(
     seed_arr = as_seed(seed, rounding)
     specs = [(spec, False)] + ([(transposed_spec, True)] if transposed_spec is not None else [])
     tiles = [x_tile(s, m, n, t) for s, t in specs]
+    if m > config.xla_column_stats_rows:  # as _quantize_call plans them
+        tiles = [(1, t[1]) if t[0] == -1 and t[1] != -1 else t for t in tiles]
     groups = [tuple(specs)]
     if len(specs) > 1:
         try:

@@ -16,6 +16,8 @@ import pytest
 
 import train
 from jq8 import checkpoint
+from jq8.policy import Policy
+from models.presets import build_model, preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +58,9 @@ def test_round_trip_restores_every_leaf_and_meta(tmp_path):
     # load_params reads params only, from the run folder or a step folder.
     p3, meta3 = checkpoint.load_params(tmp_path / "ck")
     p4, _ = checkpoint.load_params(tmp_path / "ck" / "3")
+    os.symlink(tmp_path / "ck", tmp_path / "checkpoints")  # a run folder holding checkpoints/
+    p5, _ = checkpoint.load_params(tmp_path)
+    assert jax.tree.structure(p5) == jax.tree.structure(params)
     for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(p3), jax.tree.leaves(p4)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
@@ -142,8 +147,14 @@ def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
 
 
 def test_resume_with_other_model_shape_is_a_clear_error(tmp_path):
+    # A checkpoint of the d_model=64 model (zeros are enough: the shapes are checked before any value).
     run = tmp_path / "run"
-    train.main([*TINY, "--steps=2", "--ckpt_every=2", f"--run_dir={run}"])
+    cfg = preset("gpt-tiny", num_layers=1, d_model=64, num_heads=2, vocab_size=320)
+    model = build_model(cfg, Policy.from_name("bf16"))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    with checkpoint.Checkpointer(run / "checkpoints") as ck:
+        ck.save(2, params, {"count": jnp.int32(2)}, {"data_position": {"step": 2}})
     mismatch = r"'h_0/.*/kernel' has shape \(64, .*expects \(96, "
     with pytest.raises(checkpoint.CheckpointMismatchError, match=mismatch):
         train.main([*TINY, "--steps=4", "--model.d_model=96", "--model.num_heads=2", f"--run_dir={run}"])

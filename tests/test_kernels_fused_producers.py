@@ -151,3 +151,23 @@ def test_bad_inputs_raise():
         bias_gelu_quantize(x, None, spec=P, activation="relu6")
     with pytest.raises(ValueError, match="seed"):
         gelu_backward_quantize(x, quantize(x, P), P)  # stochastic by default: needs a seed
+
+
+def test_lowers_to_triton():
+    """The GPU paths (interpret=False) lower to Triton IR on this CPU-only machine."""
+    x = jax.ShapeDtypeStruct((300, 1000), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    seed = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    xq = quantize(jnp.ones((300, 1000)), B((32, 32)))
+    cases = [
+        (lambda x, g, b, s: layer_norm_quantize(x, g, b, spec=P, interpret=False), (x, vec, vec, seed)),
+        (lambda x, g, b, s: layer_norm_quantize(x, g, b, spec=B((32, 32)), transposed_spec=B((32, 32)),
+                                                config=QuantizeConfig(max_block_elems=2048), interpret=False),
+         (x, vec, vec, seed)),
+        (lambda x, g, b, s: bias_gelu_quantize(xq, b, spec=P, transposed_spec=B((32, 32)), interpret=False),
+         (x, vec, vec, seed)),
+        (lambda x, g, b, s: gelu_backward_quantize(x, xq, B((32, 32)), seed=s, bias=b, interpret=False),
+         (x, vec, vec, seed)),
+    ]
+    for fn, args in cases:
+        assert "triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

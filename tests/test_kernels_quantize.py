@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jq8.quant import QuantSpec, noise_seed
 from pallas_kernels.quantize import (
@@ -84,6 +86,25 @@ def test_sweep_mode_bit_exact(shape, spec, tspec, budget, rounding):
     _assert_bit_exact(got, _reference(x, spec, **kw))
 
 
+@pytest.mark.parametrize(
+    "spec,tspec,rounding",
+    [(C, None, "nearest"), (P, P, "stochastic"), (QuantSpec((-1, 32)), B((32, 32)), "nearest")],
+)
+def test_xla_column_stats_bit_exact(spec, tspec, rounding):
+    # M over xla_column_stats_rows: tiles spanning all rows take their absmax from an XLA reduction
+    # (per-row of x.T included: one launch writes both layouts). A NaN must still reach its scale.
+    x = _data((70, 200), jnp.bfloat16, key=5).at[5, 7].set(jnp.nan)
+    seed = noise_seed(jax.random.key(2))
+    kw = dict(rounding=rounding, seed=seed, transposed_spec=tspec)
+    got = quantize_tiles(x, spec, config=QuantizeConfig(xla_column_stats_rows=16), poison_outputs=True, **kw)
+    ref = _reference(x, spec, **kw)
+    got, ref = (got if isinstance(got, tuple) else (got,)), (ref if isinstance(ref, tuple) else (ref,))
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(r.scale))  # NaN == NaN here
+        np.testing.assert_array_equal(np.asarray(g.values), np.asarray(r.values))
+        assert np.isnan(np.asarray(g.scale)).any()
+
+
 def test_ties_and_negatives_round_half_away():
     # scale = 127 / 127 = 1 per row: values k + 0.5 are exact ties and must round away from zero.
     row = jnp.array([127.0, -127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.25, -126.5, 0.49999997], jnp.float32)
@@ -129,3 +150,56 @@ def test_errors_are_actionable():
         quantize_tiles(x.astype(jnp.int32), P)
     with pytest.raises(ValueError, match="own call"):
         plan_blocks(1 << 17, 1 << 17, [(-1, -1)], QuantizeConfig())
+
+
+_tile_size = st.sampled_from([-1, 1, 2, 8, 32, 64, 128])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    m=st.integers(1, 5000),
+    n=st.integers(1, 5000),
+    tiles=st.lists(st.tuples(_tile_size, _tile_size), min_size=1, max_size=3),
+    budget=st.sampled_from([256, 4096, 16384]),
+)
+def test_plan_blocks_invariants(m, n, tiles, budget):
+    """Every tile lies inside one program's block (or the program sweeps its whole axis)."""
+    # As x_tile resolves them: a tile at least as long as its axis is the whole axis.
+    tiles = [tuple(-1 if t == -1 or t >= d else t for t, d in zip(tile, (m, n))) for tile in tiles]
+    try:
+        plan = plan_blocks(m, n, tiles, QuantizeConfig(max_block_elems=budget))
+    except ValueError:
+        # only when whole rows and whole columns are both needed and exceed the budget
+        assert any(t[0] == -1 for t in tiles) and any(t[1] == -1 for t in tiles)
+        return
+    block, dims = (plan.bm, plan.bn), (m, n)
+    req = max(budget, np.prod([max([t[a] for t in tiles if t[a] != -1] + [1]) for a in (0, 1)]))
+    assert plan.bm * plan.bn <= req
+    for a in (0, 1):
+        assert block[a] & (block[a] - 1) == 0  # powers of two (Triton)
+        assert plan.grid[a] * block[a] >= dims[a] or plan.loop_axis == a
+        for t in tiles:
+            if t[a] == -1:
+                assert block[a] >= dims[a] or plan.loop_axis == a
+                assert plan.grid[a] == 1
+            else:
+                assert block[a] % t[a] == 0
+
+
+@pytest.mark.parametrize(
+    "spec,tspec,rounding,cfg",
+    [
+        (B((32, 32)), B((32, 32)), "stochastic", None),
+        (P, P, "nearest", QuantizeConfig(xla_column_stats_rows=16)),  # XLA column stats + kernel
+        (P, G(32, 1), "nearest", QuantizeConfig(max_block_elems=256)),  # rows swept in chunks
+    ],
+)
+def test_lowers_to_triton(spec, tspec, rounding, cfg):
+    """The GPU path (interpret=False) lowers to Triton IR on this CPU-only machine: catches primitives
+    the Pallas-Triton lowering refuses. (Triton's own compiler still needs the GPU check script.)"""
+    x = jax.ShapeDtypeStruct((300, 1000), jnp.bfloat16)
+    seed = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    f = jax.jit(lambda x, s: quantize_tiles(x, spec, rounding=rounding, seed=s, transposed_spec=tspec,
+                                            config=cfg, interpret=False))
+    text = f.trace(x, seed).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text

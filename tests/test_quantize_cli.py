@@ -108,3 +108,50 @@ def test_minilm_w8a8_keeps_embeddings(tmp_path):
     m = evaluate.embedding_agreement(fp, q, groups)
     assert m["cos_min"] > 0.98 and m["cos_mean"] < 1.0 - 1e-7, m
     assert m["nn_agreement"] >= 5 / 6
+
+
+def test_perplexity_and_greedy_generation_match_direct_computation():
+    import numpy as np
+    import optax
+
+    from jq8 import evaluate
+
+    table = jax.random.normal(jax.random.PRNGKey(0), (11, 11)) * 3  # logits depend on the current token only
+
+    def logits_fn(tokens):
+        return table[tokens]
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 11, (2, 5)), rng.integers(0, 11, (2, 5))) for _ in range(3)]
+    res = evaluate.perplexity(logits_fn, batches)
+    nll = np.concatenate([np.asarray(optax.softmax_cross_entropy_with_integer_labels(table[i], t)).ravel()
+                          for i, t in batches])
+    assert res["tokens"] == nll.size
+    np.testing.assert_allclose(res["ppl"], np.exp(nll.mean()), rtol=1e-5)
+    out = evaluate.generate(logits_fn, [3], max_new_tokens=4, window=6)
+    expect, cur = [], 3
+    for _ in range(4):
+        cur = int(jnp.argmax(table[cur]))
+        expect.append(cur)
+    assert out == expect
+    sampled = evaluate.generate(logits_fn, [3, 4], max_new_tokens=5, window=4, top_k=3, seed=1)
+    assert len(sampled) == 5 and all(int(t) in np.argsort(-np.asarray(table[p]))[:3]
+                                     for p, t in zip([4, *sampled[:-1]], sampled))
+
+
+def test_sentence_groups_and_agreement_metrics(tmp_path):
+    import numpy as np
+
+    from jq8 import evaluate
+
+    f = tmp_path / "s.txt"
+    f.write_text("# comment\nA one.\nA two.\n\nB one.\nB two.\nB three.\n\n\nC one.\n")
+    sents, groups = evaluate.read_sentence_groups(str(f))
+    assert sents[0] == "A one." and groups.tolist() == [0, 0, 1, 1, 1, 2]
+    e = np.eye(6)[[0, 0, 2, 2, 2, 5]] + 0.01 * np.random.default_rng(0).normal(size=(6, 6))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    same = evaluate.embedding_agreement(e, e, groups)
+    assert same["cos_min"] == pytest.approx(1.0) and same["nn_agreement"] == 1.0
+    assert same["paraphrase_top1_fp"] == pytest.approx(5 / 6)  # the singleton group has no paraphrase
+    shuffled = evaluate.embedding_agreement(e, e[::-1], groups)
+    assert shuffled["cos_mean"] < 0.5 and shuffled["paraphrase_top1_q"] < 1.0
