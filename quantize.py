@@ -29,8 +29,12 @@ from jq8 import evaluate, lkd, ptq, ptq_infer, qcheckpoint
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, or one step dir")
-    p.add_argument("--model", default="ckpt", choices=("ckpt", "minilm"),
-                   help="'minilm': PTQ of the pretrained all-MiniLM-L6-v2 encoder (models/bert.py) instead")
+    p.add_argument(
+        "--model",
+        default="ckpt",
+        choices=("ckpt", "minilm"),
+        help="'minilm': PTQ of the pretrained all-MiniLM-L6-v2 encoder (models/bert.py) instead",
+    )
     p.add_argument("--sentences", default="data/sentences.txt", help="paraphrase groups (--model minilm)")
     p.add_argument("--scheme", default="w4/8-a8", help=f"one of {', '.join(ptq.SCHEMES)}")
     p.add_argument("--out", help="directory for the compact quantized checkpoint")
@@ -78,8 +82,6 @@ def fail(msg: str) -> None:
 def load_float_model(ckpt: str):
     """(model, params, meta) from a train.py checkpoint; the model runs fp32 (bf16 policy, f32 compute)."""
     from jq8.checkpoint import load_params
-    from jq8.policy import Policy
-    from models.presets import build_model
 
     path = Path(ckpt)
     if not path.exists():
@@ -94,10 +96,17 @@ def load_float_model(ckpt: str):
         )
     if not isinstance(meta, dict) or "model_config" not in meta:
         fail(f"{ckpt} is not a jq8 training checkpoint (no model_config in its meta)")
-    model = build_model(
-        meta["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
-    )
-    return model, params, meta
+    return float_model(meta["model_config"]), params, meta
+
+
+def float_model(model_config: dict):
+    """The model in fp32 compute (bf16 policy with f32 compute dtype), without remat (inference + LKD's
+    block capture need plain, un-lifted blocks)."""
+    from jq8.policy import Policy
+    from models.presets import build_model
+
+    cfg = {**model_config, "remat": False} if "remat" in model_config else model_config
+    return build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
 
 
 def eval_data(meta: dict, args, seq_len: int):
@@ -285,16 +294,12 @@ def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
 
 
 def eval_main(args) -> dict:
-    from jq8.policy import Policy
-    from models.presets import build_model
 
     try:
         qp, manifest = qcheckpoint.load_quantized(args.eval_dir)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    model = build_model(
-        manifest["model_config"], Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
-    )
+    model = float_model(manifest["model_config"])
     extra = manifest.get("extra", {})
     seq_len = args.seq_len or extra.get("seq_len", 64)
     meta = {"tokenizer": extra.get("tokenizer", {})}
@@ -337,8 +342,10 @@ def minilm_calibration(tok, args, seq_len: int = 64) -> list[tuple]:
     enc = tokenize(tok, sents[: args.calib_samples])
     enc = {k: np.pad(v, ((0, 0), (0, max(0, seq_len - v.shape[1]))))[:, :seq_len] for k, v in enc.items()}
     bs = max(1, min(args.lkd_batch, args.calib_samples))
-    return [tuple(jnp.asarray(enc[k][i:i + bs]) for k in ("input_ids", "attention_mask", "token_type_ids"))
-            for i in range(0, args.calib_samples - bs + 1, bs)]
+    return [
+        tuple(jnp.asarray(enc[k][i : i + bs]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+        for i in range(0, args.calib_samples - bs + 1, bs)
+    ]
 
 
 def minilm_main(args) -> dict:
@@ -359,9 +366,15 @@ def minilm_main(args) -> dict:
         fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a, backend=args.backend))
         emb = embed(model, qp, tok, sentences, apply_fn=fn)
         m = evaluate.embedding_agreement(fp_emb, emb, groups)
-        rows.append({"setting": label, **{k: round(v, 5) for k, v in m.items()},
-                     "bytes": ptq.bits_report(qp, args.float_dtype)["total_bytes"],
-                     "seconds": round(time.perf_counter() - t0, 2), **extra})
+        rows.append(
+            {
+                "setting": label,
+                **{k: round(v, 5) for k, v in m.items()},
+                "bytes": ptq.bits_report(qp, args.float_dtype)["total_bytes"],
+                "seconds": round(time.perf_counter() - t0, 2),
+                **extra,
+            }
+        )
 
     schemes = ["static-w8a8", "w8a8", "w4/8-a8"]
     schemes += [args.scheme] if args.scheme not in schemes else []
@@ -369,8 +382,9 @@ def minilm_main(args) -> dict:
         run(scheme, scheme, params)
         if args.lkd and scheme != "static-w8a8":
             for mode in ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]:
-                cfg = lkd.LKDConfig(steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch,
-                                    lkd_input=mode)
+                cfg = lkd.LKDConfig(
+                    steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode
+                )
                 t0 = time.perf_counter()
                 rules = ptq.scheme(scheme, int4_group=args.int4_group)
                 new, _ = lkd.distill(model, params, rules, calib, cfg)
@@ -379,8 +393,10 @@ def minilm_main(args) -> dict:
     print(f"\nMiniLM on {args.sentences}: {len(sentences)} sentences; FP paraphrase top-1 {fp_top1:.3f}")
     print(f"{'setting':28s} {'cos mean':>9s} {'cos min':>8s} {'NN agree':>9s} {'top-1 q':>8s} {'MB':>7s}")
     for r in rows:
-        print(f"{r['setting']:28s} {r['cos_mean']:9.5f} {r['cos_min']:8.5f} {r['nn_agreement']:9.3f} "
-              f"{r['paraphrase_top1_q']:8.3f} {r['bytes'] / 1e6:7.2f}")
+        print(
+            f"{r['setting']:28s} {r['cos_mean']:9.5f} {r['cos_min']:8.5f} {r['nn_agreement']:9.3f} "
+            f"{r['paraphrase_top1_q']:8.3f} {r['bytes'] / 1e6:7.2f}"
+        )
     report = {"model": "all-MiniLM-L6-v2", "rows": rows, "fp_paraphrase_top1": fp_top1}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             changed = {k: (pos.get(k), v) for k, v in now.items() if pos.get(k) != v}
             if changed:
                 print(f"warning: the data stream differs from the checkpointed run (old, new): {changed}")
+            old = meta.get("train_config", {})
+            sched = {k: (old.get(k), getattr(cfg, k)) for k in ("steps", "lr", "min_lr", "warmup_steps")
+                     if old.get(k) != getattr(cfg, k)}
+            if sched:
+                print(f"note: the learning-rate schedule changed on resume (old, new): {sched}")
     else:
         # Created directly in their shards: a model larger than one device's memory never exists whole.
         def init_state(key):

@@ -68,8 +68,13 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, preset {args.preset}, prefill {args.batch}x{args.seq}")
 
     fp_fn = jax.jit(lambda p, t: bf16.apply({"params": p}, t))
-    results: dict = {"device": jax.devices()[0].device_kind, "preset": args.preset, "batch": args.batch,
-                     "seq": args.seq, "jax": jax.__version__}
+    results: dict = {
+        "device": jax.devices()[0].device_kind,
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq": args.seq,
+        "jax": jax.__version__,
+    }
     ref = fp_fn(params_bf16, tokens)
 
     rows = []
@@ -93,11 +98,17 @@ def main() -> None:
             qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
             sizes[scheme] = qcheckpoint.disk_bytes(os.path.join(d, "q"))
     fp16_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree_util.tree_leaves(params))
-    block_fp16 = sum(int(np.prod(x.shape)) * 2 for k, v in params.items() if k.startswith("h_")
-                     for x in jax.tree_util.tree_leaves(v))
+    block_fp16 = sum(
+        int(np.prod(x.shape)) * 2
+        for k, v in params.items()
+        if k.startswith("h_")
+        for x in jax.tree_util.tree_leaves(v)
+    )
 
-    print(f"\n{'model':26s} {'prefill ms':>11s} {'x bf16':>7s} {'decode tok/s':>13s} {'x bf16':>7s} "
-          f"{'relRMS vs bf16':>15s} {'pallas vs xla':>14s}")
+    print(
+        f"\n{'model':26s} {'prefill ms':>11s} {'x bf16':>7s} {'decode tok/s':>13s} {'x bf16':>7s} "
+        f"{'relRMS vs bf16':>15s} {'pallas vs xla':>14s}"
+    )
     for name, t, tps, e1, e2 in rows:
         sp = rows[0][1] / t
         dec = f"{tps:13.1f} {tps / rows[0][2]:7.2f}" if tps else f"{'-':>13s} {'-':>7s}"
@@ -105,10 +116,14 @@ def main() -> None:
         e2s = "-" if e2 is None else f"{e2:.3g}"
         print(f"{name:26s} {t:11.2f} {sp:7.2f} {dec} {e1s:>15s} {e2s:>14s}")
     for scheme, b in sizes.items():
-        print(f"checkpoint {scheme}: {b / 1e6:.2f} MB on disk vs fp16 {fp16_bytes / 1e6:.2f} MB "
-              f"({fp16_bytes / b:.2f}x; embeddings stay fp16; blocks alone {block_fp16 / 1e6:.2f} MB fp16)")
-    results["rows"] = [dict(model=n, prefill_ms=t, decode_tok_s=tps, rel_rms_vs_bf16=e1, pallas_vs_xla=e2)
-                       for n, t, tps, e1, e2 in rows]
+        print(
+            f"checkpoint {scheme}: {b / 1e6:.2f} MB on disk vs fp16 {fp16_bytes / 1e6:.2f} MB "
+            f"({fp16_bytes / b:.2f}x; embeddings stay fp16; blocks alone {block_fp16 / 1e6:.2f} MB fp16)"
+        )
+    results["rows"] = [
+        dict(model=n, prefill_ms=t, decode_tok_s=tps, rel_rms_vs_bf16=e1, pallas_vs_xla=e2)
+        for n, t, tps, e1, e2 in rows
+    ]
     results["checkpoint_bytes"] = sizes
     results["fp16_bytes"] = fp16_bytes
     results["size_ratio_vs_fp16"] = {k: fp16_bytes / v for k, v in sizes.items()}

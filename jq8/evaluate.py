@@ -129,7 +129,10 @@ def embedding_agreement(fp: np.ndarray, q: np.ndarray, groups: np.ndarray) -> di
         return np.argmax(s, axis=1)
 
     nn_fp, nn_q = nearest(fp), nearest(q)
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-            "nn_agreement": float(np.mean(nn_fp == nn_q)),
-            "paraphrase_top1_fp": float(np.mean(groups[nn_fp] == groups)),
-            "paraphrase_top1_q": float(np.mean(groups[nn_q] == groups))}
+    return {
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "nn_agreement": float(np.mean(nn_fp == nn_q)),
+        "paraphrase_top1_fp": float(np.mean(groups[nn_fp] == groups)),
+        "paraphrase_top1_q": float(np.mean(groups[nn_q] == groups)),
+    }

@@ -14,8 +14,9 @@ No labels are needed; the calibration text should be different from the evaluati
 Blocks are found generically: the modules whose paths match ``block_pattern`` (default ``h_<i>``,
 ``blocks_<i>``, ``layer_<i>``) are captured with ``flax.linen.intercept_methods`` during float forward
 passes (their inputs, their other call arguments and an unbound clone of the module), so any Flax model
-works; ``lkd_input="quantized"`` also needs x_{k+1} = block_k(x_k), which is checked. Blocks of the same
-structure share one set of compiled functions (one compile for all layers).
+works; ``lkd_input="quantized"`` also needs x_{k+1} = block_k(x_k), which is checked. Build the model
+without ``nn.remat`` around its blocks (a lifted block's inputs are internal tracers and cannot be
+captured). Blocks of the same structure share one set of compiled functions (one compile for all layers).
 """
 
 from __future__ import annotations

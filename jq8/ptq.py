@@ -294,8 +294,14 @@ def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str
         qbytes += b
         n_qweights += n * k
         layers.append(
-            dict(path=path, shape=(k, n), rule=rule.describe() if rule else "?", bytes=b,
-                 fp16_bytes=2 * n * k, bits_per_weight=round(8 * b / (n * k), 3))
+            dict(
+                path=path,
+                shape=(k, n),
+                rule=rule.describe() if rule else "?",
+                bytes=b,
+                fp16_bytes=2 * n * k,
+                bits_per_weight=round(8 * b / (n * k), 3),
+            )
         )
     leaves = jax.tree_util.tree_leaves(qp.params) + jax.tree_util.tree_leaves(qp.act_scales)
     if float_dtype is None:
@@ -310,9 +316,16 @@ def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str
     total = qbytes + float_bytes
     fp32 = 4 * (n_qweights + n_float)
     fp16 = 2 * (n_qweights + n_float)
-    return dict(layers=layers, quantized_bytes=qbytes, float_bytes=float_bytes, total_bytes=total,
-                fp32_total_bytes=fp32, fp16_total_bytes=fp16, compression_vs_fp16=round(fp16 / total, 3),
-                compression_vs_fp32=round(fp32 / total, 3))
+    return dict(
+        layers=layers,
+        quantized_bytes=qbytes,
+        float_bytes=float_bytes,
+        total_bytes=total,
+        fp32_total_bytes=fp32,
+        fp16_total_bytes=fp16,
+        compression_vs_fp16=round(fp16 / total, 3),
+        compression_vs_fp32=round(fp32 / total, 3),
+    )
 
 
 def format_bits_report(rep: dict[str, Any]) -> str:

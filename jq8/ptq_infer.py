@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jq8.ptq import QuantizedParams, QuantRule
-from jq8.quant import QArray, QuantSpec, qmax, quantize, round_half_away, unpack_int4
+from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, round_half_away, unpack_int4
 
 TOKEN_SPEC = QuantSpec.per_row(8)
 STATIC_SPEC = QuantSpec.per_tensor(8)
@@ -135,6 +135,7 @@ def matmul_qarrays_xla(
     a_scale = jnp.broadcast_to(a.scale, (m, 1)) if a.scale.shape[0] == 1 else a.scale
     tn, tk = b.spec.resolve(n, k)
     if b.scale.shape[1] == 1:  # weight scales constant along K: one int32 GEMM, scales in the epilogue
+        check_int32_k(k)
         acc = jax.lax.dot_general(a.values, bc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
         y = acc.astype(jnp.float32) * a_scale * b_scale

@@ -37,6 +37,7 @@ from jq8.quant import (
     unpack_int4,
 )
 from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, resolve_interpret
+from pallas_kernels.quantize import div_rn, expand_tile, scale_from_absmax, tile_absmax, to_codes
 
 Activation = Literal["gelu", "gelu_tanh", "relu"] | None
 NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last axis of both operands
@@ -185,6 +186,7 @@ class Epilogue:
     out_dtype: str = "bfloat16"
     requant: str | None = None  # None, "row" (whole row per tile) or "blocks"
     q_tile: tuple[int, int] = (1, 1)
+    interpret: bool = False  # picks the exact division of the requantization (inline PTX on the GPU)
 
     @property
     def num_inputs(self) -> int:
@@ -192,7 +194,16 @@ class Epilogue:
 
 
 def make_epilogue(
-    m: int, n: int, cfg: TileConfig, *, bias, activation, residual, out_dtype, out_spec: QuantSpec | None
+    m: int,
+    n: int,
+    cfg: TileConfig,
+    *,
+    bias,
+    activation,
+    residual,
+    out_dtype,
+    out_spec: QuantSpec | None,
+    interpret: bool,
 ) -> Epilogue:
     """Validates the epilogue arguments against the problem and the tile configuration."""
     if activation not in ACTIVATIONS:
@@ -222,7 +233,13 @@ def make_epilogue(
                 f"({cfg.block_m}x{cfg.block_n}); got tile {out_spec.tile} for a {m}x{n} output."
             )
     return Epilogue(
-        bias is not None, activation, residual is not None, jnp.dtype(out_dtype).name, requant, q_tile
+        bias is not None,
+        activation,
+        residual is not None,
+        jnp.dtype(out_dtype).name,
+        requant,
+        q_tile,
+        interpret,
     )
 
 
@@ -291,31 +308,23 @@ def store_epilogue(
     q_ref, s_ref = out_refs
     if mask is not None:  # padding must not raise a tile's absmax
         y = jnp.where(mask, y, 0.0)
+    # The quantize kernels' building blocks: jq8.quant's numerics (NaN-propagating absmax, scale =
+    # absmax * (1/127), correctly rounded per-tile reciprocal, round half away from zero).
+    rt, ct = (1, bn) if epi.requant == "row" else epi.q_tile
+    scale = scale_from_absmax(tile_absmax(jnp.abs(y), rt, ct))  # (bm / rt, bn / ct)
+    inv = div_rn(jnp.ones_like(scale), scale, epi.interpret)
+    codes = to_codes(round_half_away(y * expand_tile(inv, rt, ct, bm, bn)))
     if epi.requant == "row":
-        scale = jnp.maximum(jnp.max(jnp.abs(y), axis=1) / qmax(8), SCALE_FLOOR)  # (bm,)
-        codes = _codes(y / scale[:, None])
-        _store(s_ref.at[pl.ds(row0, bm)], scale, row_ok)
+        _store(s_ref.at[pl.ds(row0, bm)], scale.reshape(bm), row_ok)
     else:
-        tm, tn = epi.q_tile
-        gm, gn = bm // tm, bn // tn
-        amax = jnp.max(jnp.max(jnp.abs(y.reshape(gm, tm, gn, tn)), axis=3), axis=1)  # (gm, gn)
-        scale = jnp.maximum(amax / qmax(8), SCALE_FLOOR)
-        full = jnp.broadcast_to(scale[:, None, :, None], (gm, tm, gn, tn)).reshape(bm, bn)
-        codes = _codes(y / full)
-        s_rows, s_cols = row0 // tm + jnp.arange(gm), col0 // tn + jnp.arange(gn)
+        gm, gn = bm // rt, bn // ct
+        s_rows, s_cols = row0 // rt + jnp.arange(gm), col0 // ct + jnp.arange(gn)
         s_mask = _and_masks(
-            (s_rows < cdiv(m, tm))[:, None] if m % bm else None,
-            (s_cols < cdiv(n, tn))[None, :] if col_ok is not None else None,
+            (s_rows < cdiv(m, rt))[:, None] if m % bm else None,
+            (s_cols < cdiv(n, ct))[None, :] if col_ok is not None else None,
         )
-        _store(s_ref.at[pl.ds(row0 // tm, gm), pl.ds(col0 // tn, gn)], scale, s_mask)
+        _store(s_ref.at[pl.ds(row0 // rt, gm), pl.ds(col0 // ct, gn)], scale, s_mask)
     _store(q_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], codes, mask)
-
-
-def _codes(y: jax.Array) -> jax.Array:
-    """Same rounding and clamping as jq8.quant.quantize (NaN -> 0: the tile's scale carries the NaN)."""
-    y = round_half_away(y)
-    y = jnp.where(y != y, 0.0, y)
-    return jnp.clip(y, -qmax(8), qmax(8)).astype(jnp.int8)
 
 
 def _and_masks(a, b):
@@ -484,6 +493,7 @@ def int8_matmul(
         residual=residual,
         out_dtype=out_dtype,
         out_spec=out_spec,
+        interpret=resolve_interpret(interpret),
     )
     inputs = [a, b]
     if a_scale is not None:

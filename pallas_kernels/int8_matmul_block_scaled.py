@@ -432,6 +432,7 @@ def int8_matmul_block_scaled(
         residual=residual,
         out_dtype=out_dtype,
         out_spec=out_spec,
+        interpret=resolve_interpret(interpret),
     )
     plan = dataclasses.replace(plan, convert=_resolve_convert(convert, plan, cfg))
     out = pl.pallas_call(

@@ -97,8 +97,14 @@ def test_minilm_w8a8_keeps_embeddings(tmp_path):
     from models.bert import embed, load_minilm
 
     model, params, tok = load_minilm()
-    sentences = ["A man is slicing onions.", "Someone chops an onion.", "It is raining outside.",
-                 "Rain is pouring down.", "The train leaves at noon.", "Stock prices fell sharply today."]
+    sentences = [
+        "A man is slicing onions.",
+        "Someone chops an onion.",
+        "It is raining outside.",
+        "Rain is pouring down.",
+        "The train leaves at noon.",
+        "Stock prices fell sharply today.",
+    ]
     groups = np.array([0, 0, 1, 1, 2, 3])
     fp = embed(model, params, tok, sentences)
     qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
@@ -124,8 +130,9 @@ def test_perplexity_and_greedy_generation_match_direct_computation():
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 11, (2, 5)), rng.integers(0, 11, (2, 5))) for _ in range(3)]
     res = evaluate.perplexity(logits_fn, batches)
-    nll = np.concatenate([np.asarray(optax.softmax_cross_entropy_with_integer_labels(table[i], t)).ravel()
-                          for i, t in batches])
+    nll = np.concatenate(
+        [np.asarray(optax.softmax_cross_entropy_with_integer_labels(table[i], t)).ravel() for i, t in batches]
+    )
     assert res["tokens"] == nll.size
     np.testing.assert_allclose(res["ppl"], np.exp(nll.mean()), rtol=1e-5)
     out = evaluate.generate(logits_fn, [3], max_new_tokens=4, window=6)
@@ -135,8 +142,9 @@ def test_perplexity_and_greedy_generation_match_direct_computation():
         expect.append(cur)
     assert out == expect
     sampled = evaluate.generate(logits_fn, [3, 4], max_new_tokens=5, window=4, top_k=3, seed=1)
-    assert len(sampled) == 5 and all(int(t) in np.argsort(-np.asarray(table[p]))[:3]
-                                     for p, t in zip([4, *sampled[:-1]], sampled))
+    assert len(sampled) == 5 and all(
+        int(t) in np.argsort(-np.asarray(table[p]))[:3] for p, t in zip([4, *sampled[:-1]], sampled)
+    )
 
 
 def test_sentence_groups_and_agreement_metrics(tmp_path):
