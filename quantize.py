@@ -201,9 +201,14 @@ def main(argv=None) -> dict:
         rows.append(table_row(label, res, size, quant_s=round(qs, 3), **extra))
         return qp, res
 
-    run_scheme("static-w8a8", "W8A8 static (per-tensor)")
-    run_scheme("w8a8", "W8A8 ZeroQuant")
-    final_qp, final_res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant")
+    baselines = {
+        "static-w8a8": run_scheme("static-w8a8", "W8A8 static (per-tensor)"),
+        "w8a8": run_scheme("w8a8", "W8A8 ZeroQuant"),
+    }
+    if args.scheme in baselines:
+        final_qp, final_res = baselines[args.scheme]
+    else:
+        final_qp, final_res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant")
     lkd_reports = {}
     if args.lkd:
         rules = ptq.scheme(args.scheme, int4_group=args.int4_group)

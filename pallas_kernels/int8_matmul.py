@@ -27,11 +27,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import (
-    SCALE_FLOOR,
     QArray,
     QuantSpec,
     check_int32_k,
-    qmax,
     quantize,
     round_half_away,
     unpack_int4,
