@@ -73,13 +73,16 @@ def store_config(
 
 def heuristic_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
     """Default tiles: 256x128x128 / 8 warps / 3 stages (best measured int8 NT tile on H100) for large GEMMs,
-    smaller tiles when M or N is small so that enough programs exist to fill the GPU. The block-scaled kernel
+    smaller tiles when M or N is small so that enough programs exist to fill the GPU (untimed guesses; the
+    tuning cache overrides them per shape). The block-scaled kernel
     keeps 128x128 (its in-loop f32 rescale needs registers beside the accumulator)."""
     bk = 128 if k >= 128 else 64
     if m >= 2048 and n >= 1024 and kernel == "int8_matmul":
         return TileConfig(256, 128, bk, num_warps=8, num_stages=3, group_m=8)
     if m >= 512 and n >= 256:
         return TileConfig(128, 128, bk, num_warps=8, num_stages=3, group_m=8)
+    if m <= 16:  # decode-like: the weight stream dominates, so spread N over many programs
+        return TileConfig(16, 32, 128, num_warps=4, num_stages=4, group_m=1)
     bm = 64 if m > 32 else 32
     bn = 64 if n > 32 else 32
     return TileConfig(bm, bn, 64, num_warps=4, num_stages=3, group_m=8)
