@@ -493,6 +493,13 @@ def int8_matmul(
         out_spec=out_spec,
         interpret=resolve_interpret(interpret),
     )
+    if k < cfg0.block_k:
+        # A contraction shorter than one K tile: zero-pad it (zero codes add nothing) so the tile never
+        # reads past the array; interpret mode rejects such slices even under a mask.
+        pad = cfg0.block_k - k
+        a = jnp.pad(a, ((0, 0), (0, pad)))
+        b = jnp.pad(b, ((0, 0), (0, cfg0.block_k // 2 - b.shape[1] if b_bits == 4 else pad)))
+        k = cfg0.block_k
     inputs = [a, b]
     if a_scale is not None:
         if math.prod(a_scale.shape) != m:

@@ -241,3 +241,17 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     if jax.default_backend() != "gpu":
         with pytest.raises(RuntimeError):
             autotune.autotune("int8_matmul", 64, 64, 64, "k", lambda c: None, [cfg])
+
+
+@pytest.mark.parametrize("m,n,k", [(32, 32, 32), (40, 64, 16), (33, 20, 7)])
+def test_contraction_shorter_than_one_k_tile(m, n, k):
+    # Regression: K < block_k used to read a tile past the end of K (an error in interpret mode).
+    ka, kb = jax.random.split(jax.random.key(m * n + k))
+    a = jax.random.randint(ka, (m, k), -127, 128).astype(jnp.int8)
+    b = jax.random.randint(kb, (n, k), -127, 128).astype(jnp.int8)
+    sa = jax.random.uniform(ka, (m, 1), minval=0.5, maxval=1.5)
+    sb = jax.random.uniform(kb, (1, n), minval=0.5, maxval=1.5)
+    np.testing.assert_array_equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+    out = int8_matmul(a, b, sa, sb, out_dtype=jnp.float32)
+    ref = int8_matmul_reference(a, b, sa, sb, out_dtype=jnp.float32)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

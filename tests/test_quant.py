@@ -50,7 +50,7 @@ def test_round_trip_error_bound(name, shape):
     assert bool(jnp.all(err_s <= _bound(x, qs) * (1 + 1e-5) + 1e-7))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     m=st.integers(1, 80),
     n=st.integers(1, 80),
