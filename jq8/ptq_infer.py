@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jq8.ptq import QuantizedParams, QuantRule
-from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, round_half_away, unpack_int4
+from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, quantize_with_scale, unpack_int4
 
 TOKEN_SPEC = QuantSpec.per_row(8)
 STATIC_SPEC = QuantSpec.per_tensor(8)
@@ -55,12 +55,9 @@ def resolve_backend(backend: str | None) -> str:
 def quantize_static(x: jax.Array, scale: jax.Array) -> QArray:
     """(M, K) float -> QArray with one *given* per-tensor scale (calibrated; static W8A8 baseline).
 
-    jq8.quant.quantize derives scales from the data; a calibrated range needs codes for a fixed scale, with
-    the same rounding (round_half_away) and clamp [-127, 127]. Values beyond the range saturate.
+    Same rounding and clamp as jq8.quant.quantize; values beyond the calibrated range saturate.
     """
-    s = jnp.asarray(scale, jnp.float32).reshape(1, 1)
-    codes = jnp.clip(round_half_away(x.astype(jnp.float32) / s), -qmax(8), qmax(8)).astype(jnp.int8)
-    return QArray(codes, s, None, STATIC_SPEC, tuple(x.shape), x.dtype)
+    return quantize_with_scale(x, scale, STATIC_SPEC)
 
 
 def quantize_tokens(x: jax.Array, backend: str) -> QArray:

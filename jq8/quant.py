@@ -262,22 +262,43 @@ def quantize(
     key: jax.Array | None = None,
     seed: jax.Array | None = None,
 ) -> QArray:
-    """Quantizes ``x`` (any shape, float) to a :class:`QArray` under ``spec``.
+    """Quantizes ``x`` (any shape, float) to a :class:`QArray` under ``spec``, scales from the data.
 
     rounding="stochastic" needs ``key`` (a jax.random key) or ``seed`` (its :func:`noise_seed`, (2,) uint32).
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"quantize expects a floating array, got {x.dtype}")
+    scale, zp = tile_stats(x, spec)
+    return quantize_with_scale(x, scale, spec, zero_point=zp, rounding=rounding, key=key, seed=seed)
+
+
+def quantize_with_scale(
+    x: jax.Array,
+    scale: jax.Array,
+    spec: QuantSpec = QuantSpec(),
+    *,
+    zero_point: jax.Array | None = None,
+    rounding: Rounding = "nearest",
+    key: jax.Array | None = None,
+    seed: jax.Array | None = None,
+) -> QArray:
+    """Codes of ``x`` for *given* per-tile scales (e.g. a calibrated static range); values outside saturate.
+
+    scale (and zero_point for asymmetric specs): float32 of shape ``spec.scale_shape`` of x's 2-D view.
+    """
+    x = jnp.asarray(x)
     shape2d = _as_2d_shape(x.shape)
     tile = spec.resolve(*shape2d)
-    scale, zp = tile_stats(x, spec)
+    scale = jnp.asarray(scale, jnp.float32).reshape(spec.scale_shape(*shape2d))
+    if (zero_point is None) != spec.symmetric:
+        raise ValueError("zero_point must be given exactly when the spec is asymmetric")
     x2 = x.astype(jnp.float32).reshape(shape2d)
     # Multiply by a per-tile reciprocal, written out: XLA would otherwise rewrite x / broadcast(scale)
     # into this under jit only (jit and eager would differ), and kernels avoid a division per element.
     y = x2 * expand_tiles(reciprocal(scale), tile, shape2d)
-    if zp is not None:
-        y = y + expand_tiles(zp, tile, shape2d)
+    if zero_point is not None:
+        y = y + expand_tiles(zero_point, tile, shape2d)
     if rounding == "nearest":
         y = round_half_away(y)
     elif rounding == "stochastic":
@@ -298,7 +319,7 @@ def quantize(
     codes = jnp.clip(jnp.nan_to_num(y, nan=0.0), lo, hi).astype(jnp.int8)
     if spec.bits == 4:
         codes = pack_int4(codes)
-    return QArray(codes, scale, zp, spec, tuple(x.shape), x.dtype)
+    return QArray(codes, scale, zero_point, spec, tuple(x.shape), x.dtype)
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:

@@ -177,3 +177,15 @@ def test_bad_input_errors():
         Q.quantize(_rand((4, 4)), rounding="stochastic")
     with pytest.raises(ValueError, match="rounding"):
         Q.quantize(_rand((4, 4)), rounding="up")
+
+
+def test_quantize_with_given_scale_saturates_and_matches_quantize():
+    x = _rand((16, 40))
+    spec = Q.QuantSpec.per_row()
+    q = Q.quantize(x, spec)
+    q2 = Q.quantize_with_scale(x, q.scale, spec)
+    np.testing.assert_array_equal(q2.values, q.values)
+    half = Q.quantize_with_scale(x, q.scale / 2, spec)  # a range too small: codes saturate at +-127
+    assert int(jnp.abs(half.values.astype(jnp.int32)).max()) == 127
+    with pytest.raises(ValueError, match="zero_point"):
+        Q.quantize_with_scale(x, q.scale, Q.QuantSpec.per_row(symmetric=False))
