@@ -47,6 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("fp", "quantized", "both"),
         help="student input: float model's (ZeroQuant) or quantized model's own (GPTQ-style)",
     )
+    p.add_argument(
+        "--lkd-last-loss",
+        default="mse",
+        choices=lkd.LAST_BLOCK_LOSSES,
+        help="last block's LKD loss: block-output MSE, KL of the logits through the FP final norm + LM "
+        "head, or their sum (decoder checkpoints only; MiniLM has no LM head)",
+    )
     p.add_argument("--lkd-steps", type=int, default=100)
     p.add_argument("--lkd-lr", type=float, default=1e-4)
     p.add_argument("--lkd-batch", type=int, default=8)
@@ -173,6 +180,11 @@ def main(argv=None) -> dict:
     if args.eval_dir:
         return eval_main(args)
     if args.model == "minilm":
+        if args.lkd_last_loss != "mse":
+            fail(
+                f"--lkd-last-loss {args.lkd_last_loss} needs an LM head, which the MiniLM encoder does not "
+                "have; use --lkd-last-loss mse"
+            )
         return minilm_main(args)
     if not args.ckpt or not args.out:
         fail("pass --ckpt <train.py run dir> and --out <dir> (or --eval <quantized dir>)")
@@ -213,9 +225,14 @@ def main(argv=None) -> dict:
     if args.lkd:
         rules = ptq.scheme(args.scheme, int4_group=args.int4_group)
         modes = ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]
+        last_loss = "" if args.lkd_last_loss == "mse" else f", last block {args.lkd_last_loss}"
         for mode in modes:
             cfg = lkd.LKDConfig(
-                steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode
+                steps=args.lkd_steps,
+                lr=args.lkd_lr,
+                batch_size=args.lkd_batch,
+                lkd_input=mode,
+                last_block_loss=args.lkd_last_loss,
             )
             t0 = time.perf_counter()
             new_params, rep = lkd.distill(model, params, rules, calib, cfg)
@@ -223,7 +240,7 @@ def main(argv=None) -> dict:
             lkd_reports[mode] = rep
             qp, res = run_scheme(
                 args.scheme,
-                f"{args.scheme} ZeroQuant + LKD ({mode} input)",
+                f"{args.scheme} ZeroQuant + LKD ({mode} input{last_loss})",
                 p=new_params,
                 lkd_s=round(lkd_s, 2),
             )
@@ -236,6 +253,7 @@ def main(argv=None) -> dict:
         "source_ckpt": os.path.abspath(args.ckpt),
         "scheme": args.scheme,
         "lkd": args.lkd,
+        "lkd_last_loss": args.lkd_last_loss if args.lkd else None,
         "seq_len": seq_len,
     }
     qcheckpoint.save_quantized(
@@ -389,7 +407,7 @@ def minilm_main(args) -> dict:
             for mode in ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]:
                 cfg = lkd.LKDConfig(
                     steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode
-                )
+                )  # the encoder has no LM head: --lkd-last-loss is refused in main
                 t0 = time.perf_counter()
                 rules = ptq.scheme(scheme, int4_group=args.int4_group)
                 new, _ = lkd.distill(model, params, rules, calib, cfg)

@@ -11,6 +11,12 @@ For each transformer block k (in order):
     block k-1, and the target is the float block k applied to that same X_k.
 No labels are needed; the calibration text should be different from the evaluation text.
 
+``last_block_loss`` (ZeroQuant allows it for the last block): "kl" trains the last block on
+KL(softmax(teacher logits) || softmax(student logits)), the logits being the block outputs sent through the
+model's own final norm + LM head in full precision (FP params, not trained); "mse+kl" adds the block MSE.
+The head is found as the module calls that follow the last block (e.g. ``ln_f`` then ``wte.attend`` or
+``lm_head``) and is checked to reproduce the model's output; a model without one (an encoder) is refused.
+
 Blocks are found generically: the modules whose paths match ``block_pattern`` (default ``h_<i>``,
 ``blocks_<i>``, ``layer_<i>``) are captured with ``flax.linen.intercept_methods`` during float forward
 passes (their inputs, their other call arguments and an unbound clone of the module), so any Flax model
@@ -37,6 +43,7 @@ from jq8.ptq_infer import TOKEN_SPEC
 from jq8.quant import fake_quantize
 
 BLOCK_PATTERN = r"(^|/)(blocks|layer|layers|h)_\d+$"
+LAST_BLOCK_LOSSES = ("mse", "kl", "mse+kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,10 @@ class LKDConfig:
     block_pattern: str = BLOCK_PATTERN
     seed: int = 0
     progress: bool = True
+    # Objective of the last block: "mse" (block outputs), "kl" (logits through the FP final norm + LM
+    # head) or "mse+kl" (mse + kl_weight * kl). Every other block always uses the MSE.
+    last_block_loss: Literal["mse", "kl", "mse+kl"] = "mse"
+    kl_weight: float = 1.0
 
 
 # ------------------------------------------------------------------------------------------ student
@@ -199,6 +210,126 @@ def _set_path(tree: Mapping[str, Any], path: str, value: Any) -> dict:
     return new
 
 
+# ------------------------------------------------------------------------------------ LM head (KL)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadCall:
+    """One module call between the last block and the model's output (final norm, LM head)."""
+
+    path: str
+    module: nn.Module  # unbound clone
+    method: str  # "__call__", or e.g. "attend" for a tied embedding
+    template: tuple  # (treedef, leaves) of the call's (args[1:], kwargs); no array leaves
+
+
+def capture_head(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    example: Any,
+    last_block: str,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[_HeadCall, ...]:
+    """The outermost module calls made after block ``last_block`` returns, in call order.
+
+    For models.gpt: (ln_f.__call__, wte.attend); models.llama: (ln_f.__call__, lm_head.__call__); an
+    encoder that returns its last block's output (models.bert) gives (). Raises if one of them takes array
+    arguments besides its input (masks...), which the KL head does not carry.
+    """
+    state = {"after": False, "active": 0}
+    calls: list[tuple[_HeadCall, bool]] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = _path(context.module)
+        if path == last_block and context.method_name == "__call__":
+            out = next_fun(*args, **kwargs)
+            state["after"] = True
+            calls.clear()
+            return out
+        if not state["after"] or state["active"] or not path:
+            return next_fun(*args, **kwargs)
+        leaves, treedef = jax.tree_util.tree_flatten((tuple(args[1:]), dict(kwargs)))
+        has_arrays = any(isinstance(v, jax.Array) for v in leaves)
+        clone = context.module.clone(parent=None)
+        calls.append((_HeadCall(path, clone, context.method_name, (treedef, tuple(leaves))), has_arrays))
+        state["active"] += 1
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            state["active"] -= 1
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(
+            lambda p, b: model.apply({"params": p}, *_as_args(b), **dict(apply_kwargs or {})), params, example
+        )
+    bad = [c.path for c, has_arrays in calls if has_arrays]
+    if bad:
+        raise ValueError(
+            f"the KL loss cannot run the model's head: the calls after {last_block!r} to {bad} take array "
+            "arguments besides their input; use last_block_loss='mse'"
+        )
+    return tuple(c for c, _ in calls)
+
+
+def _head_params(fp_params: Mapping[str, Any], head: tuple[_HeadCall, ...]) -> tuple:
+    """The FP params of each head call (an empty dict for a parameter-free module)."""
+    out = []
+    for c in head:
+        try:
+            out.append(get_path(fp_params, c.path))
+        except KeyError:
+            out.append({})
+    return tuple(out)
+
+
+def head_logits(head: tuple[_HeadCall, ...], head_params: tuple, x: jax.Array) -> jax.Array:
+    """The head calls applied in order: last block output x (B, T, d) -> logits (B, T, vocab) f32."""
+    for c, hp in zip(head, head_params):
+        args, kwargs = _rebuild(c.template, [])
+        x = c.module.apply({"params": hp}, x, *args, method=c.method, **kwargs)
+    return x.astype(jnp.float32)
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+    """KL(softmax(teacher) || softmax(student)) over the last axis, mean over the others -> f32 scalar.
+
+    Exactly 0 for identical logits (the log-probabilities cancel term by term).
+    """
+    lt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1))
+
+
+def _check_head(
+    model: nn.Module,
+    fp_params: Mapping[str, Any],
+    chunk: Any,
+    last: _Block,
+    head: tuple[_HeadCall, ...],
+    apply_kwargs: Mapping[str, Any],
+) -> None:
+    """The KL loss needs logits: the head must exist and map the last block's output to the model's."""
+    if not head:
+        raise ValueError(
+            "the KL loss of last_block_loss 'kl'/'mse+kl' needs an LM head, but the model returns its last "
+            f"block {last.path!r}'s output directly (an encoder such as BERT/MiniLM has no LM head); "
+            "use last_block_loss='mse'"
+        )
+    args, kwargs = _rebuild(last.template, last.arrays[0])
+    y = last.module.apply({"params": get_path(fp_params, last.path)}, last.inputs[0], *args, **kwargs)
+    logits = head_logits(head, _head_params(fp_params, head), y)
+    ref = model.apply({"params": fp_params}, *_as_args(chunk), **apply_kwargs)
+    names = [f"{c.path}.{c.method}" for c in head]
+    ok = isinstance(ref, jax.Array) and ref.shape == logits.shape
+    err = float(jnp.max(jnp.abs(ref.astype(jnp.float32) - logits))) if ok else float("inf")
+    if not err <= 1e-3 * (float(jnp.max(jnp.abs(logits))) + 1e-6):
+        raise ValueError(
+            f"the KL loss of last_block_loss 'kl'/'mse+kl' needs an LM head, but the calls after block "
+            f"{last.path!r} ({names}) do not reproduce the model's output (max abs difference {err:.3g}); "
+            "use last_block_loss='mse'"
+        )
+
+
 # ------------------------------------------------------------------------------- compiled functions
 
 
@@ -206,8 +337,8 @@ def _set_path(tree: Mapping[str, Any], path: str, value: Any) -> dict:
 class _BlockFns:
     teacher: Callable  # (p, x, arrays) -> y
     student: Callable  # (p, x, arrays) -> y
-    loss: Callable  # (p, x, arrays, y) -> mse
-    step: Callable  # (p, opt_state, xs, arrays, ys, idx) -> (p, opt_state, loss)
+    loss: Callable  # (p, x, arrays, y, head_params) -> objective (mse, kl or mse + w * kl)
+    step: Callable  # (p, opt_state, xs, arrays, ys, idx, head_params) -> (p, opt_state, loss)
 
 
 def _block_fns(
@@ -215,7 +346,13 @@ def _block_fns(
     rel_rules: Mapping[str, QuantRule],
     opt: optax.GradientTransformation,
     per_sample: tuple[bool, ...],
+    objective: str = "mse",
+    head: tuple[_HeadCall, ...] = (),
+    kl_weight: float = 1.0,
 ) -> _BlockFns:
+    """Jitted teacher / student / loss / AdamW step of one block. ``y`` is the teacher block's output;
+    for the KL objectives the teacher logits are recomputed from it each step (storing (N, T, vocab) f32
+    logits for the whole calibration set would not fit), through the FP ``head`` with ``head_params``."""
     mod, template = blk.module, blk.template
 
     def teacher(p, x, arrays):
@@ -227,12 +364,18 @@ def _block_fns(
         with nn.intercept_methods(ste_interceptor(rel_rules)):
             return mod.apply({"params": p}, x, *args, **kwargs)
 
-    def loss(p, x, arrays, y):
-        return jnp.mean((student(p, x, arrays).astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
+    def loss(p, x, arrays, y, hp):
+        out = student(p, x, arrays).astype(jnp.float32)
+        y = y.astype(jnp.float32)
+        mse = jnp.mean((out - y) ** 2)
+        if objective == "mse":
+            return mse
+        kl = kl_divergence(jax.lax.stop_gradient(head_logits(head, hp, y)), head_logits(head, hp, out))
+        return kl if objective == "kl" else mse + kl_weight * kl
 
-    def step(p, s, xs, arrays, ys, idx):
+    def step(p, s, xs, arrays, ys, idx, hp):
         arrays = [a[idx] if ps else a for a, ps in zip(arrays, per_sample)]
-        val, g = jax.value_and_grad(loss)(p, xs[idx], arrays, ys[idx])
+        val, g = jax.value_and_grad(loss)(p, xs[idx], arrays, ys[idx], hp)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, val
 
@@ -260,18 +403,30 @@ def distill(
       positional inputs (e.g. BERT's (ids, mask, types)); all chunks must have the same shapes.
     The returned params are float: quantize them with ``jq8.ptq.quantize_params(params, rules)``.
     A block whose distillation ends with a higher loss than it started keeps its original weights.
-    Report rows: {block, loss_before, loss_after, loss_after_raw, seconds}; losses are the mean MSE
-    between student and teacher over the whole calibration set.
+    Report rows: {block, objective, loss_before, loss_after, loss_after_raw, seconds}; losses are the
+    block's objective averaged over the whole calibration set: the MSE between student and teacher
+    outputs, or for the last block with ``config.last_block_loss`` "kl" / "mse+kl" the KL of the logits
+    (plus the MSE).
     """
     apply_kwargs = dict(apply_kwargs or {})
     rules = tuple(rules)
     if config.lkd_input not in ("fp", "quantized"):
         raise ValueError(f"lkd_input must be 'fp' or 'quantized', got {config.lkd_input!r}")
+    if config.last_block_loss not in LAST_BLOCK_LOSSES:
+        raise ValueError(
+            f"last_block_loss must be one of {LAST_BLOCK_LOSSES}, got {config.last_block_loss!r}"
+        )
     if not calib_chunks:
         raise ValueError("LKD needs calibration data (calib_chunks is empty)")
     assignment = assign_rules(dense_paths(params), rules)
     blocks = capture_blocks(model, params, list(calib_chunks), config.block_pattern, apply_kwargs)
     fp_params, params = params, dict(params)
+    head: tuple[_HeadCall, ...] = ()
+    head_params: tuple = ()
+    if config.last_block_loss != "mse":  # find + check the head before spending time on any block
+        head = capture_head(model, fp_params, calib_chunks[0], blocks[-1].path, apply_kwargs)
+        _check_head(model, fp_params, calib_chunks[0], blocks[-1], head, apply_kwargs)
+        head_params = _head_params(fp_params, head)
     key = jax.random.PRNGKey(config.seed)
     opt = optax.adamw(config.lr, weight_decay=config.weight_decay)
     report: list[dict] = []
@@ -287,6 +442,9 @@ def distill(
         rel_rules = {p[len(prefix) :]: rules[i] for p, i in assignment.items() if p.startswith(prefix)}
         n0 = blk.inputs[0].shape[0]
         per_sample = tuple(bool(a.ndim and a.shape[0] == n0) for a in blk.arrays[0])
+        is_last = bi == len(blocks) - 1
+        objective = config.last_block_loss if is_last else "mse"
+        blk_head, hp = (head, head_params) if objective != "mse" else ((), ())
         # Blocks with the same structure (module config, call template, rules) share compiled functions.
         ckey = (
             repr(blk.module.clone(name="block")),
@@ -295,11 +453,16 @@ def distill(
             per_sample,
             config.lr,
             config.weight_decay,
+            objective,
+            config.kl_weight if objective == "mse+kl" else None,
+            tuple((c.path, repr(c.module), c.method, c.template) for c in blk_head),
         )
         if ckey not in _FNS_CACHE:
             if len(_FNS_CACHE) >= 8:
                 _FNS_CACHE.pop(next(iter(_FNS_CACHE)))
-            _FNS_CACHE[ckey] = _block_fns(blk, rel_rules, opt, per_sample)
+            _FNS_CACHE[ckey] = _block_fns(
+                blk, rel_rules, opt, per_sample, objective, blk_head, config.kl_weight
+            )
         fns = _FNS_CACHE[ckey]
         p0 = get_path(fp_params, blk.path)
         if config.lkd_input == "quantized" and bi > 0:
@@ -307,13 +470,13 @@ def distill(
         xs = q_stream if (config.lkd_input == "quantized" and q_stream is not None) else blk.inputs
         targets = [fns.teacher(p0, x, a) for x, a in zip(xs, blk.arrays)]
 
-        def full_loss(p, xs=xs, targets=targets, blk=blk, fns=fns):
-            return sum(float(fns.loss(p, x, a, y)) for x, a, y in zip(xs, blk.arrays, targets)) / len(xs)
+        def full_loss(p, xs=xs, targets=targets, blk=blk, fns=fns, hp=hp):
+            return sum(float(fns.loss(p, x, a, y, hp)) for x, a, y in zip(xs, blk.arrays, targets)) / len(xs)
 
         before = full_loss(p0)
         p = p0
         if config.steps > 0:
-            p, key = _train_block(fns, p0, opt, xs, blk.arrays, targets, per_sample, config, key)
+            p, key = _train_block(fns, p0, opt, xs, blk.arrays, targets, per_sample, config, key, hp)
         after = full_loss(p)
         if not after <= before:  # never leave a block worse than plain quantization (or NaN)
             p = p0
@@ -322,13 +485,14 @@ def distill(
             q_stream = [fns.student(p, x, a) for x, a in zip(xs, blk.arrays)]
         row = dict(
             block=blk.path,
+            objective=objective,
             loss_before=before,
             loss_after=min(before, after),
             loss_after_raw=after,
             seconds=round(time.perf_counter() - t0, 3),
         )
         report.append(row)
-        msg = f"{blk.path}: mse {before:.4g} -> {row['loss_after']:.4g}"
+        msg = f"{blk.path}: {objective} {before:.4g} -> {row['loss_after']:.4g}"
         if bar is not None:
             bar.set_postfix_str(msg)
             bar.update(1)
@@ -339,7 +503,7 @@ def distill(
     return params, report
 
 
-def _train_block(fns: _BlockFns, p0, opt, xs, arrays, targets, per_sample, config: LKDConfig, key):
+def _train_block(fns: _BlockFns, p0, opt, xs, arrays, targets, per_sample, config: LKDConfig, key, hp=()):
     """``config.steps`` AdamW steps on one block's params; minibatches drawn across all chunks."""
     x_all = jnp.concatenate(xs, axis=0)
     y_all = jnp.concatenate(targets, axis=0)
@@ -353,7 +517,7 @@ def _train_block(fns: _BlockFns, p0, opt, xs, arrays, targets, per_sample, confi
     for _ in range(config.steps):
         key, sub = jax.random.split(key)
         idx = jax.random.choice(sub, n, (bs,), replace=False)
-        p, s, _ = fns.step(p, s, x_all, a_all, y_all, idx)
+        p, s, _ = fns.step(p, s, x_all, a_all, y_all, idx, hp)
     return p, key
 
 
