@@ -256,9 +256,13 @@ def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: st
         backend=backend,
     )
     u = matmul_qarrays(hq, qp.weights[f"{path}/fc1"], backend=backend, out_dtype=jnp.float32)
-    aq = bias_gelu_quantize_tokens(u, p["fc1"].get("bias"), backend=backend)
+    aq = bias_gelu_quantize_tokens(u, p.get("fc1", {}).get("bias"), backend=backend)
     y = matmul_qarrays(
-        aq, qp.weights[f"{path}/fc2"], backend=backend, bias=p["fc2"].get("bias"), out_dtype=jnp.float32
+        aq,
+        qp.weights[f"{path}/fc2"],
+        backend=backend,
+        bias=p.get("fc2", {}).get("bias"),
+        out_dtype=jnp.float32,
     )
     return y.reshape(*lead, d)
 
@@ -282,7 +286,7 @@ def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask,
         backend=backend,
     )
     qkv = matmul_qarrays(
-        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=p["qkv"].get("bias"), out_dtype=cd
+        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=p.get("qkv", {}).get("bias"), out_dtype=cd
     )
     qkv = qkv.reshape(b, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -293,7 +297,7 @@ def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask,
         quantize_tokens(o, backend),
         qp.weights[f"{path}/out"],
         backend=backend,
-        bias=p["out"].get("bias"),
+        bias=p.get("out", {}).get("bias"),
         out_dtype=jnp.float32,
     )
     return y.reshape(b, t, d)

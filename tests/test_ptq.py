@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8 import ptq, ptq_infer
+from jq8 import ptq, ptq_infer, qcheckpoint
 from jq8.quant import QuantSpec, dequantize, fake_quantize, quantize
 
 
@@ -289,3 +289,25 @@ def test_fused_pallas_kernels_match_xla():
     ref = run_int8(model, qp, tokens[:1], backend="xla")
     got = run_int8(model, qp, tokens[:1], backend="pallas")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("name", ["static-w8a8", "w4/8-a8"])
+def test_llama_without_biases_runs_quantized(name, tmp_path):
+    """Regression: a reloaded bias-less LLaMA has no float entry left for its qkv layer (KeyError 'qkv')."""
+    from jq8.policy import Policy
+    from models.presets import build_model, preset
+
+    cfg = dataclasses.replace(
+        preset("llama-tiny"), num_layers=1, d_model=32, num_heads=2, vocab_size=97, max_seq_len=16
+    )
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
+    params = jax.jit(model.init)(jax.random.PRNGKey(4), tokens)["params"]
+    qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32))
+    if name == "static-w8a8":
+        qp = ptq_infer.calibrate_static(model, params, [tokens], qp)
+    qcheckpoint.save_quantized(tmp_path / "q", qp, model_config=cfg.to_dict(), float_dtype="float32")
+    qp, _ = qcheckpoint.load_quantized(tmp_path / "q")  # the reload drops the now-empty param dicts
+    out = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t))(qp, tokens)
+    fp = jax.jit(model.apply)({"params": params}, tokens)
+    assert float(jnp.sqrt(jnp.mean((out - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2))) < 0.2
