@@ -242,26 +242,31 @@ def _token_rules(rules: Mapping[str, QuantRule], path: str, names: tuple[str, ..
     return all((r := rules.get(f"{path}/{n}")) is not None and r.act_mode == "token" for n in names)
 
 
+def _bias(p: Mapping[str, Any], name: str) -> jax.Array | None:
+    """A layer's bias or None (bias-less LLaMA layers keep no float entry once their kernel is quantized)."""
+    return p.get(name, {}).get("bias")
+
+
+def _block_norm_quantize(module, p: Mapping[str, Any], x2: jax.Array, backend: str) -> QArray:
+    """The block's pre-norm (LayerNorm or RMSNorm, per ``module.norm``) fused with per-token quantization."""
+    norm = p["norm"]
+    return norm_quantize_tokens(
+        x2, norm["scale"], norm.get("bias"), eps=module.eps, rms=module.norm == "rmsnorm", backend=backend
+    )
+
+
 def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: str) -> jax.Array:
     """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2."""
     p = module.variables["params"]
     lead, d = x.shape[:-1], x.shape[-1]
-    norm = p["norm"]
-    hq = norm_quantize_tokens(
-        x.reshape(-1, d),
-        norm["scale"],
-        norm.get("bias"),
-        eps=module.eps,
-        rms=module.norm == "rmsnorm",
-        backend=backend,
-    )
+    hq = _block_norm_quantize(module, p, x.reshape(-1, d), backend)
     u = matmul_qarrays(hq, qp.weights[f"{path}/fc1"], backend=backend, out_dtype=jnp.float32)
-    aq = bias_gelu_quantize_tokens(u, p.get("fc1", {}).get("bias"), backend=backend)
+    aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
     y = matmul_qarrays(
         aq,
         qp.weights[f"{path}/fc2"],
         backend=backend,
-        bias=p.get("fc2", {}).get("bias"),
+        bias=_bias(p, "fc2"),
         out_dtype=jnp.float32,
     )
     return y.reshape(*lead, d)
@@ -276,17 +281,9 @@ def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask,
     b, t, d = x.shape
     h = module.num_heads
     cd = module.policy.compute_dtype
-    norm = p["norm"]
-    xq = norm_quantize_tokens(
-        x.reshape(-1, d),
-        norm["scale"],
-        norm.get("bias"),
-        eps=module.eps,
-        rms=module.norm == "rmsnorm",
-        backend=backend,
-    )
+    xq = _block_norm_quantize(module, p, x.reshape(-1, d), backend)
     qkv = matmul_qarrays(
-        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=p.get("qkv", {}).get("bias"), out_dtype=cd
+        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=_bias(p, "qkv"), out_dtype=cd
     )
     qkv = qkv.reshape(b, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -297,7 +294,7 @@ def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask,
         quantize_tokens(o, backend),
         qp.weights[f"{path}/out"],
         backend=backend,
-        bias=p.get("out", {}).get("bias"),
+        bias=_bias(p, "out"),
         out_dtype=jnp.float32,
     )
     return y.reshape(b, t, d)
