@@ -104,7 +104,9 @@ def main() -> None:
     for p in args.policies:
         r = summary["runs"][p]
         peak = r.get("peak_bytes_in_use")
-        fmt = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+        def fmt(v, spec):
+            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
         print(f"{p:14s} {fmt(r['final_val_loss'], '10.4f')} {fmt(r['best_val_loss'], '10.4f')} "
               f"{fmt(r['best_val_step'], '6d')} {fmt(r['final_train_loss'], '8.4f')} "
               f"{fmt(r['tokens_per_s'], '10,.0f')} {fmt(peak and peak / 2**30, '9.2f')}")

@@ -1,0 +1,122 @@
+"""Where a block step's time goes: device kernels of one fwd+bwd (benchmarks/block_step.py's step), by name.
+
+    PYTHONPATH=. python3 benchmarks/profile_step.py --hidden 4096 --policies bf16 int8-row jetfire-int8
+    PYTHONPATH=. python3 benchmarks/profile_step.py --tiny            # CPU smoke test
+
+Records ``--iters`` steps under ``jax.profiler.trace`` (Perfetto trace), sums the device-side events per
+kernel name and prints the top ones per policy (ms per step, share of the step, calls per step). Writes
+``$OUT/profile_step.json`` when ``OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from block_step import POLICIES, Block  # noqa: E402
+
+from jq8.policy import Policy  # noqa: E402
+
+
+def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
+    """{event name: (total microseconds, count)} over the device (GPU) events of a Perfetto trace; on a
+    machine without a GPU, over every complete event (so the CPU smoke test sees something)."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[0], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu):
+            # A device can show the same work on several lines (streams, XLA ops): keep the line's name so
+            # that nested views are not mistaken for separate kernels.
+            key = f"[{threads.get((e['pid'], e.get('tid')), '?')[:24]}] {e['name']}"
+            out[key][0] += float(e.get("dur", 0.0))
+            out[key][1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def profile(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int) -> dict:
+    policy = Policy.from_name(**POLICIES[policy_name], use_kernels=jax.default_backend() == "gpu",
+                              block=(block, block))
+    heads = max(1, hidden // 64)
+    x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
+    params = jax.jit(Block(Policy(), heads, part).init)(jax.random.PRNGKey(2), x)["params"]
+
+    def loss(params, x, key):
+        return jnp.sum(Block(policy, heads, part).apply({"params": params}, x, rngs={"quant": key}))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    key = jax.random.PRNGKey(3)
+    for _ in range(3):
+        jax.block_until_ready(step(params, x, key))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(iters):
+                jax.block_until_ready(step(params, x, key))
+        times = kernel_times(d)
+    # Per-line totals: the busiest line is the one to read (others may nest the same time).
+    lines = collections.Counter()
+    for n, (t, _) in times.items():
+        lines[n.split("]")[0] + "]"] += t
+    total = max(lines.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])
+    return dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, iters=iters,
+                device_ms_per_step=total / iters / 1e3,
+                lines_ms_per_step={k: v / iters / 1e3 for k, v in lines.items()},
+                kernels=[dict(name=n, ms_per_step=t / iters / 1e3, share=t / total, calls_per_step=c / iters)
+                         for n, (t, c) in top])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--part", default="mlp", choices=["mlp", "block"])
+    ap.add_argument("--policies", nargs="+", default=["bf16", "int8-row", "jetfire-int8"],
+                    choices=list(POLICIES))
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 64 tokens")
+    args = ap.parse_args()
+    if args.tiny:
+        args.hidden, args.tokens, args.seq, args.iters = 64, 64, 32, 1
+    print(f"device {jax.devices()[0].device_kind}, hidden {args.hidden}, {args.tokens} tokens, {args.part}")
+    rows = []
+    for name in args.policies:
+        r = profile(args.hidden, args.tokens, args.seq, args.part, name, args.iters, args.block)
+        rows.append(r)
+        print(f"\n== {name}: {r['device_ms_per_step']:.2f} ms of device events per step on the busiest line; "
+              f"lines: { {k: round(v, 2) for k, v in r['lines_ms_per_step'].items()} }")
+        for k in r["kernels"][: args.top]:
+            print(f"  {k['ms_per_step']:8.3f} ms {k['share']:6.1%} x{k['calls_per_step']:<5g} "
+                  f"{k['name'][:110]}")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "profile_step.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
