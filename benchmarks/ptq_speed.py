@@ -1,17 +1,23 @@
-"""ZeroQuant inference speed on GPU: INT8/INT4 (Pallas kernels, fused path) vs the bf16 model.
+"""ZeroQuant inference speed on GPU: INT8/INT4 (Pallas kernels, fused path) vs a bf16 inference model.
 
-    PYTHONPATH=. python3 benchmarks/ptq_speed.py                        # GPT-2 124M, H100
-    PYTHONPATH=. python3 benchmarks/ptq_speed.py --preset gpt-tiny --batch 2 --seq 32 --iters 2   # CPU smoke
+    PYTHONPATH=. python3 benchmarks/ptq_speed.py                         # GPT-2 124M and 1.5B, H100
+    PYTHONPATH=. python3 benchmarks/ptq_speed.py --presets gpt2-1.5b     # one preset per call
+    PYTHONPATH=. python3 benchmarks/ptq_speed.py --quick                 # CPU smoke (gpt-tiny), < 1 min
 
-Measures (median of --iters after warm-up, one process, same device):
-  * prefill: batch x seq tokens through the whole model, W8A8 (token-wise INT8 acts, per-channel INT8
-    weights) vs bf16; also W4/8-A8;
-  * decode proxy: batch 1, one token, W4/8-A8 (INT4 MLP) and W8A8 vs bf16, as tokens/s. The models have no
-    KV cache, so this times the per-token weight traffic (every GEMM at M = 1; attention over a cache is
-    not included);
-  * compact checkpoint size vs the fp16 size of the same params.
-Correctness before timing: the INT8 logits vs the bf16 model's (relative RMS error) and the Pallas path vs
-the XLA integer path on the same quantized params. Writes JSON to $OUT/ptq_speed.json when $OUT is set.
+Per preset (random-init params; median of --iters after two warm-up calls, block_until_ready):
+  * decode proxy: batch 1, one token through the whole model, so every GEMM runs at M = 1. The models have
+    no KV cache: this times the per-token weight traffic (attention over a cache is not included). Reported
+    as ms/token, tokens/s, the weight bytes one token reads (every GEMM weight + scales, the tied LM head's
+    table, one row of the position table) and the implied GB/s;
+  * prefill (presets in --prefill-presets only: a 1.5B prefill doubles the compile time): batch x seq
+    tokens, W8A8 / W4/8-A8 on the Pallas kernels and on XLA int8 dots, vs bf16;
+  * compact checkpoint size vs fp16 (prefill presets only: it writes the checkpoint to disk).
+The bf16 baseline is a true bf16 inference model: bf16 params, and its tied LM head (models/gpt.py runs
+``wte.attend`` on an fp32 query, which promotes the bf16 table to fp32) is intercepted to run in bf16. The
+quantized models' float embedding tables are cast to bf16 and get the same bf16 head, unless the scheme
+quantizes the embeddings (then the head is an INT8 GEMM; the table says which).
+Correctness before timing: logits vs the bf16 model's (relative RMS error) and Pallas vs the XLA integer
+path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import statistics
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +38,9 @@ import numpy as np
 from jq8 import ptq, ptq_infer, qcheckpoint
 from jq8.policy import Policy
 from models.presets import build_model, preset
+
+SCHEMES = ("w8a8", "w4/8-a8")
+BIG_PARAMS = 500e6  # presets above this use --big-iters
 
 
 def timeit(fn, *args, iters: int) -> float:
@@ -50,88 +60,174 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b**2)) + 1e-12))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--int4-group", type=int, default=128)
-    args = ap.parse_args()
+def bf16_lm_head(next_fun, args, kwargs, context):
+    """nn.intercept_methods hook: ``nn.Embed.attend`` (the tied LM head) on a bf16 query, so the bf16 table
+    is not promoted to fp32 (bf16 logits, fp32 accumulation in the GEMM)."""
+    if isinstance(context.module, nn.Embed) and context.method_name == "attend":
+        return next_fun(args[0].astype(jnp.bfloat16), *args[1:], **kwargs)
+    return next_fun(*args, **kwargs)
 
-    cfg = dataclasses.replace(preset(args.preset), max_seq_len=max(args.seq, preset(args.preset).max_seq_len))
-    bf16 = build_model(cfg, Policy.from_name("bf16"))  # bf16 compute, fp32 params (the baseline)
-    params = jax.jit(bf16.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+def bytes_per_token(tree, tokens: int = 1) -> int:
+    """Bytes of ``tree``'s arrays one forward pass of ``tokens`` tokens reads: everything (GEMM weights,
+    scales, norms, the tied head's whole table) except the position table, of which ``tokens`` rows."""
+    total = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        nbytes = int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+        if "wpe" in jax.tree_util.keystr(path):
+            nbytes = nbytes * tokens // max(1, x.shape[0])
+        total += nbytes
+    return total
+
+
+def embeddings_to_bf16(tree):
+    """Float embedding tables (leaves named ``embedding``) cast to bf16; other leaves unchanged."""
+
+    def cast(path, x):
+        named = getattr(path[-1], "key", None) == "embedding"
+        return x.astype(jnp.bfloat16) if named and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def head_is_int8(qp) -> bool:
+    """Whether the scheme quantized the tied table ``wte`` (newer jq8.ptq: ``QuantizedParams.embeddings``)."""
+    return any(p.split("/")[-1] == "wte" for p in getattr(qp, "embeddings", {}) or {})
+
+
+def bench_preset(name: str, args, prefill: bool) -> dict:
+    base = preset(name)
+    cfg = dataclasses.replace(base, max_seq_len=max(args.seq, base.max_seq_len)) if prefill else base
+    model = build_model(cfg, Policy.from_name("bf16"))  # bf16 compute, float params
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    iters = args.big_iters if n_params > BIG_PARAMS else args.iters
     params_bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq), 0, cfg.vocab_size)
     one = tokens[:1, :1]
-    print(f"device {jax.devices()[0].device_kind}, preset {args.preset}, prefill {args.batch}x{args.seq}")
+    dev = jax.devices()[0].device_kind
+    print(f"\n== {name}: {n_params / 1e6:.0f}M params, device {dev}, iters {iters}", flush=True)
 
-    fp_fn = jax.jit(lambda p, t: bf16.apply({"params": p}, t))
-    results: dict = {
-        "device": jax.devices()[0].device_kind,
-        "preset": args.preset,
-        "batch": args.batch,
-        "seq": args.seq,
-        "jax": jax.__version__,
-    }
-    ref = fp_fn(params_bf16, tokens)
+    def bf16_apply(p, t):
+        with nn.intercept_methods(bf16_lm_head):
+            return model.apply({"params": p}, t)
 
+    fp_fn = jax.jit(bf16_apply)
+    ref1 = fp_fn(params_bf16, one)
     rows = []
-    t_fp = timeit(fp_fn, params_bf16, tokens, iters=args.iters)
-    t_fp1 = timeit(fp_fn, params_bf16, one, iters=args.iters)
-    rows.append(("bf16", t_fp, 1e3 / t_fp1, None, None))
+    t1 = timeit(fp_fn, params_bf16, one, iters=iters)
+    row = dict(model="bf16", head="bf16", decode_ms=t1, weight_bytes=bytes_per_token(params_bf16))
+    if prefill:
+        row["prefill_ms"] = timeit(fp_fn, params_bf16, tokens, iters=iters)
+    rows.append(row)
     sizes = {}
-    for scheme in ("w8a8", "w4/8-a8"):
+    for scheme in SCHEMES:
         qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=args.int4_group))
-        q_fn = jax.jit(lambda q, t: ptq_infer.apply_quantized(bf16, q, t, backend="pallas"))
-        x_fn = jax.jit(lambda q, t: ptq_infer.apply_quantized(bf16, q, t, backend="xla"))
-        out = q_fn(qp, tokens)
-        err_fp = rel_rms(out, ref)
-        err_xla = rel_rms(out, x_fn(qp, tokens))
-        t_q = timeit(q_fn, qp, tokens, iters=args.iters)
-        t_q1 = timeit(q_fn, qp, one, iters=args.iters)
-        t_x = timeit(x_fn, qp, tokens, iters=args.iters)
-        rows.append((scheme, t_q, 1e3 / t_q1, err_fp, err_xla))
-        rows.append((f"{scheme} (xla int8 dots)", t_x, None, None, None))
-        with tempfile.TemporaryDirectory() as d:
-            qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
-            sizes[scheme] = qcheckpoint.disk_bytes(os.path.join(d, "q"))
-    fp16_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree_util.tree_leaves(params))
-    block_fp16 = sum(
-        int(np.prod(x.shape)) * 2
-        for k, v in params.items()
-        if k.startswith("h_")
-        for x in jax.tree_util.tree_leaves(v)
-    )
+        int8_head = head_is_int8(qp)
+        qp = dataclasses.replace(qp, params=embeddings_to_bf16(qp.params))
 
-    print(
-        f"\n{'model':26s} {'prefill ms':>11s} {'x bf16':>7s} {'decode tok/s':>13s} {'x bf16':>7s} "
-        f"{'relRMS vs bf16':>15s} {'pallas vs xla':>14s}"
-    )
-    for name, t, tps, e1, e2 in rows:
-        sp = rows[0][1] / t
-        dec = f"{tps:13.1f} {tps / rows[0][2]:7.2f}" if tps else f"{'-':>13s} {'-':>7s}"
-        e1s = "-" if e1 is None else f"{e1:.3g}"
-        e2s = "-" if e2 is None else f"{e2:.3g}"
-        print(f"{name:26s} {t:11.2f} {sp:7.2f} {dec} {e1s:>15s} {e2s:>14s}")
+        def q_apply(q, t, backend, int8_head=int8_head):
+            if int8_head:
+                return ptq_infer.apply_quantized(model, q, t, backend=backend)
+            with nn.intercept_methods(bf16_lm_head):
+                return ptq_infer.apply_quantized(model, q, t, backend=backend)
+
+        q_fn = jax.jit(lambda q, t: q_apply(q, t, "pallas"))
+        x_fn = jax.jit(lambda q, t: q_apply(q, t, "xla"))
+        out1 = q_fn(qp, one)
+        row = dict(
+            model=scheme,
+            head="int8" if int8_head else "bf16",
+            rel_rms_vs_bf16=rel_rms(out1, ref1),
+            pallas_vs_xla=rel_rms(out1, x_fn(qp, one)),
+            decode_ms=timeit(q_fn, qp, one, iters=iters),
+            weight_bytes=bytes_per_token(qp),
+        )
+        if prefill:
+            row["prefill_ms"] = timeit(q_fn, qp, tokens, iters=iters)
+        rows.append(row)
+        if prefill:
+            rows.append(
+                dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, qp, tokens, iters=iters))
+            )
+            with tempfile.TemporaryDirectory() as d:
+                qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
+                sizes[scheme] = qcheckpoint.disk_bytes(os.path.join(d, "q"))
+        del qp
+    for r in rows:
+        if "decode_ms" in r:
+            r["decode_tok_s"] = 1e3 / r["decode_ms"]
+            r["gb_s"] = r["weight_bytes"] / r["decode_ms"] / 1e6
+    _print_table(rows, prefill, args)
+    fp16_bytes = n_params * 2
     for scheme, b in sizes.items():
         print(
             f"checkpoint {scheme}: {b / 1e6:.2f} MB on disk vs fp16 {fp16_bytes / 1e6:.2f} MB "
-            f"({fp16_bytes / b:.2f}x; embeddings stay fp16; blocks alone {block_fp16 / 1e6:.2f} MB fp16)"
+            f"({fp16_bytes / b:.2f}x)"
         )
-    results["rows"] = [
-        dict(model=n, prefill_ms=t, decode_tok_s=tps, rel_rms_vs_bf16=e1, pallas_vs_xla=e2)
-        for n, t, tps, e1, e2 in rows
-    ]
-    results["checkpoint_bytes"] = sizes
-    results["fp16_bytes"] = fp16_bytes
-    results["size_ratio_vs_fp16"] = {k: fp16_bytes / v for k, v in sizes.items()}
+    return dict(
+        device=dev,
+        preset=name,
+        params=n_params,
+        batch=args.batch,
+        seq=args.seq,
+        iters=iters,
+        jax=jax.__version__,
+        rows=rows,
+        checkpoint_bytes=sizes,
+        fp16_bytes=fp16_bytes,
+    )
+
+
+def _print_table(rows, prefill: bool, args) -> None:
+    base = rows[0]
+    hdr = f"{'model':24s} {'head':>5s} {'ms/token':>9s} {'tok/s':>8s} {'x bf16':>7s}"
+    hdr += f" {'MB/token':>9s} {'GB/s':>7s}"
+    if prefill:
+        hdr += f" {f'prefill {args.batch}x{args.seq} ms':>22s} {'x bf16':>7s}"
+    print(hdr + f" {'relRMS vs bf16':>15s} {'pallas vs xla':>14s}")
+    for r in rows:
+        line = f"{r['model']:24s} {r.get('head', '-'):>5s}"
+        if "decode_ms" in r:
+            line += (
+                f" {r['decode_ms']:9.3f} {r['decode_tok_s']:8.1f}"
+                f" {r['decode_tok_s'] / base['decode_tok_s']:7.2f}"
+                f" {r['weight_bytes'] / 1e6:9.1f} {r['gb_s']:7.0f}"
+            )
+        else:
+            line += f" {'-':>9s} {'-':>8s} {'-':>7s} {'-':>9s} {'-':>7s}"
+        if prefill:
+            line += f" {r['prefill_ms']:22.2f} {base['prefill_ms'] / r['prefill_ms']:7.2f}"
+        for key, width in (("rel_rms_vs_bf16", 15), ("pallas_vs_xla", 14)):
+            line += f" {r[key]:>{width}.3g}" if key in r else f" {'-':>{width}s}"
+        print(line)
+    print(
+        "head: the tied LM head's precision (bf16 = intercepted bf16 attend; int8 = scheme-quantized table)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", nargs="+", default=["gpt2-124m", "gpt2-1.5b"])
+    ap.add_argument("--prefill-presets", nargs="*", default=["gpt2-124m", "gpt-tiny"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument(
+        "--big-iters", type=int, default=10, help=f"iters for presets over {BIG_PARAMS / 1e6:.0f}M"
+    )
+    ap.add_argument("--int4-group", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt-tiny, batch 2 x 32, 2 iters")
+    args = ap.parse_args()
+    if args.quick:
+        args.presets, args.batch, args.seq, args.iters, args.big_iters = ["gpt-tiny"], 2, 32, 2, 2
     out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "ptq_speed.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    for name in args.presets:
+        res = bench_preset(name, args, prefill=name in args.prefill_presets)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"ptq_speed_{name}.json"), "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -51,17 +51,21 @@ def _load(name: str) -> dict[str, dict]:
         return _CACHE[name]
 
 
+def lookup_entry(kernel: str, m: int, n: int, k: int, key: str = "") -> dict | None:
+    """The cached fields for this shape on this GPU (a kernel's own config dataclass), or None."""
+    return _load(gpu_name()).get(entry_key(kernel, m, n, k, key))
+
+
 def lookup_config(kernel: str, m: int, n: int, k: int, key: str = "") -> TileConfig:
     """Cached config for this shape on this GPU, else the heuristic default."""
-    entry = _load(gpu_name()).get(entry_key(kernel, m, n, k, key))
+    entry = lookup_entry(kernel, m, n, k, key)
     if entry is not None:
         return TileConfig(**entry)
     return heuristic_config(kernel, m, n, k)
 
 
-def store_config(
-    kernel: str, m: int, n: int, k: int, key: str, cfg: TileConfig, *, save: bool = True
-) -> None:
+def store_config(kernel: str, m: int, n: int, k: int, key: str, cfg, *, save: bool = True) -> None:
+    """Caches ``cfg`` (a TileConfig, or a kernel's own frozen config dataclass) for this shape."""
     name = gpu_name()
     table = _load(name)
     with _LOCK:
@@ -176,6 +180,34 @@ def tune_int8_matmul(m: int, n: int, k: int, *, candidates=None, iters: int = 10
     )
 
 
+def tune_int8_matmul_decode(
+    m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None, iters: int = 20, verbose=False
+):
+    """Tunes the decode kernel (M <= 16; bf16 output, per-row x per-column or K-group scales)."""
+    import jax.numpy as jnp
+
+    from jq8.quant import pack_int4
+    from pallas_kernels import int8_matmul_decode as dec
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.randint(ka, (m, k), -127, 128, jnp.int8)
+    b = jax.random.randint(kb, (n, k), -7, 8, jnp.int8)
+    b = pack_int4(b) if b_bits == 4 else b
+    sa = jnp.full((m, 1), 1e-3, jnp.float32)
+    sb = jnp.full((n, -(-k // b_group)) if b_group else (n,), 1e-3, jnp.float32)
+    return autotune(
+        "int8_matmul_decode",
+        m,
+        n,
+        k,
+        dec.decode_key(b_bits, b_group),
+        lambda cfg: dec.int8_matmul_decode(a, b, sa, sb, b_bits=b_bits, b_group=b_group, config=cfg),
+        dec.decode_candidates(m, n, k, b_bits=b_bits, b_group=b_group),
+        iters=iters,
+        verbose=verbose,
+    )
+
+
 def tune_block_scaled(
     m: int, n: int, k: int, a_tile, b_tile, *, candidates=None, iters: int = 10, verbose: bool = False
 ):
@@ -217,8 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--kernels",
         default="int8_matmul,block_scaled",
-        help="int8_matmul and/or block_scaled (tiles 32x32, 1x128/128x128, 128x128)",
+        help="int8_matmul, block_scaled (tiles 32x32, 1x128/128x128, 128x128) and/or decode (M <= 16: "
+        "INT8 per-channel and INT4 with K groups of --int4-group)",
     )
+    parser.add_argument("--int4-group", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
     kernels = args.kernels.split(",")
@@ -227,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "int8_matmul" in kernels:
             cfg = tune_int8_matmul(m, n, k, iters=args.iters, verbose=True)
             print(f"int8_matmul {m}x{n}x{k}: {cfg}")
+        if "decode" in kernels:
+            for bits, group in ((8, None), (4, args.int4_group)):
+                cfg = tune_int8_matmul_decode(m, n, k, b_bits=bits, b_group=group, verbose=True)
+                print(f"decode b{bits} g{group} {m}x{n}x{k}: {cfg}")
         if "block_scaled" in kernels:
             for a_tile, b_tile in (((32, 32), (32, 32)), ((1, 128), (128, 128)), ((128, 128), (128, 128))):
                 cfg = tune_block_scaled(m, n, k, a_tile, b_tile, iters=args.iters, verbose=True)

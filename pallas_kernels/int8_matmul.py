@@ -11,6 +11,7 @@ which reuses the loaders and the epilogue defined here.
 
 Ragged M, N, K are handled with masked loads (K tail zero-filled) and masked stores; no padding copies.
 Programs are ordered in groups of ``group_m`` rows of tiles so that neighbouring programs share B tiles in L2.
+Decode sizes (M <= 16) go to :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K).
 """
 
 from __future__ import annotations
@@ -435,7 +436,7 @@ def resolve_config(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "interpret"),
+    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "split_k", "interpret"),
 )
 def int8_matmul(
     a: jax.Array,
@@ -450,6 +451,7 @@ def int8_matmul(
     out_spec: QuantSpec | None = None,
     b_bits: int = 8,
     config: TileConfig | None = None,
+    split_k: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray:
     """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
@@ -460,6 +462,10 @@ def int8_matmul(
     Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
     a :class:`QArray` requantized in the epilogue; with both scales None the raw (M, N) int32 product.
     ``config=None`` uses the autotune cache or a heuristic (never autotunes implicitly).
+
+    Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
+    ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
+    an explicit ``config`` without ``split_k`` keeps this kernel at any M.
     """
     m, k = a.shape
     n = b.shape[0]
@@ -476,6 +482,11 @@ def int8_matmul(
     else:
         raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
     check_int32_k(k)
+    if split_k is not None or (config is None and m <= DECODE_MAX_M):
+        return _decode(
+            a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+            out_spec=out_spec, b_bits=b_bits, config=config, split_k=split_k, interpret=interpret,
+        )  # fmt: skip
     raw = a_scale is None and b_scale is None
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
@@ -521,3 +532,34 @@ def int8_matmul(
         name="int8_matmul",
     )(*inputs)
     return out if raw else wrap_output(out, m, n, epi, out_spec)
+
+
+DECODE_MAX_M = 16  # M up to one 16-row tile (Triton's smallest int8 dot) runs the decode kernel
+
+
+def _decode(a, b, a_scale, b_scale, *, config: TileConfig | None, split_k: int | None, **kw):
+    """int8_matmul at M <= 16 through the decode kernel (tiles from ``config``/``split_k`` when given)."""
+    from pallas_kernels import int8_matmul_decode as dec  # local import: it builds on this module
+
+    m, k = a.shape
+    if m > DECODE_MAX_M:
+        raise ValueError(f"split_k is for decode sizes M <= {DECODE_MAX_M}, got M={m}")
+    if a_scale is not None and math.prod(a_scale.shape) != m:
+        raise ValueError(f"a_scale must be (M, 1) = ({m}, 1) per-row, got {a_scale.shape}")
+    n = b.shape[0]
+    if b_scale is not None and math.prod(b_scale.shape) != n:
+        raise ValueError(f"b_scale must be (1, N) = (1, {n}) per-column, got {b_scale.shape}")
+    b_scale = None if b_scale is None else jnp.reshape(b_scale, (n,))
+    cfg = None
+    if config is not None or split_k is not None:
+        base = dec.lookup_decode_config(m, n, k, b_bits=kw["b_bits"])
+        if config is not None:
+            base = dataclasses.replace(
+                base,
+                block_n=config.block_n,
+                block_k=config.block_k,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        cfg = base if split_k is None else dataclasses.replace(base, split_k=split_k)
+    return dec.int8_matmul_decode(a, b, a_scale, b_scale, config=cfg, **kw)

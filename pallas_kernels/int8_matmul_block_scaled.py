@@ -45,6 +45,7 @@ from pallas_kernels.int8_matmul import (
     store_epilogue,
     wrap_output,
 )
+from pallas_kernels.int8_matmul_decode import int8_matmul_decode
 
 MIN_K_GROUP = 32  # block_k = 16 int8 dots are wrong on GPU, so a K group must allow block_k >= 32
 
@@ -470,6 +471,13 @@ def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
         sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
         return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
+    decode = m <= 16 and a.scale.shape[1] == 1 and tb[0] == 1 and tb[1] % 32 == 0
+    if decode and epilogue.get("config") is None:
+        # Decode: per-token activations with ZeroQuant K-groups of the weight -> the weight-streaming kernel.
+        sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
+        return int8_matmul_decode(
+            a.values, b.values, sa, b.scale, b_bits=b.spec.bits, b_group=tb[1], **epilogue
+        )
     return int8_matmul_block_scaled(
         a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
     )

@@ -1,0 +1,430 @@
+"""Decode-size INT8 / INT4 GEMM (M <= 16): a weight-streaming kernel with split-K.
+
+    out = act(sum_s partial_s * a_scale + bias) + residual,   partial_s = a @ b[:, K chunk s].T (* b scales)
+
+At batch-1 decode every GEMM is a GEMV: the time is the weight bytes over the bandwidth the running programs
+can pull, so what matters is how many programs stream B at once, not the tensor-core tile. The M rows are one
+16-row tile (Triton's smallest dot), N is cut into narrow tiles (32-128 columns), and when that still leaves
+too few programs (N = 768 gives 24 tiles of 32 for 132 SMs) K is cut into ``split_k`` chunks whose partial
+sums (S, M, N) are reduced by XLA, where the epilogue (scales, bias, activation, residual, requantization)
+then runs as :func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it with the reduction).
+With ``split_k=1`` the epilogue is fused into the kernel's store (one launch, which is what small layers
+want: at 124M a token is launch-bound).
+
+b: (N, K) int8 or (N, ceil(K/2)) uint8 packed INT4. b's scales: per output column ((N,) / (1, N)), or
+ZeroQuant contraction groups ((N, G), a K group of ``b_group`` columns each): a group's int32 partial is
+rescaled into an f32 accumulator in the loop, and split-K chunks hold whole groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jq8.quant import QArray, QuantSpec, check_int32_k
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, on_gpu, resolve_interpret
+from pallas_kernels.int8_matmul import (
+    ACTIVATIONS,
+    Activation,
+    _and_masks,
+    _check_raw_output,
+    _is_pow2,
+    _store,
+    epilogue_inputs,
+    epilogue_out_shapes,
+    epilogue_reference,
+    int_dot,
+    load_k_tile,
+    load_vector,
+    make_epilogue,
+    store_epilogue,
+    wrap_output,
+)
+
+DECODE_MAX_M = 16  # one 16-row tile: the smallest M of a Triton int8 dot
+BLOCK_M = 16
+H100_SMS = 132
+TARGET_CTA_BYTES = 32 * 1024  # weight bytes one program streams; more means too few programs in flight
+MIN_SPLIT_BYTES = 1024 * 1024  # below this a GEMM is launch-bound: a second (reduction) op costs more
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles of the decode kernel (hashable: a static jit argument). block_m is always 16."""
+
+    block_n: int = 32
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the GPU (the H100's 132 elsewhere, so CPU tests see H100 choices)."""
+    if on_gpu():
+        return int(getattr(jax.devices()[0], "core_count", H100_SMS) or H100_SMS)
+    return H100_SMS
+
+
+def _unit_k(k: int, b_group: int | None, block_k: int) -> tuple[int, int]:
+    """(unit, bk): the loop's K step unit (a scale group, else one tile) and a tile width dividing it."""
+    if b_group is None:
+        return block_k, block_k
+    bk = block_k
+    while b_group % bk:
+        bk //= 2
+    return b_group, bk
+
+
+def decode_config(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None) -> DecodeConfig:
+    """Heuristic tiles for an (M <= 16) x N x K decode GEMM (untimed guesses; the tuning cache overrides).
+
+    block_n: the widest of 128/64/32 that still gives >= 4 programs per SM along N. split_k stays 1 (one
+    launch, epilogue fused) when N alone gives >= 2 programs per SM, when each program streams <= 32 KiB
+    of weights anyway, or when the weights are under 1 MiB (launch-bound). Otherwise: enough K chunks that
+    each program streams about 32 KiB and every SM gets a program, capped at chunks of >= 256 columns (or
+    one K group) and at (S, M, N) partials of at most half the weight bytes.
+    """
+    sms = num_sms()
+    block_n = 32
+    for bn in (128, 64):
+        if cdiv(n, bn) >= 4 * sms:
+            block_n = bn
+            break
+    block_k = 256 if b_group is None and k >= 4096 else 128
+    unit, _ = _unit_k(k, b_group, block_k)
+    num_n = cdiv(n, block_n)
+    weight_bytes = n * k * b_bits // 8
+    cta_bytes = block_n * k * b_bits // 8
+    split = 1
+    if num_n < 2 * sms and weight_bytes >= MIN_SPLIT_BYTES and cta_bytes > TARGET_CTA_BYTES:
+        split = max(cdiv(cta_bytes, TARGET_CTA_BYTES), cdiv(sms, num_n))
+        split = min(split, cdiv(k, max(unit, 256)), max(1, weight_bytes // (8 * m * n * 4)))
+    return DecodeConfig(block_n, block_k, split_k=max(1, split))
+
+
+def decode_key(b_bits: int, b_group: int | None) -> str:
+    """Autotune cache key (everything but the shape)."""
+    return f"b{b_bits}-g{b_group or 0}"
+
+
+def lookup_decode_config(
+    m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None
+) -> DecodeConfig:
+    """The tuned config for this shape on this GPU (``autotune`` cache), else :func:`decode_config`."""
+    from pallas_kernels import autotune  # local import: autotune imports the kernels for its CLI
+
+    entry = autotune.lookup_entry("int8_matmul_decode", m, n, k, decode_key(b_bits, b_group))
+    if entry is not None:
+        return DecodeConfig(**entry)
+    return decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
+
+
+def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None):
+    """A short list for autotuning: the heuristic, then N tiles x split-K around it."""
+    base = decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
+    out = [base]
+    for bn in (32, 64, 128):
+        for split in sorted({1, 2, 4, 8, base.split_k}):
+            for bk in (128, 256) if b_group is None else (128,):
+                cfg = DecodeConfig(bn, bk, split)
+                if cfg not in out and cdiv(n, bn) * split <= 64 * num_sms():
+                    out.append(cfg)
+    return out
+
+
+def _check_config(cfg: DecodeConfig) -> None:
+    for name in ("block_n", "block_k"):
+        v = getattr(cfg, name)
+        if not _is_pow2(v) or v < 16:
+            raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
+    if cfg.block_k < 32:
+        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")
+    if cfg.split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {cfg.split_k}")
+
+
+def infer_group(k: int, groups: int) -> int:
+    """The K group of (N, ``groups``) scales: the power of two >= 32 with cdiv(K, group) == groups."""
+    p = 32
+    while p < 2 * k:
+        if cdiv(k, p) == groups:
+            return p
+        p *= 2
+    raise ValueError(
+        f"cannot infer a power-of-two K group (>= 32) for K={k} with {groups} groups; pass b_group="
+    )
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    m: int
+    n: int
+    k: int
+    b_bits: int
+    bn: int
+    bk: int
+    unit: int  # K columns per loop iteration: a scale group (grouped) or one tile
+    chunk: int  # K columns per split (a multiple of unit)
+    split: int
+    grouped: bool  # b's scales vary along K (rescaled per unit in the loop)
+    scaled_a: bool
+    scaled_b: bool  # per-column b scales (epilogue)
+    fused: bool  # split == 1: the epilogue runs in the kernel
+
+
+def _decode_kernel(*refs, p: _Plan, epi):
+    a_ref, b_ref, *rest = refs
+    sg_ref = rest.pop(0) if p.grouped else None
+    if p.fused:
+        sa_ref = rest.pop(0) if p.scaled_a else None
+        sb_ref = rest.pop(0) if p.scaled_b else None
+        epi_refs, out_refs = rest[: epi.num_inputs], rest[epi.num_inputs :]
+    else:
+        out_refs = rest
+    bm, bn, bk = BLOCK_M, p.bn, p.bk
+    pid_n, s = pl.program_id(0), pl.program_id(1)
+    col0 = pl.multiple_of(pid_n * bn, bn)
+    a_rows = jnp.arange(bm) < p.m if p.m % bm else None
+    col_ok = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
+    k_lo = s * p.chunk
+    last_len = p.k - (p.split - 1) * p.chunk  # K columns of the last split
+    if p.split == 1:
+        n_units = p.k // p.unit
+    else:  # the last split holds what is left of K: a traced trip count (scf.for takes dynamic bounds)
+        n_units = jnp.where(s == p.split - 1, last_len // p.unit, p.chunk // p.unit)
+
+    def dot_unit(k0, nsteps: int, k_hi):
+        """int32 product over K columns [k0, k0 + nsteps * bk); ``k_hi`` masks K (None: all in bounds)."""
+
+        def one(kk, acc):
+            a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
+            b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi, bits=p.b_bits)
+            return acc + int_dot(a, b)
+
+        acc = jnp.zeros((bm, bn), jnp.int32)
+        if nsteps <= 4:
+            for i in range(nsteps):
+                acc = one(k0 + i * bk, acc)
+            return acc
+        return lax.fori_loop(0, nsteps, lambda i, c: one(pl.multiple_of(k0 + i * bk, bk), c), acc)
+
+    def accumulate(acc, k0, nsteps: int, k_hi):
+        part = dot_unit(k0, nsteps, k_hi)
+        if not p.grouped:
+            return acc + part
+        g = jnp.asarray(k0 // p.unit, jnp.int32)
+        view = sg_ref.at[pl.ds(col0, bn), g]  # column g of the (N, G) scales: a strided (bn,) read
+        sg = view[...] if col_ok is None else plgpu.load(view, mask=col_ok, other=0.0)
+        return acc + part.astype(jnp.float32) * sg[None, :]
+
+    acc = jnp.zeros((bm, bn), jnp.float32 if p.grouped else jnp.int32)
+    acc = lax.fori_loop(
+        0,
+        n_units,
+        lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, None),
+        acc,
+    )
+    if p.k % p.unit:  # K tail, owned by the last split; in the others the traced limit masks every column
+        k_hi = p.k if p.split == 1 else jnp.where(s == p.split - 1, p.k, k_lo + p.chunk)
+        tail0 = k_lo + n_units * p.unit
+        acc = accumulate(acc, tail0, cdiv(p.k % p.unit, bk), k_hi)
+
+    mask = _and_masks(
+        None if a_rows is None else a_rows[:, None], None if col_ok is None else col_ok[None, :]
+    )
+    if not p.fused:  # (S, M, N) partial sums, reduced (and the epilogue applied) by XLA
+        _store(out_refs[0].at[s, pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
+        return
+    if not (p.grouped or p.scaled_a or p.scaled_b):  # raw int32 product
+        _store(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
+        return
+    y = acc.astype(jnp.float32)
+    if p.scaled_a:
+        y = y * load_vector(sa_ref, 0, bm, p.m if p.m % bm else None)[:, None]
+    if p.scaled_b:
+        y = y * load_vector(sb_ref, col0, bn, p.n if p.n % bn else None)[None, :]
+    store_epilogue(y, epi_refs, out_refs, epi=epi, row0=0, col0=col0, bm=bm, bn=bn, m=p.m, n=p.n)
+
+
+# ----------------------------------------------------------------------------------------------- wrapper
+
+
+def _tile(cfg: DecodeConfig) -> TileConfig:
+    return TileConfig(BLOCK_M, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, group_m=1)
+
+
+def _fusable(out_spec: QuantSpec | None, m: int, n: int, bn: int) -> bool:
+    """Whether the kernel's store can requantize: power-of-two blocks inside one (16, bn) tile. Per-row
+    requantization would need a whole row per program (one program for N <= 1024), so it goes to XLA."""
+    if out_spec is None:
+        return True
+    tm, tn = out_spec.resolve(m, n)
+    return out_spec.tile[1] != -1 and _is_pow2(tm) and _is_pow2(tn) and BLOCK_M % tm == 0 and bn % tn == 0
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "interpret"),
+)
+def int8_matmul_decode(
+    a: jax.Array,
+    b: jax.Array,
+    a_scale: jax.Array | None = None,
+    b_scale: jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    activation: Activation = None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
+    b_bits: int = 8,
+    b_group: int | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array | QArray:
+    """Decode GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual`` for M <= 16.
+
+    a: (M, K) int8, M <= 16. b: (N, K) int8, or (N, ceil(K/2)) uint8 packed INT4 with ``b_bits=4``.
+    a_scale: (M, 1) or (M,) f32 per-row (or None). b_scale: (1, N) / (N,) per-column, or (N, G) with G > 1
+    contraction groups of ``b_group`` K columns (inferred as a power of two when None; a multiple of 32).
+    Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul` (raw int32
+    when both scales are None). ``config=None`` picks :func:`decode_config`.
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != jnp.int8:
+        raise TypeError(f"a must be int8, got {a.dtype}")
+    if m > DECODE_MAX_M:
+        raise ValueError(f"int8_matmul_decode is for M <= {DECODE_MAX_M}, got M={m}; use int8_matmul")
+    expect_b = (n, cdiv(k, 2) if b_bits == 4 else k)
+    if b_bits not in (4, 8) or b.shape != expect_b or b.dtype != (jnp.uint8 if b_bits == 4 else jnp.int8):
+        raise ValueError(
+            f"b must be {expect_b} {'uint8 packed INT4' if b_bits == 4 else 'int8'}, got {b.shape} {b.dtype}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    grouped = b_scale is not None and b_scale.ndim == 2 and b_scale.shape[0] == n and b_scale.shape[1] > 1
+    if grouped:
+        b_group = b_group or infer_group(k, b_scale.shape[1])
+        if b_group % 32 or b_scale.shape != (n, cdiv(k, b_group)):
+            raise ValueError(
+                f"grouped b_scale must be (N, cdiv(K, b_group)) = ({n}, {cdiv(k, b_group)}) with b_group a "
+                f"multiple of 32; got {b_scale.shape}, b_group={b_group}"
+            )
+        check_int32_k(b_group)
+    else:
+        if b_scale is not None and b_scale.size != n:
+            raise ValueError(
+                f"b_scale must be (1, N) = (1, {n}) per-column or (N, G) groups, got {b_scale.shape}"
+            )
+        check_int32_k(k)
+        b_group = None
+    if a_scale is not None and a_scale.size != m:
+        raise ValueError(f"a_scale must be (M, 1) = ({m}, 1) per-row, got {a_scale.shape}")
+    raw = a_scale is None and b_scale is None
+    if raw:
+        _check_raw_output(bias, activation, residual, out_spec)
+
+    cfg = config or lookup_decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
+    _check_config(cfg)
+    unit, bk = _unit_k(k, b_group, cfg.block_k)
+    if bk < 32:
+        raise ValueError(f"b_group={b_group} needs a K tile >= 32 dividing it")
+    if k < bk:  # shorter than one K tile: zero-pad (zero codes add nothing; interpret mode rejects the slice)
+        pad = bk - k
+        a = jnp.pad(a, ((0, 0), (0, pad)))
+        b = jnp.pad(b, ((0, 0), (0, bk // 2 - b.shape[1] if b_bits == 4 else pad)))
+        kp = bk
+    else:
+        kp = k
+    split = max(1, min(cfg.split_k, cdiv(kp, unit)))
+    chunk = cdiv(cdiv(kp, split), unit) * unit
+    split = cdiv(kp, chunk)  # every split non-empty
+    fused = split == 1 and _fusable(out_spec, m, n, cfg.block_n)
+    interp = resolve_interpret(interpret)
+    plan = _Plan(
+        m,
+        n,
+        kp,
+        b_bits,
+        cfg.block_n,
+        bk,
+        unit,
+        chunk,
+        split,
+        grouped,
+        a_scale is not None,
+        b_scale is not None and not grouped,
+        fused,
+    )
+    inputs = [a, b]
+    if grouped:
+        inputs.append(jnp.asarray(b_scale, jnp.float32))
+    call = functools.partial(
+        pl.pallas_call,
+        grid=(cdiv(n, cfg.block_n), split),
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=interp,
+        name="int8_matmul_decode",
+    )
+    if fused:
+        epi = make_epilogue(
+            m,
+            n,
+            _tile(cfg),
+            bias=bias,
+            activation=activation,
+            residual=residual,
+            out_dtype=out_dtype,
+            out_spec=out_spec,
+            interpret=interp,
+        )
+        if a_scale is not None:
+            inputs.append(jnp.asarray(a_scale, jnp.float32).reshape(m))
+        if plan.scaled_b:
+            inputs.append(jnp.asarray(b_scale, jnp.float32).reshape(n))
+        inputs += epilogue_inputs(bias, residual)
+        out_shape = jax.ShapeDtypeStruct((m, n), jnp.int32) if raw else epilogue_out_shapes(m, n, epi)
+        out = call(functools.partial(_decode_kernel, p=plan, epi=epi), out_shape=out_shape)(*inputs)
+        return out if raw else wrap_output(out, m, n, epi, out_spec)
+
+    # Split-K: partial sums, then one XLA reduction + epilogue (exact int32 sums when b is per-column).
+    make_epilogue(  # validates bias / residual shapes
+        m,
+        n,
+        _tile(cfg),
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        out_dtype=out_dtype,
+        out_spec=None,
+        interpret=interp,
+    )
+    if out_spec is not None and (out_spec.bits != 8 or not out_spec.symmetric):
+        raise NotImplementedError(f"requantization supports symmetric INT8 only, got {out_spec}")
+    part_dtype = jnp.float32 if grouped else jnp.int32
+    parts = call(
+        functools.partial(_decode_kernel, p=plan, epi=None),
+        out_shape=jax.ShapeDtypeStruct((split, m, n), part_dtype),
+    )(*inputs)
+    acc = jnp.sum(parts, axis=0)
+    if raw:
+        return acc
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * jnp.asarray(a_scale, jnp.float32).reshape(m, 1)
+    if plan.scaled_b:
+        y = y * jnp.asarray(b_scale, jnp.float32).reshape(1, n)
+    return epilogue_reference(
+        y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
+    )

@@ -1,0 +1,202 @@
+"""Decode-size (M <= 16) INT8/INT4 GEMM (interpret mode on CPU) vs the references, on fresh random data at
+ragged N/K, with and without split-K, per-column and K-group weight scales, and every epilogue."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jq8.quant import QuantSpec, pack_int4, quantize
+from pallas_kernels import autotune
+from pallas_kernels import int8_matmul_decode as decode_module
+from pallas_kernels._common import TileConfig, cdiv
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled_reference
+from pallas_kernels.int8_matmul_decode import (
+    DecodeConfig,
+    decode_candidates,
+    decode_config,
+    int8_matmul_decode,
+    lookup_decode_config,
+)
+
+NT = (((1,), (1,)), ((), ()))
+N, K = 70, 333  # neither a multiple of the 32-column tiles nor of the 64-column K steps
+SPLIT3 = DecodeConfig(block_n=32, block_k=64, split_k=3)  # 3 K chunks of 128 (the last one ragged)
+FUSED = DecodeConfig(block_n=32, block_k=64, split_k=1)
+
+
+def _operands(seed: int, m: int, n: int = N, k: int = K, bits: int = 8):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    a = jax.random.randint(ks[0], (m, k), -127, 128, jnp.int32).astype(jnp.int8)
+    lo, hi = (-8, 8) if bits == 4 else (-127, 128)
+    w = jax.random.randint(ks[1], (n, k), lo, hi, jnp.int32).astype(jnp.int8)
+    sa = jax.random.uniform(ks[2], (m, 1), jnp.float32, 1e-4, 2e-3)
+    sb = jax.random.uniform(ks[3], (1, n), jnp.float32, 1e-4, 2e-3)
+    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    res = jax.random.normal(ks[5], (m, n), jnp.float32)
+    return a, w, (pack_int4(w) if bits == 4 else w), sa, sb, bias, res
+
+
+def _close(out, ref, rtol):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cfg", [FUSED, SPLIT3], ids=["fused", "split3"])
+def test_raw_int32_is_exact(m, bits, cfg):
+    a, w, b, *_ = _operands(m + bits, m, bits=bits)
+    out = int8_matmul_decode(a, b, b_bits=bits, config=cfg)
+    assert out.dtype == jnp.int32 and out.shape == (m, N)
+    expect = lax.dot_general(a, w, NT, preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expect))
+
+
+@pytest.mark.parametrize(
+    "m,bits,activation,out_dtype",
+    [(1, 8, "gelu", jnp.bfloat16), (3, 4, "gelu_tanh", jnp.float32), (16, 8, "relu", jnp.float32)],
+)
+@pytest.mark.parametrize("cfg", [FUSED, SPLIT3], ids=["fused", "split3"])
+def test_epilogue_matches_reference(m, bits, activation, out_dtype, cfg):
+    _, _, b, sa, sb, bias, res = _operands(10 + m, m, bits=bits)
+    kw = dict(bias=bias, activation=activation, residual=res, out_dtype=out_dtype, b_bits=bits)
+    a = _operands(20 + m, m)[0]
+    out = int8_matmul_decode(a, b, sa, sb, config=cfg, **kw)
+    ref = int8_matmul_reference(a, b, sa, sb, **kw)
+    assert out.dtype == out_dtype and out.shape == (m, N)
+    # split-K runs the reference epilogue on the exact int32 sum; the fused store uses the kernel's erf
+    _close(out, ref, 1e-2 if out_dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("cfg", [FUSED, SPLIT3], ids=["fused", "split3"])
+def test_one_sided_scales(cfg):
+    a, _, b, sa, sb, *_ = _operands(30, 5)
+    for a_scale, b_scale in ((sa, None), (None, sb.reshape(-1))):
+        out = int8_matmul_decode(a, b, a_scale, b_scale, out_dtype=jnp.float32, config=cfg)
+        _close(out, int8_matmul_reference(a, b, a_scale, b_scale, out_dtype=jnp.float32), 1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec,cfg",
+    [
+        (QuantSpec.blocks((16, 32)), FUSED),  # fits the (16, 32) tile: requantized in the kernel's store
+        (QuantSpec.per_row(), FUSED),  # a whole row per tile would be one program: requantized by XLA
+        (QuantSpec.per_row(), SPLIT3),
+    ],
+)
+def test_requantized_output_matches_jq8_quantize(spec, cfg):
+    a, _, b, sa, sb, bias, _ = _operands(40, 3)
+    out = int8_matmul_decode(
+        a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, out_dtype=jnp.float32, config=cfg
+    )
+    y = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", out_dtype=jnp.float32)
+    q = quantize(y, spec)
+    assert out.values.shape == q.values.shape and out.scale.shape == q.scale.shape and out.spec == spec
+    diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "m,bits,group,cfg",
+    [
+        (1, 4, 64, FUSED),
+        (3, 4, 64, SPLIT3),  # chunks of two groups, ragged last group
+        (16, 8, 96, SPLIT3),  # a group that is not a power of two (K steps of 32)
+        (1, 4, 128, DecodeConfig(32, 128, split_k=2)),
+    ],
+)
+def test_k_group_scales_match_dequantized_product(m, bits, group, cfg):
+    a, _, b, sa, _, bias, res = _operands(50 + group, m, bits=bits)
+    sg = jax.random.uniform(jax.random.key(group), (N, cdiv(K, group)), jnp.float32, 1e-3, 3e-3)
+    kw = dict(bias=bias, activation="gelu", residual=res, out_dtype=jnp.float32, b_bits=bits)
+    out = int8_matmul_decode(a, b, sa, sg, b_group=group, config=cfg, **kw)
+    ref = int8_matmul_block_scaled_reference(a, sa, b, sg, b_tile=(1, group), **kw)
+    _close(out, ref, 1e-5)
+
+
+def test_int8_matmul_dispatches_small_m_to_decode(monkeypatch):
+    monkeypatch.setattr(decode_module, "MIN_SPLIT_BYTES", 0)  # split this small problem as if it were big
+    a, w, b, sa, sb, bias, _ = _operands(60, 2, n=300, k=1100)
+    ref = int8_matmul_reference(a, b, sa, sb, bias=bias, out_dtype=jnp.float32)
+    assert decode_config(2, 300, 1100).split_k > 1  # the heuristic splits K here
+    _close(int8_matmul(a, b, sa, sb, bias=bias, out_dtype=jnp.float32), ref, 1e-6)
+    out = int8_matmul(
+        a, b, sa, sb, bias=bias, out_dtype=jnp.float32, split_k=4, config=TileConfig(16, 64, 64)
+    )
+    _close(out, ref, 1e-6)
+    # an explicit config without split_k keeps the tiled kernel (exact int32 either way)
+    raw = int8_matmul(a, b, config=TileConfig(32, 64, 64))
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(int8_matmul_reference(a, b)))
+
+
+def test_contraction_shorter_than_one_k_tile():
+    a, w, b, sa, sb, *_ = _operands(70, 1, n=40, k=20)
+    np.testing.assert_array_equal(
+        np.asarray(int8_matmul_decode(a, b)), np.asarray(int8_matmul_reference(a, b))
+    )
+    out = int8_matmul_decode(a, b, sa, sb, out_dtype=jnp.float32)
+    _close(out, int8_matmul_reference(a, b, sa, sb, out_dtype=jnp.float32), 1e-6)
+
+
+def test_heuristic_fills_the_gpu_and_bounds_partials():
+    # GPT-2 124M fc2 at M=1: 24 tiles of 32 columns alone would leave most of 132 SMs idle
+    c = decode_config(1, 768, 3072)
+    assert c.split_k > 1 and cdiv(768, c.block_n) * c.split_k >= 132
+    assert decode_config(1, 768, 768).split_k == 1  # 0.6 MB: launch-bound, no second op
+    assert decode_config(1, 2304, 768).split_k == 1  # 24 KiB per program: one launch
+    assert decode_config(1, 50304, 1600).split_k == 1  # LM head: N alone gives many programs
+    c4 = decode_config(16, 1600, 6400, b_bits=4, b_group=128)
+    assert c4.split_k * 16 * 1600 * 4 <= 1600 * 6400 // 2 // 2  # partials <= half the INT4 weight bytes
+    assert all(cfg.block_k >= 32 for cfg in decode_candidates(1, 1600, 6400, b_bits=4, b_group=128))
+
+
+def test_decode_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "TUNING_DIR", tmp_path)
+    monkeypatch.setattr(autotune, "_CACHE", {})
+    assert lookup_decode_config(1, 4800, 1600) == decode_config(1, 4800, 1600)
+    cfg = DecodeConfig(64, 256, 3, num_warps=2, num_stages=5)
+    autotune.store_config("int8_matmul_decode", 1, 4800, 1600, "b8-g0", cfg)
+    monkeypatch.setattr(autotune, "_CACHE", {})
+    assert lookup_decode_config(1, 4800, 1600) == cfg
+    assert lookup_decode_config(1, 4800, 1600, b_bits=4, b_group=128) != cfg
+
+
+def test_errors_are_actionable():
+    a, _, b, sa, sb, *_ = _operands(80, 3)
+    big = jnp.zeros((17, K), jnp.int8)
+    with pytest.raises(ValueError, match="M <= 16"):
+        int8_matmul_decode(big, b)
+    with pytest.raises(ValueError, match="M <= 16"):
+        int8_matmul(big, b, split_k=2)
+    with pytest.raises(ValueError, match="b_group"):
+        int8_matmul_decode(a, b, sa, jnp.ones((N, 5)), b_group=64)
+    with pytest.raises(ValueError, match="scale"):
+        int8_matmul_decode(a, b, bias=jnp.ones((N,)))
+    with pytest.raises(ValueError, match="split_k"):
+        int8_matmul_decode(a, b, config=DecodeConfig(split_k=0))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matmul_qarrays_routes_grouped_decode(monkeypatch, bits):
+    """Per-token activations x K-group weights at M <= 16 take the decode kernel and match the dequantized
+    product (the ZeroQuant W4/8 decode path)."""
+    from pallas_kernels import int8_matmul_block_scaled as bs
+
+    calls = []
+    real = bs.int8_matmul_decode
+    monkeypatch.setattr(bs, "int8_matmul_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ks = jax.random.split(jax.random.key(11), 2)
+    x = jax.random.normal(ks[0], (3, 256), jnp.float32)
+    w = jax.random.normal(ks[1], (70, 256), jnp.float32)
+    qa = quantize(x, QuantSpec.per_row())
+    qb = quantize(w, QuantSpec.groups(64, axis=1, bits=bits))
+    got = bs.matmul_qarrays(qa, qb, out_dtype=jnp.float32)
+    want = lax.dot_general(qa.dequantize(), qb.dequantize(), NT, precision=lax.Precision.HIGHEST)
+    assert calls, "M <= 16 with K-group weight scales should use the decode kernel"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
