@@ -75,6 +75,9 @@ class QuantizeConfig:
     xla_column_stats_rows: ``quantize_tiles`` only: tiles spanning all M rows (per-column, or per-row of
       x.T) over more rows than this get their absmax from an XLA column reduction first, so the kernel
       keeps a full grid instead of a few programs sweeping whole columns.
+    xla_row_stats_cols: ``quantize_tiles`` only: when the outputs need whole rows AND whole columns (per-row
+      codes with a per-row copy of x.T: the int8-row backward), row tiles over more columns than this also
+      take their absmax from XLA, so one full-grid pass writes both layouts instead of two sweeping ones.
     """
 
     block_m: int = 32
@@ -83,6 +86,7 @@ class QuantizeConfig:
     num_stages: int = 1
     max_block_elems: int = 16384
     xla_column_stats_rows: int = 1024
+    xla_row_stats_cols: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,23 +334,50 @@ def store_scale(scale_ref, scale: jax.Array, sr0, sc0, transposed: bool, enabled
     plgpu.store(ref, val, mask=mask if enabled is None else mask & enabled)
 
 
-def column_absmax(x: jax.Array, ct: int) -> jax.Array:
-    """(M, N) float -> (1, cdiv(N, ct)) f32: absmax over all rows and ``ct`` columns (XLA, outside kernels).
+def axis_absmax(x: jax.Array, tile: Tile) -> jax.Array:
+    """Absmax of tiles spanning a whole axis, by XLA outside the kernels: (M, N) float ->
+    (1, cdiv(N, ct)) f32 for tile (-1, ct), or (cdiv(M, rt), 1) for tile (rt, -1).
 
     Reduced on int32 bit patterns like :func:`tile_absmax`: exact, NaN-preserving on every backend.
     """
-    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32).max(axis=0)
-    n = bits.shape[0]
-    gn = cdiv(n, ct)
-    bits = jnp.pad(bits, (0, gn * ct - n)).reshape(gn, ct).max(axis=1)
-    return lax.bitcast_convert_type(bits, jnp.float32)[None, :]
+    whole = 0 if tile[0] == -1 else 1
+    bits = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32).max(axis=whole)
+    t = tile[1 - whole]
+    g = cdiv(bits.shape[0], t)
+    bits = jnp.pad(bits, (0, g * t - bits.shape[0])).reshape(g, t).max(axis=1)
+    amax = lax.bitcast_convert_type(bits, jnp.float32)
+    return amax[None, :] if whole == 0 else amax[:, None]
 
 
-def _load_column_amax(ref, c0, ct: int, plan: BlockPlan) -> jax.Array:
-    """The (1, bn / ct) slice of a :func:`column_absmax` array for the block at column c0."""
-    g = plan.bn // ct
-    cols = c0 // ct + jnp.arange(g, dtype=jnp.int32)
-    return plgpu.load(ref.at[pl.ds(0, 1), pl.ds(c0 // ct, g)], mask=(cols < ref.shape[1])[None, :], other=0.0)
+def _load_axis_amax(ref, r0, c0, tile: Tile, plan: BlockPlan) -> jax.Array:
+    """The block's slice of an :func:`axis_absmax` array: (1, bn / ct) at column c0 for a column tile,
+    (bm / rt, 1) at row r0 for a row tile."""
+    if tile[0] == -1:
+        g = plan.bn // tile[1]
+        idx = c0 // tile[1] + jnp.arange(g, dtype=jnp.int32)
+        return plgpu.load(ref.at[pl.ds(0, 1), pl.ds(c0 // tile[1], g)], mask=(idx < ref.shape[1])[None, :],
+                          other=0.0)
+    g = plan.bm // tile[0]
+    idx = r0 // tile[0] + jnp.arange(g, dtype=jnp.int32)
+    return plgpu.load(ref.at[pl.ds(r0 // tile[0], g), pl.ds(0, 1)], mask=(idx < ref.shape[0])[:, None],
+                      other=0.0)
+
+
+def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
+    """The whole-axis tiles whose absmax XLA computes before the kernel (see QuantizeConfig)."""
+    cols = [t for t in tiles if t[0] == -1 and t[1] != -1]
+    rows = [t for t in tiles if t[1] == -1 and t[0] != -1]
+    out = cols if m > config.xla_column_stats_rows else []
+    if cols and rows and n > config.xla_row_stats_cols:
+        out = out + rows
+    return tuple(dict.fromkeys(out))
+
+
+def plan_tile(tile: Tile, stats: Sequence[Tile]) -> Tile:
+    """The tile the block plan must hold: a tile with XLA statistics needs no whole axis in a program."""
+    if tile not in stats:
+        return tile
+    return (1, tile[1]) if tile[0] == -1 else (tile[0], 1)
 
 
 def scale_origin(tile: Tile, r0, c0, plan: BlockPlan):
@@ -379,8 +410,8 @@ def sweep(
 
     load(r0, c0) -> (bm, bn) fp32 block at global origin (r0, c0), with out-of-range elements set to 0
     (0 never raises an absmax). out_refs: (codes_ref, scale_ref) per output, flattened.
-    column_amax: {tile (-1, ct): ref (1, cdiv(N, ct)) f32} absmax of tiles spanning all rows, computed
-    beforehand (see :func:`column_absmax`); the program's block then needs no whole columns.
+    column_amax: {tile (-1, ct) or (rt, -1): ref} absmax of tiles spanning a whole axis, computed beforehand
+    (see :func:`axis_absmax`); the program's block then needs no whole columns / rows.
     Outputs with the same tile in x coordinates (e.g. 32x32 blocks and their transposed copy) share the
     absmax, the division and, for round-to-nearest, the codes.
     """
@@ -401,7 +432,7 @@ def sweep(
         per_tile = {}
         for t in tiles:
             if t in column_amax:
-                amax = _load_column_amax(column_amax[t], c0, t[1], plan)
+                amax = _load_axis_amax(column_amax[t], r0, c0, t, plan)
             elif is_swept(t):
                 amax = swept_amax[t]
             else:
@@ -417,8 +448,10 @@ def sweep(
                 codes = round_codes(y, r0, c0, plan, rounding=rounding, seed=seed, transposed=out.transposed)
             store_codes(out_refs[2 * i], codes, r0, c0, plan, out.transposed)
             if not is_swept(out.tile):
-                # column-stat scales are the same in every program along M: the first row block writes them
-                first = (r0 == 0) if out.tile in column_amax else None
+                # axis-stat scales are the same in every program along that axis: the first block writes them
+                first = None
+                if out.tile in column_amax:
+                    first = (r0 == 0) if out.tile[0] == -1 else (c0 == 0)
                 store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed,
                             enabled=first)
 
@@ -539,17 +572,14 @@ def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, column_tiles, rounding,
 def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False):
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
-    # Tiles spanning all of a long M: absmax from an XLA column reduction, so blocks need no whole columns.
-    column_tiles = ()
-    if m > config.xla_column_stats_rows:
-        column_tiles = tuple(dict.fromkeys(o.tile for o in outs if o.tile[0] == -1 and o.tile[1] != -1))
-    plan_tiles = [(1, o.tile[1]) if o.tile in column_tiles else o.tile for o in outs]
-    plan = plan_blocks(m, n, plan_tiles, config)
+    # Tiles spanning a whole long axis: absmax from an XLA reduction, so blocks need no whole columns/rows.
+    column_tiles = stat_tiles([o.tile for o in outs], m, n, config)
+    plan = plan_blocks(m, n, [plan_tile(o.tile, column_tiles) for o in outs], config)
     kernel = functools.partial(
         _quantize_kernel, plan=plan, outs=outs, column_tiles=column_tiles, rounding=rounding,
         interpret=interpret,
     )
-    stats = [column_absmax(x, t[1]) for t in column_tiles]
+    stats = [axis_absmax(x, t) for t in column_tiles]
     return launch(
         kernel, [seed, x, *stats], out_shapes(m, n, specs), plan, config,
         interpret=interpret, poison=poison, name="quantize_tiles",
@@ -591,8 +621,8 @@ def quantize_tiles(
     seed_arr = as_seed(seed, rounding)
     specs = [(spec, False)] + ([(transposed_spec, True)] if transposed_spec is not None else [])
     tiles = [x_tile(s, m, n, t) for s, t in specs]
-    if m > config.xla_column_stats_rows:  # as _quantize_call plans them
-        tiles = [(1, t[1]) if t[0] == -1 and t[1] != -1 else t for t in tiles]
+    stats = stat_tiles(tiles, m, n, config)  # as _quantize_call plans them
+    tiles = [plan_tile(t, stats) for t in tiles]
     groups = [tuple(specs)]
     if len(specs) > 1:
         try:

@@ -15,6 +15,7 @@ from pallas_kernels.quantize import (
     plan_blocks,
     quantize_tiles,
     quantize_tiles_reference,
+    stat_tiles,
     x_tile,
 )
 
@@ -87,16 +88,29 @@ def test_sweep_mode_bit_exact(shape, spec, tspec, budget, rounding):
 
 
 @pytest.mark.parametrize(
-    "spec,tspec,rounding",
-    [(C, None, "nearest"), (P, P, "stochastic"), (QuantSpec((-1, 32)), B((32, 32)), "nearest")],
+    "spec,tspec,rounding,row_stats",
+    [
+        (C, None, "nearest", False),
+        (P, P, "stochastic", False),
+        (QuantSpec((-1, 32)), B((32, 32)), "nearest", False),
+        (P, P, "stochastic", True),
+        (P, P, "nearest", True),
+        (QuantSpec.row_runs(2), P, "nearest", True),
+    ],
 )
-def test_xla_column_stats_bit_exact(spec, tspec, rounding):
+def test_xla_axis_stats_bit_exact(spec, tspec, rounding, row_stats):
     # M over xla_column_stats_rows: tiles spanning all rows take their absmax from an XLA reduction
-    # (per-row of x.T included: one launch writes both layouts). A NaN must still reach its scale.
+    # (per-row of x.T included: one launch writes both layouts); with row_stats, whole-row tiles too (the
+    # int8-row backward: per-row codes + per-row codes of x.T from one full-grid pass). A NaN must still
+    # reach its scale.
     x = _data((70, 200), jnp.bfloat16, key=5).at[5, 7].set(jnp.nan)
     seed = noise_seed(jax.random.key(2))
     kw = dict(rounding=rounding, seed=seed, transposed_spec=tspec)
-    got = quantize_tiles(x, spec, config=QuantizeConfig(xla_column_stats_rows=16), poison_outputs=True, **kw)
+    cfg = QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=64 if row_stats else 10**9)
+    tiles = [x_tile(spec, 70, 200)] + ([x_tile(tspec, 70, 200, transposed=True)] if tspec else [])
+    stats = stat_tiles(tiles, 70, 200, cfg)
+    assert any(t[1] == -1 for t in stats) == row_stats  # the case under test: row stats from XLA
+    got = quantize_tiles(x, spec, config=cfg, poison_outputs=True, **kw)
     ref = _reference(x, spec, **kw)
     got, ref = (got if isinstance(got, tuple) else (got,)), (ref if isinstance(ref, tuple) else (ref,))
     for g, r in zip(got, ref):
@@ -191,6 +205,7 @@ def test_plan_blocks_invariants(m, n, tiles, budget):
     [
         (B((32, 32)), B((32, 32)), "stochastic", None),
         (P, P, "nearest", QuantizeConfig(xla_column_stats_rows=16)),  # XLA column stats + kernel
+        (P, P, "stochastic", QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=16)),  # + row stats
         (P, G(32, 1), "nearest", QuantizeConfig(max_block_elems=256)),  # rows swept in chunks
     ],
 )
