@@ -4,6 +4,9 @@
     python quantize.py --eval runs/tiny-w48a8 [--ckpt runs/tiny] [--generate "The history of"]
     python quantize.py --model minilm [--lkd]      # MiniLM sentence encoder: cosine + retrieval agreement
 
+Embedding tables and the LM head are INT8 by default (``--embedding-bits 4``: INT4; ``--fp-embeddings``:
+float).
+
 Reads top to bottom: load the float model, data (evaluation: the held-out split of the training corpus;
 calibration: a *different* text, lee_background by default), quantize under each setting of the table,
 distill (LKD) if asked, evaluate perplexity with the real INT8 path, save the compact checkpoint, reload it
@@ -62,6 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
+    p.add_argument(
+        "--fp-embeddings",
+        action="store_true",
+        help="keep the embedding tables and LM head float (default: INT8 per row / per output channel; "
+        "the static-w8a8 baseline always keeps them float)",
+    )
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        default=8,
+        choices=(8, 4),
+        help="bits of the quantized embedding tables and LM head (4: INT4 in --int4-group K-groups)",
+    )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
@@ -149,6 +165,16 @@ def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
     return [jnp.asarray(seqs[i : i + bs]) for i in range(0, args.calib_samples - bs + 1, bs)]
 
 
+def scheme_rules(args, name: str) -> list:
+    """The rules of scheme ``name`` under the command-line options (INT4 group, embedding options)."""
+    return ptq.scheme(
+        name,
+        int4_group=args.int4_group,
+        embeddings=not args.fp_embeddings,
+        embedding_bits=args.embedding_bits,
+    )
+
+
 def quantized_logits(model, qp, backend):
     return lambda tokens: ptq_infer.apply_quantized(model, qp, tokens, backend=backend)
 
@@ -203,7 +229,7 @@ def main(argv=None) -> dict:
 
     def run_scheme(name: str, label: str, p=None, **extra):
         t0 = time.perf_counter()
-        qp = ptq.quantize_params(params if p is None else p, ptq.scheme(name, int4_group=args.int4_group))
+        qp = ptq.quantize_params(params if p is None else p, scheme_rules(args, name))
         if any(r.act_mode == "static" for r in qp.rules):
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         qp = qcheckpoint.as_stored(qp, args.float_dtype)
@@ -223,7 +249,7 @@ def main(argv=None) -> dict:
         final_qp, final_res = run_scheme(args.scheme, f"{args.scheme} ZeroQuant")
     lkd_reports = {}
     if args.lkd:
-        rules = ptq.scheme(args.scheme, int4_group=args.int4_group)
+        rules = scheme_rules(args, args.scheme)
         modes = ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]
         last_loss = "" if args.lkd_last_loss == "mse" else f", last block {args.lkd_last_loss}"
         for mode in modes:
@@ -252,6 +278,8 @@ def main(argv=None) -> dict:
         "tokenizer": meta.get("tokenizer", {}),
         "source_ckpt": os.path.abspath(args.ckpt),
         "scheme": args.scheme,
+        "fp_embeddings": args.fp_embeddings,
+        "embedding_bits": None if args.fp_embeddings else args.embedding_bits,
         "lkd": args.lkd,
         "lkd_last_loss": args.lkd_last_loss if args.lkd else None,
         "seq_len": seq_len,
@@ -383,7 +411,7 @@ def minilm_main(args) -> dict:
 
     def run(label: str, scheme: str, p, **extra):
         t0 = time.perf_counter()
-        qp = ptq.quantize_params(p, ptq.scheme(scheme, int4_group=args.int4_group))
+        qp = ptq.quantize_params(p, scheme_rules(args, scheme))
         if any(r.act_mode == "static" for r in qp.rules):
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a, backend=args.backend))
@@ -409,7 +437,7 @@ def minilm_main(args) -> dict:
                     steps=args.lkd_steps, lr=args.lkd_lr, batch_size=args.lkd_batch, lkd_input=mode
                 )  # the encoder has no LM head: --lkd-last-loss is refused in main
                 t0 = time.perf_counter()
-                rules = ptq.scheme(scheme, int4_group=args.int4_group)
+                rules = scheme_rules(args, scheme)
                 new, _ = lkd.distill(model, params, rules, calib, cfg)
                 run(f"{scheme} + LKD ({mode})", scheme, new, lkd_s=round(time.perf_counter() - t0, 1))
     fp_top1 = evaluate.embedding_agreement(fp_emb, fp_emb, groups)["paraphrase_top1_fp"]

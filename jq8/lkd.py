@@ -16,6 +16,10 @@ KL(softmax(teacher logits) || softmax(student logits)), the logits being the blo
 model's own final norm + LM head in full precision (FP params, not trained); "mse+kl" adds the block MSE.
 The head is found as the module calls that follow the last block (e.g. ``ln_f`` then ``wte.attend`` or
 ``lm_head``) and is checked to reproduce the model's output; a model without one (an encoder) is refused.
+The head stays FP for teacher *and* student even when the rules quantize the embeddings / LM head
+(``kind="embedding"`` rules, the schemes' optional ``lm_head`` rule): LKD trains block weights only, and an
+FP head makes the KL measure the blocks' error alone; the INT8 head's own (small, per-channel) error is not
+something the block can learn to undo.
 
 Blocks are found generically: the modules whose paths match ``block_pattern`` (default ``h_<i>``,
 ``blocks_<i>``, ``layer_<i>``) are captured with ``flax.linen.intercept_methods`` during float forward
@@ -418,6 +422,8 @@ def distill(
         )
     if not calib_chunks:
         raise ValueError("LKD needs calibration data (calib_chunks is empty)")
+    # Dense rules only: embedding-table rules (kind="embedding") and a head outside the blocks are
+    # quantized afterwards by quantize_params and are not distilled.
     assignment = assign_rules(dense_paths(params), rules)
     blocks = capture_blocks(model, params, list(calib_chunks), config.block_pattern, apply_kwargs)
     fp_params, params = params, dict(params)

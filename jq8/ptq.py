@@ -3,7 +3,15 @@
 A :class:`QuantRule` says how the Dense layers whose *module path* (``"blocks_0/mlp/fc1"``, the keys of the
 params tree joined by ``/``) matches a regex are quantized: weight bits, weight granularity and the
 activation mode. Rules are tried in order; the first match wins; a Dense matched by no rule stays in full
-precision (embeddings, final norm and LM head by default). A rule that matches no Dense is an error.
+precision (final norm, biases...). A rule that matches nothing is an error unless it is ``optional``.
+
+Embedding tables (``nn.Embed``: a module holding a 2-D ``embedding``) are matched by rules of
+``kind="embedding"``: INT8 codes with one scale per table row (per token, which for a tied LM head
+``wte.attend`` is also one scale per output channel). The lookup dequantizes only the gathered rows; the
+tied head runs as a W8A8 GEMM (``act_mode="token"``) or weight-only (``"none"``), see
+:mod:`jq8.ptq_infer`. The named schemes quantize the embeddings and an untied ``lm_head`` Dense (LLaMA)
+by default (INT8; optional rules, since not every model has them); ``scheme(..., embeddings=False)`` keeps
+them float.
 
 Weights are stored for the inference GEMM's "NT" layout: a Flax kernel ``W`` (K=in, N=out) becomes a
 :class:`~jq8.quant.QArray` of ``W.T`` with shape (N, K), so both GEMM operands are K-contiguous (see
@@ -36,11 +44,16 @@ from jq8.quant import QArray, QuantSpec, quantize
 
 GroupAxis = Literal["contraction", "rows"]
 ActMode = Literal["token", "static", "none"]
+RuleKind = Literal["dense", "embedding"]
 
 # Default Dense names of the attention and MLP sublayers (GPT: attn/{qkv,out}, mlp/{fc1,fc2[,gate]};
 # BERT: attention/{query,key,value,out}, mlp/{fc1,fc2}).
 ATTN_PATTERN = r"(^|/)(qkv|query|key|value|out)$"
 MLP_PATTERN = r"(^|/)(fc1|fc2|gate)$"
+# An untied LM head Dense (models.llama); GPT's head is the tied ``wte`` table.
+HEAD_PATTERN = r"(^|/)lm_head$"
+# Embedding rules match embedding tables only, so "every table" is the default.
+EMBED_PATTERN = r".*"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +66,11 @@ class QuantRule:
     group_axis: "contraction" (groups along K) or "rows" (runs of whole output rows, DeepSpeed style).
     symmetric: symmetric weight codes. Asymmetric weights are only served weight-only (act_mode "none").
     act_mode: "token" (dynamic per-token INT8), "static" (calibrated per-tensor INT8), "none" (float).
+    kind: "dense" (matches Dense kernels) or "embedding" (matches ``nn.Embed`` tables (V, D), which are
+      already in the (N, K) layout of a tied head: one scale per row, or per ``group_size`` columns of a
+      row; act_mode is that of the tied head ``attend``: "token" or "none").
+    optional: the rule may match nothing (the schemes' embedding / LM-head rules: not every model has
+      them); a non-optional rule that matches nothing is an error (it catches typos in patterns).
     """
 
     pattern: str
@@ -61,6 +79,8 @@ class QuantRule:
     group_axis: GroupAxis = "contraction"
     symmetric: bool = True
     act_mode: ActMode = "token"
+    kind: RuleKind = "dense"
+    optional: bool = False
 
     def __post_init__(self):
         try:
@@ -93,6 +113,18 @@ class QuantRule:
                 "(act_mode='none'); "
                 "the INT8 GEMM epilogue has no zero-point correction"
             )
+        if self.kind not in ("dense", "embedding"):
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: kind must be 'dense' or 'embedding', got {self.kind!r}"
+            )
+        if self.kind == "embedding" and (
+            (self.group_size is not None and self.group_axis != "contraction") or self.act_mode == "static"
+        ):
+            raise ValueError(
+                f"QuantRule {self.pattern!r}: embedding tables take one scale per row (group_size=None) "
+                "or per group of a row (group_axis='contraction'), and their tied head runs act_mode "
+                "'token' or 'none'"
+            )
 
     def matches(self, path: str) -> bool:
         return re.search(self.pattern, path) is not None
@@ -107,6 +139,9 @@ class QuantRule:
         return QuantSpec.row_runs(self.group_size, b, s)
 
     def describe(self) -> str:
+        if self.kind == "embedding":
+            g = "per-row" if self.group_size is None else f"row groups of {self.group_size}"
+            return f"W{self.weight_bits} embedding ({g}), tied head acts {self.act_mode}"
         if self.group_size is None:
             g = "per-channel"
         elif self.group_size == -1:
@@ -114,6 +149,16 @@ class QuantRule:
         else:
             g = f"{self.group_axis} groups of {self.group_size}"
         return f"W{self.weight_bits} ({g}{'' if self.symmetric else ', asym'}), acts {self.act_mode}"
+
+
+def _embedding_rules(act_mode: ActMode, bits: int, int4_group: int) -> list[QuantRule]:
+    """Embedding tables and an untied LM head: INT8 per row / output channel, or INT4 in K-groups.
+    Optional: GPT has no ``lm_head`` Dense, an encoder no head at all, a Dense-only model no table."""
+    group = None if bits == 8 else int4_group
+    return [
+        QuantRule(EMBED_PATTERN, bits, group, act_mode=act_mode, kind="embedding", optional=True),
+        QuantRule(HEAD_PATTERN, bits, group, act_mode=act_mode, optional=True),
+    ]
 
 
 def _scheme_table(int4_group: int) -> dict[str, list[QuantRule]]:
@@ -136,12 +181,28 @@ def _scheme_table(int4_group: int) -> dict[str, list[QuantRule]]:
 SCHEMES: tuple[str, ...] = tuple(_scheme_table(128))
 
 
-def scheme(name: str, *, int4_group: int = 128) -> list[QuantRule]:
-    """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size."""
+def scheme(
+    name: str, *, int4_group: int = 128, embeddings: bool = True, embedding_bits: int = 8
+) -> list[QuantRule]:
+    """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size.
+
+    embeddings: also quantize the vocabulary-sized tables: embedding tables (the tied LM head then runs on
+      them) and an untied ``lm_head`` Dense, with the scheme's activation mode (token-wise INT8, or float
+      for the weight-only schemes). False keeps them float. The ``static-w8a8`` baseline always keeps
+      them float (the per-tensor baseline of the paper).
+    embedding_bits: 8 (default: one scale per row / output channel) or 4 (INT4 in ``int4_group``
+      K-groups; half the bytes of the largest tensors, at a larger head error).
+    """
     table = _scheme_table(int4_group)
     if name not in table:
         raise ValueError(f"unknown quantization scheme {name!r}; known schemes: {', '.join(table)}")
-    return table[name]
+    if embedding_bits not in (4, 8):
+        raise ValueError(f"embedding_bits must be 8 or 4, got {embedding_bits}")
+    rules = table[name]
+    if embeddings and name != "static-w8a8":
+        act = "none" if rules[0].act_mode == "none" else "token"
+        rules = rules + _embedding_rules(act, embedding_bits, int4_group)
+    return rules
 
 
 scheme_rules = scheme
@@ -165,22 +226,44 @@ def dense_paths(params: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def assign_rules(paths: list[str], rules: list[QuantRule] | tuple[QuantRule, ...]) -> dict[str, int]:
-    """path -> index of the first rule matching it; raises if a rule matches nothing."""
+def embedding_paths(params: Mapping[str, Any]) -> list[str]:
+    """Module paths of every embedding table (a dict holding a 2-D ``embedding``, as nn.Embed), in tree
+    order."""
+    out: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, prefix + (str(k),))
+            elif k == "embedding" and getattr(v, "ndim", 0) == 2:
+                out.append("/".join(prefix))
+
+    walk(params, ())
+    return out
+
+
+def assign_rules(
+    paths: list[str], rules: list[QuantRule] | tuple[QuantRule, ...], kind: RuleKind = "dense"
+) -> dict[str, int]:
+    """path -> index (into ``rules``) of the first rule of ``kind`` matching it.
+
+    Rules of the other kind are skipped; raises if a non-optional rule of ``kind`` matches nothing.
+    """
     if not rules:
         raise ValueError("no quantization rules given")
     assignment: dict[str, int] = {}
     used = [False] * len(rules)
     for p in paths:
         for i, r in enumerate(rules):
-            if r.matches(p):
+            if r.kind == kind and r.matches(p):
                 assignment[p] = i
                 used[i] = True
                 break
-    unused = [rules[i].pattern for i, u in enumerate(used) if not u]
+    unused = [r.pattern for r, u in zip(rules, used) if r.kind == kind and not u and not r.optional]
     if unused:
+        what = "Dense layer" if kind == "dense" else "embedding table"
         raise ValueError(
-            f"quantization rule(s) {unused} match no Dense layer; the model's Dense paths are: {paths}"
+            f"quantization rule(s) {unused} match no {what}; the model's {what} paths are: {paths}"
         )
     return assignment
 
@@ -208,11 +291,13 @@ def _map_path(tree: Mapping[str, Any], path: str, fn) -> dict:
 class QuantizedParams:
     """A quantized model's parameters (a pytree).
 
-    params: the float params tree with the quantized Dense ``kernel``s removed (biases, norms, embeddings,
-      unquantized layers stay as they were).
-    weights: module path -> QArray of the transposed kernel, shape (N=out, K=in).
+    params: the float params tree with the quantized Dense ``kernel``s and embedding tables removed
+      (biases, norms, unquantized layers stay as they were).
+    weights: Dense module path -> QArray of the transposed kernel, shape (N=out, K=in).
     act_scales: module path -> () float32 calibrated per-tensor activation scale (static mode only).
-    rules / assignment: static; ``assignment`` pairs each quantized path with its rule index.
+    rules / assignment: static; ``assignment`` pairs each quantized path (Dense or table) with its rule index.
+    embeddings: nn.Embed module path -> QArray of the table, shape (V, D) int8, scale (V, 1) f32 (per row).
+      Last, so that positional construction without it (older code) still works.
     """
 
     params: dict
@@ -220,6 +305,7 @@ class QuantizedParams:
     act_scales: dict
     rules: tuple[QuantRule, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     assignment: tuple[tuple[str, int], ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    embeddings: dict = dataclasses.field(default_factory=dict)
 
     def rule_for(self, path: str) -> QuantRule | None:
         for p, i in self.assignment:
@@ -229,7 +315,8 @@ class QuantizedParams:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(p for p, _ in self.assignment)
+        """Paths of the quantized Dense layers (the GEMMs; see ``embeddings`` for the tables)."""
+        return tuple(p for p, i in self.assignment if self.rules[i].kind == "dense")
 
 
 def quantize_weight(kernel: jax.Array, rule: QuantRule) -> QArray:
@@ -243,6 +330,23 @@ def _quantize_weight_t(w: jax.Array, spec: QuantSpec) -> QArray:
     return quantize(w.T, spec)
 
 
+EMBED_SPEC = QuantSpec.per_row(8)
+
+
+def quantize_embedding(table: jax.Array, spec: QuantSpec = EMBED_SPEC) -> QArray:
+    """nn.Embed table (V, D) float -> QArray (V, D), not transposed: it already is the tied head's (N, K).
+
+    Default INT8, one symmetric scale per row, scale (V, 1) f32: per token for the lookup, and per output
+    channel for the tied head ``x @ table.T``. A rule's ``weight_spec()`` may ask for INT4 / K-groups.
+    """
+    return _quantize_embedding(jnp.asarray(table), spec)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_embedding(table: jax.Array, spec: QuantSpec) -> QArray:
+    return quantize(table, spec)
+
+
 def quantize_params(
     params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]
 ) -> QuantizedParams:
@@ -254,20 +358,29 @@ def quantize_params(
         raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
     rules = tuple(rules)
     assignment = assign_rules(dense_paths(params), rules)
+    tables = assign_rules(embedding_paths(params), rules, kind="embedding")
     weights: dict[str, QArray] = {}
+    embeddings: dict[str, QArray] = {}
     rest: dict = dict(params)
     for path, i in assignment.items():
         weights[path] = quantize_weight(get_path(params, path)["kernel"], rules[i])
         rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "kernel"})
-    return QuantizedParams(rest, weights, {}, rules, tuple(assignment.items()))
+    for path, i in tables.items():
+        embeddings[path] = quantize_embedding(get_path(params, path)["embedding"], rules[i].weight_spec())
+        rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "embedding"})
+    return QuantizedParams(rest, weights, {}, rules, tuple({**assignment, **tables}.items()), embeddings)
 
 
 def restore_kernels(qp: QuantizedParams, dtype=jnp.float32) -> dict:
-    """The float params tree with each quantized kernel replaced by its dequantized (K, N) value."""
+    """The float params tree with each quantized kernel (K, N) and embedding table (V, D) replaced by its
+    dequantized value."""
     tree = qp.params
     for path, q in qp.weights.items():
         kern = q.dequantize(jnp.float32).T.astype(dtype)
         tree = _map_path(tree, path, lambda node, kern=kern: {**node, "kernel": kern})
+    for path, q in qp.embeddings.items():
+        table = q.dequantize(jnp.float32).astype(dtype)
+        tree = _map_path(tree, path, lambda node, table=table: {**node, "embedding": table})
     return tree
 
 
@@ -278,16 +391,18 @@ def _nbytes(x: Any) -> int:
 def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str, Any]:
     """Per quantized layer and in total: bytes of codes + scales vs the fp32 / fp16 model.
 
-    float_dtype: count the unquantized params (embeddings, norms, biases) at this dtype (how they are
-    stored, e.g. "float16"); None = their dtype in ``qp``.
-    Returns {"layers": [{path, shape (K, N), rule, bytes, fp16_bytes, bits_per_weight}], "quantized_bytes",
+    float_dtype: count the unquantized params (norms, biases, float embeddings) at this dtype (how they
+    are stored, e.g. "float16"); None = their dtype in ``qp``.
+    Returns {"layers": [{path, shape, rule, bytes, fp16_bytes, bits_per_weight}], "quantized_bytes",
     "float_bytes", "total_bytes", "fp32_total_bytes", "fp16_total_bytes", "compression_vs_fp16",
     "compression_vs_fp32"}.
     """
     layers = []
     qbytes = 0
     n_qweights = 0
-    for path, q in qp.weights.items():
+    # Dense shapes are reported as the Flax kernel's (K, N); embedding tables as (V, D).
+    tables = {path: (q, q.shape) for path, q in qp.embeddings.items()}
+    for path, (q, shape) in {**{p: (q, q.shape[::-1]) for p, q in qp.weights.items()}, **tables}.items():
         n, k = q.shape
         rule = qp.rule_for(path)
         b = q.nbytes
@@ -296,7 +411,7 @@ def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str
         layers.append(
             dict(
                 path=path,
-                shape=(k, n),
+                shape=tuple(shape),
                 rule=rule.describe() if rule else "?",
                 bytes=b,
                 fp16_bytes=2 * n * k,
@@ -329,7 +444,7 @@ def bits_report(qp: QuantizedParams, float_dtype: str | None = None) -> dict[str
 
 
 def format_bits_report(rep: dict[str, Any]) -> str:
-    lines = [f"{'layer':40s} {'K x N':>12s} {'bits/w':>7s}  rule"]
+    lines = [f"{'layer':40s} {'KxN / VxD':>12s} {'bits/w':>7s}  rule"]
     for lay in rep["layers"]:
         k, n = lay["shape"]
         lines.append(f"{lay['path']:40s} {f'{k}x{n}':>12s} {lay['bits_per_weight']:7.2f}  {lay['rule']}")

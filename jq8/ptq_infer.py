@@ -13,6 +13,11 @@ forward that mirrors the model). Two levels, one interceptor (:func:`fused_inter
   models) has its ``__call__`` replaced by :func:`quantized_linear`: a one-pass per-token quantize kernel
   on its input, then the INT8 GEMM with the fused epilogue. A per-Dense hook cannot see the op that
   produced its input, so this level cannot fuse the quantization into LayerNorm / GELU.
+* ``nn.Embed`` modules whose table is quantized (``qp.embeddings``): the lookup gathers the INT8 rows and
+  their scales and dequantizes only those (:func:`embedding_lookup`); ``attend`` (GPT's tied LM head) is
+  :func:`quantized_linear` with the (V, D) table as the (N, K) weight: per-token INT8 activations x INT8
+  table, the per-row table scales as per-output-channel scales in the GEMM epilogue, fp32 logits. Their
+  ``setup`` is skipped (it would ask for the float table, which the compact params no longer hold).
 
 Why interception: the user's model (GPT, LLaMA, MiniLM BERT...) runs unchanged from its own code, rules
 find layers by module path, LKD (jq8.lkd) uses the same hook for its straight-through student, and only
@@ -27,6 +32,7 @@ against. ``None`` = pallas on GPU, xla elsewhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -207,6 +213,50 @@ def quantized_linear(
     return y.reshape(*lead, n)
 
 
+# --------------------------------------------------------------------------- embedding tables, tied head
+
+
+def embedding_lookup(table: QArray, ids: jax.Array, dtype=None) -> jax.Array:
+    """Rows ``ids`` of a quantized table: table (V, D) int8 (or packed INT4) with scale (V, G) f32 (G = 1:
+    per row; else K-groups), ids (...) int -> (..., D) ``dtype`` (default: the table's original dtype).
+
+    Only the looked-up rows are dequantized (codes x scale, the product ``QArray.dequantize`` computes, so
+    the rows are bit-identical to the dequantized table's). Out-of-range ids give NaN rows, like
+    ``nn.Embed`` (``jnp.take`` fills the scale with NaN).
+    """
+    v, d = table.shape_2d
+    if table.zero_point is not None or table.spec.tile[0] != 1:
+        raise ValueError("embedding_lookup needs a symmetric table with scales per row or per row group")
+    codes = jnp.take(table.values, ids.reshape(-1), axis=0)  # (M, D) int8: 1/4 of the float gather's bytes
+    codes = unpack_int4(codes, d) if table.spec.bits == 4 else codes
+    scale = jnp.take(table.scale, ids.reshape(-1), axis=0)  # (M, G) f32
+    if scale.shape[1] > 1:  # K-groups: each scale covers ``g`` consecutive columns of its row
+        g = table.spec.resolve(v, d)[1]
+        scale = jnp.repeat(scale, g, axis=1)[:, :d]
+    rows = codes.astype(jnp.float32) * scale
+    return rows.reshape(*ids.shape, d).astype(dtype or table.dtype)
+
+
+def _embed_method(module: nn.Embed, method: str, args: tuple, kwargs: dict, table: QArray, rule, backend):
+    """One intercepted method of a quantized nn.Embed: setup (skipped), __call__ (lookup), attend (head)."""
+    if method == "setup":
+        return None  # the float ``embedding`` param is not in the compact params: never create it
+    if len(args) != 1 or kwargs:
+        raise TypeError(f"quantized nn.Embed.{method} expects one positional input, got {args}, {kwargs}")
+    (x,) = args
+    if method == "__call__":
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        if table.shape[0] == 1:  # nn.Embed broadcasts a single-row table whatever the ids
+            x = jnp.zeros_like(x)
+        return embedding_lookup(table, x, module.dtype)
+    if method == "attend":
+        # Tied LM head x @ table.T: the (V, D) table is an (N, K) weight with per-output-channel scales.
+        out_dtype = module.dtype or jnp.result_type(x.dtype, table.dtype)
+        return quantized_linear(x, table, rule, backend=backend).astype(out_dtype)
+    raise NotImplementedError(f"nn.Embed.{method} of a quantized table is not supported")
+
+
 # -------------------------------------------------------------------------------- Flax interception
 
 
@@ -214,12 +264,22 @@ def _module_path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
+def _dense_rules(qp: QuantizedParams) -> dict[str, QuantRule]:
+    return {p: qp.rules[i] for p, i in qp.assignment if qp.rules[i].kind == "dense"}
+
+
 def dense_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callable:
-    """A ``nn.intercept_methods`` interceptor running every quantized Dense of ``qp`` as INT8."""
+    """A ``nn.intercept_methods`` interceptor running every quantized Dense of ``qp`` as INT8, and every
+    quantized nn.Embed from its INT8 table (lookup and tied head)."""
     backend = resolve_backend(backend)
-    rules = {p: qp.rules[i] for p, i in qp.assignment}
+    rules = _dense_rules(qp)
+    table_rules = {p: qp.rules[i] for p, i in qp.assignment if p in qp.embeddings}
 
     def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if isinstance(mod, nn.Embed) and (path := _module_path(mod)) in qp.embeddings:
+            table, rule = qp.embeddings[path], table_rules[path]
+            return _embed_method(mod, context.method_name, args, kwargs, table, rule, backend)
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = _module_path(context.module)
@@ -310,7 +370,7 @@ def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callab
     from jq8.nn import AttentionBlock, MlpBlock
 
     backend = resolve_backend(backend)
-    rules = {p: qp.rules[i] for p, i in qp.assignment}
+    rules = _dense_rules(qp)
     per_dense = dense_interceptor(qp, backend)
 
     def interceptor(next_fun, args, kwargs, context):
@@ -343,7 +403,8 @@ def apply_quantized(
     """``model.apply`` with the quantized params: same arguments and outputs as the float model.
 
     fused: fuse activation quantization into LayerNorm / GELU for jq8.nn blocks (:func:`fused_interceptor`);
-    False intercepts each Dense separately (works for any Flax model).
+    False intercepts each Dense separately (works for any Flax model). Quantized embedding tables (and a
+    tied head ``attend``) run from their INT8 codes either way.
     """
     policy = getattr(model, "policy", None)
     if getattr(policy, "int8", False):
@@ -412,4 +473,4 @@ def calibrate_static(
     if n == 0:
         raise ValueError("calibrate_static got no calibration batches")
     scales = {p: jnp.maximum(amax[p] / qmax(8), jnp.finfo(jnp.float32).tiny) for p in paths}
-    return QuantizedParams(qp.params, qp.weights, scales, qp.rules, qp.assignment)
+    return dataclasses.replace(qp, act_scales=scales)

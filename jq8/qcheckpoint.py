@@ -2,18 +2,24 @@
 
 Layout of a checkpoint directory::
 
-    manifest.json   {"format": "jq8-quantized", "format_version": 1, "rules": [...], "assignment": {...},
-                     "weights": {path: {shape, dtype, spec}}, "float_dtype", "model_config", "extra": {...}}
-    arrays.npz      uncompressed numpy archive: w/<path>/values|scale|zero_point, p/<path> (float params),
+    manifest.json   {"format": "jq8-quantized", "format_version": 2, "rules": [...], "assignment": {...},
+                     "weights": {path: {shape, dtype, spec}}, "embeddings": {path: {shape, dtype, spec}},
+                     "float_dtype", "model_config", "extra": {...}}
+    arrays.npz      uncompressed numpy archive: w/<path>/values|scale|zero_point (Dense kernels),
+                    e/<path>/values|scale (INT8 embedding tables), p/<path> (float params),
                     s/<path> (static activation scales)
+
+Versions: 2 added quantized embedding tables (``embeddings``, ``e/``) and the rule fields ``kind`` /
+``optional``; version-1 checkpoints (no quantized tables) load unchanged.
 
 Why npz + JSON and not Orbax: the checkpoint is a handful of arrays written once and read whole; an
 uncompressed npz costs the bytes of the arrays plus ~100 B per entry (so the size on disk is what
 :func:`jq8.ptq.bits_report` says), is one file and loads with numpy alone. Measured on the tiny GPT
-(W4/8-A8, float params fp16): bits 2,395,136 B; npz 2,404,872 B (+0.4%); Orbax StandardCheckpointer of the
-same pytree 2,233,608 B in 12 files (it compresses: -7%); ``compress=True`` (np.savez_compressed) 2,214,616 B.
-INT8/INT4 codes barely compress (-5%); the savings come from the fp16 embeddings. Orbax is not bloated, but
-buys nothing here that ``compress=True`` does not.
+(W4/8-A8, float embeddings and params fp16): bits 2,395,136 B; npz 2,404,872 B (+0.4%); Orbax
+StandardCheckpointer of the same pytree 2,233,608 B in 12 files (it compresses: -7%); ``compress=True``
+(np.savez_compressed) 2,214,616 B. INT8/INT4 codes barely compress (-5%); the savings came from the fp16
+embeddings (now INT8 by default). Orbax is not bloated, but buys nothing here that ``compress=True``
+does not.
 
 Writes are atomic: everything goes to a temporary sibling directory which is renamed into place; an
 existing destination is replaced only with ``overwrite=True``.
@@ -21,6 +27,7 @@ existing destination is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +44,7 @@ from jq8.ptq import QuantizedParams, QuantRule
 from jq8.quant import QArray, QuantSpec
 
 FORMAT = "jq8-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 
@@ -68,6 +75,28 @@ def _spec_json(spec: QuantSpec) -> dict:
     return {"tile": list(spec.tile), "bits": spec.bits, "symmetric": spec.symmetric}
 
 
+def _put_qarray(arrays: dict[str, np.ndarray], key: str, q: QArray) -> dict:
+    """Adds q's codes / scales (/ zero points) to ``arrays`` under ``key``; returns its manifest entry."""
+    arrays[f"{key}/values"] = np.asarray(q.values)
+    arrays[f"{key}/scale"] = np.asarray(q.scale, np.float32)
+    if q.zero_point is not None:
+        arrays[f"{key}/zero_point"] = np.asarray(q.zero_point, np.float32)
+    return {"shape": list(q.shape), "dtype": jnp.dtype(q.dtype).name, "spec": _spec_json(q.spec)}
+
+
+def _get_qarray(arrays: Mapping[str, np.ndarray], key: str, meta: Mapping[str, Any]) -> QArray:
+    s = meta["spec"]
+    zp = arrays.get(f"{key}/zero_point")
+    return QArray(
+        jnp.asarray(arrays[f"{key}/values"]),
+        jnp.asarray(arrays[f"{key}/scale"]),
+        None if zp is None else jnp.asarray(zp),
+        QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"]),
+        tuple(meta["shape"]),
+        jnp.dtype(meta["dtype"]),
+    )
+
+
 def save_quantized(
     directory: str | os.PathLike,
     qp: QuantizedParams,
@@ -90,17 +119,8 @@ def save_quantized(
     if float_dtype not in ("float16", "float32", "bfloat16"):
         raise ValueError(f"float_dtype must be float16, bfloat16 or float32, got {float_dtype!r}")
     arrays: dict[str, np.ndarray] = {}
-    weights_meta: dict[str, Any] = {}
-    for path, q in qp.weights.items():
-        arrays[f"w/{path}/values"] = np.asarray(q.values)
-        arrays[f"w/{path}/scale"] = np.asarray(q.scale, np.float32)
-        if q.zero_point is not None:
-            arrays[f"w/{path}/zero_point"] = np.asarray(q.zero_point, np.float32)
-        weights_meta[path] = {
-            "shape": list(q.shape),
-            "dtype": jnp.dtype(q.dtype).name,
-            "spec": _spec_json(q.spec),
-        }
+    weights_meta = {path: _put_qarray(arrays, f"w/{path}", q) for path, q in qp.weights.items()}
+    tables_meta = {path: _put_qarray(arrays, f"e/{path}", q) for path, q in qp.embeddings.items()}
     store = jnp.dtype(float_dtype)
     float_meta: dict[str, str] = {}
     for path, v in _flatten(qp.params).items():
@@ -118,6 +138,7 @@ def save_quantized(
         "rules": [r.__dict__ for r in qp.rules],
         "assignment": {p: i for p, i in qp.assignment},
         "weights": weights_meta,
+        "embeddings": tables_meta,
         "float_params": float_meta,
         "float_dtype": float_dtype,
         "model_config": dict(model_config or {}),
@@ -170,20 +191,9 @@ def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]
     manifest = read_manifest(d)
     with np.load(d / ARRAYS) as z:
         arrays = {k: z[k] for k in z.files}
-    rules = tuple(QuantRule(**r) for r in manifest["rules"])
-    weights: dict[str, QArray] = {}
-    for path, meta in manifest["weights"].items():
-        s = meta["spec"]
-        spec = QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"])
-        zp = arrays.get(f"w/{path}/zero_point")
-        weights[path] = QArray(
-            jnp.asarray(arrays[f"w/{path}/values"]),
-            jnp.asarray(arrays[f"w/{path}/scale"]),
-            None if zp is None else jnp.asarray(zp),
-            spec,
-            tuple(meta["shape"]),
-            jnp.dtype(meta["dtype"]),
-        )
+    rules = tuple(QuantRule(**r) for r in manifest["rules"])  # v1 rules: kind / optional take defaults
+    weights = {path: _get_qarray(arrays, f"w/{path}", m) for path, m in manifest["weights"].items()}
+    tables = {path: _get_qarray(arrays, f"e/{path}", m) for path, m in manifest.get("embeddings", {}).items()}
     flat = {}
     for path, dt in manifest["float_params"].items():
         a = arrays[f"p/{path}"]
@@ -193,7 +203,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]
         flat[path] = a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
     scales = {k[2:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("s/")}
     assignment = tuple((p, int(i)) for p, i in manifest["assignment"].items())
-    return QuantizedParams(_unflatten(flat), weights, scales, rules, assignment), manifest
+    return QuantizedParams(_unflatten(flat), weights, scales, rules, assignment, tables), manifest
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:
@@ -208,6 +218,4 @@ def as_stored(qp: QuantizedParams, float_dtype: str = "float16") -> QuantizedPar
     def rt(v):
         return v.astype(dt).astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
 
-    return QuantizedParams(
-        jax.tree_util.tree_map(rt, qp.params), qp.weights, qp.act_scales, qp.rules, qp.assignment
-    )
+    return dataclasses.replace(qp, params=jax.tree_util.tree_map(rt, qp.params))

@@ -104,9 +104,12 @@ def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
             assert q.scale.shape == (n, -(-k // 32))
         else:
             assert q.spec.bits == 8 and q.values.dtype == jnp.int8 and q.scale.shape == (n, 1)
+    assert sorted(qp.embeddings) == ["wpe", "wte"]  # INT8 tables by default
     rep = ptq.bits_report(qp)
     for lay in rep["layers"]:
-        k, n = lay["shape"]
+        k, n = lay["shape"]  # Dense: the kernel's (K, N); a table: (V, D), one scale per row
+        if lay["path"] in qp.embeddings:
+            k, n = n, k
         w_bits, n_scales = (4, n * -(-k // 32)) if "/mlp/" in lay["path"] else (8, n)
         expect = (n * (-(-k * w_bits // 8)) * 8 + 32 * n_scales) / (n * k)  # codes + one f32 per scale
         assert lay["bits_per_weight"] == pytest.approx(expect, abs=1e-3)
@@ -186,19 +189,30 @@ def test_quantize_static_saturates_and_rounds_like_quant():
 
 
 def _fake_quant_reference(model, params, qp, tokens):
-    """The float model with each quantized Dense replaced by dequant(Q(x)) @ dequant(Q(W)) (simulation)."""
+    """The float model with each quantized Dense replaced by dequant(Q(x)) @ dequant(Q(W)), each quantized
+    table by its dequantized value and a tied head by dequant(Q(x)) @ table.T (simulation)."""
     import flax.linen as nn
 
     from jq8.lkd import ste_interceptor
 
-    rules = {p: qp.rules[i] for p, i in qp.assignment}
+    rules = {p: qp.rules[i] for p, i in qp.assignment if qp.rules[i].kind == "dense"}
+    dense = ste_interceptor(rules)
+
+    def head_acts(next_fun, args, kwargs, context):
+        path = "/".join(context.module.path)
+        rule = qp.rule_for(path)
+        if context.method_name == "attend" and path in qp.embeddings and rule.act_mode == "token":
+            return next_fun(fake_quantize(args[0], QuantSpec.per_row(8)))
+        return next_fun(*args, **kwargs)
 
     @jax.jit
     def run(p, t):
-        with nn.intercept_methods(ste_interceptor(rules)):
+        with nn.intercept_methods(dense), nn.intercept_methods(head_acts):
             return model.apply({"params": p}, t)
 
-    return run(params, tokens)
+    # Float kernels (ste_interceptor quantizes them itself), dequantized tables.
+    sim_params = ptq.restore_kernels(dataclasses.replace(qp, params=params, weights={}))
+    return run(sim_params, tokens)
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4/8-a8", "w4a16"])

@@ -56,12 +56,27 @@ def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
     assert rep["rows"][5]["ppl"] == rep["rows"][4]["ppl"]  # the saved model is the evaluated one
     assert all(r["ppl"] > 1 for r in rep["rows"])
     assert rep["disk_bytes"] < rep["fp32_bytes"] / 2
+    # INT8 tables by default: the 8192 x 32 token table (most of this model) is not in the float bytes.
+    assert rep["bits"]["float_bytes"] < 8192 * 32 and rep["size_ratio_vs_fp16"] > 1.7
+    assert set(json.loads((out / "manifest.json").read_text())["embeddings"]) == {"wte", "wpe"}
     saved = json.loads((out / "eval.json").read_text())
     assert saved["rows"] == rep["rows"]
     assert "FP32" in capsys.readouterr().out
     rep2 = quantize.main(["--eval", str(out), "--generate", "The city", "--max-new-tokens", "3", *SMALL])
     assert rep2["rows"][0]["ppl"] == rep["rows"][5]["ppl"]
     assert isinstance(rep2["generation"]["int8"], str)
+
+
+def test_fp_embeddings_keeps_tables_float(ckpt, tmp_path):
+    out = tmp_path / "f"
+    rep = quantize.main(
+        ["--ckpt", str(ckpt), "--scheme", "w8a8", "--fp-embeddings", "--out", str(out), *SMALL]
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embeddings"] == {} and manifest["extra"]["fp_embeddings"] is True
+    assert manifest["float_params"]["wte/embedding"] == "float16"
+    assert rep["bits"]["float_bytes"] >= 2 * 8192 * 32 and rep["size_ratio_vs_fp16"] < 1.1
+    assert rep["rows"][-1]["ppl"] == rep["rows"][2]["ppl"]  # reloaded == the evaluated W8A8 model
 
 
 @pytest.mark.parametrize(
@@ -109,6 +124,7 @@ def test_minilm_w8a8_keeps_embeddings(tmp_path):
     fp = embed(model, params, tok, sentences)
     qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
     assert len(qp.weights) == 6 * 6  # query, key, value, out, fc1, fc2 per layer
+    assert len(qp.embeddings) == 3  # word, position, token-type tables: INT8 per row
     fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a))
     q = embed(model, qp, tok, sentences, apply_fn=fn)
     m = evaluate.embedding_agreement(fp, q, groups)
