@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# ZeroQuant accuracy on our own trained GPT-2 124M (the bf16 run of the loss-parity config), then a reload of
-# the compact W4/8-A8 checkpoint through the INT8 path. GPU: ~5 minutes on one H100.
+# ZeroQuant accuracy on our own trained GPT-2 124M (the bf16 run of the loss-parity config): the evaluation
+# table with INT8 embedding tables (default) and with INT4 tables, then a reload of the compact W4/8-A8
+# checkpoint through the INT8 path. GPU: about 8 minutes on one H100.
 #
-#   PYTHONPATH=. bash benchmarks/ptq_accuracy.sh            # writes $OUT/ptq_124m.json (or runs/.../eval.json)
+#   PYTHONPATH=. bash benchmarks/ptq_accuracy.sh        # JSON tables in $OUT (or the run directory)
+#   CONFIG=configs/tiny.py TRAIN_ARGS="--steps=30" PTQ_ARGS="--lkd-steps 5" bash benchmarks/ptq_accuracy.sh  # CPU smoke
 set -euo pipefail
-RUN=${RUN:-runs/gpt2_124m_bf16}
+CONFIG=${CONFIG:-configs/gpt2_124m.py}
+RUN=${RUN:-runs/ptq_accuracy}
 DEST=${OUT:-$RUN}
+TRAIN_ARGS=${TRAIN_ARGS:---steps=1000 --batch_size=16 --warmup_steps=100 --eval_every=500 --eval_batches=2 --model.dropout_rate=0.1}
+PTQ_ARGS=${PTQ_ARGS:---eval-batches 2 --batch-size 16}
 mkdir -p "$DEST"
-python3 train.py --config configs/gpt2_124m.py --run_dir="$RUN" --steps=1000 --batch_size=16 \
-  --warmup_steps=100 --eval_every=500 --eval_batches=2 --ckpt_every=0 --model.dropout_rate=0.1 \
-  --progress=False --resume=False
+# shellcheck disable=SC2086
+python3 train.py --config "$CONFIG" --run_dir="$RUN" $TRAIN_ARGS --ckpt_every=0 --progress=False --resume=False
+# shellcheck disable=SC2086
 python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --lkd-input both --out "$RUN-w48a8" --overwrite \
-  --eval-batches 2 --batch-size 16 --generate "The history of the" --json "$DEST/ptq_124m.json"
-python3 quantize.py --eval "$RUN-w48a8" --eval-batches 2 --batch-size 16 --json "$DEST/ptq_124m_reload.json"
+  $PTQ_ARGS --generate "The history of the" --json "$DEST/ptq_eval_emb8.json"
+# shellcheck disable=SC2086
+python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --embedding-bits 4 --out "$RUN-w48a8-emb4" --overwrite \
+  $PTQ_ARGS --json "$DEST/ptq_eval_emb4.json"
+# shellcheck disable=SC2086
+python3 quantize.py --eval "$RUN-w48a8" $PTQ_ARGS --json "$DEST/ptq_eval_reload.json"
