@@ -4,8 +4,8 @@
     python quantize.py --eval runs/tiny-w48a8 [--ckpt runs/tiny] [--generate "The history of"]
     python quantize.py --model minilm [--lkd]      # MiniLM sentence encoder: cosine + retrieval agreement
 
-Embedding tables and the LM head are INT8 by default (``--embedding-bits 4``: INT4; ``--fp-embeddings``:
-float).
+Embedding tables and the LM head are quantized too: INT4 (K-groups) under the INT4 schemes, INT8 otherwise
+(``--embedding-bits 8|4`` overrides; ``--fp-embeddings`` keeps them float).
 
 Reads top to bottom: load the float model, data (evaluation: the held-out split of the training corpus;
 calibration: a *different* text, lee_background by default), quantize under each setting of the table,
@@ -74,9 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--embedding-bits",
         type=int,
-        default=8,
+        default=None,
         choices=(8, 4),
-        help="bits of the quantized embedding tables and LM head (4: INT4 in --int4-group K-groups)",
+        help="bits of the quantized embedding tables and LM head (4: INT4 in --int4-group K-groups; "
+        "default: 4 for w4/8-a8 and w4a16, else 8)",
     )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
     p.add_argument("--eval-batches", type=int, default=20)
@@ -279,7 +280,9 @@ def main(argv=None) -> dict:
         "source_ckpt": os.path.abspath(args.ckpt),
         "scheme": args.scheme,
         "fp_embeddings": args.fp_embeddings,
-        "embedding_bits": None if args.fp_embeddings else args.embedding_bits,
+        "embedding_bits": None if args.fp_embeddings else next(
+            (r.weight_bits for r in scheme_rules(args, args.scheme) if r.kind == "embedding"), None
+        ),
         "lkd": args.lkd,
         "lkd_last_loss": args.lkd_last_loss if args.lkd else None,
         "seq_len": seq_len,

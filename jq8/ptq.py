@@ -182,7 +182,7 @@ SCHEMES: tuple[str, ...] = tuple(_scheme_table(128))
 
 
 def scheme(
-    name: str, *, int4_group: int = 128, embeddings: bool = True, embedding_bits: int = 8
+    name: str, *, int4_group: int = 128, embeddings: bool = True, embedding_bits: int | None = None
 ) -> list[QuantRule]:
     """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size.
 
@@ -190,15 +190,19 @@ def scheme(
       them) and an untied ``lm_head`` Dense, with the scheme's activation mode (token-wise INT8, or float
       for the weight-only schemes). False keeps them float. The ``static-w8a8`` baseline always keeps
       them float (the per-tensor baseline of the paper).
-    embedding_bits: 8 (default: one scale per row / output channel) or 4 (INT4 in ``int4_group``
-      K-groups; half the bytes of the largest tensors, at a larger head error).
+    embedding_bits: 8 (one scale per row / output channel) or 4 (INT4 in ``int4_group`` K-groups; half the
+      bytes of the largest tensors, at a larger head error). None (default): 4 for the schemes with INT4
+      weights (w4/8-a8, w4a16: the compact ones; on our 124M GPT +0.6% perplexity vs INT8 tables and
+      0.34x instead of 0.36x the fp16 size, see BENCHMARKS.md), 8 otherwise.
     """
     table = _scheme_table(int4_group)
     if name not in table:
         raise ValueError(f"unknown quantization scheme {name!r}; known schemes: {', '.join(table)}")
+    rules = table[name]
+    if embedding_bits is None:
+        embedding_bits = 4 if any(r.weight_bits == 4 for r in rules) else 8
     if embedding_bits not in (4, 8):
         raise ValueError(f"embedding_bits must be 8 or 4, got {embedding_bits}")
-    rules = table[name]
     if embeddings and name != "static-w8a8":
         act = "none" if rules[0].act_mode == "none" else "token"
         rules = rules + _embedding_rules(act, embedding_bits, int4_group)

@@ -96,7 +96,7 @@ def test_rule_validation(kw, msg):
 
 def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
     _, params, _ = gpt
-    qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32))
+    qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32, embedding_bits=8))
     for path, q in qp.weights.items():
         n, k = q.shape
         if "/mlp/" in path:
@@ -104,7 +104,7 @@ def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
             assert q.scale.shape == (n, -(-k // 32))
         else:
             assert q.spec.bits == 8 and q.values.dtype == jnp.int8 and q.scale.shape == (n, 1)
-    assert sorted(qp.embeddings) == ["wpe", "wte"]  # INT8 tables by default
+    assert sorted(qp.embeddings) == ["wpe", "wte"]  # INT8 tables as asked (the w4 default is INT4)
     rep = ptq.bits_report(qp)
     for lay in rep["layers"]:
         k, n = lay["shape"]  # Dense: the kernel's (K, N); a table: (V, D), one scale per row
@@ -226,7 +226,8 @@ def test_int8_model_equals_fake_quant_simulation(gpt, name):
     # Same integer products; differences are fp32 summation order only (plus rare token-scale ties).
     np.testing.assert_allclose(got, sim, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(fp))))
     err = float(jnp.sqrt(jnp.mean((got - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2)))
-    assert 0 < err < (0.02 if "8" in name.split("-")[0][:3] and "4" not in name else 0.2), err
+    # INT4 schemes also put the tied LM head in INT4 K-groups (their default): the larger bound.
+    assert 0 < err < (0.02 if "8" in name.split("-")[0][:3] and "4" not in name else 0.3), err
 
 
 def test_int8_path_runs_integer_dots(gpt):
@@ -324,4 +325,5 @@ def test_llama_without_biases_runs_quantized(name, tmp_path):
     qp, _ = qcheckpoint.load_quantized(tmp_path / "q")  # the reload drops the now-empty param dicts
     out = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t))(qp, tokens)
     fp = jax.jit(model.apply)({"params": params}, tokens)
-    assert float(jnp.sqrt(jnp.mean((out - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2))) < 0.2
+    bound = 0.3 if "4" in name else 0.2  # INT4 schemes: INT4 LM head too (their default)
+    assert float(jnp.sqrt(jnp.mean((out - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2))) < bound

@@ -106,7 +106,7 @@ def test_int4_grouped_table_lookup_exact_and_head_matches_simulation():
     # A scheme option: INT4 tables in int4_group K-groups (half the code bytes of INT8, more scales).
     _, gparams, _ = tiny_gpt(layers=1, d=32, heads=2, vocab=101, seq=16, seed=20)
     q4 = ptq.quantize_params(gparams, ptq.scheme("w4/8-a8", int4_group=16, embedding_bits=4))
-    q8 = ptq.quantize_params(gparams, ptq.scheme("w4/8-a8", int4_group=16))
+    q8 = ptq.quantize_params(gparams, ptq.scheme("w4/8-a8", int4_group=16, embedding_bits=8))
     assert q4.embeddings["wte"].spec.bits == 4 and q4.embeddings["wte"].scale.shape == (101, 2)
     assert q4.embeddings["wte"].nbytes == 101 * 32 // 2 + 4 * 101 * 2
     assert q8.embeddings["wte"].nbytes == 101 * 32 + 4 * 101
@@ -140,7 +140,7 @@ def test_gpt_head_runs_an_int8_dot_over_the_vocabulary():
 def test_gpt_schemes_quantize_tables_by_default(name):
     model, params, tokens = tiny_gpt(layers=1, d=32, heads=2, vocab=101, seq=16, seed=8)
     fp = fp_logits(model, params, tokens)
-    qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32))
+    qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32, embedding_bits=8))
     assert sorted(qp.embeddings) == ["wpe", "wte"] and "lm_head" not in qp.weights
     assert qp.rule_for("wte").act_mode == ("none" if name == "w8a16" else "token")
     qf = ptq.quantize_params(params, ptq.scheme(name, int4_group=32, embeddings=False))
@@ -156,6 +156,14 @@ def test_gpt_schemes_quantize_tables_by_default(name):
     assert wte["shape"] == (101, 32) and wte["bits_per_weight"] == pytest.approx(8 + 32 / 32)
 
 
+@pytest.mark.parametrize("name,bits", [("w8a8", 8), ("w8a16", 8), ("w4/8-a8", 4), ("w4a16", 4)])
+def test_default_table_bits_follow_the_scheme(name, bits):
+    # The INT4 schemes are the compact ones: their tables default to INT4 K-groups.
+    rules = [r for r in ptq.scheme(name, int4_group=32) if r.kind == "embedding"]
+    assert rules and all(r.weight_bits == bits for r in rules)
+    assert all(r.weight_bits == 8 for r in ptq.scheme(name, embedding_bits=8) if r.kind == "embedding")
+
+
 def test_static_baseline_keeps_tables_float():
     _, params, _ = tiny_gpt(layers=1, d=32, heads=2, vocab=61, seq=8, seed=9)
     assert ptq.quantize_params(params, ptq.scheme("static-w8a8")).embeddings == {}
@@ -164,7 +172,7 @@ def test_static_baseline_keeps_tables_float():
 def test_llama_untied_head_is_an_int8_dense_and_table_int8():
     model, params = tiny_llama(d=32, heads=2, vocab=89, seq=16, seed=10)
     tokens = jax.random.randint(jax.random.PRNGKey(11), (2, 13), 0, 89)
-    qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=16))
+    qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=16, embedding_bits=8))
     assert list(qp.embeddings) == ["wte"] and qp.rule_for("lm_head").weight_bits == 8
     assert qp.weights["lm_head"].shape == (89, 32) and qp.weights["lm_head"].scale.shape == (89, 1)
     fp = fp_logits(model, params, tokens)
