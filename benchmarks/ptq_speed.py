@@ -90,9 +90,11 @@ def embeddings_to_bf16(tree):
     return jax.tree_util.tree_map_with_path(cast, tree)
 
 
-def head_is_int8(qp) -> bool:
-    """Whether the scheme quantized the tied table ``wte`` (newer jq8.ptq: ``QuantizedParams.embeddings``)."""
-    return any(p.split("/")[-1] == "wte" for p in getattr(qp, "embeddings", {}) or {})
+def head_label(qp) -> str | None:
+    """"int8" / "int4" when the scheme quantized the tied table ``wte``, else None (float head)."""
+    tables = getattr(qp, "embeddings", {}) or {}
+    bits = [q.spec.bits for p, q in tables.items() if p.split("/")[-1] == "wte"]
+    return f"int{bits[0]}" if bits else None
 
 
 def bench_preset(name: str, args, prefill: bool) -> dict:
@@ -123,7 +125,7 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
     sizes = {}
     for scheme in SCHEMES:
         qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=args.int4_group))
-        int8_head = head_is_int8(qp)
+        int8_head = head_label(qp)
         qp = dataclasses.replace(qp, params=embeddings_to_bf16(qp.params))
 
         def q_apply(q, t, backend, int8_head=int8_head):
@@ -137,7 +139,7 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         out1 = q_fn(qp, one)
         row = dict(
             model=scheme,
-            head="int8" if int8_head else "bf16",
+            head=int8_head or "bf16",
             rel_rms_vs_bf16=rel_rms(out1, ref1),
             pallas_vs_xla=rel_rms(out1, x_fn(qp, one)),
             decode_ms=timeit(q_fn, qp, one, iters=iters),
@@ -202,7 +204,7 @@ def _print_table(rows, prefill: bool, args) -> None:
             line += f" {r[key]:>{width}.3g}" if key in r else f" {'-':>{width}s}"
         print(line)
     print(
-        "head: the tied LM head's precision (bf16 = intercepted bf16 attend; int8 = scheme-quantized table)"
+        "head: the tied LM head precision (bf16: intercepted bf16 attend; int8/int4: scheme-quantized table)"
     )
 
 
