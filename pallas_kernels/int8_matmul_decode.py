@@ -197,11 +197,13 @@ def _decode_kernel(*refs, p: _Plan, epi):
     a_rows = jnp.arange(bm) < p.m if p.m % bm else None
     col_ok = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
     k_lo = s * p.chunk
-    last_len = p.k - (p.split - 1) * p.chunk  # K columns of the last split
-    if p.split == 1:
-        n_units = p.k // p.unit
-    else:  # the last split holds what is left of K: a traced trip count (scf.for takes dynamic bounds)
-        n_units = jnp.where(s == p.split - 1, last_len // p.unit, p.chunk // p.unit)
+    # Static trip counts (Triton's scf.for rejected the traced one a shorter last split needed): with
+    # split-K every split runs chunk / unit units and the last one masks K past the end (those loads are
+    # zeros, their group scale index is clamped); a single split runs the whole units, then the K tail.
+    ragged = p.split > 1 and p.split * p.chunk > p.k
+    n_units = p.k // p.unit if p.split == 1 else p.chunk // p.unit
+    k_mask = p.k if ragged else None
+    n_groups = cdiv(p.k, p.unit)
 
     def dot_unit(k0, nsteps: int, k_hi):
         """int32 product over K columns [k0, k0 + nsteps * bk); ``k_hi`` masks K (None: all in bounds)."""
@@ -222,7 +224,7 @@ def _decode_kernel(*refs, p: _Plan, epi):
         part = dot_unit(k0, nsteps, k_hi)
         if not p.grouped:
             return acc + part
-        g = jnp.asarray(k0 // p.unit, jnp.int32)
+        g = jnp.minimum(jnp.asarray(k0 // p.unit, jnp.int32), n_groups - 1)  # past K: masked zeros
         view = sg_ref.at[pl.ds(col0, bn), g]  # column g of the (N, G) scales: a strided (bn,) read
         sg = view[...] if col_ok is None else plgpu.load(view, mask=col_ok, other=0.0)
         return acc + part.astype(jnp.float32) * sg[None, :]
@@ -231,13 +233,11 @@ def _decode_kernel(*refs, p: _Plan, epi):
     acc = lax.fori_loop(
         0,
         n_units,
-        lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, None),
+        lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, k_mask),
         acc,
     )
-    if p.k % p.unit:  # K tail, owned by the last split; in the others the traced limit masks every column
-        k_hi = p.k if p.split == 1 else jnp.where(s == p.split - 1, p.k, k_lo + p.chunk)
-        tail0 = k_lo + n_units * p.unit
-        acc = accumulate(acc, tail0, cdiv(p.k % p.unit, bk), k_hi)
+    if p.split == 1 and p.k % p.unit:  # K tail of a single split (split-K covers it by masking)
+        acc = accumulate(acc, k_lo + n_units * p.unit, cdiv(p.k % p.unit, bk), p.k)  # k_lo = 0 here
 
     mask = _and_masks(
         None if a_rows is None else a_rows[:, None], None if col_ok is None else col_ok[None, :]
