@@ -122,6 +122,7 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
     if prefill:
         row["prefill_ms"] = timeit(fp_fn, params_bf16, tokens, iters=iters)
     rows.append(row)
+    print("row", json.dumps(row), flush=True)
     sizes = {}
     for scheme in SCHEMES:
         qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=args.int4_group))
@@ -148,10 +149,12 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         if prefill:
             row["prefill_ms"] = timeit(q_fn, qp, tokens, iters=iters)
         rows.append(row)
+        print("row", json.dumps(row), flush=True)  # survives a run cut short by a time limit
         if prefill:
             rows.append(
                 dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, qp, tokens, iters=iters))
             )
+            print("row", json.dumps(rows[-1]), flush=True)
             with tempfile.TemporaryDirectory() as d:
                 qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
                 sizes[scheme] = qcheckpoint.disk_bytes(os.path.join(d, "q"))
