@@ -63,7 +63,10 @@ def make_policy(cfg: TrainConfig) -> Policy:
         raise ValueError(f"use_kernels must be auto/true/false, got {cfg.use_kernels!r}")
     # On CPU the Pallas kernels would run in (slow) interpret mode: use their jnp references instead.
     use_kernels = jax.default_backend() == "gpu" if use == "auto" else use == "true"
-    return Policy.from_name(cfg.policy, use_kernels=use_kernels)
+    if cfg.policy == "bf16":
+        return Policy.from_name(cfg.policy, use_kernels=use_kernels)
+    return Policy.from_name(cfg.policy, use_kernels=use_kernels, granularity=cfg.int8_granularity,
+                            block=(cfg.int8_block, cfg.int8_block))
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -21,6 +21,10 @@ from models.presets import ModelConfig
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     policy: str = "bf16"  # "bf16" | "jetfire-int8": the only difference between the two runs
+    # jetfire-int8 scales: "block" (Jetfire's square blocks of int8_block) or "row" (per-token/per-channel
+    # scales constant along K: the faster path on H100, see BENCHMARKS.md)
+    int8_granularity: str = "block"
+    int8_block: int = 32
     use_kernels: str = "auto"  # Pallas kernels for INT8: "auto" (on GPU only), "true", "false" (references)
     run_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and config.json go here
     # data

@@ -130,3 +130,17 @@ def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
         w.write(1, loss=2.0)
         w.close()
         assert (tmp_path / "tb").is_dir()
+
+
+def test_int8_granularity_reaches_the_policy(tmp_path):
+    cfg = apply_overrides(load_config(os.path.join(CONFIGS, "tiny.py")),
+                          ["--policy=jetfire-int8", "--int8_granularity=row", "--int8_block=16"])
+    pol = train.make_policy(cfg)
+    assert pol.granularity == "row" and pol.block == (16, 16) and pol.int8
+    assert train.make_policy(dataclasses.replace(cfg, policy="bf16")).int8 is False
+    with pytest.raises(ValueError, match="granularity must be 'block' or 'row'"):
+        train.make_policy(dataclasses.replace(cfg, int8_granularity="tile"))
+    out = train.main([*TINY, "--policy=jetfire-int8", "--int8_granularity=row", "--steps=6", "--lr=3e-3",
+                      "--warmup_steps=1", "--eval_every=0", "--ckpt_every=0", f"--run_dir={tmp_path}"])
+    losses = [v for _, v in out["history"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
