@@ -215,35 +215,30 @@ scheme_rules = scheme
 # ------------------------------------------------------------------------------------------ params tree
 
 
-def dense_paths(params: Mapping[str, Any]) -> list[str]:
-    """Module paths of every Dense-like layer (a dict holding a 2-D ``kernel``), in tree order."""
+def _paths_holding(params: Mapping[str, Any], leaf: str) -> list[str]:
+    """Module paths (in tree order) of every dict holding a 2-D array named ``leaf``."""
     out: list[str] = []
 
     def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
         for k, v in node.items():
             if isinstance(v, Mapping):
                 walk(v, prefix + (str(k),))
-            elif k == "kernel" and getattr(v, "ndim", 0) == 2:
+            elif k == leaf and getattr(v, "ndim", 0) == 2:
                 out.append("/".join(prefix))
 
     walk(params, ())
     return out
+
+
+def dense_paths(params: Mapping[str, Any]) -> list[str]:
+    """Module paths of every Dense-like layer (a dict holding a 2-D ``kernel``), in tree order."""
+    return _paths_holding(params, "kernel")
 
 
 def embedding_paths(params: Mapping[str, Any]) -> list[str]:
     """Module paths of every embedding table (a dict holding a 2-D ``embedding``, as nn.Embed), in tree
     order."""
-    out: list[str] = []
-
-    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, prefix + (str(k),))
-            elif k == "embedding" and getattr(v, "ndim", 0) == 2:
-                out.append("/".join(prefix))
-
-    walk(params, ())
-    return out
+    return _paths_holding(params, "embedding")
 
 
 def assign_rules(

@@ -404,18 +404,18 @@ def sweep(
     rounding: Rounding,
     seed,
     interpret: bool,
-    column_amax: dict | None = None,
+    axis_amax: dict | None = None,
 ) -> None:
     """The kernel body shared by every quantize kernel: quantize this program's region into ``outs``.
 
     load(r0, c0) -> (bm, bn) fp32 block at global origin (r0, c0), with out-of-range elements set to 0
     (0 never raises an absmax). out_refs: (codes_ref, scale_ref) per output, flattened.
-    column_amax: {tile (-1, ct) or (rt, -1): ref} absmax of tiles spanning a whole axis, computed beforehand
+    axis_amax: {tile (-1, ct) or (rt, -1): ref} absmax of tiles spanning a whole axis, computed beforehand
     (see :func:`axis_absmax`); the program's block then needs no whole columns / rows.
     Outputs with the same tile in x coordinates (e.g. 32x32 blocks and their transposed copy) share the
     absmax, the division and, for round-to-nearest, the codes.
     """
-    column_amax = column_amax or {}
+    axis_amax = axis_amax or {}
     pid = (pl.program_id(0), pl.program_id(1))
     tiles = list(dict.fromkeys(o.tile for o in outs))  # distinct tiles, in order
 
@@ -431,8 +431,8 @@ def sweep(
         a = jnp.abs(x)
         per_tile = {}
         for t in tiles:
-            if t in column_amax:
-                amax = _load_axis_amax(column_amax[t], r0, c0, t, plan)
+            if t in axis_amax:
+                amax = _load_axis_amax(axis_amax[t], r0, c0, t, plan)
             elif is_swept(t):
                 amax = swept_amax[t]
             else:
@@ -450,7 +450,7 @@ def sweep(
             if not is_swept(out.tile):
                 # axis-stat scales are the same in every program along that axis: the first block writes them
                 first = None
-                if out.tile in column_amax:
+                if out.tile in axis_amax:
                     first = (r0 == 0) if out.tile[0] == -1 else (c0 == 0)
                 store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed,
                             enabled=first)
@@ -553,9 +553,9 @@ def load_seed(seed_ref, rounding: Rounding):
 # ------------------------------------------------------------------------------------------- the kernel
 
 
-def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, column_tiles, rounding, interpret):
-    column_amax = dict(zip(column_tiles, refs[: len(column_tiles)]))
-    out_refs = refs[len(column_tiles):]
+def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
+    axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
+    out_refs = refs[len(axis_tiles):]
 
     def load(r0, c0):
         x = plgpu.load(
@@ -565,7 +565,7 @@ def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, column_tiles, rounding,
 
     seed = load_seed(seed_ref, rounding)
     sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret,
-          column_amax=column_amax)
+          axis_amax=axis_amax)
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
@@ -573,13 +573,13 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Tiles spanning a whole long axis: absmax from an XLA reduction, so blocks need no whole columns/rows.
-    column_tiles = stat_tiles([o.tile for o in outs], m, n, config)
-    plan = plan_blocks(m, n, [plan_tile(o.tile, column_tiles) for o in outs], config)
+    axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
+    plan = plan_blocks(m, n, [plan_tile(o.tile, axis_tiles) for o in outs], config)
     kernel = functools.partial(
-        _quantize_kernel, plan=plan, outs=outs, column_tiles=column_tiles, rounding=rounding,
+        _quantize_kernel, plan=plan, outs=outs, axis_tiles=axis_tiles, rounding=rounding,
         interpret=interpret,
     )
-    stats = [axis_absmax(x, t) for t in column_tiles]
+    stats = [axis_absmax(x, t) for t in axis_tiles]
     return launch(
         kernel, [seed, x, *stats], out_shapes(m, n, specs), plan, config,
         interpret=interpret, poison=poison, name="quantize_tiles",
