@@ -1,0 +1,111 @@
+"""Where a batch-1 decode token's time goes: wall time per call vs the device kernels it runs, per model.
+
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --preset gpt2-1.5b
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --preset gpt-tiny --iters 2    # CPU smoke test
+
+For the bf16 model and each ZeroQuant scheme (random-init weights, the models of benchmarks/ptq_speed.py):
+one token through the whole model (ptq_speed's decode proxy), timed by wall clock (median, block_until_ready),
+then ``--iters`` calls under ``jax.profiler.trace``: the device-side kernel time per token (busiest line),
+kernel launches per token and the top kernels. Wall time well above device time means the token is bound by
+launches / host dispatch, not by weight bandwidth. Writes ``$OUT/profile_decode_<preset>.json`` if OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flax.linen as nn  # noqa: E402
+from profile_step import kernel_times  # noqa: E402
+from ptq_speed import bf16_lm_head, embeddings_to_bf16, head_label, timeit  # noqa: E402
+
+from jq8 import ptq, ptq_infer  # noqa: E402
+from jq8.policy import Policy  # noqa: E402
+from models.presets import build_model, preset  # noqa: E402
+
+
+def device_profile(fn, args, iters: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(iters):
+                jax.block_until_ready(fn(*args))
+        times = kernel_times(d)
+    lines = collections.Counter()
+    counts = collections.Counter()
+    for n, (t, c) in times.items():
+        line = n.split("]")[0] + "]"
+        lines[line] += t
+        counts[line] += c
+    busiest = max(lines, key=lines.get)
+    top = sorted(((n, t, c) for n, (t, c) in times.items() if n.startswith(busiest)), key=lambda r: -r[1])
+    return dict(
+        device_ms=lines[busiest] / iters / 1e3,
+        launches=counts[busiest] / iters,
+        lines={k: v / iters / 1e3 for k, v in lines.items()},
+        kernels=[dict(name=n, us=t / iters, calls=c / iters) for n, t, c in top[:25]],
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt2-1.5b")
+    ap.add_argument("--schemes", nargs="+", default=["bf16", "w8a8", "w4/8-a8"])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    model = build_model(cfg, Policy.from_name("bf16"))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    one = jnp.zeros((1, 1), jnp.int32)
+    print(f"device {jax.devices()[0].device_kind}, preset {args.preset}, jax {jax.__version__}", flush=True)
+    rows = []
+    for scheme in args.schemes:
+        if scheme == "bf16":
+            p = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+
+            def apply(q, t):
+                with nn.intercept_methods(bf16_lm_head):
+                    return model.apply({"params": q}, t)
+        else:
+            qp = ptq.quantize_params(params, ptq.scheme(scheme))
+            int8_head = head_label(qp)
+            p = dataclasses.replace(qp, params=embeddings_to_bf16(qp.params))
+
+            def apply(q, t, int8_head=int8_head):
+                if int8_head:
+                    return ptq_infer.apply_quantized(model, q, t)
+                with nn.intercept_methods(bf16_lm_head):
+                    return ptq_infer.apply_quantized(model, q, t)
+
+        fn = jax.jit(apply)
+        wall = timeit(fn, p, one, iters=args.iters)
+        prof = device_profile(fn, (p, one), args.iters)
+        row = dict(scheme=scheme, wall_ms=wall, **prof)
+        rows.append(row)
+        lines = {k: round(v, 3) for k, v in prof["lines"].items()}
+        print(
+            f"\n== {scheme}: wall {wall:.3f} ms/token, device {prof['device_ms']:.3f} ms (busiest line), "
+            f"{prof['launches']:.0f} events/token; lines {lines}",
+            flush=True,
+        )
+        for k in prof["kernels"][: args.top]:
+            print(f"  {k['us']:9.1f} us x{k['calls']:<5g} {k['name'][:110]}", flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"profile_decode_{args.preset}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
