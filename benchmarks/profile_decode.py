@@ -56,12 +56,26 @@ def device_profile(fn, args, iters: int) -> dict:
     )
 
 
+def greedy_loop(apply, steps: int):
+    """``steps`` greedy one-token calls in one jitted ``lax.fori_loop`` (one dispatch for all of them): the
+    per-token time without per-call host dispatch. Each step feeds its argmax back, so nothing is hoisted."""
+
+    def run(p, tok):
+        def body(_, t):
+            return jnp.argmax(apply(p, t)[:, -1], axis=-1).astype(jnp.int32)[:, None]
+
+        return jax.lax.fori_loop(0, steps, body, tok)
+
+    return jax.jit(run)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-1.5b")
     ap.add_argument("--schemes", nargs="+", default=["bf16", "w8a8", "w4/8-a8"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--loop", type=int, default=0, help="also time this many greedy steps in one fori_loop")
     args = ap.parse_args()
     cfg = preset(args.preset)
     model = build_model(cfg, Policy.from_name("bf16"))
@@ -91,6 +105,8 @@ def main() -> None:
         wall = timeit(fn, p, one, iters=args.iters)
         prof = device_profile(fn, (p, one), args.iters)
         row = dict(scheme=scheme, wall_ms=wall, **prof)
+        if args.loop:
+            row["loop_ms_per_token"] = timeit(greedy_loop(apply, args.loop), p, one, iters=3) / args.loop
         rows.append(row)
         lines = {k: round(v, 3) for k, v in prof["lines"].items()}
         print(
@@ -98,6 +114,11 @@ def main() -> None:
             f"{prof['launches']:.0f} events/token; lines {lines}",
             flush=True,
         )
+        if args.loop:
+            print(
+                f"   fori_loop of {args.loop} greedy steps: {row['loop_ms_per_token']:.3f} ms/token",
+                flush=True,
+            )
         for k in prof["kernels"][: args.top]:
             print(f"  {k['us']:9.1f} us x{k['calls']:<5g} {k['name'][:110]}", flush=True)
     out = os.environ.get("OUT")
