@@ -121,6 +121,35 @@ def time_fn(fn: Callable[[], object], *, iters: int = 10, warmup: int = 2) -> fl
     return statistics.median(ts)
 
 
+def time_in_loop(call: Callable, a, weights: Sequence, *, reps: int = 10, iters: int = 5) -> float:
+    """Device seconds per ``call(a, w)`` for kernels too short to time one call at a time (decode GEMVs).
+
+    One jitted ``lax.fori_loop`` runs ``reps`` rounds of ``call(a, w)`` for every ``w`` in ``weights`` (give
+    enough distinct weights to overflow L2: decode streams each layer's weights from HBM). Host dispatch is
+    paid once per loop, not once per call; the loop's own cost (a body without the calls) is subtracted.
+    ``a`` is rewritten from the results each round, so XLA cannot hoist the calls out of the loop.
+    """
+    import jax.numpy as jnp
+
+    def looped(with_calls: bool):
+        def run(x, ws):
+            def body(_, carry):
+                x, acc = carry
+                for w in ws:
+                    y = call(x, w) if with_calls else x
+                    acc = acc + jnp.ravel(y)[0].astype(jnp.float32)
+                return jnp.where(acc > 3e38, x + 1, x), acc
+
+            return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0)))
+
+        return jax.jit(run)
+
+    full, empty = looped(True), looped(False)
+    t_full = time_fn(lambda: full(a, list(weights)), iters=iters)
+    t_empty = time_fn(lambda: empty(a, list(weights)), iters=iters)
+    return max(t_full - t_empty, 0.0) / (reps * len(weights))
+
+
 def autotune(
     kernel: str,
     m: int,

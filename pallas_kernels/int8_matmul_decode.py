@@ -52,6 +52,7 @@ BLOCK_M = 16
 H100_SMS = 132
 TARGET_CTA_BYTES = 32 * 1024  # weight bytes one program streams; more means too few programs in flight
 MIN_SPLIT_BYTES = 1024 * 1024  # below this a GEMM is launch-bound: a second (reduction) op costs more
+MAX_UNROLL = 64  # K loop units beyond which ``unroll`` falls back to a loop (code size, compile time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DecodeConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    unroll: bool = False  # K loop as straight-line code (<= MAX_UNROLL units): every load can issue early
 
 
 def num_sms() -> int:
@@ -133,9 +135,10 @@ def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int |
     for bn in (32, 64, 128):
         for split in sorted({1, 2, 4, 8, base.split_k}):
             for bk in (128, 256) if b_group is None else (128,):
-                cfg = DecodeConfig(bn, bk, split)
-                if cfg not in out and cdiv(n, bn) * split <= 64 * num_sms():
-                    out.append(cfg)
+                for unroll in (False, True):
+                    cfg = DecodeConfig(bn, bk, split, unroll=unroll)
+                    if cfg not in out and cdiv(n, bn) * split <= 64 * num_sms():
+                        out.append(cfg)
     return out
 
 
@@ -180,41 +183,7 @@ class _Plan:
     scaled_a: bool
     scaled_b: bool  # per-column b scales (epilogue)
     fused: bool  # split == 1: the epilogue runs in the kernel
-    interpret: bool = False
-
-
-def _int4_dot(a_ref, b_ref, col0, bn: int, kk, bk: int, *, a_rows, col_ok, k_hi, interpret: bool):
-    """int32 (16, bn) product of a's K columns [kk, kk + bk) with packed INT4 b, without interleaving.
-
-    A packed byte holds K columns 2j (low nibble) and 2j + 1 (high nibble). Rather than interleave the two
-    nibble planes back into a (bn, bk) tile (a shuffle through shared memory in Triton, which made this
-    kernel slower than INT8), each plane meets the matching stride-2 columns of a: two (16, bk/2) dots.
-    a is at most 16 rows, so its strided loads are cheap next to streaming b.
-    """
-    half = bk // 2
-
-    def a_plane(first: int):
-        view = a_ref.at[pl.ds(0, BLOCK_M), pl.ds(kk + first, half, stride=2)]
-        mask = None if a_rows is None else a_rows[:, None]
-        if k_hi is not None:
-            kmask = (kk + first + 2 * jnp.arange(half))[None, :] < k_hi
-            mask = kmask if mask is None else mask & kmask
-        if mask is None:
-            return view[...]
-        if interpret:  # interpret mode has no masked strided load: load (clamped) and zero by the mask
-            return jnp.where(mask, view[...], jnp.int8(0))
-        return plgpu.load(view, mask=mask, other=0)
-
-    view = b_ref.at[pl.ds(col0, bn), pl.ds(kk // 2, half)]
-    mask = None if col_ok is None else col_ok[:, None]
-    if k_hi is not None:
-        kmask = (kk // 2 + jnp.arange(half))[None, :] < cdiv(k_hi, 2)
-        mask = kmask if mask is None else mask & kmask
-    packed = view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
-    s = lax.bitcast_convert_type(packed, jnp.int8)
-    lo = lax.shift_right_arithmetic(lax.shift_left(s, jnp.int8(4)), jnp.int8(4))  # sign-extended nibbles
-    hi = lax.shift_right_arithmetic(s, jnp.int8(4))
-    return int_dot(a_plane(0), lo) + int_dot(a_plane(1), hi)
+    unroll: bool = False
 
 
 def _decode_kernel(*refs, p: _Plan, epi):
@@ -244,19 +213,6 @@ def _decode_kernel(*refs, p: _Plan, epi):
         """int32 product over K columns [k0, k0 + nsteps * bk); ``k_hi`` masks K (None: all in bounds)."""
 
         def one(kk, acc):
-            if p.b_bits == 4 and bk >= 64:  # halves of >= 32 columns (block_k 16 dots are wrong on GPU)
-                return acc + _int4_dot(
-                    a_ref,
-                    b_ref,
-                    col0,
-                    bn,
-                    kk,
-                    bk,
-                    a_rows=a_rows,
-                    col_ok=col_ok,
-                    k_hi=k_hi,
-                    interpret=p.interpret,
-                )
             a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
             b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi, bits=p.b_bits)
             return acc + int_dot(a, b)
@@ -278,12 +234,16 @@ def _decode_kernel(*refs, p: _Plan, epi):
         return acc + part.astype(jnp.float32) * sg[None, :]
 
     acc = jnp.zeros((bm, bn), jnp.float32 if p.grouped else jnp.int32)
-    acc = lax.fori_loop(
-        0,
-        n_units,
-        lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, k_mask),
-        acc,
-    )
+    if p.unroll and n_units <= MAX_UNROLL:
+        for u in range(n_units):
+            acc = accumulate(acc, k_lo + u * p.unit, p.unit // bk, k_mask)
+    else:
+        acc = lax.fori_loop(
+            0,
+            n_units,
+            lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, k_mask),
+            acc,
+        )
     if p.split == 1 and p.k % p.unit:  # K tail of a single split (split-K covers it by masking)
         acc = accumulate(acc, k_lo + n_units * p.unit, cdiv(p.k % p.unit, bk), p.k)  # k_lo = 0 here
 
@@ -414,7 +374,7 @@ def int8_matmul_decode(
         a_scale is not None,
         b_scale is not None and not grouped,
         fused,
-        bool(interp),
+        cfg.unroll,
     )
     inputs = [a, b]
     if grouped:

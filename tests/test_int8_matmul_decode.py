@@ -27,6 +27,8 @@ NT = (((1,), (1,)), ((), ()))
 N, K = 70, 333  # neither a multiple of the 32-column tiles nor of the 64-column K steps
 SPLIT3 = DecodeConfig(block_n=32, block_k=64, split_k=3)  # 3 K chunks of 128 (the last one ragged)
 FUSED = DecodeConfig(block_n=32, block_k=64, split_k=1)
+UNROLLED = DecodeConfig(block_n=32, block_k=64, split_k=1, unroll=True)  # straight-line K loop + tail
+UNROLLED_SPLIT = DecodeConfig(block_n=32, block_k=64, split_k=3, unroll=True)
 
 
 def _operands(seed: int, m: int, n: int = N, k: int = K, bits: int = 8):
@@ -48,7 +50,9 @@ def _close(out, ref, rtol):
 
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("cfg", [FUSED, SPLIT3], ids=["fused", "split3"])
+@pytest.mark.parametrize(
+    "cfg", [FUSED, SPLIT3, UNROLLED, UNROLLED_SPLIT], ids=["fused", "split3", "unrolled", "unrolled-split3"]
+)
 def test_raw_int32_is_exact(m, bits, cfg):
     a, w, b, *_ = _operands(m + bits, m, bits=bits)
     out = int8_matmul_decode(a, b, b_bits=bits, config=cfg)
@@ -109,6 +113,8 @@ def test_requantized_output_matches_jq8_quantize(spec, cfg):
         (3, 4, 64, SPLIT3),  # chunks of two groups, ragged last group
         (16, 8, 96, SPLIT3),  # a group that is not a power of two (K steps of 32)
         (1, 4, 128, DecodeConfig(32, 128, split_k=2)),
+        (1, 4, 64, UNROLLED),
+        (3, 4, 64, UNROLLED_SPLIT),
     ],
 )
 def test_k_group_scales_match_dequantized_product(m, bits, group, cfg):

@@ -1,0 +1,150 @@
+"""Decode GEMV kernels (M = 1) vs XLA bf16, timed on the device inside one loop; tunes their tiles.
+
+    PYTHONPATH=. python3 benchmarks/decode_kernels.py                     # GPT-2 1.5B shapes, H100
+    PYTHONPATH=. python3 benchmarks/decode_kernels.py --quick             # CPU smoke (interpret mode)
+
+A decode GEMV takes a few microseconds, less than the host needs to launch it, so timing one call per
+dispatch measures the launch. Here every candidate runs inside one jitted ``fori_loop`` over enough
+distinct weight matrices to overflow L2 (:func:`pallas_kernels.autotune.time_in_loop`). Per case (bits,
+N x K): XLA bf16 ``x @ w``, then each tile candidate of ``int8_matmul_decode`` (INT8 per-channel scales,
+or INT4 with K groups of ``--int4-group``); the fastest goes into the tuning cache (``--save``), which
+``lookup_decode_config`` reads. Writes ``$OUT/decode_kernels.json`` (and the cache file) when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jq8.quant import pack_int4
+from pallas_kernels import autotune
+from pallas_kernels import int8_matmul_decode as dec
+
+# GPT-2 1.5B: qkv, out, fc1, fc2, LM head (INT4 where the w4/8-a8 scheme puts INT4: MLP and tables)
+CASES_1P5B = (
+    "8:4800x1600,8:1600x1600,8:6400x1600,8:1600x6400,8:50304x1600,4:6400x1600,4:1600x6400,4:50304x1600"
+)
+
+
+def weights_for(bits: int, n: int, k: int, group: int | None, count: int, seed: int = 0):
+    """``count`` distinct (codes, scales) pairs of an (N, K) weight in the decode kernel's layout."""
+    out = []
+    for i in range(count):
+        kw, ks = jax.random.split(jax.random.key(seed + i))
+        lo, hi = (-8, 8) if bits == 4 else (-127, 128)
+        codes = jax.random.randint(kw, (n, k), lo, hi, jnp.int32).astype(jnp.int8)
+        shape = (n, -(-k // group)) if group else (1, n)
+        scales = jax.random.uniform(ks, shape, jnp.float32, 1e-3, 2e-3)
+        out.append((pack_int4(codes) if bits == 4 else codes, scales))
+    return out
+
+
+def copies(nbytes: int, l2_bytes: int = 64 << 20) -> int:
+    return max(2, min(16, -(-2 * l2_bytes // nbytes)))
+
+
+def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeConfig]:
+    base = dec.decode_config(1, n, k, b_bits=bits, b_group=group)
+    out = [base]
+    for bn in (32, 64, 128):
+        for split in (1, 2, 4):
+            for unroll in (False, True):
+                cfg = dec.DecodeConfig(bn, 128, split, unroll=unroll)
+                if cfg not in out and dec.cdiv(n, bn) * split <= 16 * dec.num_sms():
+                    out.append(cfg)
+    if bits == 4:  # the INT4 unpack is CUDA-core work: warps matter more than for INT8
+        for bn, warps in ((32, 2), (64, 8), (128, 8)):
+            out.append(dec.DecodeConfig(bn, 128, 1, num_warps=warps, unroll=True))
+    return out
+
+
+def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> dict:
+    group = args.int4_group if bits == 4 and not per_channel else None
+    nbytes = n * k * bits // 8
+    ws = weights_for(bits, n, k, group, copies(nbytes))
+    a = jax.random.randint(jax.random.key(99), (1, k), -127, 128, jnp.int32).astype(jnp.int8)
+    sa = jnp.full((1, 1), 1e-2, jnp.float32)
+    ws_bf16 = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(copies(2 * n * k))]
+    loop = dict(reps=args.reps, iters=args.iters)
+    t_bf16 = autotune.time_in_loop(lambda x, w: x.astype(jnp.bfloat16) @ w, a, ws_bf16, **loop)
+    row = dict(
+        bits=bits,
+        n=n,
+        k=k,
+        group=group,
+        weight_mb=nbytes / 1e6,
+        xla_bf16_us=t_bf16 * 1e6,
+        bf16_gb_s=2 * n * k / t_bf16 / 1e9,
+        configs=[],
+    )
+    print(
+        f"\n== int{bits} {n}x{k} (group {group}): {nbytes / 1e6:.2f} MB; XLA bf16 {t_bf16 * 1e6:.2f} us "
+        f"({row['bf16_gb_s']:.0f} GB/s)",
+        flush=True,
+    )
+    best = None
+    for cfg in candidates(n, k, bits, group):
+
+        def call(x, w, cfg=cfg):
+            return dec.int8_matmul_decode(x, w[0], sa, w[1], b_bits=bits, b_group=group, config=cfg)
+
+        try:
+            t = autotune.time_in_loop(call, a, ws, **loop)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is not chosen
+            print(f"  {cfg}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
+            continue
+        row["configs"].append(dict(config=cfg.__dict__, us=t * 1e6, gb_s=nbytes / t / 1e9))
+        print(f"  {t * 1e6:8.2f} us {nbytes / t / 1e9:7.0f} GB/s  x{t_bf16 / t:5.2f} bf16  {cfg}", flush=True)
+        if best is None or t < best[1]:
+            best = (cfg, t)
+        if time.time() > args.deadline:
+            print("  (time budget reached: stopping this case)", flush=True)
+            break
+    if best is not None:
+        row.update(best=best[0].__dict__, best_us=best[1] * 1e6, x_bf16=t_bf16 / best[1])
+        if args.save:
+            autotune.store_config("int8_matmul_decode", 1, n, k, dec.decode_key(bits, group), best[0])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--cases", default=CASES_1P5B, help="comma-separated bits:NxK (bits 8, 4, or 4c: INT4 per-channel)"
+    )
+    ap.add_argument("--int4-group", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds before remaining cases are skipped")
+    ap.add_argument("--save", action="store_true", help="store each case's fastest config in the cache")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: one small INT4 case, 1 rep")
+    args = ap.parse_args()
+    if args.quick:
+        args.cases, args.reps, args.iters, args.int4_group = "4:64x256", 1, 1, 128
+    args.deadline = time.time() + args.budget
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for case in args.cases.split(","):
+        if time.time() > args.deadline:
+            print(f"skipped {case}: time budget", flush=True)
+            continue
+        bits, shape = case.split(":")
+        n, k = (int(v) for v in shape.lower().split("x"))
+        rows.append(bench_case(int(bits.rstrip("c")), n, k, args, per_channel=bits.endswith("c")))
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "decode_kernels.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        if args.save and autotune.cache_path().exists():
+            shutil.copy(autotune.cache_path(), os.path.join(out, autotune.cache_path().name))
+
+
+if __name__ == "__main__":
+    main()
