@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import evaluate, lkd, ptq, ptq_infer, qcheckpoint
+from jq8 import decode, evaluate, lkd, ptq, ptq_infer, qcheckpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -327,6 +327,32 @@ def main(argv=None) -> dict:
     return report
 
 
+def continuation(args, model, weights, quantized: bool, prompt: list[int], seq_len: int) -> list[int]:
+    """--max-new-tokens ids after ``prompt`` from the float params or the QuantizedParams ``weights``.
+
+    KV-cached (jq8.decode: prefill + one token per step, one jitted program) when prompt + new tokens fit
+    the ``seq_len`` window the model was trained on; longer ones slide the window, re-running it per token.
+    """
+    n = args.max_new_tokens
+    if not prompt or n < 1 or len(prompt) + n - 1 > seq_len:  # (evaluate.generate reports an empty prompt)
+        if quantized:
+            fn = quantized_logits(model, weights, args.backend)
+        else:
+            fn = lambda t: model.apply({"params": weights}, t)
+        return evaluate.generate(fn, prompt, max_new_tokens=n, window=seq_len, top_k=args.top_k)
+
+    def run(w, cache, tokens):
+        if quantized:
+            apply_fn = decode.quantized_apply_fn(model, w, args.backend)
+        else:
+            apply_fn = decode.float_apply_fn(model, w)
+        return decode.generate(apply_fn, cache, tokens, steps=n, top_k=args.top_k if args.top_k > 1 else None)
+
+    cache = decode.init_cache(model, 1, len(prompt) + n - 1)
+    ids = jax.jit(run)(weights, cache, jnp.asarray([prompt], jnp.int32))
+    return [int(i) for i in np.asarray(ids)[0]]
+
+
 def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
     """Continuations of --generate by the FP model (when loaded) and the INT8 model."""
     from jq8.data import load_tokenizer
@@ -334,13 +360,11 @@ def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
     tok = load_tokenizer(meta.get("tokenizer", {}).get("spec", "wiki-8k"))
     prompt = tok.encode(args.generate)
     out = {}
-    fns = {"int8": quantized_logits(model, qp, args.backend)}
+    weights = {"int8": (qp, True)}
     if params is not None:
-        fns = {"fp32": lambda t: model.apply({"params": params}, t), **fns}
-    for name, fn in fns.items():
-        ids = evaluate.generate(
-            fn, prompt, max_new_tokens=args.max_new_tokens, window=seq_len, top_k=args.top_k
-        )
+        weights = {"fp32": (params, False), **weights}
+    for name, (w, quantized) in weights.items():
+        ids = continuation(args, model, w, quantized, prompt, seq_len)
         text = tok.decode(ids)
         out[name] = text
         print(f"[{name}] {args.generate}{text}")

@@ -44,11 +44,12 @@ class Block(nn.Module):
     policy: Policy
     heads: int
     part: str = "block"
+    attention: str = "auto"  # AttentionBlock.implementation: auto (cuDNN flash on GPU) | xla | cudnn
 
     @nn.compact
     def __call__(self, x):
         if self.part == "block":
-            x = x + AttentionBlock(self.heads, self.policy, name="attn")(x)
+            x = x + AttentionBlock(self.heads, self.policy, implementation=self.attention, name="attn")(x)
         return x + MlpBlock(4 * x.shape[-1], self.policy, name="mlp")(x)
 
 
@@ -79,16 +80,16 @@ def max_grad_err(grads, want) -> tuple[float, str]:
 
 
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
-             block: tuple[int, int], check_reference: bool):
+             block: tuple[int, int], check_reference: bool, attention: str = "auto"):
     policy = Policy.from_name(**POLICIES[policy_name], use_kernels=use_kernels, block=block)
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
     probe = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float32)
-    params = jax.jit(Block(Policy(), heads, part).init)(jax.random.PRNGKey(2), x)["params"]
+    params = jax.jit(Block(Policy(), heads, part, attention).init)(jax.random.PRNGKey(2), x)["params"]
 
     def make_loss(policy):
         def loss(params, x, key):
-            y = Block(policy, heads, part).apply({"params": params}, x, rngs={"quant": key})
+            y = Block(policy, heads, part, attention).apply({"params": params}, x, rngs={"quant": key})
             return jnp.sum((y - x) * probe)
         return loss
 
@@ -113,7 +114,8 @@ def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, it
         jax.block_until_ready(compiled(params, x, k))
         times.append((time.perf_counter() - t) * 1e3)
     row = dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, block=block[0],
-               median_ms=statistics.median(times), min_ms=min(times), compile_s=compile_s,
+               attention=attention, median_ms=statistics.median(times), min_ms=min(times),
+               compile_s=compile_s,
                compiled_bytes=compiled_bytes(compiled), peak_bytes=peak_bytes(),
                residual_bytes=residual_bytes)
     if check_reference and policy.int8 and use_kernels:
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=list(POLICIES))
     ap.add_argument("--block", type=int, default=32, help="square INT8 block size (Jetfire: 32)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                    help="attention core (auto: cuDNN flash attention on GPU for bf16)")
     ap.add_argument("--reference", action="store_true", help="jnp references instead of Pallas kernels")
     ap.add_argument("--check-hidden", type=int, default=1024,
                     help="compare kernel gradients with the jnp-reference step for widths up to this")
@@ -162,7 +166,7 @@ def main() -> None:
             for pname in args.policies:
                 (lv, grads), row = run_case(hidden, args.tokens, args.seq, part, pname, args.iters,
                                             use_kernels, (args.block, args.block),
-                                            hidden <= args.check_hidden)
+                                            hidden <= args.check_hidden, args.attention)
                 if base is None:
                     base = (lv, grads, row)
                 else:

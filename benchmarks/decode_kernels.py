@@ -99,6 +99,9 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> di
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is not chosen
             print(f"  {cfg}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
             continue
+        if t <= 0:  # within the noise of the loop's own cost: no usable reading
+            print(f"  {cfg}: below the loop's timing noise", flush=True)
+            continue
         row["configs"].append(dict(config=cfg.__dict__, us=t * 1e6, gb_s=nbytes / t / 1e9))
         print(f"  {t * 1e6:8.2f} us {nbytes / t / 1e9:7.0f} GB/s  x{t_bf16 / t:5.2f} bf16  {cfg}", flush=True)
         if best is None or t < best[1]:

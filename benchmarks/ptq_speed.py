@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import ptq, ptq_infer, qcheckpoint
+from jq8 import decode, ptq, ptq_infer, qcheckpoint
 from jq8.policy import Policy
 from models.presets import build_model, preset
 
@@ -53,6 +53,32 @@ def timeit(fn, *args, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def kv_decode_ms(make_apply, weights, model, args, iters: int) -> float:
+    """ms per generated token of a real KV-cache decode loop (:func:`jq8.decode.generate`, batch 1): one
+    jitted call prefills ``--kv-prompt`` tokens and greedily decodes; the time of ``--kv-steps`` extra
+    steps over a 1-step call, divided by ``--kv-steps`` (the prefill cancels)."""
+    prompt = jax.random.randint(jax.random.PRNGKey(7), (1, args.kv_prompt), 0, model.config.vocab_size)
+    cache = decode.init_cache(model, 1, args.kv_prompt + args.kv_steps)
+
+    def gen(steps):
+        return jax.jit(lambda w, c, t: decode.generate(make_apply(w), c, t, steps=steps))
+
+    long, short = gen(args.kv_steps + 1), gen(1)
+    return (
+        timeit(long, weights, cache, prompt, iters=iters) - timeit(short, weights, cache, prompt, iters=iters)
+    ) / args.kv_steps
+
+
+def with_bf16_head(apply_fn):
+    """An apply_fn whose tied LM head runs in bf16 (see bf16_lm_head)."""
+
+    def wrapped(tokens, cache):
+        with nn.intercept_methods(bf16_lm_head):
+            return apply_fn(tokens, cache)
+
+    return wrapped
 
 
 def rel_rms(a, b) -> float:
@@ -91,7 +117,7 @@ def embeddings_to_bf16(tree):
 
 
 def head_label(qp) -> str | None:
-    """"int8" / "int4" when the scheme quantized the tied table ``wte``, else None (float head)."""
+    """ "int8" / "int4" when the scheme quantized the tied table ``wte``, else None (float head)."""
     tables = getattr(qp, "embeddings", {}) or {}
     bits = [q.spec.bits for p, q in tables.items() if p.split("/")[-1] == "wte"]
     return f"int{bits[0]}" if bits else None
@@ -119,6 +145,10 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
     rows = []
     t1 = timeit(fp_fn, params_bf16, one, iters=iters)
     row = dict(model="bf16", head="bf16", decode_ms=t1, weight_bytes=bytes_per_token(params_bf16))
+    if args.kv_steps:
+        row["kv_decode_ms"] = kv_decode_ms(
+            lambda p: with_bf16_head(decode.float_apply_fn(model, p)), params_bf16, model, args, iters
+        )
     if prefill:
         row["prefill_ms"] = timeit(fp_fn, params_bf16, tokens, iters=iters)
     rows.append(row)
@@ -146,6 +176,13 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
             decode_ms=timeit(q_fn, qp, one, iters=iters),
             weight_bytes=bytes_per_token(qp),
         )
+        if args.kv_steps:
+
+            def make_apply(q, int8_head=int8_head):
+                fn = decode.quantized_apply_fn(model, q, backend="pallas")
+                return fn if int8_head else with_bf16_head(fn)
+
+            row["kv_decode_ms"] = kv_decode_ms(make_apply, qp, model, args, iters)
         if prefill:
             row["prefill_ms"] = timeit(q_fn, qp, tokens, iters=iters)
         rows.append(row)
@@ -187,7 +224,7 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
 def _print_table(rows, prefill: bool, args) -> None:
     base = rows[0]
     hdr = f"{'model':24s} {'head':>5s} {'ms/token':>9s} {'tok/s':>8s} {'x bf16':>7s}"
-    hdr += f" {'MB/token':>9s} {'GB/s':>7s}"
+    hdr += f" {'MB/token':>9s} {'GB/s':>7s} {'KV-loop ms/tok':>14s} {'x bf16':>7s}"
     if prefill:
         hdr += f" {f'prefill {args.batch}x{args.seq} ms':>22s} {'x bf16':>7s}"
     print(hdr + f" {'relRMS vs bf16':>15s} {'pallas vs xla':>14s}")
@@ -199,8 +236,12 @@ def _print_table(rows, prefill: bool, args) -> None:
                 f" {r['decode_tok_s'] / base['decode_tok_s']:7.2f}"
                 f" {r['weight_bytes'] / 1e6:9.1f} {r['gb_s']:7.0f}"
             )
+            if "kv_decode_ms" in r:
+                line += f" {r['kv_decode_ms']:14.3f} {base['kv_decode_ms'] / r['kv_decode_ms']:7.2f}"
+            else:
+                line += f" {'-':>14s} {'-':>7s}"
         else:
-            line += f" {'-':>9s} {'-':>8s} {'-':>7s} {'-':>9s} {'-':>7s}"
+            line += f" {'-':>9s} {'-':>8s} {'-':>7s} {'-':>9s} {'-':>7s} {'-':>14s} {'-':>7s}"
         if prefill:
             line += f" {r['prefill_ms']:22.2f} {base['prefill_ms'] / r['prefill_ms']:7.2f}"
         for key, width in (("rel_rms_vs_bf16", 15), ("pallas_vs_xla", 14)):
@@ -222,10 +263,13 @@ def main() -> None:
         "--big-iters", type=int, default=10, help=f"iters for presets over {BIG_PARAMS / 1e6:.0f}M"
     )
     ap.add_argument("--int4-group", type=int, default=128)
+    ap.add_argument("--kv-steps", type=int, default=64, help="KV-cache decode steps timed (0: skip)")
+    ap.add_argument("--kv-prompt", type=int, default=32, help="prompt length before the timed decode steps")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt-tiny, batch 2 x 32, 2 iters")
     args = ap.parse_args()
     if args.quick:
         args.presets, args.batch, args.seq, args.iters, args.big_iters = ["gpt-tiny"], 2, 32, 2, 2
+        args.kv_steps, args.kv_prompt = 4, 8
     out = os.environ.get("OUT")
     for name in args.presets:
         res = bench_preset(name, args, prefill=name in args.prefill_presets)

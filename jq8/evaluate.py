@@ -60,7 +60,10 @@ def generate(
     """Greedy (``top_k`` None or 1) or top-k sampled continuation of ``prompt`` (token ids).
 
     The model sees the last ``window`` tokens (its max sequence length), padded on the right to a fixed
-    length so every step reuses one compiled program; a causal model ignores the padding.
+    length so every step reuses one compiled program; a causal model ignores the padding. Every step
+    re-runs the whole window: for any ``logits_fn`` and for continuations longer than the window. Models
+    with a KV cache (GPT, LLaMA) decode far faster with :func:`jq8.decode.generate` (one token per step);
+    quantize.py uses it whenever prompt + new tokens fit the window.
     """
     if not prompt:
         raise ValueError("generate needs a non-empty prompt")

@@ -151,25 +151,73 @@ def _as_dict(kb: tuple[jax.Array, jax.Array | None]) -> dict[str, jax.Array]:
     return {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
 
 
-def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding (half-split, GPT-NeoX style). x: (B, T, H, Dh) -> same shape and dtype."""
+def rotary(x: jax.Array, base: float = 10000.0, offset: jax.Array | int = 0) -> jax.Array:
+    """Rotary position embedding (half-split, GPT-NeoX style). x: (B, T, H, Dh) -> same shape and dtype.
+
+    offset: position of x's first token (int or traced int32 scalar, e.g. a KV cache's fill index), so
+    token i is rotated by angle (offset + i) * freq. Positions are integers cast to f32 exactly as the
+    offset-0 path does, so a cached decode step rotates bit-identically to the full-sequence pass.
+    """
     t, d = x.shape[1], x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary needs an even head dimension, got {d}")
     inv = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=F32) / d))
-    ang = jnp.arange(t, dtype=F32)[:, None] * inv[None, :]
+    pos = (offset + jnp.arange(t, dtype=jnp.int32)).astype(F32)
+    ang = pos[:, None] * inv[None, :]
     cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(choice: str, dtype, head_dim: int, *, masked: bool, decode: bool) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation ("xla" or "cudnn") for a requested ``choice``.
+
+    choice: "auto" | "xla" | "cudnn" (``ModelConfig.attention`` / ``AttentionBlock.implementation``).
+    "auto" picks cuDNN flash attention (no T x T probabilities saved for the backward pass) when the
+    default backend is a GPU, q/k/v are bf16 or fp16, head_dim % 8 == 0 and head_dim <= 128, there is no
+    explicit mask and the call does not decode; otherwise XLA. "cudnn" needs a GPU (ValueError here,
+    instead of JAX's "cuDNN is not detected"). Cached decoding always runs XLA: its (T, cache length)
+    mask over a partly filled cache is not a flash-attention case, and a one-token query gains nothing.
+    """
+    _check_choice("attention implementation", choice, ATTENTION_IMPLEMENTATIONS)
+    gpu = jax.default_backend() == "gpu"
+    if choice == "cudnn" and not gpu:
+        raise ValueError(
+            f"attention implementation 'cudnn' (ModelConfig.attention / AttentionBlock.implementation) needs "
+            f"a GPU with cuDNN, but the default backend is {jax.default_backend()!r}; use 'auto' or 'xla'"
+        )
+    if decode or choice == "xla":
+        return "xla"
+    if choice == "cudnn":
+        return "cudnn"
+    fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if gpu and fits and not masked else "xla"
 
 
 class AttentionBlock(nn.Module):
     """Pre-norm self-attention residual branch: out(attn(qkv(norm(x)))), dropout on the output.
 
     x: (B, T, D) fp32 -> (B, T, D) fp32. qkv is one Dense (D, 3D) laid out [q | k | v], heads contiguous.
-    The attention core (softmax(QK^T / sqrt(Dh)) V, causal if ``causal``) is a bf16 high-precision island
-    (``jax.nn.dot_product_attention``). mask: optional (B, 1 or H, T, T) bool, True = attend.
+    The attention core (:meth:`attend`: rotary, KV cache, softmax(QK^T / sqrt(Dh)) V, causal if ``causal``)
+    is a high-precision island in the compute dtype (``jax.nn.dot_product_attention``; ``implementation``
+    picks XLA or cuDNN flash attention, see :func:`attention_implementation`). mask: optional
+    (B, 1 or H, T, T) bool, True = attend (with ``decode``: (B, 1 or H, T, cache length)).
     use_bias: None means ``not rotary`` (GPT-2 with biases, LLaMA style without).
+
+    KV cache (``decode=True``, the ``nn.MultiHeadDotProductAttention`` pattern): the "cache" collection
+    holds ``cached_key`` / ``cached_value`` (B, max_len, H, Dh) in the compute dtype and ``cache_index``
+    (int32 scalar, the number of filled positions). Initialising with decode=True (``model.init`` on a
+    (B, max_len) input, or :func:`jq8.decode.init_cache`) creates the empty cache sized by the input and
+    attends normally. Later calls (cache passed in, ``mutable=["cache"]``) with T >= 1 new tokens rotate
+    them from position ``cache_index``, write them there, advance the index by T and attend each query to
+    the cached keys at positions <= its own (causal inside the chunk too): one call can prefill a prompt,
+    later calls decode a token at a time. T > max_len raises; the index is traced, so the caller bounds
+    the number of steps (``dynamic_update_slice`` would clamp, not wrap, an overflowing write:
+    :func:`jq8.decode.generate` checks prompt + steps against the cache length).
     """
 
     num_heads: int
@@ -180,9 +228,16 @@ class AttentionBlock(nn.Module):
     dropout_rate: float = 0.0
     use_bias: bool | None = None
     eps: float = 1e-5
+    implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        mask: jax.Array | None = None,
+        decode: bool = False,
+    ) -> jax.Array:
         _check_choice("norm", self.norm, NORMS)
         if x.ndim != 3:
             raise ValueError(f"AttentionBlock expects x of shape (batch, tokens, features), got {x.shape}")
@@ -197,18 +252,86 @@ class AttentionBlock(nn.Module):
         out_proj = Dense(d, bias, self.policy, name="out")
         if self.policy.int8 and not self.is_initializing():
             kernel, qkv_bias = qkv_proj.weights(d)
-            qkv = jetfire_norm_linear(x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy,
-                                      eps=self.eps, rms=rms)
+            qkv = jetfire_norm_linear(
+                x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy, eps=self.eps, rms=rms
+            )
         else:
             qkv = qkv_proj(norm(x))
         qkv = qkv.astype(cd).reshape(b, t, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.rotary:
-            q, k = rotary(q), rotary(k)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+        o = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode)
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return y.astype(F32)
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None = None,
+        decode: bool = False,
+    ) -> jax.Array:
+        """The attention core after the qkv projection: rotary, KV cache, softmax attention.
+
+        q, k, v: (B, T, H, Dh) in the compute dtype, *before* rotary -> o (B, T, H, Dh), same dtype.
+        Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on the
+        bound module from inside the intercepted ``__call__``, so the cache variables can be created and
+        mutated there too). mask / decode: as in the class docstring.
+        """
+        cache = self._cache_variables(k, v) if decode else None
+        offset = cache[2].value if cache is not None else 0
+        if self.rotary:
+            q, k = rotary(q, offset=offset), rotary(k, offset=offset)
+        causal = self.causal
+        if cache is not None:
+            k, v, mask = _write_cache(cache, k, v, mask, causal=self.causal)
+            causal = False  # the cache mask already holds the causal structure
+        impl = attention_implementation(
+            self.implementation, q.dtype, q.shape[-1], masked=mask is not None, decode=decode
+        )
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+    def _cache_variables(self, k: jax.Array, v: jax.Array) -> tuple | None:
+        """(cached_key, cached_value, cache_index) variables, or None when this call creates them (init)."""
+        initialized = self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        return (ck, cv, ci) if initialized else None
+
+
+def _write_cache(cache: tuple, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool):
+    """Writes k, v (B, T, H, Dh) at the cache index, advances it by T; returns (keys, values, mask).
+
+    keys / values: the whole cache (B, S, H, Dh); mask (1 or B, 1 or H, T, S) bool: key j is visible to
+    query i when j is filled (j < index + T) and, if ``causal``, j <= index + i; ANDed with ``mask``.
+    """
+    ck, cv, ci = cache
+    b, t = k.shape[:2]
+    s = ck.value.shape[1]
+    if t > s:
+        raise ValueError(f"decoding {t} tokens in one call exceeds the KV cache length {s}")
+    if ck.value.shape[0] != b or ck.value.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"KV cache of shape {ck.value.shape} (batch, max_len, heads, head_dim) does not fit new keys "
+            f"{k.shape}: build the cache for this batch size (jq8.decode.init_cache)"
+        )
+    idx = ci.value
+    start = (0, idx, 0, 0)
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), start)
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), start)
+    ci.value = idx + t
+    k_pos = jnp.arange(s, dtype=jnp.int32)[None, :]
+    q_pos = idx + jnp.arange(t, dtype=jnp.int32)[:, None]
+    visible = k_pos <= q_pos if causal else jnp.broadcast_to(k_pos < idx + t, (t, s))
+    visible = visible[None, None]
+    if mask is not None:
+        if mask.ndim != 4 or mask.shape[-2:] != (t, s):
+            raise ValueError(
+                f"with decode=True the mask must be (B, 1 or H, T={t}, cache length={s}), got {mask.shape}"
+            )
+        visible = jnp.logical_and(visible, mask)
+    return ck.value, cv.value, visible
 
 
 class Int8DotGeneral(nn.Module):

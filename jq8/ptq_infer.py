@@ -332,24 +332,21 @@ def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: st
     return y.reshape(*lead, d)
 
 
-def _fused_attention(module, qp: QuantizedParams, path: str, x: jax.Array, mask, backend: str) -> jax.Array:
+def _fused_attention(
+    module, qp: QuantizedParams, path: str, x: jax.Array, mask, backend: str, decode: bool = False
+) -> jax.Array:
     """jq8.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
-    -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous)."""
-    from jq8.nn import rotary
-
+    -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous); the float core
+    (rotary, KV cache when ``decode``, softmax attention) is the block's own ``attend`` on the bound module,
+    so the cached INT8 model reads and advances the same "cache" variables as the float one."""
     p = module.variables["params"]
     b, t, d = x.shape
     h = module.num_heads
     cd = module.policy.compute_dtype
     xq = _block_norm_quantize(module, p, x.reshape(-1, d), backend)
-    qkv = matmul_qarrays(
-        xq, qp.weights[f"{path}/qkv"], backend=backend, bias=_bias(p, "qkv"), out_dtype=cd
-    )
+    qkv = matmul_qarrays(xq, qp.weights[f"{path}/qkv"], backend=backend, bias=_bias(p, "qkv"), out_dtype=cd)
     qkv = qkv.reshape(b, t, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if module.rotary:
-        q, k = rotary(q), rotary(k)
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=module.causal).reshape(b * t, d)
+    o = module.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode).reshape(b * t, d)
     y = matmul_qarrays(
         quantize_tokens(o, backend),
         qp.weights[f"{path}/out"],
@@ -385,7 +382,8 @@ def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callab
             if isinstance(mod, AttentionBlock) and inference and args[0].ndim == 3:
                 if _token_rules(rules, path, ("qkv", "out")):
                     mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
-                    return _fused_attention(mod, qp, path, args[0], mask, backend)
+                    decode = kwargs.get("decode", args[3] if len(args) > 3 else False)
+                    return _fused_attention(mod, qp, path, args[0], mask, backend, decode)
         return per_dense(next_fun, args, kwargs, context)
 
     return interceptor
@@ -398,6 +396,7 @@ def apply_quantized(
     backend: str | None = None,
     fused: bool = True,
     method=None,
+    variables: Mapping[str, Any] | None = None,
     **kwargs,
 ) -> Any:
     """``model.apply`` with the quantized params: same arguments and outputs as the float model.
@@ -405,6 +404,8 @@ def apply_quantized(
     fused: fuse activation quantization into LayerNorm / GELU for jq8.nn blocks (:func:`fused_interceptor`);
     False intercepts each Dense separately (works for any Flax model). Quantized embedding tables (and a
     tied head ``attend``) run from their INT8 codes either way.
+    variables: other variable collections to apply with, e.g. ``{"cache": cache}`` for KV-cached decoding
+    (with ``decode=True, mutable=["cache"]`` in kwargs, which go to ``model.apply``; see jq8.decode).
     """
     policy = getattr(model, "policy", None)
     if getattr(policy, "int8", False):
@@ -413,8 +414,10 @@ def apply_quantized(
             "'jetfire-int8' the blocks run fused training ops that bypass the quantized Dense layers"
         )
     icpt = fused_interceptor(qp, backend) if fused else dense_interceptor(qp, backend)
+    if variables and "params" in variables:
+        raise ValueError("apply_quantized takes the parameters from qp; 'variables' must not hold 'params'")
     with nn.intercept_methods(icpt):
-        return model.apply({"params": qp.params}, *args, method=method, **kwargs)
+        return model.apply({**(variables or {}), "params": qp.params}, *args, method=method, **kwargs)
 
 
 # -------------------------------------------------------------------------- static-range calibration

@@ -25,14 +25,18 @@ class Llama(nn.Module):
     policy: Any
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """tokens: (B, T) int32 with T <= max_seq_len -> logits (B, T, vocab) float32."""
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, decode: bool = False) -> jax.Array:
+        """tokens: (B, T) int32 with T <= max_seq_len -> logits (B, T, vocab) float32.
+
+        decode: KV-cached call (:class:`jq8.nn.AttentionBlock`); the rotary positions start at each
+        attention cache's ``cache_index``, so no model-level position state is needed.
+        """
         c = self.config
         if tokens.shape[-1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_seq_len={c.max_seq_len}")
         x = nn.Embed(c.vocab_size, c.d_model, embedding_init=EMBED_INIT, name="wte")(tokens)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-        x = decoder_stack(c, self.policy, x, deterministic)
+        x = decoder_stack(c, self.policy, x, deterministic, decode)
         x = nn.RMSNorm(dtype=jnp.float32, name="ln_f")(x)
         head = nn.Dense(
             c.vocab_size, use_bias=False, dtype=jnp.float32, kernel_init=EMBED_INIT, name="lm_head"

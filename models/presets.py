@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# jq8.nn.ATTENTION_IMPLEMENTATIONS (not imported: presets stay importable without pulling in JAX)
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -21,6 +24,10 @@ class ModelConfig:
     max_seq_len: longest sequence (the size of GPT's position table; LLaMA only checks it).
     mlp_hidden: MLP width; 0 means 4 * d_model (gpt) or the LLaMA rule 2/3 * 4 * d_model rounded up to 64.
     remat: recompute each block in the backward pass (saves activation memory for the large presets).
+    attention: attention core implementation, "auto" | "xla" | "cudnn" (see
+      :func:`jq8.nn.attention_implementation`): "auto" = cuDNN flash attention on GPU for bf16/fp16
+      unmasked, non-decoding calls with head_dim % 8 == 0 and <= 128, else XLA. Configs saved before this
+      field existed load with the default (``from_dict`` fills missing fields).
     """
 
     family: str = "gpt"
@@ -32,6 +39,7 @@ class ModelConfig:
     mlp_hidden: int = 0
     dropout_rate: float = 0.0
     remat: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.family not in ("gpt", "llama"):
@@ -40,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.family == "llama" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.d_model // self.num_heads}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
 
     @property
     def hidden(self) -> int:
