@@ -184,41 +184,6 @@ class _Plan:
     scaled_b: bool  # per-column b scales (epilogue)
     fused: bool  # split == 1: the epilogue runs in the kernel
     unroll: bool = False
-    gemv: bool = False  # M == 1 with INT4 b: CUDA-core multiply-adds (_int4_gemv) instead of an MMA
-    interpret: bool = False
-
-
-def _int4_gemv(a_ref, b_ref, col0, bn: int, kk, bk: int, *, col_ok, k_hi, p: _Plan):
-    """(bn,) int32 products of a's one row (M = 1) with packed INT4 b over K columns [kk, kk + bk).
-
-    Multiply-adds on the CUDA cores, not a tensor-core dot: at M = 1 an MMA wastes 15 of its 16 rows, and
-    feeding it unpacked nibbles means moving the tile into the MMA operand layout through shared memory,
-    which held the INT4 kernel to about 500 GB/s where INT8 streams at about 2 TB/s (H100, measured).
-    A byte holds K columns 2j (low nibble) and 2j + 1 (high nibble), so each nibble plane meets the
-    stride-2 columns of a that match it: no interleaving.
-    """
-    half = bk // 2
-
-    def a_plane(first: int):
-        view = a_ref.at[pl.ds(0, 1), pl.ds(kk + first, half, stride=2)]  # (1, half)
-        if k_hi is None:
-            return view[...]
-        mask = (kk + first + 2 * jnp.arange(half))[None, :] < k_hi
-        if p.interpret:  # interpret mode has no masked strided load: load (clamped), then zero by the mask
-            return jnp.where(mask, view[...], jnp.int8(0))
-        return plgpu.load(view, mask=mask, other=0)
-
-    view = b_ref.at[pl.ds(col0, bn), pl.ds(kk // 2, half)]
-    mask = None if col_ok is None else col_ok[:, None]
-    if k_hi is not None:
-        kmask = (kk // 2 + jnp.arange(half))[None, :] < cdiv(k_hi, 2)
-        mask = kmask if mask is None else mask & kmask
-    packed = view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
-    s = lax.bitcast_convert_type(packed, jnp.int8)
-    lo = lax.shift_right_arithmetic(lax.shift_left(s, jnp.int8(4)), jnp.int8(4)).astype(jnp.int32)
-    hi = lax.shift_right_arithmetic(s, jnp.int8(4)).astype(jnp.int32)
-    a_lo, a_hi = a_plane(0).astype(jnp.int32), a_plane(1).astype(jnp.int32)
-    return jnp.sum(lo * a_lo + hi * a_hi, axis=1)
 
 
 def _decode_kernel(*refs, p: _Plan, epi):
@@ -246,26 +211,18 @@ def _decode_kernel(*refs, p: _Plan, epi):
 
     def dot_unit(k0, nsteps: int, k_hi):
         """int32 product over K columns [k0, k0 + nsteps * bk); ``k_hi`` masks K (None: all in bounds)."""
-        if p.gemv:
 
-            def one(kk, acc):
-                return acc + _int4_gemv(a_ref, b_ref, col0, bn, kk, bk, col_ok=col_ok, k_hi=k_hi, p=p)
+        def one(kk, acc):
+            a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
+            b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi, bits=p.b_bits)
+            return acc + int_dot(a, b)
 
-            acc = jnp.zeros((bn,), jnp.int32)
-        else:
-
-            def one(kk, acc):
-                a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
-                b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi, bits=p.b_bits)
-                return acc + int_dot(a, b)
-
-            acc = jnp.zeros((bm, bn), jnp.int32)
+        acc = jnp.zeros((bm, bn), jnp.int32)
         if nsteps <= 4:
             for i in range(nsteps):
                 acc = one(k0 + i * bk, acc)
-        else:
-            acc = lax.fori_loop(0, nsteps, lambda i, c: one(pl.multiple_of(k0 + i * bk, bk), c), acc)
-        return jnp.broadcast_to(acc[None, :], (bm, bn)) if p.gemv else acc
+            return acc
+        return lax.fori_loop(0, nsteps, lambda i, c: one(pl.multiple_of(k0 + i * bk, bk), c), acc)
 
     def accumulate(acc, k0, nsteps: int, k_hi):
         part = dot_unit(k0, nsteps, k_hi)
@@ -418,8 +375,6 @@ def int8_matmul_decode(
         b_scale is not None and not grouped,
         fused,
         cfg.unroll,
-        gemv=m == 1 and b_bits == 4,
-        interpret=bool(interp),
     )
     inputs = [a, b]
     if grouped:
