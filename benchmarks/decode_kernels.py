@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jq8.quant import pack_int4
 from pallas_kernels import autotune
 from pallas_kernels import int8_matmul_decode as dec
 
@@ -30,23 +29,6 @@ from pallas_kernels import int8_matmul_decode as dec
 CASES_1P5B = (
     "8:4800x1600,8:1600x1600,8:6400x1600,8:1600x6400,8:50304x1600,4:6400x1600,4:1600x6400,4:50304x1600"
 )
-
-
-def weights_for(bits: int, n: int, k: int, group: int | None, count: int, seed: int = 0):
-    """``count`` distinct (codes, scales) pairs of an (N, K) weight in the decode kernel's layout."""
-    out = []
-    for i in range(count):
-        kw, ks = jax.random.split(jax.random.key(seed + i))
-        lo, hi = (-8, 8) if bits == 4 else (-127, 128)
-        codes = jax.random.randint(kw, (n, k), lo, hi, jnp.int32).astype(jnp.int8)
-        shape = (n, -(-k // group)) if group else (1, n)
-        scales = jax.random.uniform(ks, shape, jnp.float32, 1e-3, 2e-3)
-        out.append((pack_int4(codes) if bits == 4 else codes, scales))
-    return out
-
-
-def copies(nbytes: int, l2_bytes: int = 64 << 20) -> int:
-    return max(2, min(16, -(-2 * l2_bytes // nbytes)))
 
 
 def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeConfig]:
@@ -67,10 +49,13 @@ def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeC
 def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> dict:
     group = args.int4_group if bits == 4 and not per_channel else None
     nbytes = n * k * bits // 8
-    ws = weights_for(bits, n, k, group, copies(nbytes))
+    ws = autotune.decode_weights(n, k, b_bits=bits, b_group=group)
     a = jax.random.randint(jax.random.key(99), (1, k), -127, 128, jnp.int32).astype(jnp.int8)
     sa = jnp.full((1, 1), 1e-2, jnp.float32)
-    ws_bf16 = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(copies(2 * n * k))]
+    ws_bf16 = [
+        jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16)
+        for i in range(max(2, min(16, -(-(128 << 20) // (2 * n * k)))))
+    ]
     loop = dict(reps=args.reps, iters=args.iters)
     t_bf16 = autotune.time_in_loop(lambda x, w: x.astype(jnp.bfloat16) @ w, a, ws_bf16, **loop)
     row = dict(

@@ -211,6 +211,25 @@ def tune_int8_matmul(m: int, n: int, k: int, *, candidates=None, iters: int = 10
     )
 
 
+def decode_weights(n: int, k: int, *, b_bits: int, b_group: int | None, l2_bytes: int = 64 << 20) -> list:
+    """Distinct random (codes, scales) weights in the decode kernel's layout, enough (2-16) to overflow
+    twice ``l2_bytes`` of L2, so a loop over them streams from HBM as a decode step does."""
+    import jax.numpy as jnp
+
+    from jq8.quant import pack_int4
+
+    count = max(2, min(16, -(-2 * l2_bytes // (n * k * b_bits // 8))))
+    out = []
+    for i in range(count):
+        kb, ks = jax.random.split(jax.random.key(i + 1))
+        lo, hi = (-8, 8) if b_bits == 4 else (-127, 128)
+        b = jax.random.randint(kb, (n, k), lo, hi, jnp.int32).astype(jnp.int8)
+        shape = (n, -(-k // b_group)) if b_group else (1, n)
+        sb = jax.random.uniform(ks, shape, jnp.float32, 1e-3, 2e-3)
+        out.append((pack_int4(b) if b_bits == 4 else b, sb))
+    return out
+
+
 def tune_int8_matmul_decode(
     m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None, iters: int = 5, verbose=False
 ):
@@ -219,16 +238,9 @@ def tune_int8_matmul_decode(
     distinct weights to overflow L2, not one call at a time."""
     import jax.numpy as jnp
 
-    from jq8.quant import pack_int4
     from pallas_kernels import int8_matmul_decode as dec
 
-    copies = max(2, min(16, -(-128 * 2**20 // (n * k * b_bits // 8))))
-    weights = []
-    for i in range(copies):
-        kb, ks = jax.random.split(jax.random.key(i + 1))
-        b = jax.random.randint(kb, (n, k), -7, 8, jnp.int8)
-        sb = jax.random.uniform(ks, (n, -(-k // b_group)) if b_group else (n,), jnp.float32, 1e-3, 2e-3)
-        weights.append((pack_int4(b) if b_bits == 4 else b, sb))
+    weights = decode_weights(n, k, b_bits=b_bits, b_group=b_group)
     a = jax.random.randint(jax.random.key(0), (m, k), -127, 128, jnp.int8)
     sa = jnp.full((m, 1), 1e-3, jnp.float32)
 
