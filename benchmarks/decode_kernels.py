@@ -32,6 +32,8 @@ CASES_1P5B = (
 
 
 def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeConfig]:
+    if bits == 4:
+        return dec.decode_candidates(1, n, k, b_bits=bits, b_group=group)
     base = dec.decode_config(1, n, k, b_bits=bits, b_group=group)
     out = [base]
     for bn in (32, 64, 128):
@@ -40,9 +42,6 @@ def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeC
                 cfg = dec.DecodeConfig(bn, 128, split, unroll=unroll)
                 if cfg not in out and dec.cdiv(n, bn) * split <= 16 * dec.num_sms():
                     out.append(cfg)
-    if bits == 4:  # the INT4 unpack is CUDA-core work: warps matter more than for INT8
-        for bn, warps in ((32, 2), (64, 8), (128, 8)):
-            out.append(dec.DecodeConfig(bn, 128, 1, num_warps=warps, unroll=True))
     return out
 
 

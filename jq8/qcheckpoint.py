@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory::
 
-    manifest.json   {"format": "jq8-quantized", "format_version": 2, "rules": [...], "assignment": {...},
+    manifest.json   {"format": "jq8-quantized", "format_version": 3, "rules": [...], "assignment": {...},
                      "weights": {path: {shape, dtype, spec}}, "embeddings": {path: {shape, dtype, spec}},
                      "float_dtype", "model_config", "extra": {...}}
     arrays.npz      uncompressed numpy archive: w/<path>/values|scale|zero_point (Dense kernels),
@@ -10,7 +10,9 @@ Layout of a checkpoint directory::
                     s/<path> (static activation scales)
 
 Versions: 2 added quantized embedding tables (``embeddings``, ``e/``) and the rule fields ``kind`` /
-``optional``; version-1 checkpoints (no quantized tables) load unchanged.
+``optional``; version-1 checkpoints (no quantized tables) load unchanged. 3 packs INT4 codes in the
+half-split layout of :func:`jq8.quant.pack_int4` (adjacent pairs before); older INT4 arrays are repacked on
+load.
 
 Why npz + JSON and not Orbax: the checkpoint is a handful of arrays written once and read whole; an
 uncompressed npz costs the bytes of the arrays plus ~100 B per entry (so the size on disk is what
@@ -41,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq8.ptq import QuantizedParams, QuantRule
-from jq8.quant import QArray, QuantSpec
+from jq8.quant import QArray, QuantSpec, pack_int4, unpack_int4_pairs
 
 FORMAT = "jq8-quantized"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 
@@ -84,15 +86,21 @@ def _put_qarray(arrays: dict[str, np.ndarray], key: str, q: QArray) -> dict:
     return {"shape": list(q.shape), "dtype": jnp.dtype(q.dtype).name, "spec": _spec_json(q.spec)}
 
 
-def _get_qarray(arrays: Mapping[str, np.ndarray], key: str, meta: Mapping[str, Any]) -> QArray:
+def _get_qarray(arrays: Mapping[str, np.ndarray], key: str, meta: Mapping[str, Any], version: int) -> QArray:
     s = meta["spec"]
     zp = arrays.get(f"{key}/zero_point")
+    spec = QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"])
+    shape = tuple(meta["shape"])
+    values = jnp.asarray(arrays[f"{key}/values"])
+    if spec.bits == 4 and version < 3:  # INT4 was packed in adjacent pairs before version 3: repack
+        n = shape[-1] if shape else 1
+        values = pack_int4(unpack_int4_pairs(values, n))
     return QArray(
-        jnp.asarray(arrays[f"{key}/values"]),
+        values,
         jnp.asarray(arrays[f"{key}/scale"]),
         None if zp is None else jnp.asarray(zp),
-        QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"]),
-        tuple(meta["shape"]),
+        spec,
+        shape,
         jnp.dtype(meta["dtype"]),
     )
 
@@ -192,8 +200,12 @@ def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]
     with np.load(d / ARRAYS) as z:
         arrays = {k: z[k] for k in z.files}
     rules = tuple(QuantRule(**r) for r in manifest["rules"])  # v1 rules: kind / optional take defaults
-    weights = {path: _get_qarray(arrays, f"w/{path}", m) for path, m in manifest["weights"].items()}
-    tables = {path: _get_qarray(arrays, f"e/{path}", m) for path, m in manifest.get("embeddings", {}).items()}
+    version = manifest.get("format_version", 1)
+    weights = {path: _get_qarray(arrays, f"w/{path}", m, version) for path, m in manifest["weights"].items()}
+    tables = {
+        path: _get_qarray(arrays, f"e/{path}", m, version)
+        for path, m in manifest.get("embeddings", {}).items()
+    }
     flat = {}
     for path, dt in manifest["float_params"].items():
         a = arrays[f"p/{path}"]

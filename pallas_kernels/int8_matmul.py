@@ -3,8 +3,9 @@
     out = act(a @ b.T * a_scale * b_scale + bias) + residual
 
 a: (M, K) int8 and b: (N, K) int8 are both K-contiguous ("NT": the layout the H100 INT8 tensor cores
-want, see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte, (N, ceil(K/2)) uint8
-as written by :func:`jq8.quant.pack_int4`, unpacked to int8 inside the kernel. The product accumulates in
+want, see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte in the half-split
+layout of :func:`jq8.quant.pack_int4`, whose two nibble planes meet two contiguous halves of the
+activation tile (:func:`int4_pair_dot`: no interleave in the kernel). The product accumulates in
 int32 over a ``fori_loop`` on K; scales that are constant along K (per-row activations, per-column weights)
 apply once in the epilogue. Scales that vary along K live in :mod:`pallas_kernels.int8_matmul_block_scaled`,
 which reuses the loaders and the epilogue defined here.
@@ -31,6 +32,8 @@ from jq8.quant import (
     QArray,
     QuantSpec,
     check_int32_k,
+    int4_block,
+    int4_width,
     quantize,
     round_half_away,
     unpack_int4,
@@ -143,31 +146,48 @@ def grouped_program_ids(pid: jax.Array, num_m: int, num_n: int, group_m: int) ->
     return first_m + local % size_m, local // size_m
 
 
-def unpack_int4_tile(packed: jax.Array) -> jax.Array:
-    """(r, c) uint8 packed INT4 (even column in the low nibble) -> (r, 2c) int8, sign-extended."""
-    r, c = packed.shape
-    s = lax.bitcast_convert_type(packed, jnp.int8)
-    lo = lax.shift_right_arithmetic(lax.shift_left(s, jnp.int8(4)), jnp.int8(4))
-    hi = lax.shift_right_arithmetic(s, jnp.int8(4))
-    return jnp.stack([lo, hi], axis=-1).reshape(r, 2 * c)
+def load_k_tile(ref, start, size: int, k0, bk: int, *, row_mask, k_valid: int | None):
+    """Rows [start, start + size) x columns [k0, k0 + bk) of an (R, K) int8 (or uint8) ref as (size, bk).
 
-
-def load_k_tile(ref, start, size: int, k0, bk: int, *, row_mask, k_valid: int | None, bits: int = 8):
-    """Rows [start, start + size) x K columns [k0, k0 + bk) of an (R, K) int8 ref as (size, bk) int8.
-
-    For bits=4 the ref is (R, ceil(K/2)) uint8 and the tile is unpacked. ``row_mask`` (size,) bool or None;
-    ``k_valid``: K when this tile may cross the end of K (the tail is zero-filled), else None.
+    ``row_mask`` (size,) bool or None; ``k_valid``: K when this tile may cross the end of K (the tail is
+    zero-filled), else None.
     """
-    width = bk // 2 if bits == 4 else bk
-    c0 = k0 // 2 if bits == 4 else k0
-    k_limit = None if k_valid is None else (cdiv(k_valid, 2) if bits == 4 else k_valid)
     mask = None if row_mask is None else row_mask[:, None]
-    if k_limit is not None:
-        kmask = (c0 + jnp.arange(width))[None, :] < k_limit
+    if k_valid is not None:
+        kmask = (k0 + jnp.arange(bk))[None, :] < k_valid
         mask = kmask if mask is None else (mask & kmask)
-    view = ref.at[pl.ds(start, size), pl.ds(c0, width)]
-    tile = view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
-    return unpack_int4_tile(tile) if bits == 4 else tile
+    view = ref.at[pl.ds(start, size), pl.ds(k0, bk)]
+    return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
+
+
+def int4_pair_dot(
+    a_ref, b_ref, a_start, bm: int, b_start, bn: int, c0, w: int, block: int, *, a_rows, b_rows
+):
+    """Products of the packed INT4 byte columns [c0, c0 + w) of b with the activations they multiply.
+
+    b_ref: (N, K/2) uint8 in the half-split layout of :func:`jq8.quant.pack_int4` with ``block``-column
+    blocks; w divides block / 2, so the bytes lie in one block and hold K columns [k_lo, k_lo + w) (low
+    nibbles) and [k_lo + block/2, ... + w) (high nibbles): two contiguous activation tiles, no interleave.
+    a_ref: (M, K) int8 with K padded to whole blocks. Returns (lo, hi), (bm, bn) int32 each: the products
+    of the two nibble planes, *16 times* the true values, because the nibbles are used in place
+    (``b << 4`` and ``b & 0xF0`` read as int8 are exactly 16 x the signed codes; no shift back per element).
+    """
+    half = block // 2
+    blk = c0 // half
+    k_lo = pl.multiple_of(blk * block + (c0 - blk * half), w)
+    packed = load_k_tile(b_ref, b_start, bn, pl.multiple_of(c0, w), w, row_mask=b_rows, k_valid=None)
+    s = lax.bitcast_convert_type(packed, jnp.int8)
+    lo16 = lax.shift_left(s, jnp.int8(4))
+    hi16 = lax.bitwise_and(s, jnp.int8(-16))
+    a_lo = load_k_tile(a_ref, a_start, bm, k_lo, w, row_mask=a_rows, k_valid=None)
+    a_hi = load_k_tile(a_ref, a_start, bm, k_lo + half, w, row_mask=a_rows, k_valid=None)
+    return int_dot(a_lo, lo16), int_dot(a_hi, hi16)
+
+
+def pad_to_int4_blocks(a: jax.Array, k: int) -> jax.Array:
+    """a (M, K) padded with zero columns to the whole 64-column blocks an INT4 b is packed in."""
+    kp = 2 * int4_width(k)
+    return a if kp == a.shape[1] else jnp.pad(a, ((0, 0), (0, kp - a.shape[1])))
 
 
 def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -362,6 +382,8 @@ class _Problem:
     b_bits: int
     scaled_a: bool
     scaled_b: bool
+    block: int = 0  # INT4: half-split block width (jq8.quant.int4_block of the unpadded K)
+    w: int = 0  # INT4: packed bytes per step
 
 
 def _w8a8_kernel(*refs, p: _Problem, cfg: TileConfig, epi: Epilogue):
@@ -380,13 +402,22 @@ def _w8a8_kernel(*refs, p: _Problem, cfg: TileConfig, epi: Epilogue):
 
     def step(k0, acc, k_valid):
         a = load_k_tile(a_ref, row0, bm, k0, bk, row_mask=a_rows, k_valid=k_valid)
-        b = load_k_tile(b_ref, col0, bn, k0, bk, row_mask=b_rows, k_valid=k_valid, bits=p.b_bits)
+        b = load_k_tile(b_ref, col0, bn, k0, bk, row_mask=b_rows, k_valid=k_valid)
         return acc + int_dot(a, b)
 
+    def step4(c0, acc):  # INT4: w packed bytes = 2w K columns (a is padded to whole blocks)
+        lo, hi = int4_pair_dot(
+            a_ref, b_ref, row0, bm, col0, bn, c0, p.w, p.block, a_rows=a_rows, b_rows=b_rows
+        )
+        return acc + lax.shift_right_arithmetic(lo + hi, jnp.int32(4))  # exact: both are 16x
+
     acc = jnp.zeros((bm, bn), jnp.int32)
-    acc = lax.fori_loop(0, p.k // bk, lambda i, c: step(pl.multiple_of(i * bk, bk), c, None), acc)
-    if p.k % bk:  # K tail: one masked step, zero-filled past K
-        acc = step(jnp.int32((p.k // bk) * bk), acc, p.k)  # traced start: the slice crosses the end of K
+    if p.b_bits == 4:
+        acc = lax.fori_loop(0, p.k // (2 * p.w), lambda i, c: step4(i * p.w, c), acc)
+    else:
+        acc = lax.fori_loop(0, p.k // bk, lambda i, c: step(pl.multiple_of(i * bk, bk), c, None), acc)
+        if p.k % bk:  # K tail: one masked step, zero-filled past K
+            acc = step(jnp.int32((p.k // bk) * bk), acc, p.k)  # traced start: the slice crosses the end of K
 
     if not (p.scaled_a or p.scaled_b):  # raw int32 product
         mask = _and_masks(
@@ -456,7 +487,7 @@ def int8_matmul(
 ) -> jax.Array | QArray:
     """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
 
-    a: (M, K) int8. b: (N, K) int8, or (N, ceil(K/2)) uint8 packed INT4 with ``b_bits=4``.
+    a: (M, K) int8. b: (N, K) int8, or with ``b_bits=4`` (N, int4_width(K)) uint8 INT4 (``pack_int4``).
     a_scale: (M, 1) or (M,) f32 per-row; b_scale: (1, N) or (N,) f32 per-column (either may be None = 1).
     bias: (N,) float; residual: (M, N) float; activation: None, "gelu" (erf), "gelu_tanh", "relu".
     Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
@@ -475,9 +506,10 @@ def int8_matmul(
         if b.dtype != jnp.int8 or b.shape[1] != k:
             raise ValueError(f"b must be (N, K={k}) int8, got {b.shape} {b.dtype}")
     elif b_bits == 4:
-        if b.dtype != jnp.uint8 or b.shape[1] != cdiv(k, 2):
+        if b.dtype != jnp.uint8 or b.shape[1] != int4_width(k):
             raise ValueError(
-                f"b_bits=4 needs b packed as (N, ceil(K/2)={cdiv(k, 2)}) uint8, got {b.shape} {b.dtype}"
+                f"b_bits=4 needs b packed by jq8.quant.pack_int4 as (N, {int4_width(k)}) uint8, got "
+                f"{b.shape} {b.dtype}"
             )
     else:
         raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
@@ -504,12 +536,18 @@ def int8_matmul(
         out_spec=out_spec,
         interpret=resolve_interpret(interpret),
     )
-    if k < cfg0.block_k:
+    block = w = 0
+    if b_bits == 4:  # steps of w packed bytes inside one half-split block; a padded to whole blocks
+        block = int4_block(k)
+        w = max(32, min(cfg0.block_k, block) // 2)
+        a = pad_to_int4_blocks(a, k)
+        k = a.shape[1]
+    elif k < cfg0.block_k:
         # A contraction shorter than one K tile: zero-pad it (zero codes add nothing) so the tile never
         # reads past the array; interpret mode rejects such slices even under a mask.
         pad = cfg0.block_k - k
         a = jnp.pad(a, ((0, 0), (0, pad)))
-        b = jnp.pad(b, ((0, 0), (0, cfg0.block_k // 2 - b.shape[1] if b_bits == 4 else pad)))
+        b = jnp.pad(b, ((0, 0), (0, pad)))
         k = cfg0.block_k
     inputs = [a, b]
     if a_scale is not None:
@@ -521,7 +559,7 @@ def int8_matmul(
             raise ValueError(f"b_scale must be (1, N) = (1, {n}) per-column, got {b_scale.shape}")
         inputs.append(jnp.asarray(b_scale, jnp.float32).reshape(n))
     inputs += epilogue_inputs(bias, residual)
-    prob = _Problem(m, n, k, b_bits, a_scale is not None, b_scale is not None)
+    prob = _Problem(m, n, k, b_bits, a_scale is not None, b_scale is not None, block, w)
     out_shape = jax.ShapeDtypeStruct((m, n), jnp.int32) if raw else epilogue_out_shapes(m, n, epi)
     out = pl.pallas_call(
         functools.partial(_w8a8_kernel, p=prob, cfg=cfg0, epi=epi),

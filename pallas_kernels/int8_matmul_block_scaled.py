@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jq8.quant import QArray, QuantSpec, check_int32_k, expand_tiles, unpack_int4
+from jq8.quant import QArray, QuantSpec, check_int32_k, expand_tiles, int4_block, int4_width, unpack_int4
 from pallas_kernels._common import TileConfig, cdiv, compiler_params, resolve_interpret
 from pallas_kernels.int8_matmul import (
     NT_DIMS,
@@ -37,10 +37,12 @@ from pallas_kernels.int8_matmul import (
     epilogue_out_shapes,
     epilogue_reference,
     grouped_program_ids,
+    int4_pair_dot,
     int8_matmul,
     int_dot,
     load_k_tile,
     make_epilogue,
+    pad_to_int4_blocks,
     resolve_config,
     store_epilogue,
     wrap_output,
@@ -150,6 +152,8 @@ class _Plan:
     convert: str = "cvt"  # "cvt", "magic" or "magic_folded" (see CONVERTS)
     unroll: int = 1  # K groups per loop iteration
     chunk_n: int = 0  # accumulate the tile in column chunks of this width (0: one chunk of block_n)
+    block: int = 0  # INT4 b: half-split block width (jq8.quant.int4_block of the unpadded K)
+    w: int = 0  # INT4 b: packed bytes per step
 
     @property
     def a_in_loop(self) -> bool:
@@ -233,10 +237,7 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
         def one(kk, accs):
             a = load_k_tile(a_ref, row0, bm, kk, bk, row_mask=a_mask, k_valid=k_valid)
             return [
-                acc
-                + int_dot(
-                    a, load_k_tile(b_ref, c, cn, kk, bk, row_mask=bmask, k_valid=k_valid, bits=p.b_bits)
-                )
+                acc + int_dot(a, load_k_tile(b_ref, c, cn, kk, bk, row_mask=bmask, k_valid=k_valid))
                 for acc, c, bmask in zip(accs, col0s, b_masks)
             ]
 
@@ -247,7 +248,69 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
             return accs
         return lax.fori_loop(0, nsteps, lambda s, c: one(pl.multiple_of(k0 + s * bk, bk), c), accs)
 
-    if p.gk == 0:  # no scale varies along K: plain int32 loop, all scaling in the epilogue
+    def scale_of(g, j):
+        # Clamped: INT4's padding to whole blocks can reach one K tile past the last real one (zeros).
+        ga = jnp.minimum(g // (p.a_k // p.gk), sa_ref.shape[0] - 1) if p.a_in_loop else None
+        gb = jnp.minimum(g // (p.b_k // p.gk), sb_ref.shape[0] - 1) if p.b_in_loop else None
+        if p.a_in_loop and p.b_in_loop:
+            return sa(ga) * sb(gb, j)  # (bm|1, cn|1)
+        if p.a_in_loop:
+            return sa(ga)
+        return sb(gb, j)
+
+    def rescale(carry, parts, g):
+        out = []
+        for j, ((acc, ssum), part) in enumerate(zip(carry, parts)):
+            s = scale_of(g, j)
+            acc = acc + _to_f32(part, p.convert) * s
+            out.append((acc, ssum + s) if p.convert == "magic_folded" else (acc, ssum))
+        return out
+
+    zero_ssum = jnp.zeros(p.loop_scale_shape(bm, cn), jnp.float32)
+    zero_carry = [(jnp.zeros((bm, cn), jnp.float32), zero_ssum) for _ in col0s]
+
+    def planes(c0, nsteps: int):
+        """INT4: nsteps steps of p.w packed bytes from byte c0 -> (lo, hi) int32 lists (one per chunk),
+        the true products of the two nibble planes (int4_pair_dot's 16x shifted back, exactly)."""
+        los = [jnp.zeros((bm, cn), jnp.int32) for _ in col0s]
+        his = list(los)
+        for i in range(nsteps):
+            for j, (c, bmask) in enumerate(zip(col0s, b_masks)):
+                lo, hi = int4_pair_dot(
+                    a_ref, b_ref, row0, bm, c, cn, c0 + i * p.w, p.w, p.block, a_rows=a_mask, b_rows=bmask
+                )
+                los[j], his[j] = los[j] + lo, his[j] + hi
+        shift = functools.partial(lax.shift_right_arithmetic, y=jnp.int32(4))
+        return [shift(x) for x in los], [shift(x) for x in his]
+
+    if p.b_bits == 4 and p.gk == 0:
+        accs = lax.fori_loop(
+            0,
+            p.k // (2 * p.w),
+            lambda i, c: [x + lo + hi for x, lo, hi in zip(c, *planes(i * p.w, 1))],
+            [jnp.zeros((bm, cn), jnp.int32) for _ in col0s],
+        )
+        ys = [acc.astype(jnp.float32) for acc in accs]
+    elif p.b_bits == 4:
+        # Units of packed bytes whose two nibble planes each sit in one K group: with groups >= the
+        # half-split block one group holds both planes; smaller groups put the high plane's group
+        # block / (2 * gk) further on.
+        half = p.block // 2
+        unit = p.gk // 2 if p.gk >= p.block else p.gk
+        width = p.k // 2
+
+        def unit_step(c_u, carry, nsteps):
+            los, his = planes(c_u, nsteps)
+            if p.gk >= p.block:
+                return rescale(carry, [lo + hi for lo, hi in zip(los, his)], (2 * c_u) // p.gk)
+            g_lo = ((c_u // half) * p.block + c_u % half) // p.gk
+            return rescale(rescale(carry, los, g_lo), his, g_lo + half // p.gk)
+
+        carry = lax.fori_loop(0, width // unit, lambda u, c: unit_step(u * unit, c, unit // p.w), zero_carry)
+        if width % unit:  # a partial last group
+            carry = unit_step(jnp.int32(width - width % unit), carry, (width % unit) // p.w)
+        ys = [y - MAGIC_FLOAT * ssum if p.convert == "magic_folded" else y for y, ssum in carry]
+    elif p.gk == 0:  # no scale varies along K: plain int32 loop, all scaling in the epilogue
         accs = lax.fori_loop(
             0,
             p.k // bk,
@@ -260,25 +323,10 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
     else:
         steps = p.gk // bk
 
-        def scale_of(g, j):
-            if p.a_in_loop and p.b_in_loop:
-                return sa(g // (p.a_k // p.gk)) * sb(g // (p.b_k // p.gk), j)  # (bm|1, cn|1)
-            if p.a_in_loop:
-                return sa(g // (p.a_k // p.gk))
-            return sb(g // (p.b_k // p.gk), j)
-
         def part_of(g, nsteps=steps, k_valid=None):
             return partial(pl.multiple_of(g * p.gk, p.gk), nsteps, k_valid)
 
         num_g = p.k // p.gk
-
-        def rescale(carry, parts, g):
-            out = []
-            for j, ((acc, ssum), part) in enumerate(zip(carry, parts)):
-                s = scale_of(g, j)
-                acc = acc + _to_f32(part, p.convert) * s
-                out.append((acc, ssum + s) if p.convert == "magic_folded" else (acc, ssum))
-            return out
 
         def groups(i, carry):
             # All products of the iteration's groups are issued before any rescale, so the tensor-core work
@@ -289,9 +337,7 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
                 carry = rescale(carry, part, g)
             return carry
 
-        zero_ssum = jnp.zeros(p.loop_scale_shape(bm, cn), jnp.float32)
-        carry = [(jnp.zeros((bm, cn), jnp.float32), zero_ssum) for _ in col0s]
-        carry = lax.fori_loop(0, num_g // p.unroll, groups, carry)
+        carry = lax.fori_loop(0, num_g // p.unroll, groups, zero_carry)
         for g in range(num_g - num_g % p.unroll, num_g):  # groups left over by the unrolled loop
             carry = rescale(carry, part_of(jnp.int32(g)), g)
         if p.k % p.gk:
@@ -378,7 +424,7 @@ def int8_matmul_block_scaled(
 ) -> jax.Array | QArray:
     """INT8 GEMM with per-tile scales along K: ``act(dequant(a) @ dequant(b).T + bias) + residual``.
 
-    a: (M, K) int8, a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 (or (N, ceil(K/2)) uint8
+    a: (M, K) int8, a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 (or (N, int4_width(K)) uint8
     INT4 with ``b_bits=4``), b_scale (cdiv(N, tb_n), cdiv(K, tb_k)) f32. Tiles are inferred from the shapes
     (see :func:`infer_tile`) unless ``a_tile``/``b_tile`` are given. K tiles that vary must be powers of two
     >= 32. ``convert`` picks how per-group int32 partials become f32 (see :data:`CONVERTS`); ``unroll`` K
@@ -391,7 +437,7 @@ def int8_matmul_block_scaled(
     n = b.shape[0]
     if a.dtype != jnp.int8:
         raise TypeError(f"a must be int8, got {a.dtype}")
-    expect_b = (n, cdiv(k, 2) if b_bits == 4 else k)
+    expect_b = (n, int4_width(k) if b_bits == 4 else k)
     if b_bits not in (4, 8) or b.shape != expect_b or b.dtype != (jnp.uint8 if b_bits == 4 else jnp.int8):
         raise ValueError(
             f"b must be {expect_b} {'uint8 packed INT4' if b_bits == 4 else 'int8'}, got {b.shape} {b.dtype}"
@@ -423,7 +469,16 @@ def int8_matmul_block_scaled(
             )
         if b_rows < cfg.block_n:  # else b's scale is already one value per tile and K group
             chunk_n = b_rows
-    plan = _Plan(m, n, k, b_bits, a_rows, b_rows, a_k, b_k, gk, unroll=unroll, chunk_n=chunk_n)
+    int4 = {}
+    if b_bits == 4:  # steps of w packed bytes inside one half-split block; a padded to whole blocks
+        block = int4_block(k)
+        w = max(32, min(bk, block) // 2)
+        if gk:
+            w = min(w, gk // 2 if gk >= block else gk)
+        int4 = dict(block=block, w=w)
+        a = pad_to_int4_blocks(a, k)
+        k = a.shape[1]
+    plan = _Plan(m, n, k, b_bits, a_rows, b_rows, a_k, b_k, gk, unroll=unroll, chunk_n=chunk_n, **int4)
     epi = make_epilogue(  # the epilogue runs per column chunk (requantization tiles must fit in one)
         m,
         n,

@@ -11,7 +11,8 @@ then runs as :func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it
 With ``split_k=1`` the epilogue is fused into the kernel's store (one launch, which is what small layers
 want: at 124M a token is launch-bound).
 
-b: (N, K) int8 or (N, ceil(K/2)) uint8 packed INT4. b's scales: per output column ((N,) / (1, N)), or
+b: (N, K) int8 or (N, int4_width(K)) uint8 INT4 (half-split layout, :func:`jq8.quant.pack_int4`).
+b's scales: per output column ((N,) / (1, N)), or
 ZeroQuant contraction groups ((N, G), a K group of ``b_group`` columns each): a group's int32 partial is
 rescaled into an f32 accumulator in the loop, and split-K chunks hold whole groups.
 """
@@ -27,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jq8.quant import QArray, QuantSpec, check_int32_k
+from jq8.quant import QArray, QuantSpec, check_int32_k, int4_block, int4_width
 from pallas_kernels._common import TileConfig, cdiv, compiler_params, on_gpu, resolve_interpret
 from pallas_kernels.int8_matmul import (
     ACTIVATIONS,
@@ -39,10 +40,12 @@ from pallas_kernels.int8_matmul import (
     epilogue_inputs,
     epilogue_out_shapes,
     epilogue_reference,
+    int4_pair_dot,
     int_dot,
     load_k_tile,
     load_vector,
     make_epilogue,
+    pad_to_int4_blocks,
     store_epilogue,
     wrap_output,
 )
@@ -99,7 +102,10 @@ def decode_config(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | Non
         if cdiv(n, bn) >= 4 * sms:
             block_n = bn
             break
-    block_k = 256 if b_group is None and k >= 4096 else 128
+    if b_bits == 4:  # K per step = a whole half-split block (up to 256): the widest contiguous loads
+        block_k = int4_block(k)
+    else:
+        block_k = 256 if b_group is None and k >= 4096 else 128
     unit, _ = _unit_k(k, b_group, block_k)
     num_n = cdiv(n, block_n)
     weight_bytes = n * k * b_bits // 8
@@ -132,6 +138,14 @@ def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int |
     """A short list for autotuning: the heuristic, then N tiles x split-K around it."""
     base = decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
     out = [base]
+    if b_bits == 4:  # measured (int4_probe.py): 32/64-column tiles, odd split counts, whole-block steps
+        for bn in (32, 64):
+            for split in (1, 2, 3, 4, 5, 6, 8):
+                for bk in sorted({128, int4_block(k)}):
+                    cfg = DecodeConfig(bn, bk, split)
+                    if cfg not in out:
+                        out.append(cfg)
+        return out
     for bn in (32, 64, 128):
         for split in sorted({1, 2, 4, 8, base.split_k}):
             for bk in (128, 256) if b_group is None else (128,):
@@ -184,6 +198,67 @@ class _Plan:
     scaled_b: bool  # per-column b scales (epilogue)
     fused: bool  # split == 1: the epilogue runs in the kernel
     unroll: bool = False
+    # INT4 (half-split packing): the loop runs over packed bytes, w per step, in units of unit_bytes that
+    # share one scale column per nibble plane; units_per_split units per split, units in all.
+    block: int = 0
+    w: int = 0
+    group: int = 0
+    unit_bytes: int = 0
+    units: int = 0
+    units_per_split: int = 0
+
+
+def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok):
+    """The INT4 product of split ``s``: ``p.units_per_split`` units of packed bytes from unit s * that.
+
+    Per unit, the int32 products of the low and high nibble planes (16x, see ``int4_pair_dot``) are summed
+    separately, then rescaled: with K groups >= the half-split block both planes sit in one group; with
+    smaller groups (unit = one group of bytes) the high plane's group is block / (2 * group) further on.
+    Steps past the end (a ragged last split, a partial last group) read clamped, in-bounds bytes and
+    add nothing.
+    """
+    width = p.k // 2
+    steps = p.unit_bytes // p.w
+    exact = p.units * p.unit_bytes == width and p.units_per_split * p.split == p.units
+    n_groups = sg_ref.shape[1] if p.grouped else 0  # K padded to whole blocks may pass the last group
+
+    def unit(u, acc):
+        c_u = (s * p.units_per_split + u) * p.unit_bytes
+        lo_acc = hi_acc = jnp.zeros((BLOCK_M, p.bn), jnp.int32)
+        for i in range(steps):
+            c0 = c_u + i * p.w
+            if not exact:
+                valid = c0 < width
+                c0 = jnp.minimum(c0, width - p.w)
+            lo, hi = int4_pair_dot(
+                a_ref, b_ref, 0, BLOCK_M, col0, p.bn, c0, p.w, p.block, a_rows=a_rows, b_rows=col_ok
+            )
+            if not exact:
+                lo, hi = jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)
+            lo_acc, hi_acc = lo_acc + lo, hi_acc + hi
+        if not p.grouped:
+            return acc + lax.shift_right_arithmetic(lo_acc + hi_acc, jnp.int32(4))  # exact: 16x products
+
+        def scale(g):
+            view = sg_ref.at[pl.ds(col0, p.bn), jnp.minimum(g, n_groups - 1)]
+            return (view[...] if col_ok is None else plgpu.load(view, mask=col_ok, other=0.0))[None, :]
+
+        if p.group >= p.block:  # the unit is one K group: both planes share its scale
+            g = (2 * c_u) // p.group
+            return acc + (lo_acc + hi_acc).astype(jnp.float32) * (scale(g) * 0.0625)
+        half = p.block // 2
+        g_lo = ((c_u // half) * p.block + c_u % half) // p.group
+        g_hi = g_lo + half // p.group
+        return (
+            acc
+            + (lo_acc.astype(jnp.float32) * scale(g_lo) + hi_acc.astype(jnp.float32) * scale(g_hi)) * 0.0625
+        )
+
+    if p.unroll and p.units_per_split * steps <= MAX_UNROLL:
+        for u in range(p.units_per_split):
+            acc = unit(u, acc)
+        return acc
+    return lax.fori_loop(0, p.units_per_split, unit, acc)
 
 
 def _decode_kernel(*refs, p: _Plan, epi):
@@ -214,7 +289,7 @@ def _decode_kernel(*refs, p: _Plan, epi):
 
         def one(kk, acc):
             a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
-            b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi, bits=p.b_bits)
+            b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi)
             return acc + int_dot(a, b)
 
         acc = jnp.zeros((bm, bn), jnp.int32)
@@ -234,7 +309,9 @@ def _decode_kernel(*refs, p: _Plan, epi):
         return acc + part.astype(jnp.float32) * sg[None, :]
 
     acc = jnp.zeros((bm, bn), jnp.float32 if p.grouped else jnp.int32)
-    if p.unroll and n_units <= MAX_UNROLL:
+    if p.b_bits == 4:
+        acc = _int4_loop(acc, a_ref, b_ref, sg_ref, p, s=s, col0=col0, a_rows=a_rows, col_ok=col_ok)
+    elif p.unroll and n_units <= MAX_UNROLL:
         for u in range(n_units):
             acc = accumulate(acc, k_lo + u * p.unit, p.unit // bk, k_mask)
     else:
@@ -244,7 +321,7 @@ def _decode_kernel(*refs, p: _Plan, epi):
             lambda u, c: accumulate(c, pl.multiple_of(k_lo + u * p.unit, p.unit), p.unit // bk, k_mask),
             acc,
         )
-    if p.split == 1 and p.k % p.unit:  # K tail of a single split (split-K covers it by masking)
+    if p.b_bits == 8 and p.split == 1 and p.k % p.unit:  # K tail of a single split (split-K masks it)
         acc = accumulate(acc, k_lo + n_units * p.unit, cdiv(p.k % p.unit, bk), p.k)  # k_lo = 0 here
 
     mask = _and_masks(
@@ -302,7 +379,8 @@ def int8_matmul_decode(
 ) -> jax.Array | QArray:
     """Decode GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual`` for M <= 16.
 
-    a: (M, K) int8, M <= 16. b: (N, K) int8, or (N, ceil(K/2)) uint8 packed INT4 with ``b_bits=4``.
+    a: (M, K) int8, M <= 16. b: (N, K) int8, or (N, int4_width(K)) uint8 INT4 (:func:`jq8.quant.pack_int4`)
+    with ``b_bits=4``.
     a_scale: (M, 1) or (M,) f32 per-row (or None). b_scale: (1, N) / (N,) per-column, or (N, G) with G > 1
     contraction groups of ``b_group`` K columns (inferred as a power of two when None; a multiple of 32).
     Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul` (raw int32
@@ -314,7 +392,7 @@ def int8_matmul_decode(
         raise TypeError(f"a must be int8, got {a.dtype}")
     if m > DECODE_MAX_M:
         raise ValueError(f"int8_matmul_decode is for M <= {DECODE_MAX_M}, got M={m}; use int8_matmul")
-    expect_b = (n, cdiv(k, 2) if b_bits == 4 else k)
+    expect_b = (n, int4_width(k) if b_bits == 4 else k)
     if b_bits not in (4, 8) or b.shape != expect_b or b.dtype != (jnp.uint8 if b_bits == 4 else jnp.int8):
         raise ValueError(
             f"b must be {expect_b} {'uint8 packed INT4' if b_bits == 4 else 'int8'}, got {b.shape} {b.dtype}"
@@ -348,16 +426,35 @@ def int8_matmul_decode(
     unit, bk = _unit_k(k, b_group, cfg.block_k)
     if bk < 32:
         raise ValueError(f"b_group={b_group} needs a K tile >= 32 dividing it")
-    if k < bk:  # shorter than one K tile: zero-pad (zero codes add nothing; interpret mode rejects the slice)
-        pad = bk - k
-        a = jnp.pad(a, ((0, 0), (0, pad)))
-        b = jnp.pad(b, ((0, 0), (0, bk // 2 - b.shape[1] if b_bits == 4 else pad)))
-        kp = bk
+    int4 = {}
+    if b_bits == 4:  # units of packed bytes (see _int4_loop); a padded to the whole blocks b is packed in
+        block = int4_block(k)
+        a = pad_to_int4_blocks(a, k)
+        kp = a.shape[1]
+        group = b_group or 0
+        unit_bytes = group // 2 if group >= block else group  # one scale column per nibble plane
+        w = max(32, min(cfg.block_k, block) // 2)
+        unit_bytes = unit_bytes or w
+        w = min(w, unit_bytes)
+        units = cdiv(kp // 2, unit_bytes)
+        split = max(1, min(cfg.split_k, units))
+        per_split = cdiv(units, split)
+        split = cdiv(units, per_split)
+        int4 = dict(
+            block=block, w=w, group=group, unit_bytes=unit_bytes, units=units, units_per_split=per_split
+        )
+        chunk = per_split * unit_bytes * 2
     else:
-        kp = k
-    split = max(1, min(cfg.split_k, cdiv(kp, unit)))
-    chunk = cdiv(cdiv(kp, split), unit) * unit
-    split = cdiv(kp, chunk)  # every split non-empty
+        if k < bk:  # shorter than one K tile: zero-pad (zero codes add nothing; interpret rejects the slice)
+            pad = bk - k
+            a = jnp.pad(a, ((0, 0), (0, pad)))
+            b = jnp.pad(b, ((0, 0), (0, pad)))
+            kp = bk
+        else:
+            kp = k
+        split = max(1, min(cfg.split_k, cdiv(kp, unit)))
+        chunk = cdiv(cdiv(kp, split), unit) * unit
+        split = cdiv(kp, chunk)  # every split non-empty
     fused = split == 1 and _fusable(out_spec, m, n, cfg.block_n)
     interp = resolve_interpret(interpret)
     plan = _Plan(
@@ -375,6 +472,7 @@ def int8_matmul_decode(
         b_scale is not None and not grouped,
         fused,
         cfg.unroll,
+        **int4,
     )
     inputs = [a, b]
     if grouped:

@@ -13,25 +13,42 @@ import pytest
 from jq8.data import load_sentence_groups
 from models import bert
 
-TINY = bert.BertConfig(vocab_size=53, hidden=24, layers=2, heads=3, intermediate=40, max_positions=20,
-                       type_vocab_size=2, layer_norm_eps=1e-12)
+TINY = bert.BertConfig(
+    vocab_size=53,
+    hidden=24,
+    layers=2,
+    heads=3,
+    intermediate=40,
+    max_positions=20,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+)
 
 
 def _random_hf_state(cfg: bert.BertConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random state dict with the Hugging Face BertModel names and (out, in) Linear layouts."""
     f = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)
     h, m = cfg.hidden, cfg.intermediate
-    sd = {"embeddings.word_embeddings.weight": f(cfg.vocab_size, h),
-          "embeddings.position_embeddings.weight": f(cfg.max_positions, h),
-          "embeddings.token_type_embeddings.weight": f(cfg.type_vocab_size, h),
-          "embeddings.LayerNorm.weight": 1 + f(h), "embeddings.LayerNorm.bias": f(h),
-          "embeddings.position_ids": np.arange(cfg.max_positions)[None],
-          "pooler.dense.weight": f(h, h), "pooler.dense.bias": f(h)}
+    sd = {
+        "embeddings.word_embeddings.weight": f(cfg.vocab_size, h),
+        "embeddings.position_embeddings.weight": f(cfg.max_positions, h),
+        "embeddings.token_type_embeddings.weight": f(cfg.type_vocab_size, h),
+        "embeddings.LayerNorm.weight": 1 + f(h),
+        "embeddings.LayerNorm.bias": f(h),
+        "embeddings.position_ids": np.arange(cfg.max_positions)[None],
+        "pooler.dense.weight": f(h, h),
+        "pooler.dense.bias": f(h),
+    }
     for i in range(cfg.layers):
         p = f"encoder.layer.{i}"
-        for name, (o, n) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
-                             "attention.self.value": (h, h), "attention.output.dense": (h, h),
-                             "intermediate.dense": (m, h), "output.dense": (h, m)}.items():
+        for name, (o, n) in {
+            "attention.self.query": (h, h),
+            "attention.self.key": (h, h),
+            "attention.self.value": (h, h),
+            "attention.output.dense": (h, h),
+            "intermediate.dense": (m, h),
+            "output.dense": (h, m),
+        }.items():
             sd[f"{p}.{name}.weight"], sd[f"{p}.{name}.bias"] = f(o, n), f(o)
         for name in ("attention.output.LayerNorm", "output.LayerNorm"):
             sd[f"{p}.{name}.weight"], sd[f"{p}.{name}.bias"] = 1 + f(h), f(h)
@@ -49,14 +66,18 @@ def _reference_bert(sd, cfg, ids, mask, types) -> np.ndarray:
 
     lin = lambda x, p: x @ w[f"{p}.weight"].T + w[f"{p}.bias"]
     b, t = ids.shape
-    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t]
-         + w["embeddings.token_type_embeddings.weight"][types])
+    x = (
+        w["embeddings.word_embeddings.weight"][ids]
+        + w["embeddings.position_embeddings.weight"][:t]
+        + w["embeddings.token_type_embeddings.weight"][types]
+    )
     x = ln(x, "embeddings.LayerNorm")
     hd = cfg.hidden // cfg.heads
     for i in range(cfg.layers):
         p = f"encoder.layer.{i}"
-        q, k, v = (lin(x, f"{p}.attention.self.{n}").reshape(b, t, cfg.heads, hd)
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            lin(x, f"{p}.attention.self.{n}").reshape(b, t, cfg.heads, hd) for n in ("query", "key", "value")
+        )
         s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + np.where(mask[:, None, None, :], 0, -1e9)
         s = np.exp(s - s.max(-1, keepdims=True))
         a = np.einsum("bhqk,bkhd->bqhd", s / s.sum(-1, keepdims=True), v).reshape(b, t, cfg.hidden)
@@ -94,8 +115,11 @@ def test_flax_bert_matches_numpy_reference():
 
 def test_dense_module_paths_for_ptq():
     params = bert.convert_hf_bert(_random_hf_state(TINY, np.random.default_rng()), TINY)
-    paths = {"/".join(k.key for k in path[:-1]): leaf.shape
-             for path, leaf in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "kernel"}
+    paths = {
+        "/".join(k.key for k in path[:-1]): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if path[-1].key == "kernel"
+    }
     h, m = TINY.hidden, TINY.intermediate
     want = {}
     for i in range(TINY.layers):

@@ -23,10 +23,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A very small model on the bundled news text with byte tokens: seconds per run on a CPU.
 TINY = [
-    "--config", os.path.join(REPO, "configs", "tiny.py"), "--dataset=lee", "--tokenizer=bytes",
-    "--model.d_model=64", "--model.num_heads=2", "--model.num_layers=1", "--batch_size=8", "--seq_len=32",
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--dataset=lee",
+    "--tokenizer=bytes",
+    "--model.d_model=64",
+    "--model.num_heads=2",
+    "--model.num_layers=1",
+    "--batch_size=8",
+    "--seq_len=32",
     "--eval_every=0",
-    "--log_every=1", "--progress=false", "--warmup_steps=2",
+    "--log_every=1",
+    "--progress=false",
+    "--warmup_steps=2",
 ]
 
 
@@ -128,8 +137,9 @@ def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
         checkpoint.Checkpointer.save = save
         train.main({args!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 17, proc.stderr[-2000:]
     ck_dir = tmp_path / "checkpoints"
     complete = sorted(int(p.name) for p in ck_dir.iterdir() if p.name.isdigit())

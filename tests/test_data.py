@@ -16,8 +16,10 @@ from jq8 import data, wikitext
 
 
 def test_nested_templates_and_tables_removed():
-    src = ("Before {{Infobox|name={{lang|fr|x}}|a=[[b|c]]}} middle {{cite|t={{{1}}}|u=v}} after.\n"
-           "{| class=\"wikitable\"\n|-\n| cell {{flag|X}} || {{tl|y}}\n|}\nTail {{a|}} end.")
+    src = (
+        "Before {{Infobox|name={{lang|fr|x}}|a=[[b|c]]}} middle {{cite|t={{{1}}}|u=v}} after.\n"
+        '{| class="wikitable"\n|-\n| cell {{flag|X}} || {{tl|y}}\n|}\nTail {{a|}} end.'
+    )
     out = wikitext.strip_markup(src)
     assert out == "Before middle after.\n\nTail end."  # the removed table leaves a paragraph break
 
@@ -28,28 +30,42 @@ def test_unbalanced_template_does_not_swallow_text():
 
 
 def test_refs_comments_and_tags():
-    src = ('Claim<ref name="a/b">{{cite web|url=http://x.org}}</ref> holds<ref name=x /> true'
-           '<!-- hidden [[Link]] --> and <small>small text</small> H<sub>2</sub>O<br/>.'
-           '<math>x^2</math>&nbsp;Ok &ndash; done')
+    src = (
+        'Claim<ref name="a/b">{{cite web|url=http://x.org}}</ref> holds<ref name=x /> true'
+        "<!-- hidden [[Link]] --> and <small>small text</small> H<sub>2</sub>O<br/>."
+        "<math>x^2</math>&nbsp;Ok &ndash; done"
+    )
     out = wikitext.strip_markup(src)
     assert out == "Claim holds true and small text H2O. Ok \u2013 done"
 
 
 def test_links_files_categories():
-    src = ("A [[Target page|label one]] and [[Plain]] and [[Page#Section|sec]] [[Other#Part]].\n"
-           "[[File:X.jpg|thumb|left|Caption with [[inner|link]] and [1.1.0] brackets.]]\n"
-           "[[Image:Y.png|thumb]] [[Category:Things]] [[de:Anarchismus]] [[wikt:word]]"
-           " [http://example.com Example site] [http://bare.org]")
+    src = (
+        "A [[Target page|label one]] and [[Plain]] and [[Page#Section|sec]] [[Other#Part]].\n"
+        "[[File:X.jpg|thumb|left|Caption with [[inner|link]] and [1.1.0] brackets.]]\n"
+        "[[Image:Y.png|thumb]] [[Category:Things]] [[de:Anarchismus]] [[wikt:word]]"
+        " [http://example.com Example site] [http://bare.org]"
+    )
     out = wikitext.strip_markup(src)
     assert out.split("\n") == ["A label one and Plain and sec Other.", "", "word Example site"]
 
 
 def test_quotes_headings_lists():
-    src = ("'''Bold''' and ''italic'' and '''''both'''''.\n\n== History ==\n=== Early ===\n"
-           "* item one\n# item two")
+    src = (
+        "'''Bold''' and ''italic'' and '''''both'''''.\n\n== History ==\n=== Early ===\n"
+        "* item one\n# item two"
+    )
     out = wikitext.strip_markup(src)
-    assert out.split("\n") == ["Bold and italic and both.", "", "History", "", "Early", "", "item one",
-                               "item two"]
+    assert out.split("\n") == [
+        "Bold and italic and both.",
+        "",
+        "History",
+        "",
+        "Early",
+        "",
+        "item one",
+        "item two",
+    ]
 
 
 def _write_dump(path: Path, pages: list[tuple[str, int, bool, str]]) -> None:
@@ -57,20 +73,27 @@ def _write_dump(path: Path, pages: list[tuple[str, int, bool, str]]) -> None:
     for title, ns, redirect, text in pages:
         red = '<redirect title="X" />' if redirect else ""
         esc = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        body.append(f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><id>2</id>"
-                    f'<text xml:space="preserve">{esc}</text></revision></page>')
-    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(body) + "</mediawiki>")
+        body.append(
+            f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><id>2</id>"
+            f'<text xml:space="preserve">{esc}</text></revision></page>'
+        )
+    xml = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(body) + "</mediawiki>"
     path.write_bytes(bz2.compress(xml.encode()))
 
 
 def test_iter_articles_skips_redirects_and_other_namespaces(tmp_path):
     long = "Word " * 60
     dump = tmp_path / "d.xml.bz2"
-    _write_dump(dump, [("Kept", 0, False, f"'''Kept''' text<ref>r</ref> {long}"),
-                       ("Redir", 0, True, "#REDIRECT [[Kept]]"),
-                       ("Wikipedia:Policy", 4, False, long),
-                       ("Short", 0, False, "tiny"),
-                       ("Second", 0, False, "{{stub}}" + long)])
+    _write_dump(
+        dump,
+        [
+            ("Kept", 0, False, f"'''Kept''' text<ref>r</ref> {long}"),
+            ("Redir", 0, True, "#REDIRECT [[Kept]]"),
+            ("Wikipedia:Policy", 4, False, long),
+            ("Short", 0, False, "tiny"),
+            ("Second", 0, False, "{{stub}}" + long),
+        ],
+    )
     arts = list(wikitext.iter_articles(dump))
     assert [t for t, _ in arts] == ["Kept", "Second"]
     assert arts[0][1].startswith("Kept text Word")
@@ -223,8 +246,8 @@ def test_batch_matches_token_windows(small_ds):
     batch = small_ds.batch("train", 2, b, t, seed=1)
     assert batch.inputs.shape == batch.targets.shape == (b, t) and batch.inputs.dtype == np.int32
     for row, s in enumerate(starts):
-        np.testing.assert_array_equal(batch.inputs[row], toks[s:s + t])
-        np.testing.assert_array_equal(batch.targets[row], toks[s + 1:s + t + 1])
+        np.testing.assert_array_equal(batch.inputs[row], toks[s : s + t])
+        np.testing.assert_array_equal(batch.targets[row], toks[s + 1 : s + t + 1])
 
 
 def test_epoch_visits_every_window_once(small_ds):
@@ -243,7 +266,7 @@ def test_epoch_visits_every_window_once(small_ds):
     steps = range(windows // 7 + 2)
     small = np.concatenate([small_ds.window_starts("train", s, 7, t, seed=7) for s in steps])
     whole = np.concatenate([small_ds.window_starts("train", e, windows, t, seed=7) for e in (0, 1)])
-    np.testing.assert_array_equal(small, whole[:len(small)])
+    np.testing.assert_array_equal(small, whole[: len(small)])
 
 
 def test_shards_tile_the_global_batch(small_ds):
@@ -261,7 +284,7 @@ def test_eval_batches_cover_val_in_order(small_ds):
     batches = list(small_ds.eval_batches("val", b, t))
     assert len(batches) == small_ds.num_windows("val", t) // b
     rows = np.concatenate([x.inputs for x in batches])
-    np.testing.assert_array_equal(rows.reshape(-1), toks[:rows.size])
+    np.testing.assert_array_equal(rows.reshape(-1), toks[: rows.size])
     assert len(list(small_ds.eval_batches("val", b, t, max_batches=1))) == 1
     # Fewer windows than the batch: one batch whose rows wrap around.
     windows = small_ds.num_windows("val", 2 * t)

@@ -107,19 +107,24 @@ def test_requantized_output_matches_jq8_quantize(spec, cfg):
 
 
 @pytest.mark.parametrize(
-    "m,bits,group,cfg",
+    "m,bits,group,cfg,k",
     [
-        (1, 4, 64, FUSED),
-        (3, 4, 64, SPLIT3),  # chunks of two groups, ragged last group
-        (16, 8, 96, SPLIT3),  # a group that is not a power of two (K steps of 32)
-        (1, 4, 128, DecodeConfig(32, 128, split_k=2)),
-        (1, 4, 64, UNROLLED),
-        (3, 4, 64, UNROLLED_SPLIT),
+        (1, 4, 64, FUSED, K),
+        (3, 4, 64, SPLIT3, K),  # chunks of two groups, ragged last group
+        (16, 8, 96, SPLIT3, K),  # a group that is not a power of two (K steps of 32)
+        (1, 4, 128, DecodeConfig(32, 128, split_k=2), K),
+        (1, 4, 64, UNROLLED, K),
+        (3, 4, 64, UNROLLED_SPLIT, K),
+        # INT4 groups smaller than the half-split block (256 at K=512 / 768): the two nibble planes of a
+        # byte belong to different groups
+        (1, 4, 32, SPLIT3, 512),
+        (3, 4, 128, DecodeConfig(32, 128, split_k=4), 768),
+        (1, 4, 64, UNROLLED, 512),
     ],
 )
-def test_k_group_scales_match_dequantized_product(m, bits, group, cfg):
-    a, _, b, sa, _, bias, res = _operands(50 + group, m, bits=bits)
-    sg = jax.random.uniform(jax.random.key(group), (N, cdiv(K, group)), jnp.float32, 1e-3, 3e-3)
+def test_k_group_scales_match_dequantized_product(m, bits, group, cfg, k):
+    a, _, b, sa, _, bias, res = _operands(50 + group, m, k=k, bits=bits)
+    sg = jax.random.uniform(jax.random.key(group), (N, cdiv(k, group)), jnp.float32, 1e-3, 3e-3)
     kw = dict(bias=bias, activation="gelu", residual=res, out_dtype=jnp.float32, b_bits=bits)
     out = int8_matmul_decode(a, b, sa, sg, b_group=group, config=cfg, **kw)
     ref = int8_matmul_block_scaled_reference(a, sa, b, sg, b_tile=(1, group), **kw)

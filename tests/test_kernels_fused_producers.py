@@ -161,13 +161,28 @@ def test_lowers_to_triton():
     xq = quantize(jnp.ones((300, 1000)), B((32, 32)))
     cases = [
         (lambda x, g, b, s: layer_norm_quantize(x, g, b, spec=P, interpret=False), (x, vec, vec, seed)),
-        (lambda x, g, b, s: layer_norm_quantize(x, g, b, spec=B((32, 32)), transposed_spec=B((32, 32)),
-                                                config=QuantizeConfig(max_block_elems=2048), interpret=False),
-         (x, vec, vec, seed)),
-        (lambda x, g, b, s: bias_gelu_quantize(xq, b, spec=P, transposed_spec=B((32, 32)), interpret=False),
-         (x, vec, vec, seed)),
-        (lambda x, g, b, s: gelu_backward_quantize(x, xq, B((32, 32)), seed=s, bias=b, interpret=False),
-         (x, vec, vec, seed)),
+        (
+            lambda x, g, b, s: layer_norm_quantize(
+                x,
+                g,
+                b,
+                spec=B((32, 32)),
+                transposed_spec=B((32, 32)),
+                config=QuantizeConfig(max_block_elems=2048),
+                interpret=False,
+            ),
+            (x, vec, vec, seed),
+        ),
+        (
+            lambda x, g, b, s: bias_gelu_quantize(
+                xq, b, spec=P, transposed_spec=B((32, 32)), interpret=False
+            ),
+            (x, vec, vec, seed),
+        ),
+        (
+            lambda x, g, b, s: gelu_backward_quantize(x, xq, B((32, 32)), seed=s, bias=b, interpret=False),
+            (x, vec, vec, seed),
+        ),
     ]
     for fn, args in cases:
         assert "triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

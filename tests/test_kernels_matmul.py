@@ -103,8 +103,8 @@ def test_requantized_output_matches_jq8_quantize(spec, config):
     )
 
 
-def test_int4_weights_exact():
-    k = 201  # odd: the last byte holds one code
+@pytest.mark.parametrize("k", [201, 384, 512])  # padded to 64-column blocks; blocks of 128; of 256
+def test_int4_weights_exact(k):
     a, *_ = _operands(5, RAGGED[0], RAGGED[1], k)
     w4 = _int8(jax.random.key(6), (RAGGED[1], k), -8, 8)
     out = int8_matmul(a, pack_int4(w4), b_bits=4, config=CFG)
@@ -118,16 +118,18 @@ def _float_operands(seed: int, m: int, n: int, k: int):
 
 
 @pytest.mark.parametrize(
-    "a_tile,b_tile,bits",
+    "a_tile,b_tile,bits,k",
     [
-        ((32, 32), (32, 32), 8),  # Jetfire
-        ((1, 128), (128, 128), 8),  # DeepSeek-V3 style
-        ((1, -1), (1, 64), 8),  # ZeroQuant: per-token activations, group-wise weights
-        ((64, 64), (32, 32), 4),  # INT4 weights; a's scale uniform over the 32-row tile
+        ((32, 32), (32, 32), 8, 200),  # Jetfire
+        ((1, 128), (128, 128), 8, 200),  # DeepSeek-V3 style
+        ((1, -1), (1, 64), 8, 200),  # ZeroQuant: per-token activations, group-wise weights
+        ((64, 64), (32, 32), 4, 200),  # INT4 weights; a's scale uniform over the 32-row tile
+        ((1, -1), (1, 64), 4, 512),  # INT4 groups smaller than the half-split block (256)
+        ((1, -1), (1, 128), 4, 200),  # INT4 groups larger than the block (64), a partial last group
     ],
 )
-def test_block_scaled_matches_dequantized_product(a_tile, b_tile, bits):
-    m, n, k = RAGGED
+def test_block_scaled_matches_dequantized_product(a_tile, b_tile, bits, k):
+    m, n = RAGGED[:2]
     x, w = _float_operands(7, m, n, k)
     qa, qb = quantize(x, QuantSpec(a_tile)), quantize(w, QuantSpec(b_tile, bits=bits))
     out = matmul_qarrays(qa, qb, out_dtype=jnp.float32, config=CFG)

@@ -214,7 +214,10 @@ def test_lowers_to_triton(spec, tspec, rounding, cfg):
     the Pallas-Triton lowering refuses. (Triton's own compiler still needs the GPU check script.)"""
     x = jax.ShapeDtypeStruct((300, 1000), jnp.bfloat16)
     seed = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    f = jax.jit(lambda x, s: quantize_tiles(x, spec, rounding=rounding, seed=s, transposed_spec=tspec,
-                                            config=cfg, interpret=False))
+    f = jax.jit(
+        lambda x, s: quantize_tiles(
+            x, spec, rounding=rounding, seed=s, transposed_spec=tspec, config=cfg, interpret=False
+        )
+    )
     text = f.trace(x, seed).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text

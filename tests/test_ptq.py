@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jq8 import ptq, ptq_infer, qcheckpoint
-from jq8.quant import QuantSpec, dequantize, fake_quantize, quantize
+from jq8.quant import QuantSpec, dequantize, fake_quantize, int4_width, quantize
 
 
 def tiny_gpt(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 203, seq: int = 24, seed: int = 0):
@@ -100,7 +100,7 @@ def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
     for path, q in qp.weights.items():
         n, k = q.shape
         if "/mlp/" in path:
-            assert q.spec.bits == 4 and q.values.dtype == jnp.uint8 and q.values.shape == (n, -(-k // 2))
+            assert q.spec.bits == 4 and q.values.dtype == jnp.uint8 and q.values.shape == (n, int4_width(k))
             assert q.scale.shape == (n, -(-k // 32))
         else:
             assert q.spec.bits == 8 and q.values.dtype == jnp.int8 and q.scale.shape == (n, 1)
@@ -111,7 +111,8 @@ def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
         if lay["path"] in qp.embeddings:
             k, n = n, k
         w_bits, n_scales = (4, n * -(-k // 32)) if "/mlp/" in lay["path"] else (8, n)
-        expect = (n * (-(-k * w_bits // 8)) * 8 + 32 * n_scales) / (n * k)  # codes + one f32 per scale
+        row_bytes = int4_width(k) if w_bits == 4 else k  # INT4 rows: whole 64-code blocks (padded)
+        expect = (n * row_bytes * 8 + 32 * n_scales) / (n * k)  # codes + one f32 per scale
         assert lay["bits_per_weight"] == pytest.approx(expect, abs=1e-3)
     assert rep["total_bytes"] == rep["quantized_bytes"] + rep["float_bytes"]
 

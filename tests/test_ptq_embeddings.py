@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_lkd import tiny_llama
 from test_ptq import run_int8, tiny_gpt
+from test_qcheckpoint import as_format_2
 
 from jq8 import ptq, ptq_infer, qcheckpoint
 from jq8.quant import QuantSpec, fake_quantize
@@ -91,7 +92,8 @@ def test_int4_grouped_table_lookup_exact_and_head_matches_simulation():
     rule = ptq.QuantRule(".*", 4, 32, "contraction", kind="embedding")
     qp = ptq.quantize_params(params, [rule])
     q = qp.embeddings["emb"]
-    assert q.values.dtype == jnp.uint8 and q.values.shape == (31, 36) and q.scale.shape == (31, 3)
+    # 72 codes per row: two whole 64-code INT4 blocks (jq8.quant.int4_width)
+    assert q.values.dtype == jnp.uint8 and q.values.shape == (31, 64) and q.scale.shape == (31, 3)
     ids = jax.random.randint(jax.random.PRNGKey(18), (2, 9), 0, 31)
     x = jax.random.normal(jax.random.PRNGKey(19), (2, 5, 72))
     sim = fake_quantize(x.reshape(10, 72), QuantSpec.per_row(8)) @ q.dequantize().T
@@ -104,12 +106,12 @@ def test_int4_grouped_table_lookup_exact_and_head_matches_simulation():
         np.testing.assert_allclose(outs[b].reshape(10, 31), sim, rtol=1e-5, atol=1e-5 * float(jnp.max(sim)))
     np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=1e-5, atol=1e-5)
     # A scheme option: INT4 tables in int4_group K-groups (half the code bytes of INT8, more scales).
-    _, gparams, _ = tiny_gpt(layers=1, d=32, heads=2, vocab=101, seq=16, seed=20)
+    _, gparams, _ = tiny_gpt(layers=1, d=64, heads=2, vocab=101, seq=16, seed=20)
     q4 = ptq.quantize_params(gparams, ptq.scheme("w4/8-a8", int4_group=16, embedding_bits=4))
     q8 = ptq.quantize_params(gparams, ptq.scheme("w4/8-a8", int4_group=16, embedding_bits=8))
-    assert q4.embeddings["wte"].spec.bits == 4 and q4.embeddings["wte"].scale.shape == (101, 2)
-    assert q4.embeddings["wte"].nbytes == 101 * 32 // 2 + 4 * 101 * 2
-    assert q8.embeddings["wte"].nbytes == 101 * 32 + 4 * 101
+    assert q4.embeddings["wte"].spec.bits == 4 and q4.embeddings["wte"].scale.shape == (101, 4)
+    assert q4.embeddings["wte"].nbytes == 101 * 64 // 2 + 4 * 101 * 4
+    assert q8.embeddings["wte"].nbytes == 101 * 64 + 4 * 101
 
 
 def test_weight_only_head_dequantizes_the_table():
@@ -229,9 +231,9 @@ def test_embedding_rule_validation_and_optional_rules():
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_checkpoint_round_trip_and_smaller_on_disk(tmp_path, family):
     if family == "gpt":
-        model, params, tokens = tiny_gpt(layers=1, d=32, heads=2, vocab=499, seq=16, seed=14)
+        model, params, tokens = tiny_gpt(layers=1, d=64, heads=2, vocab=499, seq=16, seed=14)
     else:  # a vocabulary large enough that the tables, not the npz entry headers, dominate the size
-        model, params = tiny_llama(d=32, heads=2, vocab=499, seq=16, seed=14)
+        model, params = tiny_llama(d=64, heads=2, vocab=499, seq=16, seed=14)
         tokens = jax.random.randint(jax.random.PRNGKey(15), (2, 16), 0, 499)
     qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=16))
     qf = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=16, embeddings=False))
@@ -262,7 +264,7 @@ def test_version_1_checkpoint_without_tables_still_loads(tmp_path):
     old_rules = [ptq.QuantRule(ptq.MLP_PATTERN, 4, 16), ptq.QuantRule(ptq.ATTN_PATTERN, 8)]
     qp = ptq.quantize_params(params, old_rules)
     d = qcheckpoint.save_quantized(tmp_path / "v1", qp, float_dtype="float32")
-    m = json.loads((d / "manifest.json").read_text())
+    m = as_format_2(d)  # INT4 codes in the adjacent-pair packing of formats 1 and 2
     m["format_version"] = 1
     del m["embeddings"]
     for r in m["rules"]:

@@ -91,3 +91,36 @@ def test_failed_write_leaves_no_partial_checkpoint(tmp_path, quantized, monkeypa
     with pytest.raises(OSError, match="disk full"):
         qcheckpoint.save_quantized(tmp_path / "q", qp)
     assert list(tmp_path.iterdir()) == []
+
+
+def as_format_2(out) -> dict:
+    """Rewrites a saved checkpoint's INT4 codes in the adjacent-pair packing of formats 1 and 2 (column 2i
+    in the low nibble of byte i) and labels it format 2; returns the manifest."""
+    from jq8.quant import unpack_int4
+
+    with np.load(out / qcheckpoint.ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    manifest = json.loads((out / qcheckpoint.MANIFEST).read_text())
+    for prefix, section in (("w", "weights"), ("e", "embeddings")):
+        for path, m in manifest.get(section, {}).items():
+            if m["spec"]["bits"] != 4:
+                continue
+            n = m["shape"][-1]
+            codes = np.asarray(unpack_int4(jax.numpy.asarray(arrays[f"{prefix}/{path}/values"]), n))
+            u = (np.pad(codes, ((0, 0), (0, n % 2))).astype(np.int32) & 0xF).astype(np.uint8)
+            arrays[f"{prefix}/{path}/values"] = u[:, 0::2] | (u[:, 1::2] << 4)
+    manifest["format_version"] = 2
+    np.savez(out / qcheckpoint.ARRAYS, **arrays)
+    (out / qcheckpoint.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_format_2_int4_checkpoints_are_repacked_on_load(tmp_path, quantized):
+    """Before format 3, INT4 codes were packed in adjacent pairs: an old checkpoint still loads the same."""
+    _, qp, _ = quantized
+    out = qcheckpoint.save_quantized(tmp_path / "q", qp, float_dtype="float32")
+    manifest = as_format_2(out)
+    assert any(m["spec"]["bits"] == 4 for m in manifest["weights"].values())
+    qp2, _ = qcheckpoint.load_quantized(out)
+    for path, q in qp.weights.items():
+        np.testing.assert_array_equal(qp2.weights[path].values, q.values)

@@ -125,11 +125,37 @@ def test_ragged_shapes_partial_tiles():
     np.testing.assert_allclose(q.scale[1, 2], jnp.abs(x[32:, 64:]).max() / 127, rtol=1e-6)
 
 
-def test_int4_pack_round_trip_and_size():
-    codes = jax.random.randint(jax.random.key(3), (7, 13), -8, 8).astype(jnp.int8)
+@pytest.mark.parametrize("n", [13, 64, 96, 192, 256, 1600])
+def test_int4_pack_round_trip_and_size(n):
+    codes = jax.random.randint(jax.random.key(n), (7, n), -8, 8).astype(jnp.int8)
     packed = Q.pack_int4(codes)
-    assert packed.shape == (7, 7) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(Q.unpack_int4(packed, 13), codes)
+    assert packed.shape == (7, -(-n // 64) * 32) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(Q.unpack_int4(packed, n), codes)
+    with pytest.raises(ValueError, match="bytes"):
+        Q.unpack_int4(packed[:, :-1], n)
+
+
+def test_int4_half_split_layout():
+    """Byte i of each P-column block holds column i (low nibble) and P/2 + i (high nibble)."""
+    assert [Q.int4_block(n) for n in (768, 1600, 384, 100)] == [256, 64, 128, 64]
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (3, 384), -8, 8), np.int8)
+    packed = np.asarray(Q.pack_int4(jnp.asarray(codes)))
+    p = 128
+    for blk in range(3):
+        for i in (0, 5, 63):
+            byte = int(packed[1, blk * p // 2 + i])
+            lo, hi = (byte & 0xF) - 16 * ((byte & 0xF) >= 8), (byte >> 4) - 16 * ((byte >> 4) >= 8)
+            assert (lo, hi) == (codes[1, blk * p + i], codes[1, blk * p + p // 2 + i])
+
+
+def test_int4_pairs_reader_for_old_checkpoints():
+    codes = jax.random.randint(jax.random.key(2), (4, 13), -8, 8).astype(jnp.int8)
+    u = (np.asarray(jnp.pad(codes, ((0, 0), (0, 1)))).astype(np.int32) & 0xF).astype(np.uint8)
+    pairs = u[:, 0::2] | (u[:, 1::2] << 4)  # the format-2 packing
+    np.testing.assert_array_equal(Q.unpack_int4_pairs(jnp.asarray(pairs), 13), codes)
+
+
+def test_int4_quantized_size():
     q = Q.quantize(_rand((128, 256)), Q.QuantSpec.groups(128, axis=0, bits=4))
     assert q.values.nbytes == 128 * 256 // 2
 

@@ -152,12 +152,28 @@ def test_resume_on_another_device_count(result):
     import train
 
     run = os.path.join(result["tmp"], "fsdp8")
-    out = train.main([
-        "--config", os.path.join(REPO, "configs", "tiny.py"), "--dataset=lee", "--tokenizer=bytes",
-        "--model.d_model=64", "--model.num_heads=2", "--model.num_layers=1", "--batch_size=16",
-        "--seq_len=32", "--steps=6", "--warmup_steps=1", "--lr=3e-3", "--eval_batches=0", "--ckpt_every=-1",
-        "--log_every=1", "--progress=false", "--fsdp_min_size=1024", f"--run_dir={run}",
-    ])
+    out = train.main(
+        [
+            "--config",
+            os.path.join(REPO, "configs", "tiny.py"),
+            "--dataset=lee",
+            "--tokenizer=bytes",
+            "--model.d_model=64",
+            "--model.num_heads=2",
+            "--model.num_layers=1",
+            "--batch_size=16",
+            "--seq_len=32",
+            "--steps=6",
+            "--warmup_steps=1",
+            "--lr=3e-3",
+            "--eval_batches=0",
+            "--ckpt_every=-1",
+            "--log_every=1",
+            "--progress=false",
+            "--fsdp_min_size=1024",
+            f"--run_dir={run}",
+        ]
+    )
     assert out["start_step"] == 4 and [s for s, _ in out["history"]] == [5, 6]
     # Continues from the trained state, not from a fresh init (which would start near log(320) = 5.77).
     assert out["history"][0][1] < result["fsdp8"][0] - 0.05

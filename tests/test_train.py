@@ -16,10 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
 TINY = [
-    "--config", os.path.join(CONFIGS, "tiny.py"), "--dataset=lee", "--tokenizer=bytes",
-    "--model.d_model=64", "--model.num_heads=2", "--model.num_layers=1", "--batch_size=8", "--seq_len=32",
+    "--config",
+    os.path.join(CONFIGS, "tiny.py"),
+    "--dataset=lee",
+    "--tokenizer=bytes",
+    "--model.d_model=64",
+    "--model.num_heads=2",
+    "--model.num_layers=1",
+    "--batch_size=8",
+    "--seq_len=32",
     "--eval_batches=2",
-    "--log_every=1", "--progress=false",
+    "--log_every=1",
+    "--progress=false",
 ]
 
 
@@ -43,8 +51,15 @@ def test_unknown_key_lists_valid_keys():
 
 
 def test_overrides_are_typed_and_nested():
-    args = ["--steps=12", "--lr=3e-4", "--resume=false", "--policy=jetfire-int8", "--model.num_layers=5",
-            "--model.family=llama", "--batch-size=4"]
+    args = [
+        "--steps=12",
+        "--lr=3e-4",
+        "--resume=false",
+        "--policy=jetfire-int8",
+        "--model.num_layers=5",
+        "--model.family=llama",
+        "--batch-size=4",
+    ]
     cfg = apply_overrides(TrainConfig(), args)
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.policy, cfg.batch_size) == (12, 3e-4, False, "jetfire-int8", 4)
     assert (cfg.model.num_layers, cfg.model.family) == (5, "llama")
@@ -60,8 +75,17 @@ def test_configs_load(name):
 
 def test_loss_decreases_and_metrics_are_written(tmp_path):
     run = tmp_path / "bf16"
-    out = train.main([*TINY, "--steps=40", "--lr=3e-3", "--warmup_steps=5", "--eval_every=20",
-                      "--ckpt_every=0", f"--run_dir={run}"])
+    out = train.main(
+        [
+            *TINY,
+            "--steps=40",
+            "--lr=3e-3",
+            "--warmup_steps=5",
+            "--eval_every=20",
+            "--ckpt_every=0",
+            f"--run_dir={run}",
+        ]
+    )
     losses = [loss for _, loss in out["history"]]
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     # Byte-level text: a uniform guess costs log(320) = 5.77 nats; 40 steps must get well below it.
@@ -104,15 +128,35 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
 def test_nan_loss_stops_and_names_last_good_checkpoint(tmp_path):
     # lr=1e30 blows the weights up as soon as warm-up gives it a non-zero value.
     with pytest.raises(train.TrainingDiverged, match=r"at step \d+.*Last good checkpoint: .*checkpoints/1\b"):
-        train.main([*TINY, "--steps=10", "--lr=1e30", "--min_lr=1e30", "--warmup_steps=1", "--ckpt_every=1",
-                    "--eval_every=0", f"--run_dir={tmp_path}"])
+        train.main(
+            [
+                *TINY,
+                "--steps=10",
+                "--lr=1e30",
+                "--min_lr=1e30",
+                "--warmup_steps=1",
+                "--ckpt_every=1",
+                "--eval_every=0",
+                f"--run_dir={tmp_path}",
+            ]
+        )
 
 
 def test_llama_int8_policy_trains(tmp_path):
-    out = train.main([
-        "--config", os.path.join(CONFIGS, "llama_tiny.py"), *TINY[2:], "--policy=jetfire-int8", "--steps=12",
-        "--lr=3e-3", "--warmup_steps=2", "--eval_every=0", "--ckpt_every=0", f"--run_dir={tmp_path}",
-    ])
+    out = train.main(
+        [
+            "--config",
+            os.path.join(CONFIGS, "llama_tiny.py"),
+            *TINY[2:],
+            "--policy=jetfire-int8",
+            "--steps=12",
+            "--lr=3e-3",
+            "--warmup_steps=2",
+            "--eval_every=0",
+            "--ckpt_every=0",
+            f"--run_dir={tmp_path}",
+        ]
+    )
     losses = [v for _, v in out["history"]]
     assert out["config"].model.family == "llama" and out["config"].policy == "jetfire-int8"
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
@@ -133,14 +177,27 @@ def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
 
 
 def test_int8_granularity_reaches_the_policy(tmp_path):
-    cfg = apply_overrides(load_config(os.path.join(CONFIGS, "tiny.py")),
-                          ["--policy=jetfire-int8", "--int8_granularity=row", "--int8_block=16"])
+    cfg = apply_overrides(
+        load_config(os.path.join(CONFIGS, "tiny.py")),
+        ["--policy=jetfire-int8", "--int8_granularity=row", "--int8_block=16"],
+    )
     pol = train.make_policy(cfg)
     assert pol.granularity == "row" and pol.block == (16, 16) and pol.int8
     assert train.make_policy(dataclasses.replace(cfg, policy="bf16")).int8 is False
     with pytest.raises(ValueError, match="granularity must be 'block' or 'row'"):
         train.make_policy(dataclasses.replace(cfg, int8_granularity="tile"))
-    out = train.main([*TINY, "--policy=jetfire-int8", "--int8_granularity=row", "--steps=6", "--lr=3e-3",
-                      "--warmup_steps=1", "--eval_every=0", "--ckpt_every=0", f"--run_dir={tmp_path}"])
+    out = train.main(
+        [
+            *TINY,
+            "--policy=jetfire-int8",
+            "--int8_granularity=row",
+            "--steps=6",
+            "--lr=3e-3",
+            "--warmup_steps=1",
+            "--eval_every=0",
+            "--ckpt_every=0",
+            f"--run_dir={tmp_path}",
+        ]
+    )
     losses = [v for _, v in out["history"]]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
