@@ -160,6 +160,14 @@ def load_k_tile(ref, start, size: int, k0, bk: int, *, row_mask, k_valid: int | 
     return view[...] if mask is None else plgpu.load(view, mask=mask, other=0)
 
 
+def div_pow2(x, d: int):
+    """x // d for a non-negative traced int and a power of two d, as a shift. (Pallas' Triton lowering
+    of ``//`` / ``%`` on traced ints can build an i1 constant and fail: seen on JAX 0.10-0.11.)"""
+    if d & (d - 1):
+        raise ValueError(f"div_pow2 needs a power of two, got {d}")
+    return x if d == 1 else lax.shift_right_logical(x, jnp.int32(d.bit_length() - 1))
+
+
 def int4_pair_dot(
     a_ref, b_ref, a_start, bm: int, b_start, bn: int, c0, w: int, block: int, *, a_rows, b_rows
 ):
@@ -173,8 +181,7 @@ def int4_pair_dot(
     (``b << 4`` and ``b & 0xF0`` read as int8 are exactly 16 x the signed codes; no shift back per element).
     """
     half = block // 2
-    blk = c0 // half
-    k_lo = pl.multiple_of(blk * block + (c0 - blk * half), w)
+    k_lo = pl.multiple_of(div_pow2(c0, half) * block + lax.bitwise_and(c0, half - 1), w)
     packed = load_k_tile(b_ref, b_start, bn, pl.multiple_of(c0, w), w, row_mask=b_rows, k_valid=None)
     s = lax.bitcast_convert_type(packed, jnp.int8)
     lo16 = lax.shift_left(s, jnp.int8(4))

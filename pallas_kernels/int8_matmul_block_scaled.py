@@ -33,6 +33,7 @@ from pallas_kernels._common import TileConfig, cdiv, compiler_params, resolve_in
 from pallas_kernels.int8_matmul import (
     NT_DIMS,
     Activation,
+    div_pow2,
     epilogue_inputs,
     epilogue_out_shapes,
     epilogue_reference,
@@ -250,8 +251,8 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
 
     def scale_of(g, j):
         # Clamped: INT4's padding to whole blocks can reach one K tile past the last real one (zeros).
-        ga = jnp.minimum(g // (p.a_k // p.gk), sa_ref.shape[0] - 1) if p.a_in_loop else None
-        gb = jnp.minimum(g // (p.b_k // p.gk), sb_ref.shape[0] - 1) if p.b_in_loop else None
+        ga = jnp.minimum(div_pow2(g, p.a_k // p.gk), sa_ref.shape[0] - 1) if p.a_in_loop else None
+        gb = jnp.minimum(div_pow2(g, p.b_k // p.gk), sb_ref.shape[0] - 1) if p.b_in_loop else None
         if p.a_in_loop and p.b_in_loop:
             return sa(ga) * sb(gb, j)  # (bm|1, cn|1)
         if p.a_in_loop:
@@ -302,8 +303,8 @@ def _block_scaled_kernel(a_ref, sa_ref, b_ref, sb_ref, *rest, p: _Plan, cfg: Til
         def unit_step(c_u, carry, nsteps):
             los, his = planes(c_u, nsteps)
             if p.gk >= p.block:
-                return rescale(carry, [lo + hi for lo, hi in zip(los, his)], (2 * c_u) // p.gk)
-            g_lo = ((c_u // half) * p.block + c_u % half) // p.gk
+                return rescale(carry, [lo + hi for lo, hi in zip(los, his)], div_pow2(2 * c_u, p.gk))
+            g_lo = div_pow2(div_pow2(c_u, half) * p.block + lax.bitwise_and(c_u, half - 1), p.gk)
             return rescale(rescale(carry, los, g_lo), his, g_lo + half // p.gk)
 
         carry = lax.fori_loop(0, width // unit, lambda u, c: unit_step(u * unit, c, unit // p.w), zero_carry)
@@ -527,6 +528,7 @@ def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
         sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
         return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
     decode = m <= 16 and a.scale.shape[1] == 1 and tb[0] == 1 and tb[1] % 32 == 0
+    decode = decode and (b.spec.bits == 8 or tb[1] & (tb[1] - 1) == 0)  # INT4: power-of-two groups
     if decode and epilogue.get("config") is None:
         # Decode: per-token activations with ZeroQuant K-groups of the weight -> the weight-streaming kernel.
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)

@@ -37,6 +37,7 @@ from pallas_kernels.int8_matmul import (
     _check_raw_output,
     _is_pow2,
     _store,
+    div_pow2,
     epilogue_inputs,
     epilogue_out_shapes,
     epilogue_reference,
@@ -244,10 +245,10 @@ def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok):
             return (view[...] if col_ok is None else plgpu.load(view, mask=col_ok, other=0.0))[None, :]
 
         if p.group >= p.block:  # the unit is one K group: both planes share its scale
-            g = (2 * c_u) // p.group
+            g = div_pow2(2 * c_u, p.group)
             return acc + (lo_acc + hi_acc).astype(jnp.float32) * (scale(g) * 0.0625)
         half = p.block // 2
-        g_lo = ((c_u // half) * p.block + c_u % half) // p.group
+        g_lo = div_pow2(div_pow2(c_u, half) * p.block + lax.bitwise_and(c_u, half - 1), p.group)
         g_hi = g_lo + half // p.group
         return (
             acc
@@ -427,6 +428,8 @@ def int8_matmul_decode(
     if bk < 32:
         raise ValueError(f"b_group={b_group} needs a K tile >= 32 dividing it")
     int4 = {}
+    if b_bits == 4 and grouped and not _is_pow2(b_group):
+        raise NotImplementedError(f"INT4 K groups must be powers of two (>= 32), got b_group={b_group}")
     if b_bits == 4:  # units of packed bytes (see _int4_loop); a padded to the whole blocks b is packed in
         block = int4_block(k)
         a = pad_to_int4_blocks(a, k)

@@ -1,0 +1,76 @@
+"""The GEMM kernels lower to Triton IR for a CUDA GPU (cross-lowered here, on CPU, without a GPU).
+
+Interpret mode (the other tests) checks the numbers but not Pallas' Triton lowering, which rejects some
+programs interpret mode runs (an i1 constant from a traced floor division broke the INT4 kernels on the
+H100 once). Lowering needs no GPU: ``jit(...).trace(...).lower(lowering_platforms=("cuda",))`` runs the
+Triton lowering of every kernel in the function and stops before compiling.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jq8.quant import QuantSpec, pack_int4, quantize
+from pallas_kernels._common import TileConfig, cdiv
+from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.int8_matmul_block_scaled import matmul_qarrays
+from pallas_kernels.int8_matmul_decode import DecodeConfig, int8_matmul_decode
+
+CFG = TileConfig(32, 64, 64, num_warps=4, num_stages=3, group_m=2)
+
+
+def _lowers(fn, *args):
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _int8(seed, shape, lo=-127, hi=128):
+    return jax.random.randint(jax.random.key(seed), shape, lo, hi, jnp.int32).astype(jnp.int8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k,group", [(333, None), (333, 64), (768, 128), (512, 32)])
+@pytest.mark.parametrize(
+    "cfg",
+    [DecodeConfig(32, 128, 1), DecodeConfig(64, 256, 3), DecodeConfig(32, 64, 1, unroll=True)],
+    ids=["fused", "split3", "unrolled"],
+)
+def test_decode_kernel_lowers(bits, k, group, cfg):
+    n = 96
+    a, w = _int8(0, (1, k)), _int8(1, (n, k), -8, 8)
+    b = pack_int4(w) if bits == 4 else w
+    sa = jnp.ones((1, 1), jnp.float32)
+    sb = jnp.ones((n, cdiv(k, group)) if group else (1, n), jnp.float32)
+    _lowers(
+        lambda a, b, sa, sb: int8_matmul_decode(
+            a, b, sa, sb, b_bits=bits, b_group=group, config=cfg, activation="gelu", interpret=False
+        ),
+        a,
+        b,
+        sa,
+        sb,
+    )
+
+
+@pytest.mark.parametrize("k", [201, 512])
+def test_int4_gemm_lowers(k):
+    a, w = _int8(2, (70, k)), _int8(3, (96, k), -8, 8)
+    _lowers(lambda a, b: int8_matmul(a, b, b_bits=4, config=CFG, interpret=False), a, pack_int4(w))
+
+
+@pytest.mark.parametrize(
+    "a_tile,b_tile,bits,k",
+    [
+        ((32, 32), (32, 32), 8, 200),
+        ((64, 64), (32, 32), 4, 200),
+        ((1, -1), (1, 64), 4, 512),
+        ((1, -1), (1, 128), 4, 200),
+        ((1, -1), (1, -1), 4, 512),
+    ],
+)
+def test_block_scaled_lowers(a_tile, b_tile, bits, k):
+    x = jax.random.normal(jax.random.key(4), (70, k))
+    w = jax.random.normal(jax.random.key(5), (96, k))
+    qa, qb = quantize(x, QuantSpec(a_tile)), quantize(w, QuantSpec(b_tile, bits=bits))
+    _lowers(lambda qa, qb: matmul_qarrays(qa, qb, out_dtype=jnp.float32, config=CFG, interpret=False), qa, qb)
