@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
 from profile_step import kernel_times  # noqa: E402
-from ptq_speed import bf16_lm_head, embeddings_to_bf16, head_label, timeit  # noqa: E402
+from ptq_speed import bf16_lm_head, embeddings_to_bf16, head_label, timeit, with_bf16_head  # noqa: E402
 
-from jq8 import ptq, ptq_infer  # noqa: E402
+from jq8 import decode, ptq, ptq_infer  # noqa: E402
 from jq8.policy import Policy  # noqa: E402
 from models.presets import build_model, preset  # noqa: E402
 
@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--loop", type=int, default=0, help="also time this many greedy steps in one fori_loop")
+    ap.add_argument(
+        "--kv", type=int, default=0, help="profile a KV-cache decode of this many tokens instead (per token)"
+    )
     args = ap.parse_args()
     cfg = preset(args.preset)
     model = build_model(cfg, Policy.from_name("bf16"))
@@ -102,8 +105,28 @@ def main() -> None:
                     return ptq_infer.apply_quantized(model, q, t)
 
         fn = jax.jit(apply)
-        wall = timeit(fn, p, one, iters=args.iters)
-        prof = device_profile(fn, (p, one), args.iters)
+        if args.kv:  # one jitted generate() of --kv tokens from a 1-token prompt; every figure per token
+            if scheme == "bf16":
+                make = lambda w: with_bf16_head(decode.float_apply_fn(model, w))  # noqa: E731
+            else:
+                make = lambda w, h=int8_head: (  # noqa: E731
+                    decode.quantized_apply_fn(model, w)
+                    if h
+                    else with_bf16_head(decode.quantized_apply_fn(model, w))
+                )
+            cache = decode.init_cache(model, 1, args.kv + 1)
+            fn = jax.jit(lambda w, c, t, make=make: decode.generate(make(w), c, t, steps=args.kv))
+            wall = timeit(fn, p, cache, one, iters=args.iters) / args.kv
+            prof = device_profile(fn, (p, cache, one), args.iters)
+            prof["device_ms"] /= args.kv
+            prof["launches"] /= args.kv
+            prof["lines"] = {k: v / args.kv for k, v in prof["lines"].items()}
+            prof["kernels"] = [
+                dict(k, us=k["us"] / args.kv, calls=k["calls"] / args.kv) for k in prof["kernels"]
+            ]
+        else:
+            wall = timeit(fn, p, one, iters=args.iters)
+            prof = device_profile(fn, (p, one), args.iters)
         row = dict(scheme=scheme, wall_ms=wall, **prof)
         if args.loop:
             row["loop_ms_per_token"] = timeit(greedy_loop(apply, args.loop), p, one, iters=3) / args.loop
