@@ -117,10 +117,19 @@ class BlockPlan:
         return cdiv(self.m, self.bm) if self.loop_axis == 0 else cdiv(self.n, self.bn)
 
 
+FEW_PROGRAMS = 132  # fewer programs than the H100's SMs: each one's latency is the kernel's time
+
+
 def default_warps(plan: BlockPlan) -> int:
-    """About 32 elements per thread (four 16-byte bf16 vectors), between 2 and 8 warps."""
+    """About 32 elements per thread (four 16-byte bf16 vectors), between 2 and 8 warps; with fewer programs
+    than SMs (a decode token's one-row producers) about 4 elements per thread, 4 to 16 warps: measured at
+    M = 1 on H100, 16 warps take LayerNorm-quantize of 1600 columns from 2.8 to 2.1 us and GELU-quantize of
+    6400 from 6.0 to 5.2 us (benchmarks/decode_producers.py, BENCHMARKS.md session 4)."""
+    elems = plan.bm * plan.bn
+    if cdiv(plan.m, plan.bm) * cdiv(plan.n, plan.bn) < FEW_PROGRAMS:
+        return min(16, max(4, next_pow2(elems // 128)))
     warps = 2
-    while warps < 8 and plan.bm * plan.bn > 32 * 32 * warps:
+    while warps < 8 and elems > 32 * 32 * warps:
         warps *= 2
     return warps
 
