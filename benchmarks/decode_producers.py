@@ -13,18 +13,16 @@ launch, so wall clocks measure the host), beside the same math in XLA (reference
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_step import kernel_times  # noqa: E402
+from profile_decode import device_profile  # noqa: E402
 
 from jq8.quant import QuantSpec  # noqa: E402
 from pallas_kernels.gelu_quantize import bias_gelu_quantize, bias_gelu_quantize_reference  # noqa: E402
@@ -37,15 +35,7 @@ SPEC = QuantSpec((1, -1))  # per token
 def device_us(fn, x, calls: int) -> float:
     """Device time per call of ``fn(x)`` (all its kernels; busiest line), from a profiler trace."""
     jax.block_until_ready(fn(x))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(calls):
-                jax.block_until_ready(fn(x))
-        times = kernel_times(d)
-    lines = collections.Counter()
-    for name, (t, _) in times.items():
-        lines[name.split("]")[0]] += t
-    return max(lines.values()) / calls
+    return device_profile(fn, (x,), calls)["device_ms"] * 1e3
 
 
 def main() -> None:
