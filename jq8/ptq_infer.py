@@ -93,6 +93,47 @@ def bias_gelu_quantize_tokens(x: jax.Array, bias, *, backend: str) -> QArray:
     return fn(x, bias, spec=TOKEN_SPEC, activation="gelu")
 
 
+def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str) -> bool:
+    """Whether the GEMM of x2 with w quantizes x2 itself: Pallas at decode sizes (M <= 16) with a weight
+    the decode kernel takes. There a separate quantize / LayerNorm-quantize launch costs about as much as
+    the GEMV (a batch-1 token is a chain of small launches), so the kernel reads the float rows instead."""
+    if backend != "pallas" or x2.shape[0] > 16:
+        return False
+    from pallas_kernels.int8_matmul_block_scaled import decode_weight
+
+    return decode_weight(w) is not None
+
+
+def tokens_matmul(
+    x2: jax.Array, w: QArray, *, backend: str, norm: Mapping[str, Any] | None = None, **epilogue
+) -> jax.Array:
+    """act(Q(norm(x2)) @ W + bias) + residual: per-token INT8 activations x a quantized weight w (N, K).
+
+    x2: (M, K) float. norm: None, or {"gamma", "beta", "eps", "rms"} of a LayerNorm / RMSNorm applied
+    first. The quantization is fused into the producer (LayerNorm) or, at decode sizes on Pallas, into the
+    GEMM itself (see :func:`_in_kernel_quantize`). ``epilogue``: bias, activation, residual, out_dtype.
+    """
+    if _in_kernel_quantize(x2, w, backend):
+        from pallas_kernels.int8_matmul_block_scaled import quantize_matmul_qarray
+
+        kw = {}
+        if norm is not None:
+            kw = dict(
+                norm="rmsnorm" if norm["rms"] else "layernorm",
+                gamma=norm["gamma"],
+                beta=norm["beta"],
+                eps=norm["eps"],
+            )
+        return quantize_matmul_qarray(x2, w, **kw, **epilogue)
+    if norm is None:
+        xq = quantize_tokens(x2, backend)
+    else:
+        xq = norm_quantize_tokens(
+            x2, norm["gamma"], norm["beta"], eps=norm["eps"], rms=norm["rms"], backend=backend
+        )
+    return matmul_qarrays(xq, w, backend=backend, **epilogue)
+
+
 # ------------------------------------------------------------------------------------------- GEMMs
 
 
@@ -199,17 +240,15 @@ def quantized_linear(
         if res2 is not None:
             y = y + res2.astype(jnp.float32)
         return y.astype(out_dtype).reshape(*lead, n)
+    epilogue = dict(bias=bias, activation=activation, residual=res2, out_dtype=out_dtype)
     if rule.act_mode == "static":
         if static_scale is None:
             raise ValueError(
                 "act_mode 'static' needs calibrated activation scales: run ptq_infer.calibrate_static"
             )
-        xq = quantize_static(x2, static_scale)
+        y = matmul_qarrays(quantize_static(x2, static_scale), w, backend=backend, **epilogue)
     else:
-        xq = quantize_tokens(x2, backend)
-    y = matmul_qarrays(
-        xq, w, backend=backend, bias=bias, activation=activation, residual=res2, out_dtype=out_dtype
-    )
+        y = tokens_matmul(x2, w, backend=backend, **epilogue)
     return y.reshape(*lead, n)
 
 
@@ -307,28 +346,37 @@ def _bias(p: Mapping[str, Any], name: str) -> jax.Array | None:
     return p.get(name, {}).get("bias")
 
 
-def _block_norm_quantize(module, p: Mapping[str, Any], x2: jax.Array, backend: str) -> QArray:
-    """The block's pre-norm (LayerNorm or RMSNorm, per ``module.norm``) fused with per-token quantization."""
+def _block_norm(module, p: Mapping[str, Any]) -> dict[str, Any]:
+    """The block's pre-norm (LayerNorm or RMSNorm, per ``module.norm``) as :func:`tokens_matmul` takes it."""
     norm = p["norm"]
-    return norm_quantize_tokens(
-        x2, norm["scale"], norm.get("bias"), eps=module.eps, rms=module.norm == "rmsnorm", backend=backend
-    )
+    return dict(gamma=norm["scale"], beta=norm.get("bias"), eps=module.eps, rms=module.norm == "rmsnorm")
 
 
 def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: str) -> jax.Array:
-    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2."""
+    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2.
+
+    At decode sizes on Pallas the quantizations run inside the GEMMs instead, and fc1's epilogue adds the
+    bias and applies GELU (see :func:`tokens_matmul`)."""
     p = module.variables["params"]
     lead, d = x.shape[:-1], x.shape[-1]
-    hq = _block_norm_quantize(module, p, x.reshape(-1, d), backend)
-    u = matmul_qarrays(hq, qp.weights[f"{path}/fc1"], backend=backend, out_dtype=jnp.float32)
+    x2 = x.reshape(-1, d)
+    w1, w2 = qp.weights[f"{path}/fc1"], qp.weights[f"{path}/fc2"]
+    f32 = jnp.float32
+    if _in_kernel_quantize(x2, w1, backend) and _in_kernel_quantize(x2, w2, backend):
+        u = tokens_matmul(
+            x2,
+            w1,
+            backend=backend,
+            norm=_block_norm(module, p),
+            bias=_bias(p, "fc1"),
+            activation="gelu",
+            out_dtype=f32,
+        )
+        y = tokens_matmul(u, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
+        return y.reshape(*lead, d)
+    u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32)
     aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
-    y = matmul_qarrays(
-        aq,
-        qp.weights[f"{path}/fc2"],
-        backend=backend,
-        bias=_bias(p, "fc2"),
-        out_dtype=jnp.float32,
-    )
+    y = matmul_qarrays(aq, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
     return y.reshape(*lead, d)
 
 
@@ -343,16 +391,18 @@ def _fused_attention(
     b, t, d = x.shape
     h = module.num_heads
     cd = module.policy.compute_dtype
-    xq = _block_norm_quantize(module, p, x.reshape(-1, d), backend)
-    qkv = matmul_qarrays(xq, qp.weights[f"{path}/qkv"], backend=backend, bias=_bias(p, "qkv"), out_dtype=cd)
+    qkv = tokens_matmul(
+        x.reshape(-1, d),
+        qp.weights[f"{path}/qkv"],
+        backend=backend,
+        norm=_block_norm(module, p),
+        bias=_bias(p, "qkv"),
+        out_dtype=cd,
+    )
     qkv = qkv.reshape(b, t, 3, h, d // h)
     o = module.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode).reshape(b * t, d)
-    y = matmul_qarrays(
-        quantize_tokens(o, backend),
-        qp.weights[f"{path}/out"],
-        backend=backend,
-        bias=_bias(p, "out"),
-        out_dtype=jnp.float32,
+    y = tokens_matmul(
+        o, qp.weights[f"{path}/out"], backend=backend, bias=_bias(p, "out"), out_dtype=jnp.float32
     )
     return y.reshape(b, t, d)
 

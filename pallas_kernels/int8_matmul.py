@@ -169,14 +169,16 @@ def div_pow2(x, d: int):
 
 
 def int4_pair_dot(
-    a_ref, b_ref, a_start, bm: int, b_start, bn: int, c0, w: int, block: int, *, a_rows, b_rows
+    a_ref, b_ref, a_start, bm: int, b_start, bn: int, c0, w: int, block: int, *, a_rows, b_rows, load_a=None
 ):
     """Products of the packed INT4 byte columns [c0, c0 + w) of b with the activations they multiply.
 
     b_ref: (N, K/2) uint8 in the half-split layout of :func:`jq8.quant.pack_int4` with ``block``-column
     blocks; w divides block / 2, so the bytes lie in one block and hold K columns [k_lo, k_lo + w) (low
     nibbles) and [k_lo + block/2, ... + w) (high nibbles): two contiguous activation tiles, no interleave.
-    a_ref: (M, K) int8 with K padded to whole blocks. Returns (lo, hi), (bm, bn) int32 each: the products
+    a_ref: (M, K) int8 with K padded to whole blocks (or ``load_a(k0, w) -> (bm, w) int8``, which then
+    produces the activation codes, e.g. quantizing float rows on the fly). Returns (lo, hi), (bm, bn) int32
+    each: the products
     of the two nibble planes, *16 times* the true values, because the nibbles are used in place
     (``b << 4`` and ``b & 0xF0`` read as int8 are exactly 16 x the signed codes; no shift back per element).
     """
@@ -186,8 +188,9 @@ def int4_pair_dot(
     s = lax.bitcast_convert_type(packed, jnp.int8)
     lo16 = lax.shift_left(s, jnp.int8(4))
     hi16 = lax.bitwise_and(s, jnp.int8(-16))
-    a_lo = load_k_tile(a_ref, a_start, bm, k_lo, w, row_mask=a_rows, k_valid=None)
-    a_hi = load_k_tile(a_ref, a_start, bm, k_lo + half, w, row_mask=a_rows, k_valid=None)
+    if load_a is None:
+        load_a = lambda k0, width: load_k_tile(a_ref, a_start, bm, k0, width, row_mask=a_rows, k_valid=None)  # noqa: E731
+    a_lo, a_hi = load_a(k_lo, w), load_a(k_lo + half, w)
     return int_dot(a_lo, lo16), int_dot(a_hi, hi16)
 
 

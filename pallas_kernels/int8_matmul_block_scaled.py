@@ -48,7 +48,7 @@ from pallas_kernels.int8_matmul import (
     store_epilogue,
     wrap_output,
 )
-from pallas_kernels.int8_matmul_decode import int8_matmul_decode
+from pallas_kernels.int8_matmul_decode import DECODE_MAX_M, int8_matmul_decode, quantize_matmul_decode
 
 MIN_K_GROUP = 32  # block_k = 16 int8 dots are wrong on GPU, so a K group must allow block_k >= 32
 
@@ -527,14 +527,70 @@ def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
         sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
         return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
-    decode = m <= 16 and a.scale.shape[1] == 1 and tb[0] == 1 and tb[1] % 32 == 0
-    decode = decode and (b.spec.bits == 8 or tb[1] & (tb[1] - 1) == 0)  # INT4: power-of-two groups
-    if decode and epilogue.get("config") is None:
+    dw = decode_weight(b) if m <= DECODE_MAX_M and a.scale.shape[1] == 1 else None
+    if dw is not None and epilogue.get("config") is None:
         # Decode: per-token activations with ZeroQuant K-groups of the weight -> the weight-streaming kernel.
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
         return int8_matmul_decode(
-            a.values, b.values, sa, b.scale, b_bits=b.spec.bits, b_group=tb[1], **epilogue
+            a.values, dw.values, sa, dw.scale, b_bits=dw.bits, b_group=dw.group, **epilogue
         )
     return int8_matmul_block_scaled(
         a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeWeight:
+    """An (N, K) weight QArray as the decode kernels take it (``b``, ``b_scale``, ``b_bits``, ``b_group``)."""
+
+    values: jax.Array
+    scale: jax.Array  # (1, N) per output channel, or (N, G) K groups
+    bits: int
+    group: int | None
+
+
+def decode_weight(b: QArray) -> DecodeWeight | None:
+    """``b`` as the decode kernels take it, or None when they cannot: asymmetric codes, scales that vary
+    along both N and K in blocks (not per channel / row runs / K groups), INT4 groups not a power of two."""
+    n, k = b.shape_2d
+    if b.zero_point is not None:
+        return None
+    tn, tk = b.spec.resolve(n, k)
+    if b.scale.shape[1] == 1:  # per channel, row runs or per tensor: one scale per output column
+        return DecodeWeight(b.values, jnp.repeat(b.scale[:, 0], tn)[:n].reshape(1, n), b.spec.bits, None)
+    if tn == 1 and tk % 32 == 0 and (b.spec.bits == 8 or tk & (tk - 1) == 0):
+        return DecodeWeight(b.values, b.scale, b.spec.bits, tk)
+    return None
+
+
+def quantize_matmul_qarray(
+    x: jax.Array,
+    b: QArray,
+    *,
+    norm: str | None = None,
+    gamma: jax.Array | None = None,
+    beta: jax.Array | None = None,
+    eps: float = 1e-5,
+    **epilogue,
+) -> jax.Array | QArray:
+    """Decode-size (M <= 16) GEMM of float rows x (M, K) with a weight QArray b (N, K), the per-token INT8
+    quantization of ``norm(x)`` done inside the kernel (:func:`int8_matmul_decode.quantize_matmul_decode`).
+    Raises ValueError when M > 16 or the decode kernels cannot take ``b`` (see :func:`decode_weight`)."""
+    dw = decode_weight(b)
+    if x.shape[0] > DECODE_MAX_M or dw is None:
+        raise ValueError(
+            f"quantize_matmul_qarray needs M <= {DECODE_MAX_M} and a weight the decode kernel takes; got "
+            f"M={x.shape[0]}, weight spec {b.spec} (check with decode_weight, else quantize x first)"
+        )
+    return quantize_matmul_decode(
+        x,
+        dw.values,
+        dw.scale,
+        norm=norm,
+        gamma=gamma,
+        beta=beta,
+        eps=eps,
+        b_bits=dw.bits,
+        b_group=dw.group,
+        **epilogue,
     )

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jq8.quant import QArray, QuantSpec, check_int32_k, int4_block, int4_width
-from pallas_kernels._common import TileConfig, cdiv, compiler_params, on_gpu, resolve_interpret
+from jq8.quant import QArray, QuantSpec, check_int32_k, int4_block, int4_width, round_half_away
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, on_gpu, resolve_interpret
 from pallas_kernels.int8_matmul import (
     ACTIVATIONS,
     Activation,
@@ -50,6 +50,8 @@ from pallas_kernels.int8_matmul import (
     store_epilogue,
     wrap_output,
 )
+from pallas_kernels.norm_quantize import _row_stats
+from pallas_kernels.quantize import BlockPlan, div_rn, nan_max, scale_from_absmax, tile_absmax, to_codes
 
 DECODE_MAX_M = 16  # one 16-row tile: the smallest M of a Triton int8 dot
 BLOCK_M = 16
@@ -184,6 +186,110 @@ def infer_group(k: int, groups: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """Per-token INT8 quantization of float activations inside the decode kernel (static description).
+
+    Each program reads whole activation rows (L2-resident at decode sizes) for their statistics: with
+    ``norm`` the LayerNorm / RMSNorm mean and rstd (fp32, biased variance, eps inside the rsqrt), then the
+    absmax of the (normalized) row; the K tiles are then quantized as the weight loop meets them. Codes
+    and scales follow jq8.quant (scale = absmax * (1/127), correctly rounded reciprocal, round half away
+    from zero), so the product equals that of ``layer_norm_quantize`` / ``quantize_tiles`` codes up to
+    the fp32 summation order of the statistics.
+    """
+
+    k: int  # true K: statistics and masks (x may be zero-padded past it)
+    norm: str | None = None  # None, "layernorm" or "rmsnorm"
+    eps: float = 1e-5
+    has_gamma: bool = False
+    has_beta: bool = False
+    rows: int = 1  # rows of the statistics tiles: 1 for M = 1, else BLOCK_M
+    chunk: int = 1024  # columns per statistics tile (a power of two)
+
+
+STATS_ELEMS = 8192  # fp32 elements per statistics tile (64 registers per thread at 4 warps)
+
+
+def act_quant(m: int, k: int, *, norm: str | None, eps: float, has_gamma: bool, has_beta: bool) -> ActQuant:
+    if norm not in (None, "layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm', got {norm!r}")
+    rows = 1 if m == 1 else BLOCK_M
+    chunk = min(next_pow2(k), max(32, STATS_ELEMS // rows))
+    return ActQuant(k, norm, float(eps), has_gamma, has_beta, rows, chunk)
+
+
+def _token_scales(x_ref, g_ref, be_ref, q: ActQuant, m: int, interpret: bool):
+    """(mean, rstd, scale, inv) of the activation rows, each (BLOCK_M, 1) fp32 (mean 0 / rstd 1 without
+    a norm); scale / inv are the per-token quantization scale of the (normalized) row and its reciprocal."""
+    r = q.rows
+    row_ok = (jnp.arange(r) < m)[:, None]
+
+    def cols_ok(c0):
+        return (c0 + jnp.arange(q.chunk))[None, :] < q.k
+
+    def load_x(r0, c0):
+        del r0
+        mask = row_ok & cols_ok(c0)
+        x = plgpu.load(x_ref.at[pl.ds(0, r), pl.ds(c0, q.chunk)], mask=mask, other=0.0)
+        return x.astype(jnp.float32), mask
+
+    if q.norm is None:
+        mean, rstd, x_once = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32), None
+    else:
+        plan = BlockPlan(m, q.k, r, q.chunk, None if q.chunk >= q.k else 1)
+        mean, rstd, x_once = _row_stats(load_x, plan, 0, eps=q.eps, rms=q.norm == "rmsnorm")
+
+    def normalized_absmax(c0, x):
+        mask = row_ok & cols_ok(c0)
+        y = _normalize(x, c0, q.chunk, mean, rstd, g_ref, be_ref, q)
+        return tile_absmax(jnp.abs(jnp.where(mask, y, 0.0)), 1, q.chunk)  # (r, 1)
+
+    if q.chunk >= q.k:
+        amax = normalized_absmax(0, x_once if x_once is not None else load_x(0, 0)[0])
+    else:
+
+        def body(i, amax):
+            c0 = i * q.chunk
+            return nan_max(amax, normalized_absmax(c0, load_x(0, c0)[0]))
+
+        amax = lax.fori_loop(0, cdiv(q.k, q.chunk), body, jnp.zeros((r, 1), jnp.float32))
+    scale = scale_from_absmax(amax)
+    inv = div_rn(jnp.ones_like(scale), scale, interpret)
+    grow = (lambda v: jnp.broadcast_to(v, (BLOCK_M, 1))) if r == 1 else (lambda v: v)
+    return grow(mean), grow(rstd), grow(scale), grow(inv)
+
+
+def _normalize(x, c0, width: int, mean, rstd, g_ref, be_ref, q: ActQuant):
+    """(x - mean) * rstd * gamma + beta of a (rows, width) tile at column c0 (x unchanged without a norm)."""
+    if q.norm is None:
+        return x
+    ok = (c0 + jnp.arange(width)) < q.k
+    y = (x - mean) * rstd
+    if q.has_gamma:
+        y = y * plgpu.load(g_ref.at[pl.ds(c0, width)], mask=ok, other=0.0).astype(jnp.float32)[None, :]
+    if q.has_beta:
+        y = y + plgpu.load(be_ref.at[pl.ds(c0, width)], mask=ok, other=0.0).astype(jnp.float32)[None, :]
+    return y
+
+
+def _code_loader(x_ref, g_ref, be_ref, q: ActQuant, stats, a_rows, k_padded: bool):
+    """load(k0, width, k_hi=None) -> (BLOCK_M, width) int8 codes of the activation tile at column k0."""
+    mean, rstd, _, inv = stats
+
+    def load(k0, width, k_hi=None):
+        cols = k0 + jnp.arange(width)
+        limit = q.k if k_padded else k_hi  # past the true K: zero codes (the weights there are zero too)
+        mask = _and_masks(
+            None if a_rows is None else a_rows[:, None], None if limit is None else (cols < limit)[None, :]
+        )
+        view = x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k0, width)]
+        x = (view[...] if mask is None else plgpu.load(view, mask=mask, other=0.0)).astype(jnp.float32)
+        codes = to_codes(round_half_away(_normalize(x, k0, width, mean, rstd, g_ref, be_ref, q) * inv))
+        return codes if mask is None else jnp.where(mask, codes, jnp.int8(0))
+
+    return load
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     m: int
     n: int
@@ -207,9 +313,10 @@ class _Plan:
     unit_bytes: int = 0
     units: int = 0
     units_per_split: int = 0
+    act: ActQuant | None = None  # float activations quantized in the kernel (a_ref holds x)
 
 
-def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok):
+def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok, load_a=None):
     """The INT4 product of split ``s``: ``p.units_per_split`` units of packed bytes from unit s * that.
 
     Per unit, the int32 products of the low and high nibble planes (16x, see ``int4_pair_dot``) are summed
@@ -232,7 +339,18 @@ def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok):
                 valid = c0 < width
                 c0 = jnp.minimum(c0, width - p.w)
             lo, hi = int4_pair_dot(
-                a_ref, b_ref, 0, BLOCK_M, col0, p.bn, c0, p.w, p.block, a_rows=a_rows, b_rows=col_ok
+                a_ref,
+                b_ref,
+                0,
+                BLOCK_M,
+                col0,
+                p.bn,
+                c0,
+                p.w,
+                p.block,
+                a_rows=a_rows,
+                b_rows=col_ok,
+                load_a=load_a,
             )
             if not exact:
                 lo, hi = jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)
@@ -262,11 +380,14 @@ def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok):
     return lax.fori_loop(0, p.units_per_split, unit, acc)
 
 
-def _decode_kernel(*refs, p: _Plan, epi):
+def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     a_ref, b_ref, *rest = refs
     sg_ref = rest.pop(0) if p.grouped else None
+    q = p.act
+    g_ref = rest.pop(0) if q is not None and q.has_gamma else None
+    be_ref = rest.pop(0) if q is not None and q.has_beta else None
     if p.fused:
-        sa_ref = rest.pop(0) if p.scaled_a else None
+        sa_ref = rest.pop(0) if p.scaled_a and q is None else None
         sb_ref = rest.pop(0) if p.scaled_b else None
         epi_refs, out_refs = rest[: epi.num_inputs], rest[epi.num_inputs :]
     else:
@@ -276,6 +397,10 @@ def _decode_kernel(*refs, p: _Plan, epi):
     col0 = pl.multiple_of(pid_n * bn, bn)
     a_rows = jnp.arange(bm) < p.m if p.m % bm else None
     col_ok = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
+    load_a = stats = None
+    if q is not None:
+        stats = _token_scales(a_ref, g_ref, be_ref, q, p.m, interpret)
+        load_a = _code_loader(a_ref, g_ref, be_ref, q, stats, a_rows, k_padded=p.k != q.k)
     k_lo = s * p.chunk
     # Static trip counts (Triton's scf.for rejected the traced one a shorter last split needed): with
     # split-K every split runs chunk / unit units and the last one masks K past the end (those loads are
@@ -289,7 +414,10 @@ def _decode_kernel(*refs, p: _Plan, epi):
         """int32 product over K columns [k0, k0 + nsteps * bk); ``k_hi`` masks K (None: all in bounds)."""
 
         def one(kk, acc):
-            a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
+            if load_a is None:
+                a = load_k_tile(a_ref, 0, bm, kk, bk, row_mask=a_rows, k_valid=k_hi)
+            else:
+                a = load_a(kk, bk, k_hi)
             b = load_k_tile(b_ref, col0, bn, kk, bk, row_mask=col_ok, k_valid=k_hi)
             return acc + int_dot(a, b)
 
@@ -311,7 +439,9 @@ def _decode_kernel(*refs, p: _Plan, epi):
 
     acc = jnp.zeros((bm, bn), jnp.float32 if p.grouped else jnp.int32)
     if p.b_bits == 4:
-        acc = _int4_loop(acc, a_ref, b_ref, sg_ref, p, s=s, col0=col0, a_rows=a_rows, col_ok=col_ok)
+        acc = _int4_loop(
+            acc, a_ref, b_ref, sg_ref, p, s=s, col0=col0, a_rows=a_rows, col_ok=col_ok, load_a=load_a
+        )
     elif p.unroll and n_units <= MAX_UNROLL:
         for u in range(n_units):
             acc = accumulate(acc, k_lo + u * p.unit, p.unit // bk, k_mask)
@@ -330,12 +460,20 @@ def _decode_kernel(*refs, p: _Plan, epi):
     )
     if not p.fused:  # (S, M, N) partial sums, reduced (and the epilogue applied) by XLA
         _store(out_refs[0].at[s, pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
+        if q is not None:  # the token scales, for that epilogue: every program has them, the first writes
+
+            @pl.when((pid_n == 0) & (s == 0))
+            def _():
+                _store(out_refs[1].at[pl.ds(0, bm)], stats[2][:, 0], a_rows)
+
         return
     if not (p.grouped or p.scaled_a or p.scaled_b):  # raw int32 product
         _store(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
         return
     y = acc.astype(jnp.float32)
-    if p.scaled_a:
+    if q is not None:
+        y = y * stats[2]
+    elif p.scaled_a:
         y = y * load_vector(sa_ref, 0, bm, p.m if p.m % bm else None)[:, None]
     if p.scaled_b:
         y = y * load_vector(sb_ref, col0, bn, p.n if p.n % bn else None)[None, :]
@@ -358,10 +496,10 @@ def _fusable(out_spec: QuantSpec | None, m: int, n: int, bn: int) -> bool:
     return out_spec.tile[1] != -1 and _is_pow2(tm) and _is_pow2(tn) and BLOCK_M % tm == 0 and bn % tn == 0
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "interpret"),
-)
+_STATIC = ("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_matmul_decode(
     a: jax.Array,
     b: jax.Array,
@@ -387,12 +525,120 @@ def int8_matmul_decode(
     Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul` (raw int32
     when both scales are None). ``config=None`` picks :func:`decode_config`.
     """
-    m, k = a.shape
-    n = b.shape[0]
     if a.dtype != jnp.int8:
         raise TypeError(f"a must be int8, got {a.dtype}")
+    if a_scale is not None and a_scale.size != a.shape[0]:
+        raise ValueError(f"a_scale must be (M, 1) = ({a.shape[0]}, 1) per-row, got {a_scale.shape}")
+    return _decode_matmul(
+        a,
+        b,
+        a_scale,
+        b_scale,
+        None,
+        None,
+        act=None,
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        out_dtype=out_dtype,
+        out_spec=out_spec,
+        b_bits=b_bits,
+        b_group=b_group,
+        config=config,
+        interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("norm", "eps"))
+def quantize_matmul_decode(
+    x: jax.Array,
+    b: jax.Array,
+    b_scale: jax.Array,
+    *,
+    norm: str | None = None,
+    gamma: jax.Array | None = None,
+    beta: jax.Array | None = None,
+    eps: float = 1e-5,
+    bias: jax.Array | None = None,
+    activation: Activation = None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
+    b_bits: int = 8,
+    b_group: int | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array | QArray:
+    """``act(Q(norm(x)) @ b.T * scales + bias) + residual`` for M <= 16, Q = per-token INT8 quantization
+    done inside the GEMM kernel (no separate quantize / LayerNorm-quantize launch: see :class:`ActQuant`).
+
+    x: (M, K) f32 / bf16, M <= 16. norm: None, "layernorm" or "rmsnorm" over K with ``gamma`` / ``beta``
+    (K,) (either may be None) and ``eps``. b, b_scale (required), b_bits, b_group and the epilogue as in
+    :func:`int8_matmul_decode`. Equals ``int8_matmul_decode(codes, b, scale, b_scale, ...)`` with
+    ``codes, scale`` from ``layer_norm_quantize`` (or ``quantize_tiles`` without a norm) per row, up to the
+    fp32 summation order of the row statistics.
+    """
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be (M, K) floating, got {x.shape} {x.dtype}")
+    m, k = x.shape
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v is not None and v.shape != (k,):
+            raise ValueError(f"{name} must have shape (K,) = ({k},), got {v.shape}")
+    if norm is None and (gamma is not None or beta is not None):
+        raise ValueError("gamma / beta given without norm= ('layernorm' or 'rmsnorm')")
+    if b_scale is None:
+        raise ValueError("quantize_matmul_decode needs b_scale (the activation scale is per token)")
+    act = act_quant(m, k, norm=norm, eps=eps, has_gamma=gamma is not None, has_beta=beta is not None)
+    return _decode_matmul(
+        x,
+        b,
+        None,
+        b_scale,
+        gamma,
+        beta,
+        act=act,
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        out_dtype=out_dtype,
+        out_spec=out_spec,
+        b_bits=b_bits,
+        b_group=b_group,
+        config=config,
+        interpret=interpret,
+    )
+
+
+def _pad_cols(x: jax.Array | None, kp: int) -> jax.Array | None:
+    if x is None or x.shape[-1] == kp:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kp - x.shape[-1])])
+
+
+def _decode_matmul(
+    a,
+    b,
+    a_scale,
+    b_scale,
+    gamma,
+    beta,
+    *,
+    act: ActQuant | None,
+    bias,
+    activation,
+    residual,
+    out_dtype,
+    out_spec,
+    b_bits,
+    b_group,
+    config,
+    interpret,
+):
+    """Shared body of the two wrappers: a is int8 codes (act None) or float rows quantized in the kernel."""
+    m, k = a.shape
+    n = b.shape[0]
     if m > DECODE_MAX_M:
-        raise ValueError(f"int8_matmul_decode is for M <= {DECODE_MAX_M}, got M={m}; use int8_matmul")
+        raise ValueError(f"the decode kernel is for M <= {DECODE_MAX_M}, got M={m}; use int8_matmul")
     expect_b = (n, int4_width(k) if b_bits == 4 else k)
     if b_bits not in (4, 8) or b.shape != expect_b or b.dtype != (jnp.uint8 if b_bits == 4 else jnp.int8):
         raise ValueError(
@@ -416,8 +662,6 @@ def int8_matmul_decode(
             )
         check_int32_k(k)
         b_group = None
-    if a_scale is not None and a_scale.size != m:
-        raise ValueError(f"a_scale must be (M, 1) = ({m}, 1) per-row, got {a_scale.shape}")
     raw = a_scale is None and b_scale is None
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
@@ -449,10 +693,7 @@ def int8_matmul_decode(
         chunk = per_split * unit_bytes * 2
     else:
         if k < bk:  # shorter than one K tile: zero-pad (zero codes add nothing; interpret rejects the slice)
-            pad = bk - k
-            a = jnp.pad(a, ((0, 0), (0, pad)))
-            b = jnp.pad(b, ((0, 0), (0, pad)))
-            kp = bk
+            a, b, kp = _pad_cols(a, bk), _pad_cols(b, bk), bk
         else:
             kp = k
         split = max(1, min(cfg.split_k, cdiv(kp, unit)))
@@ -460,6 +701,7 @@ def int8_matmul_decode(
         split = cdiv(kp, chunk)  # every split non-empty
     fused = split == 1 and _fusable(out_spec, m, n, cfg.block_n)
     interp = resolve_interpret(interpret)
+    scaled_a = a_scale is not None or act is not None
     plan = _Plan(
         m,
         n,
@@ -471,21 +713,24 @@ def int8_matmul_decode(
         chunk,
         split,
         grouped,
-        a_scale is not None,
+        scaled_a,
         b_scale is not None and not grouped,
         fused,
         cfg.unroll,
         **int4,
+        act=act,
     )
     inputs = [a, b]
     if grouped:
         inputs.append(jnp.asarray(b_scale, jnp.float32))
+    if act is not None:  # the statistics mask K past the true width; the padded columns quantize to 0
+        inputs += [_pad_cols(v, kp) for v in (gamma, beta) if v is not None]
     call = functools.partial(
         pl.pallas_call,
         grid=(cdiv(n, cfg.block_n), split),
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=interp,
-        name="int8_matmul_decode",
+        name="int8_matmul_decode" if act is None else "quantize_matmul_decode",
     )
     if fused:
         epi = make_epilogue(
@@ -505,7 +750,8 @@ def int8_matmul_decode(
             inputs.append(jnp.asarray(b_scale, jnp.float32).reshape(n))
         inputs += epilogue_inputs(bias, residual)
         out_shape = jax.ShapeDtypeStruct((m, n), jnp.int32) if raw else epilogue_out_shapes(m, n, epi)
-        out = call(functools.partial(_decode_kernel, p=plan, epi=epi), out_shape=out_shape)(*inputs)
+        kernel = functools.partial(_decode_kernel, p=plan, epi=epi, interpret=interp)
+        out = call(kernel, out_shape=out_shape)(*inputs)
         return out if raw else wrap_output(out, m, n, epi, out_spec)
 
     # Split-K: partial sums, then one XLA reduction + epilogue (exact int32 sums when b is per-column).
@@ -523,11 +769,15 @@ def int8_matmul_decode(
     if out_spec is not None and (out_spec.bits != 8 or not out_spec.symmetric):
         raise NotImplementedError(f"requantization supports symmetric INT8 only, got {out_spec}")
     part_dtype = jnp.float32 if grouped else jnp.int32
-    parts = call(
-        functools.partial(_decode_kernel, p=plan, epi=None),
-        out_shape=jax.ShapeDtypeStruct((split, m, n), part_dtype),
-    )(*inputs)
-    acc = jnp.sum(parts, axis=0)
+    out_shape = [jax.ShapeDtypeStruct((split, m, n), part_dtype)]
+    if act is not None:
+        out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
+    outs = call(functools.partial(_decode_kernel, p=plan, epi=None, interpret=interp), out_shape=out_shape)(
+        *inputs
+    )
+    acc = jnp.sum(outs[0], axis=0)
+    if act is not None:
+        a_scale = outs[1]
     if raw:
         return acc
     y = acc.astype(jnp.float32)

@@ -14,7 +14,11 @@ from pallas_kernels import autotune
 from pallas_kernels import int8_matmul_decode as decode_module
 from pallas_kernels._common import TileConfig, cdiv
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
-from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled_reference
+from pallas_kernels.int8_matmul_block_scaled import (
+    decode_weight,
+    int8_matmul_block_scaled_reference,
+    quantize_matmul_qarray,
+)
 from pallas_kernels.int8_matmul_decode import (
     DecodeConfig,
     decode_candidates,
@@ -22,6 +26,7 @@ from pallas_kernels.int8_matmul_decode import (
     int8_matmul_decode,
     lookup_decode_config,
 )
+from pallas_kernels.norm_quantize import layer_norm_quantize_reference
 
 NT = (((1,), (1,)), ((), ()))
 N, K = 70, 333  # neither a multiple of the 32-column tiles nor of the 64-column K steps
@@ -211,3 +216,108 @@ def test_matmul_qarrays_routes_grouped_decode(monkeypatch, bits):
     want = lax.dot_general(qa.dequantize(), qb.dequantize(), NT, precision=lax.Precision.HIGHEST)
     assert calls, "M <= 16 with K-group weight scales should use the decode kernel"
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------------- per-token quantization inside the kernel
+
+
+def _float_operands(seed: int, m: int, n: int, k: int, bits: int, group: int | None):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(ks[0], (m, k), jnp.float32) * 3.0 + 0.5  # off-centre: LayerNorm has work to do
+    gamma = 1.0 + 0.3 * jax.random.normal(ks[1], (k,), jnp.float32)
+    beta = 0.2 * jax.random.normal(ks[2], (k,), jnp.float32)
+    w = jax.random.normal(ks[3], (n, k), jnp.float32)
+    spec = QuantSpec.groups(group, axis=1, bits=bits) if group else QuantSpec.per_row(bits)
+    qb = quantize(w, spec)
+    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    res = jax.random.normal(ks[5], (m, n), jnp.float32)
+    return x, gamma, beta, qb, bias, res
+
+
+@pytest.mark.parametrize(
+    "m,bits,group,norm,cfg",
+    [  # every axis covered twice, not the whole cross product (interpret mode is slow)
+        (1, 8, None, "layernorm", FUSED),
+        (1, 8, None, None, SPLIT3),
+        (1, 8, 64, "layernorm", FUSED),
+        (3, 8, 64, "rmsnorm", SPLIT3),
+        (16, 8, None, "layernorm", FUSED),
+        (1, 4, 64, "layernorm", SPLIT3),
+        (1, 4, 64, None, FUSED),
+        (2, 4, None, "layernorm", SPLIT3),
+        (3, 4, None, "rmsnorm", FUSED),
+        (16, 4, 64, "layernorm", SPLIT3),
+    ],
+)
+def test_quantize_matmul_decode_matches_quantize_then_gemm(m, bits, group, norm, cfg):
+    """The in-kernel per-token quantization of norm(x) gives the product of the reference codes (jq8.quant
+    via the LayerNorm-quantize reference) with the dequantized weight, bias, GELU and residual included."""
+    x, gamma, beta, qb, bias, res = _float_operands(m * 7 + bits, m, N, K, bits, group)
+    dw = decode_weight(qb)
+    kw = dict(gamma=gamma, beta=beta, rms=norm == "rmsnorm") if norm else dict(gamma=None, beta=None)
+    qa = (
+        layer_norm_quantize_reference(x, **kw, spec=QuantSpec.per_row())[0]
+        if norm
+        else quantize(x, QuantSpec.per_row())
+    )
+    norm_kw = dict(norm=norm, gamma=gamma, beta=beta) if norm else {}
+    got = decode_module.quantize_matmul_decode(
+        x,
+        dw.values,
+        dw.scale,
+        **norm_kw,
+        bias=bias,
+        activation="gelu",
+        residual=res,
+        out_dtype=jnp.float32,
+        b_bits=bits,
+        b_group=dw.group,
+        config=cfg,
+    )
+    prod = lax.dot_general(qa.dequantize(), qb.dequantize(), NT, precision=lax.Precision.HIGHEST)
+    want = jax.nn.gelu(prod + bias, approximate=False) + res
+    assert got.shape == (m, N) and got.dtype == jnp.float32
+    # A statistic summed in another order may move a rare code by one: allow two such codes per output.
+    flip = 2 * float(jnp.max(qa.scale)) * float(jnp.max(jnp.abs(qb.dequantize())))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=flip)
+    assert float(jnp.mean(jnp.abs(got - want))) < 1e-4 * float(jnp.mean(jnp.abs(want)))  # nearly all exact
+
+
+def test_quantize_matmul_decode_long_rows_chunked_stats():
+    """Rows longer than one statistics tile (M > 1 sweeps K in chunks) and K < one K tile both work."""
+    for m, k in ((4, 1100), (1, 40)):
+        x, gamma, beta, qb, bias, _ = _float_operands(k, m, 48, k, 8, None)
+        dw = decode_weight(qb)
+        got = decode_module.quantize_matmul_decode(
+            x,
+            dw.values,
+            dw.scale,
+            norm="layernorm",
+            gamma=gamma,
+            beta=beta,
+            out_dtype=jnp.float32,
+            config=SPLIT3,
+        )
+        qa = layer_norm_quantize_reference(x, gamma, beta, spec=QuantSpec.per_row())[0]
+        want = lax.dot_general(qa.dequantize(), qb.dequantize(), NT, precision=lax.Precision.HIGHEST)
+        flip = 2 * float(jnp.max(qa.scale)) * float(jnp.max(jnp.abs(qb.dequantize())))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=flip)
+
+
+def test_quantize_matmul_decode_errors():
+    x, gamma, beta, qb, *_ = _float_operands(0, 2, N, K, 8, None)
+    dw = decode_weight(qb)
+    with pytest.raises(ValueError, match="norm must be"):
+        decode_module.quantize_matmul_decode(x, dw.values, dw.scale, norm="batchnorm")
+    with pytest.raises(ValueError, match="without norm"):
+        decode_module.quantize_matmul_decode(x, dw.values, dw.scale, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        decode_module.quantize_matmul_decode(x, dw.values, dw.scale, norm="layernorm", gamma=gamma[:-1])
+    with pytest.raises(TypeError, match="floating"):
+        decode_module.quantize_matmul_decode(x.astype(jnp.int8), dw.values, dw.scale)
+    with pytest.raises(ValueError, match="M <= 16"):
+        decode_module.quantize_matmul_decode(jnp.ones((17, K)), dw.values, dw.scale)
+    blocks = quantize(jnp.ones((N, K)), QuantSpec((32, 32)))
+    assert decode_weight(blocks) is None  # 2-D blocks: not a decode-kernel layout
+    with pytest.raises(ValueError, match="decode kernel"):
+        quantize_matmul_qarray(x, blocks)

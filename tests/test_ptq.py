@@ -294,17 +294,25 @@ def test_fused_branches_match_per_dense_path(gpt, monkeypatch):
     assert calls == []
 
 
-def test_fused_pallas_kernels_match_xla():
-    """The Pallas kernels (interpret mode on CPU) give the XLA path's numbers through the whole model."""
-    pytest.importorskip("pallas_kernels.norm_quantize")
-    pytest.importorskip("pallas_kernels.gelu_quantize")
+def test_fused_pallas_kernels_match_xla(monkeypatch):
+    """The Pallas kernels (interpret mode on CPU) give the XLA path's numbers through the whole model. At
+    decode sizes (M = 8 tokens here) every GEMM quantizes its own input: no LayerNorm-quantize launch."""
+    from pallas_kernels import int8_matmul_block_scaled as bs
+    from pallas_kernels import norm_quantize
+
     # d=48: ragged against every kernel block. (d=32 trips a K < block_k slicing bug in int8_matmul's
     # interpret mode, reported to the kernel owner.)
     model, params, tokens = tiny_gpt(layers=1, d=48, heads=2, vocab=101, seq=8, seed=4)
     qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32))
     ref = run_int8(model, qp, tokens[:1], backend="xla")
+    norms, real = [], bs.quantize_matmul_qarray
+    monkeypatch.setattr(
+        bs, "quantize_matmul_qarray", lambda *a, **k: norms.append(k.get("norm")) or real(*a, **k)
+    )
+    monkeypatch.setattr(norm_quantize, "layer_norm_quantize", None)  # would raise if called
     got = run_int8(model, qp, tokens[:1], backend="pallas")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+    assert norms == ["layernorm", None, "layernorm", None, None]  # qkv, out, fc1, fc2, tied LM head
 
 
 @pytest.mark.parametrize("name", ["static-w8a8", "w4/8-a8"])

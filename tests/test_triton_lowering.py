@@ -16,7 +16,7 @@ from jq8.quant import QuantSpec, pack_int4, quantize
 from pallas_kernels._common import TileConfig, cdiv
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.int8_matmul_block_scaled import matmul_qarrays
-from pallas_kernels.int8_matmul_decode import DecodeConfig, int8_matmul_decode
+from pallas_kernels.int8_matmul_decode import DecodeConfig, int8_matmul_decode, quantize_matmul_decode
 
 CFG = TileConfig(32, 64, 64, num_warps=4, num_stages=3, group_m=2)
 
@@ -50,6 +50,39 @@ def test_decode_kernel_lowers(bits, k, group, cfg):
         b,
         sa,
         sb,
+    )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "m,k,group,norm", [(1, 333, None, "layernorm"), (3, 768, 128, "rmsnorm"), (1, 5000, 64, None)]
+)
+@pytest.mark.parametrize("cfg", [DecodeConfig(32, 128, 1), DecodeConfig(64, 256, 3)], ids=["fused", "split3"])
+def test_quantize_decode_kernel_lowers(bits, m, k, group, norm, cfg):
+    n = 96
+    x, w = jax.random.normal(jax.random.key(6), (m, k)), _int8(1, (n, k), -8, 8)
+    b = pack_int4(w) if bits == 4 else w
+    sb = jnp.ones((n, cdiv(k, group)) if group else (1, n), jnp.float32)
+    gamma = beta = jnp.ones((k,)) if norm else None
+    _lowers(
+        lambda x, b, sb, gamma, beta: quantize_matmul_decode(
+            x,
+            b,
+            sb,
+            norm=norm,
+            gamma=gamma,
+            beta=beta,
+            b_bits=bits,
+            b_group=group,
+            config=cfg,
+            activation="gelu",
+            interpret=False,
+        ),
+        x,
+        b,
+        sb,
+        gamma,
+        beta,
     )
 
 
