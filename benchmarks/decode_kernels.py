@@ -45,12 +45,19 @@ def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeC
     return out
 
 
-def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> dict:
+def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False, act: str | None = None) -> dict:
+    """act None: INT8 codes in (``int8_matmul_decode``); "q" / "ln": float rows quantized (after a
+    LayerNorm) inside the kernel (``quantize_matmul_decode``)."""
     group = args.int4_group if bits == 4 and not per_channel else None
     nbytes = n * k * bits // 8
     ws = autotune.decode_weights(n, k, b_bits=bits, b_group=group)
-    a = jax.random.randint(jax.random.key(99), (1, k), -127, 128, jnp.int32).astype(jnp.int8)
+    if act is None:
+        a = jax.random.randint(jax.random.key(99), (1, k), -127, 128, jnp.int32).astype(jnp.int8)
+    else:
+        a = jax.random.normal(jax.random.key(99), (1, k), jnp.float32)
     sa = jnp.full((1, 1), 1e-2, jnp.float32)
+    gamma, beta = jnp.ones((k,), jnp.float32), jnp.zeros((k,), jnp.float32)
+    norm = dict(norm="layernorm", gamma=gamma, beta=beta) if act == "ln" else {}
     ws_bf16 = [
         jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16)
         for i in range(max(2, min(16, -(-(128 << 20) // (2 * n * k)))))
@@ -62,13 +69,15 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> di
         n=n,
         k=k,
         group=group,
+        act=act,
         weight_mb=nbytes / 1e6,
         xla_bf16_us=t_bf16 * 1e6,
         bf16_gb_s=2 * n * k / t_bf16 / 1e9,
         configs=[],
     )
     print(
-        f"\n== int{bits} {n}x{k} (group {group}): {nbytes / 1e6:.2f} MB; XLA bf16 {t_bf16 * 1e6:.2f} us "
+        f"\n== int{bits}{act or ''} {n}x{k} (group {group}): {nbytes / 1e6:.2f} MB; "
+        f"XLA bf16 {t_bf16 * 1e6:.2f} us "
         f"({row['bf16_gb_s']:.0f} GB/s)",
         flush=True,
     )
@@ -76,7 +85,9 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> di
     for cfg in candidates(n, k, bits, group):
 
         def call(x, w, cfg=cfg):
-            return dec.int8_matmul_decode(x, w[0], sa, w[1], b_bits=bits, b_group=group, config=cfg)
+            if act is None:
+                return dec.int8_matmul_decode(x, w[0], sa, w[1], b_bits=bits, b_group=group, config=cfg)
+            return dec.quantize_matmul_decode(x, w[0], w[1], **norm, b_bits=bits, b_group=group, config=cfg)
 
         try:
             t = autotune.time_in_loop(call, a, ws, **loop)
@@ -96,14 +107,17 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False) -> di
     if best is not None:
         row.update(best=best[0].__dict__, best_us=best[1] * 1e6, x_bf16=t_bf16 / best[1])
         if args.save:
-            autotune.store_config("int8_matmul_decode", 1, n, k, dec.decode_key(bits, group), best[0])
+            autotune.store_config("int8_matmul_decode", 1, n, k, dec.decode_key(bits, group, act), best[0])
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--cases", default=CASES_1P5B, help="comma-separated bits:NxK (bits 8, 4, or 4c: INT4 per-channel)"
+        "--cases",
+        default=CASES_1P5B,
+        help="comma-separated bits:NxK: bits 8 or 4, then c (INT4 per-channel) and/or q / ln (float input "
+        "quantized, after a LayerNorm for ln, inside the kernel), e.g. 4ln:6400x1600",
     )
     ap.add_argument("--int4-group", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
@@ -121,9 +135,11 @@ def main() -> None:
         if time.time() > args.deadline:
             print(f"skipped {case}: time budget", flush=True)
             continue
-        bits, shape = case.split(":")
+        kind, shape = case.split(":")
         n, k = (int(v) for v in shape.lower().split("x"))
-        rows.append(bench_case(int(bits.rstrip("c")), n, k, args, per_channel=bits.endswith("c")))
+        act = "ln" if kind.endswith("ln") else ("q" if kind.endswith("q") else None)
+        kind = kind.removesuffix("ln").removesuffix("q")
+        rows.append(bench_case(int(kind.rstrip("c")), n, k, args, per_channel=kind.endswith("c"), act=act))
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

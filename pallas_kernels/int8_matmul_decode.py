@@ -120,20 +120,27 @@ def decode_config(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | Non
     return DecodeConfig(block_n, block_k, split_k=max(1, split))
 
 
-def decode_key(b_bits: int, b_group: int | None) -> str:
-    """Autotune cache key (everything but the shape)."""
-    return f"b{b_bits}-g{b_group or 0}"
+ACT_KINDS = (None, "q", "ln")  # INT8 codes in; float rows quantized in the kernel; normalized, then quantized
+
+
+def decode_key(b_bits: int, b_group: int | None, act: str | None = None) -> str:
+    """Autotune cache key (everything but the shape). ``act``: one of ACT_KINDS (the kernel's input)."""
+    if act not in ACT_KINDS:
+        raise ValueError(f"act must be one of {ACT_KINDS}, got {act!r}")
+    return f"b{b_bits}-g{b_group or 0}" + (f"-{act}" if act else "")
 
 
 def lookup_decode_config(
-    m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None
+    m: int, n: int, k: int, *, b_bits: int = 8, b_group: int | None = None, act: str | None = None
 ) -> DecodeConfig:
-    """The tuned config for this shape on this GPU (``autotune`` cache), else :func:`decode_config`."""
+    """The tuned config for this shape on this GPU (``autotune`` cache: for this ``act`` input, else for
+    INT8 codes), else :func:`decode_config`."""
     from pallas_kernels import autotune  # local import: autotune imports the kernels for its CLI
 
-    entry = autotune.lookup_entry("int8_matmul_decode", m, n, k, decode_key(b_bits, b_group))
-    if entry is not None:
-        return DecodeConfig(**entry)
+    for kind in dict.fromkeys((act, None)):
+        entry = autotune.lookup_entry("int8_matmul_decode", m, n, k, decode_key(b_bits, b_group, kind))
+        if entry is not None:
+            return DecodeConfig(**entry)
     return decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
 
 
@@ -218,8 +225,14 @@ def act_quant(m: int, k: int, *, norm: str | None, eps: float, has_gamma: bool, 
 
 
 def _token_scales(x_ref, g_ref, be_ref, q: ActQuant, m: int, interpret: bool):
-    """(mean, rstd, scale, inv) of the activation rows, each (BLOCK_M, 1) fp32 (mean 0 / rstd 1 without
-    a norm); scale / inv are the per-token quantization scale of the (normalized) row and its reciprocal."""
+    """(mean, rstd, scale, inv) of the activation rows, each (q.rows, 1) fp32 (mean 0 / rstd 1 without a
+    norm); scale / inv: the per-token quantization scale of the (normalized) row and its reciprocal.
+
+    Whole rows in one tile (decode): x, gamma and beta are loaded up front, together, so the program waits
+    for one memory round trip, then reduces in registers (mean, centred variance, absmax: the two-pass
+    numerics of ``layer_norm_quantize``). Longer rows sweep K in chunks (Chan-merged statistics, then an
+    absmax pass).
+    """
     r = q.rows
     row_ok = (jnp.arange(r) < m)[:, None]
 
@@ -232,59 +245,86 @@ def _token_scales(x_ref, g_ref, be_ref, q: ActQuant, m: int, interpret: bool):
         x = plgpu.load(x_ref.at[pl.ds(0, r), pl.ds(c0, q.chunk)], mask=mask, other=0.0)
         return x.astype(jnp.float32), mask
 
-    if q.norm is None:
-        mean, rstd, x_once = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32), None
-    else:
-        plan = BlockPlan(m, q.k, r, q.chunk, None if q.chunk >= q.k else 1)
-        mean, rstd, x_once = _row_stats(load_x, plan, 0, eps=q.eps, rms=q.norm == "rmsnorm")
-
-    def normalized_absmax(c0, x):
-        mask = row_ok & cols_ok(c0)
-        y = _normalize(x, c0, q.chunk, mean, rstd, g_ref, be_ref, q)
-        return tile_absmax(jnp.abs(jnp.where(mask, y, 0.0)), 1, q.chunk)  # (r, 1)
-
+    rms = q.norm == "rmsnorm"
     if q.chunk >= q.k:
-        amax = normalized_absmax(0, x_once if x_once is not None else load_x(0, 0)[0])
+        x, mask = load_x(0, 0)
+        params = _norm_params(g_ref, be_ref, 0, q.chunk, q)
+        if q.norm is None:
+            mean, rstd, y = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32), x
+        else:
+            mean = jnp.zeros((r, 1), jnp.float32) if rms else jnp.sum(x, axis=1, keepdims=True) / q.k
+            xc = jnp.where(mask, x - mean, 0.0)
+            rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / q.k + q.eps)
+            y = jnp.where(mask, _normalize(x, mean, rstd, params), 0.0)
+        amax = tile_absmax(jnp.abs(y), 1, q.chunk)
     else:
+        if q.norm is None:
+            mean, rstd = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32)
+        else:
+            plan = BlockPlan(m, q.k, r, q.chunk, 1)
+            mean, rstd, _ = _row_stats(load_x, plan, 0, eps=q.eps, rms=rms)
 
         def body(i, amax):
             c0 = i * q.chunk
-            return nan_max(amax, normalized_absmax(c0, load_x(0, c0)[0]))
+            x, mask = load_x(0, c0)
+            y = _normalize(x, mean, rstd, _norm_params(g_ref, be_ref, c0, q.chunk, q))
+            return nan_max(amax, tile_absmax(jnp.abs(jnp.where(mask, y, 0.0)), 1, q.chunk))
 
         amax = lax.fori_loop(0, cdiv(q.k, q.chunk), body, jnp.zeros((r, 1), jnp.float32))
     scale = scale_from_absmax(amax)
-    inv = div_rn(jnp.ones_like(scale), scale, interpret)
-    grow = (lambda v: jnp.broadcast_to(v, (BLOCK_M, 1))) if r == 1 else (lambda v: v)
-    return grow(mean), grow(rstd), grow(scale), grow(inv)
+    return mean, rstd, scale, div_rn(jnp.ones_like(scale), scale, interpret)
 
 
-def _normalize(x, c0, width: int, mean, rstd, g_ref, be_ref, q: ActQuant):
-    """(x - mean) * rstd * gamma + beta of a (rows, width) tile at column c0 (x unchanged without a norm)."""
+def _norm_params(g_ref, be_ref, c0, width: int, q: ActQuant):
+    """(gamma, beta) of columns [c0, c0 + width) as (1, width) fp32 (None where absent or without a norm)."""
     if q.norm is None:
-        return x
+        return None, None
     ok = (c0 + jnp.arange(width)) < q.k
+
+    def load(ref):
+        if ref is None:
+            return None
+        return plgpu.load(ref.at[pl.ds(c0, width)], mask=ok, other=0.0).astype(jnp.float32)[None, :]
+
+    return load(g_ref if q.has_gamma else None), load(be_ref if q.has_beta else None)
+
+
+def _normalize(x, mean, rstd, params):
+    """(x - mean) * rstd * gamma + beta of a (rows, width) tile (x unchanged when ``params`` is None)."""
+    gamma, beta = params
+    if mean is None:
+        return x
     y = (x - mean) * rstd
-    if q.has_gamma:
-        y = y * plgpu.load(g_ref.at[pl.ds(c0, width)], mask=ok, other=0.0).astype(jnp.float32)[None, :]
-    if q.has_beta:
-        y = y + plgpu.load(be_ref.at[pl.ds(c0, width)], mask=ok, other=0.0).astype(jnp.float32)[None, :]
+    if gamma is not None:
+        y = y * gamma
+    if beta is not None:
+        y = y + beta
     return y
 
 
 def _code_loader(x_ref, g_ref, be_ref, q: ActQuant, stats, a_rows, k_padded: bool):
-    """load(k0, width, k_hi=None) -> (BLOCK_M, width) int8 codes of the activation tile at column k0."""
+    """load(k0, width, k_hi=None) -> (BLOCK_M, width) int8 codes of the activation tile at column k0.
+
+    One activation row (M = 1): the row's codes are computed once on a (1, width) tile and broadcast to
+    the 16 rows of the dot (its other rows are never stored), not computed 16 times over masked rows.
+    """
     mean, rstd, _, inv = stats
+    if q.norm is None:
+        mean = None
+    r = q.rows
 
     def load(k0, width, k_hi=None):
         cols = k0 + jnp.arange(width)
         limit = q.k if k_padded else k_hi  # past the true K: zero codes (the weights there are zero too)
-        mask = _and_masks(
-            None if a_rows is None else a_rows[:, None], None if limit is None else (cols < limit)[None, :]
-        )
-        view = x_ref.at[pl.ds(0, BLOCK_M), pl.ds(k0, width)]
+        rows_ok = None if (a_rows is None or r == 1) else a_rows[:, None]
+        mask = _and_masks(rows_ok, None if limit is None else (cols < limit)[None, :])
+        view = x_ref.at[pl.ds(0, r), pl.ds(k0, width)]
         x = (view[...] if mask is None else plgpu.load(view, mask=mask, other=0.0)).astype(jnp.float32)
-        codes = to_codes(round_half_away(_normalize(x, k0, width, mean, rstd, g_ref, be_ref, q) * inv))
-        return codes if mask is None else jnp.where(mask, codes, jnp.int8(0))
+        y = _normalize(x, mean, rstd, _norm_params(g_ref, be_ref, k0, width, q))
+        codes = to_codes(round_half_away(y * inv))
+        if mask is not None:
+            codes = jnp.where(mask, codes, jnp.int8(0))
+        return jnp.broadcast_to(codes, (BLOCK_M, width)) if r == 1 else codes
 
     return load
 
@@ -464,7 +504,7 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
 
             @pl.when((pid_n == 0) & (s == 0))
             def _():
-                _store(out_refs[1].at[pl.ds(0, bm)], stats[2][:, 0], a_rows)
+                _store(out_refs[1].at[pl.ds(0, bm)], jnp.broadcast_to(stats[2], (bm, 1))[:, 0], a_rows)
 
         return
     if not (p.grouped or p.scaled_a or p.scaled_b):  # raw int32 product
@@ -472,7 +512,7 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
         return
     y = acc.astype(jnp.float32)
     if q is not None:
-        y = y * stats[2]
+        y = y * jnp.broadcast_to(stats[2], (bm, 1))
     elif p.scaled_a:
         y = y * load_vector(sa_ref, 0, bm, p.m if p.m % bm else None)[:, None]
     if p.scaled_b:
@@ -666,7 +706,8 @@ def _decode_matmul(
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
 
-    cfg = config or lookup_decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
+    act_kind = None if act is None else ("q" if act.norm is None else "ln")
+    cfg = config or lookup_decode_config(m, n, k, b_bits=b_bits, b_group=b_group, act=act_kind)
     _check_config(cfg)
     unit, bk = _unit_k(k, b_group, cfg.block_k)
     if bk < 32:
