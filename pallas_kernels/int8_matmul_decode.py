@@ -155,6 +155,11 @@ def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int |
                     cfg = DecodeConfig(bn, bk, split)
                     if cfg not in out:
                         out.append(cfg)
+                # Straight-line K loop: the activation loads of a float input (quantized in the kernel)
+                # can all issue up front instead of one unit at a time.
+                cfg = DecodeConfig(bn, int4_block(k), split, unroll=True)
+                if split > 1 and cfg not in out:
+                    out.append(cfg)
         return out
     for bn in (32, 64, 128):
         for split in sorted({1, 2, 4, 8, base.split_k}):
