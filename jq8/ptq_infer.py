@@ -93,11 +93,14 @@ def bias_gelu_quantize_tokens(x: jax.Array, bias, *, backend: str) -> QArray:
     return fn(x, bias, spec=TOKEN_SPEC, activation="gelu")
 
 
-def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str) -> bool:
+def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str, norm: bool = False) -> bool:
     """Whether the GEMM of x2 with w quantizes x2 itself: Pallas at decode sizes (M <= 16) with a weight
     the decode kernel takes. There a separate quantize / LayerNorm-quantize launch costs about as much as
-    the GEMV (a batch-1 token is a chain of small launches), so the kernel reads the float rows instead."""
-    if backend != "pallas" or x2.shape[0] > 16:
+    the GEMV (a batch-1 token is a chain of small launches), so the kernel reads the float rows instead.
+    Except LayerNorm into an INT4 GEMV: measured on the H100 (GPT-2 1.5B fc1, BENCHMARKS.md session 5),
+    the in-kernel LayerNorm costs the INT4 loop more (11-12 us) than a LayerNorm-quantize launch does
+    (5.6 + 3.6 us)."""
+    if backend != "pallas" or x2.shape[0] > 16 or (norm and w.spec.bits == 4):
         return False
     from pallas_kernels.int8_matmul_block_scaled import decode_weight
 
@@ -113,7 +116,7 @@ def tokens_matmul(
     first. The quantization is fused into the producer (LayerNorm) or, at decode sizes on Pallas, into the
     GEMM itself (see :func:`_in_kernel_quantize`). ``epilogue``: bias, activation, residual, out_dtype.
     """
-    if _in_kernel_quantize(x2, w, backend):
+    if _in_kernel_quantize(x2, w, backend, norm=norm is not None):
         from pallas_kernels.int8_matmul_block_scaled import quantize_matmul_qarray
 
         kw = {}
@@ -362,21 +365,15 @@ def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: st
     x2 = x.reshape(-1, d)
     w1, w2 = qp.weights[f"{path}/fc1"], qp.weights[f"{path}/fc2"]
     f32 = jnp.float32
-    if _in_kernel_quantize(x2, w1, backend) and _in_kernel_quantize(x2, w2, backend):
-        u = tokens_matmul(
-            x2,
-            w1,
-            backend=backend,
-            norm=_block_norm(module, p),
-            bias=_bias(p, "fc1"),
-            activation="gelu",
-            out_dtype=f32,
-        )
+    # fc2 quantizing its float input itself: fc1's epilogue then adds the bias and applies GELU.
+    fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
+    gelu = dict(bias=_bias(p, "fc1"), activation="gelu") if fc2_quantizes else {}
+    u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32, **gelu)
+    if fc2_quantizes:
         y = tokens_matmul(u, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
-        return y.reshape(*lead, d)
-    u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32)
-    aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
-    y = matmul_qarrays(aq, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
+    else:
+        aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
+        y = matmul_qarrays(aq, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
     return y.reshape(*lead, d)
 
 

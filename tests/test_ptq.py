@@ -296,9 +296,9 @@ def test_fused_branches_match_per_dense_path(gpt, monkeypatch):
 
 def test_fused_pallas_kernels_match_xla(monkeypatch):
     """The Pallas kernels (interpret mode on CPU) give the XLA path's numbers through the whole model. At
-    decode sizes (M = 8 tokens here) every GEMM quantizes its own input: no LayerNorm-quantize launch."""
+    decode sizes (M = 8 tokens here) the GEMMs quantize their own inputs, but an INT4 one after a
+    LayerNorm."""
     from pallas_kernels import int8_matmul_block_scaled as bs
-    from pallas_kernels import norm_quantize
 
     # d=48: ragged against every kernel block. (d=32 trips a K < block_k slicing bug in int8_matmul's
     # interpret mode, reported to the kernel owner.)
@@ -309,10 +309,10 @@ def test_fused_pallas_kernels_match_xla(monkeypatch):
     monkeypatch.setattr(
         bs, "quantize_matmul_qarray", lambda *a, **k: norms.append(k.get("norm")) or real(*a, **k)
     )
-    monkeypatch.setattr(norm_quantize, "layer_norm_quantize", None)  # would raise if called
     got = run_int8(model, qp, tokens[:1], backend="pallas")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
-    assert norms == ["layernorm", None, "layernorm", None, None]  # qkv, out, fc1, fc2, tied LM head
+    # qkv, out, fc2, tied LM head; fc1 (INT4) takes the LayerNorm-quantize kernel's codes (measured faster)
+    assert norms == ["layernorm", None, None, None]
 
 
 @pytest.mark.parametrize("name", ["static-w8a8", "w4/8-a8"])
