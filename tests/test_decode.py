@@ -149,8 +149,13 @@ def test_attention_block_decode_with_mask():
 )
 def test_quantized_cached_logits_match_full_sequence(name, scheme, backend):
     """The INT8 model through the fused interceptor: the same cache, the same integer math per row."""
-    if backend == "pallas":
-        pytest.importorskip("pallas_kernels.norm_quantize")
+    # The float attention island at full fp32 (a GPU's default TF32 dots differ by ~1e-3 between the
+    # cached and the full computation, which moves many INT8 roundings downstream: seen on the H100).
+    with jax.default_matmul_precision("highest"):
+        _check_quantized_cached_logits(name, scheme, backend)
+
+
+def _check_quantized_cached_logits(name, scheme, backend):
     model, tokens = build_model(_config(name), FP32), _tokens((B, L))
     qp = ptq.quantize_params(_params(name), ptq.scheme(scheme, int4_group=32))
     full = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t, backend=backend))(qp, tokens)
