@@ -8,7 +8,8 @@ forward that mirrors the model). Two levels, one interceptor (:func:`fused_inter
   one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias in the epilogue -> bias + GELU +
   quantization in one kernel (``gelu_quantize``) -> INT8/INT4 GEMM (dequant + bias in the epilogue);
   attention itself stays a float island. This mirrors the two branch bodies (small, tested against the
-  per-Dense path to 1e-5).
+  per-Dense path to 1e-5). At decode sizes (M <= 16) on Pallas the GEMVs quantize their float input
+  themselves (:func:`tokens_matmul`), and fc1's epilogue applies bias + GELU: fewer launches per token.
 * Any other Dense-like module whose path has a quantized weight (BERT, weight-only schemes, other
   models) has its ``__call__`` replaced by :func:`quantized_linear`: a one-pass per-token quantize kernel
   on its input, then the INT8 GEMM with the fused epilogue. A per-Dense hook cannot see the op that

@@ -11,6 +11,10 @@ then runs as :func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it
 With ``split_k=1`` the epilogue is fused into the kernel's store (one launch, which is what small layers
 want: at 124M a token is launch-bound).
 
+:func:`quantize_matmul_decode` is the same kernel fed float rows: it computes each row's per-token INT8 scale
+(after an optional LayerNorm / RMSNorm) itself and quantizes the K tiles as it streams the weights, so a
+decode token needs no separate quantize launch per GEMM (:class:`ActQuant`).
+
 b: (N, K) int8 or (N, int4_width(K)) uint8 INT4 (half-split layout, :func:`jq8.quant.pack_int4`).
 b's scales: per output column ((N,) / (1, N)), or
 ZeroQuant contraction groups ((N, G), a K group of ``b_group`` columns each): a group's int32 partial is
