@@ -234,50 +234,44 @@ def act_quant(m: int, k: int, *, norm: str | None, eps: float, has_gamma: bool, 
 
 
 def _token_scales(x_ref, g_ref, be_ref, q: ActQuant, m: int, interpret: bool):
-    """(mean, rstd, scale, inv) of the activation rows, each (q.rows, 1) fp32 (mean 0 / rstd 1 without a
+    """(mean, rstd, scale, inv) of the activation rows, each (q.rows, 1) fp32 (mean / rstd None without a
     norm); scale / inv: the per-token quantization scale of the (normalized) row and its reciprocal.
 
-    Whole rows in one tile (decode): x, gamma and beta are loaded up front, together, so the program waits
-    for one memory round trip, then reduces in registers (mean, centred variance, absmax: the two-pass
-    numerics of ``layer_norm_quantize``). Longer rows sweep K in chunks (Chan-merged statistics, then an
-    absmax pass).
+    Whole rows in one tile (decode): gamma and beta are loaded together with x, so the program waits for
+    one memory round trip, then reduces in registers (``norm_quantize._row_stats``: mean, centred variance;
+    then the absmax). Longer rows sweep K in chunks (Chan-merged statistics, then an absmax pass).
     """
     r = q.rows
     row_ok = (jnp.arange(r) < m)[:, None]
+    whole = q.chunk >= q.k
 
-    def cols_ok(c0):
-        return (c0 + jnp.arange(q.chunk))[None, :] < q.k
+    def mask_at(c0):
+        return row_ok & ((c0 + jnp.arange(q.chunk))[None, :] < q.k)
 
     def load_x(r0, c0):
         del r0
-        mask = row_ok & cols_ok(c0)
-        x = plgpu.load(x_ref.at[pl.ds(0, r), pl.ds(c0, q.chunk)], mask=mask, other=0.0)
-        return x.astype(jnp.float32), mask
+        x = plgpu.load(x_ref.at[pl.ds(0, r), pl.ds(c0, q.chunk)], mask=mask_at(c0), other=0.0)
+        return x.astype(jnp.float32), mask_at(c0)
 
-    rms = q.norm == "rmsnorm"
-    if q.chunk >= q.k:
-        x, mask = load_x(0, 0)
-        params = _norm_params(g_ref, be_ref, 0, q.chunk, q)
-        if q.norm is None:
-            mean, rstd, y = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32), x
-        else:
-            mean = jnp.zeros((r, 1), jnp.float32) if rms else jnp.sum(x, axis=1, keepdims=True) / q.k
-            xc = jnp.where(mask, x - mean, 0.0)
-            rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / q.k + q.eps)
-            y = jnp.where(mask, _normalize(x, mean, rstd, params), 0.0)
-        amax = tile_absmax(jnp.abs(y), 1, q.chunk)
+    params = _norm_params(g_ref, be_ref, 0, q.chunk, q) if whole else None  # issued before the reductions
+    mean = rstd = x_once = None
+    if q.norm is not None:
+        plan = BlockPlan(m, q.k, r, q.chunk, None if whole else 1)
+        mean, rstd, x_once = _row_stats(load_x, plan, 0, eps=q.eps, rms=q.norm == "rmsnorm")
+
+    def absmax(x, mask, params):
+        y = _normalize(x, mean, rstd, params)
+        return tile_absmax(jnp.abs(jnp.where(mask, y, 0.0)), 1, q.chunk)  # padding must not raise it
+
+    if whole:
+        x = load_x(0, 0)[0] if x_once is None else x_once  # the statistics already loaded the row
+        amax = absmax(x, mask_at(0), params)
     else:
-        if q.norm is None:
-            mean, rstd = jnp.zeros((r, 1), jnp.float32), jnp.ones((r, 1), jnp.float32)
-        else:
-            plan = BlockPlan(m, q.k, r, q.chunk, 1)
-            mean, rstd, _ = _row_stats(load_x, plan, 0, eps=q.eps, rms=rms)
 
         def body(i, amax):
             c0 = i * q.chunk
             x, mask = load_x(0, c0)
-            y = _normalize(x, mean, rstd, _norm_params(g_ref, be_ref, c0, q.chunk, q))
-            return nan_max(amax, tile_absmax(jnp.abs(jnp.where(mask, y, 0.0)), 1, q.chunk))
+            return nan_max(amax, absmax(x, mask, _norm_params(g_ref, be_ref, c0, q.chunk, q)))
 
         amax = lax.fori_loop(0, cdiv(q.k, q.chunk), body, jnp.zeros((r, 1), jnp.float32))
     scale = scale_from_absmax(amax)
@@ -299,10 +293,10 @@ def _norm_params(g_ref, be_ref, c0, width: int, q: ActQuant):
 
 
 def _normalize(x, mean, rstd, params):
-    """(x - mean) * rstd * gamma + beta of a (rows, width) tile (x unchanged when ``params`` is None)."""
-    gamma, beta = params
+    """(x - mean) * rstd * gamma + beta of a (rows, width) tile (x unchanged without a norm: mean None)."""
     if mean is None:
         return x
+    gamma, beta = params
     y = (x - mean) * rstd
     if gamma is not None:
         y = y * gamma
@@ -318,8 +312,6 @@ def _code_loader(x_ref, g_ref, be_ref, q: ActQuant, stats, a_rows, k_padded: boo
     the 16 rows of the dot (its other rows are never stored), not computed 16 times over masked rows.
     """
     mean, rstd, _, inv = stats
-    if q.norm is None:
-        mean = None
     r = q.rows
 
     def load(k0, width, k_hi=None):
