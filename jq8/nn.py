@@ -108,7 +108,9 @@ def _check_choice(label: str, value: str, choices: tuple[str, ...]) -> None:
 class MlpBlock(nn.Module):
     """Pre-norm MLP residual branch: fc2(act(fc1(norm(x)))), dropout on the output.
 
-    x: (..., D) fp32 residual stream -> (..., D) fp32 branch output (the caller adds it to x).
+    x: (..., D) fp32 residual stream -> (..., D) fp32 branch output. ``residual`` (same shape, optional):
+    returned as residual + branch instead, so an INT8 inference path can add it in its last GEMM's epilogue
+    (``jq8.ptq_infer``); the float and training paths add it after the dropout, as the caller would.
     activation "gelu" (exact erf) or "swiglu" (u * silu(gate), u = fc1); norm "layernorm" or "rmsnorm".
     use_bias: None means True for gelu and False for swiglu (LLaMA style).
     """
@@ -122,7 +124,9 @@ class MlpBlock(nn.Module):
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, residual: jax.Array | None = None
+    ) -> jax.Array:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("norm", self.norm, NORMS)
         d, rms = x.shape[-1], self.norm == "rmsnorm"
@@ -143,7 +147,12 @@ class MlpBlock(nn.Module):
             h = norm(x)
             y = fc2(activation_reference(fc1(h), None if gate is None else gate(h), self.activation))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        return y.astype(F32)
+        return _add_residual(y, residual)
+
+
+def _add_residual(y: jax.Array, residual: jax.Array | None) -> jax.Array:
+    """The branch output in fp32, plus the residual stream when the caller passed it."""
+    return y.astype(F32) if residual is None else residual.astype(F32) + y.astype(F32)
 
 
 def _as_dict(kb: tuple[jax.Array, jax.Array | None]) -> dict[str, jax.Array]:
@@ -201,7 +210,8 @@ def attention_implementation(choice: str, dtype, head_dim: int, *, masked: bool,
 class AttentionBlock(nn.Module):
     """Pre-norm self-attention residual branch: out(attn(qkv(norm(x)))), dropout on the output.
 
-    x: (B, T, D) fp32 -> (B, T, D) fp32. qkv is one Dense (D, 3D) laid out [q | k | v], heads contiguous.
+    x: (B, T, D) fp32 -> (B, T, D) fp32 (plus ``residual`` when given, as in :class:`MlpBlock`). qkv is
+    one Dense (D, 3D) laid out [q | k | v], heads contiguous.
     The attention core (:meth:`attend`: rotary, KV cache, softmax(QK^T / sqrt(Dh)) V, causal if ``causal``)
     is a high-precision island in the compute dtype (``jax.nn.dot_product_attention``; ``implementation``
     picks XLA or cuDNN flash attention, see :func:`attention_implementation`). mask: optional
@@ -237,6 +247,7 @@ class AttentionBlock(nn.Module):
         deterministic: bool = True,
         mask: jax.Array | None = None,
         decode: bool = False,
+        residual: jax.Array | None = None,
     ) -> jax.Array:
         _check_choice("norm", self.norm, NORMS)
         if x.ndim != 3:
@@ -261,7 +272,7 @@ class AttentionBlock(nn.Module):
         o = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode)
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        return y.astype(F32)
+        return _add_residual(y, residual)
 
     def attend(
         self,

@@ -356,30 +356,46 @@ def _block_norm(module, p: Mapping[str, Any]) -> dict[str, Any]:
     return dict(gamma=norm["scale"], beta=norm.get("bias"), eps=module.eps, rms=module.norm == "rmsnorm")
 
 
-def _fused_mlp(module, qp: QuantizedParams, path: str, x: jax.Array, backend: str) -> jax.Array:
+def _fused_mlp(
+    module, qp: QuantizedParams, path: str, x: jax.Array, backend: str, residual: jax.Array | None = None
+) -> jax.Array:
     """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2.
 
     At decode sizes on Pallas the quantizations run inside the GEMMs instead, and fc1's epilogue adds the
-    bias and applies GELU (see :func:`tokens_matmul`)."""
+    bias and applies GELU (see :func:`tokens_matmul`). ``residual`` is added in fc2's epilogue (at decode
+    sizes the split-K GEMV sums into it in place: one launch for GEMV, bias and residual add)."""
     p = module.variables["params"]
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
     w1, w2 = qp.weights[f"{path}/fc1"], qp.weights[f"{path}/fc2"]
     f32 = jnp.float32
+    res = dict(bias=_bias(p, "fc2"), residual=_rows(residual, d), out_dtype=f32)
     # fc2 quantizing its float input itself: fc1's epilogue then adds the bias and applies GELU.
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
     gelu = dict(bias=_bias(p, "fc1"), activation="gelu") if fc2_quantizes else {}
     u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32, **gelu)
     if fc2_quantizes:
-        y = tokens_matmul(u, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
+        y = tokens_matmul(u, w2, backend=backend, **res)
     else:
         aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
-        y = matmul_qarrays(aq, w2, backend=backend, bias=_bias(p, "fc2"), out_dtype=f32)
+        y = matmul_qarrays(aq, w2, backend=backend, **res)
     return y.reshape(*lead, d)
 
 
+def _rows(residual: jax.Array | None, d: int) -> jax.Array | None:
+    """The residual stream as the (tokens, d) fp32 rows a GEMM epilogue adds (None stays None)."""
+    return None if residual is None else residual.reshape(-1, d).astype(jnp.float32)
+
+
 def _fused_attention(
-    module, qp: QuantizedParams, path: str, x: jax.Array, mask, backend: str, decode: bool = False
+    module,
+    qp: QuantizedParams,
+    path: str,
+    x: jax.Array,
+    mask,
+    backend: str,
+    decode: bool = False,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
     """jq8.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
     -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous); the float core
@@ -399,9 +415,9 @@ def _fused_attention(
     )
     qkv = qkv.reshape(b, t, 3, h, d // h)
     o = module.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode).reshape(b * t, d)
-    y = tokens_matmul(
-        o, qp.weights[f"{path}/out"], backend=backend, bias=_bias(p, "out"), out_dtype=jnp.float32
-    )
+    out = qp.weights[f"{path}/out"]
+    res = _rows(residual, d)
+    y = tokens_matmul(o, out, backend=backend, bias=_bias(p, "out"), residual=res, out_dtype=jnp.float32)
     return y.reshape(b, t, d)
 
 
@@ -426,12 +442,15 @@ def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callab
             inference = deterministic is True or mod.dropout_rate == 0.0
             if isinstance(mod, MlpBlock) and mod.activation == "gelu" and inference:
                 if _token_rules(rules, path, ("fc1", "fc2")):
-                    return _fused_mlp(mod, qp, path, args[0], backend)
+                    residual = kwargs.get("residual", args[2] if len(args) > 2 else None)
+                    return _fused_mlp(mod, qp, path, args[0], backend, residual)
             if isinstance(mod, AttentionBlock) and inference and args[0].ndim == 3:
                 if _token_rules(rules, path, ("qkv", "out")):
                     mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
                     decode = kwargs.get("decode", args[3] if len(args) > 3 else False)
-                    return _fused_attention(mod, qp, path, args[0], mask, backend, decode)
+                    residual = kwargs.get("residual", args[4] if len(args) > 4 else None)
+                    x = args[0]
+                    return _fused_attention(mod, qp, path, x, mask, backend, decode=decode, residual=residual)
         return per_dense(next_fun, args, kwargs, context)
 
     return interceptor

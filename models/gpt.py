@@ -59,8 +59,9 @@ class DecoderBlock(nn.Module):
             dropout_rate=c.dropout_rate,
             name="mlp",
         )
-        x = x + attn(x, deterministic=deterministic, decode=decode).astype(jnp.float32)
-        return x + mlp(x, deterministic=deterministic).astype(jnp.float32)
+        # the branches add the residual themselves: the INT8 inference path folds it into a GEMM epilogue
+        x = attn(x, deterministic=deterministic, decode=decode, residual=x)
+        return mlp(x, deterministic=deterministic, residual=x)
 
 
 def decoder_stack(

@@ -5,9 +5,11 @@
 At batch-1 decode every GEMM is a GEMV: the time is the weight bytes over the bandwidth the running programs
 can pull, so what matters is how many programs stream B at once, not the tensor-core tile. The M rows are one
 16-row tile (Triton's smallest dot), N is cut into narrow tiles (32-128 columns), and when that still leaves
-too few programs (N = 768 gives 24 tiles of 32 for 132 SMs) K is cut into ``split_k`` chunks whose partial
-sums (S, M, N) are reduced by XLA, where the epilogue (scales, bias, activation, residual, requantization)
-then runs as :func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it with the reduction).
+too few programs (N = 768 gives 24 tiles of 32 for 132 SMs) K is cut into ``split_k`` chunks. With a
+linear float32 epilogue (scales, bias, residual: the projections that feed the residual stream) each split
+adds its scaled partial atomically into the output, which starts as the residual: one launch. Otherwise the
+partial sums (S, M, N) are reduced by XLA, where the epilogue (activation, requantization) then runs as
+:func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it with the reduction).
 With ``split_k=1`` the epilogue is fused into the kernel's store (one launch, which is what small layers
 want: at 124M a token is launch-bound).
 
@@ -355,6 +357,8 @@ class _Plan:
     units: int = 0
     units_per_split: int = 0
     act: ActQuant | None = None  # float activations quantized in the kernel (a_ref holds x)
+    atomic: bool = False  # split-K partials scaled and added atomically into the f32 output (see _atomic_add)
+    has_bias: bool = False  # atomic: split 0 adds the bias
 
 
 def _int4_loop(acc, a_ref, b_ref, sg_ref, p: _Plan, *, s, col0, a_rows, col_ok, load_a=None):
@@ -427,10 +431,14 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     q = p.act
     g_ref = rest.pop(0) if q is not None and q.has_gamma else None
     be_ref = rest.pop(0) if q is not None and q.has_beta else None
-    if p.fused:
+    if p.fused or p.atomic:
         sa_ref = rest.pop(0) if p.scaled_a and q is None else None
         sb_ref = rest.pop(0) if p.scaled_b else None
+    if p.fused:
         epi_refs, out_refs = rest[: epi.num_inputs], rest[epi.num_inputs :]
+    elif p.atomic:
+        bias_ref = rest.pop(0) if p.has_bias else None
+        out_refs = rest[1:]  # rest[0]: the initial output (residual or zeros), aliased to out_refs[0]
     else:
         out_refs = rest
     bm, bn, bk = BLOCK_M, p.bn, p.bk
@@ -499,6 +507,13 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     mask = _and_masks(
         None if a_rows is None else a_rows[:, None], None if col_ok is None else col_ok[None, :]
     )
+    if p.atomic:  # this split's scaled partial (split 0: + bias) added into the output in place
+        y = _scale_rows_cols(acc, stats, sa_ref, sb_ref, p, col0)
+        if bias_ref is not None:
+            bias = load_vector(bias_ref, col0, bn, p.n if p.n % bn else None)
+            y = y + jnp.where(s == 0, bias, 0.0)[None, :]
+        _atomic_add(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], y, mask, interpret)
+        return
     if not p.fused:  # (S, M, N) partial sums, reduced (and the epilogue applied) by XLA
         _store(out_refs[0].at[s, pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
         if q is not None:  # the token scales, for that epilogue: every program has them, the first writes
@@ -511,14 +526,30 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     if not (p.grouped or p.scaled_a or p.scaled_b):  # raw int32 product
         _store(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
         return
-    y = acc.astype(jnp.float32)
-    if q is not None:
-        y = y * jnp.broadcast_to(stats[2], (bm, 1))
-    elif p.scaled_a:
-        y = y * load_vector(sa_ref, 0, bm, p.m if p.m % bm else None)[:, None]
-    if p.scaled_b:
-        y = y * load_vector(sb_ref, col0, bn, p.n if p.n % bn else None)[None, :]
+    y = _scale_rows_cols(acc, stats, sa_ref, sb_ref, p, col0)
     store_epilogue(y, epi_refs, out_refs, epi=epi, row0=0, col0=col0, bm=bm, bn=bn, m=p.m, n=p.n)
+
+
+def _scale_rows_cols(acc, stats, sa_ref, sb_ref, p: _Plan, col0):
+    """The (BLOCK_M, bn) product in f32 times the token scales (in-kernel or given) and per-column scales."""
+    y = acc.astype(jnp.float32)
+    if stats is not None:
+        y = y * jnp.broadcast_to(stats[2], (BLOCK_M, 1))
+    elif p.scaled_a:
+        y = y * load_vector(sa_ref, 0, BLOCK_M, p.m if p.m % BLOCK_M else None)[:, None]
+    if p.scaled_b:
+        y = y * load_vector(sb_ref, col0, p.bn, p.n if p.n % p.bn else None)[None, :]
+    return y
+
+
+def _atomic_add(view, value, mask, interpret: bool) -> None:
+    """view += value where mask: an f32 atomic add on the GPU (split-K programs of one tile race). Interpret
+    mode runs the programs one at a time, and its atomic rule takes no mask: a masked load + store."""
+    if interpret:
+        old = view[...] if mask is None else plgpu.load(view, mask=mask, other=0.0)
+        _store(view, old + value, mask)
+    else:
+        plgpu.atomic_add(view, (), value, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
@@ -537,7 +568,8 @@ def _fusable(out_spec: QuantSpec | None, m: int, n: int, bn: int) -> bool:
     return out_spec.tile[1] != -1 and _is_pow2(tm) and _is_pow2(tn) and BLOCK_M % tm == 0 and bn % tn == 0
 
 
-_STATIC = ("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "interpret")
+_STATIC = ("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "split_sum", "interpret")
+SPLIT_SUMS = ("auto", "atomic", "xla")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -555,6 +587,7 @@ def int8_matmul_decode(
     b_bits: int = 8,
     b_group: int | None = None,
     config: DecodeConfig | None = None,
+    split_sum: str = "auto",
     interpret: bool | None = None,
 ) -> jax.Array | QArray:
     """Decode GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual`` for M <= 16.
@@ -565,6 +598,11 @@ def int8_matmul_decode(
     contraction groups of ``b_group`` K columns (inferred as a power of two when None; a multiple of 32).
     Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul` (raw int32
     when both scales are None). ``config=None`` picks :func:`decode_config`.
+    split_sum: how split-K partials are summed. "atomic": each program adds its scaled partial into the
+    f32 output, which starts as ``residual`` (or zeros), so the GEMV, bias and residual add are one launch
+    (float32 output, no activation / out_spec; the summation order varies between runs, at float32
+    rounding). "xla": partials (S, M, N), then an XLA reduction + epilogue (deterministic). "auto": atomic
+    where it applies.
     """
     if a.dtype != jnp.int8:
         raise TypeError(f"a must be int8, got {a.dtype}")
@@ -586,6 +624,7 @@ def int8_matmul_decode(
         b_bits=b_bits,
         b_group=b_group,
         config=config,
+        split_sum=split_sum,
         interpret=interpret,
     )
 
@@ -608,6 +647,7 @@ def quantize_matmul_decode(
     b_bits: int = 8,
     b_group: int | None = None,
     config: DecodeConfig | None = None,
+    split_sum: str = "auto",
     interpret: bool | None = None,
 ) -> jax.Array | QArray:
     """``act(Q(norm(x)) @ b.T * scales + bias) + residual`` for M <= 16, Q = per-token INT8 quantization
@@ -617,7 +657,7 @@ def quantize_matmul_decode(
     (K,) (either may be None) and ``eps``. b, b_scale (required), b_bits, b_group and the epilogue as in
     :func:`int8_matmul_decode`. Equals ``int8_matmul_decode(codes, b, scale, b_scale, ...)`` with
     ``codes, scale`` from ``layer_norm_quantize`` (or ``quantize_tiles`` without a norm) per row, up to the
-    fp32 summation order of the row statistics.
+    fp32 summation order of the row statistics. split_sum as in :func:`int8_matmul_decode`.
     """
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be (M, K) floating, got {x.shape} {x.dtype}")
@@ -646,6 +686,7 @@ def quantize_matmul_decode(
         b_bits=b_bits,
         b_group=b_group,
         config=config,
+        split_sum=split_sum,
         interpret=interpret,
     )
 
@@ -673,6 +714,7 @@ def _decode_matmul(
     b_bits,
     b_group,
     config,
+    split_sum,
     interpret,
 ):
     """Shared body of the two wrappers: a is int8 codes (act None) or float rows quantized in the kernel."""
@@ -742,6 +784,16 @@ def _decode_matmul(
         chunk = cdiv(cdiv(kp, split), unit) * unit
         split = cdiv(kp, chunk)  # every split non-empty
     fused = split == 1 and _fusable(out_spec, m, n, cfg.block_n)
+    if split_sum not in SPLIT_SUMS:
+        raise ValueError(f"split_sum must be one of {SPLIT_SUMS}, got {split_sum!r}")
+    linear = not raw and activation is None and out_spec is None and jnp.dtype(out_dtype) == jnp.float32
+    if split_sum == "atomic" and not linear:
+        raise ValueError(
+            "split_sum='atomic' adds the split-K partials into a float32 output in any order: it needs "
+            f"out_dtype=float32, no activation and no out_spec (got {jnp.dtype(out_dtype)}, {activation!r}, "
+            f"{out_spec}); use split_sum='xla'"
+        )
+    atomic = split > 1 and linear and split_sum != "xla"
     interp = resolve_interpret(interpret)
     scaled_a = a_scale is not None or act is not None
     plan = _Plan(
@@ -761,6 +813,8 @@ def _decode_matmul(
         cfg.unroll,
         **int4,
         act=act,
+        atomic=atomic,
+        has_bias=atomic and bias is not None,
     )
     inputs = [a, b]
     if grouped:
@@ -796,7 +850,6 @@ def _decode_matmul(
         out = call(kernel, out_shape=out_shape)(*inputs)
         return out if raw else wrap_output(out, m, n, epi, out_spec)
 
-    # Split-K: partial sums, then one XLA reduction + epilogue (exact int32 sums when b is per-column).
     make_epilogue(  # validates bias / residual shapes
         m,
         n,
@@ -808,15 +861,27 @@ def _decode_matmul(
         out_spec=None,
         interpret=interp,
     )
+    kernel = functools.partial(_decode_kernel, p=plan, epi=None, interpret=interp)
+    if atomic:  # split-K summed in place: the output starts as the residual (or zeros), one launch in all
+        if a_scale is not None:
+            inputs.append(jnp.asarray(a_scale, jnp.float32).reshape(m))
+        if plan.scaled_b:
+            inputs.append(jnp.asarray(b_scale, jnp.float32).reshape(n))
+        if bias is not None:
+            inputs.append(jnp.asarray(bias, jnp.float32).reshape(n))
+        init = jnp.zeros((m, n), jnp.float32) if residual is None else residual.astype(jnp.float32)
+        inputs.append(init.reshape(m, n))
+        out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+        return call(kernel, out_shape=out, input_output_aliases={len(inputs) - 1: 0})(*inputs)
+
+    # Split-K: partial sums, then one XLA reduction + epilogue (exact int32 sums when b is per-column).
     if out_spec is not None and (out_spec.bits != 8 or not out_spec.symmetric):
         raise NotImplementedError(f"requantization supports symmetric INT8 only, got {out_spec}")
     part_dtype = jnp.float32 if grouped else jnp.int32
     out_shape = [jax.ShapeDtypeStruct((split, m, n), part_dtype)]
     if act is not None:
         out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
-    outs = call(functools.partial(_decode_kernel, p=plan, epi=None, interpret=interp), out_shape=out_shape)(
-        *inputs
-    )
+    outs = call(kernel, out_shape=out_shape)(*inputs)
     acc = jnp.sum(outs[0], axis=0)
     if act is not None:
         a_scale = outs[1]

@@ -174,7 +174,8 @@ def test_quantized_decode_goes_through_fused_attention(monkeypatch):
     qp = ptq.quantize_params(_params("gpt", 2), ptq.scheme("w8a8"))
     seen = []
     orig = ptq_infer._fused_attention
-    monkeypatch.setattr(ptq_infer, "_fused_attention", lambda *a, **k: (seen.append(a[-1]), orig(*a, **k))[1])
+    spy = lambda *a, **k: (seen.append(k["decode"]), orig(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(ptq_infer, "_fused_attention", spy)
     cache = decode.init_cache(model, 1, 4)
     step = jax.jit(lambda q, t, c: decode.quantized_apply_fn(model, q)(t, c))
     _, cache = step(qp, jnp.array([[5, 6, 7]], jnp.int32), cache)

@@ -218,6 +218,66 @@ def test_matmul_qarrays_routes_grouped_decode(monkeypatch, bits):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
+# ------------------------------------------------------- split-K summed atomically into the residual
+
+
+def _pallas_calls(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
+@pytest.mark.parametrize(
+    "m,bits,group,cfg",
+    [
+        (1, 8, None, SPLIT3),
+        (3, 4, None, SPLIT3),
+        (16, 8, 64, SPLIT3),
+        (1, 4, 64, DecodeConfig(32, 128, split_k=2)),
+        (3, 4, 64, UNROLLED_SPLIT),
+    ],
+)
+def test_atomic_split_sum_matches_xla_reduction(m, bits, group, cfg):
+    """A linear f32 epilogue sums split-K in the kernel (one launch, the output aliasing the residual) and
+    equals the XLA-reduced partials, bias and residual included, codes and float inputs alike."""
+    a, _, b, sa, sb, bias, res = _operands(90 + m + bits, m, bits=bits)
+    scale = sb if group is None else jax.random.uniform(jax.random.key(m), (N, cdiv(K, group)), minval=1e-3)
+    kw = dict(bias=bias, residual=res, out_dtype=jnp.float32, b_bits=bits, b_group=group, config=cfg)
+    for x, fn, extra in (
+        (a, decode_module.int8_matmul_decode, (sa,)),
+        (_float_operands(m, m, N, K, bits, group)[0], decode_module.quantize_matmul_decode, ()),
+    ):
+        atomic = jax.jit(lambda x, r, fn=fn, extra=extra: fn(x, b, *extra, scale, **{**kw, "residual": r}))
+        xla = jax.jit(lambda x, r, fn=fn, extra=extra: fn(x, b, *extra, scale, **kw, split_sum="xla"))
+        got, want = atomic(x, res), xla(x, res)
+        _close(got, want, 1e-6)
+        assert not np.allclose(np.asarray(got), np.asarray(res))  # the product was added, not just copied
+        jaxpr = str(jax.make_jaxpr(atomic)(x, res))
+        assert jaxpr.count("pallas_call") == 1 and "reduce_sum" not in jaxpr
+
+
+def test_atomic_split_sum_without_residual_or_bias():
+    a, _, b, sa, sb, *_ = _operands(95, 2)
+    got = int8_matmul_decode(a, b, sa, sb, out_dtype=jnp.float32, config=SPLIT3, split_sum="atomic")
+    _close(got, int8_matmul_reference(a, b, sa, sb, out_dtype=jnp.float32), 1e-6)
+
+
+def test_split_sum_errors_and_auto_choice():
+    a, _, b, sa, sb, bias, res = _operands(96, 2)
+    with pytest.raises(ValueError, match="split_sum must be"):
+        int8_matmul_decode(a, b, sa, sb, out_dtype=jnp.float32, config=SPLIT3, split_sum="tree")
+    with pytest.raises(ValueError, match="split_sum='atomic'"):
+        int8_matmul_decode(
+            a, b, sa, sb, activation="gelu", out_dtype=jnp.float32, config=SPLIT3, split_sum="atomic"
+        )
+    with pytest.raises(ValueError, match="split_sum='atomic'"):
+        int8_matmul_decode(a, b, sa, sb, out_dtype=jnp.bfloat16, config=SPLIT3, split_sum="atomic")
+    # auto: atomic for a linear f32 epilogue, the XLA reduction for a nonlinear or bf16 one
+    linear = lambda a: int8_matmul_decode(
+        a, b, sa, sb, bias=bias, residual=res, out_dtype=jnp.float32, config=SPLIT3
+    )  # noqa: E731
+    gelu = lambda a: int8_matmul_decode(a, b, sa, sb, activation="gelu", out_dtype=jnp.float32, config=SPLIT3)  # noqa: E731
+    assert "reduce_sum" not in str(jax.make_jaxpr(linear)(a)) and "reduce_sum" in str(jax.make_jaxpr(gelu)(a))
+
+
 # ------------------------------------------------------- per-token quantization inside the kernel
 
 

@@ -305,14 +305,19 @@ def test_fused_pallas_kernels_match_xla(monkeypatch):
     model, params, tokens = tiny_gpt(layers=1, d=48, heads=2, vocab=101, seq=8, seed=4)
     qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32))
     ref = run_int8(model, qp, tokens[:1], backend="xla")
-    norms, real = [], bs.quantize_matmul_qarray
-    monkeypatch.setattr(
-        bs, "quantize_matmul_qarray", lambda *a, **k: norms.append(k.get("norm")) or real(*a, **k)
-    )
+    norms, residuals, real = [], [], bs.quantize_matmul_qarray
+
+    def spy(*a, **k):
+        norms.append(k.get("norm"))
+        residuals.append(k.get("residual") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bs, "quantize_matmul_qarray", spy)
     got = run_int8(model, qp, tokens[:1], backend="pallas")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
     # qkv, out, fc2, tied LM head; fc1 (INT4) takes the LayerNorm-quantize kernel's codes (measured faster)
     assert norms == ["layernorm", None, None, None]
+    assert residuals == [False, True, True, False]  # out and fc2 add the residual stream in their epilogue
 
 
 @pytest.mark.parametrize("name", ["static-w8a8", "w4/8-a8"])

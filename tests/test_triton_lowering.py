@@ -86,6 +86,25 @@ def test_quantize_decode_kernel_lowers(bits, m, k, group, norm, cfg):
     )
 
 
+@pytest.mark.parametrize("bits,group,quantize_input", [(8, None, False), (4, 64, True), (8, 128, True)])
+def test_decode_atomic_split_sum_lowers(bits, group, quantize_input):
+    """Split-K summed by masked f32 atomics into the aliased residual (interpret mode: a load + store)."""
+    m, k, n = 1, 768, 96
+    w = _int8(1, (n, k), -8, 8)
+    b = pack_int4(w) if bits == 4 else w
+    sb = jnp.ones((n, cdiv(k, group)) if group else (1, n), jnp.float32)
+    kw = dict(b_bits=bits, b_group=group, config=DecodeConfig(32, 128, 3), split_sum="atomic")
+    kw.update(out_dtype=jnp.float32, interpret=False)
+    res, bias = jnp.ones((m, n), jnp.float32), jnp.ones((n,), jnp.float32)
+    if quantize_input:
+        fn = lambda x, b, sb, r, c: quantize_matmul_decode(x, b, sb, bias=c, residual=r, **kw)  # noqa: E731
+        x = jax.random.normal(jax.random.key(6), (m, k))
+    else:
+        fn = lambda x, b, sb, r, c: int8_matmul_decode(x, b, jnp.ones((m, 1)), sb, bias=c, residual=r, **kw)  # noqa: E731
+        x = _int8(0, (m, k))
+    _lowers(fn, x, b, sb, res, bias)
+
+
 @pytest.mark.parametrize("k", [201, 512])
 def test_int4_gemm_lowers(k):
     a, w = _int8(2, (70, k)), _int8(3, (96, k), -8, 8)
