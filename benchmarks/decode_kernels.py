@@ -45,9 +45,12 @@ def candidates(n: int, k: int, bits: int, group: int | None) -> list[dec.DecodeC
     return out
 
 
-def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False, act: str | None = None) -> dict:
+def bench_case(
+    bits: int, n: int, k: int, args, per_channel: bool = False, act: str | None = None, residual: bool = False
+) -> dict:
     """act None: INT8 codes in (``int8_matmul_decode``); "q" / "ln": float rows quantized (after a
-    LayerNorm) inside the kernel (``quantize_matmul_decode``)."""
+    LayerNorm) inside the kernel (``quantize_matmul_decode``). residual: the out-proj / fc2 epilogue of the
+    PTQ model (f32 out, + bias, + the residual stream threaded through the loop; split-K sums into it)."""
     group = args.int4_group if bits == 4 and not per_channel else None
     nbytes = n * k * bits // 8
     ws = autotune.decode_weights(n, k, b_bits=bits, b_group=group)
@@ -64,19 +67,24 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False, act: 
     ]
     loop = dict(reps=args.reps, iters=args.iters)
     t_bf16 = autotune.time_in_loop(lambda x, w: x.astype(jnp.bfloat16) @ w, a, ws_bf16, **loop)
+    epi = {}
+    if residual:
+        loop["residual"] = jax.random.normal(jax.random.key(98), (1, n), jnp.float32)
+        epi = dict(bias=jnp.ones((n,), jnp.float32), out_dtype=jnp.float32)
     row = dict(
         bits=bits,
         n=n,
         k=k,
         group=group,
         act=act,
+        residual=residual,
         weight_mb=nbytes / 1e6,
         xla_bf16_us=t_bf16 * 1e6,
         bf16_gb_s=2 * n * k / t_bf16 / 1e9,
         configs=[],
     )
     print(
-        f"\n== int{bits}{act or ''} {n}x{k} (group {group}): {nbytes / 1e6:.2f} MB; "
+        f"\n== int{bits}{act or ''}{'r' if residual else ''} {n}x{k} (group {group}): {nbytes / 1e6:.2f} MB; "
         f"XLA bf16 {t_bf16 * 1e6:.2f} us "
         f"({row['bf16_gb_s']:.0f} GB/s)",
         flush=True,
@@ -84,10 +92,13 @@ def bench_case(bits: int, n: int, k: int, args, per_channel: bool = False, act: 
     best = None
     for cfg in candidates(n, k, bits, group):
 
-        def call(x, w, cfg=cfg):
+        def call(x, w, r=None, cfg=cfg):
+            kw = dict(b_bits=bits, b_group=group, config=cfg, **epi)
+            if residual:
+                kw["residual"] = r
             if act is None:
-                return dec.int8_matmul_decode(x, w[0], sa, w[1], b_bits=bits, b_group=group, config=cfg)
-            return dec.quantize_matmul_decode(x, w[0], w[1], **norm, b_bits=bits, b_group=group, config=cfg)
+                return dec.int8_matmul_decode(x, w[0], sa, w[1], **kw)
+            return dec.quantize_matmul_decode(x, w[0], w[1], **norm, **kw)
 
         try:
             t = autotune.time_in_loop(call, a, ws, **loop)
@@ -117,7 +128,8 @@ def main() -> None:
         "--cases",
         default=CASES_1P5B,
         help="comma-separated bits:NxK: bits 8 or 4, then c (INT4 per-channel) and/or q / ln (float input "
-        "quantized, after a LayerNorm for ln, inside the kernel), e.g. 4ln:6400x1600",
+        "quantized, after a LayerNorm for ln, inside the kernel), then r (f32 out + bias + a residual "
+        "stream: the out-proj / fc2 epilogue), e.g. 4ln:6400x1600,4qr:1600x6400",
     )
     ap.add_argument("--int4-group", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
@@ -137,9 +149,11 @@ def main() -> None:
             continue
         kind, shape = case.split(":")
         n, k = (int(v) for v in shape.lower().split("x"))
+        residual, kind = kind.endswith("r"), kind.removesuffix("r")
         act = "ln" if kind.endswith("ln") else ("q" if kind.endswith("q") else None)
         kind = kind.removesuffix("ln").removesuffix("q")
-        rows.append(bench_case(int(kind.rstrip("c")), n, k, args, per_channel=kind.endswith("c"), act=act))
+        bits = int(kind.rstrip("c"))
+        rows.append(bench_case(bits, n, k, args, per_channel=kind.endswith("c"), act=act, residual=residual))
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -121,32 +121,40 @@ def time_fn(fn: Callable[[], object], *, iters: int = 10, warmup: int = 2) -> fl
     return statistics.median(ts)
 
 
-def time_in_loop(call: Callable, a, weights: Sequence, *, reps: int = 10, iters: int = 5) -> float:
+def time_in_loop(
+    call: Callable, a, weights: Sequence, *, reps: int = 10, iters: int = 5, residual=None
+) -> float:
     """Device seconds per ``call(a, w)`` for kernels too short to time one call at a time (decode GEMVs).
 
     One jitted ``lax.fori_loop`` runs ``reps`` rounds of ``call(a, w)`` for every ``w`` in ``weights`` (give
     enough distinct weights to overflow L2: decode streams each layer's weights from HBM). Host dispatch is
     paid once per loop, not once per call; the loop's own cost (a body without the calls) is subtracted.
     ``a`` is rewritten from the results each round, so XLA cannot hoist the calls out of the loop.
+    residual: an (M, N) array threaded through the calls as a decoder's residual stream is:
+    ``call(a, w, r)`` returns the next ``r`` (a GEMV that adds into it in place needs no copy of it).
     """
     import jax.numpy as jnp
 
     def looped(with_calls: bool):
-        def run(x, ws):
+        def run(x, ws, r):
             def body(_, carry):
-                x, acc = carry
+                x, acc, r = carry
                 for w in ws:
-                    y = call(x, w) if with_calls else x
+                    if residual is None:
+                        y = call(x, w) if with_calls else x
+                    else:
+                        y = r = call(x, w, r) if with_calls else r
                     acc = acc + jnp.ravel(y)[0].astype(jnp.float32)
-                return jnp.where(acc > 3e38, x + 1, x), acc
+                return jnp.where(acc > 3e38, x + 1, x), acc, r
 
-            return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0)))
+            return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0), r))
 
         return jax.jit(run)
 
+    r0 = jnp.float32(0) if residual is None else residual
     full, empty = looped(True), looped(False)
-    t_full = time_fn(lambda: full(a, list(weights)), iters=iters)
-    t_empty = time_fn(lambda: empty(a, list(weights)), iters=iters)
+    t_full = time_fn(lambda: full(a, list(weights), r0), iters=iters)
+    t_empty = time_fn(lambda: empty(a, list(weights), r0), iters=iters)
     return max(t_full - t_empty, 0.0) / (reps * len(weights))
 
 
