@@ -548,8 +548,8 @@ def _atomic_add(view, value, mask, interpret: bool) -> None:
     if interpret:
         old = view[...] if mask is None else plgpu.load(view, mask=mask, other=0.0)
         _store(view, old + value, mask)
-    else:
-        plgpu.atomic_add(view, (), value, mask=mask)
+    else:  # Triton's atomic_rmw wants the mask in the value's shape (a store broadcasts it)
+        plgpu.atomic_add(view, (), value, mask=None if mask is None else jnp.broadcast_to(mask, value.shape))
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
