@@ -142,9 +142,9 @@ def time_in_loop(
                 for w in ws:
                     if residual is None:
                         y = call(x, w) if with_calls else x
-                    else:
-                        y = r = call(x, w, r) if with_calls else r
-                    acc = acc + jnp.ravel(y)[0].astype(jnp.float32)
+                        acc = acc + jnp.ravel(y)[0].astype(jnp.float32)
+                    elif with_calls:  # r, live through the loop, has no other reader: nothing copies it
+                        r = call(x, w, r)
                 return jnp.where(acc > 3e38, x + 1, x), acc, r
 
             return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0), r))

@@ -512,7 +512,12 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
         if bias_ref is not None:
             bias = load_vector(bias_ref, col0, bn, p.n if p.n % bn else None)
             y = y + jnp.where(s == 0, bias, 0.0)[None, :]
-        _atomic_add(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], y, mask, interpret)
+        if p.m == 1:  # one row: bn atomics, not 16 x bn mostly masked ones
+            y = jnp.sum(jnp.where((jnp.arange(bm) == 0)[:, None], y, 0.0), axis=0, keepdims=True)
+            ok = None if col_ok is None else col_ok[None, :]
+            _atomic_add(out_refs[0].at[pl.ds(0, 1), pl.ds(col0, bn)], y, ok, interpret)
+        else:
+            _atomic_add(out_refs[0].at[pl.ds(0, bm), pl.ds(col0, bn)], y, mask, interpret)
         return
     if not p.fused:  # (S, M, N) partial sums, reduced (and the epilogue applied) by XLA
         _store(out_refs[0].at[s, pl.ds(0, bm), pl.ds(col0, bn)], acc, mask)
