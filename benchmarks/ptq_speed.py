@@ -124,7 +124,7 @@ def head_label(qp) -> str | None:
 
 
 def bench_preset(name: str, args, prefill: bool) -> dict:
-    base = preset(name)
+    base = dataclasses.replace(preset(name), attention=args.attention)
     cfg = dataclasses.replace(base, max_seq_len=max(args.seq, base.max_seq_len)) if prefill else base
     model = build_model(cfg, Policy.from_name("bf16"))  # bf16 compute, float params
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -134,7 +134,8 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
     tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq), 0, cfg.vocab_size)
     one = tokens[:1, :1]
     dev = jax.devices()[0].device_kind
-    print(f"\n== {name}: {n_params / 1e6:.0f}M params, device {dev}, iters {iters}", flush=True)
+    head = f"{n_params / 1e6:.0f}M params, device {dev}, iters {iters}, attention {cfg.attention}"
+    print(f"\n== {name}: {head}", flush=True)
 
     def bf16_apply(p, t):
         with nn.intercept_methods(bf16_lm_head):
@@ -263,6 +264,12 @@ def main() -> None:
         "--big-iters", type=int, default=10, help=f"iters for presets over {BIG_PARAMS / 1e6:.0f}M"
     )
     ap.add_argument("--int4-group", type=int, default=128)
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        help="ModelConfig.attention for every model (auto: the Pallas decode kernel for one-token cached "
+        "calls on a GPU; xla: XLA's softmax attention there)",
+    )
     ap.add_argument("--kv-steps", type=int, default=64, help="KV-cache decode steps timed (0: skip)")
     ap.add_argument("--kv-prompt", type=int, default=32, help="prompt length before the timed decode steps")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt-tiny, batch 2 x 32, 2 iters")

@@ -178,19 +178,23 @@ def rotary(x: jax.Array, base: float = 10000.0, offset: jax.Array | int = 0) -> 
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def attention_implementation(choice: str, dtype, head_dim: int, *, masked: bool, decode: bool) -> str:
-    """The ``jax.nn.dot_product_attention`` implementation ("xla" or "cudnn") for a requested ``choice``.
+def attention_implementation(
+    choice: str, dtype, head_dim: int, *, masked: bool, decode: bool, one_token: bool = False
+) -> str:
+    """The attention implementation ("xla", "cudnn" or "pallas") for a requested ``choice``.
 
-    choice: "auto" | "xla" | "cudnn" (``ModelConfig.attention`` / ``AttentionBlock.implementation``).
+    choice: "auto" | "xla" | "cudnn" | "pallas" (``ModelConfig.attention`` / the block's ``implementation``).
     "auto" picks cuDNN flash attention (no T x T probabilities saved for the backward pass) when the
     default backend is a GPU, q/k/v are bf16 or fp16, head_dim % 8 == 0 and head_dim <= 128, there is no
     explicit mask and the call does not decode; otherwise XLA. "cudnn" needs a GPU (ValueError here,
-    instead of JAX's "cuDNN is not detected"). Cached decoding always runs XLA: its (T, cache length)
-    mask over a partly filled cache is not a flash-attention case, and a one-token query gains nothing.
+    instead of JAX's "cuDNN is not detected"). Cached decoding runs XLA (its (T, cache length) mask over a
+    partly filled cache is not a flash-attention case), except a one-token cached call without an explicit
+    mask and with a power-of-two head_dim: "auto" on a GPU and "pallas" anywhere take
+    :func:`pallas_kernels.decode_attention.decode_attention`, one launch where XLA's softmax takes four.
     """
     _check_choice("attention implementation", choice, ATTENTION_IMPLEMENTATIONS)
     gpu = jax.default_backend() == "gpu"
@@ -199,7 +203,10 @@ def attention_implementation(choice: str, dtype, head_dim: int, *, masked: bool,
             f"attention implementation 'cudnn' (ModelConfig.attention / AttentionBlock.implementation) needs "
             f"a GPU with cuDNN, but the default backend is {jax.default_backend()!r}; use 'auto' or 'xla'"
         )
-    if decode or choice == "xla":
+    kernel_fits = decode and one_token and not masked and head_dim & (head_dim - 1) == 0
+    if kernel_fits and (choice == "pallas" or (choice == "auto" and gpu)):
+        return "pallas"
+    if decode or choice in ("xla", "pallas"):
         return "xla"
     if choice == "cudnn":
         return "cudnn"
@@ -294,12 +301,21 @@ class AttentionBlock(nn.Module):
         if self.rotary:
             q, k = rotary(q, offset=offset), rotary(k, offset=offset)
         causal = self.causal
+        impl = attention_implementation(
+            self.implementation,
+            q.dtype,
+            q.shape[-1],
+            masked=mask is not None,
+            decode=cache is not None,
+            one_token=q.shape[1] == 1,
+        )
         if cache is not None:
             k, v, mask = _write_cache(cache, k, v, mask, causal=self.causal)
             causal = False  # the cache mask already holds the causal structure
-        impl = attention_implementation(
-            self.implementation, q.dtype, q.shape[-1], masked=mask is not None, decode=decode
-        )
+        if impl == "pallas":  # one query token: the keys before the advanced cache index are its mask
+            from pallas_kernels.decode_attention import decode_attention
+
+            return decode_attention(q[:, 0], k, v, cache[2].value)[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
 
     def _cache_variables(self, k: jax.Array, v: jax.Array) -> tuple | None:

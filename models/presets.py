@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 # jq8.nn.ATTENTION_IMPLEMENTATIONS (not imported: presets stay importable without pulling in JAX)
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +24,11 @@ class ModelConfig:
     max_seq_len: longest sequence (the size of GPT's position table; LLaMA only checks it).
     mlp_hidden: MLP width; 0 means 4 * d_model (gpt) or the LLaMA rule 2/3 * 4 * d_model rounded up to 64.
     remat: recompute each block in the backward pass (saves activation memory for the large presets).
-    attention: attention core implementation, "auto" | "xla" | "cudnn" (see
+    attention: attention core implementation, "auto" | "xla" | "cudnn" | "pallas" (see
       :func:`jq8.nn.attention_implementation`): "auto" = cuDNN flash attention on GPU for bf16/fp16
-      unmasked, non-decoding calls with head_dim % 8 == 0 and <= 128, else XLA. Configs saved before this
-      field existed load with the default (``from_dict`` fills missing fields).
+      unmasked, non-decoding calls with head_dim % 8 == 0 and <= 128, the Pallas decode kernel for
+      one-token cached calls on GPU, else XLA ("pallas": that kernel on any backend). Configs saved
+      before this field existed load with the default (``from_dict`` fills missing fields).
     """
 
     family: str = "gpt"

@@ -81,7 +81,8 @@ def _assert_close(got, ref, rel: float):
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 @pytest.mark.parametrize(
-    "policy,layers,rel", [(FP32, 2, 1e-5), (BF16, 1, 5e-3)], ids=["fp32-2layers-remat", "bf16-1layer"]
+    # bf16: on a GPU the full pass runs cuDNN attention and the cached calls XLA / Pallas (1e-2 of the max)
+    "policy,layers,rel", [(FP32, 2, 1e-5), (BF16, 1, 1e-2)], ids=["fp32-2layers-remat", "bf16-1layer"]
 )
 def test_cached_logits_match_full_sequence(name, policy, layers, rel):
     """Prefill in two chunks (3 + 4 tokens: causal inside a chunk at an offset, rotary from the cache
@@ -97,6 +98,19 @@ def test_cached_logits_match_full_sequence(name, policy, layers, rel):
         got, cache = _cached_logits(fn, params, cache, tokens, chunks=(3, 4))
     _assert_close(got, full, rel)
     assert set(_indices(cache)) == {L}  # every layer's index (and GPT's pos) advanced by L
+
+
+@pytest.mark.parametrize("name,policy,rel", [("gpt", FP32, 1e-5), ("llama", BF16, 5e-3)])
+def test_pallas_decode_attention_matches_full_sequence(name, policy, rel):
+    """attention="pallas": the one-token cached calls run the Pallas decode kernel (interpret mode here);
+    the chunks before them take XLA. Every position's logits vs the full pass."""
+    model = build_model(_config(name, attention="pallas"), policy)
+    params, tokens = _params(name), _tokens((B, L), seed=11)
+    with jax.default_matmul_precision("highest"):
+        full = jax.jit(model.apply)({"params": params}, tokens)
+        fn = partial(decode.float_apply_fn, model)
+        got, _ = _cached_logits(fn, params, decode.init_cache(model, B, MAX_LEN), tokens, chunks=(4,))
+    _assert_close(got, full, rel)
 
 
 def test_cache_created_by_init_matches_init_cache():
@@ -222,9 +236,10 @@ def test_generate_greedy_matches_full_rerun(name):
 def test_generate_greedy_quantized_matches_full_rerun():
     model, prompt = build_model(_config("llama"), FP32), _tokens((B, 4), seed=4)
     qp = ptq.quantize_params(_params("llama"), ptq.scheme("w8a8"))
-    ref = _greedy_reference(lambda q, t: ptq_infer.apply_quantized(model, q, t), qp, prompt, 5)
-    gen = jax.jit(lambda q, c, t: decode.generate(decode.quantized_apply_fn(model, q), c, t, steps=5))
-    np.testing.assert_array_equal(gen(qp, decode.init_cache(model, B, 8), prompt), ref)
+    with jax.default_matmul_precision("highest"):  # a GPU's TF32 float attention flips near-tied argmaxes
+        ref = _greedy_reference(lambda q, t: ptq_infer.apply_quantized(model, q, t), qp, prompt, 5)
+        gen = jax.jit(lambda q, c, t: decode.generate(decode.quantized_apply_fn(model, q), c, t, steps=5))
+        np.testing.assert_array_equal(gen(qp, decode.init_cache(model, B, 8), prompt), ref)
 
 
 def test_generate_top_k_samples_within_top_k():
@@ -314,8 +329,10 @@ def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
     """The decision table of "auto" as if on a GPU (nothing runs there: only the choice is checked)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
-    def pick(choice="auto", dtype=jnp.bfloat16, head_dim=64, masked=False, decode=False):
-        return attention_implementation(choice, dtype, head_dim, masked=masked, decode=decode)
+    def pick(choice="auto", dtype=jnp.bfloat16, head_dim=64, masked=False, decode=False, one_token=False):
+        return attention_implementation(
+            choice, dtype, head_dim, masked=masked, decode=decode, one_token=one_token
+        )
 
     assert pick() == "cudnn" and pick(dtype=jnp.float16, head_dim=128) == "cudnn"
     assert pick(dtype=jnp.float32) == "xla"
@@ -323,5 +340,12 @@ def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
     assert pick(masked=True) == "xla" and pick(decode=True) == "xla"
     assert pick("xla") == "xla" and pick("cudnn", dtype=jnp.float32) == "cudnn"  # explicit wins
     assert pick("cudnn", decode=True) == "xla"  # the cached path is always XLA
+    # one-token cached calls: the Pallas decode kernel, unless masked, a chunk, or head_dim not a power of 2
+    tok = dict(decode=True, one_token=True)
+    assert pick(**tok) == "pallas" and pick("pallas", **tok) == "pallas"
+    assert pick(**tok, masked=True) == "xla" and pick(decode=True, one_token=False) == "xla"
+    assert pick(**tok, head_dim=48) == "xla" and pick("xla", **tok) == "xla"
+    assert pick("pallas") == "xla"  # "pallas" only covers the one-token cached call
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert pick() == "xla"
+    assert pick() == "xla" and pick(**tok) == "xla"
+    assert pick("pallas", **tok) == "pallas"  # explicit: interpret mode off a GPU

@@ -1,0 +1,163 @@
+"""Single-token (decode) attention over a KV cache: one program per (batch, head), online softmax.
+
+    o[b, h] = softmax(q[b, h] . k[b, :n, h]^T * scale) . v[b, :n, h],    n = min(length, L)
+
+At decode there is one query row per (batch, head), so the work is a GEMV over the cache: the time is the
+K / V bytes over the bandwidth, and a tensor-core dot does not apply (Triton dots need >= 16 rows). Each
+program keeps q (Dh,) in registers and sweeps its head's cache in tiles of ``block_l`` positions: scores are
+an elementwise product summed over Dh, the output an elementwise product summed over the positions, with
+the running max / sum / (Dh,) accumulator of the online softmax in float32 (the flash-attention
+recurrence, so the cache is read once and no (L,) score row is materialized).
+
+The loop runs over the tiles that hold visible positions only (``cdiv(n, block_l)``, a traced trip count):
+a short sequence in a long cache streams only its prefix. Loads are masked at ``n``, so positions past the
+length are never read (their contents, NaN or garbage, cannot leak in) and score -inf.
+
+q: (B, H, Dh); k_cache, v_cache: (B, L, H, Dh) (the cache layout of :mod:`jq8` decode), any float dtypes
+(cast to float32 in the kernel); Dh a power of two (a Triton tensor dimension).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import cdiv, compiler_params, next_pow2, resolve_interpret
+
+MAX_BLOCK_L = 128  # positions per tile: 128 x Dh f32 for K and V stays in registers at 4 warps (Dh <= 128)
+MIN_BLOCK_L = 16
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def default_block_l(seq_len: int) -> int:
+    """min(next power of two >= L, 128), at least 16."""
+    return max(MIN_BLOCK_L, min(next_pow2(seq_len), MAX_BLOCK_L))
+
+
+def _check_inputs(q, k_cache, v_cache, length) -> tuple[int, int, int, int]:
+    """(B, H, L, Dh) after validating shapes and dtypes."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be (B, H, Dh), got shape {q.shape}")
+    if k_cache.ndim != 4 or v_cache.ndim != 4:
+        raise ValueError(
+            f"k_cache and v_cache must be (B, L, H, Dh), got shapes {k_cache.shape} and {v_cache.shape}"
+        )
+    b, h, dh = q.shape
+    seq_len = k_cache.shape[1]
+    expect = (b, seq_len, h, dh)
+    if k_cache.shape != expect or v_cache.shape != expect:
+        raise ValueError(
+            f"k_cache and v_cache must be (B, L, H, Dh) = {expect} to match q (B, H, Dh) = {q.shape}, got "
+            f"{k_cache.shape} and {v_cache.shape}"
+        )
+    if seq_len < 1:
+        raise ValueError(f"the cache must hold at least one position, got L={seq_len}")
+    if not _is_pow2(dh):
+        raise ValueError(f"head dim Dh={dh} must be a power of two (Triton tensor shapes)")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating (bf16 / f16 / f32), got {x.dtype}")
+    if jnp.ndim(length) != 0:
+        raise ValueError(f"length must be a scalar, got shape {jnp.shape(length)}")
+    return b, h, seq_len, dh
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int, block_l: int, scale: float):
+    b, h = pl.program_id(0), pl.program_id(1)
+    n = jnp.clip(len_ref[0], 0, seq_len)  # visible positions; a length past the cache means all of it
+    q = plgpu.load(q_ref.at[b, h, :]).astype(jnp.float32) * scale  # scale folded into q once
+    pos = jnp.arange(block_l)
+
+    def body(i, carry):
+        m, l, acc = carry
+        l0 = i * block_l
+        ok = l0 + pos < n
+        tile = (b, pl.ds(l0, block_l), h, slice(None))
+        # Masked at n (not L): positions past the length are never read, so NaN / garbage there is inert.
+        k = plgpu.load(k_ref.at[tile], mask=ok[:, None], other=0.0).astype(jnp.float32)
+        v = plgpu.load(v_ref.at[tile], mask=ok[:, None], other=0.0).astype(jnp.float32)
+        s = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), -jnp.inf)  # (block_l,): no 1-row dot in Triton
+        m_new = jnp.maximum(m, jnp.max(s))
+        # Every visited tile holds a visible position, so m_new is finite; the guard keeps a fully masked
+        # tile (only possible for length <= 0) from computing -inf - -inf = NaN.
+        m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m - m_ref)
+        p = jnp.exp(s - m_ref)
+        acc = acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+        return m_new, l * alpha + jnp.sum(p), acc
+
+    init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
+    # Only the tiles with visible positions (traced trip count: a while loop with an scf.for-shaped body).
+    num_tiles = lax.div(n + (block_l - 1), block_l)
+    _, l, acc = lax.fori_loop(0, num_tiles, body, init)
+    o = acc / jnp.where(l == 0.0, 1.0, l)  # length <= 0: zeros rather than 0 / 0
+    plgpu.store(o_ref.at[b, h, :], o.astype(o_ref.dtype))
+
+
+_STATIC = ("scale", "block_l", "num_warps", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    length: jax.Array | int,
+    *,
+    scale: float | None = None,
+    block_l: int | None = None,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of one query token per batch row over the first ``length`` cache positions.
+
+    q: (B, H, Dh) bf16 / f16 / f32. k_cache, v_cache: (B, L, H, Dh) floating (any float dtypes; computed
+    in float32). length: int32 scalar, may be traced: positions [0, min(length, L)) are visible (callers
+    guarantee length >= 1). scale: default 1 / sqrt(Dh). block_l: cache positions per tile, a power of two
+    (default :func:`default_block_l`). Returns (B, H, Dh) in q.dtype. ``interpret=None``: compiled on a
+    GPU, interpret mode elsewhere.
+    """
+    _, h, seq_len, dh = _check_inputs(q, k_cache, v_cache, length)
+    bl = default_block_l(seq_len) if block_l is None else block_l
+    if not _is_pow2(bl):
+        raise ValueError(f"block_l={bl} must be a power of two (Triton tensor shapes)")
+    scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
+    kernel = functools.partial(_kernel, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(q.shape[0], h),
+        compiler_params=compiler_params(num_warps, num_stages=2),  # the loop is load-bound: double-buffer
+        interpret=resolve_interpret(interpret),
+        name="decode_attention",
+    )(jnp.asarray(length, jnp.int32).reshape(1), q, k_cache, v_cache)
+
+
+def decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    length: jax.Array | int,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Pure-jnp :func:`decode_attention` (float32 math, same masking), for tests."""
+    dh = q.shape[-1]
+    scale = 1.0 / math.sqrt(dh) if scale is None else scale
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k_cache, v_cache))
+    s = jnp.einsum("bhd,blhd->bhl", qf * scale, kf, precision=lax.Precision.HIGHEST)
+    visible = jnp.arange(k_cache.shape[1]) < jnp.minimum(length, k_cache.shape[1])
+    s = jnp.where(visible, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    # Masked probabilities are exactly 0, but 0 * NaN = NaN: zero the hidden values too.
+    vf = jnp.where(visible[None, :, None, None], vf, 0.0)
+    return jnp.einsum("bhl,blhd->bhd", p, vf, precision=lax.Precision.HIGHEST).astype(q.dtype)
