@@ -6,7 +6,7 @@ At decode there is one query row per (batch, head), so the work is a GEMV over t
 K / V bytes over the bandwidth, and a tensor-core dot does not apply (Triton dots need >= 16 rows). Each
 program keeps q (Dh,) in registers and sweeps its head's cache in tiles of ``block_l`` positions: scores are
 an elementwise product summed over Dh, the output an elementwise product summed over the positions, with
-the running max / sum / (Dh,) accumulator of the online softmax in float32 (the flash-attention
+the running max / denominator / (Dh,) accumulator of the online softmax in float32 (the flash-attention
 recurrence, so the cache is read once and no (L,) score row is materialized).
 
 The loop runs over the tiles that hold visible positions only (``cdiv(n, block_l)``, a traced trip count):
@@ -28,10 +28,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, compiler_params, next_pow2, resolve_interpret
+from pallas_kernels._common import compiler_params, next_pow2, resolve_interpret
 
 MAX_BLOCK_L = 128  # positions per tile: 128 x Dh f32 for K and V stays in registers at 4 warps (Dh <= 128)
 MIN_BLOCK_L = 16
+MAX_I32_ELEMS = 2**31  # Pallas' Triton lowering computes element offsets in int32
 
 
 def _is_pow2(n: int) -> bool:
@@ -78,7 +79,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int,
     pos = jnp.arange(block_l)
 
     def body(i, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         l0 = i * block_l
         ok = l0 + pos < n
         tile = (b, pl.ds(l0, block_l), h, slice(None))
@@ -93,13 +94,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int,
         alpha = jnp.exp(m - m_ref)
         p = jnp.exp(s - m_ref)
         acc = acc * alpha + jnp.sum(p[:, None] * v, axis=0)
-        return m_new, l * alpha + jnp.sum(p), acc
+        return m_new, denom * alpha + jnp.sum(p), acc
 
     init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
-    # Only the tiles with visible positions (traced trip count: a while loop with an scf.for-shaped body).
+    # Only the tiles with visible positions: a traced trip count (Pallas lowers it to an scf.for).
     num_tiles = lax.div(n + (block_l - 1), block_l)
-    _, l, acc = lax.fori_loop(0, num_tiles, body, init)
-    o = acc / jnp.where(l == 0.0, 1.0, l)  # length <= 0: zeros rather than 0 / 0
+    _, denom, acc = lax.fori_loop(0, num_tiles, body, init)
+    o = acc / jnp.where(denom == 0.0, 1.0, denom)  # length <= 0: zeros rather than 0 / 0
     plgpu.store(o_ref.at[b, h, :], o.astype(o_ref.dtype))
 
 
@@ -130,6 +131,12 @@ def decode_attention(
     bl = default_block_l(seq_len) if block_l is None else block_l
     if not _is_pow2(bl):
         raise ValueError(f"block_l={bl} must be a power of two (Triton tensor shapes)")
+    interp = resolve_interpret(interpret)
+    if not interp and k_cache.size > MAX_I32_ELEMS:
+        raise ValueError(
+            f"the cache has {k_cache.size} elements: the Triton lowering addresses it with int32 offsets "
+            f"(at most {MAX_I32_ELEMS}); split the batch"
+        )
     scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
     kernel = functools.partial(_kernel, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale)
     return pl.pallas_call(
@@ -137,7 +144,7 @@ def decode_attention(
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(q.shape[0], h),
         compiler_params=compiler_params(num_warps, num_stages=2),  # the loop is load-bound: double-buffer
-        interpret=resolve_interpret(interpret),
+        interpret=interp,
         name="decode_attention",
     )(jnp.asarray(length, jnp.int32).reshape(1), q, k_cache, v_cache)
 

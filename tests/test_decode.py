@@ -100,7 +100,7 @@ def test_cached_logits_match_full_sequence(name, policy, layers, rel):
     assert set(_indices(cache)) == {L}  # every layer's index (and GPT's pos) advanced by L
 
 
-@pytest.mark.parametrize("name,policy,rel", [("gpt", FP32, 1e-5), ("llama", BF16, 5e-3)])
+@pytest.mark.parametrize("name,policy,rel", [("gpt", FP32, 1e-5), ("llama", BF16, 1e-2)])
 def test_pallas_decode_attention_matches_full_sequence(name, policy, rel):
     """attention="pallas": the one-token cached calls run the Pallas decode kernel (interpret mode here);
     the chunks before them take XLA. Every position's logits vs the full pass."""

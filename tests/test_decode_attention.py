@@ -1,0 +1,201 @@
+"""Decode attention kernel (pallas_kernels/decode_attention.py): interpret mode vs the jnp reference, and
+the Triton lowering (cross-lowered for CUDA on CPU, MLIR-verified)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference, default_block_l
+
+SHAPES = [(1, 3, 40, 64), (2, 2, 96, 32), (1, 1, 130, 16)]  # (B, H, L, Dh)
+
+
+@pytest.fixture
+def verified_triton_modules(monkeypatch):
+    """Run the MLIR verifier on every Triton module (as in test_triton_lowering.py); yields their text."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    real = registration.lowering.lower_jaxpr_to_triton_module
+    modules: list[str] = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.module.operation.verify()
+        modules.append(str(result.module))
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return modules
+
+
+def _inputs(seed, b, h, seq_len, dh, dtype=jnp.float32, cache_dtype=None):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    cache_dtype = cache_dtype or dtype
+    q = jax.random.normal(kq, (b, h, dh), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, seq_len, h, dh), jnp.float32).astype(cache_dtype)
+    v = jax.random.normal(kv, (b, seq_len, h, dh), jnp.float32).astype(cache_dtype)
+    return q, k, v
+
+
+def _lengths(seq_len, block_l):
+    """1, inside a block, exactly a block boundary (where L reaches one), L, and past L (clamped)."""
+    out = {1, min(seq_len, block_l // 2 + 1), min(seq_len, block_l + 3), seq_len, seq_len + 7}
+    if block_l <= seq_len:
+        out.add(block_l)
+    return sorted(out)
+
+
+def _ref_f32(q, k, v, n):
+    return decode_attention_reference(q.astype(jnp.float32), k, v, n)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block_l", [None, 16])
+def test_matches_reference(shape, dtype, block_l):
+    b, h, seq_len, dh = shape
+    q, k, v = _inputs(sum(shape), b, h, seq_len, dh, dtype)
+    bl = block_l or default_block_l(seq_len)
+    for n in _lengths(seq_len, bl):
+        n = jnp.int32(n)  # an array: one trace for all lengths
+        out = decode_attention(q, k, v, n, block_l=block_l)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        ref = _ref_f32(q, k, v, n)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"length={n}")
+        else:  # f32 math on bf16 inputs, rounded once to bf16 at the store
+            np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=1e-2, atol=1e-2)
+            np.testing.assert_allclose(
+                out, ref.astype(jnp.bfloat16).astype(jnp.float32), rtol=1e-2, atol=1e-2
+            )
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_cache_computed_in_f32(cache_dtype):
+    """An f32 query over a bf16 / f16 cache: the output is f32 and matches the f32 math on the same inputs."""
+    b, h, seq_len, dh = 2, 2, 96, 32
+    q, k, v = _inputs(7, b, h, seq_len, dh, jnp.float32, cache_dtype)
+    for n in (1, 33, 64, 96):
+        out = decode_attention(q, k, v, jnp.int32(n), block_l=32)
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(out, decode_attention_reference(q, k, v, n), rtol=1e-5, atol=1e-5)
+
+
+def test_default_block_l():
+    assert [default_block_l(n) for n in (1, 16, 17, 40, 128, 130, 4096)] == [16, 16, 32, 64, 128, 128, 128]
+
+
+@pytest.mark.parametrize("fill", [1e4, float("nan")], ids=["huge", "nan"])
+def test_positions_past_length_are_ignored(fill):
+    b, h, seq_len, dh = 2, 2, 96, 32
+    q, k, v = _inputs(3, b, h, seq_len, dh)
+    for n in (1, 20, 32, 50):
+        hidden = (jnp.arange(seq_len) >= n)[None, :, None, None]
+        k2, v2 = jnp.where(hidden, fill, k), jnp.where(hidden, -fill, v)
+        clean = decode_attention(q, k, v, jnp.int32(n), block_l=32)
+        dirty = decode_attention(q, k2, v2, jnp.int32(n), block_l=32)
+        np.testing.assert_array_equal(dirty, clean)  # never read: bit-identical
+        np.testing.assert_allclose(dirty, _ref_f32(q, k, v, n), rtol=1e-5, atol=1e-5)
+    # and the prefix does matter: changing a visible position changes the output
+    n = 20
+    k3 = k.at[:, n - 1].add(1.0)
+    assert not np.allclose(decode_attention(q, k3, v, jnp.int32(n)), decode_attention(q, k, v, jnp.int32(n)))
+
+
+def test_jit_with_traced_length():
+    b, h, seq_len, dh = 1, 3, 40, 64
+    q, k, v = _inputs(11, b, h, seq_len, dh, jnp.bfloat16)
+    traces = []
+
+    @jax.jit
+    def step(q, k, v, n):
+        traces.append(n)
+        return decode_attention(q, k, v, n, block_l=16)
+
+    for n in (1, 16, 23, 40):
+        out = step(q, k, v, jnp.int32(n))
+        np.testing.assert_allclose(out.astype(jnp.float32), _ref_f32(q, k, v, n), rtol=1e-2, atol=1e-2)
+    assert len(traces) == 1 and isinstance(traces[0], jax.core.Tracer)
+
+    # length as a loop carry (a decode loop): every step attends over one more position
+    def body(n, acc):
+        return acc + decode_attention(q, k, v, n, block_l=16).astype(jnp.float32)
+
+    total = jax.lax.fori_loop(1, seq_len + 1, body, jnp.zeros(q.shape, jnp.float32))
+    expect = sum(_ref_f32(q, k, v, n) for n in range(1, seq_len + 1))
+    np.testing.assert_allclose(total, expect, rtol=1e-2, atol=5e-2)
+
+
+def test_scale():
+    q, k, v = _inputs(5, 1, 2, 40, 16)
+    for scale in (0.05, 1.0):
+        out = decode_attention(q, k, v, 30, scale=scale)
+        ref = decode_attention_reference(q, k, v, 30, scale=scale)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "q_shape,k_shape,v_shape,match",
+    [
+        ((2, 32), (1, 8, 2, 32), (1, 8, 2, 32), r"q must be \(B, H, Dh\)"),
+        ((1, 2, 32), (8, 2, 32), (8, 2, 32), r"must be \(B, L, H, Dh\)"),
+        ((1, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32, 1), r"must be \(B, L, H, Dh\)"),
+        ((1, 2, 32), (1, 8, 3, 32), (1, 8, 3, 32), r"= \(1, 8, 2, 32\) to match q"),
+        ((2, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32), r"= \(2, 8, 2, 32\) to match q"),
+        ((1, 2, 32), (1, 8, 2, 32), (1, 9, 2, 32), r"= \(1, 8, 2, 32\) to match q"),
+        ((1, 2, 32), (1, 8, 2, 16), (1, 8, 2, 16), r"to match q"),
+        ((1, 2, 48), (1, 8, 2, 48), (1, 8, 2, 48), r"Dh=48 must be a power of two"),
+    ],
+)
+def test_shape_errors(q_shape, k_shape, v_shape, match):
+    q, k, v = jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(v_shape)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, k, v, 1)
+
+
+def test_argument_errors():
+    q, k, v = _inputs(0, 1, 2, 8, 32)
+    with pytest.raises(ValueError, match="block_l=24 must be a power of two"):
+        decode_attention(q, k, v, 1, block_l=24)
+    with pytest.raises(ValueError, match="length must be a scalar"):
+        decode_attention(q, k, v, jnp.ones((2,), jnp.int32))
+    with pytest.raises(TypeError, match="k_cache must be floating"):
+        decode_attention(q, k.astype(jnp.int8), v, 1)
+
+
+# ------------------------------------------------------------------------------------------------ lowering
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16], ids=["bf16", "f32", "f16"])
+@pytest.mark.parametrize("shape,block_l", [((2, 4, 1000, 128), None), ((1, 3, 40, 64), 16)])
+def test_triton_lowering(verified_triton_modules, dtype, shape, block_l):
+    b, h, seq_len, dh = shape
+    q = jax.ShapeDtypeStruct((b, h, dh), dtype)
+    cache = jax.ShapeDtypeStruct((b, seq_len, h, dh), dtype)
+    n = jax.ShapeDtypeStruct((), jnp.int32)  # traced length
+    fn = lambda q, k, v, n: decode_attention(q, k, v, n, block_l=block_l, interpret=False)
+    jax.jit(fn).trace(q, cache, cache, n).lower(lowering_platforms=("cuda",))
+    (module,) = verified_triton_modules
+    # The loop runs cdiv(length, block_l) times: a for loop with a runtime bound, not unrolled.
+    assert "scf.for" in module and "scf.while" not in module
+
+
+def test_triton_lowering_mixed_dtypes(verified_triton_modules):
+    q = jax.ShapeDtypeStruct((2, 4, 64), jnp.float32)
+    cache = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    fn = lambda q, k, v, n: decode_attention(q, k, v, n, interpret=False)
+    jax.jit(fn).trace(q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)
+    )
+    assert len(verified_triton_modules) == 1
+
+
+def test_int32_offset_guard():
+    q = jax.ShapeDtypeStruct((64, 32, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((64, 8200, 32, 128), jnp.bfloat16)  # > 2**31 elements
+    fn = lambda q, k, v: decode_attention(q, k, v, 1, interpret=False)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        jax.jit(fn).trace(q, cache, cache)
