@@ -449,8 +449,9 @@ def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callab
                     mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
                     decode = kwargs.get("decode", args[3] if len(args) > 3 else False)
                     residual = kwargs.get("residual", args[4] if len(args) > 4 else None)
-                    x = args[0]
-                    return _fused_attention(mod, qp, path, x, mask, backend, decode=decode, residual=residual)
+                    return _fused_attention(
+                        mod, qp, path, args[0], mask, backend, decode=decode, residual=residual
+                    )
         return per_dense(next_fun, args, kwargs, context)
 
     return interceptor
