@@ -35,6 +35,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """A GEMM / elementwise tile configuration (hashable: it is a static jit argument)."""

@@ -28,15 +28,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import compiler_params, next_pow2, resolve_interpret
+from pallas_kernels._common import compiler_params, is_pow2, next_pow2, resolve_interpret
 
 MAX_BLOCK_L = 128  # positions per tile: 128 x Dh f32 for K and V stays in registers at 4 warps (Dh <= 128)
 MIN_BLOCK_L = 16
 MAX_I32_ELEMS = 2**31  # Pallas' Triton lowering computes element offsets in int32
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
 
 
 def default_block_l(seq_len: int) -> int:
@@ -62,7 +58,7 @@ def _check_inputs(q, k_cache, v_cache, length) -> tuple[int, int, int, int]:
         )
     if seq_len < 1:
         raise ValueError(f"the cache must hold at least one position, got L={seq_len}")
-    if not _is_pow2(dh):
+    if not is_pow2(dh):
         raise ValueError(f"head dim Dh={dh} must be a power of two (Triton tensor shapes)")
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -129,7 +125,7 @@ def decode_attention(
     """
     _, h, seq_len, dh = _check_inputs(q, k_cache, v_cache, length)
     bl = default_block_l(seq_len) if block_l is None else block_l
-    if not _is_pow2(bl):
+    if not is_pow2(bl):
         raise ValueError(f"block_l={bl} must be a power of two (Triton tensor shapes)")
     interp = resolve_interpret(interpret)
     if not interp and k_cache.size > MAX_I32_ELEMS:

@@ -38,7 +38,7 @@ from jq8.quant import (
     round_half_away,
     unpack_int4,
 )
-from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, resolve_interpret
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, is_pow2, next_pow2, resolve_interpret
 from pallas_kernels.quantize import div_rn, expand_tile, scale_from_absmax, tile_absmax, to_codes
 
 Activation = Literal["gelu", "gelu_tanh", "relu"] | None
@@ -254,7 +254,7 @@ def make_epilogue(
                     "separately."
                 )
             requant, q_tile = "row", (1, n)
-        elif _is_pow2(tm) and _is_pow2(tn) and cfg.block_m % tm == 0 and cfg.block_n % tn == 0:
+        elif is_pow2(tm) and is_pow2(tn) and cfg.block_m % tm == 0 and cfg.block_n % tn == 0:
             requant, q_tile = "blocks", (tm, tn)
         else:
             raise NotImplementedError(
@@ -369,10 +369,6 @@ def _store(view, value, mask) -> None:
         plgpu.store(view, value, mask=mask)
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def load_vector(ref, start, size: int, limit: int | None):
     """(size,) f32 slice of a 1-D ref; ``limit`` masks entries >= limit (ragged edge), None = in bounds."""
     view = ref.at[pl.ds(start, size)]
@@ -464,11 +460,11 @@ def resolve_config(
             cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=min(cfg.block_k, 64), num_warps=8)
         elif out_spec is not None:  # requantization blocks must fit in the output tile
             tm, tn = out_spec.resolve(m, n)
-            if _is_pow2(tm) and _is_pow2(tn):
+            if is_pow2(tm) and is_pow2(tn):
                 cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, tm), block_n=max(cfg.block_n, tn))
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(cfg, name)
-        if not _is_pow2(v) or v < 16:
+        if not is_pow2(v) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
     if cfg.block_k < 32:
         raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")

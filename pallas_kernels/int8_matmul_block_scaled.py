@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import QArray, QuantSpec, check_int32_k, expand_tiles, int4_block, int4_width, unpack_int4
-from pallas_kernels._common import TileConfig, cdiv, compiler_params, resolve_interpret
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, is_pow2, resolve_interpret
 from pallas_kernels.int8_matmul import (
     NT_DIMS,
     Activation,
@@ -558,7 +558,7 @@ def decode_weight(b: QArray) -> DecodeWeight | None:
     tn, tk = b.spec.resolve(n, k)
     if b.scale.shape[1] == 1:  # per channel, row runs or per tensor: one scale per output column
         return DecodeWeight(b.values, jnp.repeat(b.scale[:, 0], tn)[:n].reshape(1, n), b.spec.bits, None)
-    if tn == 1 and tk % 32 == 0 and (b.spec.bits == 8 or tk & (tk - 1) == 0):
+    if tn == 1 and tk % 32 == 0 and (b.spec.bits == 8 or is_pow2(tk)):
         return DecodeWeight(b.values, b.scale, b.spec.bits, tk)
     return None
 

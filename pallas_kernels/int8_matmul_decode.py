@@ -35,13 +35,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import QArray, QuantSpec, check_int32_k, int4_block, int4_width, round_half_away
-from pallas_kernels._common import TileConfig, cdiv, compiler_params, next_pow2, on_gpu, resolve_interpret
+from pallas_kernels._common import (
+    TileConfig,
+    cdiv,
+    compiler_params,
+    is_pow2,
+    next_pow2,
+    on_gpu,
+    resolve_interpret,
+)
 from pallas_kernels.int8_matmul import (
     ACTIVATIONS,
     Activation,
     _and_masks,
     _check_raw_output,
-    _is_pow2,
     _store,
     div_pow2,
     epilogue_inputs,
@@ -180,7 +187,7 @@ def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int |
 def _check_config(cfg: DecodeConfig) -> None:
     for name in ("block_n", "block_k"):
         v = getattr(cfg, name)
-        if not _is_pow2(v) or v < 16:
+        if not is_pow2(v) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
     if cfg.block_k < 32:
         raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")
@@ -570,7 +577,7 @@ def _fusable(out_spec: QuantSpec | None, m: int, n: int, bn: int) -> bool:
     if out_spec is None:
         return True
     tm, tn = out_spec.resolve(m, n)
-    return out_spec.tile[1] != -1 and _is_pow2(tm) and _is_pow2(tn) and BLOCK_M % tm == 0 and bn % tn == 0
+    return out_spec.tile[1] != -1 and is_pow2(tm) and is_pow2(tn) and BLOCK_M % tm == 0 and bn % tn == 0
 
 
 _STATIC = ("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "split_sum", "interpret")
@@ -761,7 +768,7 @@ def _decode_matmul(
     if bk < 32:
         raise ValueError(f"b_group={b_group} needs a K tile >= 32 dividing it")
     int4 = {}
-    if b_bits == 4 and grouped and not _is_pow2(b_group):
+    if b_bits == 4 and grouped and not is_pow2(b_group):
         raise NotImplementedError(f"INT4 K groups must be powers of two (>= 32), got b_group={b_group}")
     if b_bits == 4:  # units of packed bytes (see _int4_loop); a padded to the whole blocks b is packed in
         block = int4_block(k)

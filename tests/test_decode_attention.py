@@ -13,24 +13,6 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_r
 SHAPES = [(1, 3, 40, 64), (2, 2, 96, 32), (1, 1, 130, 16)]  # (B, H, L, Dh)
 
 
-@pytest.fixture
-def verified_triton_modules(monkeypatch):
-    """Run the MLIR verifier on every Triton module (as in test_triton_lowering.py); yields their text."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    real = registration.lowering.lower_jaxpr_to_triton_module
-    modules: list[str] = []
-
-    def lower_and_verify(*args, **kwargs):
-        result = real(*args, **kwargs)
-        result.module.operation.verify()
-        modules.append(str(result.module))
-        return result
-
-    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    return modules
-
-
 def _inputs(seed, b, h, seq_len, dh, dtype=jnp.float32, cache_dtype=None):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     cache_dtype = cache_dtype or dtype
