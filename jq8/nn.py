@@ -137,12 +137,16 @@ class MlpBlock(nn.Module):
         gate = Dense(self.hidden, bias, self.policy, name="gate") if self.activation == "swiglu" else None
         fc2 = Dense(d, bias, self.policy, name="fc2")
         if self.policy.int8 and not self.is_initializing():
-            params = {"norm": norm.weights(d), "fc1": _as_dict(fc1.weights(d)),
-                      "fc2": _as_dict(fc2.weights(self.hidden))}
+            params = {
+                "norm": norm.weights(d),
+                "fc1": _as_dict(fc1.weights(d)),
+                "fc2": _as_dict(fc2.weights(self.hidden)),
+            }
             if gate is not None:
                 params["gate"] = _as_dict(gate.weights(d))
-            y = jetfire_mlp(x, params, quant_key(self), self.policy, activation=self.activation, eps=self.eps,
-                            rms=rms)
+            y = jetfire_mlp(
+                x, params, quant_key(self), self.policy, activation=self.activation, eps=self.eps, rms=rms
+            )
         else:
             h = norm(x)
             y = fc2(activation_reference(fc1(h), None if gate is None else gate(h), self.activation))
@@ -276,26 +280,22 @@ class AttentionBlock(nn.Module):
         else:
             qkv = qkv_proj(norm(x))
         qkv = qkv.astype(cd).reshape(b, t, 3, self.num_heads, hd)
-        o = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode)
+        o = self.attend(qkv, mask, decode)
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return _add_residual(y, residual)
 
-    def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array | None = None,
-        decode: bool = False,
-    ) -> jax.Array:
+    def attend(self, qkv: jax.Array, mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """The attention core after the qkv projection: rotary, KV cache, softmax attention.
 
-        q, k, v: (B, T, H, Dh) in the compute dtype, *before* rotary -> o (B, T, H, Dh), same dtype.
-        Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on the
-        bound module from inside the intercepted ``__call__``, so the cache variables can be created and
-        mutated there too). mask / decode: as in the class docstring.
+        qkv: (B, T, 3, H, Dh) in the compute dtype, [q | k | v] *before* rotary -> o (B, T, H, Dh), same
+        dtype. Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on
+        the bound module from inside the intercepted ``__call__``, so the cache variables can be created and
+        mutated there too). mask / decode: as in the class docstring. A one-token cached call on the
+        "pallas" implementation is one kernel that also writes the cache and advances its index
+        (:func:`pallas_kernels.decode_attention.decode_attention_update`).
         """
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         cache = self._cache_variables(k, v) if decode else None
         offset = cache[2].value if cache is not None else 0
         if self.rotary:
@@ -309,13 +309,18 @@ class AttentionBlock(nn.Module):
             decode=cache is not None,
             one_token=q.shape[1] == 1,
         )
+        if impl == "pallas":  # one cached query token (attention_implementation): one launch for the step
+            from pallas_kernels.decode_attention import decode_attention_update
+
+            ck, cv, ci = cache
+            _check_cache(ck.value, k)
+            # (B, 3, H, Dh): with rotary the rotated q / k are re-packed (one fusion), else a free reshape
+            row = jnp.stack([q[:, 0], k[:, 0], v[:, 0]], axis=1) if self.rotary else qkv[:, 0]
+            o, ck.value, cv.value, ci.value = decode_attention_update(row, ck.value, cv.value, ci.value)
+            return o[:, None]
         if cache is not None:
             k, v, mask = _write_cache(cache, k, v, mask, causal=self.causal)
             causal = False  # the cache mask already holds the causal structure
-        if impl == "pallas":  # one query token: the keys before the advanced cache index are its mask
-            from pallas_kernels.decode_attention import decode_attention
-
-            return decode_attention(q[:, 0], k, v, cache[2].value)[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
 
     def _cache_variables(self, k: jax.Array, v: jax.Array) -> tuple | None:
@@ -327,6 +332,18 @@ class AttentionBlock(nn.Module):
         return (ck, cv, ci) if initialized else None
 
 
+def _check_cache(cached_key: jax.Array, k: jax.Array) -> None:
+    """Raises unless the new keys k (B, T, H, Dh) fit the cache (B, max_len, H, Dh)."""
+    t, s = k.shape[1], cached_key.shape[1]
+    if t > s:
+        raise ValueError(f"decoding {t} tokens in one call exceeds the KV cache length {s}")
+    if cached_key.shape[0] != k.shape[0] or cached_key.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"KV cache of shape {cached_key.shape} (batch, max_len, heads, head_dim) does not fit new keys "
+            f"{k.shape}: build the cache for this batch size (jq8.decode.init_cache)"
+        )
+
+
 def _write_cache(cache: tuple, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool):
     """Writes k, v (B, T, H, Dh) at the cache index, advances it by T; returns (keys, values, mask).
 
@@ -334,15 +351,8 @@ def _write_cache(cache: tuple, k: jax.Array, v: jax.Array, mask: jax.Array | Non
     query i when j is filled (j < index + T) and, if ``causal``, j <= index + i; ANDed with ``mask``.
     """
     ck, cv, ci = cache
-    b, t = k.shape[:2]
-    s = ck.value.shape[1]
-    if t > s:
-        raise ValueError(f"decoding {t} tokens in one call exceeds the KV cache length {s}")
-    if ck.value.shape[0] != b or ck.value.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"KV cache of shape {ck.value.shape} (batch, max_len, heads, head_dim) does not fit new keys "
-            f"{k.shape}: build the cache for this batch size (jq8.decode.init_cache)"
-        )
+    _check_cache(ck.value, k)
+    t, s = k.shape[1], ck.value.shape[1]
     idx = ci.value
     start = (0, idx, 0, 0)
     ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), start)

@@ -414,7 +414,7 @@ def _fused_attention(
         out_dtype=cd,
     )
     qkv = qkv.reshape(b, t, 3, h, d // h)
-    o = module.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, decode).reshape(b * t, d)
+    o = module.attend(qkv, mask, decode).reshape(b * t, d)
     out = qp.weights[f"{path}/out"]
     res = _rows(residual, d)
     y = tokens_matmul(o, out, backend=backend, bias=_bias(p, "out"), residual=res, out_dtype=jnp.float32)

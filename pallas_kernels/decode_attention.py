@@ -15,6 +15,11 @@ length are never read (their contents, NaN or garbage, cannot leak in) and score
 
 q: (B, H, Dh); k_cache, v_cache: (B, L, H, Dh) (the cache layout of :mod:`jq8` decode), any float dtypes
 (cast to float32 in the kernel); Dh a power of two (a Triton tensor dimension).
+
+:func:`decode_attention_update` is the whole cached step of a decoder layer in one launch: it takes the
+packed (B, 3, H, Dh) qkv row, writes the new key / value into the caches in place, attends, and returns the
+advanced index. Done by XLA, the slice of q, the two cache writes and the index add are four more launches
+per layer (about 5.5 us of a 1.5B token's 38 us per layer on the H100, BENCHMARKS.md session 7).
 """
 
 from __future__ import annotations
@@ -68,10 +73,8 @@ def _check_inputs(q, k_cache, v_cache, length) -> tuple[int, int, int, int]:
     return b, h, seq_len, dh
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int, block_l: int, scale: float):
-    b, h = pl.program_id(0), pl.program_id(1)
-    n = jnp.clip(len_ref[0], 0, seq_len)  # visible positions; a length past the cache means all of it
-    q = plgpu.load(q_ref.at[b, h, :]).astype(jnp.float32) * scale  # scale folded into q once
+def _attend_cache(q, k_ref, v_ref, b, h, n, *, block_l: int, head_dim: int):
+    """Online-softmax state (max, denominator, (Dh,) accumulator) of q over cache positions [0, n)."""
     pos = jnp.arange(block_l)
 
     def body(i, carry):
@@ -95,12 +98,67 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int,
     init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
     # Only the tiles with visible positions: a traced trip count (Pallas lowers it to an scf.for).
     num_tiles = lax.div(n + (block_l - 1), block_l)
-    _, denom, acc = lax.fori_loop(0, num_tiles, body, init)
-    o = acc / jnp.where(denom == 0.0, 1.0, denom)  # length <= 0: zeros rather than 0 / 0
+    return lax.fori_loop(0, num_tiles, body, init)
+
+
+def _finish(denom, acc):
+    return acc / jnp.where(denom == 0.0, 1.0, denom)  # length <= 0: zeros rather than 0 / 0
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int, block_l: int, scale: float):
+    b, h = pl.program_id(0), pl.program_id(1)
+    n = jnp.clip(len_ref[0], 0, seq_len)  # visible positions; a length past the cache means all of it
+    q = plgpu.load(q_ref.at[b, h, :]).astype(jnp.float32) * scale  # scale folded into q once
+    _, denom, acc = _attend_cache(q, k_ref, v_ref, b, h, n, block_l=block_l, head_dim=head_dim)
+    plgpu.store(o_ref.at[b, h, :], _finish(denom, acc).astype(o_ref.dtype))
+
+
+def _update_kernel(
+    idx_ref, qkv_ref, k_ref, v_ref, o_ref, k_out, v_out, next_ref, *, seq_len, head_dim, block_l, scale
+):
+    """_kernel for a new token: its key / value come from the packed qkv row (registers, not the cache),
+    are written at position p = min(index, L - 1), and the cache before p is attended from memory.
+    k_out / v_out alias k_ref / v_ref (in place); each program writes only its own (b, h) row."""
+    b, h = pl.program_id(0), pl.program_id(1)
+    idx = idx_ref[0]
+    p = jnp.clip(idx, 0, seq_len - 1)  # like dynamic_update_slice: an index past the end writes the last slot
+
+    def row(j: int, dtype):  # pl.ds: a constant integer index fails interpret mode's load discharge
+        x = plgpu.load(qkv_ref.at[b, pl.ds(j, 1), h, :]).reshape(head_dim)
+        return x.astype(dtype).astype(jnp.float32)
+
+    # k / v rounded to the cache dtype first: the new position reads as it will from the cache later.
+    q, k_new, v_new = row(0, qkv_ref.dtype) * scale, row(1, k_out.dtype), row(2, v_out.dtype)
+    m, denom, acc = _attend_cache(q, k_ref, v_ref, b, h, p, block_l=block_l, head_dim=head_dim)
+    s = jnp.sum(q * k_new)  # the new position: one more step of the online softmax
+    m_new = jnp.maximum(m, s)
+    alpha, e = jnp.exp(m - m_new), jnp.exp(s - m_new)
+    o = _finish(denom * alpha + e, acc * alpha + e * v_new)
     plgpu.store(o_ref.at[b, h, :], o.astype(o_ref.dtype))
+    # Written after the loop: the reads above stop before p, so the order only matters for clarity.
+    plgpu.store(k_out.at[b, pl.ds(p, 1), h, :], k_new[None, :].astype(k_out.dtype))
+    plgpu.store(v_out.at[b, pl.ds(p, 1), h, :], v_new[None, :].astype(v_out.dtype))
+
+    @pl.when((b == 0) & (h == 0))
+    def _():  # the advanced index: a separate XLA add would be one more launch per layer
+        next_ref[...] = jnp.broadcast_to(idx + 1, (1,))
 
 
 _STATIC = ("scale", "block_l", "num_warps", "interpret")
+
+
+def _plan(k_cache, dh: int, block_l, scale, interpret) -> tuple[int, float, bool]:
+    """(block_l, scale, interpret) after checking them and the int32 offsets of the Triton lowering."""
+    bl = default_block_l(k_cache.shape[1]) if block_l is None else block_l
+    if not is_pow2(bl):
+        raise ValueError(f"block_l={bl} must be a power of two (Triton tensor shapes)")
+    interp = resolve_interpret(interpret)
+    if not interp and k_cache.size > MAX_I32_ELEMS:
+        raise ValueError(
+            f"the cache has {k_cache.size} elements: the Triton lowering addresses it with int32 offsets "
+            f"(at most {MAX_I32_ELEMS}); split the batch"
+        )
+    return bl, 1.0 / math.sqrt(dh) if scale is None else float(scale), interp
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -124,16 +182,7 @@ def decode_attention(
     GPU, interpret mode elsewhere.
     """
     _, h, seq_len, dh = _check_inputs(q, k_cache, v_cache, length)
-    bl = default_block_l(seq_len) if block_l is None else block_l
-    if not is_pow2(bl):
-        raise ValueError(f"block_l={bl} must be a power of two (Triton tensor shapes)")
-    interp = resolve_interpret(interpret)
-    if not interp and k_cache.size > MAX_I32_ELEMS:
-        raise ValueError(
-            f"the cache has {k_cache.size} elements: the Triton lowering addresses it with int32 offsets "
-            f"(at most {MAX_I32_ELEMS}); split the batch"
-        )
-    scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
+    bl, scale, interp = _plan(k_cache, dh, block_l, scale, interpret)
     kernel = functools.partial(_kernel, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale)
     return pl.pallas_call(
         kernel,
@@ -143,6 +192,56 @@ def decode_attention(
         interpret=interp,
         name="decode_attention",
     )(jnp.asarray(length, jnp.int32).reshape(1), q, k_cache, v_cache)
+
+
+def _check_packed(qkv: jax.Array) -> jax.Array:
+    if qkv.ndim != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be (B, 3, H, Dh) (query, new key, new value), got shape {qkv.shape}")
+    return qkv[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_attention_update(
+    qkv: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    index: jax.Array | int,
+    *,
+    scale: float | None = None,
+    block_l: int | None = None,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One decode step of a KV cache in one launch: write the new key / value, attend, advance the index.
+
+    qkv: (B, 3, H, Dh) float, the new token's query, key and value (the packed output of a qkv projection:
+    no slice is materialized). k_cache, v_cache: (B, L, H, Dh) floating, ``index`` filled positions (int32
+    scalar, may be traced). The new key / value go to position p = min(index, L - 1) (where
+    ``dynamic_update_slice`` would put them) and the query attends to positions [0, p].
+    Returns (o (B, H, Dh) in qkv.dtype, k_cache, v_cache, index + 1 (int32 scalar)). The caches are
+    updated in place (input_output_aliases: inside a jitted loop, or with donated arguments, no copy);
+    the index is advanced by the kernel, so a decode step needs no separate launch for it.
+    Equals :func:`decode_attention_update_reference` (float32 math).
+    """
+    _, h, seq_len, dh = _check_inputs(_check_packed(qkv), k_cache, v_cache, index)
+    bl, scale, interp = _plan(k_cache, dh, block_l, scale, interpret)
+    kernel = functools.partial(_update_kernel, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale)
+    b = qkv.shape[0]
+    o, k_cache, v_cache, nxt = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, h, dh), qkv.dtype),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+        ),
+        grid=(b, h),
+        input_output_aliases={2: 1, 3: 2},
+        compiler_params=compiler_params(num_warps, num_stages=2),
+        interpret=interp,
+        name="decode_attention_update",
+    )(jnp.asarray(index, jnp.int32).reshape(1), qkv, k_cache, v_cache)
+    return o, k_cache, v_cache, nxt[0]
 
 
 def decode_attention_reference(
@@ -164,3 +263,22 @@ def decode_attention_reference(
     # Masked probabilities are exactly 0, but 0 * NaN = NaN: zero the hidden values too.
     vf = jnp.where(visible[None, :, None, None], vf, 0.0)
     return jnp.einsum("bhl,blhd->bhd", p, vf, precision=lax.Precision.HIGHEST).astype(q.dtype)
+
+
+def decode_attention_update_reference(
+    qkv: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    index: jax.Array | int,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Pure-jnp :func:`decode_attention_update`: ``dynamic_update_slice`` the new key / value, then
+    :func:`decode_attention_reference` over the written positions."""
+    _check_inputs(_check_packed(qkv), k_cache, v_cache, index)
+    index = jnp.asarray(index, jnp.int32)
+    p = jnp.clip(index, 0, k_cache.shape[1] - 1)
+    k_cache = lax.dynamic_update_slice(k_cache, qkv[:, 1:2].astype(k_cache.dtype), (0, p, 0, 0))
+    v_cache = lax.dynamic_update_slice(v_cache, qkv[:, 2:3].astype(v_cache.dtype), (0, p, 0, 0))
+    o = decode_attention_reference(qkv[:, 0], k_cache, v_cache, p + 1, scale=scale)
+    return o, k_cache, v_cache, index + 1

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference, default_block_l
+from pallas_kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_update,
+    decode_attention_update_reference,
+    default_block_l,
+)
 
 SHAPES = [(1, 3, 40, 64), (2, 2, 96, 32), (1, 1, 130, 16)]  # (B, H, L, Dh)
 
@@ -148,6 +154,91 @@ def test_argument_errors():
         decode_attention(q, k.astype(jnp.int8), v, 1)
 
 
+# ------------------------------------------------------------------------------- the one-launch cache step
+
+
+def _packed(seed, b, h, seq_len, dh, dtype=jnp.float32, cache_dtype=None):
+    """Random (B, 3, H, Dh) qkv and a random (not zero) cache: stale values must be overwritten / unseen."""
+    q, k, v = _inputs(seed, b, h, seq_len, dh, dtype, cache_dtype)
+    kn, vn = (jax.random.normal(jax.random.key(seed + i), (b, h, dh)).astype(dtype) for i in (100, 200))
+    return jnp.stack([q, kn, vn], axis=1), k, v
+
+
+def _assert_step(out, ref, tol):
+    o, k, v, nxt = out
+    ro, rk, rv, rnxt = ref
+    np.testing.assert_array_equal(k, rk)  # the written caches are exact (one cast, no math)
+    np.testing.assert_array_equal(v, rv)
+    assert int(nxt) == int(rnxt) and nxt.dtype == jnp.int32 and nxt.shape == ()
+    np.testing.assert_allclose(o.astype(jnp.float32), ro.astype(jnp.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, jnp.bfloat16)],
+    ids=["f32", "bf16", "f32-bf16cache"],
+)
+def test_update_matches_reference(shape, dtype, cache_dtype):
+    b, h, seq_len, dh = shape
+    qkv, k, v = _packed(sum(shape), b, h, seq_len, dh, dtype, cache_dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    # index 0 (empty cache), inside / at a tile boundary, the last slot, and past the end (clamped there)
+    for index in sorted({0, 1, 15, 16, 17, seq_len - 1, seq_len, seq_len + 3}):
+        out = decode_attention_update(qkv, k, v, jnp.int32(index), block_l=16)
+        assert out[0].shape == (b, h, dh) and out[0].dtype == dtype
+        assert out[1].dtype == k.dtype and out[2].dtype == v.dtype
+        _assert_step(out, decode_attention_update_reference(qkv, k, v, index), tol)
+
+
+def test_update_writes_only_its_slot_and_attends_to_it():
+    b, h, seq_len, dh = 2, 2, 40, 32
+    qkv, k, v = _packed(4, b, h, seq_len, dh)
+    o, k2, v2, _ = decode_attention_update(qkv, k, v, 9)
+    untouched = jnp.arange(seq_len) != 9
+    np.testing.assert_array_equal(k2[:, untouched], k[:, untouched])
+    np.testing.assert_array_equal(v2[:, 9], qkv[:, 2])
+    # the new key / value take part: the same step with a different new value gives another output
+    o3 = decode_attention_update(qkv.at[:, 2].add(1.0), k, v, 9)[0]
+    assert not np.allclose(o3, o)
+    # and positions past the new one are never read (NaN there is inert)
+    k_nan = k.at[:, 10:].set(jnp.nan)
+    np.testing.assert_array_equal(decode_attention_update(qkv, k_nan, v, 9)[0], o)
+
+
+def test_update_as_a_decode_loop():
+    """A fori_loop carrying the caches and the index (the in-place aliasing of a real decode loop) equals
+    writing each token with dynamic_update_slice and attending with decode_attention_reference."""
+    b, h, seq_len, dh, steps = 1, 2, 24, 16, 20
+    _, k0, v0 = _packed(6, b, h, seq_len, dh)
+    rows = jax.random.normal(jax.random.key(9), (steps, b, 3, h, dh))
+
+    def body(i, carry):
+        k, v, idx, outs = carry
+        o, k, v, idx = decode_attention_update(rows[i], k, v, idx, block_l=16)
+        return k, v, idx, outs.at[i].set(o)
+
+    init = (k0, v0, jnp.int32(2), jnp.zeros((steps, b, h, dh)))
+    k, v, idx, outs = jax.jit(lambda c: jax.lax.fori_loop(0, steps, body, c))(init)
+    rk, rv, ridx = k0, v0, 2
+    for i in range(steps):
+        ro, rk, rv, ridx = decode_attention_update_reference(rows[i], rk, rv, ridx)
+        np.testing.assert_allclose(outs[i], ro, rtol=1e-5, atol=1e-5, err_msg=f"step {i}")
+    np.testing.assert_array_equal(k, rk)
+    np.testing.assert_array_equal(v, rv)
+    assert int(idx) == 2 + steps
+
+
+def test_update_errors():
+    _, k, v = _packed(0, 1, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, 3, H, Dh\)"):
+        decode_attention_update(jnp.ones((1, 2, 2, 32)), k, v, 1)
+    with pytest.raises(ValueError, match="to match q"):
+        decode_attention_update(jnp.ones((1, 3, 4, 32)), k, v, 1)
+    with pytest.raises(ValueError, match="length must be a scalar"):
+        decode_attention_update(jnp.ones((1, 3, 2, 32)), k, v, jnp.ones((2,), jnp.int32))
+
+
 # ------------------------------------------------------------------------------------------------ lowering
 
 
@@ -181,3 +272,15 @@ def test_int32_offset_guard():
     fn = lambda q, k, v: decode_attention(q, k, v, 1, interpret=False)
     with pytest.raises(ValueError, match="int32 offsets"):
         jax.jit(fn).trace(q, cache, cache)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_update_triton_lowering(verified_triton_modules, dtype):
+    qkv = jax.ShapeDtypeStruct((2, 3, 4, 64), dtype)
+    cache = jax.ShapeDtypeStruct((2, 100, 4, 64), jnp.bfloat16)
+    fn = lambda qkv, k, v, n: decode_attention_update(qkv, k, v, n, interpret=False)
+    jax.jit(fn).trace(qkv, cache, cache, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)
+    )
+    (module,) = verified_triton_modules
+    assert "scf.for" in module
