@@ -285,16 +285,25 @@ class AttentionBlock(nn.Module):
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return _add_residual(y, residual)
 
-    def attend(self, qkv: jax.Array, mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    def attend(self, qkv, mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """The attention core after the qkv projection: rotary, KV cache, softmax attention.
 
         qkv: (B, T, 3, H, Dh) in the compute dtype, [q | k | v] *before* rotary -> o (B, T, H, Dh), same
-        dtype. Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on
-        the bound module from inside the intercepted ``__call__``, so the cache variables can be created and
+        dtype; or a ``pallas_kernels.int8_matmul_decode.SplitKSum`` finishing to it (the INT8 path's split-K
+        qkv GEMV, whose reduction the one-token decode kernel then does in its prologue).
+        Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on the
+        bound module from inside the intercepted ``__call__``, so the cache variables can be created and
         mutated there too). mask / decode: as in the class docstring. A one-token cached call on the
         "pallas" implementation is one kernel that also writes the cache and advances its index
         (:func:`pallas_kernels.decode_attention.decode_attention_update`).
         """
+        from pallas_kernels.int8_matmul_decode import SplitKSum
+
+        packed = qkv
+        if isinstance(
+            qkv, SplitKSum
+        ):  # unfinished split-K sums: XLA drops this where the kernel finishes them
+            qkv = qkv.finish()
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         cache = self._cache_variables(k, v) if decode else None
         offset = cache[2].value if cache is not None else 0
@@ -315,7 +324,10 @@ class AttentionBlock(nn.Module):
             ck, cv, ci = cache
             _check_cache(ck.value, k)
             # (B, 3, H, Dh): with rotary the rotated q / k are re-packed (one fusion), else a free reshape
-            row = jnp.stack([q[:, 0], k[:, 0], v[:, 0]], axis=1) if self.rotary else qkv[:, 0]
+            if self.rotary:
+                row = jnp.stack([q[:, 0], k[:, 0], v[:, 0]], axis=1)
+            else:
+                row = packed.reshape(packed.shape[0], *packed.shape[2:])
             o, ck.value, cv.value, ci.value = decode_attention_update(row, ck.value, cv.value, ci.value)
             return o[:, None]
         if cache is not None:

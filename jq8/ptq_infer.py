@@ -405,14 +405,12 @@ def _fused_attention(
     b, t, d = x.shape
     h = module.num_heads
     cd = module.policy.compute_dtype
-    qkv = tokens_matmul(
-        x.reshape(-1, d),
-        qp.weights[f"{path}/qkv"],
-        backend=backend,
-        norm=_block_norm(module, p),
-        bias=_bias(p, "qkv"),
-        out_dtype=cd,
-    )
+    x2, w = x.reshape(-1, d), qp.weights[f"{path}/qkv"]
+    # At decode sizes a split-K qkv GEMV leaves its partial sums to the attention kernel (module.attend
+    # finishes them with XLA on any other path): one launch fewer per layer.
+    defer = dict(split_sum="defer") if _in_kernel_quantize(x2, w, backend, norm=True) else {}
+    norm = _block_norm(module, p)
+    qkv = tokens_matmul(x2, w, backend=backend, norm=norm, bias=_bias(p, "qkv"), out_dtype=cd, **defer)
     qkv = qkv.reshape(b, t, 3, h, d // h)
     o = module.attend(qkv, mask, decode).reshape(b * t, d)
     out = qp.weights[f"{path}/out"]

@@ -24,6 +24,7 @@ per layer (about 5.5 us of a 1.5B token's 38 us per layer on the H100, BENCHMARK
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -34,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import compiler_params, is_pow2, next_pow2, resolve_interpret
+from pallas_kernels.int8_matmul_decode import SplitKSum
 
 MAX_BLOCK_L = 128  # positions per tile: 128 x Dh f32 for K and V stays in registers at 4 warps (Dh <= 128)
 MIN_BLOCK_L = 16
@@ -113,22 +115,53 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len: int, head_dim: int,
     plgpu.store(o_ref.at[b, h, :], _finish(denom, acc).astype(o_ref.dtype))
 
 
-def _update_kernel(
-    idx_ref, qkv_ref, k_ref, v_ref, o_ref, k_out, v_out, next_ref, *, seq_len, head_dim, block_l, scale
-):
-    """_kernel for a new token: its key / value come from the packed qkv row (registers, not the cache),
-    are written at position p = min(index, L - 1), and the cache before p is attended from memory.
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """How the update kernel reads the new token's (q, k, v) rows (static): packed values, or split-K
+    partial sums (``SplitKSum``) finished in the prologue: sum the ``splits``, scale, add the bias, round
+    to ``dtype`` (exactly the XLA epilogue the sum replaces)."""
+
+    dtype: jnp.dtype
+    splits: int = 0  # 0: the rows are values
+    row_scale: bool = False
+    col_scale: bool = False
+    bias: bool = False
+
+
+def _update_kernel(*refs, rows: _Rows, seq_len: int, head_dim: int, block_l: int, scale: float):
+    """_kernel for a new token: its key / value come from the qkv rows (registers, not the cache), are
+    written at position p = min(index, L - 1), and the cache before p is attended from memory.
     k_out / v_out alias k_ref / v_ref (in place); each program writes only its own (b, h) row."""
+    idx_ref, qkv_ref, *rest = refs
+    rs_ref = rest.pop(0) if rows.row_scale else None
+    cs_ref = rest.pop(0) if rows.col_scale else None
+    bias_ref = rest.pop(0) if rows.bias else None
+    k_ref, v_ref, o_ref, k_out, v_out, next_ref = rest
     b, h = pl.program_id(0), pl.program_id(1)
     idx = idx_ref[0]
     p = jnp.clip(idx, 0, seq_len - 1)  # like dynamic_update_slice: an index past the end writes the last slot
 
-    def row(j: int, dtype):  # pl.ds: a constant integer index fails interpret mode's load discharge
-        x = plgpu.load(qkv_ref.at[b, pl.ds(j, 1), h, :]).reshape(head_dim)
-        return x.astype(dtype).astype(jnp.float32)
+    def vec(ref, *lead):  # (Dh,) f32 at ref[*lead, h, :]; pl.ds: constant integer indices fail interpret mode
+        view = ref.at[tuple(pl.ds(i, 1) if isinstance(i, int) else i for i in lead) + (h, slice(None))]
+        return plgpu.load(view).reshape(head_dim).astype(jnp.float32)
+
+    def row(j: int, dtype):
+        if not rows.splits:
+            x = vec(qkv_ref, b, j)
+        else:
+            x = vec(qkv_ref, 0, b, j)
+            for s in range(1, rows.splits):
+                x = x + vec(qkv_ref, s, b, j)  # int32 sums are exact, as XLA's
+            if rs_ref is not None:
+                x = x * plgpu.load(rs_ref.at[pl.ds(b, 1)]).astype(jnp.float32)
+            if cs_ref is not None:
+                x = x * vec(cs_ref, j)
+            if bias_ref is not None:
+                x = x + vec(bias_ref, j)
+        return x.astype(rows.dtype).astype(dtype).astype(jnp.float32)
 
     # k / v rounded to the cache dtype first: the new position reads as it will from the cache later.
-    q, k_new, v_new = row(0, qkv_ref.dtype) * scale, row(1, k_out.dtype), row(2, v_out.dtype)
+    q, k_new, v_new = row(0, rows.dtype) * scale, row(1, k_out.dtype), row(2, v_out.dtype)
     m, denom, acc = _attend_cache(q, k_ref, v_ref, b, h, p, block_l=block_l, head_dim=head_dim)
     s = jnp.sum(q * k_new)  # the new position: one more step of the online softmax
     m_new = jnp.maximum(m, s)
@@ -194,15 +227,31 @@ def decode_attention(
     )(jnp.asarray(length, jnp.int32).reshape(1), q, k_cache, v_cache)
 
 
-def _check_packed(qkv: jax.Array) -> jax.Array:
-    if qkv.ndim != 4 or qkv.shape[1] != 3:
+def _check_packed(qkv) -> jax.ShapeDtypeStruct:
+    """The query's (B, H, Dh) shape and dtype, after checking qkv is (B, 3, H, Dh) (or finishes to it)."""
+    if len(qkv.shape) != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (B, 3, H, Dh) (query, new key, new value), got shape {qkv.shape}")
-    return qkv[:, 0]
+    b, _, h, dh = qkv.shape
+    if isinstance(qkv, SplitKSum) and qkv.parts.shape[1:] != (b, 3 * h * dh):
+        raise ValueError(f"SplitKSum parts {qkv.parts.shape} do not finish to qkv {qkv.shape}")
+    return jax.ShapeDtypeStruct((b, h, dh), qkv.dtype)
+
+
+def _row_inputs(qkv) -> tuple[_Rows, list[jax.Array]]:
+    """The kernel's view of qkv: values (B, 3, H, Dh), or a SplitKSum's parts (S, B, 3, H, Dh) + scales."""
+    if not isinstance(qkv, SplitKSum):
+        return _Rows(jnp.dtype(qkv.dtype)), [qkv]
+    b, _, h, dh = qkv.shape
+    present = [v is not None for v in (qkv.row_scale, qkv.col_scale, qkv.bias)]
+    rows = _Rows(jnp.dtype(qkv.dtype), qkv.parts.shape[0], *present)
+    cols = [v.reshape(3, h, dh) for v in (qkv.col_scale, qkv.bias) if v is not None]
+    scales = [qkv.row_scale] if qkv.row_scale is not None else []
+    return rows, [qkv.parts.reshape(-1, b, 3, h, dh), *scales, *cols]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention_update(
-    qkv: jax.Array,
+    qkv: jax.Array | SplitKSum,
     k_cache: jax.Array,
     v_cache: jax.Array,
     index: jax.Array | int,
@@ -215,18 +264,24 @@ def decode_attention_update(
     """One decode step of a KV cache in one launch: write the new key / value, attend, advance the index.
 
     qkv: (B, 3, H, Dh) float, the new token's query, key and value (the packed output of a qkv projection:
-    no slice is materialized). k_cache, v_cache: (B, L, H, Dh) floating, ``index`` filled positions (int32
-    scalar, may be traced). The new key / value go to position p = min(index, L - 1) (where
-    ``dynamic_update_slice`` would put them) and the query attends to positions [0, p].
-    Returns (o (B, H, Dh) in qkv.dtype, k_cache, v_cache, index + 1 (int32 scalar)). The caches are
+    no slice is materialized), or a :class:`~pallas_kernels.int8_matmul_decode.SplitKSum` that finishes to
+    it (a split-K decode GEMM's partial sums: the kernel sums, scales, adds the bias and rounds them in its
+    prologue, which saves the reduction's launch). k_cache, v_cache: (B, L, H, Dh) floating, ``index``
+    filled positions (int32 scalar, may be traced). The new key / value go to position
+    p = min(index, L - 1) (where ``dynamic_update_slice`` would put them) and the query attends to
+    positions [0, p].
+    Returns (o (B, H, Dh) in qkv's dtype, k_cache, v_cache, index + 1 (int32 scalar)). The caches are
     updated in place (input_output_aliases: inside a jitted loop, or with donated arguments, no copy);
     the index is advanced by the kernel, so a decode step needs no separate launch for it.
     Equals :func:`decode_attention_update_reference` (float32 math).
     """
     _, h, seq_len, dh = _check_inputs(_check_packed(qkv), k_cache, v_cache, index)
     bl, scale, interp = _plan(k_cache, dh, block_l, scale, interpret)
-    kernel = functools.partial(_update_kernel, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale)
-    b = qkv.shape[0]
+    rows, row_inputs = _row_inputs(qkv)
+    kernel = functools.partial(
+        _update_kernel, rows=rows, seq_len=seq_len, head_dim=dh, block_l=bl, scale=scale
+    )
+    b, n_in = qkv.shape[0], 1 + len(row_inputs)  # index, the row inputs, then the caches
     o, k_cache, v_cache, nxt = pl.pallas_call(
         kernel,
         out_shape=(
@@ -236,11 +291,11 @@ def decode_attention_update(
             jax.ShapeDtypeStruct((1,), jnp.int32),
         ),
         grid=(b, h),
-        input_output_aliases={2: 1, 3: 2},
+        input_output_aliases={n_in: 1, n_in + 1: 2},
         compiler_params=compiler_params(num_warps, num_stages=2),
         interpret=interp,
         name="decode_attention_update",
-    )(jnp.asarray(index, jnp.int32).reshape(1), qkv, k_cache, v_cache)
+    )(jnp.asarray(index, jnp.int32).reshape(1), *row_inputs, k_cache, v_cache)
     return o, k_cache, v_cache, nxt[0]
 
 
@@ -266,7 +321,7 @@ def decode_attention_reference(
 
 
 def decode_attention_update_reference(
-    qkv: jax.Array,
+    qkv: jax.Array | SplitKSum,
     k_cache: jax.Array,
     v_cache: jax.Array,
     index: jax.Array | int,
@@ -276,6 +331,8 @@ def decode_attention_update_reference(
     """Pure-jnp :func:`decode_attention_update`: ``dynamic_update_slice`` the new key / value, then
     :func:`decode_attention_reference` over the written positions."""
     _check_inputs(_check_packed(qkv), k_cache, v_cache, index)
+    if isinstance(qkv, SplitKSum):
+        qkv = qkv.finish()
     index = jnp.asarray(index, jnp.int32)
     p = jnp.clip(index, 0, k_cache.shape[1] - 1)
     k_cache = lax.dynamic_update_slice(k_cache, qkv[:, 1:2].astype(k_cache.dtype), (0, p, 0, 0))

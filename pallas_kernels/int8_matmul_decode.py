@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -581,7 +582,52 @@ def _fusable(out_spec: QuantSpec | None, m: int, n: int, bn: int) -> bool:
 
 
 _STATIC = ("activation", "out_dtype", "out_spec", "b_bits", "b_group", "config", "split_sum", "interpret")
-SPLIT_SUMS = ("auto", "atomic", "xla")
+SPLIT_SUMS = ("auto", "atomic", "xla", "defer")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitKSum:
+    """A decode GEMM's result left as its split-K partial sums, for the consuming kernel to finish.
+
+        value = ((sum_s parts[s]) * row_scale[:, None] * col_scale[None, :] + bias).astype(dtype)
+
+    parts: (S, M, N) int32 (float32 with K-group weight scales, applied in the loop). row_scale: (M,) f32
+    per-token scales; col_scale: (N,) f32 per-column weight scales; bias: (N,) f32; each may be None.
+    ``shape``: the shape :meth:`finish` gives the (M, N) value (a reshape). A pytree (the arrays are its
+    leaves), returned by ``split_sum="defer"``: a consumer that reads it in its prologue
+    (:func:`pallas_kernels.decode_attention.decode_attention_update`) saves the reduction's launch, and
+    :meth:`finish` is the same XLA epilogue the other paths run.
+    """
+
+    parts: jax.Array
+    row_scale: jax.Array | None
+    col_scale: jax.Array | None
+    bias: jax.Array | None
+    dtype: jnp.dtype
+    shape: tuple[int, ...]
+
+    def finish(self) -> jax.Array:
+        """The value as XLA computes it in the "xla" split_sum path, reshaped to ``shape``."""
+        y = jnp.sum(self.parts, axis=0).astype(jnp.float32)
+        if self.row_scale is not None:
+            y = y * self.row_scale[:, None]
+        if self.col_scale is not None:
+            y = y * self.col_scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias[None, :]
+        return y.astype(self.dtype).reshape(self.shape)
+
+    def reshape(self, *shape: int) -> SplitKSum:
+        """The same sum, finishing to ``shape`` (same size as (M, N))."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"cannot reshape a SplitKSum of shape {self.shape} to {shape}")
+        return dataclasses.replace(self, shape=shape)
+
+
+jax.tree_util.register_dataclass(
+    SplitKSum, data_fields=["parts", "row_scale", "col_scale", "bias"], meta_fields=["dtype", "shape"]
+)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -614,7 +660,8 @@ def int8_matmul_decode(
     f32 output, which starts as ``residual`` (or zeros), so the GEMV, bias and residual add are one launch
     (float32 output, no activation / out_spec; the summation order varies between runs, at float32
     rounding). "xla": partials (S, M, N), then an XLA reduction + epilogue (deterministic). "auto": atomic
-    where it applies.
+    where it applies. "defer": when K is split and the epilogue is scales + bias only (no activation,
+    residual or out_spec), a :class:`SplitKSum` for a consumer kernel to finish; otherwise as "auto".
     """
     if a.dtype != jnp.int8:
         raise TypeError(f"a must be int8, got {a.dtype}")
@@ -805,7 +852,9 @@ def _decode_matmul(
             f"out_dtype=float32, no activation and no out_spec (got {jnp.dtype(out_dtype)}, {activation!r}, "
             f"{out_spec}); use split_sum='xla'"
         )
-    atomic = split > 1 and linear and split_sum != "xla"
+    defer = split_sum == "defer" and split > 1 and not raw
+    defer = defer and activation is None and residual is None and out_spec is None
+    atomic = split > 1 and linear and split_sum not in ("xla", "defer")
     interp = resolve_interpret(interpret)
     scaled_a = a_scale is not None or act is not None
     plan = _Plan(
@@ -894,9 +943,14 @@ def _decode_matmul(
     if act is not None:
         out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
     outs = call(kernel, out_shape=out_shape)(*inputs)
-    acc = jnp.sum(outs[0], axis=0)
     if act is not None:
         a_scale = outs[1]
+    if defer:
+        f32 = lambda v, size: None if v is None else jnp.asarray(v, jnp.float32).reshape(size)
+        col_scale = f32(b_scale, n) if plan.scaled_b else None
+        row_scale, bias = f32(a_scale, m), f32(bias, n)
+        return SplitKSum(outs[0], row_scale, col_scale, bias, jnp.dtype(out_dtype), (m, n))
+    acc = jnp.sum(outs[0], axis=0)
     if raw:
         return acc
     y = acc.astype(jnp.float32)

@@ -82,7 +82,9 @@ def _assert_close(got, ref, rel: float):
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 @pytest.mark.parametrize(
     # bf16: on a GPU the full pass runs cuDNN attention and the cached calls XLA / Pallas (1e-2 of the max)
-    "policy,layers,rel", [(FP32, 2, 1e-5), (BF16, 1, 1e-2)], ids=["fp32-2layers-remat", "bf16-1layer"]
+    "policy,layers,rel",
+    [(FP32, 2, 1e-5), (BF16, 1, 1e-2)],
+    ids=["fp32-2layers-remat", "bf16-1layer"],
 )
 def test_cached_logits_match_full_sequence(name, policy, layers, rel):
     """Prefill in two chunks (3 + 4 tokens: causal inside a chunk at an offset, rotary from the cache
@@ -182,6 +184,29 @@ def _check_quantized_cached_logits(name, scheme, backend):
     # (~1e-3 at most). The quantization error itself is far larger (2-20% of the logits here).
     _assert_close(got, full, 1e-3)
     assert set(_indices(cache)) == {L}
+
+
+def test_quantized_pallas_decode_defers_the_split_k_qkv_sum(monkeypatch):
+    """Every decode GEMV split in two (as the tuned 1.5B qkv is): the one-token calls hand the qkv GEMV's
+    partial sums to the attention kernel unfinished (SplitKSum), and the logits still match the full pass."""
+    from pallas_kernels import decode_attention as attention_module
+    from pallas_kernels import int8_matmul_decode as decode_module
+
+    split = decode_module.DecodeConfig(block_n=32, block_k=64, split_k=2)
+    monkeypatch.setattr(decode_module, "lookup_decode_config", lambda *a, **k: split)
+    seen = []
+    orig = attention_module.decode_attention_update
+    spy = lambda qkv, *a, **k: (seen.append(type(qkv)), orig(qkv, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(attention_module, "decode_attention_update", spy)
+    model = build_model(_config("gpt", attention="pallas"), FP32)
+    tokens = _tokens((B, 6), seed=5)
+    qp = ptq.quantize_params(_params("gpt"), ptq.scheme("w8a8"))
+    with jax.default_matmul_precision("highest"):
+        full = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t, backend="pallas"))(qp, tokens)
+        make = partial(decode.quantized_apply_fn, model, backend="pallas")
+        got, _ = _cached_logits(make, qp, decode.init_cache(model, B, MAX_LEN), tokens, chunks=(4,))
+    assert seen and all(t is decode_module.SplitKSum for t in seen)
+    _assert_close(got, full, 1e-3)
 
 
 def test_quantized_decode_goes_through_fused_attention(monkeypatch):

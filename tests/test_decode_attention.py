@@ -15,6 +15,7 @@ from pallas_kernels.decode_attention import (
     decode_attention_update_reference,
     default_block_l,
 )
+from pallas_kernels.int8_matmul_decode import SplitKSum
 
 SHAPES = [(1, 3, 40, 64), (2, 2, 96, 32), (1, 1, 130, 16)]  # (B, H, L, Dh)
 
@@ -229,6 +230,29 @@ def test_update_as_a_decode_loop():
     assert int(idx) == 2 + steps
 
 
+@pytest.mark.parametrize(
+    "scales", [(True, True, True), (True, False, False), (False, True, True)], ids=["all", "row", "col-bias"]
+)
+def test_update_finishes_split_k_sums(scales):
+    """qkv as a SplitKSum (a split-K qkv GEMV's int32 partials): the kernel sums, scales, adds the bias and
+    rounds in its prologue exactly as SplitKSum.finish (the XLA epilogue), so the caches match bit for bit."""
+    b, h, seq_len, dh, splits = 2, 3, 40, 32, 3
+    n = 3 * h * dh
+    ks = jax.random.split(jax.random.key(sum(scales)), 5)
+    parts = jax.random.randint(ks[0], (splits, b, n), -4000, 4000, jnp.int32)
+    row = jax.random.uniform(ks[1], (b,), minval=1e-3, maxval=2e-3) if scales[0] else None
+    col = jax.random.uniform(ks[2], (n,), minval=1e-3, maxval=2e-2) if scales[1] else None
+    bias = jax.random.normal(ks[3], (n,)) if scales[2] else None
+    qkv = SplitKSum(parts, row, col, bias, jnp.dtype(jnp.bfloat16), (b, n)).reshape(b, 3, h, dh)
+    _, k, v = _packed(8, b, h, seq_len, dh, jnp.bfloat16)
+    step = jax.jit(lambda qkv, k, v, i: decode_attention_update(qkv, k, v, i, block_l=16))
+    for index in (0, 7, seq_len - 1, seq_len + 2):
+        out = step(qkv, k, v, jnp.int32(index))
+        assert out[0].dtype == jnp.bfloat16
+        _assert_step(out, decode_attention_update_reference(qkv, k, v, index), 1e-2)
+        _assert_step(out, decode_attention_update_reference(qkv.finish(), k, v, index), 1e-2)
+
+
 def test_update_errors():
     _, k, v = _packed(0, 1, 2, 8, 32)
     with pytest.raises(ValueError, match=r"qkv must be \(B, 3, H, Dh\)"):
@@ -237,6 +261,12 @@ def test_update_errors():
         decode_attention_update(jnp.ones((1, 3, 4, 32)), k, v, 1)
     with pytest.raises(ValueError, match="length must be a scalar"):
         decode_attention_update(jnp.ones((1, 3, 2, 32)), k, v, jnp.ones((2,), jnp.int32))
+    parts = jnp.ones((2, 1, 3 * 2 * 32), jnp.int32)
+    wrong = SplitKSum(parts, None, None, None, jnp.dtype(jnp.float32), (2, 3 * 32))  # B = 2 vs parts' 1
+    with pytest.raises(ValueError, match="do not finish to qkv"):
+        decode_attention_update(
+            wrong.reshape(2, 3, 1, 32), k[:1].repeat(2, 0)[:, :, :1], v[:1].repeat(2, 0)[:, :, :1], 1
+        )
 
 
 # ------------------------------------------------------------------------------------------------ lowering

@@ -22,6 +22,7 @@ from pallas_kernels.int8_matmul_block_scaled import (
 )
 from pallas_kernels.int8_matmul_decode import (
     DecodeConfig,
+    SplitKSum,
     decode_candidates,
     decode_config,
     int8_matmul_decode,
@@ -286,6 +287,47 @@ def test_split_sum_errors_and_auto_choice():
     )  # noqa: E731
     gelu = lambda a: int8_matmul_decode(a, b, sa, sb, activation="gelu", out_dtype=jnp.float32, config=SPLIT3)  # noqa: E731
     assert "reduce_sum" not in _outer_primitives(linear, a) and "reduce_sum" in _outer_primitives(gelu, a)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64)], ids=["int8-per-column", "int4-groups"])
+def test_deferred_split_sum_finishes_to_the_xla_epilogue(bits, group):
+    """split_sum="defer" hands back the partials (a pytree through jit); finish() is the "xla" result."""
+    m = 3
+    a, _, b, sa, sb, bias, _ = _operands(97 + bits, m, bits=bits)
+    scale = sb if group is None else jax.random.uniform(jax.random.key(5), (N, cdiv(K, group)), minval=1e-3)
+    kw = dict(bias=bias, out_dtype=jnp.bfloat16, b_bits=bits, b_group=group, config=SPLIT3)
+    deferred = jax.jit(lambda a: int8_matmul_decode(a, b, sa, scale, **kw, split_sum="defer"))(a)
+    assert isinstance(deferred, SplitKSum) and deferred.parts.shape == (3, m, N)
+    assert (deferred.col_scale is None) == (group is not None)  # K-group scales are applied in the loop
+    want = int8_matmul_decode(a, b, sa, scale, **kw, split_sum="xla")
+    np.testing.assert_array_equal(deferred.finish(), want)
+    np.testing.assert_array_equal(deferred.reshape(m, 2, N // 2).finish(), want.reshape(m, 2, N // 2))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        deferred.reshape(m, N + 1)
+    # the float-input kernel defers too, its per-token scales as the row scales
+    x = _float_operands(7, m, N, K, bits, group)[0]
+    fn = lambda split_sum: decode_module.quantize_matmul_decode(x, b, scale, **kw, split_sum=split_sum)  # noqa: E731
+    got = fn("defer")
+    assert isinstance(got, SplitKSum) and got.row_scale.shape == (m,)
+    np.testing.assert_array_equal(got.finish(), fn("xla"))
+
+
+def test_deferred_split_sum_only_where_it_applies():
+    """One split, an activation, a residual or requantization: "defer" returns the finished array."""
+    a, _, b, sa, sb, bias, res = _operands(98, 2)
+    kw = dict(bias=bias, split_sum="defer")
+    for extra in (
+        dict(config=FUSED),
+        dict(config=SPLIT3, activation="gelu"),
+        dict(config=SPLIT3, residual=res, out_dtype=jnp.float32),
+        dict(config=SPLIT3, out_spec=QuantSpec.per_row(8)),
+    ):
+        out = int8_matmul_decode(a, b, sa, sb, **kw, **extra)
+        assert not isinstance(out, SplitKSum), extra
+        ref = dict(extra, split_sum="xla") if extra.get("config") is SPLIT3 else extra
+        want = int8_matmul_decode(a, b, sa, sb, bias=bias, **ref)
+        if isinstance(out, jax.Array):
+            _close(out, want, 1e-6)
 
 
 # ------------------------------------------------------- per-token quantization inside the kernel
