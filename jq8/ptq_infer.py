@@ -373,17 +373,8 @@ def _fused_mlp(
     # fc2 quantizing its float input itself: fc1's epilogue then adds the bias and applies GELU.
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
     gelu = dict(bias=_bias(p, "fc1"), activation="gelu") if fc2_quantizes else {}
-    if fc2_quantizes and _in_kernel_quantize(x2, w1, backend):
-        gelu["split_sum"] = "defer"  # a split-K fc1 hands back its partials: finished by XLA, below
     u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32, **gelu)
     if fc2_quantizes:
-        from pallas_kernels.int8_matmul_decode import SplitKSum, token_scales
-
-        if isinstance(u, SplitKSum):
-            # XLA's reduction that finishes fc1 also takes the per-token absmax: fc2's programs then skip
-            # their own pass over the row before streaming weights.
-            u = u.finish()
-            res["x_scale"] = token_scales(u)
         y = tokens_matmul(u, w2, backend=backend, **res)
     else:
         aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)

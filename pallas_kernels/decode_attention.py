@@ -234,8 +234,6 @@ def _check_packed(qkv) -> jax.ShapeDtypeStruct:
     b, _, h, dh = qkv.shape
     if isinstance(qkv, SplitKSum) and qkv.parts.shape[1:] != (b, 3 * h * dh):
         raise ValueError(f"SplitKSum parts {qkv.parts.shape} do not finish to qkv {qkv.shape}")
-    if isinstance(qkv, SplitKSum) and qkv.activation is not None:
-        raise ValueError(f"qkv as a SplitKSum takes no activation, got {qkv.activation!r}")
     return jax.ShapeDtypeStruct((b, h, dh), qkv.dtype)
 
 

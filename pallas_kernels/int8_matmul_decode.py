@@ -230,27 +230,17 @@ class ActQuant:
     has_beta: bool = False
     rows: int = 1  # rows of the statistics tiles: 1 for M = 1, else BLOCK_M
     chunk: int = 1024  # columns per statistics tile (a power of two)
-    given_scale: bool = False  # the per-token scales come in (x_scale): no statistics prologue
 
 
 STATS_ELEMS = 8192  # fp32 elements per statistics tile (64 registers per thread at 4 warps)
 
 
-def act_quant(
-    m: int,
-    k: int,
-    *,
-    norm: str | None,
-    eps: float,
-    has_gamma: bool,
-    has_beta: bool,
-    given_scale: bool = False,
-) -> ActQuant:
+def act_quant(m: int, k: int, *, norm: str | None, eps: float, has_gamma: bool, has_beta: bool) -> ActQuant:
     if norm not in (None, "layernorm", "rmsnorm"):
         raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm', got {norm!r}")
     rows = 1 if m == 1 else BLOCK_M
     chunk = min(next_pow2(k), max(32, STATS_ELEMS // rows))
-    return ActQuant(k, norm, float(eps), has_gamma, has_beta, rows, chunk, given_scale)
+    return ActQuant(k, norm, float(eps), has_gamma, has_beta, rows, chunk)
 
 
 def _token_scales(x_ref, g_ref, be_ref, q: ActQuant, m: int, interpret: bool):
@@ -449,7 +439,6 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     q = p.act
     g_ref = rest.pop(0) if q is not None and q.has_gamma else None
     be_ref = rest.pop(0) if q is not None and q.has_beta else None
-    xs_ref = rest.pop(0) if q is not None and q.given_scale else None
     if p.fused or p.atomic:
         sa_ref = rest.pop(0) if p.scaled_a and q is None else None
         sb_ref = rest.pop(0) if p.scaled_b else None
@@ -467,12 +456,7 @@ def _decode_kernel(*refs, p: _Plan, epi, interpret: bool = False):
     col_ok = (col0 + jnp.arange(bn)) < p.n if p.n % bn else None
     load_a = stats = None
     if q is not None:
-        if q.given_scale:  # scales computed upstream (fused into the producer's XLA epilogue)
-            row_ok = jnp.arange(q.rows) < p.m
-            scale = plgpu.load(xs_ref.at[pl.ds(0, q.rows)], mask=row_ok, other=1.0)[:, None]
-            stats = (None, None, scale, div_rn(jnp.ones_like(scale), scale, interpret))
-        else:
-            stats = _token_scales(a_ref, g_ref, be_ref, q, p.m, interpret)
+        stats = _token_scales(a_ref, g_ref, be_ref, q, p.m, interpret)
         load_a = _code_loader(a_ref, g_ref, be_ref, q, stats, a_rows, k_padded=p.k != q.k)
     k_lo = s * p.chunk
     # Static trip counts (Triton's scf.for rejected the traced one a shorter last split needed): with
@@ -605,11 +589,10 @@ SPLIT_SUMS = ("auto", "atomic", "xla", "defer")
 class SplitKSum:
     """A decode GEMM's result left as its split-K partial sums, for the consuming kernel to finish.
 
-        value = act((sum_s parts[s]) * row_scale[:, None] * col_scale[None, :] + bias).astype(dtype)
+        value = ((sum_s parts[s]) * row_scale[:, None] * col_scale[None, :] + bias).astype(dtype)
 
     parts: (S, M, N) int32 (float32 with K-group weight scales, applied in the loop). row_scale: (M,) f32
     per-token scales; col_scale: (N,) f32 per-column weight scales; bias: (N,) f32; each may be None.
-    activation: as in :func:`int8_matmul_decode` (None or "gelu").
     ``shape``: the shape :meth:`finish` gives the (M, N) value (a reshape). A pytree (the arrays are its
     leaves), returned by ``split_sum="defer"``: a consumer that reads it in its prologue
     (:func:`pallas_kernels.decode_attention.decode_attention_update`) saves the reduction's launch, and
@@ -622,7 +605,6 @@ class SplitKSum:
     bias: jax.Array | None
     dtype: jnp.dtype
     shape: tuple[int, ...]
-    activation: Activation = None
 
     def finish(self) -> jax.Array:
         """The value as XLA computes it in the "xla" split_sum path, reshaped to ``shape``."""
@@ -631,10 +613,9 @@ class SplitKSum:
             y = y * self.row_scale[:, None]
         if self.col_scale is not None:
             y = y * self.col_scale[None, :]
-        y = epilogue_reference(
-            y, bias=self.bias, activation=self.activation, residual=None, out_dtype=self.dtype, out_spec=None
-        )
-        return y.reshape(self.shape)
+        if self.bias is not None:
+            y = y + self.bias[None, :]
+        return y.astype(self.dtype).reshape(self.shape)
 
     def reshape(self, *shape: int) -> SplitKSum:
         """The same sum, finishing to ``shape`` (same size as (M, N))."""
@@ -645,15 +626,8 @@ class SplitKSum:
 
 
 jax.tree_util.register_dataclass(
-    SplitKSum,
-    data_fields=["parts", "row_scale", "col_scale", "bias"],
-    meta_fields=["dtype", "shape", "activation"],
+    SplitKSum, data_fields=["parts", "row_scale", "col_scale", "bias"], meta_fields=["dtype", "shape"]
 )
-
-
-def token_scales(x: jax.Array) -> jax.Array:
-    """(M, K) float -> (M,) f32 per-token INT8 scales, as the kernels compute them (``x_scale`` input)."""
-    return scale_from_absmax(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -686,8 +660,8 @@ def int8_matmul_decode(
     f32 output, which starts as ``residual`` (or zeros), so the GEMV, bias and residual add are one launch
     (float32 output, no activation / out_spec; the summation order varies between runs, at float32
     rounding). "xla": partials (S, M, N), then an XLA reduction + epilogue (deterministic). "auto": atomic
-    where it applies. "defer": when K is split and there is no residual or out_spec, a :class:`SplitKSum`
-    for a consumer to finish; otherwise as "auto".
+    where it applies. "defer": when K is split and the epilogue is scales + bias only (no activation,
+    residual or out_spec), a :class:`SplitKSum` for a consumer kernel to finish; otherwise as "auto".
     """
     if a.dtype != jnp.int8:
         raise TypeError(f"a must be int8, got {a.dtype}")
@@ -724,7 +698,6 @@ def quantize_matmul_decode(
     gamma: jax.Array | None = None,
     beta: jax.Array | None = None,
     eps: float = 1e-5,
-    x_scale: jax.Array | None = None,
     bias: jax.Array | None = None,
     activation: Activation = None,
     residual: jax.Array | None = None,
@@ -744,8 +717,6 @@ def quantize_matmul_decode(
     :func:`int8_matmul_decode`. Equals ``int8_matmul_decode(codes, b, scale, b_scale, ...)`` with
     ``codes, scale`` from ``layer_norm_quantize`` (or ``quantize_tiles`` without a norm) per row, up to the
     fp32 summation order of the row statistics. split_sum as in :func:`int8_matmul_decode`.
-    x_scale: optional (M,) f32 per-token scales of x (``token_scales(x)``, e.g. fused into the XLA epilogue
-    that produced x), used instead of each program's absmax pass over the row (no norm then).
     """
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be (M, K) floating, got {x.shape} {x.dtype}")
@@ -757,13 +728,7 @@ def quantize_matmul_decode(
         raise ValueError("gamma / beta given without norm= ('layernorm' or 'rmsnorm')")
     if b_scale is None:
         raise ValueError("quantize_matmul_decode needs b_scale (the activation scale is per token)")
-    if x_scale is not None and (norm is not None or x_scale.size != m):
-        raise ValueError(
-            f"x_scale must be the (M,) = ({m},) per-token scales of x, without norm=; got {x_scale.shape}, "
-            f"norm={norm!r}"
-        )
-    has = dict(has_gamma=gamma is not None, has_beta=beta is not None, given_scale=x_scale is not None)
-    act = act_quant(m, k, norm=norm, eps=eps, **has)
+    act = act_quant(m, k, norm=norm, eps=eps, has_gamma=gamma is not None, has_beta=beta is not None)
     return _decode_matmul(
         x,
         b,
@@ -772,7 +737,6 @@ def quantize_matmul_decode(
         gamma,
         beta,
         act=act,
-        x_scale=x_scale,
         bias=bias,
         activation=activation,
         residual=residual,
@@ -801,7 +765,6 @@ def _decode_matmul(
     beta,
     *,
     act: ActQuant | None,
-    x_scale=None,
     bias,
     activation,
     residual,
@@ -890,7 +853,7 @@ def _decode_matmul(
             f"{out_spec}); use split_sum='xla'"
         )
     defer = split_sum == "defer" and split > 1 and not raw
-    defer = defer and residual is None and out_spec is None
+    defer = defer and activation is None and residual is None and out_spec is None
     atomic = split > 1 and linear and split_sum not in ("xla", "defer")
     interp = resolve_interpret(interpret)
     scaled_a = a_scale is not None or act is not None
@@ -919,8 +882,6 @@ def _decode_matmul(
         inputs.append(jnp.asarray(b_scale, jnp.float32))
     if act is not None:  # the statistics mask K past the true width; the padded columns quantize to 0
         inputs += [_pad_cols(v, kp) for v in (gamma, beta) if v is not None]
-        if act.given_scale:
-            inputs.append(jnp.asarray(x_scale, jnp.float32).reshape(m))
     call = functools.partial(
         pl.pallas_call,
         grid=(cdiv(n, cfg.block_n), split),
@@ -988,7 +949,7 @@ def _decode_matmul(
         f32 = lambda v, size: None if v is None else jnp.asarray(v, jnp.float32).reshape(size)
         col_scale = f32(b_scale, n) if plan.scaled_b else None
         row_scale, bias = f32(a_scale, m), f32(bias, n)
-        return SplitKSum(outs[0], row_scale, col_scale, bias, jnp.dtype(out_dtype), (m, n), activation)
+        return SplitKSum(outs[0], row_scale, col_scale, bias, jnp.dtype(out_dtype), (m, n))
     acc = jnp.sum(outs[0], axis=0)
     if raw:
         return acc
