@@ -186,7 +186,16 @@ def _check_quantized_cached_logits(name, scheme, backend):
     assert set(_indices(cache)) == {L}
 
 
-def test_quantized_pallas_decode_defers_the_split_k_qkv_sum(monkeypatch):
+@pytest.fixture
+def fresh_traces():
+    """Clears JAX's trace caches around a test that monkeypatches a function jitted kernels call while
+    tracing: another test's cached trace would skip the patch, and the patched traces must not outlive it."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def test_quantized_pallas_decode_defers_the_split_k_qkv_sum(monkeypatch, fresh_traces):
     """Every decode GEMV split in two (as the tuned 1.5B qkv is): the one-token calls hand the qkv GEMV's
     partial sums to the attention kernel unfinished (SplitKSum), and the logits still match the full pass."""
     from pallas_kernels import decode_attention as attention_module
