@@ -300,9 +300,8 @@ class AttentionBlock(nn.Module):
         from pallas_kernels.int8_matmul_decode import SplitKSum
 
         packed = qkv
-        if isinstance(
-            qkv, SplitKSum
-        ):  # unfinished split-K sums: XLA drops this where the kernel finishes them
+        # Unfinished split-K sums: finished by XLA here, an op XLA drops where the kernel finishes them.
+        if isinstance(qkv, SplitKSum):
             qkv = qkv.finish()
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         cache = self._cache_variables(k, v) if decode else None
