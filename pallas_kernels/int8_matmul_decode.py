@@ -608,14 +608,11 @@ class SplitKSum:
 
     def finish(self) -> jax.Array:
         """The value as XLA computes it in the "xla" split_sum path, reshaped to ``shape``."""
-        y = jnp.sum(self.parts, axis=0).astype(jnp.float32)
-        if self.row_scale is not None:
-            y = y * self.row_scale[:, None]
-        if self.col_scale is not None:
-            y = y * self.col_scale[None, :]
-        if self.bias is not None:
-            y = y + self.bias[None, :]
-        return y.astype(self.dtype).reshape(self.shape)
+        y = scaled_sum(self.parts, self.row_scale, self.col_scale)
+        out = epilogue_reference(
+            y, bias=self.bias, activation=None, residual=None, out_dtype=self.dtype, out_spec=None
+        )
+        return out.reshape(self.shape)
 
     def reshape(self, *shape: int) -> SplitKSum:
         """The same sum, finishing to ``shape`` (same size as (M, N))."""
@@ -623,6 +620,17 @@ class SplitKSum:
         if math.prod(shape) != math.prod(self.shape):
             raise ValueError(f"cannot reshape a SplitKSum of shape {self.shape} to {shape}")
         return dataclasses.replace(self, shape=shape)
+
+
+def scaled_sum(parts: jax.Array, row_scale: jax.Array | None, col_scale: jax.Array | None) -> jax.Array:
+    """(S, M, N) split-K partials -> (M, N) f32 sum x (M,) row scales x (N,) column scales (None: skipped),
+    the first half of the XLA epilogue (:func:`epilogue_reference` is the second)."""
+    y = jnp.sum(parts, axis=0).astype(jnp.float32)  # int32 partials: an exact sum
+    if row_scale is not None:
+        y = y * jnp.asarray(row_scale, jnp.float32).reshape(-1, 1)
+    if col_scale is not None:
+        y = y * jnp.asarray(col_scale, jnp.float32).reshape(1, -1)
+    return y
 
 
 jax.tree_util.register_dataclass(
@@ -950,14 +958,9 @@ def _decode_matmul(
         col_scale = f32(b_scale, n) if plan.scaled_b else None
         row_scale, bias = f32(a_scale, m), f32(bias, n)
         return SplitKSum(outs[0], row_scale, col_scale, bias, jnp.dtype(out_dtype), (m, n))
-    acc = jnp.sum(outs[0], axis=0)
     if raw:
-        return acc
-    y = acc.astype(jnp.float32)
-    if a_scale is not None:
-        y = y * jnp.asarray(a_scale, jnp.float32).reshape(m, 1)
-    if plan.scaled_b:
-        y = y * jnp.asarray(b_scale, jnp.float32).reshape(1, n)
+        return jnp.sum(outs[0], axis=0)
+    y = scaled_sum(outs[0], a_scale, b_scale if plan.scaled_b else None)
     return epilogue_reference(
         y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
     )

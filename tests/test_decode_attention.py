@@ -263,10 +263,9 @@ def test_update_errors():
         decode_attention_update(jnp.ones((1, 3, 2, 32)), k, v, jnp.ones((2,), jnp.int32))
     parts = jnp.ones((2, 1, 3 * 2 * 32), jnp.int32)
     wrong = SplitKSum(parts, None, None, None, jnp.dtype(jnp.float32), (2, 3 * 32))  # B = 2 vs parts' 1
+    _, k2, v2 = _packed(1, 2, 1, 8, 32)  # caches for the B = 2, H = 1 that `wrong` claims
     with pytest.raises(ValueError, match="do not finish to qkv"):
-        decode_attention_update(
-            wrong.reshape(2, 3, 1, 32), k[:1].repeat(2, 0)[:, :, :1], v[:1].repeat(2, 0)[:, :, :1], 1
-        )
+        decode_attention_update(wrong.reshape(2, 3, 1, 32), k2, v2, 1)
 
 
 # ------------------------------------------------------------------------------------------------ lowering
