@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py --preset gpt2-1.5b
     PYTHONPATH=. python3 benchmarks/profile_decode.py --preset gpt-tiny --iters 2    # CPU smoke test
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --preset gpt2-124m --tokens 8 1024  # a prefill
 
 For the bf16 model and each ZeroQuant scheme (random-init weights, the models of benchmarks/ptq_speed.py):
 one token through the whole model (ptq_speed's decode proxy), timed by wall clock (median, block_until_ready),
@@ -77,13 +78,24 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--loop", type=int, default=0, help="also time this many greedy steps in one fori_loop")
     ap.add_argument(
+        "--tokens",
+        type=int,
+        nargs=2,
+        default=(1, 1),
+        metavar=("BATCH", "SEQ"),
+        help="profile one call on a (BATCH, SEQ) token batch instead of one token (a prefill: 8 1024)",
+    )
+    ap.add_argument(
         "--kv", type=int, default=0, help="profile a KV-cache decode of this many tokens instead (per token)"
     )
     args = ap.parse_args()
+    if args.kv and tuple(args.tokens) != (1, 1):
+        ap.error("--kv profiles a batch-1 decode from a 1-token prompt; leave --tokens at 1 1")
     cfg = preset(args.preset)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.tokens[1]))
     model = build_model(cfg, Policy.from_name("bf16"))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    one = jnp.zeros((1, 1), jnp.int32)
+    one = jax.random.randint(jax.random.PRNGKey(1), tuple(args.tokens), 0, cfg.vocab_size)
     print(f"device {jax.devices()[0].device_kind}, preset {args.preset}, jax {jax.__version__}", flush=True)
     rows = []
     for scheme in args.schemes:
@@ -146,8 +158,10 @@ def main() -> None:
             print(f"  {k['us']:9.1f} us x{k['calls']:<5g} {k['name'][:110]}", flush=True)
     out = os.environ.get("OUT")
     if out:
+        b, t = args.tokens
+        suffix = "" if (b, t) == (1, 1) else f"_{b}x{t}"
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"profile_decode_{args.preset}.json"), "w") as f:
+        with open(os.path.join(out, f"profile_decode_{args.preset}{suffix}.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
 

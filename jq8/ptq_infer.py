@@ -5,8 +5,8 @@ forward that mirrors the model). Two levels, one interceptor (:func:`fused_inter
 
 * jq8.nn's ``MlpBlock`` / ``AttentionBlock`` (the GPT/LLaMA branches) whose Dense layers are all INT8
   token-wise are replaced whole by the fused ZeroQuant data flow: LayerNorm + per-token quantization in
-  one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias in the epilogue -> bias + GELU +
-  quantization in one kernel (``gelu_quantize``) -> INT8/INT4 GEMM (dequant + bias in the epilogue);
+  one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias + GELU in the epilogue -> per-token
+  quantization (``quantize_tiles``) -> INT8/INT4 GEMM (dequant + bias + residual in the epilogue);
   attention itself stays a float island. This mirrors the two branch bodies (small, tested against the
   per-Dense path to 1e-5). At decode sizes (M <= 16) on Pallas the GEMVs quantize their float input
   themselves (:func:`tokens_matmul`), and fc1's epilogue applies bias + GELU: fewer launches per token.
@@ -83,15 +83,6 @@ def norm_quantize_tokens(x: jax.Array, gamma, beta, *, eps: float, rms: bool, ba
     else:
         from pallas_kernels.norm_quantize import layer_norm_quantize_reference as fn
     return fn(x, gamma, beta, eps=eps, rms=rms, spec=TOKEN_SPEC)[0]
-
-
-def bias_gelu_quantize_tokens(x: jax.Array, bias, *, backend: str) -> QArray:
-    """GELU(x + bias) (exact erf) of x (M, N) fused with its per-token INT8 quantization."""
-    if backend == "pallas":
-        from pallas_kernels.gelu_quantize import bias_gelu_quantize as fn
-    else:
-        from pallas_kernels.gelu_quantize import bias_gelu_quantize_reference as fn
-    return fn(x, bias, spec=TOKEN_SPEC, activation="gelu")
 
 
 def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str, norm: bool = False) -> bool:
@@ -359,7 +350,7 @@ def _block_norm(module, p: Mapping[str, Any]) -> dict[str, Any]:
 def _fused_mlp(
     module, qp: QuantizedParams, path: str, x: jax.Array, backend: str, residual: jax.Array | None = None
 ) -> jax.Array:
-    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant epilogue) -> bias+GELU+quantize -> fc2.
+    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant+bias+GELU epilogue) -> quantize -> fc2.
 
     At decode sizes on Pallas the quantizations run inside the GEMMs instead, and fc1's epilogue adds the
     bias and applies GELU (see :func:`tokens_matmul`). ``residual`` is added in fc2's epilogue (at decode
@@ -368,17 +359,21 @@ def _fused_mlp(
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
     w1, w2 = qp.weights[f"{path}/fc1"], qp.weights[f"{path}/fc2"]
-    f32 = jnp.float32
-    res = dict(bias=_bias(p, "fc2"), residual=_rows(residual, d), out_dtype=f32)
-    # fc2 quantizing its float input itself: fc1's epilogue then adds the bias and applies GELU.
+    res = dict(bias=_bias(p, "fc2"), residual=_rows(residual, d), out_dtype=jnp.float32)
+    # fc1's epilogue adds the bias and applies GELU. At decode sizes fc2 quantizes that f32 output itself;
+    # otherwise it leaves fc1 in the block's compute dtype, as the float model's Dense does, and one
+    # per-token quantize pass follows (a bf16 read is half an f32 one; measured in BENCHMARKS.md session 8,
+    # GELU in the GEMM epilogue + quantize beats a separate bias-GELU-quantize kernel at M = 8192).
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
-    gelu = dict(bias=_bias(p, "fc1"), activation="gelu") if fc2_quantizes else {}
-    u = tokens_matmul(x2, w1, backend=backend, norm=_block_norm(module, p), out_dtype=f32, **gelu)
+    u_dtype = jnp.float32 if fc2_quantizes else module.policy.compute_dtype
+    u = tokens_matmul(
+        x2, w1, backend=backend, norm=_block_norm(module, p), bias=_bias(p, "fc1"), activation="gelu",
+        out_dtype=u_dtype,
+    )  # fmt: skip
     if fc2_quantizes:
         y = tokens_matmul(u, w2, backend=backend, **res)
     else:
-        aq = bias_gelu_quantize_tokens(u, _bias(p, "fc1"), backend=backend)
-        y = matmul_qarrays(aq, w2, backend=backend, **res)
+        y = matmul_qarrays(quantize_tokens(u, backend), w2, backend=backend, **res)
     return y.reshape(*lead, d)
 
 
