@@ -290,7 +290,8 @@ class AttentionBlock(nn.Module):
 
         qkv: (B, T, 3, H, Dh) in the compute dtype, [q | k | v] *before* rotary -> o (B, T, H, Dh), same
         dtype; or a ``pallas_kernels.int8_matmul_decode.SplitKSum`` finishing to it (the INT8 path's split-K
-        qkv GEMV, whose reduction the one-token decode kernel then does in its prologue).
+        qkv GEMV, whose reduction the one-token decode kernel then does in its prologue); or a tuple
+        (q, k, v) of (B, T, H, Dh) arrays (the INT8 path's prefill GEMM writes them apart).
         Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on the
         bound module from inside the intercepted ``__call__``, so the cache variables can be created and
         mutated there too). mask / decode: as in the class docstring. A one-token cached call on the
@@ -299,11 +300,11 @@ class AttentionBlock(nn.Module):
         """
         from pallas_kernels.int8_matmul_decode import SplitKSum
 
-        packed = qkv
+        packed = None if isinstance(qkv, tuple) else qkv
         # Unfinished split-K sums: finished by XLA here, an op XLA drops where the kernel finishes them.
         if isinstance(qkv, SplitKSum):
             qkv = qkv.finish()
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv if isinstance(qkv, tuple) else (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         cache = self._cache_variables(k, v) if decode else None
         offset = cache[2].value if cache is not None else 0
         if self.rotary:
@@ -322,8 +323,8 @@ class AttentionBlock(nn.Module):
 
             ck, cv, ci = cache
             _check_cache(ck.value, k)
-            # (B, 3, H, Dh): with rotary the rotated q / k are re-packed (one fusion), else a free reshape
-            if self.rotary:
+            # (B, 3, H, Dh): with rotary (or q, k, v given apart) re-packed in one fusion, else a free reshape
+            if self.rotary or packed is None:
                 row = jnp.stack([q[:, 0], k[:, 0], v[:, 0]], axis=1)
             else:
                 row = packed.reshape(packed.shape[0], *packed.shape[2:])

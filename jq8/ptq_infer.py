@@ -155,14 +155,15 @@ def matmul_qarrays_xla(
     activation: str | None = None,
     residual: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
-) -> jax.Array:
+    split_cols: int | None = None,
+) -> jax.Array | tuple[jax.Array, ...]:
     """XLA twin of ``pallas_kernels.int8_matmul_block_scaled.matmul_qarrays`` for the PTQ layouts.
 
     a: (M, K) int8 QArray with a scale constant along K (per-token (M, 1) or per-tensor (1, 1)).
     b: (N, K) int8 / packed-INT4 QArray, symmetric, scales (gn, 1) (per channel / row runs / tensor) or
       (N, cdiv(K, g)) (contraction groups). Returns act(a @ b.T * scales + bias) + residual, (M, N).
     The product is int8 x int8 -> int32 (exact); contraction groups get one int32 partial per group,
-    rescaled into an fp32 sum, as the block-scaled kernel does.
+    rescaled into an fp32 sum, as the block-scaled kernel does. split_cols: the output as N / split_cols arrays.
     """
     m, k = a.shape_2d
     n, kb = b.shape_2d
@@ -191,7 +192,8 @@ def matmul_qarrays_xla(
     y = _apply_activation(y, activation)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
-    return y.astype(out_dtype)
+    y = y.astype(out_dtype)
+    return y if split_cols is None else tuple(jnp.split(y, n // split_cols, axis=1))
 
 
 def matmul_qarrays(a: QArray, b: QArray, *, backend: str, **epilogue) -> jax.Array:
@@ -402,11 +404,18 @@ def _fused_attention(
     cd = module.policy.compute_dtype
     x2, w = x.reshape(-1, d), qp.weights[f"{path}/qkv"]
     # At decode sizes a split-K qkv GEMV leaves its partial sums to the attention kernel (module.attend
-    # finishes them with XLA on any other path): one launch fewer per layer.
-    defer = dict(split_sum="defer") if _in_kernel_quantize(x2, w, backend, norm=True) else {}
+    # finishes them with XLA on any other path): one launch fewer per layer. Otherwise the GEMM writes q, k
+    # and v as three arrays, so attention needs no slicing copies of a packed qkv.
+    if _in_kernel_quantize(x2, w, backend, norm=True):
+        layout = dict(split_sum="defer")
+    else:
+        layout = dict(split_cols=d)
     norm = _block_norm(module, p)
-    qkv = tokens_matmul(x2, w, backend=backend, norm=norm, bias=_bias(p, "qkv"), out_dtype=cd, **defer)
-    qkv = qkv.reshape(b, t, 3, h, d // h)
+    qkv = tokens_matmul(x2, w, backend=backend, norm=norm, bias=_bias(p, "qkv"), out_dtype=cd, **layout)
+    if isinstance(qkv, tuple):
+        qkv = tuple(a.reshape(b, t, h, d // h) for a in qkv)
+    else:
+        qkv = qkv.reshape(b, t, 3, h, d // h)
     o = module.attend(qkv, mask, decode).reshape(b * t, d)
     out = qp.weights[f"{path}/out"]
     res = _rows(residual, d)

@@ -216,6 +216,7 @@ class Epilogue:
     requant: str | None = None  # None, "row" (whole row per tile) or "blocks"
     q_tile: tuple[int, int] = (1, 1)
     interpret: bool = False  # picks the exact division of the requantization (inline PTX on the GPU)
+    parts: int = 1  # the (M, N) output written as this many (M, N / parts) arrays (see int8_matmul split_cols)
 
     @property
     def num_inputs(self) -> int:
@@ -233,6 +234,7 @@ def make_epilogue(
     out_dtype,
     out_spec: QuantSpec | None,
     interpret: bool,
+    split_cols: int | None = None,
 ) -> Epilogue:
     """Validates the epilogue arguments against the problem and the tile configuration."""
     if activation not in ACTIVATIONS:
@@ -261,6 +263,16 @@ def make_epilogue(
                 f"fused requantization supports per-row (1, -1) or power-of-two blocks dividing the tile "
                 f"({cfg.block_m}x{cfg.block_n}); got tile {out_spec.tile} for a {m}x{n} output."
             )
+    parts = 1
+    if split_cols is not None:
+        if out_spec is not None:
+            raise NotImplementedError("split_cols writes float outputs; it does not combine with out_spec")
+        if split_cols <= 0 or n % split_cols or split_cols % cfg.block_n:
+            raise ValueError(
+                f"split_cols={split_cols} must divide N={n} and be a multiple of block_n={cfg.block_n} "
+                "(config=None picks a block_n that divides it)"
+            )
+        parts = n // split_cols
     return Epilogue(
         bias is not None,
         activation,
@@ -269,6 +281,7 @@ def make_epilogue(
         requant,
         q_tile,
         interpret,
+        parts,
     )
 
 
@@ -282,6 +295,10 @@ def epilogue_inputs(bias, residual) -> list[jax.Array]:
 
 
 def epilogue_out_shapes(m: int, n: int, epi: Epilogue):
+    if epi.parts > 1:
+        return tuple(
+            jax.ShapeDtypeStruct((m, n // epi.parts), jnp.dtype(epi.out_dtype)) for _ in range(epi.parts)
+        )
     if epi.requant is None:
         return jax.ShapeDtypeStruct((m, n), jnp.dtype(epi.out_dtype))
     tm, tn = epi.q_tile
@@ -331,6 +348,16 @@ def store_epilogue(
         res_view = next(it).at[pl.ds(row0, bm), pl.ds(col0, bn)]
         res = res_view[...] if mask is None else plgpu.load(res_view, mask=mask, other=0)
         y = y + res.astype(jnp.float32)
+    if epi.parts > 1:  # the tile lies inside one part (block_n divides its width): store it there
+        width = n // epi.parts
+        for j, ref in enumerate(out_refs):
+
+            @pl.when(col0 // width == j)
+            def _(ref=ref, j=j):
+                view = ref.at[pl.ds(row0, bm), pl.ds(col0 - j * width, bn)]
+                _store(view, y.astype(jnp.dtype(epi.out_dtype)), mask)
+
+        return
     if epi.requant is None:
         _store(out_refs[0].at[pl.ds(row0, bm), pl.ds(col0, bn)], y.astype(jnp.dtype(epi.out_dtype)), mask)
         return
@@ -473,7 +500,16 @@ def resolve_config(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "split_k", "interpret"),
+    static_argnames=(
+        "activation",
+        "out_dtype",
+        "out_spec",
+        "b_bits",
+        "config",
+        "split_k",
+        "split_cols",
+        "interpret",
+    ),
 )
 def int8_matmul(
     a: jax.Array,
@@ -489,8 +525,9 @@ def int8_matmul(
     b_bits: int = 8,
     config: TileConfig | None = None,
     split_k: int | None = None,
+    split_cols: int | None = None,
     interpret: bool | None = None,
-) -> jax.Array | QArray:
+) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
 
     a: (M, K) int8. b: (N, K) int8, or with ``b_bits=4`` (N, int4_width(K)) uint8 INT4 (``pack_int4``).
@@ -499,6 +536,9 @@ def int8_matmul(
     Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
     a :class:`QArray` requantized in the epilogue; with both scales None the raw (M, N) int32 product.
     ``config=None`` uses the autotune cache or a heuristic (never autotunes implicitly).
+    split_cols: return the output as N / split_cols arrays (M, split_cols), column blocks in order: q, k, v of a fused
+    qkv projection, written by the epilogue where attention reads them (no slicing copies). It needs
+    split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two dividing split_cols).
 
     Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
     ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
@@ -520,17 +560,25 @@ def int8_matmul(
     else:
         raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
     check_int32_k(k)
+    raw = a_scale is None and b_scale is None
+    if split_cols is not None and (raw or out_spec is not None or split_cols <= 0 or n % split_cols):
+        raise ValueError(
+            f"split_cols={split_cols} needs a float output (scales given, no out_spec) and must divide N={n}"
+        )
     if split_k is not None or (config is None and m <= DECODE_MAX_M):
-        return _decode(
+        out = _decode(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
             out_spec=out_spec, b_bits=b_bits, config=config, split_k=split_k, interpret=interpret,
         )  # fmt: skip
-    raw = a_scale is None and b_scale is None
+        return out if split_cols is None else tuple(jnp.split(out, n // split_cols, axis=1))  # a few rows: cheap
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
-    cfg0 = resolve_config(
-        "int8_matmul", m, n, k, f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}", config, out_spec
-    )
+    key = f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}" + ("" if split_cols is None else "-split")
+    cfg0 = resolve_config("int8_matmul", m, n, k, key, config, out_spec)
+    if split_cols is not None and config is None:
+        cfg0 = dataclasses.replace(cfg0, block_n=min(cfg0.block_n, split_cols & -split_cols))
+        if cfg0.block_n < 16:
+            raise ValueError(f"split_cols={split_cols} has no power-of-two factor >= 16 to use as block_n")
     epi = make_epilogue(
         m,
         n,
@@ -541,6 +589,7 @@ def int8_matmul(
         out_dtype=out_dtype,
         out_spec=out_spec,
         interpret=resolve_interpret(interpret),
+        split_cols=split_cols,
     )
     block = w = 0
     if b_bits == 4:  # steps of w packed bytes inside one half-split block; a padded to whole blocks
@@ -575,6 +624,8 @@ def int8_matmul(
         interpret=resolve_interpret(interpret),
         name="int8_matmul",
     )(*inputs)
+    if epi.parts > 1:
+        return tuple(out)
     return out if raw else wrap_output(out, m, n, epi, out_spec)
 
 

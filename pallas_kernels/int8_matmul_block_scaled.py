@@ -506,13 +506,21 @@ def int8_matmul_block_scaled(
 # --------------------------------------------------------------------------------------------- dispatch
 
 
-def matmul_qarrays(a: QArray, b: QArray, **epilogue) -> jax.Array | QArray:
+def matmul_qarrays(
+    a: QArray, b: QArray, *, split_cols: int | None = None, **epilogue
+) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """GEMM of two quantized operands in NT layout: a (M, K), b (N, K) (INT8, or INT4 for b).
 
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
     vectors, applied in the epilogue); otherwise :func:`int8_matmul_block_scaled`. ``epilogue``: bias,
-    activation, residual, out_dtype, out_spec, config, interpret.
+    activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
+    (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, the other kernels are split after.
     """
+    if split_cols is not None and (a.scale.shape[1] != 1 or b.scale.shape[1] != 1):
+        y = matmul_qarrays(a, b, **epilogue)
+        return tuple(jnp.split(y, y.shape[1] // split_cols, axis=1))
+    if split_cols is not None:
+        epilogue["split_cols"] = split_cols
     (m, k), (n, kb) = a.shape_2d, b.shape_2d
     if k != kb:
         raise ValueError(

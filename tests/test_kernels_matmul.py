@@ -257,3 +257,34 @@ def test_contraction_shorter_than_one_k_tile(m, n, k):
     out = int8_matmul(a, b, sa, sb, out_dtype=jnp.float32)
     ref = int8_matmul_reference(a, b, sa, sb, out_dtype=jnp.float32)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [None, TileConfig(32, 32, 64, 4, 3, 2)], ids=["auto-block-n", "cfg"])
+def test_split_cols_writes_column_blocks_apart(config):
+    """split_cols: q, k, v of a qkv GEMM as three arrays, bit-identical to the columns of the packed output
+    (ragged M; block_n narrowed to divide 96 when the config is picked)."""
+    m, n, k = RAGGED  # N = 96 = 3 x 32
+    a, b, sa, sb, bias, _ = _operands(15, m, n, k)
+    kw = dict(bias=bias, activation="gelu", out_dtype=jnp.float32, config=config)
+    packed = np.asarray(int8_matmul(a, b, sa, sb, **kw))
+    parts = int8_matmul(a, b, sa, sb, split_cols=32, **kw)
+    assert len(parts) == 3 and all(p.shape == (m, 32) for p in parts)
+    for j, p in enumerate(parts):
+        np.testing.assert_array_equal(np.asarray(p), packed[:, 32 * j : 32 * (j + 1)])
+    # decode sizes (M <= 16) split the decode kernel's output
+    small = int8_matmul(a[:5], b, sa[:5], sb, split_cols=48, bias=bias)
+    np.testing.assert_array_equal(
+        np.concatenate(small, axis=1), np.asarray(int8_matmul(a[:5], b, sa[:5], sb, bias=bias))
+    )
+
+
+def test_split_cols_errors_are_actionable():
+    a, b, sa, sb, *_ = _operands(16, *RAGGED)
+    with pytest.raises(ValueError, match="must divide N"):
+        int8_matmul(a, b, sa, sb, split_cols=40)
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        int8_matmul(a, b, sa, sb, split_cols=32, config=TileConfig(32, 64, 64))
+    with pytest.raises(ValueError, match="float output"):
+        int8_matmul(a, b, split_cols=32)
+    with pytest.raises(ValueError, match="power-of-two factor"):
+        int8_matmul(a, b[:72], sa, sb[:, :72], split_cols=24)  # 24 = 8 x 3: block_n would be 8

@@ -341,3 +341,26 @@ def test_llama_without_biases_runs_quantized(name, tmp_path):
     fp = jax.jit(model.apply)({"params": params}, tokens)
     bound = 0.3 if "4" in name else 0.2  # INT4 schemes: INT4 LM head too (their default)
     assert float(jnp.sqrt(jnp.mean((out - fp) ** 2)) / jnp.sqrt(jnp.mean(fp**2))) < bound
+
+
+def test_fused_prefill_pallas_matches_xla(monkeypatch):
+    """At prefill sizes (M = 24 > 16 tokens) the fused path runs the GEMM kernels with their epilogues: qkv
+    written as q, k, v apart (attend gets a tuple), fc1 with bias + GELU, a per-token quantize, fc2 with the
+    residual; the same numbers as the XLA integer path."""
+    from jq8.nn import AttentionBlock
+
+    model, params, tokens = tiny_gpt(layers=1, d=48, heads=2, vocab=101, seq=8, seed=5)
+    qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
+    ref = run_int8(model, qp, tokens, backend="xla")
+    kinds, real = [], AttentionBlock.attend
+
+    def spy(self, qkv, *a, **k):
+        kinds.append(type(qkv).__name__)
+        return real(self, qkv, *a, **k)
+
+    monkeypatch.setattr(AttentionBlock, "attend", spy)
+    jax.clear_caches()
+    got = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t, backend="pallas"))(qp, tokens)
+    jax.clear_caches()
+    assert kinds == ["tuple"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))

@@ -131,3 +131,20 @@ def test_block_scaled_lowers(a_tile, b_tile, bits, k):
     w = jax.random.normal(jax.random.key(5), (96, k))
     qa, qb = quantize(x, QuantSpec(a_tile)), quantize(w, QuantSpec(b_tile, bits=bits))
     _lowers(lambda qa, qb: matmul_qarrays(qa, qb, out_dtype=jnp.float32, config=CFG, interpret=False), qa, qb)
+
+
+def test_split_cols_epilogue_lowers():
+    """The W8A8 GEMM writing q, k, v apart (one guarded store per part) lowers, with a GELU epilogue."""
+    m, n, k = 70, 96, 200
+    a, b = _int8(2, (m, k)), _int8(3, (n, k))
+    sa, sb = jnp.ones((m, 1), jnp.float32), jnp.ones((1, n), jnp.float32)
+    cfg = TileConfig(32, 32, 64, num_warps=4, num_stages=3, group_m=2)
+    _lowers(
+        lambda a, b, sa, sb: int8_matmul(
+            a, b, sa, sb, bias=jnp.ones((n,)), activation="gelu", split_cols=32, config=cfg, interpret=False
+        ),
+        a,
+        b,
+        sa,
+        sb,
+    )
