@@ -4,7 +4,8 @@
     INTERPRET=1 PYTHONPATH=. python3 benchmarks/prefill_ops.py --presets gpt-tiny --tokens 64 --iters 2  # CPU
 
 Per preset, each GEMM of a block with the epilogue the fused model gives it (qkv: bias, bf16 out; out-proj
-and fc2: bias + f32 residual, f32 out; fc1: f32 out, or bias + GELU), timed as:
+and fc2: bias + f32 residual, f32 out; fc1: f32 out, or bias + GELU; qkv_split: q, k, v written apart;
+lm_head: the tied head, bf16 logits), timed as:
   * XLA bf16 ``x @ w.T + b`` (what the bf16 model runs: cuBLAS with its bias epilogue), GELU fused for fc1;
   * XLA int8 ``dot_general`` s8 x s8 -> s32 (no epilogue: the integer GEMM's ceiling through cuBLAS);
   * our W8A8 kernel at its current config (tuning cache or heuristic) and, with ``--tune``, at each of a
@@ -69,14 +70,16 @@ def candidates() -> list[TileConfig]:
     return list(dict.fromkeys(c))
 
 
-def gemms(d: int, f: int) -> dict[str, tuple[int, int, dict]]:
-    """name -> (N, K, epilogue kind) of a GPT block with hidden d and MLP width f."""
+def gemms(d: int, f: int, vocab: int) -> dict[str, tuple[int, int, dict]]:
+    """name -> (N, K, epilogue kind) of a GPT block with hidden d and MLP width f, and the tied LM head."""
     return {
         "qkv": (3 * d, d, dict(bias=True, out="bfloat16")),
+        "qkv_split": (3 * d, d, dict(bias=True, out="bfloat16", split=d)),
         "out": (d, d, dict(bias=True, residual=True, out="float32")),
         "fc1": (f, d, dict(out="float32")),
         "fc1_gelu_bf16": (f, d, dict(bias=True, gelu=True, out="bfloat16")),
         "fc2": (d, f, dict(bias=True, residual=True, out="float32")),
+        "lm_head": (vocab, d, dict(out="bfloat16")),
     }
 
 
@@ -93,6 +96,9 @@ def bench_gemm(name, m, n, k, epi, args, key) -> dict:
     out_dtype = jnp.dtype(epi["out"])
     act = "gelu" if epi.get("gelu") else None
     kw = dict(bias=bias if epi.get("bias") else None, residual=res, activation=act, out_dtype=out_dtype)
+    split = epi.get("split")
+    if split:
+        kw["split_cols"] = split
 
     def xla_bf16(x, w):
         y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -115,6 +121,8 @@ def bench_gemm(name, m, n, k, epi, args, key) -> dict:
     if args.tune:
         timed = []
         for cfg in candidates():
+            if split and split % cfg.block_n:
+                continue
             try:
                 timed.append((t(ours(cfg), a, b), cfg))
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is not a candidate
@@ -123,7 +131,8 @@ def bench_gemm(name, m, n, k, epi, args, key) -> dict:
         row["tuned_ms"], best = timed[0]
         row["tuned_config"] = dataclasses.asdict(best)
         row["candidates"] = [dict(ms=ms, **dataclasses.asdict(c)) for ms, c in timed]
-        autotune.store_config("int8_matmul", m, n, k, f"b8-{out_dtype.name}", best)
+        key = f"b8-{out_dtype.name}" + ("-split" if split else "")
+        autotune.store_config("int8_matmul", m, n, k, key, best)
     best_ms = row.get("tuned_ms", row["ours_ms"])
     tops = 2 * m * n * k / best_ms / 1e9
     print(
@@ -208,6 +217,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tune", action="store_true", help="time the candidate tiles, cache the fastest")
     ap.add_argument("--skip-producers", action="store_true")
+    ap.add_argument("--gemms", nargs="*", help="only these GEMMs (names as printed), e.g. qkv_split lm_head")
     args = ap.parse_args()
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     out = dict(gemms=[], producers={})
@@ -215,7 +225,9 @@ def main() -> None:
         cfg = preset(name)
         d, f = cfg.d_model, cfg.hidden
         print(f"\n== {name}: M={args.tokens}, d={d}, mlp={f}", flush=True)
-        for i, (g, (n, k, epi)) in enumerate(gemms(d, f).items()):
+        for i, (g, (n, k, epi)) in enumerate(gemms(d, f, cfg.vocab_size).items()):
+            if args.gemms and g not in args.gemms:
+                continue
             out["gemms"].append(
                 dict(preset=name, **bench_gemm(g, args.tokens, n, k, epi, args, jax.random.key(i)))
             )

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
 from profile_step import kernel_times  # noqa: E402
-from ptq_speed import bf16_lm_head, embeddings_to_bf16, head_label, timeit, with_bf16_head  # noqa: E402
+from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
 from jq8.policy import Policy  # noqa: E402
@@ -107,12 +107,9 @@ def main() -> None:
                     return model.apply({"params": q}, t)
         else:
             qp = ptq.quantize_params(params, ptq.scheme(scheme))
-            int8_head = head_label(qp)
-            p = dataclasses.replace(qp, params=embeddings_to_bf16(qp.params))
+            p = as_bf16_checkpoint(qp)
 
-            def apply(q, t, int8_head=int8_head):
-                if int8_head:
-                    return ptq_infer.apply_quantized(model, q, t)
+            def apply(q, t):
                 with nn.intercept_methods(bf16_lm_head):
                     return ptq_infer.apply_quantized(model, q, t)
 
@@ -121,11 +118,7 @@ def main() -> None:
             if scheme == "bf16":
                 make = lambda w: with_bf16_head(decode.float_apply_fn(model, w))  # noqa: E731
             else:
-                make = lambda w, h=int8_head: (  # noqa: E731
-                    decode.quantized_apply_fn(model, w)
-                    if h
-                    else with_bf16_head(decode.quantized_apply_fn(model, w))
-                )
+                make = lambda w: with_bf16_head(decode.quantized_apply_fn(model, w))  # noqa: E731
             cache = decode.init_cache(model, 1, args.kv + 1)
             fn = jax.jit(lambda w, c, t, make=make: decode.generate(make(w), c, t, steps=args.kv))
             wall = timeit(fn, p, cache, one, iters=args.iters) / args.kv

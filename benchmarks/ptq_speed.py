@@ -14,8 +14,9 @@ Per preset (random-init params; median of --iters after two warm-up calls, block
   * compact checkpoint size vs fp16 (prefill presets only: it writes the checkpoint to disk).
 The bf16 baseline is a true bf16 inference model: bf16 params, and its tied LM head (models/gpt.py runs
 ``wte.attend`` on an fp32 query, which promotes the bf16 table to fp32) is intercepted to run in bf16. The
-quantized models' float embedding tables are cast to bf16 and get the same bf16 head, unless the scheme
-quantizes the embeddings (then the head is an INT8 GEMM; the table says which).
+quantized models are those of the same bf16 checkpoint (:func:`as_bf16_checkpoint`) with the same bf16 query
+to the head: bf16 logits from a bf16 head, or from an INT8 GEMM when the scheme quantizes the embeddings
+(the table says which).
 Correctness before timing: logits vs the bf16 model's (relative RMS error) and Pallas vs the XLA integer
 path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set.
 """
@@ -116,6 +117,14 @@ def embeddings_to_bf16(tree):
     return jax.tree_util.tree_map_with_path(cast, tree)
 
 
+def as_bf16_checkpoint(qp):
+    """The quantized model of a bf16 checkpoint, as the bf16 baseline is one: float embedding tables in
+    bf16, and quantized tables marked bf16 (their lookups and an INT8 tied head's logits come out in bf16,
+    the bf16 head's output dtype; the codes and scales are unchanged)."""
+    tables = {p: dataclasses.replace(q, dtype=jnp.bfloat16) for p, q in qp.embeddings.items()}
+    return dataclasses.replace(qp, params=embeddings_to_bf16(qp.params), embeddings=tables)
+
+
 def head_label(qp) -> str | None:
     """ "int8" / "int4" when the scheme quantized the tied table ``wte``, else None (float head)."""
     tables = getattr(qp, "embeddings", {}) or {}
@@ -158,12 +167,10 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
     for scheme in SCHEMES:
         qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=args.int4_group))
         int8_head = head_label(qp)
-        qp = dataclasses.replace(qp, params=embeddings_to_bf16(qp.params))
+        qp = as_bf16_checkpoint(qp)
 
-        def q_apply(q, t, backend, int8_head=int8_head):
-            if int8_head:
-                return ptq_infer.apply_quantized(model, q, t, backend=backend)
-            with nn.intercept_methods(bf16_lm_head):
+        def q_apply(q, t, backend):
+            with nn.intercept_methods(bf16_lm_head):  # bf16 query; an INT8 head gives bf16 logits too
                 return ptq_infer.apply_quantized(model, q, t, backend=backend)
 
         q_fn = jax.jit(lambda q, t: q_apply(q, t, "pallas"))
@@ -179,9 +186,8 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         )
         if args.kv_steps:
 
-            def make_apply(q, int8_head=int8_head):
-                fn = decode.quantized_apply_fn(model, q, backend="pallas")
-                return fn if int8_head else with_bf16_head(fn)
+            def make_apply(q):
+                return with_bf16_head(decode.quantized_apply_fn(model, q, backend="pallas"))
 
             row["kv_decode_ms"] = kv_decode_ms(make_apply, qp, model, args, iters)
         if prefill:
