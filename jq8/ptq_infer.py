@@ -163,7 +163,8 @@ def matmul_qarrays_xla(
     b: (N, K) int8 / packed-INT4 QArray, symmetric, scales (gn, 1) (per channel / row runs / tensor) or
       (N, cdiv(K, g)) (contraction groups). Returns act(a @ b.T * scales + bias) + residual, (M, N).
     The product is int8 x int8 -> int32 (exact); contraction groups get one int32 partial per group,
-    rescaled into an fp32 sum, as the block-scaled kernel does. split_cols: the output as N / split_cols arrays.
+    rescaled into an fp32 sum, as the block-scaled kernel does. split_cols: the output as N / split_cols
+    arrays.
     """
     m, k = a.shape_2d
     n, kb = b.shape_2d

@@ -216,7 +216,9 @@ class Epilogue:
     requant: str | None = None  # None, "row" (whole row per tile) or "blocks"
     q_tile: tuple[int, int] = (1, 1)
     interpret: bool = False  # picks the exact division of the requantization (inline PTX on the GPU)
-    parts: int = 1  # the (M, N) output written as this many (M, N / parts) arrays (see int8_matmul split_cols)
+    parts: int = (
+        1  # the (M, N) output written as this many (M, N / parts) arrays (see int8_matmul split_cols)
+    )
 
     @property
     def num_inputs(self) -> int:
@@ -536,9 +538,10 @@ def int8_matmul(
     Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
     a :class:`QArray` requantized in the epilogue; with both scales None the raw (M, N) int32 product.
     ``config=None`` uses the autotune cache or a heuristic (never autotunes implicitly).
-    split_cols: return the output as N / split_cols arrays (M, split_cols), column blocks in order: q, k, v of a fused
-    qkv projection, written by the epilogue where attention reads them (no slicing copies). It needs
-    split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two dividing split_cols).
+    split_cols: return the output as N / split_cols arrays (M, split_cols), column blocks in order: q, k, v
+    of a fused qkv projection, written by the epilogue where attention reads them (no slicing copies). It
+    needs split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two
+    dividing split_cols).
 
     Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
     ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
@@ -570,10 +573,14 @@ def int8_matmul(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
             out_spec=out_spec, b_bits=b_bits, config=config, split_k=split_k, interpret=interpret,
         )  # fmt: skip
-        return out if split_cols is None else tuple(jnp.split(out, n // split_cols, axis=1))  # a few rows: cheap
+        return (
+            out if split_cols is None else tuple(jnp.split(out, n // split_cols, axis=1))
+        )  # a few rows: cheap
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
-    key = f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}" + ("" if split_cols is None else "-split")
+    key = f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}" + (
+        "" if split_cols is None else "-split"
+    )
     cfg0 = resolve_config("int8_matmul", m, n, k, key, config, out_spec)
     if split_cols is not None and config is None:
         cfg0 = dataclasses.replace(cfg0, block_n=min(cfg0.block_n, split_cols & -split_cols))

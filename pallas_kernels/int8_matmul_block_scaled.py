@@ -514,7 +514,8 @@ def matmul_qarrays(
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
     vectors, applied in the epilogue); otherwise :func:`int8_matmul_block_scaled`. ``epilogue``: bias,
     activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
-    (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, the other kernels are split after.
+    (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
+    split after.
     """
     if split_cols is not None and (a.scale.shape[1] != 1 or b.scale.shape[1] != 1):
         y = matmul_qarrays(a, b, **epilogue)
