@@ -216,9 +216,7 @@ class Epilogue:
     requant: str | None = None  # None, "row" (whole row per tile) or "blocks"
     q_tile: tuple[int, int] = (1, 1)
     interpret: bool = False  # picks the exact division of the requantization (inline PTX on the GPU)
-    parts: int = (
-        1  # the (M, N) output written as this many (M, N / parts) arrays (see int8_matmul split_cols)
-    )
+    parts: int = 1  # the (M, N) output as this many (M, N / parts) arrays (int8_matmul's split_cols)
 
     @property
     def num_inputs(self) -> int:
@@ -266,13 +264,11 @@ def make_epilogue(
                 f"({cfg.block_m}x{cfg.block_n}); got tile {out_spec.tile} for a {m}x{n} output."
             )
     parts = 1
-    if split_cols is not None:
-        if out_spec is not None:
-            raise NotImplementedError("split_cols writes float outputs; it does not combine with out_spec")
-        if split_cols <= 0 or n % split_cols or split_cols % cfg.block_n:
+    if split_cols is not None:  # int8_matmul checked the rest (float output, split_cols divides N)
+        if split_cols % cfg.block_n:
             raise ValueError(
-                f"split_cols={split_cols} must divide N={n} and be a multiple of block_n={cfg.block_n} "
-                "(config=None picks a block_n that divides it)"
+                f"split_cols={split_cols} must be a multiple of block_n={cfg.block_n} (config=None picks a "
+                "block_n that divides it)"
             )
         parts = n // split_cols
     return Epilogue(
@@ -573,9 +569,9 @@ def int8_matmul(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
             out_spec=out_spec, b_bits=b_bits, config=config, split_k=split_k, interpret=interpret,
         )  # fmt: skip
-        return (
-            out if split_cols is None else tuple(jnp.split(out, n // split_cols, axis=1))
-        )  # a few rows: cheap
+        if split_cols is None:
+            return out
+        return tuple(jnp.split(out, n // split_cols, axis=1))  # a few rows: a cheap copy
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
     key = f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}" + (
