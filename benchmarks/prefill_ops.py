@@ -23,8 +23,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +40,9 @@ TOKEN = QuantSpec.per_row(8)
 
 
 def time_ms(fn, *args, iters: int, reps: int) -> float:
-    """Per-call ms: ``reps`` calls back to back (async dispatch overlaps the host), median of ``iters``."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = [fn(*args) for _ in range(reps)]
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) * 1e3 / reps)
-    return statistics.median(samples)
+    """Per-call ms: ``reps`` calls back to back (async dispatch overlaps the host), median of ``iters``
+    samples after warm-up (:func:`pallas_kernels.autotune.time_fn`)."""
+    return autotune.time_fn(lambda: [fn(*args) for _ in range(reps)], iters=iters) * 1e3 / reps
 
 
 def candidates() -> list[TileConfig]:
