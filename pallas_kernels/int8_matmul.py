@@ -506,6 +506,7 @@ def resolve_config(
         "config",
         "split_k",
         "split_cols",
+        "impl",
         "interpret",
     ),
 )
@@ -524,6 +525,7 @@ def int8_matmul(
     config: TileConfig | None = None,
     split_k: int | None = None,
     split_cols: int | None = None,
+    impl: Literal["triton", "mosaic"] | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
@@ -538,6 +540,11 @@ def int8_matmul(
     of a fused qkv projection, written by the epilogue where attention reads them (no slicing copies). It
     needs split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two
     dividing split_cols).
+
+    impl: "mosaic" runs :mod:`pallas_kernels.int8_matmul_mgpu` (warp-specialised wgmma + TMA, Hopper only:
+    8-bit b, per-row/per-column scales, float output, shapes its tiles divide; else a ValueError), "triton"
+    this module's kernel; None picks Mosaic GPU where it can run (compiled on an sm_90 GPU, ``config`` None,
+    M > 16) and Triton otherwise.
 
     Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
     ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
@@ -564,6 +571,28 @@ def int8_matmul(
         raise ValueError(
             f"split_cols={split_cols} needs a float output (scales given, no out_spec) and must divide N={n}"
         )
+    if impl not in (None, "triton", "mosaic"):
+        raise ValueError(f"impl must be None, 'triton' or 'mosaic', got {impl!r}")
+    from pallas_kernels import int8_matmul_mgpu as mgpu  # local import: it builds on this module
+
+    use_mosaic = impl == "mosaic" or (
+        impl is None
+        and config is None
+        and split_k is None
+        and m > DECODE_MAX_M
+        and not resolve_interpret(interpret)
+        and mgpu.supported(
+            m, n, k, b_bits=b_bits, raw=raw, out_spec=out_spec, residual=residual, out_dtype=out_dtype,
+            split_cols=split_cols,
+        )  # fmt: skip
+    )
+    if use_mosaic:
+        if b_bits != 8 or raw or out_spec is not None:
+            raise ValueError("impl='mosaic' needs an int8 b, both scales and a float output (no out_spec)")
+        return mgpu.int8_matmul_mgpu(
+            a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+            split_cols=split_cols, interpret=interpret,
+        )  # fmt: skip
     if split_k is not None or (config is None and m <= DECODE_MAX_M):
         out = _decode(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,

@@ -1,0 +1,139 @@
+"""The Mosaic GPU W8A8 GEMM against the Triton one, XLA bf16 and XLA int8, at the prefill GEMM shapes.
+
+    PYTHONPATH=. python3 benchmarks/mgpu_gemm.py [--m 8192] [--variants] [--gemms qkv fc2]
+
+Each GEMM runs with the fused model's epilogue (qkv: bias, q/k/v written apart; out / fc2: bias + f32
+residual, f32 out; fc1: bias + GELU, bf16 out). Per shape: max |error| of both kernels against the XLA
+reference (relative to the reference's max |value|), then ms per call (``--reps`` calls back to back, median
+of ``--iters`` samples). ``--variants`` also times a list of other Mosaic tile configs. Writes
+``$OUT/mgpu_gemm.json`` when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import autotune
+from pallas_kernels import int8_matmul_mgpu as mg
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+
+# name -> (N, K, epilogue kind), at GPT-2 124M (d 768) and 1.5B (d 1600)
+GEMMS = {
+    "124m_qkv": (2304, 768, "split"),
+    "124m_out": (768, 768, "residual"),
+    "124m_fc1": (3072, 768, "gelu"),
+    "124m_fc2": (768, 3072, "residual"),
+    "1p5b_qkv": (4800, 1600, "split"),
+    "1p5b_out": (1600, 1600, "residual"),
+    "1p5b_fc1": (6400, 1600, "gelu"),
+    "1p5b_fc2": (1600, 6400, "residual"),
+}
+
+
+def variants(cfg: mg.MosaicTileConfig) -> list[mg.MosaicTileConfig]:
+    out = [cfg]
+    for stages in (3, 5):
+        out.append(dataclasses.replace(cfg, stages=stages))
+    for width in (4, 16):
+        out.append(dataclasses.replace(cfg, grid_width=width))
+    out.append(dataclasses.replace(cfg, grid_minor="m"))
+    if cfg.tile_k == 128:
+        out.append(dataclasses.replace(cfg, tile_k=64, stages=6))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, default=8192)
+    p.add_argument("--gemms", nargs="*", default=list(GEMMS))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--variants", action="store_true")
+    args = p.parse_args()
+    print(jax.devices(), jax.__version__, flush=True)
+
+    def ms(fn, *xs):
+        t = autotune.time_fn(lambda: [fn(*xs) for _ in range(args.reps)], iters=args.iters)
+        return t * 1e3 / args.reps
+
+    results = {}
+    m = args.m
+    for name in args.gemms:
+        n, k, kind = GEMMS[name]
+        ks = jax.random.split(jax.random.key(0), 6)
+        a = jax.random.randint(ks[0], (m, k), -127, 128, jnp.int8)
+        b = jax.random.randint(ks[1], (n, k), -127, 128, jnp.int8)
+        a_s = jax.random.uniform(ks[2], (m,), minval=1e-3, maxval=1e-2)
+        b_s = jax.random.uniform(ks[3], (n,), minval=1e-3, maxval=1e-2)
+        epi = dict(bias=jax.random.normal(ks[4], (n,)))
+        split = None
+        if kind == "split":
+            split = n // 3
+        elif kind == "residual":
+            epi.update(residual=jax.random.normal(ks[5], (m, n)), out_dtype=jnp.float32)
+        else:
+            epi.update(activation="gelu")
+        row = {"n": n, "k": k, "kind": kind}
+        ref = jnp.concatenate(jax.tree.leaves(int8_matmul_reference(a, b, a_s, b_s, **epi)), axis=1)
+        scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+
+        def err(out, ref=ref, scale=scale):
+            out = jnp.concatenate(jax.tree.leaves(out), axis=1).astype(jnp.float32)
+            return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32)))) / scale
+
+        triton = jax.jit(lambda a, b, a_s, b_s, split=split, epi=epi: int8_matmul(
+            a, b, a_s, b_s, split_cols=split, impl="triton", **epi))  # fmt: skip
+        row["triton_err"] = err(triton(a, b, a_s, b_s))
+        row["triton_ms"] = ms(triton, a, b, a_s, b_s)
+        w = jax.random.normal(ks[1], (n, k), jnp.bfloat16)
+        x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
+        bf = jax.jit(lambda x, w, bias=epi["bias"]: x @ w.T + bias.astype(jnp.bfloat16))
+        row["xla_bf16_ms"] = ms(bf, x, w)
+        i8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                       preferred_element_type=jnp.int32))  # fmt: skip
+        row["xla_int8_ms"] = ms(i8, a, b)
+        try:
+            base = mg.fit_config(m, n, k, split_cols=split)
+        except ValueError as e:
+            row["mosaic"] = f"unsupported: {e}"
+            print(name, row, flush=True)
+            results[name] = row
+            continue
+        tried = []
+        for cfg in variants(base) if args.variants else [base]:
+            try:
+                f = jax.jit(lambda a, b, a_s, b_s, cfg=cfg, split=split, epi=epi: mg.int8_matmul_mgpu(
+                    a, b, a_s, b_s, split_cols=split, config=cfg, **epi))  # fmt: skip
+                e = err(f(a, b, a_s, b_s))
+                t = ms(f, a, b, a_s, b_s)
+                tried.append({"config": dataclasses.asdict(cfg), "err": e, "ms": t})
+                print(f"  {name} {cfg}: err {e:.2e} {t:.4f} ms", flush=True)
+            except Exception as ex:  # noqa: BLE001 - report every config's failure and go on
+                msg = "".join(traceback.format_exception_only(type(ex), ex))[-1500:]
+                tried.append({"config": dataclasses.asdict(cfg), "error": msg})
+                print(f"  {name} {cfg}: FAILED {msg}", flush=True)
+                if not args.variants:
+                    traceback.print_exc()
+        row["mosaic"] = tried
+        ok = [t for t in tried if "ms" in t]
+        if ok:
+            best = min(ok, key=lambda t: t["ms"])
+            row["mosaic_best_ms"] = best["ms"]
+            row["x_triton"] = row["triton_ms"] / best["ms"]
+            row["x_bf16"] = row["xla_bf16_ms"] / best["ms"]
+        print(name, {k_: v for k_, v in row.items() if k_ != "mosaic"}, flush=True)
+        results[name] = row
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "mgpu_gemm.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""W8A8 INT8 GEMM on Hopper through Pallas Mosaic GPU: warp-specialised wgmma + TMA, fused epilogue.
+
+    out = act(a @ b.T * a_scale * b_scale + bias) + residual
+
+The same contract as :func:`pallas_kernels.int8_matmul.int8_matmul` (NT layout: a (M, K), b (N, K), both
+K-contiguous, the layout int8 wgmma requires for both operands), restricted to the prefill case it is
+for: per-row / per-column scales, an 8-bit weight, a float output (optionally split into column parts).
+
+Why a second backend: the Pallas-Triton kernel issues its int8 MMAs from the same warps that wait on the
+loads, and at K = 1600-6400 it reaches about half of cuBLAS INT8 (BENCHMARKS.md, session 8). Here one
+producer warpgroup streams A and B tiles into a ring of shared-memory stages with TMA while two consumer
+warpgroups run wgmma on them (``plgpu.emit_pipeline_warp_specialized``, as in JAX's
+``hopper_matmul_mgpu.py``); the CTAs are persistent and walk output tiles in a planar snake order for L2
+reuse. The epilogue dequantises the int32 accumulator in registers (row and column scales and bias were
+fetched into shared memory by TMA), applies the activation, adds the residual tile (TMA-loaded into the
+output staging buffer) and stores through shared memory with TMA.
+
+Shapes must tile exactly (no masking here): M by the CTA's rows, N by its columns, K by ``tile_k``.
+:func:`fit_config` picks tiles that do, or raises; :func:`supported` says whether a call can run here, so the
+dispatcher in ``int8_matmul`` falls back to the Triton kernel otherwise. Mosaic GPU needs JAX >= 0.10 and an
+sm_90 GPU; there is no CPU path (Mosaic GPU's interpreter has no transposed int8 wgmma), so on CPU
+``int8_matmul`` always runs the Triton kernel (interpret mode) and this one is tested on the H100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Mosaic GPU's Pallas API; absent in JAX builds without it
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - every JAX this project supports has it
+    plgpu = None
+
+from pallas_kernels._common import on_gpu
+from pallas_kernels.int8_matmul import erf_approx
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
+MEMORY_REGISTERS = 40  # the TMA producer warpgroup needs few registers; the consumers get the rest
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTileConfig:
+    """Tiles of the warp-specialised kernel (hashable: a static jit argument).
+
+    Each of the two consumer warpgroups owns a (tile_m, tile_n) int32 accumulator; ``wg_dim`` says whether
+    they sit side by side along N (CTA tile tile_m x 2 tile_n) or along M (2 tile_m x tile_n).
+    ``stages``: shared-memory ring depth. ``epi_tile_*``: the staging tile of the output store.
+    ``grid_minor`` / ``grid_width``: the planar-snake order of output tiles over the persistent CTAs.
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 4
+    wg_dim: str = "n"
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor: str = "n"
+    grid_width: int = 8
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def int8_matmul_mgpu_reference(
+    a, b, a_scale, b_scale, *, bias=None, activation=None, residual=None, out_dtype=jnp.bfloat16,
+    split_cols=None, config=None, interpret=None,
+):  # fmt: skip
+    """Plain-XLA definition of :func:`int8_matmul_mgpu` (``config``/``interpret`` ignored)."""
+    del config, interpret
+    from pallas_kernels.int8_matmul import int8_matmul_reference
+
+    out = int8_matmul_reference(
+        a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype
+    )
+    if split_cols is None:
+        return out
+    return tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
+
+
+# ------------------------------------------------------------------------------------------ dispatching
+
+
+def available() -> bool:
+    """Mosaic GPU can compile here: its Pallas API imports and the default device is a Hopper GPU."""
+    if plgpu is None or not on_gpu():
+        return False
+    kind = getattr(jax.devices()[0], "compute_capability", "")
+    return str(kind).startswith("9")
+
+
+def _epi_tile(tile: int, want: int) -> int:
+    e = min(tile, want)
+    while tile % e:
+        e //= 2
+    return e
+
+
+def fit_config(m: int, n: int, k: int, *, split_cols: int | None = None) -> MosaicTileConfig:
+    """The default tiles for an (M, N, K) problem, or a ValueError saying which dimension does not tile.
+
+    K takes 128-byte steps (the widest swizzle) when it can, else 64. The two warpgroups split N when N is a
+    multiple of 256, else they split M and one warpgroup covers the largest tile_n <= 256 that divides N.
+    """
+    if k % 128 == 0:
+        tile_k = 128
+    elif k % 64 == 0:
+        tile_k = 64
+    else:
+        raise ValueError(f"K={k} must be a multiple of 64 for the Mosaic GPU kernel")
+    part = split_cols or n
+    if n % 256 == 0 and part % 128 == 0:
+        cfg = MosaicTileConfig(tile_m=128, tile_n=128, tile_k=tile_k, wg_dim="n")
+    else:
+        tile_n = next((t for t in range(256, 15, -16) if n % t == 0 and part % t == 0), None)
+        if tile_n is None:
+            raise ValueError(f"N={n} has no tile width (multiple of 16, <= 256) for the Mosaic GPU kernel")
+        tile_m = 64 if tile_n > 128 else 128  # the int32 accumulator lives in registers: <= 128 per thread
+        cfg = MosaicTileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim="m")
+    cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=_epi_tile(cfg.tile_n, 64))
+    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=4))
+    check_config(m, n, k, cfg, split_cols=split_cols)
+    return cfg
+
+
+SMEM_BYTES = 232448 - 2048  # H100's per-block limit, less room for barriers and scale vectors
+
+
+def max_stages(cfg: MosaicTileConfig, *, out_bytes: int, limit: int = 6) -> int:
+    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles."""
+    per_stage = (cfg.cta_m + cfg.cta_n) * cfg.tile_k
+    staging = 2 * 2 * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
+    return max(2, min(limit, (SMEM_BYTES - staging) // per_stage))
+
+
+def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: int | None = None) -> None:
+    """Raise a ValueError naming the first dimension that ``cfg`` does not tile exactly."""
+    if m % cfg.cta_m:
+        raise ValueError(f"M={m} must be a multiple of the CTA's {cfg.cta_m} rows for the Mosaic GPU kernel")
+    if n % cfg.cta_n:
+        raise ValueError(f"N={n} must be a multiple of the CTA's {cfg.cta_n} columns")
+    if k % cfg.tile_k:
+        raise ValueError(f"K={k} must be a multiple of tile_k={cfg.tile_k}")
+    if cfg.tile_m % 64 or cfg.tile_n % 16 or cfg.tile_n > 256:
+        raise ValueError(f"wgmma needs tile_m % 64 == 0 and tile_n a multiple of 16 <= 256, got {cfg}")
+    if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n:
+        raise ValueError(f"epilogue tiles must divide the warpgroup tile, got {cfg}")
+    if split_cols is not None and (n % split_cols or split_cols % cfg.epi_tile_n):
+        raise ValueError(f"split_cols={split_cols} must divide N={n} and be a multiple of epi_tile_n")
+
+
+def supported(
+    m: int, n: int, k: int, *, b_bits: int, raw: bool, out_spec, residual, out_dtype, split_cols
+) -> bool:
+    """Whether ``int8_matmul`` with these arguments can run on this kernel (else the Triton one runs)."""
+    if not available() or b_bits != 8 or raw or out_spec is not None:
+        return False
+    if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
+        return False  # the residual tile is loaded into the output staging buffer: same dtype
+    try:
+        fit_config(m, n, k, split_cols=split_cols)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+
+def _activation(y, activation):
+    if activation is None:
+        return y
+    if activation == "gelu":
+        # Mosaic GPU has no layout rule for erf: the Abramowitz-Stegun form the Triton kernel uses.
+        return 0.5 * y * (1.0 + erf_approx(y * (1.0 / math.sqrt(2.0))))
+    if activation == "gelu_tanh":
+        return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+    if activation == "relu":
+        return jnp.maximum(y, 0.0)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _num_sms() -> int:
+    return jax.devices()[0].core_count
+
+
+def int8_matmul_mgpu(
+    a: jax.Array,
+    b: jax.Array,
+    a_scale: jax.Array,
+    b_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    activation=None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    split_cols: int | None = None,
+    config: MosaicTileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array | tuple[jax.Array, ...]:
+    """``act(a @ b.T * a_scale * b_scale + bias) + residual`` on Hopper wgmma.
+
+    a: (M, K) int8; b: (N, K) int8; a_scale: (M,) or (M, 1) f32; b_scale: (N,) or (1, N) f32;
+    bias: (N,) float or None; residual: (M, N) ``out_dtype`` or None. Returns (M, N) ``out_dtype``, or with
+    ``split_cols`` a tuple of N / split_cols (M, split_cols) arrays (column blocks in order).
+    Runs compiled on an sm_90 GPU only; ``interpret=True`` (or no such GPU) is a ValueError.
+    """
+    if interpret or not available():
+        raise ValueError(
+            "the Mosaic GPU INT8 GEMM runs compiled on an sm_90 (Hopper) GPU only: Mosaic GPU's interpreter "
+            "has no transposed int8 wgmma; use impl='triton' (int8_matmul) elsewhere"
+        )
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != jnp.int8 or b.dtype != jnp.int8 or b.shape[1] != k:
+        raise ValueError(f"a (M, K) and b (N, K) must be int8 with the same K, got {a.shape} {a.dtype}, "
+                         f"{b.shape} {b.dtype}")  # fmt: skip
+    if math.prod(a_scale.shape) != m or math.prod(b_scale.shape) != n:
+        raise ValueError(
+            f"a_scale must hold M={m} and b_scale N={n} values, got {a_scale.shape}, {b_scale.shape}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    out_dtype = jnp.dtype(out_dtype)
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype):
+        raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {residual.shape} {residual.dtype}")
+    cfg = config or fit_config(m, n, k, split_cols=split_cols)
+    check_config(m, n, k, cfg, split_cols=split_cols)
+
+    scales = [jnp.asarray(a_scale, jnp.float32).reshape(m), jnp.asarray(b_scale, jnp.float32).reshape(n)]
+    inputs = [a, b, *scales]
+    if bias is not None:
+        inputs.append(jnp.asarray(bias, jnp.float32).reshape(n))
+    if residual is not None:
+        inputs.append(residual)
+    parts = 1 if split_cols is None else n // split_cols
+    width = n // parts
+    out_type = tuple(jax.ShapeDtypeStruct((m, width), out_dtype) for _ in range(parts))
+    tiles = (m // cfg.cta_m) * (n // cfg.cta_n)
+    kernel = functools.partial(
+        _kernel, cfg=cfg, k=k, activation=activation, has_bias=bias is not None,
+        has_residual=residual is not None, width=width,
+    )  # fmt: skip
+    f = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(min(tiles, _num_sms()),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(),
+    )
+    out = f(*inputs)
+    return out[0] if parts == 1 else tuple(out)
+
+
+def _swizzled(cols: int, dtype) -> tuple:
+    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(
+    *refs, cfg: MosaicTileConfig, k: int, activation, has_bias: bool, has_residual: bool, width: int
+):  # fmt: skip
+    a_gmem, b_gmem, as_gmem, bs_gmem, *rest = refs
+    bias_gmem = rest.pop(0) if has_bias else None
+    res_gmem = rest.pop(0) if has_residual else None
+    outs = rest
+    m = a_gmem.shape[0]
+    n = b_gmem.shape[0]
+    out_dtype = outs[0].dtype
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    em, en = cfg.epi_tile_m, cfg.epi_tile_n
+    m_iters, n_iters = m // cta_m, n // cta_n
+    in_transforms = _swizzled(tk, jnp.int8)
+    out_transforms = _swizzled(en, out_dtype)
+    epi_tiles = (tm // em) * (tn // en)
+    slots = min(2, epi_tiles)
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k // tk,),
+            memory_registers=MEMORY_REGISTERS,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=in_transforms,
+                                memory_space=plgpu.SMEM),  # fmt: skip
+                plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=in_transforms,
+                                memory_space=plgpu.SMEM),  # fmt: skip
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.stages,
+            compute_context=context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
+        row_smem=plgpu.SMEM((2, tm), jnp.float32),
+        col_smem=plgpu.SMEM((2, 2, tn), jnp.float32),
+        vec_barrier=plgpu.Barrier(num_arrivals=3 if has_bias else 2, num_barriers=2),
+        res_barrier=plgpu.Barrier(num_barriers=2 * slots),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem, row_smem, col_smem, vec_barrier, res_barrier):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(
+                lin, (m_iters, n_iters),
+                1 if cfg.grid_minor == "n" else 0,
+                cfg.grid_width,
+            )  # fmt: skip
+            if cfg.wg_dim == "m":
+                row0 = mi * cta_m + wg * tm
+                col0 = ni * cta_n
+                a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
+            else:
+                row0 = mi * cta_m
+                col0 = ni * cta_n + wg * tn
+                a_rows, b_rows = slice(None), pl.ds(wg * tn, tn)
+
+            def context(run_pipeline):
+                # Fetch this warpgroup's scales and bias while the main loop runs.
+                plgpu.copy_gmem_to_smem(as_gmem.at[pl.ds(row0, tm)], row_smem.at[wg], vec_barrier.at[wg])
+                plgpu.copy_gmem_to_smem(bs_gmem.at[pl.ds(col0, tn)], col_smem.at[wg, 0], vec_barrier.at[wg])
+                if has_bias:
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[pl.ds(col0, tn)], col_smem.at[wg, 1], vec_barrier.at[wg]
+                    )
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                def _acc_scope(acc_ref):
+                    run_pipeline(acc_ref)
+                    plgpu.barrier_wait(vec_barrier.at[wg])
+                    shape = (tm, tn)
+                    rs = plgpu.load(row_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    cs = plgpu.load(col_smem.at[wg, 0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    y = acc_ref[...].astype(jnp.float32)
+                    y = y * lax.broadcast_in_dim(rs, shape, [0]) * lax.broadcast_in_dim(cs, shape, [1])
+                    if has_bias:
+                        bias = plgpu.load(col_smem.at[wg, 1], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        y = y + lax.broadcast_in_dim(bias, shape, [1])
+                    y = _activation(y, activation)
+                    _store_epilogue(y, wg, row0, col0)
+
+            def _mma(idx, a_smem, b_smem, acc_ref):
+                del idx
+                b_t = plgpu.transpose_ref(b_smem.at[b_rows], (1, 0))
+                plgpu.wgmma(acc_ref, a_smem.at[a_rows], b_t)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            def _store_epilogue(y, wg, row0, col0):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+                for ei in range(tm // em):
+                    for ej in range(tn // en):
+                        e = ei * (tn // en) + ej
+                        slot = e % slots
+                        rows = pl.ds(row0 + ei * em, em)
+                        c0 = col0 + ej * en
+                        part_tile = y[ei * em : (ei + 1) * em, ej * en : (ej + 1) * en]
+                        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                        stage = out_smem.at[wg, slot]
+                        if has_residual:
+                            barrier = res_barrier.at[wg * slots + slot]
+                            plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(c0, en)], stage, barrier)
+                            plgpu.barrier_wait(barrier)
+                            r = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                            part_tile = part_tile + r
+                        stage[...] = part_tile.astype(out_dtype)
+                        plgpu.commit_smem()
+                        if len(outs) == 1:
+                            plgpu.copy_smem_to_gmem(stage, outs[0].at[rows, pl.ds(c0, en)])
+                        else:
+                            which = c0 // width
+                            for p, out in enumerate(outs):
+
+                                @pl.when(which == p)
+                                def _(out=out, p=p, stage=stage, rows=rows, c0=c0):
+                                    dst = out.at[rows, pl.ds(c0 - p * width, en)]
+                                    plgpu.copy_smem_to_gmem(stage, dst)
+
+            pipeline(_mma, context)(
+                a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                allocations=pipeline_allocs,
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+

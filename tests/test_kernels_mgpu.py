@@ -1,0 +1,166 @@
+"""The Mosaic GPU W8A8 GEMM (pallas_kernels/int8_matmul_mgpu.py).
+
+Tile selection, the errors and the dispatch rules run everywhere. The kernel itself compiles only on an sm_90
+GPU (Mosaic GPU's CPU interpreter has no transposed int8 wgmma), so the comparisons against the XLA reference
+run on the H100 and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import int8_matmul_mgpu as mg
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+
+on_hopper = pytest.mark.skipif(not mg.available(), reason="needs an sm_90 GPU with Mosaic GPU")
+
+
+def _operands(seed: int, m: int, n: int, k: int):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    a = jax.random.randint(ks[0], (m, k), -127, 128, jnp.int8)
+    b = jax.random.randint(ks[1], (n, k), -127, 128, jnp.int8)
+    sa = jax.random.uniform(ks[2], (m, 1), minval=1e-3, maxval=1e-2)
+    sb = jax.random.uniform(ks[3], (1, n), minval=1e-3, maxval=1e-2)
+    bias = jax.random.normal(ks[4], (n,))
+    res = jax.random.normal(ks[5], (m, n))
+    return a, b, sa, sb, bias, res
+
+
+# ------------------------------------------------------------------------------------- everywhere
+
+
+@pytest.mark.parametrize(
+    "m, n, k, want",
+    [
+        (8192, 2304, 768, dict(wg_dim="n", tile_n=128, tile_k=128)),  # 124M qkv: warpgroups split N
+        (8192, 4800, 1600, dict(wg_dim="m", tile_n=240, tile_m=64, tile_k=64)),  # 1.5B qkv, K % 128 != 0
+        (8192, 1600, 6400, dict(wg_dim="m", tile_n=160, tile_k=128)),  # 1.5B fc2
+        (8192, 50304, 768, dict(wg_dim="m", tile_n=192, tile_m=64)),  # GPT-2 LM head: 50304 = 262 x 192
+    ],
+)
+def test_fit_config_tiles_prefill_shapes(m, n, k, want):
+    cfg = mg.fit_config(m, n, k)
+    for key, value in want.items():
+        assert getattr(cfg, key) == value, (key, cfg)
+    assert m % cfg.cta_m == 0 and n % cfg.cta_n == 0 and k % cfg.tile_k == 0
+    per_stage = (cfg.cta_m + cfg.cta_n) * cfg.tile_k
+    staging = 4 * cfg.epi_tile_m * cfg.epi_tile_n * 4
+    assert cfg.stages * per_stage + staging <= mg.SMEM_BYTES  # what the H100 compile rejected at 4 stages
+
+
+def test_fit_config_split_cols_keeps_tiles_inside_one_part():
+    cfg = mg.fit_config(8192, 2304, 768, split_cols=768)
+    assert 768 % cfg.epi_tile_n == 0
+    cfg = mg.fit_config(4096, 4800, 1600, split_cols=1600)
+    assert cfg.tile_n == 160 and 1600 % cfg.epi_tile_n == 0 and 4800 % cfg.cta_n == 0
+
+
+@pytest.mark.parametrize(
+    "m, n, k, match",
+    [
+        (8192, 768, 100, "K=100 must be a multiple of 64"),
+        (8192, 776, 768, "N=776 has no tile width"),
+        (100, 768, 768, "M=100 must be a multiple"),
+    ],
+)
+def test_fit_config_errors_name_the_dimension(m, n, k, match):
+    with pytest.raises(ValueError, match=match):
+        mg.fit_config(m, n, k)
+
+
+def test_check_config_rejects_bad_tiles():
+    with pytest.raises(ValueError, match="wgmma needs"):
+        mg.check_config(256, 256, 256, mg.MosaicTileConfig(tile_m=32, tile_n=128))
+    with pytest.raises(ValueError, match="epilogue tiles"):
+        mg.check_config(256, 256, 256, mg.MosaicTileConfig(epi_tile_n=48))
+    with pytest.raises(ValueError, match="split_cols=96"):
+        mg.check_config(256, 768, 256, mg.MosaicTileConfig(), split_cols=96)
+
+
+def test_reference_is_int8_matmul_reference_split():
+    a, b, sa, sb, bias, _ = _operands(0, 32, 96, 64)
+    parts = mg.int8_matmul_mgpu_reference(a, b, sa, sb, bias=bias, activation="gelu", split_cols=32)
+    whole = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu")
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), np.asarray(whole))
+
+
+@pytest.mark.skipif(mg.available(), reason="checks the CPU behaviour")
+def test_mosaic_off_hopper_is_a_clear_error_and_auto_falls_back():
+    a, b, sa, sb, bias, _ = _operands(1, 256, 256, 128)
+    with pytest.raises(ValueError, match="sm_90"):
+        int8_matmul(a, b, sa, sb, impl="mosaic")
+    assert not mg.supported(
+        256, 256, 128, b_bits=8, raw=False, out_spec=None, residual=None, out_dtype=jnp.bfloat16,
+        split_cols=None,
+    )  # fmt: skip
+    out = int8_matmul(a, b, sa, sb, bias=bias)  # auto: the Triton kernel (interpret mode here)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(int8_matmul_reference(a, b, sa, sb, bias=bias)))
+    with pytest.raises(ValueError, match="impl must be"):
+        int8_matmul(a, b, sa, sb, impl="cuda")
+
+
+# -------------------------------------------------------------------------------------- on the H100
+
+
+def _close(out, ref):
+    """Equal up to one rounding of the output dtype (the kernel's f32 epilogue may contract a multiply-add
+    into an FMA where XLA rounds twice)."""
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    eps = float(jnp.finfo(jnp.asarray(out).dtype if out.dtype != np.float32 else jnp.float32).eps)
+    np.testing.assert_allclose(out, ref, rtol=max(eps, 2.0**-7), atol=1e-5)
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "m, n, k, epi",
+    [
+        (256, 256, 256, dict()),  # one K step pair, plain dequantize, bf16
+        (2048, 2304, 768, dict(bias=True, activation="gelu")),  # > 132 tiles: the persistent loop wraps
+        (1024, 1600, 1600, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # warpgroups split M
+        (512, 1024, 6400, dict(bias=True, activation="gelu_tanh", out_dtype=jnp.float32)),
+        (512, 768, 3072, dict(activation="relu")),
+    ],
+)
+def test_mosaic_matches_reference(m, n, k, epi):
+    a, b, sa, sb, bias, res = _operands(m + n + k, m, n, k)
+    out_dtype = epi.get("out_dtype", jnp.bfloat16)
+    kw = dict(
+        bias=bias if epi.get("bias") else None,
+        activation=epi.get("activation"),
+        residual=res.astype(out_dtype) if epi.get("residual") else None,
+        out_dtype=out_dtype,
+    )
+    out = int8_matmul(a, b, sa, sb, impl="mosaic", **kw)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    _close(out, int8_matmul_reference(a, b, sa, sb, **kw))
+
+
+@on_hopper
+@pytest.mark.parametrize("n, d", [(2304, 768), (4800, 1600)])
+def test_mosaic_split_cols_matches_packed_columns(n, d):
+    a, b, sa, sb, bias, _ = _operands(7, 512, n, d)
+    parts = int8_matmul(a, b, sa, sb, bias=bias, split_cols=d, impl="mosaic")
+    ref = int8_matmul_reference(a, b, sa, sb, bias=bias)
+    assert len(parts) == n // d
+    _close(np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1), ref)
+
+
+@on_hopper
+def test_auto_dispatch_picks_mosaic_where_it_tiles(monkeypatch):
+    calls = []
+    real = mg.int8_matmul_mgpu
+    monkeypatch.setattr(mg, "int8_matmul_mgpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    jax.clear_caches()
+    try:
+        a, b, sa, sb, bias, _ = _operands(3, 512, 768, 768)
+        out = int8_matmul(a, b, sa, sb, bias=bias)
+        assert calls == [1]
+        _close(out, int8_matmul_reference(a, b, sa, sb, bias=bias))
+        int8_matmul(a[:500], b, sa[:500], sb, bias=bias)  # ragged M: the Triton kernel
+        assert calls == [1]
+    finally:
+        jax.clear_caches()
