@@ -220,9 +220,11 @@ def _fake_quant_reference(model, params, qp, tokens):
 def test_int8_model_equals_fake_quant_simulation(gpt, name):
     model, params, tokens = gpt
     qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32))
-    got = run_int8(model, qp, tokens)
-    sim = _fake_quant_reference(model, params, qp, tokens)
-    fp = jax.jit(model.apply)({"params": params}, tokens)
+    # f32 dots at full precision: on a GPU the default lets XLA use TF32 for the float simulation's GEMMs.
+    with jax.default_matmul_precision("highest"):
+        got = run_int8(model, qp, tokens)
+        sim = _fake_quant_reference(model, params, qp, tokens)
+        fp = jax.jit(model.apply)({"params": params}, tokens)
     assert got.shape == fp.shape and got.dtype == jnp.float32
     # Same integer products; differences are fp32 summation order only (plus rare token-scale ties).
     np.testing.assert_allclose(got, sim, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(fp))))
