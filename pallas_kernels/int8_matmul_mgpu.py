@@ -39,9 +39,8 @@ except ImportError:  # pragma: no cover - every JAX this project supports has it
     plgpu = None
 
 from pallas_kernels._common import on_gpu
-from pallas_kernels.int8_matmul import erf_approx
+from pallas_kernels.int8_matmul import ACTIVATIONS, activation_fn
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh", "relu")
 MEMORY_REGISTERS = 40  # the TMA producer warpgroup needs few registers; the consumers get the rest
 
 
@@ -180,19 +179,6 @@ def supported(
 
 
 # ---------------------------------------------------------------------------------------------- kernel
-
-
-def _activation(y, activation):
-    if activation is None:
-        return y
-    if activation == "gelu":
-        # Mosaic GPU has no layout rule for erf: the Abramowitz-Stegun form the Triton kernel uses.
-        return 0.5 * y * (1.0 + erf_approx(y * (1.0 / math.sqrt(2.0))))
-    if activation == "gelu_tanh":
-        return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
-    if activation == "relu":
-        return jnp.maximum(y, 0.0)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def _num_sms() -> int:
@@ -363,7 +349,7 @@ def _kernel(
                     if has_bias:
                         bias = plgpu.load(col_smem.at[wg, 1], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         y = y + lax.broadcast_in_dim(bias, shape, [1])
-                    y = _activation(y, activation)
+                    y = activation_fn(y, activation)  # GELU via erf_approx: Mosaic GPU has no erf layout rule
                     _store_epilogue(y, wg, row0, col0)
 
             def _mma(idx, a_smem, b_smem, acc_ref):
