@@ -575,20 +575,20 @@ def int8_matmul(
         raise ValueError(f"impl must be None, 'triton' or 'mosaic', got {impl!r}")
     from pallas_kernels import int8_matmul_mgpu as mgpu  # local import: it builds on this module
 
-    use_mosaic = impl == "mosaic" or (
-        impl is None
-        and config is None
-        and split_k is None
-        and m > DECODE_MAX_M
+    if impl == "mosaic" or (
+        impl is None and config is None and split_k is None and m > DECODE_MAX_M
         and not resolve_interpret(interpret)
-        and mgpu.supported(
-            m, n, k, b_bits=b_bits, raw=raw, out_spec=out_spec, residual=residual, out_dtype=out_dtype,
-            split_cols=split_cols,
+    ):  # fmt: skip
+        reason = mgpu.unsupported_reason(
+            m, n, k, b_bits=b_bits, scales=a_scale is not None and b_scale is not None, out_spec=out_spec,
+            residual=residual, out_dtype=out_dtype, split_cols=split_cols,
         )  # fmt: skip
-    )
+        if reason is not None and impl == "mosaic":
+            raise ValueError(f"impl='mosaic' cannot run this call: {reason}")
+        use_mosaic = reason is None
+    else:
+        use_mosaic = False
     if use_mosaic:
-        if b_bits != 8 or raw or out_spec is not None:
-            raise ValueError("impl='mosaic' needs an int8 b, both scales and a float output (no out_spec)")
         return mgpu.int8_matmul_mgpu(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
             split_cols=split_cols, interpret=interpret,

@@ -16,9 +16,9 @@ fetched into shared memory by TMA), applies the activation, adds the residual ti
 output staging buffer) and stores through shared memory with TMA.
 
 Shapes must tile exactly (no masking here): M by the CTA's rows, N by its columns, K by ``tile_k``.
-:func:`fit_config` picks tiles that do, or raises; :func:`supported` says whether a call can run here, so the
-dispatcher in ``int8_matmul`` falls back to the Triton kernel otherwise. Mosaic GPU needs JAX >= 0.10 and an
-sm_90 GPU; there is no CPU path (Mosaic GPU's interpreter has no transposed int8 wgmma), so on CPU
+:func:`fit_config` picks tiles that do, or raises; :func:`unsupported_reason` says why a call cannot run
+here, so the dispatcher in ``int8_matmul`` falls back to the Triton kernel. Mosaic GPU needs JAX >= 0.10 and
+an sm_90 GPU; there is no CPU path (Mosaic GPU's interpreter has no transposed int8 wgmma), so on CPU
 ``int8_matmul`` always runs the Triton kernel (interpret mode) and this one is tested on the H100.
 """
 
@@ -163,19 +163,25 @@ def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: i
         raise ValueError(f"split_cols={split_cols} must divide N={n} and be a multiple of epi_tile_n")
 
 
-def supported(
-    m: int, n: int, k: int, *, b_bits: int, raw: bool, out_spec, residual, out_dtype, split_cols
-) -> bool:
-    """Whether ``int8_matmul`` with these arguments can run on this kernel (else the Triton one runs)."""
-    if not available() or b_bits != 8 or raw or out_spec is not None:
-        return False
+def unsupported_reason(
+    m: int, n: int, k: int, *, b_bits: int, scales: bool, out_spec, residual, out_dtype, split_cols
+) -> str | None:
+    """Why ``int8_matmul`` with these arguments cannot run on this kernel, or None when it can.
+
+    scales: both a_scale and b_scale are given (the epilogue reads per-row and per-column scales).
+    """
+    if not available():
+        return "it runs compiled on an sm_90 (Hopper) GPU only (Mosaic GPU's interpreter has no int8 wgmma)"
+    if b_bits != 8 or not scales or out_spec is not None:
+        return "it needs an int8 b, both scales and a float output (no out_spec)"
     if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
-        return False  # the residual tile is loaded into the output staging buffer: same dtype
+        # the residual tile is loaded into the output staging buffer
+        return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
     try:
         fit_config(m, n, k, split_cols=split_cols)
-    except ValueError:
-        return False
-    return True
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- kernel

@@ -92,14 +92,25 @@ def test_mosaic_off_hopper_is_a_clear_error_and_auto_falls_back():
     a, b, sa, sb, bias, _ = _operands(1, 256, 256, 128)
     with pytest.raises(ValueError, match="sm_90"):
         int8_matmul(a, b, sa, sb, impl="mosaic")
-    assert not mg.supported(
-        256, 256, 128, b_bits=8, raw=False, out_spec=None, residual=None, out_dtype=jnp.bfloat16,
+    assert "sm_90" in mg.unsupported_reason(
+        256, 256, 128, b_bits=8, scales=True, out_spec=None, residual=None, out_dtype=jnp.bfloat16,
         split_cols=None,
     )  # fmt: skip
     out = int8_matmul(a, b, sa, sb, bias=bias)  # auto: the Triton kernel (interpret mode here)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(int8_matmul_reference(a, b, sa, sb, bias=bias)))
     with pytest.raises(ValueError, match="impl must be"):
         int8_matmul(a, b, sa, sb, impl="cuda")
+
+
+def test_unsupported_reason_names_what_rules_the_kernel_out(monkeypatch):
+    monkeypatch.setattr(mg, "available", lambda: True)  # the rules after "is this a Hopper GPU"
+    kw = dict(b_bits=8, scales=True, out_spec=None, residual=None, out_dtype=jnp.bfloat16, split_cols=None)
+    assert mg.unsupported_reason(8192, 768, 768, **kw) is None
+    assert "both scales" in mg.unsupported_reason(8192, 768, 768, **{**kw, "scales": False})
+    assert "int8 b" in mg.unsupported_reason(8192, 768, 768, **{**kw, "b_bits": 4})
+    residual = jnp.zeros((8192, 768), jnp.float32)
+    assert "output dtype" in mg.unsupported_reason(8192, 768, 768, **{**kw, "residual": residual})
+    assert "M=100" in mg.unsupported_reason(100, 768, 768, **kw)
 
 
 # -------------------------------------------------------------------------------------- on the H100
@@ -161,6 +172,8 @@ def test_auto_dispatch_picks_mosaic_where_it_tiles(monkeypatch):
         assert calls == [1]
         _close(out, int8_matmul_reference(a, b, sa, sb, bias=bias))
         int8_matmul(a[:500], b, sa[:500], sb, bias=bias)  # ragged M: the Triton kernel
+        out = int8_matmul(a, b, sa, None, bias=bias)  # one scale only: the Triton kernel
         assert calls == [1]
+        _close(out, int8_matmul_reference(a, b, sa, None, bias=bias))
     finally:
         jax.clear_caches()
