@@ -222,6 +222,9 @@ def sweep_configs(case: str, m: int, n: int) -> list[QuantizeConfig]:
         if case in ("per-row", "LN per-row"):
             # whole rows: block_m is cut down to budget / next_pow2(N) rows per program
             out += [QuantizeConfig(64, 1024, warps, 1, budget) for budget in (4096, 8192, 16384, 32768)]
+            if warps == 8:  # small blocks with few warps, and wide ones with many
+                out += [QuantizeConfig(64, 1024, 2, 1, b) for b in (2048, 4096, 8192)]
+                out += [QuantizeConfig(64, 1024, 16, 1, b) for b in (16384, 32768)]
         elif case.startswith("LN"):
             # 32 whole rows per program: one load if within the budget, else column chunks of block_n
             for budget in (16384, 32768):
@@ -244,13 +247,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--shapes", default=None, help="e.g. 16384x1024,8192x8192")
     ap.add_argument("--samples", type=int, default=3 if INTERPRET else 11)
     ap.add_argument("--reps", type=int, default=2 if INTERPRET else 8)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="input dtype (the PTQ prefill's LayerNorm reads the float32 residual stream)")
     return ap.parse_args()
 
 
-def run_checks(shapes, cases, seed, results) -> bool:
+def run_checks(shapes, cases, seed, results, dtype) -> bool:
     all_ok = True
     for m, n in shapes + ([] if INTERPRET else [(1000, 1030)]):  # + one ragged shape
-        x = (jax.random.normal(jax.random.key(m + n), (m, n)) * 2).astype(jnp.bfloat16)
+        x = (jax.random.normal(jax.random.key(m + n), (m, n)) * 2).astype(dtype)
         for case in cases:
             try:
                 r = check(case, x, seed)
@@ -266,7 +271,7 @@ def run_checks(shapes, cases, seed, results) -> bool:
 
 def run_timings(shapes, cases, seed, args, results) -> None:
     for m, n in shapes:
-        x = (jax.random.normal(jax.random.key(1), (m, n)) * 2).astype(jnp.bfloat16)
+        x = (jax.random.normal(jax.random.key(1), (m, n)) * 2).astype(args.dtype)
         t_copy = device_time(copy_step, x, args.samples, args.reps)
         copy_gbs = 2 * x.size * x.dtype.itemsize / t_copy / 1e9
         results["timings"].append({"case": "copy", "shape": [m, n], "ms": t_copy * 1e3, "GB/s": copy_gbs})
@@ -289,7 +294,7 @@ def run_timings(shapes, cases, seed, args, results) -> None:
 
 def run_sweep(shapes, cases, seed, args, results) -> None:
     for m, n in shapes:
-        x = (jax.random.normal(jax.random.key(1), (m, n)) * 2).astype(jnp.bfloat16)
+        x = (jax.random.normal(jax.random.key(1), (m, n)) * 2).astype(args.dtype)
         for case in [c for c in SWEEP_CASES if c in cases]:
             nbytes = bytes_moved(case, m, n, x.dtype.itemsize)
             best = None
@@ -348,7 +353,7 @@ def main() -> None:
         raise SystemExit(f"unknown cases {unknown}; choose from {list(CASES)}")
     phases = set(args.phases.split(",")) - ({"sweep"} if args.no_sweep else set())
     seed = noise_seed(jax.random.key(0))
-    results = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "dtype": args.dtype}
     results.update(checks=[], timings=[], sweep=[])
     out_dir = os.environ.get("OUT")
 
@@ -359,7 +364,7 @@ def main() -> None:
 
     all_ok = True
     if "check" in phases:
-        all_ok = run_checks(shapes, cases, seed, results)
+        all_ok = run_checks(shapes, cases, seed, results, args.dtype)
         save()
     if "time" in phases:
         run_timings(shapes, cases, seed, args, results)

@@ -78,6 +78,12 @@ class QuantizeConfig:
     xla_row_stats_cols: ``quantize_tiles`` only: when the outputs need whole rows AND whole columns (per-row
       codes with a per-row copy of x.T: the int8-row backward), row tiles over more columns than this also
       take their absmax from XLA, so one full-grid pass writes both layouts instead of two sweeping ones.
+    row_block_elems: when every tile is a whole row (per-token codes, LayerNorm statistics) and there are
+      at least ``ROW_BLOCK_MIN_ROWS`` rows, each program takes max(1, row_block_elems // next_pow2(N))
+      rows (capped by max_block_elems) and :func:`default_warps` gives it 4 warps (2 above 2048 elements).
+      Measured on the H100 at M = 8192 (BENCHMARKS.md session 10, ``benchmarks/prefill_producers.py``):
+      LayerNorm-quantize of 1600 fp32 columns 42.3 -> 39.1 us, per-token quantize of 6400 bf16 columns
+      81.9 -> 69.1 us, at or near a plain copy of the same input. None: the block_m / budget planning.
     """
 
     block_m: int = 32
@@ -87,6 +93,7 @@ class QuantizeConfig:
     max_block_elems: int = 16384
     xla_column_stats_rows: int = 1024
     xla_row_stats_cols: int = 1024
+    row_block_elems: int | None = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,7 @@ class BlockPlan:
     bm: int
     bn: int
     loop_axis: int | None = None
+    row_blocks: bool = False  # planned by QuantizeConfig.row_block_elems (few rows, many programs)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -118,6 +126,7 @@ class BlockPlan:
 
 
 FEW_PROGRAMS = 132  # fewer programs than the H100's SMs: each one's latency is the kernel's time
+ROW_BLOCK_MIN_ROWS = 8 * FEW_PROGRAMS  # QuantizeConfig.row_block_elems applies from this many rows
 
 
 def default_warps(plan: BlockPlan) -> int:
@@ -126,6 +135,8 @@ def default_warps(plan: BlockPlan) -> int:
     M = 1 on H100, 16 warps take LayerNorm-quantize of 1600 columns from 2.8 to 2.1 us and GELU-quantize of
     6400 from 6.0 to 5.2 us (benchmarks/decode_producers.py, BENCHMARKS.md session 4)."""
     elems = plan.bm * plan.bn
+    if plan.row_blocks:
+        return 4 if elems <= 2048 else 2
     if cdiv(plan.m, plan.bm) * cdiv(plan.n, plan.bn) < FEW_PROGRAMS:
         return min(16, max(4, next_pow2(elems // 128)))
     warps = 2
@@ -175,6 +186,12 @@ def plan_blocks(m: int, n: int, tiles: Sequence[Tile], config: QuantizeConfig) -
     pref = (config.block_m, config.block_n)
     free = [max(req[a], min(pref[a], next_pow2(dims[a]))) for a in (0, 1)]
     full = [max(req[a], next_pow2(dims[a])) for a in (0, 1)]
+    row_blocks = (
+        config.row_block_elems is not None and whole == [False, True] and req[0] == 1 and m >= ROW_BLOCK_MIN_ROWS
+    )
+    if row_blocks:  # few whole rows per program, many programs (see QuantizeConfig.row_block_elems)
+        budget = min(budget, max(config.row_block_elems, full[1]))
+        row_blocks = full[1] <= budget  # else the rows are swept in chunks as before
 
     def shrink(b: list[int], order: Sequence[int]) -> list[int]:
         for a in order:
@@ -187,7 +204,7 @@ def plan_blocks(m: int, n: int, tiles: Sequence[Tile], config: QuantizeConfig) -
     # the rows in (bm, >= 64)-wide chunks is faster (x is read twice, but coalesced).
     narrow = whole[0] and not whole[1] and b[1] < min(free[1], 64)
     if b[0] * b[1] <= budget and not narrow:
-        return BlockPlan(m, n, b[0], b[1], None)
+        return BlockPlan(m, n, b[0], b[1], None, row_blocks)
     for a in sorted((a for a in (0, 1) if whole[a]), key=lambda a: -dims[a]):
         other = 1 - a
         b = [0, 0]

@@ -59,6 +59,7 @@ def _x(shape, dtype=jnp.float32, key=0, shift=0.5):
     "shape,dtype,spec,tspec,rms,budget",
     [
         ((70, 200), jnp.bfloat16, P, None, False, 16384),  # ZeroQuant: per-token, whole rows in one load
+        ((1100, 72), jnp.float32, P, None, False, 16384),  # prefill-size M: few rows per program (row blocks)
         ((70, 200), jnp.float32, B((32, 32)), B((32, 32)), False, 16384),  # Jetfire: blocks + transposed
         ((40, 300), jnp.float32, P, B((32, 32)), True, 512),  # RMSNorm; rows swept in column chunks
     ],

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from jq8.quant import QuantSpec, noise_seed
 from pallas_kernels.quantize import (
     QuantizeConfig,
+    default_warps,
     plan_blocks,
     quantize_tiles,
     quantize_tiles_reference,
@@ -221,3 +222,34 @@ def test_lowers_to_triton(spec, tspec, rounding, cfg):
     )
     text = f.trace(x, seed).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+@pytest.mark.parametrize(
+    "m,n,bm,bn,warps",
+    [
+        (8192, 1600, 1, 2048, 4),  # GPT-2 1.5B LayerNorm / attention output: one row per program
+        (8192, 6400, 1, 8192, 2),  # fc1's output: one long row, 2 warps
+        (8192, 768, 2, 1024, 4),  # 124M: two rows make the 2048-element block
+        (1056, 40, 32, 64, 4),  # narrow rows: block_m (32) is the cap
+    ],
+)
+def test_row_block_plan(m, n, bm, bn, warps):
+    """Per-token tiles over many rows: few whole rows per program (QuantizeConfig.row_block_elems)."""
+    plan = plan_blocks(m, n, [x_tile(P, m, n)], QuantizeConfig())
+    assert (plan.bm, plan.bn, plan.loop_axis, plan.row_blocks) == (bm, bn, None, True)
+    assert default_warps(plan) == warps
+    # Not for decode / mid-size M, not when switched off, not for 32-row tiles, not over the block budget.
+    assert not plan_blocks(1000, n, [x_tile(P, 1000, n)], QuantizeConfig()).row_blocks
+    assert not plan_blocks(m, n, [x_tile(P, m, n)], QuantizeConfig(row_block_elems=None)).row_blocks
+    assert not plan_blocks(m, n, [(32, 32), (1, -1)], QuantizeConfig()).row_blocks
+    if bn > 256:  # rows over the block budget are swept in chunks, as without row blocks
+        swept = plan_blocks(m, n, [x_tile(P, m, n)], QuantizeConfig(max_block_elems=256))
+        assert not swept.row_blocks and swept.loop_axis == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_row_blocks_bit_exact(dtype):
+    """The row-block plan at a ragged width over >= ROW_BLOCK_MIN_ROWS rows, bit-exact to the reference."""
+    x = _data((1100, 72), dtype, key=5)
+    assert plan_blocks(1100, 72, [x_tile(P, 1100, 72)], QuantizeConfig()).row_blocks
+    _assert_bit_exact(quantize_tiles(x, P, poison_outputs=True), _reference(x, P))

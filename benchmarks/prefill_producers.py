@@ -1,0 +1,101 @@
+"""Prefill-size quantizing producers by tile: LayerNorm + quantize and per-token quantize at M = 8192.
+
+    PYTHONPATH=. python3 benchmarks/prefill_producers.py              # H100
+    PYTHONPATH=. python3 benchmarks/prefill_producers.py --quick      # CPU smoke (interpret mode)
+
+The W8A8 prefill's producers are memory-bound passes over (tokens, width) activations: LayerNorm + per-token
+quantize of the float32 residual stream (GPT-2 1.5B: width 1600; 124M: 768), and the per-token quantize of
+fc1's bf16 output (6400 / 3072) and of the attention output (1600 / 768). Per op and width this times
+each (block budget, num_warps) of ``QuantizeConfig`` (``row_block_elems=None``: the budget alone sets the
+rows per program) by the device time of its kernels in a profiler trace (the sum over ``--calls`` calls,
+divided), next to the default config (``row_block_elems`` planning), a float copy of the same
+input (``x * c``) and the jnp reference under XLA, and reports GB/s (bytes read + written). Writes
+``$OUT/prefill_producers.json`` when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from profile_decode import device_profile  # noqa: E402
+
+from jq8.quant import QuantSpec  # noqa: E402
+from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference  # noqa: E402
+from pallas_kernels.quantize import QuantizeConfig, quantize_tiles, quantize_tiles_reference  # noqa: E402
+
+SPEC = QuantSpec((1, -1))  # per token
+
+
+def device_us(fn, x, calls: int) -> float:
+    """Device time per call of ``fn(x)`` (all its kernels; busiest line), from a profiler trace."""
+    jax.block_until_ready(fn(x))
+    return device_profile(fn, (x,), calls)["device_ms"] * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=8192)
+    ap.add_argument("--ln-widths", default="1600,768")
+    ap.add_argument("--quant-widths", default="6400,1600,3072,768")
+    ap.add_argument("--budgets", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--warps", default="2,4,8,16")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.m, args.ln_widths, args.quant_widths = 16, "200", "200"
+        args.budgets, args.warps, args.calls = "16384", "4", 2
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, M = {args.m}", flush=True)
+    cases = [("layer_norm_quantize", int(n), jnp.float32) for n in args.ln_widths.split(",") if n]
+    cases += [("quantize_tiles", int(n), jnp.bfloat16) for n in args.quant_widths.split(",") if n]
+    rows = []
+    for name, n, dtype in cases:
+        x = (jax.random.normal(jax.random.key(0), (args.m, n)) * 2).astype(dtype)
+        gamma = jax.random.normal(jax.random.key(10), (n,)) * 0.1 + 1
+        beta = jax.random.normal(jax.random.key(11), (n,)) * 0.1
+        if name == "layer_norm_quantize":
+            kernel = lambda x, c=None: layer_norm_quantize(x, gamma, beta, spec=SPEC, config=c)[0]  # noqa: E731
+            reference = lambda x: layer_norm_quantize_reference(x, gamma, beta, spec=SPEC)[0]  # noqa: E731
+        else:
+            kernel = lambda x, c=None: quantize_tiles(x, SPEC, config=c)  # noqa: E731
+            reference = lambda x: quantize_tiles_reference(x, SPEC)  # noqa: E731
+        nbytes = x.size * x.dtype.itemsize + x.size + 4 * args.m
+        gbs = lambda us, b=nbytes: b / us / 1e3  # noqa: E731
+        t_copy = device_us(jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype)), x, args.calls)
+        t_xla = device_us(jax.jit(reference), x, args.calls)
+        t_default = device_us(jax.jit(kernel), x, args.calls)
+        print(f"\n== {name} ({args.m}, {n}) {jnp.dtype(dtype).name}: copy {t_copy:.1f} us "
+              f"({2 * x.size * x.dtype.itemsize / t_copy / 1e3:.0f} GB/s), XLA {t_xla:.1f} us, "
+              f"default config {t_default:.1f} us ({gbs(t_default):.0f} GB/s)", flush=True)
+        row = dict(op=name, m=args.m, n=n, dtype=jnp.dtype(dtype).name, bytes=nbytes, copy_us=t_copy,
+                   xla_us=t_xla, default_us=t_default, configs=[])
+        for budget in (int(b) for b in args.budgets.split(",")):
+            for warps in (int(w) for w in args.warps.split(",")):
+                cfg = QuantizeConfig(block_m=64, num_warps=warps, max_block_elems=budget, row_block_elems=None)
+                try:
+                    t = device_us(jax.jit(lambda x, c=cfg: kernel(x, c)), x, args.calls)
+                except Exception as e:  # a config the compiler rejects: report it and go on
+                    print(f"  budget {budget:6d} warps {warps:2d}: failed {type(e).__name__}: {e}"[:200])
+                    continue
+                row["configs"].append(dict(budget=budget, warps=warps, us=t))
+                print(f"  budget {budget:6d} warps {warps:2d}: {t:7.1f} us  {gbs(t):5.0f} GB/s  "
+                      f"(x{t_default / t:4.2f} default)", flush=True)
+        best = min(row["configs"], key=lambda r: r["us"])
+        print(f"  best: budget {best['budget']} warps {best['warps']} {best['us']:.1f} us", flush=True)
+        rows.append(row)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "prefill_producers.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
