@@ -5,7 +5,8 @@
 Each GEMM runs with the fused model's epilogue (qkv: bias, q/k/v written apart; out / fc2: bias + f32
 residual, f32 out; fc1: bias + GELU, bf16 out). Per shape: max |error| of both kernels against the XLA
 reference (relative to the reference's max |value|), then ms per call (``--reps`` calls back to back, median
-of ``--iters`` samples). ``--variants`` also times a list of other Mosaic tile configs. Writes
+of ``--iters`` samples). ``--variants`` also times other Mosaic configs (the second is session 9's pipeline:
+``mma_in_flight=0``, no residual prefetch). Writes
 ``$OUT/mgpu_gemm.json`` when OUT is set.
 """
 
@@ -37,8 +38,13 @@ GEMMS = {
 }
 
 
-def variants(cfg: mg.MosaicTileConfig) -> list[mg.MosaicTileConfig]:
+def variants(cfg: mg.MosaicTileConfig, residual: bool) -> list[mg.MosaicTileConfig]:
     out = [cfg]
+    # the session 9 pipeline: wait for each K step's wgmma, residual tiles loaded in the epilogue
+    old = dataclasses.replace(cfg, mma_in_flight=0, residual_prefetch=False)
+    out.append(old)
+    if residual:
+        out.append(dataclasses.replace(cfg, residual_prefetch=False))
     for stages in (3, 5):
         out.append(dataclasses.replace(cfg, stages=stages))
     for width in (4, 16):
@@ -107,7 +113,7 @@ def main() -> None:
             results[name] = row
             continue
         tried = []
-        for cfg in variants(base) if args.variants else [base]:
+        for cfg in variants(base, kind == "residual") if args.variants else [base]:
             try:
                 f = jax.jit(lambda a, b, a_s, b_s, cfg=cfg, split=split, epi=epi: mg.int8_matmul_mgpu(
                     a, b, a_s, b_s, split_cols=split, config=cfg, **epi))  # fmt: skip

@@ -40,6 +40,18 @@ def device_us(fn, x, calls: int) -> float:
     return device_profile(fn, (x,), calls)["device_ms"] * 1e3
 
 
+def make_ops(name: str, n: int):
+    """(kernel(x, config), jnp reference(x)) of one producer at width n."""
+    gamma = jax.random.normal(jax.random.key(10), (n,)) * 0.1 + 1
+    beta = jax.random.normal(jax.random.key(11), (n,)) * 0.1
+    if name == "layer_norm_quantize":
+        return (
+            lambda x, c=None: layer_norm_quantize(x, gamma, beta, spec=SPEC, config=c)[0],
+            lambda x: layer_norm_quantize_reference(x, gamma, beta, spec=SPEC)[0],
+        )
+    return lambda x, c=None: quantize_tiles(x, SPEC, config=c), lambda x: quantize_tiles_reference(x, SPEC)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
@@ -59,35 +71,45 @@ def main() -> None:
     rows = []
     for name, n, dtype in cases:
         x = (jax.random.normal(jax.random.key(0), (args.m, n)) * 2).astype(dtype)
-        gamma = jax.random.normal(jax.random.key(10), (n,)) * 0.1 + 1
-        beta = jax.random.normal(jax.random.key(11), (n,)) * 0.1
-        if name == "layer_norm_quantize":
-            kernel = lambda x, c=None: layer_norm_quantize(x, gamma, beta, spec=SPEC, config=c)[0]  # noqa: E731
-            reference = lambda x: layer_norm_quantize_reference(x, gamma, beta, spec=SPEC)[0]  # noqa: E731
-        else:
-            kernel = lambda x, c=None: quantize_tiles(x, SPEC, config=c)  # noqa: E731
-            reference = lambda x: quantize_tiles_reference(x, SPEC)  # noqa: E731
+        kernel, reference = make_ops(name, n)
         nbytes = x.size * x.dtype.itemsize + x.size + 4 * args.m
         gbs = lambda us, b=nbytes: b / us / 1e3  # noqa: E731
         t_copy = device_us(jax.jit(lambda x: x * jnp.asarray(1.5, x.dtype)), x, args.calls)
         t_xla = device_us(jax.jit(reference), x, args.calls)
         t_default = device_us(jax.jit(kernel), x, args.calls)
-        print(f"\n== {name} ({args.m}, {n}) {jnp.dtype(dtype).name}: copy {t_copy:.1f} us "
-              f"({2 * x.size * x.dtype.itemsize / t_copy / 1e3:.0f} GB/s), XLA {t_xla:.1f} us, "
-              f"default config {t_default:.1f} us ({gbs(t_default):.0f} GB/s)", flush=True)
-        row = dict(op=name, m=args.m, n=n, dtype=jnp.dtype(dtype).name, bytes=nbytes, copy_us=t_copy,
-                   xla_us=t_xla, default_us=t_default, configs=[])
+        print(
+            f"\n== {name} ({args.m}, {n}) {jnp.dtype(dtype).name}: copy {t_copy:.1f} us "
+            f"({2 * x.size * x.dtype.itemsize / t_copy / 1e3:.0f} GB/s), XLA {t_xla:.1f} us, "
+            f"default config {t_default:.1f} us ({gbs(t_default):.0f} GB/s)",
+            flush=True,
+        )
+        row = dict(
+            op=name,
+            m=args.m,
+            n=n,
+            dtype=jnp.dtype(dtype).name,
+            bytes=nbytes,
+            copy_us=t_copy,
+            xla_us=t_xla,
+            default_us=t_default,
+            configs=[],
+        )
         for budget in (int(b) for b in args.budgets.split(",")):
             for warps in (int(w) for w in args.warps.split(",")):
-                cfg = QuantizeConfig(block_m=64, num_warps=warps, max_block_elems=budget, row_block_elems=None)
+                cfg = QuantizeConfig(
+                    block_m=64, num_warps=warps, max_block_elems=budget, row_block_elems=None
+                )
                 try:
-                    t = device_us(jax.jit(lambda x, c=cfg: kernel(x, c)), x, args.calls)
+                    t = device_us(jax.jit(lambda x, c=cfg, f=kernel: f(x, c)), x, args.calls)
                 except Exception as e:  # a config the compiler rejects: report it and go on
                     print(f"  budget {budget:6d} warps {warps:2d}: failed {type(e).__name__}: {e}"[:200])
                     continue
                 row["configs"].append(dict(budget=budget, warps=warps, us=t))
-                print(f"  budget {budget:6d} warps {warps:2d}: {t:7.1f} us  {gbs(t):5.0f} GB/s  "
-                      f"(x{t_default / t:4.2f} default)", flush=True)
+                print(
+                    f"  budget {budget:6d} warps {warps:2d}: {t:7.1f} us  {gbs(t):5.0f} GB/s  "
+                    f"(x{t_default / t:4.2f} default)",
+                    flush=True,
+                )
         best = min(row["configs"], key=lambda r: r["us"])
         print(f"  best: budget {best['budget']} warps {best['warps']} {best['us']:.1f} us", flush=True)
         rows.append(row)

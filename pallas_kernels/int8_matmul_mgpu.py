@@ -52,6 +52,10 @@ class MosaicTileConfig:
     they sit side by side along N (CTA tile tile_m x 2 tile_n) or along M (2 tile_m x tile_n).
     ``stages``: shared-memory ring depth. ``epi_tile_*``: the staging tile of the output store.
     ``grid_minor`` / ``grid_width``: the planar-snake order of output tiles over the persistent CTAs.
+    ``mma_in_flight``: wgmma groups left running when a K step's body returns (0: wait for each; 1: the
+    stage is released one step later, so the next wgmma issues while this one runs).
+    ``residual_prefetch``: TMA-load the first staging slots' residual tiles while the main loop runs,
+    instead of at the start of the epilogue (where each load's latency is exposed).
     """
 
     tile_m: int = 128
@@ -63,6 +67,8 @@ class MosaicTileConfig:
     epi_tile_n: int = 64
     grid_minor: str = "n"
     grid_width: int = 8
+    mma_in_flight: int = 1
+    residual_prefetch: bool = True
 
     @property
     def cta_m(self) -> int:
@@ -157,6 +163,8 @@ def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: i
         raise ValueError(f"K={k} must be a multiple of tile_k={cfg.tile_k}")
     if cfg.tile_m % 64 or cfg.tile_n % 16 or cfg.tile_n > 256:
         raise ValueError(f"wgmma needs tile_m % 64 == 0 and tile_n a multiple of 16 <= 256, got {cfg}")
+    if cfg.mma_in_flight not in (0, 1) or cfg.stages <= cfg.mma_in_flight:
+        raise ValueError(f"mma_in_flight must be 0 or 1 and below stages, got {cfg}")
     if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n:
         raise ValueError(f"epilogue tiles must divide the warpgroup tile, got {cfg}")
     if split_cols is not None and (n % split_cols or split_cols % cfg.epi_tile_n):
@@ -291,10 +299,20 @@ def _kernel(
             grid=(k // tk,),
             memory_registers=MEMORY_REGISTERS,
             in_specs=[
-                plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=in_transforms,
-                                memory_space=plgpu.SMEM),  # fmt: skip
-                plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=in_transforms,
-                                memory_space=plgpu.SMEM),  # fmt: skip
+                plgpu.BlockSpec(
+                    (cta_m, tk),
+                    lambda kk: (0, kk),
+                    transforms=in_transforms,
+                    memory_space=plgpu.SMEM,
+                    delay_release=cfg.mma_in_flight,
+                ),  # fmt: skip
+                plgpu.BlockSpec(
+                    (cta_n, tk),
+                    lambda kk: (0, kk),
+                    transforms=in_transforms,
+                    memory_space=plgpu.SMEM,
+                    delay_release=cfg.mma_in_flight,
+                ),  # fmt: skip
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -334,7 +352,24 @@ def _kernel(
                 col0 = ni * cta_n + wg * tn
                 a_rows, b_rows = slice(None), pl.ds(wg * tn, tn)
 
+            prefetched = slots if has_residual and cfg.residual_prefetch else 0
+
+            def res_tile(e):
+                """(gmem rows, first column) of the warpgroup's e-th epilogue tile."""
+                ei, ej = divmod(e, tn // en)
+                return pl.ds(row0 + ei * em, em), col0 + ej * en
+
+            def load_residual(e):
+                rows, c0 = res_tile(e)
+                slot = e % slots
+                barrier = res_barrier.at[wg * slots + slot]
+                plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(c0, en)], out_smem.at[wg, slot], barrier)
+
             def context(run_pipeline):
+                if prefetched:  # the staging slots' residual tiles load during the main loop
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left them
+                    for e in range(prefetched):
+                        load_residual(e)
                 # Fetch this warpgroup's scales and bias while the main loop runs.
                 plgpu.copy_gmem_to_smem(as_gmem.at[pl.ds(row0, tm)], row_smem.at[wg], vec_barrier.at[wg])
                 plgpu.copy_gmem_to_smem(bs_gmem.at[pl.ds(col0, tn)], col_smem.at[wg, 0], vec_barrier.at[wg])
@@ -346,6 +381,7 @@ def _kernel(
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
                 def _acc_scope(acc_ref):
                     run_pipeline(acc_ref)
+                    plgpu.wgmma_wait(0)  # the last mma_in_flight groups
                     plgpu.barrier_wait(vec_barrier.at[wg])
                     shape = (tm, tn)
                     rs = plgpu.load(row_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
@@ -362,7 +398,7 @@ def _kernel(
                 del idx
                 b_t = plgpu.transpose_ref(b_smem.at[b_rows], (1, 0))
                 plgpu.wgmma(acc_ref, a_smem.at[a_rows], b_t)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(cfg.mma_in_flight)  # its stage is released mma_in_flight steps later
                 return acc_ref
 
             def _store_epilogue(y, wg, row0, col0):
@@ -371,15 +407,15 @@ def _kernel(
                     for ej in range(tn // en):
                         e = ei * (tn // en) + ej
                         slot = e % slots
-                        rows = pl.ds(row0 + ei * em, em)
-                        c0 = col0 + ej * en
+                        rows, c0 = res_tile(e)
                         part_tile = y[ei * em : (ei + 1) * em, ej * en : (ej + 1) * en]
-                        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
                         stage = out_smem.at[wg, slot]
+                        if e >= prefetched:
+                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                            if has_residual:
+                                load_residual(e)
                         if has_residual:
-                            barrier = res_barrier.at[wg * slots + slot]
-                            plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(c0, en)], stage, barrier)
-                            plgpu.barrier_wait(barrier)
+                            plgpu.barrier_wait(res_barrier.at[wg * slots + slot])
                             r = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                             part_tile = part_tile + r
                         stage[...] = part_tile.astype(out_dtype)
@@ -402,4 +438,3 @@ def _kernel(
             )
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-

@@ -186,9 +186,8 @@ def plan_blocks(m: int, n: int, tiles: Sequence[Tile], config: QuantizeConfig) -
     pref = (config.block_m, config.block_n)
     free = [max(req[a], min(pref[a], next_pow2(dims[a]))) for a in (0, 1)]
     full = [max(req[a], next_pow2(dims[a])) for a in (0, 1)]
-    row_blocks = (
-        config.row_block_elems is not None and whole == [False, True] and req[0] == 1 and m >= ROW_BLOCK_MIN_ROWS
-    )
+    row_blocks = config.row_block_elems is not None and whole == [False, True] and req[0] == 1
+    row_blocks = row_blocks and m >= ROW_BLOCK_MIN_ROWS
     if row_blocks:  # few whole rows per program, many programs (see QuantizeConfig.row_block_elems)
         budget = min(budget, max(config.row_block_elems, full[1]))
         row_blocks = full[1] <= budget  # else the rows are swept in chunks as before
@@ -381,12 +380,14 @@ def _load_axis_amax(ref, r0, c0, tile: Tile, plan: BlockPlan) -> jax.Array:
     if tile[0] == -1:
         g = plan.bn // tile[1]
         idx = c0 // tile[1] + jnp.arange(g, dtype=jnp.int32)
-        return plgpu.load(ref.at[pl.ds(0, 1), pl.ds(c0 // tile[1], g)], mask=(idx < ref.shape[1])[None, :],
-                          other=0.0)
+        return plgpu.load(
+            ref.at[pl.ds(0, 1), pl.ds(c0 // tile[1], g)], mask=(idx < ref.shape[1])[None, :], other=0.0
+        )
     g = plan.bm // tile[0]
     idx = r0 // tile[0] + jnp.arange(g, dtype=jnp.int32)
-    return plgpu.load(ref.at[pl.ds(r0 // tile[0], g), pl.ds(0, 1)], mask=(idx < ref.shape[0])[:, None],
-                      other=0.0)
+    return plgpu.load(
+        ref.at[pl.ds(r0 // tile[0], g), pl.ds(0, 1)], mask=(idx < ref.shape[0])[:, None], other=0.0
+    )
 
 
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
@@ -478,8 +479,13 @@ def sweep(
                 first = None
                 if out.tile in axis_amax:
                     first = (r0 == 0) if out.tile[0] == -1 else (c0 == 0)
-                store_scale(out_refs[2 * i + 1], scale, *scale_origin(out.tile, r0, c0, plan), out.transposed,
-                            enabled=first)
+                store_scale(
+                    out_refs[2 * i + 1],
+                    scale,
+                    *scale_origin(out.tile, r0, c0, plan),
+                    out.transposed,
+                    enabled=first,
+                )
 
     if plan.loop_axis is None:
         r0, c0 = origin(0)
@@ -526,9 +532,7 @@ def out_shapes(m: int, n: int, specs: Sequence[tuple[QuantSpec, bool]]) -> list[
 
 def poisoned(shapes: Sequence[jax.ShapeDtypeStruct]) -> list[jax.Array]:
     """Output buffers prefilled with values no kernel writes (-128 codes, NaN scales), for write checks."""
-    return [
-        jnp.full(s.shape, -128 if s.dtype == jnp.int8 else jnp.nan, s.dtype) for s in shapes
-    ]
+    return [jnp.full(s.shape, -128 if s.dtype == jnp.int8 else jnp.nan, s.dtype) for s in shapes]
 
 
 def launch(
@@ -548,7 +552,7 @@ def launch(
     n_in = len(operands)
 
     def body(*refs):
-        kernel(*refs[:n_in], *refs[n_in + len(prefill):])
+        kernel(*refs[:n_in], *refs[n_in + len(prefill) :])
 
     return pl.pallas_call(
         body,
@@ -581,7 +585,7 @@ def load_seed(seed_ref, rounding: Rounding):
 
 def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
     axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
-    out_refs = refs[len(axis_tiles):]
+    out_refs = refs[len(axis_tiles) :]
 
     def load(r0, c0):
         x = plgpu.load(
@@ -590,8 +594,7 @@ def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, i
         return x.astype(jnp.float32)
 
     seed = load_seed(seed_ref, rounding)
-    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret,
-          axis_amax=axis_amax)
+    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret, axis_amax=axis_amax)
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
@@ -602,13 +605,23 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
     axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
     plan = plan_blocks(m, n, [plan_tile(o.tile, axis_tiles) for o in outs], config)
     kernel = functools.partial(
-        _quantize_kernel, plan=plan, outs=outs, axis_tiles=axis_tiles, rounding=rounding,
+        _quantize_kernel,
+        plan=plan,
+        outs=outs,
+        axis_tiles=axis_tiles,
+        rounding=rounding,
         interpret=interpret,
     )
     stats = [axis_absmax(x, t) for t in axis_tiles]
     return launch(
-        kernel, [seed, x, *stats], out_shapes(m, n, specs), plan, config,
-        interpret=interpret, poison=poison, name="quantize_tiles",
+        kernel,
+        [seed, x, *stats],
+        out_shapes(m, n, specs),
+        plan,
+        config,
+        interpret=interpret,
+        poison=poison,
+        name="quantize_tiles",
     )
 
 
@@ -662,8 +675,13 @@ def quantize_tiles(
     arrays = []
     for group in groups:
         arrays += _quantize_call(
-            x2, seed_arr, specs=group, rounding=rounding, config=config,
-            interpret=interpret, poison=poison_outputs,
+            x2,
+            seed_arr,
+            specs=group,
+            rounding=rounding,
+            config=config,
+            interpret=interpret,
+            poison=poison_outputs,
         )
     q = QArray(arrays[0], arrays[1], None, spec, tuple(shape), x.dtype)
     if transposed_spec is None:

@@ -7,6 +7,8 @@ run on the H100 and skip elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +80,8 @@ def test_check_config_rejects_bad_tiles():
         mg.check_config(256, 256, 256, mg.MosaicTileConfig(epi_tile_n=48))
     with pytest.raises(ValueError, match="split_cols=96"):
         mg.check_config(256, 768, 256, mg.MosaicTileConfig(), split_cols=96)
+    with pytest.raises(ValueError, match="mma_in_flight"):
+        mg.check_config(256, 256, 256, mg.MosaicTileConfig(stages=1, mma_in_flight=1))
 
 
 def test_reference_is_int8_matmul_reference_split():
@@ -147,6 +151,19 @@ def test_mosaic_matches_reference(m, n, k, epi):
     )
     out = int8_matmul(a, b, sa, sb, impl="mosaic", **kw)
     assert out.dtype == out_dtype and out.shape == (m, n)
+    _close(out, int8_matmul_reference(a, b, sa, sb, **kw))
+
+
+@on_hopper
+@pytest.mark.parametrize("in_flight", [0, 1])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_mosaic_pipeline_variants_match_reference(in_flight, prefetch):
+    """Each wgmma wait depth and residual load schedule, on a residual GEMM whose CTAs take several tiles."""
+    m, n, k = 2048, 1600, 1600
+    a, b, sa, sb, bias, res = _operands(11, m, n, k)
+    cfg = dataclasses.replace(mg.fit_config(m, n, k), mma_in_flight=in_flight, residual_prefetch=prefetch)
+    kw = dict(bias=bias, residual=res.astype(jnp.float32), out_dtype=jnp.float32)
+    out = mg.int8_matmul_mgpu(a, b, sa, sb, config=cfg, **kw)
     _close(out, int8_matmul_reference(a, b, sa, sb, **kw))
 
 
