@@ -27,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
-from profile_step import kernel_times  # noqa: E402
+from profile_step import kernel_gaps, kernel_times  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
@@ -41,6 +41,10 @@ def device_profile(fn, args, iters: int) -> dict:
             for _ in range(iters):
                 jax.block_until_ready(fn(*args))
         times = kernel_times(d)
+        busy = collections.Counter()
+        for n, (t, _) in times.items():
+            busy[n.split("]")[0] + "]"] += t
+        gaps = kernel_gaps(d, max(busy, key=busy.get))  # read before the trace directory goes
     lines = collections.Counter()
     counts = collections.Counter()
     for n, (t, c) in times.items():
@@ -54,6 +58,11 @@ def device_profile(fn, args, iters: int) -> dict:
         launches=counts[busiest] / iters,
         lines={k: v / iters / 1e3 for k, v in lines.items()},
         kernels=[dict(name=n, us=t / iters, calls=c / iters) for n, t, c in top[:25]],
+        idle_ms=sum(g for g, _ in gaps.values()) / iters / 1e3,
+        idle_before=[
+            dict(name=n, us=g / iters, count=c / iters)
+            for n, (g, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]
+        ],
     )
 
 
@@ -149,6 +158,9 @@ def main() -> None:
             )
         for k in prof["kernels"][: args.top]:
             print(f"  {k['us']:9.1f} us x{k['calls']:<5g} {k['name'][:110]}", flush=True)
+        print(f"  device idle between kernels: {prof['idle_ms']:.3f} ms; before each kernel, the most:")
+        for k in prof["idle_before"][:8]:
+            print(f"  {k['us']:9.1f} us x{k['count']:<5g} {k['name'][:110]}", flush=True)
     out = os.environ.get("OUT")
     if out:
         b, t = args.tokens

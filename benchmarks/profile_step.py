@@ -29,9 +29,8 @@ from block_step import POLICIES, Block  # noqa: E402
 from jq8.policy import Policy  # noqa: E402
 
 
-def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
-    """{event name: (total microseconds, count)} over the device (GPU) events of a Perfetto trace; on a
-    machine without a GPU, over every complete event (so the CPU smoke test sees something)."""
+def _trace_events(trace_dir: str) -> tuple[list[dict], dict, set]:
+    """(events, {(pid, tid): thread name}, GPU pids) of the Perfetto trace under trace_dir."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -42,7 +41,33 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    return events, threads, {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+
+
+def kernel_gaps(trace_dir: str, line: str, max_gap_us: float = 1000.0) -> dict[str, tuple[float, int]]:
+    """{kernel name: (idle microseconds before it, count)} on one device line (as named by kernel_times):
+    the time the device sat idle between the end of the previous event and this kernel's start -- launch
+    latency, host-side work before a launch. Gaps over max_gap_us (between timed calls) are left out."""
+    events, threads, gpu = _trace_events(trace_dir)
+    evs = sorted(
+        (float(e["ts"]), float(e.get("dur", 0.0)), e["name"]) for e in events
+        if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu)
+        and f"[{threads.get((e['pid'], e.get('tid')), '?')[:24]}]" == line
+    )
+    out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    end = None
+    for ts, dur, name in evs:
+        if end is not None and 0.0 < ts - end <= max_gap_us:
+            out[name][0] += ts - end
+            out[name][1] += 1
+        end = ts + dur if end is None else max(end, ts + dur)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
+    """{event name: (total microseconds, count)} over the device (GPU) events of a Perfetto trace; on a
+    machine without a GPU, over every complete event (so the CPU smoke test sees something)."""
+    events, threads, gpu = _trace_events(trace_dir)
     out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu):
