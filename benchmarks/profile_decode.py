@@ -27,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
-from profile_step import kernel_gaps, kernel_times  # noqa: E402
+from profile_step import call_spans, kernel_gaps, kernel_times  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
@@ -45,6 +45,7 @@ def device_profile(fn, args, iters: int) -> dict:
         for n, (t, _) in times.items():
             busy[n.split("]")[0] + "]"] += t
         gaps = kernel_gaps(d, max(busy, key=busy.get))  # read before the trace directory goes
+        spans = call_spans(d, max(busy, key=busy.get), "PjitFunction")
     lines = collections.Counter()
     counts = collections.Counter()
     for n, (t, c) in times.items():
@@ -59,6 +60,9 @@ def device_profile(fn, args, iters: int) -> dict:
         lines={k: v / iters / 1e3 for k, v in lines.items()},
         kernels=[dict(name=n, us=t / iters, calls=c / iters) for n, t, c in top[:25]],
         idle_ms=sum(g for g, _ in gaps.values()) / iters / 1e3,
+        span_ms=spans["span"] / 1e3,  # first kernel start to last kernel end, per call
+        lead_ms=spans["lead"] / 1e3,  # host dispatch start to the first kernel, per call
+        traced_calls=spans["calls"],
         idle_before=[
             dict(name=n, us=g / iters, count=c / iters)
             for n, (g, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]
@@ -158,6 +162,10 @@ def main() -> None:
             )
         for k in prof["kernels"][: args.top]:
             print(f"  {k['us']:9.1f} us x{k['calls']:<5g} {k['name'][:110]}", flush=True)
+        print(
+            f"  per call: {prof['traced_calls']} calls traced, first-to-last kernel {prof['span_ms']:.3f} "
+            f"ms, dispatch to first kernel {prof['lead_ms']:.3f} ms"
+        )
         print(f"  device idle between kernels: {prof['idle_ms']:.3f} ms; before each kernel, the most:")
         for k in prof["idle_before"][:8]:
             print(f"  {k['us']:9.1f} us x{k['count']:<5g} {k['name'][:110]}", flush=True)

@@ -64,6 +64,28 @@ def kernel_gaps(trace_dir: str, line: str, max_gap_us: float = 1000.0) -> dict[s
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def call_spans(trace_dir: str, line: str, host_event: str, max_gap_us: float = 1000.0) -> dict[str, float]:
+    """Mean per-call microseconds on one device line: ``span`` from the first kernel's start to the last
+    one's end (a call = a run of kernels with no idle gap over max_gap_us), and ``lead`` from the start of
+    the host event named ``host_event`` (e.g. the jitted function's dispatch) to that call's first kernel."""
+    events, threads, gpu = _trace_events(trace_dir)
+    evs = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+        if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu)
+        and f"[{threads.get((e['pid'], e.get('tid')), '?')[:24]}]" == line
+    )
+    calls: list[list[float]] = []
+    for ts, end in evs:
+        if calls and ts - calls[-1][1] <= max_gap_us:
+            calls[-1][1] = max(calls[-1][1], end)
+        else:
+            calls.append([ts, end])
+    hosts = sorted(float(e["ts"]) for e in events if e.get("ph") == "X" and host_event in e.get("name", ""))
+    leads = [c[0] - max((h for h in hosts if h <= c[0]), default=c[0]) for c in calls]
+    n = max(len(calls), 1)
+    return dict(calls=len(calls), span=sum(c[1] - c[0] for c in calls) / n, lead=sum(leads) / n)
+
+
 def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
     """{event name: (total microseconds, count)} over the device (GPU) events of a Perfetto trace; on a
     machine without a GPU, over every complete event (so the CPU smoke test sees something)."""
