@@ -25,19 +25,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_decode import device_profile  # noqa: E402
+from decode_producers import SPEC, device_us  # noqa: E402
 
-from jq8.quant import QuantSpec  # noqa: E402
 from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference  # noqa: E402
 from pallas_kernels.quantize import QuantizeConfig, quantize_tiles, quantize_tiles_reference  # noqa: E402
-
-SPEC = QuantSpec((1, -1))  # per token
-
-
-def device_us(fn, x, calls: int) -> float:
-    """Device time per call of ``fn(x)`` (all its kernels; busiest line), from a profiler trace."""
-    jax.block_until_ready(fn(x))
-    return device_profile(fn, (x,), calls)["device_ms"] * 1e3
 
 
 def make_ops(name: str, n: int):
