@@ -293,27 +293,18 @@ def _kernel(
     epi_tiles = (tm // em) * (tn // en)
     slots = min(2, epi_tiles)
 
+    def operand_spec(rows):  # a (rows, tile_k) K step of A or B in the shared-memory ring
+        return plgpu.BlockSpec(
+            (rows, tk), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM,
+            delay_release=cfg.mma_in_flight,
+        )  # fmt: skip
+
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k // tk,),
             memory_registers=MEMORY_REGISTERS,
-            in_specs=[
-                plgpu.BlockSpec(
-                    (cta_m, tk),
-                    lambda kk: (0, kk),
-                    transforms=in_transforms,
-                    memory_space=plgpu.SMEM,
-                    delay_release=cfg.mma_in_flight,
-                ),  # fmt: skip
-                plgpu.BlockSpec(
-                    (cta_n, tk),
-                    lambda kk: (0, kk),
-                    transforms=in_transforms,
-                    memory_space=plgpu.SMEM,
-                    delay_release=cfg.mma_in_flight,
-                ),  # fmt: skip
-            ],
+            in_specs=[operand_spec(cta_m), operand_spec(cta_n)],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=cfg.stages,
@@ -354,13 +345,13 @@ def _kernel(
 
             prefetched = slots if has_residual and cfg.residual_prefetch else 0
 
-            def res_tile(e):
+            def epi_origin(e):
                 """(gmem rows, first column) of the warpgroup's e-th epilogue tile."""
                 ei, ej = divmod(e, tn // en)
                 return pl.ds(row0 + ei * em, em), col0 + ej * en
 
             def load_residual(e):
-                rows, c0 = res_tile(e)
+                rows, c0 = epi_origin(e)
                 slot = e % slots
                 barrier = res_barrier.at[wg * slots + slot]
                 plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(c0, en)], out_smem.at[wg, slot], barrier)
@@ -407,7 +398,7 @@ def _kernel(
                     for ej in range(tn // en):
                         e = ei * (tn // en) + ej
                         slot = e % slots
-                        rows, c0 = res_tile(e)
+                        rows, c0 = epi_origin(e)
                         part_tile = y[ei * em : (ei + 1) * em, ej * en : (ej + 1) * en]
                         stage = out_smem.at[wg, slot]
                         if e >= prefetched:
