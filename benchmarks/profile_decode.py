@@ -27,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
-from profile_step import call_spans, kernel_gaps, kernel_times  # noqa: E402
+from profile_step import call_spans, kernel_gaps, kernel_times, line_events  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
@@ -41,18 +41,16 @@ def device_profile(fn, args, iters: int) -> dict:
             for _ in range(iters):
                 jax.block_until_ready(fn(*args))
         times = kernel_times(d)
-        busy = collections.Counter()
-        for n, (t, _) in times.items():
-            busy[n.split("]")[0] + "]"] += t
-        gaps = kernel_gaps(d, max(busy, key=busy.get))  # read before the trace directory goes
-        spans = call_spans(d, max(busy, key=busy.get), "PjitFunction")
-    lines = collections.Counter()
-    counts = collections.Counter()
-    for n, (t, c) in times.items():
-        line = n.split("]")[0] + "]"
-        lines[line] += t
-        counts[line] += c
-    busiest = max(lines, key=lines.get)
+        lines = collections.Counter()
+        counts = collections.Counter()
+        for n, (t, c) in times.items():
+            line = n.split("]")[0] + "]"
+            lines[line] += t
+            counts[line] += c
+        busiest = max(lines, key=lines.get)
+        evs, events = line_events(d, busiest)  # read before the trace directory goes
+    gaps = kernel_gaps(evs)
+    spans = call_spans(evs, events, "PjitFunction")
     top = sorted(((n, t, c) for n, (t, c) in times.items() if n.startswith(busiest)), key=lambda r: -r[1])
     return dict(
         device_ms=lines[busiest] / iters / 1e3,

@@ -44,38 +44,44 @@ def _trace_events(trace_dir: str) -> tuple[list[dict], dict, set]:
     return events, threads, {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
 
 
-def kernel_gaps(trace_dir: str, line: str, max_gap_us: float = 1000.0) -> dict[str, tuple[float, int]]:
-    """{kernel name: (idle microseconds before it, count)} on one device line (as named by kernel_times):
-    the time the device sat idle between the end of the previous event and this kernel's start -- launch
-    latency, host-side work before a launch. Gaps over max_gap_us (between timed calls) are left out."""
+Events = list[tuple[float, float, str]]  # (start, end, name) in microseconds
+
+
+def line_events(trace_dir: str, line: str) -> tuple[Events, list[dict]]:
+    """((start, end, name) of the device events on one line (as named by kernel_times), sorted by start;
+    all events of the trace)."""
     events, threads, gpu = _trace_events(trace_dir)
     evs = sorted(
-        (float(e["ts"]), float(e.get("dur", 0.0)), e["name"]) for e in events
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in events
         if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu)
         and f"[{threads.get((e['pid'], e.get('tid')), '?')[:24]}]" == line
     )
+    return evs, events
+
+
+def kernel_gaps(evs: Events, max_gap_us: float = 1000.0) -> dict[str, tuple[float, int]]:
+    """{kernel name: (idle microseconds before it, count)} over one line's events (:func:`line_events`):
+    the time the device sat idle between the end of the previous event and this kernel's start -- launch
+    latency, host-side work before a launch. Gaps over max_gap_us (between timed calls) are left out."""
     out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     end = None
-    for ts, dur, name in evs:
+    for ts, stop, name in evs:
         if end is not None and 0.0 < ts - end <= max_gap_us:
             out[name][0] += ts - end
             out[name][1] += 1
-        end = ts + dur if end is None else max(end, ts + dur)
+        end = stop if end is None else max(end, stop)
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def call_spans(trace_dir: str, line: str, host_event: str, max_gap_us: float = 1000.0) -> dict[str, float]:
-    """Mean per-call microseconds on one device line: ``span`` from the first kernel's start to the last
-    one's end (a call = a run of kernels with no idle gap over max_gap_us), and ``lead`` from the start of
-    the host event named ``host_event`` (e.g. the jitted function's dispatch) to that call's first kernel."""
-    events, threads, gpu = _trace_events(trace_dir)
-    evs = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-        if e.get("ph") == "X" and (not gpu or e.get("pid") in gpu)
-        and f"[{threads.get((e['pid'], e.get('tid')), '?')[:24]}]" == line
-    )
+def call_spans(
+    evs: Events, events: list[dict], host_event: str, max_gap_us: float = 1000.0
+) -> dict[str, float]:
+    """Mean per-call microseconds over one line's events (:func:`line_events`): ``span`` from the first
+    kernel's start to the last one's end (a call = a run of kernels with no idle gap over max_gap_us), and
+    ``lead`` from the start of the host event named ``host_event`` (e.g. the jitted function's dispatch) to
+    that call's first kernel."""
     calls: list[list[float]] = []
-    for ts, end in evs:
+    for ts, end, _ in evs:
         if calls and ts - calls[-1][1] <= max_gap_us:
             calls[-1][1] = max(calls[-1][1], end)
         else:
