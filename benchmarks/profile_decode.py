@@ -18,8 +18,10 @@ import collections
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
-from profile_step import call_spans, kernel_gaps, kernel_times, line_events  # noqa: E402
+from profile_step import call_spans, kernel_gaps, kernel_times, lead_host_events, line_events  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
@@ -51,6 +53,7 @@ def device_profile(fn, args, iters: int) -> dict:
         evs, events = line_events(d, busiest)  # read before the trace directory goes
     gaps = kernel_gaps(evs)
     spans = call_spans(evs, events, "PjitFunction")
+    lead_host = lead_host_events(evs, events, "PjitFunction")
     top = sorted(((n, t, c) for n, (t, c) in times.items() if n.startswith(busiest)), key=lambda r: -r[1])
     return dict(
         device_ms=lines[busiest] / iters / 1e3,
@@ -61,11 +64,23 @@ def device_profile(fn, args, iters: int) -> dict:
         span_ms=spans["span"] / 1e3,  # first kernel start to last kernel end, per call
         lead_ms=spans["lead"] / 1e3,  # host dispatch start to the first kernel, per call
         traced_calls=spans["calls"],
+        lead_host=[dict(name=n, us=us) for n, us in list(lead_host.items())[:15]],
         idle_before=[
             dict(name=n, us=g / iters, count=c / iters)
             for n, (g, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]
         ],
     )
+
+
+def dispatch_ms(fn, args, iters: int) -> float:
+    """Median ms until fn(*args) returns to Python (the host's enqueue), blocked outside the timing."""
+    times = []
+    for _ in range(iters + 2):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+        jax.block_until_ready(out)
+    return statistics.median(times[2:])
 
 
 def greedy_loop(apply, steps: int):
@@ -143,6 +158,7 @@ def main() -> None:
         else:
             wall = timeit(fn, p, one, iters=args.iters)
             prof = device_profile(fn, (p, one), args.iters)
+            prof["dispatch_ms"] = dispatch_ms(fn, (p, one), args.iters)
         row = dict(scheme=scheme, wall_ms=wall, **prof)
         if args.loop:
             row["loop_ms_per_token"] = timeit(greedy_loop(apply, args.loop), p, one, iters=3) / args.loop
@@ -167,6 +183,11 @@ def main() -> None:
         print(f"  device idle between kernels: {prof['idle_ms']:.3f} ms; before each kernel, the most:")
         for k in prof["idle_before"][:8]:
             print(f"  {k['us']:9.1f} us x{k['count']:<5g} {k['name'][:110]}", flush=True)
+        print("  host events inside the lead (nested ones overlap), us per call:")
+        for k in prof["lead_host"][:10]:
+            print(f"  {k['us']:9.1f} us {k['name'][:110]}", flush=True)
+        if "dispatch_ms" in row:
+            print(f"  the call returns to Python after {row['dispatch_ms']:.3f} ms (median)", flush=True)
     out = os.environ.get("OUT")
     if out:
         b, t = args.tokens

@@ -73,6 +73,23 @@ def kernel_gaps(evs: Events, max_gap_us: float = 1000.0) -> dict[str, tuple[floa
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def _calls(evs: Events, max_gap_us: float) -> list[list[float]]:
+    """[first kernel start, last kernel end] of each call: a run of kernels with no idle gap over max_gap_us."""
+    calls: list[list[float]] = []
+    for ts, end, _ in evs:
+        if calls and ts - calls[-1][1] <= max_gap_us:
+            calls[-1][1] = max(calls[-1][1], end)
+        else:
+            calls.append([ts, end])
+    return calls
+
+
+def _lead_windows(calls: list[list[float]], events: list[dict], host_event: str) -> list[tuple[float, float]]:
+    """(start of the last ``host_event`` before the call's first kernel, that kernel's start) per call."""
+    hosts = sorted(float(e["ts"]) for e in events if e.get("ph") == "X" and host_event in e.get("name", ""))
+    return [(max((h for h in hosts if h <= c[0]), default=c[0]), c[0]) for c in calls]
+
+
 def call_spans(
     evs: Events, events: list[dict], host_event: str, max_gap_us: float = 1000.0
 ) -> dict[str, float]:
@@ -80,16 +97,31 @@ def call_spans(
     kernel's start to the last one's end (a call = a run of kernels with no idle gap over max_gap_us), and
     ``lead`` from the start of the host event named ``host_event`` (e.g. the jitted function's dispatch) to
     that call's first kernel."""
-    calls: list[list[float]] = []
-    for ts, end, _ in evs:
-        if calls and ts - calls[-1][1] <= max_gap_us:
-            calls[-1][1] = max(calls[-1][1], end)
-        else:
-            calls.append([ts, end])
-    hosts = sorted(float(e["ts"]) for e in events if e.get("ph") == "X" and host_event in e.get("name", ""))
-    leads = [c[0] - max((h for h in hosts if h <= c[0]), default=c[0]) for c in calls]
+    calls = _calls(evs, max_gap_us)
+    leads = [w1 - w0 for w0, w1 in _lead_windows(calls, events, host_event)]
     n = max(len(calls), 1)
     return dict(calls=len(calls), span=sum(c[1] - c[0] for c in calls) / n, lead=sum(leads) / n)
+
+
+def lead_host_events(
+    evs: Events, events: list[dict], host_event: str, max_gap_us: float = 1000.0
+) -> dict[str, float]:
+    """{host event name: mean microseconds per call} of the host-side (non-GPU) events inside each call's
+    lead (:func:`call_spans`), clipped to it. Nested events each count, so the figures overlap: they say
+    what the host was inside, not a sum."""
+    gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+           and "gpu" in e.get("args", {}).get("name", "").lower()}  # fmt: skip
+    windows = _lead_windows(_calls(evs, max_gap_us), events, host_event)
+    out: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") in gpu:
+            continue
+        t0, t1 = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
+        for w0, w1 in windows:
+            if t1 > w0 and t0 < w1:
+                out[e["name"]] += min(t1, w1) - max(t0, w0)
+    n = max(len(windows), 1)
+    return {k: v / n for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
@@ -107,7 +139,9 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def profile(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int) -> dict:
+def profile(
+    hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int, hlo_dir: str = ""
+) -> dict:
     policy = Policy.from_name(**POLICIES[policy_name], use_kernels=jax.default_backend() == "gpu",
                               block=(block, block))
     heads = max(1, hidden // 64)
@@ -119,6 +153,9 @@ def profile(hidden: int, tokens: int, seq: int, part: str, policy_name: str, ite
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     key = jax.random.PRNGKey(3)
+    if hlo_dir:  # the optimised HLO names the fusions the profile lists
+        with open(os.path.join(hlo_dir, f"profile_step_{policy_name}.hlo.txt"), "w") as f:
+            f.write(step.lower(params, x, key).compile().as_text())
     for _ in range(3):
         jax.block_until_ready(step(params, x, key))
     with tempfile.TemporaryDirectory() as d:
@@ -151,22 +188,27 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 64 tokens")
+    ap.add_argument("--dump-hlo", action="store_true", help="write each policy's optimised HLO under $OUT")
     args = ap.parse_args()
+    out = os.environ.get("OUT")
+    if args.dump_hlo and not out:
+        ap.error("--dump-hlo writes under $OUT: set OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
     if args.tiny:
         args.hidden, args.tokens, args.seq, args.iters = 64, 64, 32, 1
     print(f"device {jax.devices()[0].device_kind}, hidden {args.hidden}, {args.tokens} tokens, {args.part}")
     rows = []
     for name in args.policies:
-        r = profile(args.hidden, args.tokens, args.seq, args.part, name, args.iters, args.block)
+        r = profile(args.hidden, args.tokens, args.seq, args.part, name, args.iters, args.block,
+                    out if args.dump_hlo else "")
         rows.append(r)
         print(f"\n== {name}: {r['device_ms_per_step']:.2f} ms of device events per step on the busiest line; "
               f"lines: { {k: round(v, 2) for k, v in r['lines_ms_per_step'].items()} }")
         for k in r["kernels"][: args.top]:
             print(f"  {k['ms_per_step']:8.3f} ms {k['share']:6.1%} x{k['calls_per_step']:<5g} "
                   f"{k['name'][:110]}")
-    out = os.environ.get("OUT")
     if out:
-        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "profile_step.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
