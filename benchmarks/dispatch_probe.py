@@ -11,6 +11,9 @@ command-buffer setting (compiled with ``compiler_options``):
   * ``wall``: median ms of call + block_until_ready;
   * ``dispatch``: median ms until the call returns (the host's enqueue), then blocked outside the timing;
   * the slope of both over ``n`` (us per GEMM call), from the smallest and largest ``n``.
+With ``--trees PRESET``, instead: the host cost of a jitted call's arguments alone. A trivial jitted
+function (one scalar add) takes the parameter tree of PRESET's layer count at a tiny width: the bf16
+tree, each ZeroQuant scheme's tree, and the same leaves passed as a flat list; median us per call.
 Writes $OUT/dispatch_probe.json when $OUT is set.
 """
 
@@ -65,6 +68,42 @@ def timings(fn, args, iters: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(disp)
 
 
+def tree_costs(preset_name: str, schemes: list[str], iters: int) -> list[dict]:
+    """us per call of a trivial jitted function over PRESET-shaped parameter trees (tiny width)."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ptq_speed import as_bf16_checkpoint
+
+    from jq8 import ptq
+    from jq8.policy import Policy
+    from models.presets import build_model, preset
+
+    cfg = dataclasses.replace(preset(preset_name), d_model=64, num_heads=2, vocab_size=256, max_seq_len=64)
+    model = build_model(cfg, Policy.from_name("bf16"))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    trees = {"bf16": jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)}
+    for s in schemes:
+        trees[s] = as_bf16_checkpoint(ptq.quantize_params(params, ptq.scheme(s)))
+    t = jnp.zeros((4,), jnp.int32)
+    fn = jax.jit(lambda p, t: t + 1)
+    rows = []
+    for name, tree in trees.items():
+        leaves = jax.tree_util.tree_leaves(tree)
+        for form, arg in (("tree", tree), ("flat list", leaves)):
+            wall, disp = timings(fn, (arg, t), iters)
+            rows.append(
+                dict(tree=name, form=form, leaves=len(leaves), wall_us=wall * 1e3, dispatch_us=disp * 1e3)
+            )
+            print(
+                f"{name:8s} {form:9s} {len(leaves):5d} leaves: wall {wall * 1e3:8.1f} us, dispatch "
+                f"{disp * 1e3:8.1f} us ({disp * 1e3 / len(leaves):5.2f} us per leaf)",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=["mosaic", "triton", "xla"])
@@ -73,7 +112,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="M = N = K of every GEMM")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="CPU smoke: xla only, small counts")
+    ap.add_argument("--trees", metavar="PRESET", help="time a trivial call's arguments instead (see above)")
+    ap.add_argument("--schemes", nargs="+", default=["w8a8"], help="with --trees: the quantized trees")
     args = ap.parse_args()
+    if args.trees:
+        rows = tree_costs(args.trees, args.schemes, args.iters)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "dispatch_probe_trees.json"), "w") as f:
+                json.dump(
+                    dict(device=jax.devices()[0].device_kind, preset=args.trees, rows=rows), f, indent=1
+                )
+        return
     if args.quick:
         args.impls, args.counts, args.cmdbuf, args.iters, args.size = ["xla"], [1, 4], ["default"], 3, 64
     gpu = jax.devices()[0].platform == "gpu"

@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument(
         "--kv", type=int, default=0, help="profile a KV-cache decode of this many tokens instead (per token)"
     )
+    ap.add_argument("--flat", action="store_true", help="pass the parameters as a flat list of arrays")
     args = ap.parse_args()
     if args.kv and tuple(args.tokens) != (1, 1):
         ap.error("--kv profiles a batch-1 decode from a 1-token prompt; leave --tokens at 1 1")
@@ -140,6 +141,9 @@ def main() -> None:
                     return ptq_infer.apply_quantized(model, q, t)
 
         fn = jax.jit(apply)
+        if args.flat:  # the same call with the parameters as a flat list of arrays (no pytree on the host)
+            p, td = jax.tree_util.tree_flatten(p)
+            fn = jax.jit(lambda ls, t, apply=apply, td=td: apply(jax.tree_util.tree_unflatten(td, ls), t))
         if args.kv:  # one jitted generate() of --kv tokens from a 1-token prompt; every figure per token
             if scheme == "bf16":
                 make = lambda w: with_bf16_head(decode.float_apply_fn(model, w))  # noqa: E731

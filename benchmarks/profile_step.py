@@ -74,7 +74,7 @@ def kernel_gaps(evs: Events, max_gap_us: float = 1000.0) -> dict[str, tuple[floa
 
 
 def _calls(evs: Events, max_gap_us: float) -> list[list[float]]:
-    """[first kernel start, last kernel end] of each call: a run of kernels with no idle gap over max_gap_us."""
+    """[first kernel start, last kernel end] per call: a run of kernels with no idle gap over max_gap_us."""
     calls: list[list[float]] = []
     for ts, end, _ in evs:
         if calls and ts - calls[-1][1] <= max_gap_us:
