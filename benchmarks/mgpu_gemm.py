@@ -55,6 +55,33 @@ def variants(cfg: mg.MosaicTileConfig, residual: bool) -> list[mg.MosaicTileConf
     return out
 
 
+def tile_variants(cfg: mg.MosaicTileConfig, n: int, k: int, split: int | None) -> list[mg.MosaicTileConfig]:
+    """The default first, then every warpgroup tile (tile_m 64 or 128, tile_n a multiple of 16 <= 256
+    dividing N and the split width) whose int32 accumulator fits in <= 160 registers a thread, both
+    warpgroup layouts, each with the deepest ring that fits."""
+    part = split or n
+    out = [cfg]
+    for wg_dim in ("n", "m"):
+        for tile_m in (64, 128):
+            for tile_n in range(256, 63, -16):
+                if tile_m * tile_n // 128 > 160 or n % tile_n or part % tile_n:
+                    continue
+                c = dataclasses.replace(
+                    cfg,
+                    tile_m=tile_m,
+                    tile_n=tile_n,
+                    wg_dim=wg_dim,
+                    epi_tile_m=min(64, tile_m),
+                    epi_tile_n=mg._epi_tile(tile_n, 64),
+                )
+                if n % c.cta_n or (split and split % c.epi_tile_n):
+                    continue
+                c = dataclasses.replace(c, stages=mg.max_stages(c, out_bytes=4))
+                if c != cfg and c.cta_m * c.cta_n >= 128 * 128:
+                    out.append(c)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, default=8192)
@@ -62,6 +89,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variants", action="store_true")
+    p.add_argument("--tiles", action="store_true", help="time every warpgroup tile shape instead")
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -113,7 +141,11 @@ def main() -> None:
             results[name] = row
             continue
         tried = []
-        for cfg in variants(base, kind == "residual") if args.variants else [base]:
+        if args.tiles:
+            cfgs = tile_variants(base, n, k, split)
+        else:
+            cfgs = variants(base, kind == "residual") if args.variants else [base]
+        for cfg in cfgs:
             try:
                 f = jax.jit(lambda a, b, a_s, b_s, cfg=cfg, split=split, epi=epi: mg.int8_matmul_mgpu(
                     a, b, a_s, b_s, split_cols=split, config=cfg, **epi))  # fmt: skip
@@ -125,7 +157,7 @@ def main() -> None:
                 msg = "".join(traceback.format_exception_only(type(ex), ex))[-1500:]
                 tried.append({"config": dataclasses.asdict(cfg), "error": msg})
                 print(f"  {name} {cfg}: FAILED {msg}", flush=True)
-                if not args.variants:
+                if not (args.variants or args.tiles):
                     traceback.print_exc()
         row["mosaic"] = tried
         ok = [t for t in tried if "ms" in t]

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
 from profile_step import call_spans, kernel_gaps, kernel_times, lead_host_events, line_events  # noqa: E402
-from ptq_speed import as_bf16_checkpoint, bf16_lm_head, timeit, with_bf16_head  # noqa: E402
+from ptq_speed import as_bf16_checkpoint, bf16_lm_head, bind, timeit, with_bf16_head  # noqa: E402
 
 from jq8 import decode, ptq, ptq_infer  # noqa: E402
 from jq8.policy import Policy  # noqa: E402
@@ -114,7 +114,12 @@ def main() -> None:
     ap.add_argument(
         "--kv", type=int, default=0, help="profile a KV-cache decode of this many tokens instead (per token)"
     )
-    ap.add_argument("--flat", action="store_true", help="pass the parameters as a flat list of arrays")
+    ap.add_argument(
+        "--dispatch",
+        choices=["bound", "tree"],
+        default="bound",
+        help="parameters as a flat leaf list (jq8.dispatch.jit_bound) or the pytree per call",
+    )
     args = ap.parse_args()
     if args.kv and tuple(args.tokens) != (1, 1):
         ap.error("--kv profiles a batch-1 decode from a 1-token prompt; leave --tokens at 1 1")
@@ -141,9 +146,6 @@ def main() -> None:
                     return ptq_infer.apply_quantized(model, q, t)
 
         fn = jax.jit(apply)
-        if args.flat:  # the same call with the parameters as a flat list of arrays (no pytree on the host)
-            p, td = jax.tree_util.tree_flatten(p)
-            fn = jax.jit(lambda ls, t, apply=apply, td=td: apply(jax.tree_util.tree_unflatten(td, ls), t))
         if args.kv:  # one jitted generate() of --kv tokens from a 1-token prompt; every figure per token
             if scheme == "bf16":
                 make = lambda w: with_bf16_head(decode.float_apply_fn(model, w))  # noqa: E731
@@ -160,9 +162,10 @@ def main() -> None:
                 dict(k, us=k["us"] / args.kv, calls=k["calls"] / args.kv) for k in prof["kernels"]
             ]
         else:
-            wall = timeit(fn, p, one, iters=args.iters)
-            prof = device_profile(fn, (p, one), args.iters)
-            prof["dispatch_ms"] = dispatch_ms(fn, (p, one), args.iters)
+            call = bind(apply, p, args.dispatch)
+            wall = timeit(call, one, iters=args.iters)
+            prof = device_profile(call, (one,), args.iters)
+            prof["dispatch_ms"] = dispatch_ms(call, (one,), args.iters)
         row = dict(scheme=scheme, wall_ms=wall, **prof)
         if args.loop:
             row["loop_ms_per_token"] = timeit(greedy_loop(apply, args.loop), p, one, iters=3) / args.loop

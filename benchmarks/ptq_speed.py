@@ -17,6 +17,8 @@ The bf16 baseline is a true bf16 inference model: bf16 params, and its tied LM h
 quantized models are those of the same bf16 checkpoint (:func:`as_bf16_checkpoint`) with the same bf16 query
 to the head: bf16 logits from a bf16 head, or from an INT8 GEMM when the scheme quantizes the embeddings
 (the table says which).
+Every model's parameters are bound to its jitted function with jq8.dispatch.jit_bound (``--dispatch tree``:
+passed as the pytree on each call instead, as before session 11).
 Correctness before timing: logits vs the bf16 model's (relative RMS error) and Pallas vs the XLA integer
 path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq8 import decode, ptq, ptq_infer, qcheckpoint
+from jq8.dispatch import jit_bound
 from jq8.policy import Policy
 from models.presets import build_model, preset
 
@@ -54,6 +58,14 @@ def timeit(fn, *args, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def bind(fn, params, dispatch: str):
+    """fn(params, tokens) as a jitted function of tokens: ``bound`` passes the parameters as a flat leaf
+    list (:func:`jq8.dispatch.jit_bound`), ``tree`` as the pytree (``jax.jit(fn)`` with params bound)."""
+    if dispatch == "bound":
+        return jit_bound(fn, params)
+    return functools.partial(jax.jit(fn), params)
 
 
 def kv_decode_ms(make_apply, weights, model, args, iters: int) -> float:
@@ -150,17 +162,17 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         with nn.intercept_methods(bf16_lm_head):
             return model.apply({"params": p}, t)
 
-    fp_fn = jax.jit(bf16_apply)
-    ref1 = fp_fn(params_bf16, one)
+    fp_fn = bind(bf16_apply, params_bf16, args.dispatch)
+    ref1 = fp_fn(one)
     rows = []
-    t1 = timeit(fp_fn, params_bf16, one, iters=iters)
+    t1 = timeit(fp_fn, one, iters=iters)
     row = dict(model="bf16", head="bf16", decode_ms=t1, weight_bytes=bytes_per_token(params_bf16))
     if args.kv_steps:
         row["kv_decode_ms"] = kv_decode_ms(
             lambda p: with_bf16_head(decode.float_apply_fn(model, p)), params_bf16, model, args, iters
         )
     if prefill:
-        row["prefill_ms"] = timeit(fp_fn, params_bf16, tokens, iters=iters)
+        row["prefill_ms"] = timeit(fp_fn, tokens, iters=iters)
     rows.append(row)
     print("row", json.dumps(row), flush=True)
     sizes = {}
@@ -173,15 +185,15 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
             with nn.intercept_methods(bf16_lm_head):  # bf16 query; an INT8 head gives bf16 logits too
                 return ptq_infer.apply_quantized(model, q, t, backend=backend)
 
-        q_fn = jax.jit(lambda q, t: q_apply(q, t, "pallas"))
-        x_fn = jax.jit(lambda q, t: q_apply(q, t, "xla"))
-        out1 = q_fn(qp, one)
+        q_fn = bind(lambda q, t: q_apply(q, t, "pallas"), qp, args.dispatch)
+        x_fn = bind(lambda q, t: q_apply(q, t, "xla"), qp, args.dispatch)
+        out1 = q_fn(one)
         row = dict(
             model=scheme,
             head=int8_head or "bf16",
             rel_rms_vs_bf16=rel_rms(out1, ref1),
-            pallas_vs_xla=rel_rms(out1, x_fn(qp, one)),
-            decode_ms=timeit(q_fn, qp, one, iters=iters),
+            pallas_vs_xla=rel_rms(out1, x_fn(one)),
+            decode_ms=timeit(q_fn, one, iters=iters),
             weight_bytes=bytes_per_token(qp),
         )
         if args.kv_steps:
@@ -191,12 +203,12 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
 
             row["kv_decode_ms"] = kv_decode_ms(make_apply, qp, model, args, iters)
         if prefill:
-            row["prefill_ms"] = timeit(q_fn, qp, tokens, iters=iters)
+            row["prefill_ms"] = timeit(q_fn, tokens, iters=iters)
         rows.append(row)
         print("row", json.dumps(row), flush=True)  # survives a run cut short by a time limit
         if prefill:
             rows.append(
-                dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, qp, tokens, iters=iters))
+                dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, tokens, iters=iters))
             )
             print("row", json.dumps(rows[-1]), flush=True)
             with tempfile.TemporaryDirectory() as d:
@@ -279,6 +291,13 @@ def main() -> None:
     ap.add_argument("--kv-steps", type=int, default=64, help="KV-cache decode steps timed (0: skip)")
     ap.add_argument("--kv-prompt", type=int, default=32, help="prompt length before the timed decode steps")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: gpt-tiny, batch 2 x 32, 2 iters")
+    ap.add_argument(
+        "--dispatch",
+        choices=["bound", "tree"],
+        default="bound",
+        help="how every model's parameters reach its jitted call: a flat leaf list (jq8.dispatch.jit_bound) "
+        "or the pytree, flattened on each call",
+    )
     args = ap.parse_args()
     if args.quick:
         args.presets, args.batch, args.seq, args.iters, args.big_iters = ["gpt-tiny"], 2, 32, 2, 2
