@@ -74,7 +74,7 @@ def tile_variants(cfg: mg.MosaicTileConfig, n: int, k: int, split: int | None) -
                     epi_tile_m=min(64, tile_m),
                     epi_tile_n=mg._epi_tile(tile_n, 64),
                 )
-                if n % c.cta_n or (split and split % c.epi_tile_n):
+                if n % c.cta_n or (split and split % c.epi_tile_n) or c.epi_tile_n < 32:
                     continue
                 c = dataclasses.replace(c, stages=mg.max_stages(c, out_bytes=4))
                 if c != cfg and c.cta_m * c.cta_n >= 128 * 128:

@@ -120,7 +120,8 @@ def fit_config(m: int, n: int, k: int, *, split_cols: int | None = None) -> Mosa
     """The default tiles for an (M, N, K) problem, or a ValueError saying which dimension does not tile.
 
     K takes 128-byte steps (the widest swizzle) when it can, else 64. The two warpgroups split N when N is a
-    multiple of 256, else they split M and one warpgroup covers the largest tile_n <= 256 that divides N.
+    multiple of 256, else they split M and one warpgroup covers the largest tile_n <= 256 that divides N
+    and has an epilogue tile of >= 32 columns (see :func:`check_config`).
     """
     if k % 128 == 0:
         tile_k = 128
@@ -132,9 +133,13 @@ def fit_config(m: int, n: int, k: int, *, split_cols: int | None = None) -> Mosa
     if n % 256 == 0 and part % 128 == 0:
         cfg = MosaicTileConfig(tile_m=128, tile_n=128, tile_k=tile_k, wg_dim="n")
     else:
-        tile_n = next((t for t in range(256, 15, -16) if n % t == 0 and part % t == 0), None)
+        tile_n = next(
+            (t for t in range(256, 31, -16) if n % t == 0 and part % t == 0 and _epi_tile(t, 64) >= 32), None
+        )
         if tile_n is None:
-            raise ValueError(f"N={n} has no tile width (multiple of 16, <= 256) for the Mosaic GPU kernel")
+            raise ValueError(
+                f"N={n} has no tile width (a multiple of 32 or of 64 up to 256) for the Mosaic GPU kernel"
+            )
         tile_m = 64 if tile_n > 128 else 128  # the int32 accumulator lives in registers: <= 128 per thread
         cfg = MosaicTileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim="m")
     cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=_epi_tile(cfg.tile_n, 64))
@@ -167,6 +172,10 @@ def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: i
         raise ValueError(f"mma_in_flight must be 0 or 1 and below stages, got {cfg}")
     if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n:
         raise ValueError(f"epilogue tiles must divide the warpgroup tile, got {cfg}")
+    if cfg.epi_tile_n < 32:
+        # 16-column staging tiles faulted with a misaligned address on the H100 (session 11), which
+        # poisons the CUDA context for every later call: refuse them here.
+        raise ValueError(f"epi_tile_n must be >= 32, got {cfg}")
     if split_cols is not None and (n % split_cols or split_cols % cfg.epi_tile_n):
         raise ValueError(f"split_cols={split_cols} must divide N={n} and be a multiple of epi_tile_n")
 

@@ -38,7 +38,8 @@ def _operands(seed: int, m: int, n: int, k: int):
     "m, n, k, want",
     [
         (8192, 2304, 768, dict(wg_dim="n", tile_n=128, tile_k=128)),  # 124M qkv: warpgroups split N
-        (8192, 4800, 1600, dict(wg_dim="m", tile_n=240, tile_m=64, tile_k=64)),  # 1.5B qkv, K % 128 != 0
+        # 1.5B qkv, K % 128 != 0; 240 divides N but its epilogue tile would be 16 columns wide
+        (8192, 4800, 1600, dict(wg_dim="m", tile_n=192, tile_m=64, tile_k=64)),
         (8192, 1600, 6400, dict(wg_dim="m", tile_n=160, tile_k=128)),  # 1.5B fc2
         (8192, 50304, 768, dict(wg_dim="m", tile_n=192, tile_m=64)),  # GPT-2 LM head: 50304 = 262 x 192
     ],
@@ -78,6 +79,8 @@ def test_check_config_rejects_bad_tiles():
         mg.check_config(256, 256, 256, mg.MosaicTileConfig(tile_m=32, tile_n=128))
     with pytest.raises(ValueError, match="epilogue tiles"):
         mg.check_config(256, 256, 256, mg.MosaicTileConfig(epi_tile_n=48))
+    with pytest.raises(ValueError, match="epi_tile_n must be >= 32"):
+        mg.check_config(256, 160, 256, mg.MosaicTileConfig(tile_n=80, epi_tile_n=16))
     with pytest.raises(ValueError, match="split_cols=96"):
         mg.check_config(256, 768, 256, mg.MosaicTileConfig(), split_cols=96)
     with pytest.raises(ValueError, match="mma_in_flight"):
