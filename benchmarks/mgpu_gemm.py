@@ -134,7 +134,7 @@ def main() -> None:
                                                        preferred_element_type=jnp.int32))  # fmt: skip
         row["xla_int8_ms"] = ms(i8, a, b)
         try:
-            base = mg.fit_config(m, n, k, split_cols=split)
+            base = mg.fit_config(m, n, k, split_cols=split, residual=kind == "residual")
         except ValueError as e:
             row["mosaic"] = f"unsupported: {e}"
             print(name, row, flush=True)

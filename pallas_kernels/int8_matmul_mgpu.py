@@ -116,12 +116,17 @@ def _epi_tile(tile: int, want: int) -> int:
     return e
 
 
-def fit_config(m: int, n: int, k: int, *, split_cols: int | None = None) -> MosaicTileConfig:
+def fit_config(
+    m: int, n: int, k: int, *, split_cols: int | None = None, residual: bool = False
+) -> MosaicTileConfig:
     """The default tiles for an (M, N, K) problem, or a ValueError saying which dimension does not tile.
 
     K takes 128-byte steps (the widest swizzle) when it can, else 64. The two warpgroups split N when N is a
     multiple of 256, else they split M and one warpgroup covers the largest tile_n <= 256 that divides N
-    and has an epilogue tile of >= 32 columns (see :func:`check_config`).
+    and has an epilogue tile of >= 32 columns (see :func:`check_config`). Without a residual
+    (``residual=False``), warpgroups of 129-160 columns take 128 rows each (a 256-row CTA, 160 accumulator
+    registers a thread) where M allows it and the ring keeps >= 4 stages: 14% faster at the 1.5B qkv GEMM,
+    while with a residual to stage, or 3 stages, the 64-row tiles were faster (BENCHMARKS.md, session 11).
     """
     if k % 128 == 0:
         tile_k = 128
@@ -144,6 +149,10 @@ def fit_config(m: int, n: int, k: int, *, split_cols: int | None = None) -> Mosa
         cfg = MosaicTileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim="m")
     cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=_epi_tile(cfg.tile_n, 64))
     cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=4))
+    if cfg.wg_dim == "m" and cfg.tile_m == 64 and cfg.tile_n <= 160 and not residual and m % 256 == 0:
+        tall = dataclasses.replace(cfg, tile_m=128)
+        tall = dataclasses.replace(tall, stages=max_stages(tall, out_bytes=4))
+        cfg = tall if tall.stages >= 4 else cfg
     check_config(m, n, k, cfg, split_cols=split_cols)
     return cfg
 
@@ -195,7 +204,7 @@ def unsupported_reason(
         # the residual tile is loaded into the output staging buffer
         return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
     try:
-        fit_config(m, n, k, split_cols=split_cols)
+        fit_config(m, n, k, split_cols=split_cols, residual=residual is not None)
     except ValueError as e:
         return str(e)
     return None
@@ -248,7 +257,7 @@ def int8_matmul_mgpu(
     out_dtype = jnp.dtype(out_dtype)
     if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype):
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {residual.shape} {residual.dtype}")
-    cfg = config or fit_config(m, n, k, split_cols=split_cols)
+    cfg = config or fit_config(m, n, k, split_cols=split_cols, residual=residual is not None)
     check_config(m, n, k, cfg, split_cols=split_cols)
 
     scales = [jnp.asarray(a_scale, jnp.float32).reshape(m), jnp.asarray(b_scale, jnp.float32).reshape(n)]

@@ -61,6 +61,15 @@ def test_fit_config_split_cols_keeps_tiles_inside_one_part():
     assert cfg.tile_n == 160 and 1600 % cfg.epi_tile_n == 0 and 4800 % cfg.cta_n == 0
 
 
+def test_fit_config_tall_tiles_only_without_residual():
+    # 1.5B qkv (no residual): 128-row warpgroups, a 256-row CTA; out (residual) and M % 256 != 0 keep 64
+    tall = mg.fit_config(8192, 4800, 1600, split_cols=1600)
+    assert (tall.tile_m, tall.cta_m, tall.tile_n, tall.stages) == (128, 256, 160, 6)
+    assert mg.fit_config(8192, 1600, 1600, residual=True).tile_m == 64
+    assert mg.fit_config(8320, 4800, 1600, split_cols=1600).tile_m == 64  # 8320 = 65 x 128
+    assert mg.fit_config(8192, 1600, 6400).tile_m == 64  # tile_k 128: the 256-row ring has only 3 stages
+
+
 @pytest.mark.parametrize(
     "m, n, k, match",
     [
@@ -139,6 +148,7 @@ def _close(out, ref):
         (256, 256, 256, dict()),  # one K step pair, plain dequantize, bf16
         (2048, 2304, 768, dict(bias=True, activation="gelu")),  # > 132 tiles: the persistent loop wraps
         (1024, 1600, 1600, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # warpgroups split M
+        (4096, 1600, 1600, dict(bias=True)),  # 256-row CTAs (no residual), 160 tiles: the loop wraps
         (512, 1024, 6400, dict(bias=True, activation="gelu_tanh", out_dtype=jnp.float32)),
         (512, 768, 3072, dict(activation="relu")),
     ],
