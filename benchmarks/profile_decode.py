@@ -18,10 +18,8 @@ import collections
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # noqa: E402
+from dispatch_probe import timings  # noqa: E402
 from profile_step import call_spans, kernel_gaps, kernel_times, lead_host_events, line_events  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, bind, timeit, with_bf16_head  # noqa: E402
 
@@ -70,17 +69,6 @@ def device_profile(fn, args, iters: int) -> dict:
             for n, (g, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]
         ],
     )
-
-
-def dispatch_ms(fn, args, iters: int) -> float:
-    """Median ms until fn(*args) returns to Python (the host's enqueue), blocked outside the timing."""
-    times = []
-    for _ in range(iters + 2):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-        jax.block_until_ready(out)
-    return statistics.median(times[2:])
 
 
 def greedy_loop(apply, steps: int):
@@ -165,7 +153,7 @@ def main() -> None:
             call = bind(apply, p, args.dispatch)
             wall = timeit(call, one, iters=args.iters)
             prof = device_profile(call, (one,), args.iters)
-            prof["dispatch_ms"] = dispatch_ms(call, (one,), args.iters)
+            prof["dispatch_ms"] = timings(call, (one,), args.iters)[1]  # until the call returns
         row = dict(scheme=scheme, wall_ms=wall, **prof)
         if args.loop:
             row["loop_ms_per_token"] = timeit(greedy_loop(apply, args.loop), p, one, iters=3) / args.loop
