@@ -133,7 +133,6 @@ def main() -> None:
                 with nn.intercept_methods(bf16_lm_head):
                     return ptq_infer.apply_quantized(model, q, t)
 
-        fn = jax.jit(apply)
         if args.kv:  # one jitted generate() of --kv tokens from a 1-token prompt; every figure per token
             if scheme == "bf16":
                 make = lambda w: with_bf16_head(decode.float_apply_fn(model, w))  # noqa: E731
