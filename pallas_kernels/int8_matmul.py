@@ -542,9 +542,9 @@ def int8_matmul(
     dividing split_cols).
 
     impl: "mosaic" runs :mod:`pallas_kernels.int8_matmul_mgpu` (warp-specialised wgmma + TMA, Hopper only:
-    8-bit b, per-row/per-column scales, float output, shapes its tiles divide; else a ValueError), "triton"
-    this module's kernel; None picks Mosaic GPU where it can run (compiled on an sm_90 GPU, ``config`` None,
-    M > 16) and Triton otherwise.
+    8-bit b, per-row/per-column scales, a float output or an ``out_spec`` of (1, g) tiles, shapes its tiles
+    divide; else a ValueError), "triton" this module's kernel; None picks Mosaic GPU where it can run
+    (compiled on an sm_90 GPU, ``config`` None, M > 16) and Triton otherwise.
 
     Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
     ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
@@ -591,7 +591,7 @@ def int8_matmul(
     if use_mosaic:
         return mgpu.int8_matmul_mgpu(
             a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-            split_cols=split_cols, interpret=interpret,
+            out_spec=out_spec, split_cols=split_cols, interpret=interpret,
         )  # fmt: skip
     if split_k is not None or (config is None and m <= DECODE_MAX_M):
         out = _decode(

@@ -15,6 +15,13 @@ reuse. The epilogue dequantises the int32 accumulator in registers (row and colu
 fetched into shared memory by TMA), applies the activation, adds the residual tile (TMA-loaded into the
 output staging buffer) and stores through shared memory with TMA.
 
+Two options serve the fused MLP of the W8A8 model (fc1 -> fc2 without a separate quantize pass):
+``out_spec`` with tiles (1, g) requantizes the output in the epilogue, one scale per row and per g columns
+(the warpgroup's tile width), so fc1 writes int8 codes + (M, N / g) scales instead of a bf16 tensor that a
+second kernel would read back; and ``a_scale`` of shape (M, K / g) gives A one scale per row and per K
+group of g = ``tile_k``, which the main loop folds in step by step (see ``_kernel``), so fc2 reads those
+codes as they are.
+
 Shapes must tile exactly (no masking here): M by the CTA's rows, N by its columns, K by ``tile_k``.
 :func:`fit_config` picks tiles that do, or raises; :func:`unsupported_reason` says why a call cannot run
 here, so the dispatcher in ``int8_matmul`` falls back to the Triton kernel. Mosaic GPU needs JAX >= 0.10 and
@@ -30,6 +37,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -38,6 +46,7 @@ try:  # Mosaic GPU's Pallas API; absent in JAX builds without it
 except ImportError:  # pragma: no cover - every JAX this project supports has it
     plgpu = None
 
+from jq8.quant import SCALE_FLOOR, QArray, QuantSpec, qmax
 from pallas_kernels._common import on_gpu
 from pallas_kernels.int8_matmul import ACTIVATIONS, activation_fn
 
@@ -84,15 +93,28 @@ class MosaicTileConfig:
 
 def int8_matmul_mgpu_reference(
     a, b, a_scale, b_scale, *, bias=None, activation=None, residual=None, out_dtype=jnp.bfloat16,
-    split_cols=None, config=None, interpret=None,
+    out_spec=None, split_cols=None, config=None, interpret=None,
 ):  # fmt: skip
     """Plain-XLA definition of :func:`int8_matmul_mgpu` (``config``/``interpret`` ignored)."""
     del config, interpret
-    from pallas_kernels.int8_matmul import int8_matmul_reference
+    from pallas_kernels.int8_matmul import epilogue_reference, int8_matmul_reference
 
-    out = int8_matmul_reference(
-        a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype
-    )
+    m, k = a.shape
+    groups = _a_groups(a_scale, m)
+    if groups == 1:
+        out = int8_matmul_reference(
+            a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
+            out_spec=out_spec,
+        )  # fmt: skip
+    else:  # one exact int32 product per K group, each scaled by its row scales
+        gk = k // groups
+        ag, bg = a.reshape(m, groups, gk), b.reshape(-1, groups, gk)
+        part = jnp.einsum("mgk,ngk->gmn", ag, bg, preferred_element_type=jnp.int32)
+        y = jnp.einsum("gmn,mg->mn", part.astype(jnp.float32), jnp.asarray(a_scale, jnp.float32))
+        y = y * jnp.asarray(b_scale, jnp.float32).reshape(1, -1)
+        out = epilogue_reference(
+            y, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec
+        )
     if split_cols is None:
         return out
     return tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
@@ -116,9 +138,32 @@ def _epi_tile(tile: int, want: int) -> int:
     return e
 
 
+def _a_groups(a_scale, m: int) -> int:
+    """K groups of A's scales: 1 for per-row scales ((M,) or (M, 1)), G for (M, G)."""
+    shape = tuple(a_scale.shape)
+    if shape in ((m,), (m, 1)):
+        return 1
+    if len(shape) == 2 and shape[0] == m:
+        return shape[1]
+    raise ValueError(f"a_scale must be (M,), (M, 1) or (M, G) with M={m}, got {shape}")
+
+
+def out_group_of(out_spec, n: int) -> int:
+    """The column group g of an ``out_spec`` this kernel can write (symmetric INT8, tiles (1, g)), or a
+    ValueError saying why not."""
+    tm, tn = out_spec.resolve(1, n)
+    if out_spec.bits != 8 or not out_spec.symmetric or out_spec.tile[0] != 1 or tn == n or n % tn:
+        raise ValueError(
+            f"the Mosaic GPU kernel requantizes to symmetric INT8 tiles (1, g) with g dividing N={n}, got "
+            f"{out_spec}"
+        )
+    return tn
+
+
 def fit_config(
-    m: int, n: int, k: int, *, split_cols: int | None = None, residual: bool = False
-) -> MosaicTileConfig:
+    m: int, n: int, k: int, *, split_cols: int | None = None, residual: bool = False,
+    out_group: int | None = None, a_group: int | None = None,
+) -> MosaicTileConfig:  # fmt: skip
     """The default tiles for an (M, N, K) problem, or a ValueError saying which dimension does not tile.
 
     K takes 128-byte steps (the widest swizzle) when it can, else 64. The two warpgroups split N when N is a
@@ -127,8 +172,18 @@ def fit_config(
     (``residual=False``), warpgroups of 129-160 columns take 128 rows each (a 256-row CTA, 160 accumulator
     registers a thread) where M allows it and the ring keeps >= 4 stages: 14% faster at the 1.5B qkv GEMM,
     while with a residual to stage, or 3 stages, the 64-row tiles were faster (BENCHMARKS.md, session 11).
+
+    out_group: the output is requantized per row and per ``out_group`` columns, so the warpgroup tile is
+    that wide (its row maxima are the scales). a_group: A's scales change every ``a_group`` of K, so
+    that is ``tile_k`` (64 or 128) and each K step waits for its own wgmma (``mma_in_flight=0``).
     """
-    if k % 128 == 0:
+    if out_group is not None:
+        return _fit_out_group(m, n, k, out_group, a_group=a_group)
+    if a_group is not None:
+        if a_group not in (64, 128) or k % a_group:
+            raise ValueError(f"A's K groups must be 64 or 128 wide and divide K={k}, got {a_group}")
+        tile_k = a_group
+    elif k % 128 == 0:
         tile_k = 128
     elif k % 64 == 0:
         tile_k = 64
@@ -148,26 +203,54 @@ def fit_config(
         tile_m = 64 if tile_n > 128 else 128  # the int32 accumulator lives in registers: <= 128 per thread
         cfg = MosaicTileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, wg_dim="m")
     cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=_epi_tile(cfg.tile_n, 64))
-    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=4))
+    groups = 1 if a_group is None else k // a_group
+    if a_group is not None:
+        cfg = dataclasses.replace(cfg, mma_in_flight=0)
+    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=4, a_groups=groups))
     if cfg.wg_dim == "m" and cfg.tile_m == 64 and cfg.tile_n <= 160 and not residual and m % 256 == 0:
         tall = dataclasses.replace(cfg, tile_m=128)
-        tall = dataclasses.replace(tall, stages=max_stages(tall, out_bytes=4))
+        tall = dataclasses.replace(tall, stages=max_stages(tall, out_bytes=4, a_groups=groups))
         cfg = tall if tall.stages >= 4 else cfg
-    check_config(m, n, k, cfg, split_cols=split_cols)
+    check_config(m, n, k, cfg, split_cols=split_cols, a_groups=groups)
+    return cfg
+
+
+def _fit_out_group(m: int, n: int, k: int, g: int, *, a_group: int | None) -> MosaicTileConfig:
+    """Tiles whose warpgroup is exactly g columns wide (the requantization group); side by side when N
+    allows, 128 rows a warpgroup up to 128 columns (<= 128 accumulator registers a thread)."""
+    if n % g or g % 16 or not 32 <= g <= 256:
+        raise ValueError(
+            f"the requantization group must be a multiple of 16 in [32, 256] dividing N={n}, got {g}"
+        )
+    tile_k = a_group or (128 if k % 128 == 0 else 64)
+    if k % tile_k:
+        raise ValueError(f"K={k} must be a multiple of 64 for the Mosaic GPU kernel")
+    cfg = MosaicTileConfig(
+        tile_m=128 if g <= 128 else 64, tile_n=g, tile_k=tile_k, wg_dim="n" if n % (2 * g) == 0 else "m",
+        epi_tile_n=_epi_tile(g, 64), mma_in_flight=0 if a_group else 1,
+    )  # fmt: skip
+    groups = 1 if a_group is None else k // a_group
+    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=1, a_groups=groups))
+    check_config(m, n, k, cfg, a_groups=groups)
     return cfg
 
 
 SMEM_BYTES = 232448 - 2048  # H100's per-block limit, less room for barriers and scale vectors
 
 
-def max_stages(cfg: MosaicTileConfig, *, out_bytes: int, limit: int = 6) -> int:
-    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles."""
+def max_stages(cfg: MosaicTileConfig, *, out_bytes: int, a_groups: int = 1, limit: int = 6) -> int:
+    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles
+    (and, with A scales in K groups, each warpgroup's (a_groups, tile_m) f32 block of them)."""
     per_stage = (cfg.cta_m + cfg.cta_n) * cfg.tile_k
     staging = 2 * 2 * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
+    if a_groups > 1:
+        staging += 2 * a_groups * cfg.tile_m * 4
     return max(2, min(limit, (SMEM_BYTES - staging) // per_stage))
 
 
-def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: int | None = None) -> None:
+def check_config(
+    m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: int | None = None, a_groups: int = 1
+) -> None:
     """Raise a ValueError naming the first dimension that ``cfg`` does not tile exactly."""
     if m % cfg.cta_m:
         raise ValueError(f"M={m} must be a multiple of the CTA's {cfg.cta_m} rows for the Mosaic GPU kernel")
@@ -187,24 +270,44 @@ def check_config(m: int, n: int, k: int, cfg: MosaicTileConfig, *, split_cols: i
         raise ValueError(f"epi_tile_n must be >= 32, got {cfg}")
     if split_cols is not None and (n % split_cols or split_cols % cfg.epi_tile_n):
         raise ValueError(f"split_cols={split_cols} must divide N={n} and be a multiple of epi_tile_n")
+    if a_groups > 1 and (k != a_groups * cfg.tile_k or a_groups > 256 or cfg.mma_in_flight):
+        # one TMA box (<= 256 rows) holds a warpgroup's group scales; each K step reads its wgmma's result
+        raise ValueError(
+            f"A's {a_groups} K groups need tile_k = K / groups (K={k}), at most 256 groups and "
+            f"mma_in_flight=0, got {cfg}"
+        )
 
 
 def unsupported_reason(
-    m: int, n: int, k: int, *, b_bits: int, scales: bool, out_spec, residual, out_dtype, split_cols
-) -> str | None:
+    m: int, n: int, k: int, *, b_bits: int, scales: bool, out_spec, residual, out_dtype, split_cols,
+    a_group: int | None = None, check_device: bool = True,
+) -> str | None:  # fmt: skip
     """Why ``int8_matmul`` with these arguments cannot run on this kernel, or None when it can.
 
     scales: both a_scale and b_scale are given (the epilogue reads per-row and per-column scales).
+    a_group: A's scales come in K groups this wide (None: per row). check_device=False answers for the
+    shapes alone (as on an H100), whatever the default device is.
     """
-    if not available():
+    if check_device and not available():
         return "it runs compiled on an sm_90 (Hopper) GPU only (Mosaic GPU's interpreter has no int8 wgmma)"
-    if b_bits != 8 or not scales or out_spec is not None:
-        return "it needs an int8 b, both scales and a float output (no out_spec)"
+    if b_bits != 8 or not scales:
+        return "it needs an int8 b and both scales"
+    out_group = None
+    if out_spec is not None:
+        if residual is not None or split_cols is not None:
+            return "a requantized output (out_spec) takes no residual and no split_cols"
+        try:
+            out_group = out_group_of(out_spec, n)
+        except ValueError as e:
+            return str(e)
     if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
         # the residual tile is loaded into the output staging buffer
         return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
     try:
-        fit_config(m, n, k, split_cols=split_cols, residual=residual is not None)
+        fit_config(
+            m, n, k, split_cols=split_cols, residual=residual is not None, out_group=out_group,
+            a_group=a_group,
+        )  # fmt: skip
     except ValueError as e:
         return str(e)
     return None
@@ -227,15 +330,18 @@ def int8_matmul_mgpu(
     activation=None,
     residual: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
     split_cols: int | None = None,
     config: MosaicTileConfig | None = None,
     interpret: bool | None = None,
-) -> jax.Array | tuple[jax.Array, ...]:
+) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """``act(a @ b.T * a_scale * b_scale + bias) + residual`` on Hopper wgmma.
 
-    a: (M, K) int8; b: (N, K) int8; a_scale: (M,) or (M, 1) f32; b_scale: (N,) or (1, N) f32;
-    bias: (N,) float or None; residual: (M, N) ``out_dtype`` or None. Returns (M, N) ``out_dtype``, or with
-    ``split_cols`` a tuple of N / split_cols (M, split_cols) arrays (column blocks in order).
+    a: (M, K) int8; b: (N, K) int8; a_scale: (M,) or (M, 1) f32 per row, or (M, G) f32 per row and per
+    K / G columns of K (G groups, K / G = 64 or 128); b_scale: (N,) or (1, N) f32; bias: (N,) float or None;
+    residual: (M, N) ``out_dtype`` or None. Returns (M, N) ``out_dtype``, or with ``split_cols`` a tuple of
+    N / split_cols (M, split_cols) arrays (column blocks in order), or with ``out_spec`` (symmetric INT8,
+    tiles (1, g)) a :class:`QArray` of int8 codes and (M, N / g) scales requantized in the epilogue.
     Runs compiled on an sm_90 GPU only; ``interpret=True`` (or no such GPU) is a ValueError.
     """
     if interpret or not available():
@@ -248,31 +354,49 @@ def int8_matmul_mgpu(
     if a.dtype != jnp.int8 or b.dtype != jnp.int8 or b.shape[1] != k:
         raise ValueError(f"a (M, K) and b (N, K) must be int8 with the same K, got {a.shape} {a.dtype}, "
                          f"{b.shape} {b.dtype}")  # fmt: skip
-    if math.prod(a_scale.shape) != m or math.prod(b_scale.shape) != n:
-        raise ValueError(
-            f"a_scale must hold M={m} and b_scale N={n} values, got {a_scale.shape}, {b_scale.shape}"
-        )
+    groups = _a_groups(a_scale, m)
+    if math.prod(b_scale.shape) != n:
+        raise ValueError(f"b_scale must hold N={n} values, got {b_scale.shape}")
+    if k % groups:
+        raise ValueError(f"a_scale's {groups} K groups must divide K={k}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     out_dtype = jnp.dtype(out_dtype)
     if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype):
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {residual.shape} {residual.dtype}")
-    cfg = config or fit_config(m, n, k, split_cols=split_cols, residual=residual is not None)
-    check_config(m, n, k, cfg, split_cols=split_cols)
+    out_group = None
+    if out_spec is not None:
+        if residual is not None or split_cols is not None:
+            raise ValueError("a requantized output (out_spec) takes no residual and no split_cols")
+        out_group = out_group_of(out_spec, n)
+    a_group = None if groups == 1 else k // groups
+    cfg = config or fit_config(
+        m, n, k, split_cols=split_cols, residual=residual is not None, out_group=out_group, a_group=a_group
+    )  # fmt: skip
+    check_config(m, n, k, cfg, split_cols=split_cols, a_groups=groups)
+    if out_group is not None and cfg.tile_n != out_group:
+        raise ValueError(f"out_spec's group of {out_group} columns must be the warpgroup's tile_n, got {cfg}")
 
-    scales = [jnp.asarray(a_scale, jnp.float32).reshape(m), jnp.asarray(b_scale, jnp.float32).reshape(n)]
-    inputs = [a, b, *scales]
+    # A's scales as (G, M): a warpgroup's block of them is one TMA box (G = 1 for per-row scales).
+    a_scale = jnp.asarray(a_scale, jnp.float32).reshape(m, groups).T
+    inputs = [a, b, a_scale, jnp.asarray(b_scale, jnp.float32).reshape(n)]
     if bias is not None:
         inputs.append(jnp.asarray(bias, jnp.float32).reshape(n))
     if residual is not None:
         inputs.append(residual)
     parts = 1 if split_cols is None else n // split_cols
     width = n // parts
-    out_type = tuple(jax.ShapeDtypeStruct((m, width), out_dtype) for _ in range(parts))
+    if out_group is None:
+        out_type = tuple(jax.ShapeDtypeStruct((m, width), out_dtype) for _ in range(parts))
+    else:  # codes, and the scales as (N / g, M): each warpgroup stores its row vector contiguously
+        out_type = (
+            jax.ShapeDtypeStruct((m, n), jnp.int8),
+            jax.ShapeDtypeStruct((n // out_group, m), jnp.float32),
+        )
     tiles = (m // cfg.cta_m) * (n // cfg.cta_n)
     kernel = functools.partial(
         _kernel, cfg=cfg, k=k, activation=activation, has_bias=bias is not None,
-        has_residual=residual is not None, width=width,
+        has_residual=residual is not None, width=width, groups=groups, requantize=out_group is not None,
     )  # fmt: skip
     f = plgpu.kernel(
         kernel,
@@ -284,6 +408,9 @@ def int8_matmul_mgpu(
         compiler_params=plgpu.CompilerParams(),
     )
     out = f(*inputs)
+    if out_group is not None:
+        codes, scales = out
+        return QArray(codes, scales.T, None, out_spec, (m, n), out_dtype)
     return out[0] if parts == 1 else tuple(out)
 
 
@@ -293,12 +420,15 @@ def _swizzled(cols: int, dtype) -> tuple:
 
 
 def _kernel(
-    *refs, cfg: MosaicTileConfig, k: int, activation, has_bias: bool, has_residual: bool, width: int
+    *refs, cfg: MosaicTileConfig, k: int, activation, has_bias: bool, has_residual: bool, width: int,
+    groups: int, requantize: bool,
 ):  # fmt: skip
     a_gmem, b_gmem, as_gmem, bs_gmem, *rest = refs
     bias_gmem = rest.pop(0) if has_bias else None
     res_gmem = rest.pop(0) if has_residual else None
     outs = rest
+    if requantize:
+        outs, qs_gmem = rest[:1], rest[1]
     m = a_gmem.shape[0]
     n = b_gmem.shape[0]
     out_dtype = outs[0].dtype
@@ -310,6 +440,7 @@ def _kernel(
     out_transforms = _swizzled(en, out_dtype)
     epi_tiles = (tm // em) * (tn // en)
     slots = min(2, epi_tiles)
+    shape = (tm, tn)
 
     def operand_spec(rows):  # a (rows, tile_k) K step of A or B in the shared-memory ring
         return plgpu.BlockSpec(
@@ -335,14 +466,19 @@ def _kernel(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
         out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
-        row_smem=plgpu.SMEM((2, tm), jnp.float32),
+        row_smem=plgpu.SMEM((2, groups, tm), jnp.float32),
         col_smem=plgpu.SMEM((2, 2, tn), jnp.float32),
+        qs_smem=plgpu.SMEM((2, tm), jnp.float32),
         vec_barrier=plgpu.Barrier(num_arrivals=3 if has_bias else 2, num_barriers=2),
         res_barrier=plgpu.Barrier(num_barriers=2 * slots),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, row_smem, col_smem, vec_barrier, res_barrier):
+    def _scope(pipeline_allocs, out_smem, row_smem, col_smem, qs_smem, vec_barrier, res_barrier):
         wg = lax.axis_index("wg")
+
+        def row_scales(g):  # the warpgroup's A scales of K group g, one per row, in accumulator layout
+            v = plgpu.load(row_smem.at[wg, g], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            return lax.broadcast_in_dim(v, shape, [0])
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info):
@@ -380,27 +516,33 @@ def _kernel(
                     for e in range(prefetched):
                         load_residual(e)
                 # Fetch this warpgroup's scales and bias while the main loop runs.
-                plgpu.copy_gmem_to_smem(as_gmem.at[pl.ds(row0, tm)], row_smem.at[wg], vec_barrier.at[wg])
+                plgpu.copy_gmem_to_smem(as_gmem.at[:, pl.ds(row0, tm)], row_smem.at[wg], vec_barrier.at[wg])
                 plgpu.copy_gmem_to_smem(bs_gmem.at[pl.ds(col0, tn)], col_smem.at[wg, 0], vec_barrier.at[wg])
                 if has_bias:
                     plgpu.copy_gmem_to_smem(
                         bias_gmem.at[pl.ds(col0, tn)], col_smem.at[wg, 1], vec_barrier.at[wg]
                     )
 
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.int32))
                 def _acc_scope(acc_ref):
-                    run_pipeline(acc_ref)
-                    plgpu.wgmma_wait(0)  # the last mma_in_flight groups
-                    plgpu.barrier_wait(vec_barrier.at[wg])
-                    shape = (tm, tn)
-                    rs = plgpu.load(row_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    if groups == 1:
+                        run_pipeline(acc_ref)
+                        plgpu.wgmma_wait(0)  # the last mma_in_flight groups
+                        plgpu.barrier_wait(vec_barrier.at[wg])
+                        y = acc_ref[...].astype(jnp.float32) * row_scales(0)
+                    else:  # the first K step needs the group scales: they land with its operands
+                        plgpu.barrier_wait(vec_barrier.at[wg])
+                        y0 = plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+                        _, y = run_pipeline((acc_ref, y0))
+                        y = y + acc_ref[...].astype(jnp.float32) * row_scales(groups - 1)
                     cs = plgpu.load(col_smem.at[wg, 0], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    y = acc_ref[...].astype(jnp.float32)
-                    y = y * lax.broadcast_in_dim(rs, shape, [0]) * lax.broadcast_in_dim(cs, shape, [1])
+                    y = y * lax.broadcast_in_dim(cs, shape, [1])
                     if has_bias:
                         bias = plgpu.load(col_smem.at[wg, 1], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         y = y + lax.broadcast_in_dim(bias, shape, [1])
                     y = activation_fn(y, activation)  # GELU via erf_approx: Mosaic GPU has no erf layout rule
+                    if requantize:
+                        y = _requantize(y, row0, col0)
                     _store_epilogue(y, wg, row0, col0)
 
             def _mma(idx, a_smem, b_smem, acc_ref):
@@ -409,6 +551,34 @@ def _kernel(
                 plgpu.wgmma(acc_ref, a_smem.at[a_rows], b_t)
                 plgpu.wgmma_wait(cfg.mma_in_flight)  # its stage is released mma_in_flight steps later
                 return acc_ref
+
+            def _mma_grouped(idx, a_smem, b_smem, carry):
+                """One K step = one K group of A's scales. The int32 accumulator keeps the running sum
+                c_g = sum_{h <= g} p_h of the groups' exact products p_h, and since
+                sum_g s_g p_g = sum_{g < G-1} c_g (s_g - s_{g+1}) + c_{G-1} s_{G-1}, each step adds
+                c_g (s_g - s_{g+1}) to an f32 sum (0 at the last step, whose term the epilogue adds) and
+                never has to reset the accumulator between groups."""
+                acc_ref, y = carry
+                (kk,) = idx
+                b_t = plgpu.transpose_ref(b_smem.at[b_rows], (1, 0))
+                plgpu.wgmma(acc_ref, a_smem.at[a_rows], b_t)
+                c = acc_ref[...].astype(jnp.float32)  # waits for this step's wgmma
+                y = y + c * (row_scales(kk) - row_scales(jnp.minimum(kk + 1, groups - 1)))
+                return acc_ref, y
+
+            def _requantize(y, row0, col0):
+                """Symmetric INT8 per row of the warpgroup's tile (as ``jq8.quant.quantize`` with tiles
+                (1, tn)): stores the scales, returns the codes."""
+                amax = jnp.max(jnp.abs(y), axis=1)
+                scale = jnp.maximum(amax * np.float32(1.0 / qmax(8)), np.float32(SCALE_FLOOR))
+                inv = np.float32(1.0) / scale
+                q = lax.round(y * lax.broadcast_in_dim(inv, shape, [0]))  # half away from zero
+                q = jnp.minimum(jnp.maximum(q, np.float32(-qmax(8))), np.float32(qmax(8)))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's scale store left qs_smem
+                qs_smem.at[wg][...] = scale
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(qs_smem.at[wg], qs_gmem.at[col0 // tn, pl.ds(row0, tm)])
+                return q.astype(jnp.int8)
 
             def _store_epilogue(y, wg, row0, col0):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
@@ -440,7 +610,7 @@ def _kernel(
                                     dst = out.at[rows, pl.ds(c0 - p * width, en)]
                                     plgpu.copy_smem_to_gmem(stage, dst)
 
-            pipeline(_mma, context)(
+            pipeline(_mma if groups == 1 else _mma_grouped, context)(
                 a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
                 b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                 allocations=pipeline_allocs,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jq8.quant import QuantSpec
 from pallas_kernels import int8_matmul_mgpu as mg
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 
@@ -129,6 +130,50 @@ def test_unsupported_reason_names_what_rules_the_kernel_out(monkeypatch):
     assert "M=100" in mg.unsupported_reason(100, 768, 768, **kw)
 
 
+def test_fit_config_for_requantized_output_and_grouped_a():
+    # fc1 of the 1.5B MLP writing INT8 in groups of 128 columns: the warpgroup tile is the group
+    cfg = mg.fit_config(8192, 6400, 1600, out_group=128)
+    assert (cfg.tile_n, cfg.wg_dim, cfg.tile_k, cfg.epi_tile_n) == (128, "n", 64, 64)
+    cfg = mg.fit_config(8192, 2400, 1600, out_group=160)  # 2400 is no multiple of 320: stacked along M
+    assert (cfg.tile_n, cfg.wg_dim, cfg.tile_m) == (160, "m", 64)
+    # fc2 reading those codes: one K step per group, each step waits for its wgmma
+    cfg = mg.fit_config(8192, 1600, 6400, residual=True, a_group=128)
+    assert (cfg.tile_k, cfg.mma_in_flight) == (128, 0)
+    staging = 4 * cfg.epi_tile_m * cfg.epi_tile_n * 4 + 2 * 50 * cfg.tile_m * 4
+    assert cfg.stages * (cfg.cta_m + cfg.cta_n) * cfg.tile_k + staging <= mg.SMEM_BYTES
+    with pytest.raises(ValueError, match="64 or 128"):
+        mg.fit_config(8192, 1600, 6400, a_group=256)
+    with pytest.raises(ValueError, match="requantization group"):
+        mg.fit_config(8192, 1600, 1600, out_group=96)  # 96 does not divide 1600
+    with pytest.raises(ValueError, match="K groups"):
+        mg.check_config(8192, 1600, 6400, mg.fit_config(8192, 1600, 6400), a_groups=50)  # in flight
+
+
+def test_unsupported_reason_for_requantized_output(monkeypatch):
+    monkeypatch.setattr(mg, "available", lambda: True)
+    kw = dict(b_bits=8, scales=True, residual=None, out_dtype=jnp.bfloat16, split_cols=None)
+    assert mg.unsupported_reason(8192, 6400, 1600, out_spec=QuantSpec(tile=(1, 128)), **kw) is None
+    assert "tiles (1, g)" in mg.unsupported_reason(8192, 6400, 1600, out_spec=QuantSpec(tile=(1, -1)), **kw)
+    assert "tiles (1, g)" in mg.unsupported_reason(8192, 6400, 1600, out_spec=QuantSpec(tile=(32, 32)), **kw)
+    res = jnp.zeros((8192, 6400), jnp.bfloat16)
+    assert "no residual" in mg.unsupported_reason(
+        8192, 6400, 1600, out_spec=QuantSpec(tile=(1, 128)), **{**kw, "residual": res}
+    )
+    assert mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=128, **kw) is None
+    assert "64 or 128" in mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=32, **kw)
+    monkeypatch.setattr(mg, "available", lambda: False)
+    assert (
+        mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=128, check_device=False, **kw) is None
+    )
+
+
+def test_grouped_reference_equals_per_row_reference_for_equal_groups():
+    a, b, sa, sb, bias, _ = _operands(5, 64, 96, 256)
+    grouped = mg.int8_matmul_mgpu_reference(a, b, jnp.tile(sa, (1, 4)), sb, bias=bias, out_dtype=jnp.float32)
+    per_row = int8_matmul_reference(a, b, sa, sb, bias=bias, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(per_row), rtol=1e-6, atol=1e-6)
+
+
 # -------------------------------------------------------------------------------------- on the H100
 
 
@@ -207,3 +252,64 @@ def test_auto_dispatch_picks_mosaic_where_it_tiles(monkeypatch):
         _close(out, int8_matmul_reference(a, b, sa, None, bias=bias))
     finally:
         jax.clear_caches()
+
+
+def _close_codes(q, ref):
+    """Requantized outputs: scales to f32 rounding, codes within one step (the kernel's GELU uses an erf
+    approximation, so a value next to a rounding boundary may land on the other side), and few of those."""
+    np.testing.assert_allclose(np.asarray(q.scale), np.asarray(ref.scale), rtol=1e-4)
+    diff = np.abs(np.asarray(q.values, np.int32) - np.asarray(ref.values, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-2, (diff.max(), diff.mean())
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "m, n, k, group", [(1024, 6400, 1600, 128), (512, 1600, 768, 160), (256, 512, 256, 64)]
+)
+def test_mosaic_requantized_output_matches_reference(m, n, k, group):
+    a, b, sa, sb, bias, _ = _operands(m + n + group, m, n, k)
+    spec = QuantSpec(tile=(1, group))
+    q = int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, impl="mosaic")
+    ref = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec)
+    assert q.values.dtype == jnp.int8 and q.values.shape == (m, n) and q.scale.shape == (m, n // group)
+    _close_codes(q, ref)
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "m, n, k, group, epi",
+    [
+        (1024, 1600, 6400, 128, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # 1.5B fc2 shape
+        (512, 768, 3072, 128, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # 124M fc2 shape
+        (2048, 1024, 1600, 64, dict()),  # 64-wide groups, several tiles per CTA
+    ],
+)
+def test_mosaic_grouped_a_scales_match_reference(m, n, k, group, epi):
+    a, b, _, sb, bias, res = _operands(m + k + group, m, n, k)
+    sa = jax.random.uniform(jax.random.key(group), (m, k // group), minval=1e-3, maxval=1e-2)
+    out_dtype = epi.get("out_dtype", jnp.bfloat16)
+    kw = dict(
+        bias=bias if epi.get("bias") else None,
+        residual=res.astype(out_dtype) if epi.get("residual") else None,
+        out_dtype=out_dtype,
+    )
+    out = mg.int8_matmul_mgpu(a, b, sa, sb, **kw)
+    _close(out, mg.int8_matmul_mgpu_reference(a, b, sa, sb, **kw))
+
+
+@on_hopper
+def test_mosaic_fc1_codes_feed_fc2_groups():
+    """The fused MLP's chain: fc1 requantizes GELU's output in 128-column groups, fc2 reads those codes
+    with their (M, K / 128) scales; equal to the same chain in XLA."""
+    m, d, f = 512, 768, 3072
+    a, w1, sa, s1, b1, _ = _operands(21, m, f, d)
+    _, w2, _, s2, b2, res = _operands(22, m, d, f)
+    spec = QuantSpec(tile=(1, 128))
+    u = jax.jit(lambda *x: int8_matmul(*x, bias=b1, activation="gelu", out_spec=spec, impl="mosaic"))(
+        a, w1, sa, s1
+    )
+    y = mg.int8_matmul_mgpu(u.values, w2, u.scale, s2, bias=b2, residual=res, out_dtype=jnp.float32)
+    y_ref = mg.int8_matmul_mgpu_reference(
+        u.values, w2, u.scale, s2, bias=b2, residual=res, out_dtype=jnp.float32
+    )
+    _close(y, y_ref)
