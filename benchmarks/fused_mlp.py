@@ -15,6 +15,7 @@ activation quantization). Writes ``$OUT/fused_mlp.json`` when OUT is set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -31,7 +32,7 @@ MODELS = {"124m": (768, 3072), "1p5b": (1600, 6400)}  # (d_model, d_ff)
 TOKEN_SPEC = QuantSpec(tile=(1, -1))
 
 
-def measure(m: int, d: int, f: int, group: int, ms) -> dict:
+def measure(m: int, d: int, f: int, group: int, ms, fc1_tile_m: int | None = None) -> dict:
     """One model's chain at M tokens: errors and timings (see the module docstring)."""
     ks = jax.random.split(jax.random.key(0), 8)
     x = jax.random.randint(ks[0], (m, d), -127, 128, jnp.int8)
@@ -49,8 +50,12 @@ def measure(m: int, d: int, f: int, group: int, ms) -> dict:
     def fc1_bf16(x, sx):
         return int8_matmul(x, w1, sx, s1, bias=b1, activation="gelu")
 
+    cfg1 = mg.fit_config(m, f, d, out_group=group)
+    if fc1_tile_m:
+        cfg1 = dataclasses.replace(cfg1, tile_m=fc1_tile_m, epi_tile_m=min(64, fc1_tile_m))
+
     def fc1_requant(x, sx):
-        return int8_matmul(x, w1, sx, s1, bias=b1, activation="gelu", out_spec=spec)
+        return mg.int8_matmul_mgpu(x, w1, sx, s1, bias=b1, activation="gelu", out_spec=spec, config=cfg1)
 
     def fc2_per_row(q, s):
         return int8_matmul(q, w2, s, s2, **fc2_epi)
@@ -88,6 +93,7 @@ def measure(m: int, d: int, f: int, group: int, ms) -> dict:
         "d": d,
         "f": f,
         "group": group,
+        "fc1_config": dataclasses.asdict(cfg1),
         "separate_rel_rms": rel_rms(fns["separate"](x, sx)),
         "fused_rel_rms": rel_rms(fns["fused"](x, sx)),
         "separate_ms": ms(fns["separate"], x, sx),
@@ -109,6 +115,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--fc1-tile-m", type=int, nargs="*", default=[0], help="0: the default fc1 tiles")
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -119,8 +126,10 @@ def main() -> None:
     results = {}
     for name in args.models:
         d, f = MODELS[name]
-        results[name] = measure(args.m, d, f, args.group, ms)
-        print(name, json.dumps(results[name]), flush=True)
+        for tile_m in args.fc1_tile_m:
+            key = name if not tile_m else f"{name}_fc1_tile_m{tile_m}"
+            results[key] = measure(args.m, d, f, args.group, ms, fc1_tile_m=tile_m)
+            print(key, json.dumps(results[key]), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "fused_mlp.json"), "w") as fh:
             json.dump(results, fh, indent=1)
