@@ -32,7 +32,7 @@ MODELS = {"124m": (768, 3072), "1p5b": (1600, 6400)}  # (d_model, d_ff)
 TOKEN_SPEC = QuantSpec(tile=(1, -1))
 
 
-def measure(m: int, d: int, f: int, group: int, ms, fc1_tile_m: int | None = None) -> dict:
+def measure(m: int, d: int, f: int, group: int, ms, fc1_tile_m: int | None = None, sweep=False) -> dict:
     """One model's chain at M tokens: errors and timings (see the module docstring)."""
     ks = jax.random.split(jax.random.key(0), 8)
     x = jax.random.randint(ks[0], (m, d), -127, 128, jnp.int8)
@@ -105,7 +105,45 @@ def measure(m: int, d: int, f: int, group: int, ms, fc1_tile_m: int | None = Non
         "fc2_grouped_ms": ms(fns["fc2_grouped"], u8.values, u8.scale),
     }
     row["x_separate"] = row["separate_ms"] / row["fused_ms"]
+    if sweep:
+        row["sweep"] = sweep_configs(m, d, f, group, ms, (x, sx, w1, s1, b1, w2, s2, fc2_epi), u8)
     return row
+
+
+def sweep_configs(m, d, f, group, ms, operands, u8) -> list[dict]:
+    """ms of fc1 (requantizing) and fc2 (grouped A) under other warpgroup tiles than the defaults."""
+    x, sx, w1, s1, b1, w2, s2, fc2_epi = operands
+    spec = QuantSpec(tile=(1, group))
+    base1 = mg.fit_config(m, f, d, out_group=group)
+    base2 = mg.fit_config(m, d, f, residual=True, a_group=group)
+    fc1 = [dict(tile_m=128, wg_dim="m"), dict(tile_m=64, wg_dim="m")]
+    fc2 = [dict(tile_m=64, tile_n=tn, wg_dim=wg) for tn in (160, 128, 96, 80, 64) for wg in ("m", "n")] + [
+        dict(tile_m=128, tile_n=tn, wg_dim=wg) for tn in (80, 64) for wg in ("m", "n")
+    ]
+    out = []
+    for which, base, changes in (("fc1", base1, fc1), ("fc2", base2, fc2)):
+        for change in changes:
+            cfg = dataclasses.replace(base, **change)
+            cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=min(64, cfg.tile_n))
+            cfg = dataclasses.replace(
+                cfg, stages=mg.max_stages(cfg, out_bytes=1 if which == "fc1" else 4, a_groups=f // group)
+            )
+            entry = {"gemm": which, "config": dataclasses.asdict(cfg)}
+            try:
+                if which == "fc1":
+                    fn = jax.jit(lambda x, sx, cfg=cfg: mg.int8_matmul_mgpu(
+                        x, w1, sx, s1, bias=b1, activation="gelu", out_spec=spec, config=cfg))  # fmt: skip
+                    entry["ms"] = ms(fn, x, sx)
+                else:
+                    fn = jax.jit(
+                        lambda q, s, cfg=cfg: mg.int8_matmul_mgpu(q, w2, s, s2, config=cfg, **fc2_epi)
+                    )
+                    entry["ms"] = ms(fn, u8.values, u8.scale)
+            except Exception as ex:  # noqa: BLE001 - report each config's failure and go on
+                entry["error"] = str(ex)[-300:]
+            print("   ", json.dumps(entry), flush=True)
+            out.append(entry)
+    return out
 
 
 def main() -> None:
@@ -116,6 +154,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--fc1-tile-m", type=int, nargs="*", default=[0], help="0: the default fc1 tiles")
+    p.add_argument("--sweep", action="store_true", help="also time other tiles of both GEMMs")
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -128,7 +167,7 @@ def main() -> None:
         d, f = MODELS[name]
         for tile_m in args.fc1_tile_m:
             key = name if not tile_m else f"{name}_fc1_tile_m{tile_m}"
-            results[key] = measure(args.m, d, f, args.group, ms, fc1_tile_m=tile_m)
+            results[key] = measure(args.m, d, f, args.group, ms, fc1_tile_m=tile_m, sweep=args.sweep)
             print(key, json.dumps(results[key]), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "fused_mlp.json"), "w") as fh:
