@@ -124,7 +124,9 @@ def sweep_configs(m, d, f, group, ms, operands, u8) -> list[dict]:
     for which, base, changes in (("fc1", base1, fc1), ("fc2", base2, fc2)):
         for change in changes:
             cfg = dataclasses.replace(base, **change)
-            cfg = dataclasses.replace(cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=min(64, cfg.tile_n))
+            cfg = dataclasses.replace(
+                cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=mg._epi_tile(cfg.tile_n, 64)
+            )
             cfg = dataclasses.replace(
                 cfg, stages=mg.max_stages(cfg, out_bytes=1 if which == "fc1" else 4, a_groups=f // group)
             )
