@@ -6,7 +6,8 @@ forward that mirrors the model). Two levels, one interceptor (:func:`fused_inter
 * jq8.nn's ``MlpBlock`` / ``AttentionBlock`` (the GPT/LLaMA branches) whose Dense layers are all INT8
   token-wise are replaced whole by the fused ZeroQuant data flow: LayerNorm + per-token quantization in
   one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias + GELU in the epilogue -> per-token
-  quantization (``quantize_tiles``) -> INT8/INT4 GEMM (dequant + bias + residual in the epilogue);
+  quantization (``quantize_tiles``) -> INT8/INT4 GEMM (dequant + bias + residual in the epilogue); on
+  Hopper at prefill sizes fc1's epilogue quantizes its own output instead (:func:`fc1_codes_group`);
   attention itself stays a float island. This mirrors the two branch bodies (small, tested against the
   per-Dense path to 1e-5). At decode sizes (M <= 16) on Pallas the GEMVs quantize their float input
   themselves (:func:`tokens_matmul`), and fc1's epilogue applies bias + GELU: fewer launches per token.
@@ -155,11 +156,13 @@ def matmul_qarrays_xla(
     activation: str | None = None,
     residual: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
     split_cols: int | None = None,
-) -> jax.Array | tuple[jax.Array, ...]:
+) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """XLA twin of ``pallas_kernels.int8_matmul_block_scaled.matmul_qarrays`` for the PTQ layouts.
 
-    a: (M, K) int8 QArray with a scale constant along K (per-token (M, 1) or per-tensor (1, 1)).
+    a: (M, K) int8 QArray with a scale constant along K (per-token (M, 1) or per-tensor (1, 1)), or per
+      row in K groups (tiles (1, g), scales (M, cdiv(K, g))) against a weight with per-channel scales.
     b: (N, K) int8 / packed-INT4 QArray, symmetric, scales (gn, 1) (per channel / row runs / tensor) or
       (N, cdiv(K, g)) (contraction groups). Returns act(a @ b.T * scales + bias) + residual, (M, N).
     The product is int8 x int8 -> int32 (exact); contraction groups get one int32 partial per group,
@@ -170,12 +173,24 @@ def matmul_qarrays_xla(
     n, kb = b.shape_2d
     if k != kb:
         raise ValueError(f"contraction mismatch: activations (M={m}, K={k}) vs weight (N={n}, K={kb})")
-    if a.scale.shape[1] != 1 or b.zero_point is not None or a.zero_point is not None:
-        raise ValueError("matmul_qarrays_xla: activation scales must be constant along K and codes symmetric")
+    a_groups = a.scale.shape[1] != 1
+    if b.zero_point is not None or a.zero_point is not None:
+        raise ValueError("matmul_qarrays_xla: codes must be symmetric")
+    if a_groups and (a.spec.resolve(m, k)[0] != 1 or b.scale.shape[1] != 1):
+        raise ValueError("matmul_qarrays_xla: activation scales in K groups need per-row tiles and a weight "
+                         "with per-channel scales")  # fmt: skip
     bc = _weight_codes(b)
     a_scale = jnp.broadcast_to(a.scale, (m, 1)) if a.scale.shape[0] == 1 else a.scale
     tn, tk = b.spec.resolve(n, k)
-    if b.scale.shape[1] == 1:  # weight scales constant along K: one int32 GEMM, scales in the epilogue
+    if a_groups:  # an int32 partial per K group of a, scaled per row and group into an fp32 sum
+        g, ga = a.scale.shape[1], a.spec.resolve(m, k)[1]
+        pad = g * ga - k
+        av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, ga)
+        bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, ga)
+        part = jax.lax.dot_general(av, bv, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+        b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
+        y = jnp.einsum("gmn,mg->mn", part.astype(jnp.float32), a_scale) * b_scale
+    elif b.scale.shape[1] == 1:  # weight scales constant along K: one int32 GEMM, scales in the epilogue
         check_int32_k(k)
         acc = jax.lax.dot_general(a.values, bc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
@@ -193,6 +208,8 @@ def matmul_qarrays_xla(
     y = _apply_activation(y, activation)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
+    if out_spec is not None:
+        return dataclasses.replace(quantize(y, out_spec), dtype=jnp.dtype(out_dtype))
     y = y.astype(out_dtype)
     return y if split_cols is None else tuple(jnp.split(y, n // split_cols, axis=1))
 
@@ -369,15 +386,47 @@ def _fused_mlp(
     # GELU in the GEMM epilogue + quantize beats a separate bias-GELU-quantize kernel at M = 8192).
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
     u_dtype = jnp.float32 if fc2_quantizes else module.policy.compute_dtype
-    u = tokens_matmul(
-        x2, w1, backend=backend, norm=_block_norm(module, p), bias=_bias(p, "fc1"), activation="gelu",
-        out_dtype=u_dtype,
-    )  # fmt: skip
-    if fc2_quantizes:
-        y = tokens_matmul(u, w2, backend=backend, **res)
+    fc1 = dict(norm=_block_norm(module, p), bias=_bias(p, "fc1"), activation="gelu", out_dtype=u_dtype)
+    group = fc1_codes_group(x2.shape[0], w1, w2, backend)
+    if group is not None:  # fc1 writes INT8 codes itself, fc2 reads them: no float u, no quantize pass
+        u = tokens_matmul(x2, w1, backend=backend, out_spec=QuantSpec(tile=(1, group)), **fc1)
+        y = matmul_qarrays(u, w2, backend=backend, **res)
+    elif fc2_quantizes:
+        y = tokens_matmul(tokens_matmul(x2, w1, backend=backend, **fc1), w2, backend=backend, **res)
     else:
+        u = tokens_matmul(x2, w1, backend=backend, **fc1)
         y = matmul_qarrays(quantize_tokens(u, backend), w2, backend=backend, **res)
     return y.reshape(*lead, d)
+
+
+FC1_CODES_GROUP = 128  # columns of fc1's output per INT8 scale when fc1 writes codes (see below)
+
+
+def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
+    """The column group of fc1's requantized output when the MLP runs fc1 -> fc2 without a quantize pass
+    between them, else None.
+
+    On Hopper at prefill sizes, fc1's epilogue (bias, GELU) quantizes its own output to INT8 with one scale
+    per token and per 128 columns (its warpgroup tile: a whole row's maximum is not known there), and fc2
+    applies those scales per K group in its main loop (``pallas_kernels.int8_matmul_mgpu``). That is finer
+    than one scale per token, so no less accurate, and saves writing u in bf16 and the pass that reads it
+    back (BENCHMARKS.md, session 12). Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped
+    weights) the per-token path runs.
+    """
+    from pallas_kernels import int8_matmul_mgpu as mgpu
+    from pallas_kernels.int8_matmul import DECODE_MAX_M
+
+    g = FC1_CODES_GROUP
+    if backend != "pallas" or m <= DECODE_MAX_M or not mgpu.available():
+        return None
+    (n1, k1), (n2, k2) = w1.shape_2d, w2.shape_2d
+    for w in (w1, w2):
+        if w.spec.bits != 8 or w.scale.shape[1] != 1 or w.zero_point is not None:
+            return None
+    common = dict(b_bits=8, scales=True, residual=None, out_dtype=jnp.float32, split_cols=None)
+    fc1_ok = mgpu.unsupported_reason(m, n1, k1, out_spec=QuantSpec(tile=(1, g)), **common) is None
+    fc2_ok = mgpu.unsupported_reason(m, n2, k2, out_spec=None, a_group=g, **common) is None
+    return g if fc1_ok and fc2_ok else None
 
 
 def _rows(residual: jax.Array | None, d: int) -> jax.Array | None:

@@ -536,6 +536,12 @@ def matmul_qarrays(
         sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
         sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
         return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
+    if _mosaic_groups(a, b, ta, epilogue):
+        # Per-row A scales in K groups x per-channel weight scales: the Hopper kernel folds the groups in.
+        from pallas_kernels.int8_matmul_mgpu import int8_matmul_mgpu
+
+        sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
+        return int8_matmul_mgpu(a.values, b.values, a.scale, sb, **epilogue)
     dw = decode_weight(b) if m <= DECODE_MAX_M and a.scale.shape[1] == 1 else None
     if dw is not None and epilogue.get("config") is None:
         # Decode: per-token activations with ZeroQuant K-groups of the weight -> the weight-streaming kernel.
@@ -546,6 +552,25 @@ def matmul_qarrays(
     return int8_matmul_block_scaled(
         a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
     )
+
+
+def _mosaic_groups(a: QArray, b: QArray, ta: tuple[int, int], epilogue: dict) -> bool:
+    """Whether ``matmul_qarrays`` runs on the Mosaic GPU kernel with A's scales in K groups: per-row tiles
+    (1, g) of A, per-channel 8-bit weight scales, no explicit Triton config, compiled on Hopper at M > 16,
+    shapes that tile."""
+    from pallas_kernels import int8_matmul_mgpu as mgpu
+
+    (m, k), (n, _) = a.shape_2d, b.shape_2d
+    if a.scale.shape[1] == 1 or ta[0] != 1 or b.scale.shape[1] != 1 or b.spec.bits != 8 or m <= DECODE_MAX_M:
+        return False
+    if epilogue.get("config") is not None or resolve_interpret(epilogue.get("interpret")):
+        return False
+    residual = epilogue.get("residual")
+    reason = mgpu.unsupported_reason(
+        m, n, k, b_bits=8, scales=True, out_spec=epilogue.get("out_spec"), residual=residual,
+        out_dtype=epilogue.get("out_dtype", jnp.bfloat16), split_cols=None, a_group=ta[1],
+    )  # fmt: skip
+    return reason is None
 
 
 @dataclasses.dataclass(frozen=True)

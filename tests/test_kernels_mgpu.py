@@ -133,8 +133,10 @@ def test_unsupported_reason_names_what_rules_the_kernel_out(monkeypatch):
 def test_fit_config_for_requantized_output_and_grouped_a():
     # fc1 of the 1.5B MLP writing INT8 in groups of 128 columns: the warpgroup tile is the group
     cfg = mg.fit_config(8192, 6400, 1600, out_group=128)
-    assert (cfg.tile_n, cfg.wg_dim, cfg.tile_k, cfg.epi_tile_n) == (128, "n", 64, 64)
-    cfg = mg.fit_config(8192, 2400, 1600, out_group=160)  # 2400 is no multiple of 320: stacked along M
+    assert (cfg.tile_n, cfg.wg_dim, cfg.tile_m, cfg.tile_k, cfg.epi_tile_n) == (128, "m", 128, 64, 64)
+    cfg = mg.fit_config(128, 6400, 1600, out_group=128)  # too few rows to stack: side by side along N
+    assert (cfg.tile_n, cfg.wg_dim, cfg.tile_m) == (128, "n", 128)
+    cfg = mg.fit_config(8192, 2400, 1600, out_group=160)
     assert (cfg.tile_n, cfg.wg_dim, cfg.tile_m) == (160, "m", 64)
     # fc2 reading those codes: one K step per group, each step waits for its wgmma
     cfg = mg.fit_config(8192, 1600, 6400, residual=True, a_group=128)

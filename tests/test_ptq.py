@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jq8 import ptq, ptq_infer, qcheckpoint
-from jq8.quant import QuantSpec, dequantize, fake_quantize, int4_width, quantize
+from jq8.quant import QArray, QuantSpec, dequantize, fake_quantize, int4_width, quantize
 
 
 def tiny_gpt(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 203, seq: int = 24, seed: int = 0):
@@ -366,3 +366,44 @@ def test_fused_prefill_pallas_matches_xla(monkeypatch):
     jax.clear_caches()
     assert kinds == ["tuple"]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_fc1_codes_path_matches_xla_and_per_token_path(monkeypatch):
+    """The Hopper prefill MLP (fc1 requantizes its output per token and per 128 columns, fc2 folds those
+    scales in per K group), forced on here: the Pallas kernels (interpret mode) give the XLA twin's numbers,
+    and the model stays as close to the per-token path as one quantization step allows."""
+    model, params, tokens = tiny_gpt(layers=1, d=64, heads=2, vocab=101, seq=12, seed=6)
+    qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
+    per_token = run_int8(model, qp, tokens, backend="xla")
+    groups = []
+
+    def forced(m, w1, w2, backend):
+        groups.append(w1.shape_2d)
+        return ptq_infer.FC1_CODES_GROUP
+
+    monkeypatch.setattr(ptq_infer, "fc1_codes_group", forced)
+    jax.clear_caches()
+    try:
+        ref = run_int8(model, qp, tokens, backend="xla")
+        got = run_int8(model, qp, tokens, backend="pallas")
+    finally:
+        jax.clear_caches()
+    assert groups and all(shape == (256, 64) for shape in groups)  # fc1: d_ff 256 = two groups
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+    rel = float(jnp.sqrt(jnp.mean((ref - per_token) ** 2) / jnp.mean(per_token**2)))
+    assert 0 < rel < 0.02, rel  # a different (finer) quantization of u, not the same numbers
+
+
+def test_matmul_qarrays_xla_groups_of_a_equal_per_row_when_scales_agree():
+    ks = jax.random.split(jax.random.key(3), 3)
+    a = jax.random.randint(ks[0], (16, 256), -127, 128, jnp.int8)
+    b = quantize(jax.random.normal(ks[1], (48, 256)), QuantSpec.per_row(8))
+    s = jax.random.uniform(ks[2], (16, 1), minval=0.01, maxval=0.02)
+    per_row = QArray(a, s, None, QuantSpec.per_row(8), (16, 256), jnp.float32)
+    grouped = QArray(a, jnp.tile(s, (1, 2)), None, QuantSpec(tile=(1, 128)), (16, 256), jnp.float32)
+    y1 = ptq_infer.matmul_qarrays_xla(per_row, b, out_dtype=jnp.float32)
+    y2 = ptq_infer.matmul_qarrays_xla(grouped, b, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), rtol=1e-5, atol=1e-5)
+    k_groups = quantize(jax.random.normal(ks[1], (48, 256)), QuantSpec(tile=(1, 64)))
+    with pytest.raises(ValueError, match="per-channel"):
+        ptq_infer.matmul_qarrays_xla(grouped, k_groups)
