@@ -144,6 +144,19 @@ def head_label(qp) -> str | None:
     return f"int{bits[0]}" if bits else None
 
 
+def per_token_fc1_row(apply_fn, qp, tokens, args, iters: int) -> dict:
+    """The same W8A8 prefill with fc1 writing bf16 and a per-token quantize pass before fc2 (the path
+    before fc1 requantized its own output; ``ptq_infer.fc1_codes_group`` off while the call compiles)."""
+    real = ptq_infer.fc1_codes_group
+    ptq_infer.fc1_codes_group = lambda *a, **k: None
+    try:
+        fn = bind(apply_fn, qp, args.dispatch)
+        fn(tokens)  # compiles under the patch
+    finally:
+        ptq_infer.fc1_codes_group = real
+    return dict(model="w8a8 (fc1 bf16 + quantize pass)", prefill_ms=timeit(fn, tokens, iters=iters))
+
+
 def bench_preset(name: str, args, prefill: bool) -> dict:
     base = dataclasses.replace(preset(name), attention=args.attention)
     cfg = dataclasses.replace(base, max_seq_len=max(args.seq, base.max_seq_len)) if prefill else base
@@ -206,10 +219,11 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
             row["prefill_ms"] = timeit(q_fn, tokens, iters=iters)
         rows.append(row)
         print("row", json.dumps(row), flush=True)  # survives a run cut short by a time limit
+        if prefill and scheme == "w8a8" and args.compare_fc1_codes:
+            rows.append(per_token_fc1_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, args, iters))
+            print("row", json.dumps(rows[-1]), flush=True)
         if prefill:
-            rows.append(
-                dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, tokens, iters=iters))
-            )
+            rows.append(dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, tokens, iters=iters)))
             print("row", json.dumps(rows[-1]), flush=True)
             with tempfile.TemporaryDirectory() as d:
                 qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
@@ -297,6 +311,11 @@ def main() -> None:
         default="bound",
         help="how every model's parameters reach its jitted call: a flat leaf list (jq8.dispatch.jit_bound) "
         "or the pytree, flattened on each call",
+    )
+    ap.add_argument(
+        "--compare-fc1-codes",
+        action="store_true",
+        help="also time the W8A8 prefill with a per-token quantize pass between fc1 and fc2",
     )
     args = ap.parse_args()
     if args.quick:
