@@ -128,7 +128,13 @@ def sweep_configs(m, d, f, group, ms, operands, u8) -> list[dict]:
                 cfg, epi_tile_m=min(64, cfg.tile_m), epi_tile_n=mg._epi_tile(cfg.tile_n, 64)
             )
             cfg = dataclasses.replace(
-                cfg, stages=mg.max_stages(cfg, out_bytes=1 if which == "fc1" else 4, a_groups=f // group)
+                cfg,
+                stages=mg.max_stages(
+                    cfg,
+                    out_bytes=1 if which == "fc1" else 4,
+                    a_groups=1 if which == "fc1" else f // group,
+                    requantize=which == "fc1",
+                ),
             )
             entry = {"gemm": which, "config": dataclasses.asdict(cfg)}
             try:

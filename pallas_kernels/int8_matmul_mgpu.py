@@ -234,22 +234,24 @@ def _fit_out_group(m: int, n: int, k: int, g: int, *, a_group: int | None) -> Mo
         epi_tile_n=_epi_tile(g, 64), mma_in_flight=0 if a_group else 1,
     )  # fmt: skip
     groups = 1 if a_group is None else k // a_group
-    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=1, a_groups=groups))
+    cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=1, a_groups=groups, requantize=True))
     check_config(m, n, k, cfg, a_groups=groups)
     return cfg
 
 
-SMEM_BYTES = 232448 - 2048  # H100's per-block limit, less room for barriers and scale vectors
+SMEM_BYTES = 232448 - 1024  # H100's per-block limit, less room for the pipeline's barriers
 
 
-def max_stages(cfg: MosaicTileConfig, *, out_bytes: int, a_groups: int = 1, limit: int = 6) -> int:
-    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles
-    (and, with A scales in K groups, each warpgroup's (a_groups, tile_m) f32 block of them)."""
+def max_stages(
+    cfg: MosaicTileConfig, *, out_bytes: int, a_groups: int = 1, requantize: bool = False, limit: int = 6
+) -> int:
+    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles and
+    each warpgroup's scale / bias vectors (A's (a_groups, tile_m) scales, the column scales and bias, and
+    with ``requantize`` the output's row scales)."""
     per_stage = (cfg.cta_m + cfg.cta_n) * cfg.tile_k
     staging = 2 * 2 * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
-    if a_groups > 1:
-        staging += 2 * a_groups * cfg.tile_m * 4
-    return max(2, min(limit, (SMEM_BYTES - staging) // per_stage))
+    vectors = 2 * 4 * (a_groups * cfg.tile_m + 2 * cfg.tile_n + (cfg.tile_m if requantize else 0))
+    return max(2, min(limit, (SMEM_BYTES - staging - vectors) // per_stage))
 
 
 def check_config(
@@ -472,7 +474,7 @@ def _kernel(
         out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
         row_smem=plgpu.SMEM((2, groups, tm), jnp.float32),
         col_smem=plgpu.SMEM((2, 2, tn), jnp.float32),
-        qs_smem=plgpu.SMEM((2, tm), jnp.float32),
+        qs_smem=plgpu.SMEM((2, tm if requantize else 1), jnp.float32),
         vec_barrier=plgpu.Barrier(num_arrivals=3 if has_bias else 2, num_barriers=2),
         res_barrier=plgpu.Barrier(num_barriers=2 * slots),
         collective_axes="wg",

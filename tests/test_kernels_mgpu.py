@@ -151,6 +151,29 @@ def test_fit_config_for_requantized_output_and_grouped_a():
         mg.check_config(8192, 1600, 6400, mg.fit_config(8192, 1600, 6400), a_groups=50)  # in flight
 
 
+@pytest.mark.parametrize(
+    "m, n, k, kw",
+    [
+        (512, 1600, 768, dict(out_group=160)),  # 6 stages overflowed by 512 B on the H100 before
+        (8192, 6400, 1600, dict(out_group=128)),
+        (8192, 3072, 768, dict(out_group=128)),
+        (8192, 1600, 6400, dict(residual=True, a_group=128)),
+        (8192, 768, 3072, dict(residual=True, a_group=128)),
+        (8192, 50304, 768, dict()),  # GPT-2 LM head: 4 stages plus its vectors did not fit
+    ],
+)
+def test_fit_config_counts_every_shared_memory_buffer(m, n, k, kw):
+    """The ring, the staging tiles and every scale / bias vector fit in the H100's 227 KiB with 1 KiB left
+    for barriers."""
+    cfg = mg.fit_config(m, n, k, **kw)
+    requant = kw.get("out_group") is not None
+    groups = k // kw["a_group"] if kw.get("a_group") else 1
+    ring = cfg.stages * (cfg.cta_m + cfg.cta_n) * cfg.tile_k
+    staging = 4 * cfg.epi_tile_m * cfg.epi_tile_n * (1 if requant else 4)
+    vectors = 8 * (groups * cfg.tile_m + 2 * cfg.tile_n + (cfg.tile_m if requant else 0))
+    assert ring + staging + vectors <= 232448 - 1024, cfg
+
+
 def test_unsupported_reason_for_requantized_output(monkeypatch):
     monkeypatch.setattr(mg, "available", lambda: True)
     kw = dict(b_bits=8, scales=True, residual=None, out_dtype=jnp.bfloat16, split_cols=None)
