@@ -410,8 +410,11 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     per token and per 128 columns (its warpgroup tile: a whole row's maximum is not known there), and fc2
     applies those scales per K group in its main loop (``pallas_kernels.int8_matmul_mgpu``). That is finer
     than one scale per token, so no less accurate, and saves writing u in bf16 and the pass that reads it
-    back (BENCHMARKS.md, session 12). Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped
-    weights) the per-token path runs.
+    back. fc2 pays for that with a drain of its accumulator every K step, which costs more with wide
+    warpgroup tiles: measured on the H100 (BENCHMARKS.md, session 12), the GPT-2 124M prefill gained 7%
+    (fc2 tiles 64 x 128) and the 1.5B one lost 2% (fc2 tiles 64 x 160), so fc2's tile must be at most
+    128 columns wide. Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped weights, wider fc2 tiles)
+    the per-token path runs.
     """
     from pallas_kernels import int8_matmul_mgpu as mgpu
     from pallas_kernels.int8_matmul import DECODE_MAX_M
@@ -426,7 +429,9 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     common = dict(b_bits=8, scales=True, residual=None, out_dtype=jnp.float32, split_cols=None)
     fc1_ok = mgpu.unsupported_reason(m, n1, k1, out_spec=QuantSpec(tile=(1, g)), **common) is None
     fc2_ok = mgpu.unsupported_reason(m, n2, k2, out_spec=None, a_group=g, **common) is None
-    return g if fc1_ok and fc2_ok else None
+    if not (fc1_ok and fc2_ok):
+        return None
+    return g if mgpu.fit_config(m, n2, k2, residual=True, a_group=g).tile_n <= 128 else None
 
 
 def _rows(residual: jax.Array | None, d: int) -> jax.Array | None:

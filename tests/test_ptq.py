@@ -407,3 +407,28 @@ def test_matmul_qarrays_xla_groups_of_a_equal_per_row_when_scales_agree():
     k_groups = quantize(jax.random.normal(ks[1], (48, 256)), QuantSpec(tile=(1, 64)))
     with pytest.raises(ValueError, match="per-channel"):
         ptq_infer.matmul_qarrays_xla(grouped, k_groups)
+
+
+def test_fc1_codes_group_only_where_measured_faster(monkeypatch):
+    """On Hopper at prefill sizes: GPT-2 124M's MLP (fc2 tiles 128 wide) takes fc1's own codes, 1.5B's
+    (160 wide) keeps the per-token pass; never on XLA, at decode sizes or with INT4 weights."""
+    from pallas_kernels import int8_matmul_mgpu as mg
+
+    monkeypatch.setattr(mg, "available", lambda: True)
+
+    def weights(d, f, scheme="w8a8"):
+        ks = jax.random.split(jax.random.key(d), 3)
+        params = {
+            "attn": {"out": {"kernel": jax.random.normal(ks[2], (d, d))}},  # the schemes' attention rules
+            "mlp": {"fc1": {"kernel": jax.random.normal(ks[0], (d, f))},
+                    "fc2": {"kernel": jax.random.normal(ks[1], (f, d))}},
+        }  # fmt: skip
+        qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=128))
+        return qp.weights["mlp/fc1"], qp.weights["mlp/fc2"]
+
+    w1, w2 = weights(768, 3072)
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "xla") is None
+    assert ptq_infer.fc1_codes_group(8, w1, w2, "pallas") is None
+    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") is None
+    assert ptq_infer.fc1_codes_group(8192, *weights(768, 3072, "w4/8-a8"), "pallas") is None
