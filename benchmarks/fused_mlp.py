@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.mgpu_gemm import ms_per_call
 from jq8.quant import QuantSpec
-from pallas_kernels import autotune
 from pallas_kernels import int8_matmul_mgpu as mg
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.quantize import quantize_tiles
@@ -166,9 +167,7 @@ def main() -> None:
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
-    def ms(fn, *xs):
-        t = autotune.time_fn(lambda: [fn(*xs) for _ in range(args.reps)], iters=args.iters)
-        return t * 1e3 / args.reps
+    ms = functools.partial(ms_per_call, reps=args.reps, iters=args.iters)
 
     results = {}
     for name in args.models:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import traceback
@@ -82,6 +83,11 @@ def tile_variants(cfg: mg.MosaicTileConfig, n: int, k: int, split: int | None) -
     return out
 
 
+def ms_per_call(fn, *xs, reps: int, iters: int) -> float:
+    """ms per call of ``fn(*xs)``: ``reps`` calls back to back, median of ``iters`` samples."""
+    return autotune.time_fn(lambda: [fn(*xs) for _ in range(reps)], iters=iters) * 1e3 / reps
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, default=8192)
@@ -93,9 +99,7 @@ def main() -> None:
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
-    def ms(fn, *xs):
-        t = autotune.time_fn(lambda: [fn(*xs) for _ in range(args.reps)], iters=args.iters)
-        return t * 1e3 / args.reps
+    ms = functools.partial(ms_per_call, reps=args.reps, iters=args.iters)
 
     results = {}
     m = args.m
