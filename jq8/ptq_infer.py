@@ -182,27 +182,22 @@ def matmul_qarrays_xla(
     bc = _weight_codes(b)
     a_scale = jnp.broadcast_to(a.scale, (m, 1)) if a.scale.shape[0] == 1 else a.scale
     tn, tk = b.spec.resolve(n, k)
-    if a_groups:  # an int32 partial per K group of a, scaled per row and group into an fp32 sum
-        g, ga = a.scale.shape[1], a.spec.resolve(m, k)[1]
-        pad = g * ga - k
-        av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, ga)
-        bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, ga)
-        part = jax.lax.dot_general(av, bv, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
-        b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
-        y = jnp.einsum("gmn,mg->mn", part.astype(jnp.float32), a_scale) * b_scale
-    elif b.scale.shape[1] == 1:  # weight scales constant along K: one int32 GEMM, scales in the epilogue
+    if not a_groups and b.scale.shape[1] == 1:  # scales constant along K: one int32 GEMM, scales after
         check_int32_k(k)
         acc = jax.lax.dot_general(a.values, bc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-        b_scale = jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
-        y = acc.astype(jnp.float32) * a_scale * b_scale
-    else:  # groups along K: int32 partial per group, rescaled into fp32
-        g = b.scale.shape[1]
-        pad = g * tk - k
-        av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, tk)
-        bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, tk)
+        y = acc.astype(jnp.float32) * a_scale * jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
+    else:  # groups along K (of a's or of b's scales): an int32 partial per group, rescaled into fp32
+        gk = a.spec.resolve(m, k)[1] if a_groups else tk
+        g = -(-k // gk)
+        pad = g * gk - k
+        av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, gk)
+        bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, gk)
         part = jax.lax.dot_general(av, bv, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
-        b_scale = jnp.repeat(b.scale, tn, axis=0)[:n]  # (N, G)
-        y = jnp.einsum("gmn,ng->mn", part.astype(jnp.float32), b_scale) * a_scale
+        part = part.astype(jnp.float32)
+        if a_groups:
+            y = jnp.einsum("gmn,mg->mn", part, a_scale) * jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
+        else:
+            y = jnp.einsum("gmn,ng->mn", part, jnp.repeat(b.scale, tn, axis=0)[:n]) * a_scale
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = _apply_activation(y, activation)
