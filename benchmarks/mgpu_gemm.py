@@ -37,6 +37,16 @@ GEMMS = {
     "1p5b_fc1": (6400, 1600, "gelu"),
     "1p5b_fc2": (1600, 6400, "residual"),
 }
+# Jetfire int8-row block at hidden 4096, 16384 tokens: name -> (N, K, output dtype, M); plain scaled output
+JETFIRE_GEMMS = {
+    "jf_fwd_qkv": (12288, 4096, "bf16", 16384),
+    "jf_fwd_fc2": (4096, 16384, "bf16", 16384),
+    "jf_dgrad_qkv": (4096, 12288, "f32", 16384),
+    "jf_dgrad_fc1": (4096, 16384, "f32", 16384),
+    "jf_dgrad_fc2": (16384, 4096, "bf16", 16384),
+    "jf_wgrad_fc1": (16384, 16384, "f32", 4096),
+    "jf_wgrad_fc2": (4096, 16384, "f32", 16384),
+}
 
 
 def variants(cfg: mg.MosaicTileConfig, residual: bool) -> list[mg.MosaicTileConfig]:
@@ -91,7 +101,7 @@ def ms_per_call(fn, *xs, reps: int, iters: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, default=8192)
-    p.add_argument("--gemms", nargs="*", default=list(GEMMS))
+    p.add_argument("--gemms", nargs="*", default=list(GEMMS), help=f"of {list(GEMMS) + list(JETFIRE_GEMMS)}")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variants", action="store_true")
@@ -102,9 +112,8 @@ def main() -> None:
     ms = functools.partial(ms_per_call, reps=args.reps, iters=args.iters)
 
     results = {}
-    m = args.m
     for name in args.gemms:
-        n, k, kind = GEMMS[name]
+        n, k, kind, m = (*GEMMS[name], args.m) if name in GEMMS else JETFIRE_GEMMS[name]
         ks = jax.random.split(jax.random.key(0), 6)
         a = jax.random.randint(ks[0], (m, k), -127, 128, jnp.int8)
         b = jax.random.randint(ks[1], (n, k), -127, 128, jnp.int8)
@@ -112,7 +121,9 @@ def main() -> None:
         b_s = jax.random.uniform(ks[3], (n,), minval=1e-3, maxval=1e-2)
         epi = dict(bias=jax.random.normal(ks[4], (n,)))
         split = None
-        if kind == "split":
+        if kind in ("f32", "bf16"):
+            epi = dict(out_dtype=jnp.float32 if kind == "f32" else jnp.bfloat16)
+        elif kind == "split":
             split = n // 3
         elif kind == "residual":
             epi.update(residual=jax.random.normal(ks[5], (m, n)), out_dtype=jnp.float32)
@@ -132,7 +143,8 @@ def main() -> None:
         row["triton_ms"] = ms(triton, a, b, a_s, b_s)
         w = jax.random.normal(ks[1], (n, k), jnp.bfloat16)
         x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
-        bf = jax.jit(lambda x, w, bias=epi["bias"]: x @ w.T + bias.astype(jnp.bfloat16))
+        bias = epi.get("bias", jnp.zeros((n,)))
+        bf = jax.jit(lambda x, w, bias=bias: x @ w.T + bias.astype(jnp.bfloat16))
         row["xla_bf16_ms"] = ms(bf, x, w)
         i8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                                                        preferred_element_type=jnp.int32))  # fmt: skip

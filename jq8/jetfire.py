@@ -204,7 +204,7 @@ def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
     norm, fc1, fc2 = params["norm"], params["fc1"], params["fc2"]
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
     # fc1's output goes INT8 straight from the GEMM epilogue (round-to-nearest) into the activation.
-    u_spec = policy.storage_spec if policy.int8_forward else None
+    u_spec = policy.epilogue_spec if policy.int8_forward else None
     w1_fwd, w1_dx = ops.weight_operands(fc1["kernel"], policy)
     u = ops.linear_fwd(h_fwd, w1_fwd, fc1.get("bias"), policy, out_dtype=cd, out_spec=u_spec)
     if activation == "gelu":

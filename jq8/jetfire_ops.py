@@ -194,7 +194,7 @@ def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool
 def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
     """GELU (exact erf) of u: (M, F), the fc1 output incl. bias (QArray from the fc1 epilogue, or float)
     -> (a_fwd, a_dw) operands for fc2's forward and grad-weight GEMMs."""
-    if isinstance(u, QArray) and policy.fused:
+    if isinstance(u, QArray):
         t_spec = policy.spec_t if policy.int8_grad_weight else None
         out = kb.bias_gelu_quantize(u, None, spec=policy.spec, activation="gelu", transposed_spec=t_spec,
                                     use_kernels=policy.use_kernels)
@@ -207,7 +207,7 @@ def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
 
     Both backward GEMMs INT8: one fused kernel computes da * GELU'(u) and writes du and du^T quantized.
     """
-    if policy.int8_grad_input and policy.int8_grad_weight and policy.fused:
+    if policy.int8_grad_input and policy.int8_grad_weight and isinstance(u, QArray):
         r = policy.rounding_bwd
         q, qt = kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
                                           seed=seed if r == "stochastic" else None,

@@ -70,7 +70,8 @@ class Policy:
       serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
       happens in the GEMM epilogue, at the price of quantizing each tensor once per layout; tensors kept
-      only for the backward (the LayerNorm input, fc1's output) stay in ``block`` tiles either way.
+      only for the backward stay in ``block`` tiles (the LayerNorm input) or in the GEMM epilogue's tiles
+      (fc1's output, see ``epilogue_spec``).
     """
 
     name: PolicyName = "bf16"
@@ -139,9 +140,17 @@ class Policy:
         return QuantSpec.blocks(self.block)
 
     @property
+    def epilogue_spec(self) -> QuantSpec:
+        """Spec of a GEMM output requantized in its epilogue and kept for the backward (fc1's output, the
+        GELU input): ``block`` tiles, or under "row" groups of 128 columns per row, the tiles the Hopper GEMM
+        requantizes to (one scale per row of each 128-column warpgroup tile)."""
+        return QuantSpec((1, 128)) if self.granularity == "row" else QuantSpec.blocks(self.block)
+
+    @property
     def fused(self) -> bool:
-        """True when the fused LayerNorm / GELU kernels can write both layouts in one pass (block tiles;
-        per-row scales of both x and x^T need whole rows and whole columns)."""
+        """True when the fused LayerNorm kernel can write both layouts in one pass (block tiles; per-row
+        scales of both x and x^T need whole rows and whole columns). The GELU kernels take those from a
+        statistics pre-pass, so they serve both granularities."""
         return self.granularity == "block"
 
     def check_dims(self, **dims: int) -> None:

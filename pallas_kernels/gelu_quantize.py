@@ -33,6 +33,7 @@ from pallas_kernels.quantize import (
     OutSpec,
     QuantizeConfig,
     as_seed,
+    axis_partials,
     block_mask,
     block_tile,
     expand_tile,
@@ -40,6 +41,9 @@ from pallas_kernels.quantize import (
     load_seed,
     out_shapes,
     plan_blocks,
+    plan_tile,
+    producer_axis_stats,
+    stat_tiles,
     sweep,
     x_tile,
 )
@@ -154,9 +158,8 @@ def _split_refs(ops, refs):
     return out, refs[i:]
 
 
-def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, rounding, interpret):
-    """mode "forward": act(x + bias); "backward": g * act'(x + bias). ops = (x, bias?, g?)."""
-    op_refs, out_refs = _split_refs(ops, refs)
+def _producer_load(ops, op_refs, *, mode, activation, plan):
+    """load(r0, c0) -> the (bm, bn) fp32 block of the producer: act(x + bias) or g * act'(x + bias)."""
 
     def load(r0, c0):
         vals = [_load_operand(op, r, r0, c0, plan) for op, r in zip(ops, op_refs)]
@@ -170,8 +173,24 @@ def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, roundin
             y = vals[-1] * gelu_grad_fp32(x, activation)
         return jnp.where(block_mask(r0, c0, plan), y, 0.0)
 
+    return load
+
+
+def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, axis_tiles, rounding, interpret):
+    """mode "forward": act(x + bias); "backward": g * act'(x + bias). ops = (x, bias?, g?); then one absmax
+    ref per ``axis_tiles`` entry (from the statistics pre-pass), then the outputs."""
+    op_refs, rest = _split_refs(ops, refs)
+    axis_amax = dict(zip(axis_tiles, rest[: len(axis_tiles)]))
+    load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan)
     seed = load_seed(seed_ref, rounding)
-    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret)
+    sweep(load, outs, rest[len(axis_tiles) :], plan, rounding=rounding, seed=seed, interpret=interpret,
+          axis_amax=axis_amax)
+
+
+def _producer_stats_kernel(*refs, ops, mode, activation, plan, axis_tiles):
+    op_refs, partial_refs = _split_refs(ops, refs)
+    load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan)
+    axis_partials(load, axis_tiles, partial_refs, plan)
 
 
 @functools.partial(
@@ -181,12 +200,18 @@ def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, roundin
 def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, config, interpret, poison):
     m, n = arrays[0].shape  # ops[0] is x: dense (M, N) or QArray codes (M, N)
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
-    plan = plan_blocks(m, n, [o.tile for o in outs] + [op.requirement for op in ops], config)
-    kernel = functools.partial(
-        _producer_kernel, ops=ops, mode=mode, activation=activation, plan=plan, outs=outs,
-        rounding=rounding, interpret=interpret,
-    )
-    return launch(kernel, [seed, *arrays], out_shapes(m, n, specs), plan, config,
+    # Whole long axes (per-row codes of y and of y.T: the int8-row policy) take their absmax from a
+    # statistics pre-pass that recomputes y (cheap: elementwise) instead of few programs sweeping an axis.
+    axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
+    tiles = [plan_tile(o.tile, axis_tiles) for o in outs]
+    plan = plan_blocks(m, n, tiles + [op.requirement for op in ops], config)
+    common = dict(ops=ops, mode=mode, activation=activation, plan=plan, axis_tiles=axis_tiles)
+    stats = []
+    if axis_tiles:
+        stats = producer_axis_stats(functools.partial(_producer_stats_kernel, **common), arrays, axis_tiles,
+                                    plan, config, interpret=interpret, name=f"gelu_absmax_{mode}")
+    kernel = functools.partial(_producer_kernel, outs=outs, rounding=rounding, interpret=interpret, **common)
+    return launch(kernel, [seed, *arrays, *stats], out_shapes(m, n, specs), plan, config,
                   interpret=interpret, poison=poison, name=f"gelu_quantize_{mode}")
 
 

@@ -390,6 +390,58 @@ def _load_axis_amax(ref, r0, c0, tile: Tile, plan: BlockPlan) -> jax.Array:
     )
 
 
+LoadFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def partial_shapes(tiles: Sequence[Tile], plan: BlockPlan) -> list[jax.ShapeDtypeStruct]:
+    """Shapes of :func:`axis_partials`' outputs: per program block, one absmax per tile row (a whole-row
+    tile (rt, -1): (grid_m * bm / rt, grid_n)) or per tile column ((-1, ct): (grid_m, grid_n * bn / ct))."""
+    gm, gn = plan.grid
+    shapes = [(gm * plan.bm // t[0], gn) if t[1] == -1 else (gm, gn * plan.bn // t[1]) for t in tiles]
+    return [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+
+
+def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan) -> None:
+    """Kernel body of the statistics pre-pass: this program's absmax of each whole-axis tile, over its block.
+
+    A producer that needs whole rows AND whole columns (per-row codes of y and of y.T) would otherwise
+    sweep one axis with few programs, or have XLA reduce a materialised y. Here every program loads its
+    block once and writes one partial absmax per tile row / column; :func:`finish_partials` reduces them.
+    """
+    pid = (pl.program_id(0), pl.program_id(1))
+    r0, c0 = pid[0] * plan.bm, pid[1] * plan.bn
+    a = jnp.abs(load(r0, c0))
+    for t, ref in zip(tiles, refs):
+        if t[1] == -1:
+            rt = t[0]
+            plgpu.store(ref.at[pl.ds(r0 // rt, plan.bm // rt), pl.ds(pid[1], 1)], tile_absmax(a, rt, plan.bn))
+        else:
+            ct = t[1]
+            plgpu.store(ref.at[pl.ds(pid[0], 1), pl.ds(c0 // ct, plan.bn // ct)], tile_absmax(a, plan.bm, ct))
+
+
+def finish_partials(partial: jax.Array, tile: Tile, m: int, n: int) -> jax.Array:
+    """:func:`axis_partials`' output -> the :func:`axis_absmax` array of ``tile``: (cdiv(M, rt), 1) for
+    (rt, -1), (1, cdiv(N, ct)) for (-1, ct). Reduced on int32 bit patterns (NaN-preserving)."""
+    bits = lax.bitcast_convert_type(partial, jnp.int32)
+    if tile[1] == -1:
+        bits = bits.max(axis=1, keepdims=True)[: cdiv(m, tile[0])]
+    else:
+        bits = bits.max(axis=0, keepdims=True)[:, : cdiv(n, tile[1])]
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def producer_axis_stats(
+    kernel, operands: Sequence[jax.Array], tiles: Sequence[Tile], plan: BlockPlan, config: QuantizeConfig,
+    *, interpret: bool, name: str,
+) -> list[jax.Array]:  # fmt: skip
+    """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs)`` (a body calling
+    :func:`axis_partials`) over ``plan``'s grid and returns one :func:`axis_absmax`-shaped array per tile."""
+    shapes = partial_shapes(tiles, plan)
+    partials = launch(kernel, operands, shapes, plan, config, interpret=interpret, poison=False, name=name)
+    return [finish_partials(p, t, plan.m, plan.n) for p, t in zip(partials, tiles)]
+
+
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
     """The whole-axis tiles whose absmax XLA computes before the kernel (see QuantizeConfig)."""
     cols = [t for t in tiles if t[0] == -1 and t[1] != -1]
@@ -411,9 +463,6 @@ def scale_origin(tile: Tile, r0, c0, plan: BlockPlan):
     """Scale-grid origin of the block at (r0, c0): a whole axis has one scale (index 0)."""
     rt, ct = block_tile(tile, plan.bm, plan.bn)
     return (0 if tile[0] == -1 else r0 // rt, 0 if tile[1] == -1 else c0 // ct)
-
-
-LoadFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def block_mask(r0: jax.Array, c0: jax.Array, plan: BlockPlan) -> jax.Array:

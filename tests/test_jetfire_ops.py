@@ -296,8 +296,8 @@ def test_backend_reports_implementation():
         assert kb.implementation(name, True) in ("kernel", "fallback")
 
 
-@pytest.mark.parametrize("granularity", ["block", "row"])
-def test_kernel_path_matches_reference_path(granularity):
+@pytest.mark.parametrize("granularity,hidden", [("block", 64), ("row", 64), ("row", 192)])
+def test_kernel_path_matches_reference_path(granularity, hidden):
     """use_kernels=True (Pallas, interpret mode on CPU) against use_kernels=False on one small MLP."""
     if all(kb.implementation(n, True) == "fallback" for n in ("quantize_tiles", "matmul_qarrays")):
         pytest.skip("no Pallas kernels available yet")
@@ -305,7 +305,8 @@ def test_kernel_path_matches_reference_path(granularity):
         Policy.from_name("jetfire-int8", use_kernels=k, compute_dtype=jnp.float32, granularity=granularity)
         for k in (True, False)
     )
-    x, p = rand(4, (72, 64)), mlp_params(64, 64)  # tokens > 64: int8_matmul fails for K < block_k
+    # tokens > 64: int8_matmul fails for K < block_k. hidden 192: fc1's (1, 128) row groups are ragged (row).
+    x, p = rand(4, (72, 64)), mlp_params(64, hidden)
     key = jax.random.PRNGKey(5)
     f = lambda pol: jax.jit(
         jax.value_and_grad(lambda x, p: jnp.sum(jetfire_mlp(x, p, key, pol) ** 2), argnums=(0, 1))

@@ -22,7 +22,7 @@ from pallas_kernels.gelu_quantize import (
     gelu_grad_fp32,
 )
 from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference
-from pallas_kernels.quantize import QuantizeConfig
+from pallas_kernels.quantize import QuantizeConfig, stat_tiles
 
 P, B = QuantSpec.per_row(), QuantSpec.blocks
 
@@ -140,6 +140,36 @@ def test_gelu_backward_quantize(g_kind, x_spec, spec, tspec, rounding, budget):
         g, xq, spec, config=QuantizeConfig(max_block_elems=budget), poison_outputs=True, **kw
     )
     _close_q(got, gelu_backward_quantize_reference(g, xq, spec, **kw))
+
+
+# The int8-row policy: per-row codes of y AND of y.T, so every output needs whole rows or whole columns.
+# With small stats thresholds the kernels take those absmaxes from the statistics pre-pass (one program per
+# block, partial maxima reduced by XLA) instead of sweeping an axis.
+_AXIS_STATS = QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=64)
+
+
+@pytest.mark.parametrize("shape", [(70, 200), (130, 384)])
+def test_gelu_row_policy_axis_stats(shape):
+    m, n = shape
+    assert stat_tiles([(1, -1), (-1, 1)], m, n, _AXIS_STATS) == ((-1, 1), (1, -1))
+    u = quantize(_x(shape, key=11, shift=0.0) * 3, QuantSpec((1, 128)))  # fc1's requantized output
+    kw = dict(spec=P, transposed_spec=P)
+    got = bias_gelu_quantize(u, None, config=_AXIS_STATS, poison_outputs=True, **kw)
+    _close_q(got, bias_gelu_quantize_reference(u, None, **kw))
+    g = (_x(shape, key=12, shift=0.0) * 1e-3).astype(jnp.bfloat16)
+    for rounding in ("stochastic", "nearest"):
+        kw = dict(rounding=rounding, seed=noise_seed(jax.random.key(13)), transposed_spec=P)
+        got = gelu_backward_quantize(g, u, P, config=_AXIS_STATS, poison_outputs=True, **kw)
+        _close_q(got, gelu_backward_quantize_reference(g, u, P, **kw))
+
+
+def test_axis_stats_pre_pass_keeps_nan():
+    g = (_x((70, 200), key=14, shift=0.0) * 1e-3).at[9, 150].set(jnp.nan)
+    u = quantize(_x((70, 200), key=15, shift=0.0), QuantSpec((1, 128)))
+    q, qt = gelu_backward_quantize(g, u, P, rounding="nearest", transposed_spec=P, config=_AXIS_STATS)
+    s, st = np.asarray(q.scale)[:, 0], np.asarray(qt.scale)[:, 0]
+    assert np.isnan(s[9]) and np.isnan(st[150])
+    assert np.isfinite(np.delete(s, 9)).all() and np.isfinite(np.delete(st, 150)).all()
 
 
 def test_bad_inputs_raise():
