@@ -25,8 +25,8 @@ from pallas_kernels import gelu_quantize as gq
 from pallas_kernels.quantize import QuantizeConfig
 
 P = QuantSpec.per_row()
-CONFIGS = [(32, 256, None), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8),
-           (128, 128, 16), (16, 256, 4), (32, 64, 2), (64, 64, 2), (128, 32, 4)]  # fmt: skip
+CONFIGS = [(32, 256, None), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 64, 4), (64, 128, 8),
+           (128, 64, 8), (128, 128, 16), (16, 256, 4), (32, 64, 2), (64, 64, 2), (128, 32, 4)]  # fmt: skip
 
 
 def main() -> None:

@@ -54,6 +54,12 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_C = math.sqrt(2.0 / math.pi)
 
 
+# Blocks of the two passes when a statistics pre-pass runs: at the int8-row block's 16384 x 16384 GELU (H100,
+# ``benchmarks/row_producers.py``, BENCHMARKS.md session 13) 32 x 128 blocks on 4 warps took the forward
+# from 2.09 to 1.61 ms and the backward from 3.12 to 2.22 ms against the default 32 x 256 on 8.
+AXIS_STATS_CONFIG = QuantizeConfig(block_m=32, block_n=128, num_warps=4)
+
+
 # -------------------------------------------------------------------------------- GELU in fp32 (kernel-safe)
 
 
@@ -158,6 +164,13 @@ def _split_refs(ops, refs):
     return out, refs[i:]
 
 
+def producer_config(tiles, m: int, n: int, config: QuantizeConfig | None):
+    """(config, whole-axis tiles whose absmax the statistics pre-pass computes) for outputs of ``tiles``
+    (x coordinates) on an (M, N) producer; config None picks the default for the case."""
+    axis_tiles = stat_tiles(tiles, m, n, config or QuantizeConfig())
+    return config or (AXIS_STATS_CONFIG if axis_tiles else QuantizeConfig()), axis_tiles
+
+
 def _producer_load(ops, op_refs, *, mode, activation, plan):
     """load(r0, c0) -> the (bm, bn) fp32 block of the producer: act(x + bias) or g * act'(x + bias)."""
 
@@ -202,7 +215,7 @@ def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, conf
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Whole long axes (per-row codes of y and of y.T: the int8-row policy) take their absmax from a
     # statistics pre-pass that recomputes y (cheap: elementwise) instead of few programs sweeping an axis.
-    axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
+    config, axis_tiles = producer_config([o.tile for o in outs], m, n, config)
     tiles = [plan_tile(o.tile, axis_tiles) for o in outs]
     plan = plan_blocks(m, n, tiles + [op.requirement for op in ops], config)
     common = dict(ops=ops, mode=mode, activation=activation, plan=plan, axis_tiles=axis_tiles)
@@ -236,7 +249,7 @@ def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed,
     specs = ((spec, False),) + (((transposed_spec, True),) if transposed_spec is not None else ())
     res = _producer_call(
         as_seed(seed, rounding), arrays, ops=tuple(ops), mode=mode, activation=activation, specs=specs,
-        rounding=rounding, config=config or QuantizeConfig(), interpret=resolve_interpret(interpret),
+        rounding=rounding, config=config, interpret=resolve_interpret(interpret),
         poison=poison,
     )
     dtype = (g if g is not None else x).dtype
@@ -266,6 +279,8 @@ def bias_gelu_quantize(
 
     x: (M, N) float, or a QArray (M, N) symmetric INT8. bias: (N,) or None.
     activation: "gelu" (exact, erf), "gelu_tanh", or None (bias add + requantize only).
+    config: blocks / warps; None: ``QuantizeConfig()``, or ``AXIS_STATS_CONFIG`` when the outputs need
+    whole rows and whole columns (per-row codes of y and y.T), whose absmax a statistics pre-pass computes.
     Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec.
     """
     return _run(x, bias, None, mode="forward", activation=activation, spec=spec,
@@ -291,7 +306,8 @@ def gelu_backward_quantize(
 
     g: (M, N) upstream gradient, float or QArray. x: (M, N) the GELU's (pre-bias) input, usually the QArray
     the forward kept. bias: (N,) or None. rounding: "stochastic" (needs seed = noise_seed(key)) or
-    "nearest". Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec.
+    "nearest". config: as for :func:`bias_gelu_quantize`. Returns QArray (M, N) under spec, or (q, qT) with
+    qT (N, M) under transposed_spec.
     """
     return _run(x, bias, g, mode="backward", activation=activation, spec=spec,
                 transposed_spec=transposed_spec, rounding=rounding, seed=seed, interpret=interpret,

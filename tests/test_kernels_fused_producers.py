@@ -163,6 +163,15 @@ def test_gelu_row_policy_axis_stats(shape):
         _close_q(got, gelu_backward_quantize_reference(g, u, P, **kw))
 
 
+def test_producer_config_tuned_for_axis_stats():
+    from pallas_kernels.gelu_quantize import AXIS_STATS_CONFIG, producer_config
+
+    tiles = [(1, -1), (-1, 1)]  # per-row codes of y and of y.T
+    assert producer_config(tiles, 16384, 16384, None) == (AXIS_STATS_CONFIG, ((-1, 1), (1, -1)))
+    assert producer_config([(32, 32)], 16384, 16384, None) == (QuantizeConfig(), ())
+    assert producer_config(tiles, 70, 200, _AXIS_STATS)[0] is _AXIS_STATS  # an explicit config wins
+
+
 def test_axis_stats_pre_pass_keeps_nan():
     g = (_x((70, 200), key=14, shift=0.0) * 1e-3).at[9, 150].set(jnp.nan)
     u = quantize(_x((70, 200), key=15, shift=0.0), QuantSpec((1, 128)))
