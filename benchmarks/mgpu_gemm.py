@@ -54,6 +54,8 @@ def variants(cfg: mg.MosaicTileConfig, residual: bool) -> list[mg.MosaicTileConf
     # the session 9 pipeline: wait for each K step's wgmma, residual tiles loaded in the epilogue
     old = dataclasses.replace(cfg, mma_in_flight=0, residual_prefetch=False)
     out.append(old)
+    if cfg.stages > 1:  # the other wgmma pipeline, all else equal (3-stage rings default to waiting)
+        out.append(dataclasses.replace(cfg, mma_in_flight=1 - cfg.mma_in_flight))
     if residual:
         out.append(dataclasses.replace(cfg, residual_prefetch=False))
     for stages in (3, 5):
