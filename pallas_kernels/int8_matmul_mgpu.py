@@ -172,7 +172,7 @@ def fit_config(
     (``residual=False``), warpgroups of 129-160 columns take 128 rows each (a 256-row CTA, 160 accumulator
     registers a thread) where M allows it and the ring keeps >= 4 stages: 14% faster at the 1.5B qkv GEMM,
     while with a residual to stage, or 3 stages, the 64-row tiles were faster (BENCHMARKS.md, session 11).
-    Rings of 3 stages wait for each K step's wgmma (``mma_in_flight=0``, session 13).
+    Rings of 3 stages over >= 32 K steps wait for each K step's wgmma (``mma_in_flight=0``, session 13).
 
     out_group: the output is requantized per row and per ``out_group`` columns, so the warpgroup tile is
     that wide (its row maxima are the scales). a_group: A's scales change every ``a_group`` of K, so
@@ -213,9 +213,10 @@ def fit_config(
         tall = dataclasses.replace(cfg, tile_m=128)
         tall = dataclasses.replace(tall, stages=max_stages(tall, out_bytes=4, a_groups=groups))
         cfg = tall if tall.stages >= 4 else cfg
-    if cfg.stages < 4:
+    if cfg.stages < 4 and k // cfg.tile_k >= 32:
         # A wgmma left in flight holds its stage one step longer: a 3-stage ring then prefetches only one
-        # step ahead. At the Jetfire block's GEMMs (128 x 256 CTAs, 3 stages) waiting was 5-9% faster.
+        # step ahead. On long K loops (the Jetfire block's GEMMs: K >= 4096, 128 x 256 CTAs, 3 stages)
+        # waiting was 5-9% faster; on the 124M prefill's short ones (6-24 steps) it was slower.
         cfg = dataclasses.replace(cfg, mma_in_flight=0)
     check_config(m, n, k, cfg, split_cols=split_cols, a_groups=groups)
     return cfg

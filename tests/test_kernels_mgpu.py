@@ -71,6 +71,18 @@ def test_fit_config_tall_tiles_only_without_residual():
     assert mg.fit_config(8192, 1600, 6400).tile_m == 64  # tile_k 128: the 256-row ring has only 3 stages
 
 
+def test_fit_config_three_stage_rings_wait_on_long_k_loops():
+    # Jetfire block GEMMs (K >= 4096, 3 stages): each K step waits for its wgmma; the 124M prefill's short
+    # K loops (6-24 steps) and the deeper rings keep one in flight (BENCHMARKS.md, session 13).
+    for m, n, k in [(16384, 12288, 4096), (4096, 16384, 16384), (16384, 4096, 16384)]:
+        cfg = mg.fit_config(m, n, k)
+        assert (cfg.stages, cfg.mma_in_flight) == (3, 0)
+    for m, n, k in [(8192, 2304, 768), (8192, 768, 3072)]:
+        cfg = mg.fit_config(m, n, k)
+        assert (cfg.stages, cfg.mma_in_flight) == (3, 1)
+    assert mg.fit_config(8192, 6400, 1600).mma_in_flight == 1  # 6 stages
+
+
 @pytest.mark.parametrize(
     "m, n, k, match",
     [
