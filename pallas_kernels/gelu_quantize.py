@@ -4,7 +4,9 @@
 ``gelu_backward_quantize``: dx = g * GELU'(dequant(x) + bias), quantized (stochastic rounding by default, as
 Jetfire quantizes gradients). Both reuse :func:`pallas_kernels.quantize.sweep`; inputs may be dense
 float arrays or QArrays (symmetric INT8 whose non-whole tile sizes are powers of two), dequantized in
-registers.
+registers. Outputs that need whole rows and whole columns (per-row codes of y and of y.T: the int8-row
+policy) first run a statistics pre-pass (:func:`pallas_kernels.quantize.axis_partials`) that computes y's
+row and column absmax; the quantize pass then recomputes y, so no float y is ever written.
 
 Exact GELU needs erf, and Pallas-Triton has no lowering rule for ``lax.erf_p`` (JAX 0.10.2: only
 ``erf_inv``), so the kernels use :func:`erfc_nonneg` -- the Chebyshev fit of Numerical Recipes (``erfcc``,

@@ -22,8 +22,9 @@ Block planning (:func:`plan_blocks`): a quantization tile (in x coordinates, -1 
 inside one program's block. Tile sizes that are not a whole axis must be powers of two. A whole-axis tile
 makes the block span that axis (``next_pow2``); when that exceeds the register budget the program instead
 *sweeps* the axis in chunks: one pass for the absmax, one to quantize (x is read twice, mostly from L2).
-Whole-column statistics over a long M therefore run on few programs (slow; a two-phase kernel with an
-atomic partial absmax would fix it).
+Whole-column statistics over a long M would therefore run on few programs, so long whole axes take their
+absmax first (:func:`stat_tiles`): from an XLA reduction (``quantize_tiles``) or from a statistics pre-pass
+over the same blocks (:func:`axis_partials`, the fused producers, which would otherwise materialise y).
 
 The building blocks (:func:`plan_blocks`, :func:`tile_absmax`, :func:`scaled_block`, :func:`round_codes`,
 :func:`store_codes`, :func:`store_scale`, :func:`sweep`, :func:`launch`) are shared with the fused producer
@@ -72,12 +73,13 @@ class QuantizeConfig:
     block_m, block_n: preferred block of x per program (powers of two; grown to fit a quantization tile,
       shrunk to the register budget). max_block_elems: register budget of one loaded block, in elements.
     num_warps: None picks :func:`default_warps` for the planned block.
-    xla_column_stats_rows: ``quantize_tiles`` only: tiles spanning all M rows (per-column, or per-row of
-      x.T) over more rows than this get their absmax from an XLA column reduction first, so the kernel
-      keeps a full grid instead of a few programs sweeping whole columns.
-    xla_row_stats_cols: ``quantize_tiles`` only: when the outputs need whole rows AND whole columns (per-row
-      codes with a per-row copy of x.T: the int8-row backward), row tiles over more columns than this also
-      take their absmax from XLA, so one full-grid pass writes both layouts instead of two sweeping ones.
+    xla_column_stats_rows: tiles spanning all M rows (per-column, or per-row of x.T) over more rows than
+      this get their absmax first (``quantize_tiles``: an XLA column reduction; the fused GELU producers:
+      the :func:`axis_partials` pre-pass), so the kernel keeps a full grid instead of a few programs
+      sweeping whole columns.
+    xla_row_stats_cols: when the outputs need whole rows AND whole columns (per-row codes with a per-row
+      copy of x.T: the int8-row policy), row tiles over more columns than this also take their absmax
+      first, so one full-grid pass writes both layouts instead of two sweeping ones.
     row_block_elems: when every tile is a whole row (per-token codes, LayerNorm statistics) and there are
       at least ``ROW_BLOCK_MIN_ROWS`` rows, each program takes max(1, row_block_elems // next_pow2(N))
       rows (capped by max_block_elems) and :func:`default_warps` gives it 4 warps (2 above 2048 elements).
@@ -443,7 +445,8 @@ def producer_axis_stats(
 
 
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
-    """The whole-axis tiles whose absmax XLA computes before the kernel (see QuantizeConfig)."""
+    """The whole-axis tiles whose absmax is computed before the kernel (see QuantizeConfig): by XLA for
+    ``quantize_tiles``, by the :func:`axis_partials` pre-pass for the fused producers."""
     cols = [t for t in tiles if t[0] == -1 and t[1] != -1]
     rows = [t for t in tiles if t[1] == -1 and t[0] != -1]
     out = cols if m > config.xla_column_stats_rows else []
