@@ -159,18 +159,26 @@ def profile(
     for _ in range(3):
         jax.block_until_ready(step(params, x, key))
     with tempfile.TemporaryDirectory() as d:
+        # Back to back (as train.py runs steps), so idle time between kernels is the device's, not the wait
+        # for the host to dispatch a synchronised step.
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(iters):
-                jax.block_until_ready(step(params, x, key))
+            jax.block_until_ready([step(params, x, key) for _ in range(iters)])
         times = kernel_times(d)
-    # Per-line totals: the busiest line is the one to read (others may nest the same time).
-    lines = collections.Counter()
-    for n, (t, _) in times.items():
-        lines[n.split("]")[0] + "]"] += t
-    total = max(lines.values())
+        # Per-line totals: the busiest line is the one to read (others may nest the same time).
+        lines = collections.Counter()
+        for n, (t, _) in times.items():
+            lines[n.split("]")[0] + "]"] += t
+        busiest = max(lines, key=lines.get)
+        evs, _ = line_events(d, busiest)
+    total = lines[busiest]
+    gaps = kernel_gaps(evs)
     top = sorted(times.items(), key=lambda kv: -kv[1][0])
     return dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, iters=iters,
                 device_ms_per_step=total / iters / 1e3,
+                span_ms_per_step=(evs[-1][1] - evs[0][0]) / iters / 1e3 if evs else 0.0,
+                idle_ms_per_step=sum(g for g, _ in gaps.values()) / iters / 1e3,
+                idle_before=[dict(name=n, ms_per_step=g / iters / 1e3, count_per_step=c / iters)
+                             for n, (g, c) in sorted(gaps.items(), key=lambda kv: -kv[1][0])],
                 lines_ms_per_step={k: v / iters / 1e3 for k, v in lines.items()},
                 kernels=[dict(name=n, ms_per_step=t / iters / 1e3, share=t / total, calls_per_step=c / iters)
                          for n, (t, c) in top])
@@ -208,6 +216,10 @@ def main() -> None:
         for k in r["kernels"][: args.top]:
             print(f"  {k['ms_per_step']:8.3f} ms {k['share']:6.1%} x{k['calls_per_step']:<5g} "
                   f"{k['name'][:110]}")
+        print(f"  first kernel to last, per step: {r['span_ms_per_step']:.2f} ms; the device sat idle "
+              f"{r['idle_ms_per_step']:.2f} ms between kernels, most before:")
+        for k in r["idle_before"][:10]:
+            print(f"  {k['ms_per_step']:8.3f} ms x{k['count_per_step']:<5g} {k['name'][:110]}")
     if out:
         with open(os.path.join(out, "profile_step.json"), "w") as f:
             json.dump(rows, f, indent=1)
