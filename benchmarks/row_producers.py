@@ -1,7 +1,7 @@
 """The int8-row policy's GELU producers alone: forward (u -> per-row codes of a and of a.T) and backward
 (da, u -> per-row codes of du and du.T, stochastic rounding), over block shapes and warps.
 
-    PYTHONPATH=. python3 benchmarks/row_producers.py [--m 16384] [--n 16384] [--iters 10]
+    PYTHONPATH=. python3 benchmarks/row_producers.py [--m 16384] [--n 16384] [--iters 10] [--configs 32x128x4]
 
 Each kernel is timed whole (statistics pre-pass + quantize pass), the backward also with round-to-nearest,
 against a plain XLA pass over the same bytes (read u [and da], write two INT8 arrays). ms per call:
@@ -35,7 +35,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPS",
+                   help="block configs to time, e.g. 32x128x4 (default: the whole sweep)")
     args = p.parse_args()
+    configs = CONFIGS if args.configs is None else [tuple(int(v) for v in c.split("x")) for c in args.configs]
     print(jax.devices(), jax.__version__, flush=True)
     ms = functools.partial(ms_per_call, reps=args.reps, iters=args.iters)
     m, n = args.m, args.n
@@ -51,7 +54,7 @@ def main() -> None:
     results["copy_bwd_ms"] = ms(copy_bwd, da, u.values)
     print("copy", results, flush=True)
     rows = []
-    for bm, bn, warps in CONFIGS:
+    for bm, bn, warps in configs:
         cfg = QuantizeConfig(block_m=bm, block_n=bn, num_warps=warps, max_block_elems=max(16384, bm * bn))
         fwd = jax.jit(lambda u, cfg=cfg: gq.bias_gelu_quantize(u, spec=P, transposed_spec=P, config=cfg))
         bwd = jax.jit(lambda da, u, cfg=cfg: gq.gelu_backward_quantize(

@@ -9,11 +9,11 @@ policy) first run a statistics pre-pass (:func:`pallas_kernels.quantize.axis_par
 row and column absmax; the quantize pass then recomputes y, so no float y is ever written.
 
 Exact GELU needs erf, and Pallas-Triton has no lowering rule for ``lax.erf_p`` (JAX 0.10.2: only
-``erf_inv``), so the kernels use :func:`erfc_nonneg` -- the Chebyshev fit of Numerical Recipes (``erfcc``,
-fractional error < 1.2e-7 everywhere) built from ``exp``, which lowers. Writing GELU as
-``0.5 * x * erfc(-x / sqrt(2))`` keeps that relative accuracy in the negative tail. The jnp references use
-``lax.erf`` (exact); kernel and reference agree to a few fp32 ulps. ``activation="gelu_tanh"`` is the
-tanh approximation (``tanh`` lowers directly).
+``erf_inv``), so the kernels use :func:`erf_rational` -- the rational fit Eigen and XLA use for f32 erf
+(absolute error 3.3e-7, as accurate as ``lax.erf``), built from mul/add and one division. The jnp
+references use ``lax.erf``; kernel and reference agree to about 1e-6 absolute (a few fp32 ulps of the
+larger values; far below an INT8 code). ``activation="gelu_tanh"`` is the tanh approximation (``tanh``
+lowers directly).
 """
 
 from __future__ import annotations
@@ -65,20 +65,31 @@ AXIS_STATS_CONFIG = QuantizeConfig(block_m=32, block_n=128, num_warps=4)
 # -------------------------------------------------------------------------------- GELU in fp32 (kernel-safe)
 
 
-def erfc_nonneg(a: jax.Array) -> jax.Array:
-    """erfc(a) for a >= 0 (Numerical Recipes ``erfcc``: fractional error < 1.2e-7); exp/mul/add only."""
-    t = 1.0 / (1.0 + 0.5 * a)
-    p = -0.82215223 + t * 0.17087277
-    for c in (1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196, 1.00002368):
-        p = c + t * p
-    return t * jnp.exp(-a * a - 1.26551223 + t * p)
+# Eigen's (and XLA's) float erf: a rational minimax fit x P(x^2) / Q(x^2) on [-4, 4] (erf(4) rounds to 1 in
+# f32). One division and no exp: the Numerical Recipes erfc these kernels used before costs an exp too, and
+# these producers are bound by arithmetic (BENCHMARKS.md session 13).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf_rational(x: jax.Array) -> jax.Array:
+    """erf(x) in fp32 from mul/add and one division (max absolute error 3.3e-7, as ``lax.erf``'s 3.1e-7)."""
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = jnp.full_like(x2, _ERF_P[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    q = jnp.full_like(x2, _ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return x * p / q
 
 
 def _phi_cdf(x: jax.Array) -> jax.Array:
-    """Standard normal CDF Phi(x) = 0.5 * erfc(-x / sqrt(2)), accurate in both tails."""
-    z = x * _SQRT_HALF
-    e = erfc_nonneg(jnp.abs(z))
-    return 0.5 * jnp.where(z >= 0, 2.0 - e, e)
+    """Standard normal CDF Phi(x) = (1 + erf(x / sqrt(2))) / 2."""
+    return 0.5 + 0.5 * erf_rational(x * _SQRT_HALF)
 
 
 def gelu_fp32(x: jax.Array, activation: Activation) -> jax.Array:

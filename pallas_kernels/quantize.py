@@ -80,6 +80,9 @@ class QuantizeConfig:
     xla_row_stats_cols: when the outputs need whole rows AND whole columns (per-row codes with a per-row
       copy of x.T: the int8-row policy), row tiles over more columns than this also take their absmax
       first, so one full-grid pass writes both layouts instead of two sweeping ones.
+    prepass_axis_stats: when both whole rows and whole columns take their absmax first, ``quantize_tiles``
+      computes both in one Pallas pre-pass over x (:func:`axis_partials`) instead of two XLA reductions
+      (each its own read of x).
     row_block_elems: when every tile is a whole row (per-token codes, LayerNorm statistics) and there are
       at least ``ROW_BLOCK_MIN_ROWS`` rows, each program takes max(1, row_block_elems // next_pow2(N))
       rows (capped by max_block_elems) and :func:`default_warps` gives it 4 warps (2 above 2048 elements).
@@ -96,6 +99,7 @@ class QuantizeConfig:
     xla_column_stats_rows: int = 1024
     xla_row_stats_cols: int = 1024
     row_block_elems: int | None = 2048
+    prepass_axis_stats: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -635,18 +639,39 @@ def load_seed(seed_ref, rounding: Rounding):
 # ------------------------------------------------------------------------------------------- the kernel
 
 
-def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
-    axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
-    out_refs = refs[len(axis_tiles) :]
-
+def _block_loader(x_ref, plan: BlockPlan) -> LoadFn:
     def load(r0, c0):
         x = plgpu.load(
             x_ref.at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=block_mask(r0, c0, plan), other=0.0
         )
         return x.astype(jnp.float32)
 
+    return load
+
+
+def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
+    axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
+    out_refs = refs[len(axis_tiles) :]
     seed = load_seed(seed_ref, rounding)
-    sweep(load, outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret, axis_amax=axis_amax)
+    sweep(_block_loader(x_ref, plan), outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret,
+          axis_amax=axis_amax)
+
+
+def _absmax_kernel(x_ref, *partial_refs, plan, axis_tiles):
+    axis_partials(_block_loader(x_ref, plan), axis_tiles, partial_refs, plan)
+
+
+def _axis_stats(x: jax.Array, axis_tiles: tuple[Tile, ...], plan: BlockPlan, config: QuantizeConfig,
+                interpret: bool) -> list[jax.Array]:
+    """The :func:`axis_absmax` array of every tile in ``axis_tiles``. Whole rows and whole columns together
+    (the int8-row policy's x and x.T codes): one Pallas pre-pass reads x once for both; else XLA."""
+    rows = any(t[1] == -1 for t in axis_tiles)
+    cols = any(t[0] == -1 for t in axis_tiles)
+    if rows and cols and config.prepass_axis_stats:
+        kernel = functools.partial(_absmax_kernel, plan=plan, axis_tiles=axis_tiles)
+        return producer_axis_stats(kernel, [x], axis_tiles, plan, config, interpret=interpret,
+                                   name="quantize_absmax")
+    return [axis_absmax(x, t) for t in axis_tiles]
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
@@ -664,7 +689,7 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
         rounding=rounding,
         interpret=interpret,
     )
-    stats = [axis_absmax(x, t) for t in axis_tiles]
+    stats = _axis_stats(x, axis_tiles, plan, config, interpret)
     return launch(
         kernel,
         [seed, x, *stats],

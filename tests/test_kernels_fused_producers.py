@@ -16,6 +16,7 @@ from jq8.quant import QuantSpec, noise_seed, quantize
 from pallas_kernels.gelu_quantize import (
     bias_gelu_quantize,
     bias_gelu_quantize_reference,
+    erf_rational,
     gelu_backward_quantize,
     gelu_backward_quantize_reference,
     gelu_fp32,
@@ -98,8 +99,10 @@ def test_layer_norm_without_affine_swept_rows():
 
 def test_kernel_gelu_matches_erf_gelu():
     z = jnp.linspace(-10.0, 10.0, 20001)
+    assert float(jnp.max(jnp.abs(erf_rational(z) - jax.scipy.special.erf(z)))) < 6e-7
     exact = jax.nn.gelu(z, approximate=False)
-    assert float(jnp.max(jnp.abs(gelu_fp32(z, "gelu") - exact))) < 5e-7
+    # A few fp32 ulps of the value: erf's absolute error (3e-7, lax.erf's too) times |z| / 2.
+    assert float(jnp.max(jnp.abs(gelu_fp32(z, "gelu") - exact) / (1.0 + jnp.abs(z)))) < 3e-7
     _, d = jax.jvp(lambda v: jax.nn.gelu(v, approximate=False), (z,), (jnp.ones_like(z),))
     assert float(jnp.max(jnp.abs(gelu_grad_fp32(z, "gelu") - d))) < 5e-7
     _, dt = jax.jvp(lambda v: jax.nn.gelu(v, approximate=True), (z,), (jnp.ones_like(z),))

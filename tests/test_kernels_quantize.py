@@ -111,15 +111,17 @@ def test_sweep_mode_bit_exact(shape, spec, tspec, budget, rounding):
         (QuantSpec.row_runs(2), P, "nearest", True),
     ],
 )
-def test_xla_axis_stats_bit_exact(spec, tspec, rounding, row_stats):
+@pytest.mark.parametrize("prepass", [True, False])
+def test_xla_axis_stats_bit_exact(spec, tspec, rounding, row_stats, prepass):
     # M over xla_column_stats_rows: tiles spanning all rows take their absmax from an XLA reduction
     # (per-row of x.T included: one launch writes both layouts); with row_stats, whole-row tiles too (the
-    # int8-row backward: per-row codes + per-row codes of x.T from one full-grid pass). A NaN must still
-    # reach its scale.
+    # int8-row backward: per-row codes + per-row codes of x.T from one full-grid pass), from the Pallas
+    # pre-pass (prepass) or from two XLA reductions. A NaN must still reach its scale.
     x = _data((70, 200), jnp.bfloat16, key=5).at[5, 7].set(jnp.nan)
     seed = noise_seed(jax.random.key(2))
     kw = dict(rounding=rounding, seed=seed, transposed_spec=tspec)
-    cfg = QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=64 if row_stats else 10**9)
+    cfg = QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=64 if row_stats else 10**9,
+                         prepass_axis_stats=prepass)
     tiles = [x_tile(spec, 70, 200)] + ([x_tile(tspec, 70, 200, transposed=True)] if tspec else [])
     stats = stat_tiles(tiles, 70, 200, cfg)
     assert any(t[1] == -1 for t in stats) == row_stats  # the case under test: row stats from XLA
