@@ -64,13 +64,15 @@ CASES = {
     "blocks32+T": ("quant", B32, B32, "nearest"),
     "groups1x128": ("quant", G128, None, "nearest"),
     "per-row stoch": ("quant", P, None, "stochastic"),
+    "per-row+T per-row stoch": ("quant", P, P, "stochastic"),  # the int8-row policy's gradients
     "blocks32+T stoch": ("quant", B32, B32, "stochastic"),
     "LN per-row": ("ln", P, None, "nearest"),
     "LN blocks32+T": ("ln", B32, B32, "nearest"),
     "GELU fwd blocks32+T": ("gelu", B32, B32, "nearest"),  # bf16 + bias -> GELU -> INT8 (and x.T)
     "GELU bwd blocks32+T stoch": ("gelu_bwd", B32, B32, "stochastic"),  # g bf16, x INT8 blocks -> INT8
 }
-SWEEP_CASES = ("per-row", "blocks32+T", "LN per-row", "LN blocks32+T")
+SWEEP_CASES = ("per-row", "blocks32+T", "LN per-row", "LN blocks32+T", "per-row+T per-row",
+               "per-row+T per-row stoch")
 
 
 def log(*a) -> None:
@@ -225,6 +227,11 @@ def sweep_configs(case: str, m: int, n: int) -> list[QuantizeConfig]:
             if warps == 8:  # small blocks with few warps, and wide ones with many
                 out += [QuantizeConfig(64, 1024, 2, 1, b) for b in (2048, 4096, 8192)]
                 out += [QuantizeConfig(64, 1024, 16, 1, b) for b in (16384, 32768)]
+        elif case.startswith("per-row+T"):
+            # whole rows in each program (N <= xla_row_stats_cols) vs row statistics from the pre-pass
+            for rows in (1024, 128):
+                for bm, bn in ((32, 128), (32, 256), (64, 256), (64, 128)):
+                    out.append(QuantizeConfig(bm, bn, warps, 1, max(bm * bn, 16384), xla_row_stats_cols=rows))
         elif case.startswith("LN"):
             # 32 whole rows per program: one load if within the budget, else column chunks of block_n
             for budget in (16384, 32768):
@@ -336,7 +343,7 @@ def print_table(results) -> None:
         for (case, shape), s in best.items():
             c = s["config"]
             print(f"| {case} | {list(shape)} | bm={c['block_m']} bn={c['block_n']} warps={c['num_warps']} "
-                  f"budget={c['max_block_elems']} | {s['GB/s']:.0f} |")
+                  f"budget={c['max_block_elems']} row_stats_cols={c['xla_row_stats_cols']} | {s['GB/s']:.0f} |")
 
 
 def main() -> None:
