@@ -343,7 +343,8 @@ def print_table(results) -> None:
         for (case, shape), s in best.items():
             c = s["config"]
             print(f"| {case} | {list(shape)} | bm={c['block_m']} bn={c['block_n']} warps={c['num_warps']} "
-                  f"budget={c['max_block_elems']} row_stats_cols={c['xla_row_stats_cols']} | {s['GB/s']:.0f} |")
+                  f"budget={c['max_block_elems']} row_stats_cols={c['xla_row_stats_cols']} | "
+                  f"{s['GB/s']:.0f} |")
 
 
 def main() -> None:
