@@ -78,8 +78,10 @@ class QuantizeConfig:
       the :func:`axis_partials` pre-pass), so the kernel keeps a full grid instead of a few programs
       sweeping whole columns.
     xla_row_stats_cols: when the outputs need whole rows AND whole columns (per-row codes with a per-row
-      copy of x.T: the int8-row policy), row tiles over more columns than this also take their absmax
-      first, so one full-grid pass writes both layouts instead of two sweeping ones.
+      copy of x.T: the int8-row policy) and the columns take their absmax first, row tiles over more
+      columns than this do too, so one full-grid pass writes both layouts. Whole rows in every program
+      instead ran at 330-410 GB/s at 16384 x 768 on the H100, the pre-pass route at 650-1015 GB/s
+      (``benchmarks/quantize_kernels.py``, BENCHMARKS.md session 14).
     prepass_axis_stats: when both whole rows and whole columns take their absmax first, ``quantize_tiles``
       computes both in one Pallas pre-pass over x (:func:`axis_partials`) instead of two XLA reductions
       (each its own read of x).
@@ -97,7 +99,7 @@ class QuantizeConfig:
     num_stages: int = 1
     max_block_elems: int = 16384
     xla_column_stats_rows: int = 1024
-    xla_row_stats_cols: int = 1024
+    xla_row_stats_cols: int = 128
     row_block_elems: int | None = 2048
     prepass_axis_stats: bool = True
 
@@ -454,7 +456,7 @@ def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) ->
     cols = [t for t in tiles if t[0] == -1 and t[1] != -1]
     rows = [t for t in tiles if t[1] == -1 and t[0] != -1]
     out = cols if m > config.xla_column_stats_rows else []
-    if cols and rows and n > config.xla_row_stats_cols:
+    if out and rows and n > config.xla_row_stats_cols:
         out = out + rows
     return tuple(dict.fromkeys(out))
 
