@@ -162,10 +162,10 @@ def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms):
 def _norm_linear_bwd(policy, eps, rms, res, g):
     ln_res, h_dw, w_dx, norm, seeds, b_tag, x_tag = res
     has_bias, x_dtype = b_tag is not None, x_tag.dtype
-    g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
+    g_dx, g_dw, *db = ops.grad_operands(g, policy, seeds[0], column_sum=has_bias)
     dh = ops.grad_input(g_dx, w_dx, policy)
     dw = ops.grad_weight(h_dw, g_dw, policy)
-    db = jnp.sum(g.astype(F32), axis=0) if has_bias else None
+    db = db[0] if has_bias else None
     dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, norm["scale"], rms=rms, has_beta="bias" in norm)
     dnorm = {"scale": dgamma, **({"bias": dbeta} if "bias" in norm else {})}
     return dx.astype(x_dtype), dnorm, dw, db, None
@@ -229,10 +229,10 @@ def _mlp_bwd(policy, activation, eps, rms, res, g):
     def pack(name, dw, db):
         grads[name] = {"kernel": dw, **({"bias": db} if "bias" in names[name] else {})}
 
-    g_dx, g_dw = ops.grad_operands(g, policy, seeds[0])
+    g_dx, g_dw, db2 = ops.grad_operands(g, policy, seeds[0], column_sum=True)
     # dL/da (M, F), the largest float tensor of the backward: compute dtype, consumed at once by GELU'.
     da = ops.grad_input(g_dx, w2_dx, policy, out_dtype=policy.compute_dtype)
-    pack("fc2", ops.grad_weight(a_dw, g_dw, policy), jnp.sum(g.astype(F32), axis=0))
+    pack("fc2", ops.grad_weight(a_dw, g_dw, policy), db2)
     if activation == "gelu":
         du_dx, du_dw, db1 = ops.gelu_bwd(da, u, policy, seeds[1])
         dh = ops.grad_input(du_dx, w1_dx, policy)

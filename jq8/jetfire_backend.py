@@ -68,8 +68,15 @@ def _both(x: jax.Array, spec: QuantSpec, transposed_spec: QuantSpec | None, **kw
 # ------------------------------------------------------------------------------ fallbacks (jnp)
 
 
-def _quantize_tiles_fallback(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, interpret=None):
-    return _both(x, spec, transposed_spec, rounding=rounding, seed=seed)
+def _with_sum(q, y: jax.Array, column_sum: bool):
+    if not column_sum:
+        return q
+    return (*(q if isinstance(q, tuple) else (q,)), jnp.sum(y.astype(jnp.float32), axis=0))
+
+
+def _quantize_tiles_fallback(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, interpret=None,
+                             column_sum=False):
+    return _with_sum(_both(x, spec, transposed_spec, rounding=rounding, seed=seed), x, column_sum)
 
 
 def _layer_norm_quantize_fallback(
@@ -99,13 +106,15 @@ def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", trans
 
 
 def _gelu_backward_quantize_fallback(
-    grad, x, spec, *, rounding="stochastic", seed=None, bias=None, transposed_spec=None, interpret=None
+    grad, x, spec, *, rounding="stochastic", seed=None, bias=None, transposed_spec=None, interpret=None,
+    column_sum=False,
 ):
     u = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
     if bias is not None:
         u = u + bias.astype(jnp.float32)
     g = dequantize(grad, jnp.float32) if isinstance(grad, QArray) else grad.astype(jnp.float32)
-    return _both(g * gelu_grad(u), spec, transposed_spec, rounding=rounding, seed=seed)
+    du = g * gelu_grad(u)
+    return _with_sum(_both(du, spec, transposed_spec, rounding=rounding, seed=seed), du, column_sum)
 
 
 def _matmul_qarrays_fallback(
@@ -144,10 +153,12 @@ def _call(name: str, use_kernels: bool, *args, **kwargs):
 # ------------------------------------------------------------------------------------ public seam
 
 
-def quantize_tiles(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, use_kernels=True):
-    """x: (M, N) float -> QArray (M, N) [, QArray (N, M) of x.T] int8, bit-exact to jq8.quant.quantize."""
+def quantize_tiles(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, column_sum=False,
+                   use_kernels=True):
+    """x: (M, N) float -> QArray (M, N) [, QArray (N, M) of x.T] int8, bit-exact to jq8.quant.quantize
+    [, x.sum(axis=0) (N,) f32 with column_sum: a bias gradient, from the kernels' statistics pass]."""
     return _call("quantize_tiles", use_kernels, x, spec, rounding=rounding, seed=seed,
-                 transposed_spec=transposed_spec)
+                 transposed_spec=transposed_spec, column_sum=column_sum)
 
 
 def layer_norm_quantize(x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, use_kernels=True):
@@ -163,10 +174,11 @@ def bias_gelu_quantize(x, bias=None, *, spec, activation="gelu", transposed_spec
 
 
 def gelu_backward_quantize(grad, x, bias=None, *, spec, rounding="stochastic", seed=None,
-                           transposed_spec=None, use_kernels=True):
-    """grad, x: (M, N) (x: the GELU input, float or QArray) -> quantized grad * GELU'(x + bias) [, T]."""
+                           transposed_spec=None, column_sum=False, use_kernels=True):
+    """grad, x: (M, N) (x: the GELU input, float or QArray) -> quantized grad * GELU'(x + bias) [, T]
+    [, its unquantized column sums (N,) f32 with column_sum: the bias gradient]."""
     return _call("gelu_backward_quantize", use_kernels, grad, x, spec=spec, bias=bias, rounding=rounding,
-                 seed=seed, transposed_spec=transposed_spec)
+                 seed=seed, transposed_spec=transposed_spec, column_sum=column_sum)
 
 
 def matmul_qarrays(a: QArray, b: QArray, *, use_kernels=True, **epilogue):

@@ -63,8 +63,10 @@ def activation_operands(y: jax.Array, policy: Policy) -> tuple[Operand, Operand]
     return y.astype(cd), y.astype(cd)
 
 
-def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array) -> tuple[Operand, Operand]:
-    """g: (M, N) float gradient -> (operand of the grad-input GEMM, operand of the grad-weight GEMM).
+def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: bool = False):
+    """g: (M, N) float gradient -> (operand of the grad-input GEMM, operand of the grad-weight GEMM
+    [, sum(g, axis=0) (N,) f32 with ``column_sum``: the bias gradient, from the quantizer's statistics pass
+    when both GEMMs are INT8]).
 
     INT8 grad-input: QArray (M, N); INT8 grad-weight: QArray (N, M) of g^T; rounding ``policy.rounding_bwd``.
     """
@@ -72,12 +74,12 @@ def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array) -> tuple[Operan
     seed = seed if r == "stochastic" else None
     if policy.int8_grad_input and policy.int8_grad_weight:
         return kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, transposed_spec=policy.spec_t,
-                                 use_kernels=k)
+                                 column_sum=column_sum, use_kernels=k)
     g_dx = kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, use_kernels=k) if policy.int8_grad_input \
         else g.astype(cd)
     g_dw = kb.quantize_tiles(g.T, policy.spec_t, rounding=r, seed=seed, use_kernels=k) \
         if policy.int8_grad_weight else g.astype(cd)
-    return g_dx, g_dw
+    return (g_dx, g_dw, jnp.sum(g.astype(F32), axis=0)) if column_sum else (g_dx, g_dw)
 
 
 def weight_operands(w: jax.Array, policy: Policy) -> tuple[Operand, Operand]:
@@ -114,9 +116,8 @@ def linear_bwd(
     g: jax.Array, x_dw: Operand, w_dx: Operand, policy: Policy, seed: jax.Array, *, has_bias: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """g: (M, N) float dL/dY -> (dX (M, K) f32, dW (K, N) f32, db (N,) f32 or None)."""
-    g_dx, g_dw = grad_operands(g, policy, seed)
-    return (grad_input(g_dx, w_dx, policy), grad_weight(x_dw, g_dw, policy),
-            jnp.sum(g.astype(F32), axis=0) if has_bias else None)
+    g_dx, g_dw, *db = grad_operands(g, policy, seed, column_sum=has_bias)
+    return grad_input(g_dx, w_dx, policy), grad_weight(x_dw, g_dw, policy), (db[0] if has_bias else None)
 
 
 def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy, out_dtype=F32) -> jax.Array:
@@ -205,14 +206,15 @@ def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
 def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
     """da: (M, F) f32 dL/dGELU(u); u: the saved GELU input -> (du_dx, du_dw, db1 (F,) f32).
 
-    Both backward GEMMs INT8: one fused kernel computes da * GELU'(u) and writes du and du^T quantized.
+    Both backward GEMMs INT8: one fused kernel computes da * GELU'(u) and writes du and du^T quantized, and
+    db1 = sum(du, axis=0) of the unquantized du.
     """
     if policy.int8_grad_input and policy.int8_grad_weight and isinstance(u, QArray):
         r = policy.rounding_bwd
-        q, qt = kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
-                                          seed=seed if r == "stochastic" else None,
-                                          transposed_spec=policy.spec_t, use_kernels=policy.use_kernels)
-        return q, qt, jnp.sum(dequantize(qt, F32), axis=1)
+        return kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
+                                         seed=seed if r == "stochastic" else None,
+                                         transposed_spec=policy.spec_t, column_sum=True,
+                                         use_kernels=policy.use_kernels)
     du = da.astype(F32) * kb.gelu_grad(_float(u))
     g_dx, g_dw = grad_operands(du.astype(policy.compute_dtype), policy, seed)
     return g_dx, g_dw, jnp.sum(du, axis=0)

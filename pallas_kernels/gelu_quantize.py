@@ -213,17 +213,21 @@ def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, axis_ti
           axis_amax=axis_amax)
 
 
-def _producer_stats_kernel(*refs, ops, mode, activation, plan, axis_tiles):
+def _producer_stats_kernel(*refs, ops, mode, activation, plan, axis_tiles, column_sum):
     op_refs, partial_refs = _split_refs(ops, refs)
     load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan)
-    axis_partials(load, axis_tiles, partial_refs, plan)
+    sum_ref = partial_refs[-1] if column_sum else None
+    axis_partials(load, axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("ops", "mode", "activation", "specs", "rounding", "config", "interpret", "poison"),
+    static_argnames=("ops", "mode", "activation", "specs", "rounding", "config", "interpret", "poison",
+                     "column_sum"),
 )
-def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, config, interpret, poison):
+def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, config, interpret, poison,
+                   column_sum=False):
+    """-> (output arrays, y's (N,) f32 column sums from the pre-pass, or None when no pre-pass ran)."""
     m, n = arrays[0].shape  # ops[0] is x: dense (M, N) or QArray codes (M, N)
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Whole long axes (per-row codes of y and of y.T: the int8-row policy) take their absmax from a
@@ -232,16 +236,19 @@ def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, conf
     tiles = [plan_tile(o.tile, axis_tiles) for o in outs]
     plan = plan_blocks(m, n, tiles + [op.requirement for op in ops], config)
     common = dict(ops=ops, mode=mode, activation=activation, plan=plan, axis_tiles=axis_tiles)
-    stats = []
+    stats, sums = [], None
     if axis_tiles:
-        stats = producer_axis_stats(functools.partial(_producer_stats_kernel, **common), arrays, axis_tiles,
-                                    plan, config, interpret=interpret, name=f"gelu_absmax_{mode}")
+        stats_kernel = functools.partial(_producer_stats_kernel, column_sum=column_sum, **common)
+        stats, sums = producer_axis_stats(stats_kernel, arrays, axis_tiles, plan, config, interpret=interpret,
+                                          name=f"gelu_absmax_{mode}", column_sum=column_sum)
     kernel = functools.partial(_producer_kernel, outs=outs, rounding=rounding, interpret=interpret, **common)
-    return launch(kernel, [seed, *arrays, *stats], out_shapes(m, n, specs), plan, config,
+    outs = launch(kernel, [seed, *arrays, *stats], out_shapes(m, n, specs), plan, config,
                   interpret=interpret, poison=poison, name=f"gelu_quantize_{mode}")
+    return outs, sums
 
 
-def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed, interpret, config, poison):
+def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed, interpret, config, poison,
+         column_sum=False):
     if activation not in ("gelu", "gelu_tanh", None):
         raise ValueError(f"activation must be 'gelu', 'gelu_tanh' or None, got {activation!r}")
     if len(jnp.shape(x) if not isinstance(x, QArray) else x.shape) != 2:
@@ -260,16 +267,19 @@ def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed,
         ops.append(gop)
         arrays += garrs
     specs = ((spec, False),) + (((transposed_spec, True),) if transposed_spec is not None else ())
-    res = _producer_call(
+    res, sums = _producer_call(
         as_seed(seed, rounding), arrays, ops=tuple(ops), mode=mode, activation=activation, specs=specs,
         rounding=rounding, config=config, interpret=resolve_interpret(interpret),
-        poison=poison,
+        poison=poison, column_sum=column_sum,
     )
+    if column_sum and sums is None:  # no pre-pass read y: XLA computes it (exact fp32, as the references)
+        sums = jnp.sum(_backward_value(g, x, bias, activation), axis=0)
     dtype = (g if g is not None else x).dtype
-    q = QArray(res[0], res[1], None, spec, (m, n), dtype)
-    if transposed_spec is None:
-        return q
-    return q, QArray(res[2], res[3], None, transposed_spec, (n, m), dtype)
+    out = (QArray(res[0], res[1], None, spec, (m, n), dtype),)
+    if transposed_spec is not None:
+        out += (QArray(res[2], res[3], None, transposed_spec, (n, m), dtype),)
+    out += (sums,) if column_sum else ()
+    return out[0] if len(out) == 1 else out
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -314,17 +324,19 @@ def gelu_backward_quantize(
     interpret: bool | None = None,
     config: QuantizeConfig | None = None,
     poison_outputs: bool = False,
-) -> QArray | tuple[QArray, QArray]:
+    column_sum: bool = False,
+) -> QArray | tuple:
     """Quantized GELU backward: dx = g * act'(dequant(x) + bias), fp32 math (Jetfire's GELU backward).
 
     g: (M, N) upstream gradient, float or QArray. x: (M, N) the GELU's (pre-bias) input, usually the QArray
     the forward kept. bias: (N,) or None. rounding: "stochastic" (needs seed = noise_seed(key)) or
-    "nearest". config: as for :func:`bias_gelu_quantize`. Returns QArray (M, N) under spec, or (q, qT) with
-    qT (N, M) under transposed_spec.
+    "nearest". config: as for :func:`bias_gelu_quantize`. column_sum: also return dx.sum(axis=0) (N,) f32
+    (the fc1 bias gradient) of the unquantized dx, from the statistics pre-pass when it runs, else by XLA.
+    Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec; the sums last.
     """
     return _run(x, bias, g, mode="backward", activation=activation, spec=spec,
                 transposed_spec=transposed_spec, rounding=rounding, seed=seed, interpret=interpret,
-                config=config, poison=poison_outputs)
+                config=config, poison=poison_outputs, column_sum=column_sum)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -357,12 +369,21 @@ def bias_gelu_quantize_reference(
     return _quantize_reference(_act_reference(h, activation), spec, transposed_spec, rounding, seed, x.dtype)
 
 
+def _backward_value(g, x, bias, activation) -> jax.Array:
+    """g * act'(x + bias) in fp32, the derivative by jax.jvp of jax.nn.gelu."""
+    h = _dense(x) + (0.0 if bias is None else jnp.asarray(bias, jnp.float32))
+    _, d = jax.jvp(lambda v: _act_reference(v, activation), (h,), (jnp.ones_like(h),))
+    return _dense(g) * d
+
+
 def gelu_backward_quantize_reference(
     g, x, spec, *, rounding="stochastic", seed=None, bias=None, activation="gelu", transposed_spec=None,
-    interpret=None, config=None, poison_outputs=False,
+    interpret=None, config=None, poison_outputs=False, column_sum=False,
 ):
     """Same contract as :func:`gelu_backward_quantize`: the derivative by jax.jvp of jax.nn.gelu."""
     del interpret, config, poison_outputs
-    h = _dense(x) + (0.0 if bias is None else jnp.asarray(bias, jnp.float32))
-    _, d = jax.jvp(lambda v: _act_reference(v, activation), (h,), (jnp.ones_like(h),))
-    return _quantize_reference(_dense(g) * d, spec, transposed_spec, rounding, seed, g.dtype)
+    y = _backward_value(g, x, bias, activation)
+    q = _quantize_reference(y, spec, transposed_spec, rounding, seed, g.dtype)
+    if not column_sum:
+        return q
+    return (*(q if isinstance(q, tuple) else (q,)), jnp.sum(y, axis=0))

@@ -409,16 +409,21 @@ def partial_shapes(tiles: Sequence[Tile], plan: BlockPlan) -> list[jax.ShapeDtyp
     return [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
 
 
-def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan) -> None:
+def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan, sum_ref=None) -> None:
     """Kernel body of the statistics pre-pass: this program's absmax of each whole-axis tile, over its block.
 
     A producer that needs whole rows AND whole columns (per-row codes of y and of y.T) would otherwise
     sweep one axis with few programs, or have XLA reduce a materialised y. Here every program loads its
     block once and writes one partial absmax per tile row / column; :func:`finish_partials` reduces them.
+    sum_ref: optional (grid_m, grid_n * bn) f32, this block's column sums of y (a bias gradient rides along
+    the same read; :func:`finish_column_sum` adds them up).
     """
     pid = (pl.program_id(0), pl.program_id(1))
     r0, c0 = pid[0] * plan.bm, pid[1] * plan.bn
-    a = jnp.abs(load(r0, c0))
+    y = load(r0, c0)
+    if sum_ref is not None:
+        plgpu.store(sum_ref.at[pl.ds(pid[0], 1), pl.ds(c0, plan.bn)], jnp.sum(y, axis=0, keepdims=True))
+    a = jnp.abs(y)
     for t, ref in zip(tiles, refs):
         if t[1] == -1:
             rt = t[0]
@@ -439,15 +444,24 @@ def finish_partials(partial: jax.Array, tile: Tile, m: int, n: int) -> jax.Array
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def finish_column_sum(partial: jax.Array, n: int) -> jax.Array:
+    """:func:`axis_partials`' column-sum output (grid_m, >= N) -> the (N,) f32 column sums."""
+    return jnp.sum(partial, axis=0)[:n]
+
+
 def producer_axis_stats(
     kernel, operands: Sequence[jax.Array], tiles: Sequence[Tile], plan: BlockPlan, config: QuantizeConfig,
-    *, interpret: bool, name: str,
-) -> list[jax.Array]:  # fmt: skip
-    """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs)`` (a body calling
-    :func:`axis_partials`) over ``plan``'s grid and returns one :func:`axis_absmax`-shaped array per tile."""
+    *, interpret: bool, name: str, column_sum: bool = False,
+) -> tuple[list[jax.Array], jax.Array | None]:  # fmt: skip
+    """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs[, sum_ref])`` (a body calling
+    :func:`axis_partials`) over ``plan``'s grid. Returns (one :func:`axis_absmax`-shaped array per tile,
+    the (N,) f32 column sums with ``column_sum`` else None)."""
     shapes = partial_shapes(tiles, plan)
+    if column_sum:
+        shapes.append(jax.ShapeDtypeStruct((plan.grid[0], plan.grid[1] * plan.bn), jnp.float32))
     partials = launch(kernel, operands, shapes, plan, config, interpret=interpret, poison=False, name=name)
-    return [finish_partials(p, t, plan.m, plan.n) for p, t in zip(partials, tiles)]
+    stats = [finish_partials(p, t, plan.m, plan.n) for p, t in zip(partials, tiles)]
+    return stats, (finish_column_sum(partials[-1], plan.n) if column_sum else None)
 
 
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
@@ -659,25 +673,30 @@ def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, i
           axis_amax=axis_amax)
 
 
-def _absmax_kernel(x_ref, *partial_refs, plan, axis_tiles):
-    axis_partials(_block_loader(x_ref, plan), axis_tiles, partial_refs, plan)
+def _absmax_kernel(x_ref, *partial_refs, plan, axis_tiles, column_sum):
+    sum_ref = partial_refs[-1] if column_sum else None
+    axis_partials(_block_loader(x_ref, plan), axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref)
 
 
 def _axis_stats(x: jax.Array, axis_tiles: tuple[Tile, ...], plan: BlockPlan, config: QuantizeConfig,
-                interpret: bool) -> list[jax.Array]:
-    """The :func:`axis_absmax` array of every tile in ``axis_tiles``. Whole rows and whole columns together
-    (the int8-row policy's x and x.T codes): one Pallas pre-pass reads x once for both; else XLA."""
+                interpret: bool, column_sum: bool) -> tuple[list[jax.Array], jax.Array | None]:
+    """(the :func:`axis_absmax` array of every tile in ``axis_tiles``, x's (N,) f32 column sums or None).
+    Whole rows and whole columns together (the int8-row policy's x and x.T codes): one Pallas pre-pass
+    reads x once for both, and for the sums; else XLA."""
     rows = any(t[1] == -1 for t in axis_tiles)
     cols = any(t[0] == -1 for t in axis_tiles)
     if rows and cols and config.prepass_axis_stats:
-        kernel = functools.partial(_absmax_kernel, plan=plan, axis_tiles=axis_tiles)
+        kernel = functools.partial(_absmax_kernel, plan=plan, axis_tiles=axis_tiles, column_sum=column_sum)
         return producer_axis_stats(kernel, [x], axis_tiles, plan, config, interpret=interpret,
-                                   name="quantize_absmax")
-    return [axis_absmax(x, t) for t in axis_tiles]
+                                   name="quantize_absmax", column_sum=column_sum)
+    sums = jnp.sum(x.astype(jnp.float32), axis=0) if column_sum else None
+    return [axis_absmax(x, t) for t in axis_tiles], sums
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison"))
-def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False):
+@functools.partial(
+    jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison", "column_sum")
+)
+def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False, column_sum=False):
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Tiles spanning a whole long axis: absmax from an XLA reduction, so blocks need no whole columns/rows.
@@ -691,8 +710,8 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
         rounding=rounding,
         interpret=interpret,
     )
-    stats = _axis_stats(x, axis_tiles, plan, config, interpret)
-    return launch(
+    stats, sums = _axis_stats(x, axis_tiles, plan, config, interpret, column_sum)
+    outs = launch(
         kernel,
         [seed, x, *stats],
         out_shapes(m, n, specs),
@@ -702,6 +721,7 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False)
         poison=poison,
         name="quantize_tiles",
     )
+    return [*outs, *([sums] if column_sum else [])]
 
 
 def quantize_tiles(
@@ -714,7 +734,8 @@ def quantize_tiles(
     interpret: bool | None = None,
     config: QuantizeConfig | None = None,
     poison_outputs: bool = False,
-) -> QArray | tuple[QArray, QArray]:
+    column_sum: bool = False,
+) -> QArray | tuple:
     """Symmetric INT8 quantization of x in one pass; bit-exact to ``jq8.quant.quantize``.
 
     x: (M, N) bf16 / f32 (any rank without ``transposed_spec``: viewed as 2-D like jq8.quant).
@@ -724,7 +745,10 @@ def quantize_tiles(
       blocks; stochastic noise for it is indexed by x.T's coordinates (as quantize(x.T, seed=seed)).
     config: block / warps (default QuantizeConfig()). poison_outputs: testing aid, outputs start as
       -128 codes / NaN scales so an element the kernel never writes shows up.
-    Returns QArray (values (M, N) int8, scale f32 ``spec.scale_shape``) or (q, qT).
+    column_sum: also return x.sum(axis=0) as (N,) f32 (a bias gradient), from the statistics pre-pass's
+      read of x when it runs (f32 partial sums per block, then over blocks), else from XLA.
+    Returns QArray (values (M, N) int8, scale f32 ``spec.scale_shape``) or (q, qT), plus the sums last
+    with ``column_sum``.
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim == 0:
@@ -752,7 +776,7 @@ def quantize_tiles(
             # (each reading x once) keep the GPU busy.
             groups = [(s,) for s in specs]
     arrays = []
-    for group in groups:
+    for i, group in enumerate(groups):
         arrays += _quantize_call(
             x2,
             seed_arr,
@@ -761,11 +785,13 @@ def quantize_tiles(
             config=config,
             interpret=interpret,
             poison=poison_outputs,
+            column_sum=column_sum and i == 0,
         )
+    sums = [arrays.pop(2 * len(groups[0]))] if column_sum else []  # the first call's last output
     q = QArray(arrays[0], arrays[1], None, spec, tuple(shape), x.dtype)
     if transposed_spec is None:
-        return q
-    return q, QArray(arrays[2], arrays[3], None, transposed_spec, (n, m), x.dtype)
+        return (q, *sums) if sums else q
+    return (q, QArray(arrays[2], arrays[3], None, transposed_spec, (n, m), x.dtype), *sums)
 
 
 def quantize_tiles_reference(
@@ -778,10 +804,14 @@ def quantize_tiles_reference(
     interpret: bool | None = None,
     config: QuantizeConfig | None = None,
     poison_outputs: bool = False,
-) -> QArray | tuple[QArray, QArray]:
+    column_sum: bool = False,
+) -> QArray | tuple:
     """Same contract as :func:`quantize_tiles`, computed by jq8.quant.quantize (the definition)."""
     del interpret, config, poison_outputs
-    q = quantize(x, spec, rounding=rounding, seed=seed)
-    if transposed_spec is None:
-        return q
-    return q, quantize(jnp.asarray(x).T, transposed_spec, rounding=rounding, seed=seed)
+    x = jnp.asarray(x)
+    out = (quantize(x, spec, rounding=rounding, seed=seed),)
+    if transposed_spec is not None:
+        out += (quantize(x.T, transposed_spec, rounding=rounding, seed=seed),)
+    if column_sum:
+        out += (jnp.sum(x.reshape(-1, x.shape[-1]).astype(jnp.float32), axis=0),)
+    return out[0] if len(out) == 1 else out

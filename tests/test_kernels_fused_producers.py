@@ -166,6 +166,24 @@ def test_gelu_row_policy_axis_stats(shape):
         _close_q(got, gelu_backward_quantize_reference(g, u, P, **kw))
 
 
+@pytest.mark.parametrize("config", [_AXIS_STATS, None])  # with the pre-pass, and without (XLA sums)
+def test_gelu_backward_column_sum_is_the_bias_gradient(config):
+    shape = (70, 200)
+    u = quantize(_x(shape, key=16, shift=0.0) * 3, QuantSpec((1, 128)))
+    g = (_x(shape, key=17, shift=0.0) * 1e-3).astype(jnp.bfloat16)
+    kw = dict(rounding="stochastic", seed=noise_seed(jax.random.key(18)), transposed_spec=P, column_sum=True)
+    q, qt, db = gelu_backward_quantize(g, u, P, config=config, **kw)
+    rq, rqt, rdb = gelu_backward_quantize_reference(g, u, P, **kw)
+    _close_q((q, qt), (rq, rqt))
+    du = np.asarray(g, np.float32) * np.asarray(jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, False)))(
+        u.dequantize(jnp.float32)))  # fmt: skip
+    assert db.shape == (200,) and db.dtype == jnp.float32
+    # fp32 sums in another order: a few ulps of the sum of |du| per column
+    tol = 1e-5 * np.abs(du).sum(axis=0)
+    np.testing.assert_array_less(np.abs(np.asarray(db) - du.sum(axis=0)), tol)
+    np.testing.assert_array_less(np.abs(np.asarray(rdb) - du.sum(axis=0)), tol)
+
+
 def test_producer_config_tuned_for_axis_stats():
     from pallas_kernels.gelu_quantize import AXIS_STATS_CONFIG, producer_config
 

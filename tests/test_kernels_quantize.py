@@ -134,6 +134,29 @@ def test_xla_axis_stats_bit_exact(spec, tspec, rounding, row_stats, prepass):
         assert np.isnan(np.asarray(g.scale)).any()
 
 
+@pytest.mark.parametrize("pre_pass", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_column_sum_rides_the_statistics_pass(pre_pass, dtype):
+    # The int8-row policy's gradient: per-row codes of g and g.T, and sum(g, axis=0) (the bias gradient) from
+    # the pre-pass's read of g; without a pre-pass XLA sums.
+    x = _data((70, 200), dtype, key=6)
+    cfg = QuantizeConfig(xla_column_stats_rows=16 if pre_pass else 10**9, xla_row_stats_cols=64)
+    kw = dict(rounding="stochastic", seed=noise_seed(jax.random.key(3)), transposed_spec=P)
+    q, qt, s = quantize_tiles(x, P, config=cfg, column_sum=True, poison_outputs=True, **kw)
+    rq, rqt, rs = _reference(x, P, column_sum=True, **kw)
+    for g, r in ((q, rq), (qt, rqt)):
+        np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(r.scale))
+        _assert_codes_equal(g.values, r.values)
+    xf = np.asarray(x, np.float32)
+    assert s.shape == (200,) and s.dtype == jnp.float32
+    tol = 1e-5 * np.abs(xf).sum(axis=0).max()  # fp32 sums in another order
+    np.testing.assert_allclose(np.asarray(s), xf.sum(axis=0), rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(rs), xf.sum(axis=0), rtol=0, atol=tol)
+    one = quantize_tiles(x, P, config=cfg, column_sum=True)  # without the transposed copy: (q, sums)
+    assert isinstance(one, tuple) and len(one) == 2
+    np.testing.assert_allclose(np.asarray(one[1]), np.asarray(s), rtol=1e-6, atol=1e-6)
+
+
 def test_ties_and_negatives_round_half_away():
     # scale = 127 / 127 = 1 per row: values k + 0.5 are exact ties and must round away from zero.
     row = jnp.array([127.0, -127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.25, -126.5, 0.49999997], jnp.float32)
