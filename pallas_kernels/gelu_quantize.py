@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 from jq8.quant import QArray, QuantSpec, Rounding, quantize
 from pallas_kernels._common import resolve_interpret
 from pallas_kernels.quantize import (
+    AXIS_STATS_CONFIG,
     BlockPlan,
     OutSpec,
     QuantizeConfig,
@@ -54,12 +55,6 @@ Activation = Literal["gelu", "gelu_tanh"] | None
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_C = math.sqrt(2.0 / math.pi)
-
-
-# Blocks of the two passes when a statistics pre-pass runs: at the int8-row block's 16384 x 16384 GELU (H100,
-# ``benchmarks/row_producers.py``, BENCHMARKS.md session 13) 32 x 128 blocks on 4 warps took the forward
-# from 2.09 to 1.61 ms and the backward from 3.12 to 2.22 ms against the default 32 x 256 on 8.
-AXIS_STATS_CONFIG = QuantizeConfig(block_m=32, block_n=128, num_warps=4)
 
 
 # -------------------------------------------------------------------------------- GELU in fp32 (kernel-safe)

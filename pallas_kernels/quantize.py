@@ -104,6 +104,14 @@ class QuantizeConfig:
     prepass_axis_stats: bool = True
 
 
+# Blocks of both passes when a statistics pre-pass runs (whole rows and whole columns: the int8-row policy),
+# measured on the H100 against the default 32 x 256 on 8 warps. GELU producers at 16384 x 16384
+# (``benchmarks/row_producers.py``, BENCHMARKS.md session 13): forward 2.09 -> 1.61 ms, backward 3.12 ->
+# 2.22 ms. quantize_tiles at 16384 x 4096 / 12288 bf16 (``benchmarks/quantize_kernels.py``, session 14):
+# 1205-1306 -> 1300-1418 GB/s round-to-nearest, 1030-1101 -> 1080-1156 GB/s stochastic.
+AXIS_STATS_CONFIG = QuantizeConfig(block_m=32, block_n=128, num_warps=4)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
     """How (M, N) is cut into program blocks (static).
@@ -724,6 +732,14 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False,
     return [*outs, *([sums] if column_sum else [])]
 
 
+def default_config(tiles: Sequence[Tile], m: int, n: int) -> QuantizeConfig:
+    """quantize_tiles' config for outputs of ``tiles`` (x coordinates) on (M, N): AXIS_STATS_CONFIG when
+    whole rows and whole columns take their absmax from the pre-pass, else QuantizeConfig()."""
+    stats = stat_tiles(tiles, m, n, QuantizeConfig())
+    both = any(t[0] == -1 for t in stats) and any(t[1] == -1 for t in stats)
+    return AXIS_STATS_CONFIG if both else QuantizeConfig()
+
+
 def quantize_tiles(
     x: jax.Array,
     spec: QuantSpec,
@@ -743,7 +759,8 @@ def quantize_tiles(
     rounding: "nearest" (half away from zero) or "stochastic" (needs ``seed``: noise_seed(key), (2,) uint32).
     transposed_spec: also return the codes of x.T (N, M) under this spec, written from the same loaded
       blocks; stochastic noise for it is indexed by x.T's coordinates (as quantize(x.T, seed=seed)).
-    config: block / warps (default QuantizeConfig()). poison_outputs: testing aid, outputs start as
+    config: block / warps (default QuantizeConfig(), or AXIS_STATS_CONFIG when whole rows and whole columns
+      take their absmax from the pre-pass). poison_outputs: testing aid, outputs start as
       -128 codes / NaN scales so an element the kernel never writes shows up.
     column_sum: also return x.sum(axis=0) as (N,) f32 (a bias gradient), from the statistics pre-pass's
       read of x when it runs (f32 partial sums per block, then over blocks), else from XLA.
@@ -758,11 +775,11 @@ def quantize_tiles(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]) if x.ndim != 2 else x
     m, n = x2.shape
-    config = config or QuantizeConfig()
     interpret = resolve_interpret(interpret)
     seed_arr = as_seed(seed, rounding)
     specs = [(spec, False)] + ([(transposed_spec, True)] if transposed_spec is not None else [])
     tiles = [x_tile(s, m, n, t) for s, t in specs]
+    config = config or default_config(tiles, m, n)
     stats = stat_tiles(tiles, m, n, config)  # as _quantize_call plans them
     tiles = [plan_tile(t, stats) for t in tiles]
     groups = [tuple(specs)]

@@ -157,6 +157,15 @@ def test_column_sum_rides_the_statistics_pass(pre_pass, dtype):
     np.testing.assert_allclose(np.asarray(one[1]), xf.sum(axis=0), rtol=0, atol=tol)
 
 
+def test_default_config_for_the_pre_pass_route():
+    from pallas_kernels.quantize import AXIS_STATS_CONFIG, default_config
+
+    assert default_config([(1, -1), (-1, 1)], 16384, 4096) is AXIS_STATS_CONFIG  # int8-row: x and x.T per row
+    assert default_config([(1, -1), (-1, 1)], 512, 4096) == QuantizeConfig()  # short columns: in the program
+    assert default_config([(32, 32), (32, 32)], 16384, 4096) == QuantizeConfig()
+    assert default_config([(1, -1)], 16384, 4096) == QuantizeConfig()
+
+
 def test_ties_and_negatives_round_half_away():
     # scale = 127 / 127 = 1 per row: values k + 0.5 are exact ties and must round away from zero.
     row = jnp.array([127.0, -127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.25, -126.5, 0.49999997], jnp.float32)
