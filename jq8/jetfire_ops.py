@@ -63,7 +63,7 @@ def activation_operands(y: jax.Array, policy: Policy) -> tuple[Operand, Operand]
     return y.astype(cd), y.astype(cd)
 
 
-def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: bool = False):
+def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: bool = False) -> tuple:
     """g: (M, N) float gradient -> (operand of the grad-input GEMM, operand of the grad-weight GEMM
     [, sum(g, axis=0) (N,) f32 with ``column_sum``: the bias gradient, from the quantizer's statistics pass
     when both GEMMs are INT8]).

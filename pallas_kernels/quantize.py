@@ -80,7 +80,7 @@ class QuantizeConfig:
     xla_row_stats_cols: when the outputs need whole rows AND whole columns (per-row codes with a per-row
       copy of x.T: the int8-row policy) and the columns take their absmax first, row tiles over more
       columns than this do too, so one full-grid pass writes both layouts. Whole rows in every program
-      instead ran at 330-410 GB/s at 16384 x 768 on the H100, the pre-pass route at 650-1015 GB/s
+      instead ran at 290-410 GB/s at 16384 x 768 on the H100, the pre-pass route at 430-1015 GB/s
       (``benchmarks/quantize_kernels.py``, BENCHMARKS.md session 14).
     prepass_axis_stats: when both whole rows and whole columns take their absmax first, ``quantize_tiles``
       computes both in one Pallas pre-pass over x (:func:`axis_partials`) instead of two XLA reductions
@@ -473,8 +473,9 @@ def producer_axis_stats(
 
 
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
-    """The whole-axis tiles whose absmax is computed before the kernel (see QuantizeConfig): by XLA for
-    ``quantize_tiles``, by the :func:`axis_partials` pre-pass for the fused producers."""
+    """The whole-axis tiles whose absmax is computed before the kernel (see QuantizeConfig): for
+    ``quantize_tiles`` by XLA, or by the :func:`axis_partials` pre-pass when whole rows and whole columns
+    both are (``QuantizeConfig.prepass_axis_stats``); always by the pre-pass for the fused producers."""
     cols = [t for t in tiles if t[0] == -1 and t[1] != -1]
     rows = [t for t in tiles if t[1] == -1 and t[0] != -1]
     out = cols if m > config.xla_column_stats_rows else []
@@ -707,7 +708,7 @@ def _axis_stats(x: jax.Array, axis_tiles: tuple[Tile, ...], plan: BlockPlan, con
 def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False, column_sum=False):
     m, n = x.shape
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
-    # Tiles spanning a whole long axis: absmax from an XLA reduction, so blocks need no whole columns/rows.
+    # Tiles spanning a whole long axis: absmax computed first (_axis_stats), so blocks need no whole axis.
     axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
     plan = plan_blocks(m, n, [plan_tile(o.tile, axis_tiles) for o in outs], config)
     kernel = functools.partial(
