@@ -6,7 +6,8 @@ Each GEMM runs with the fused model's epilogue (qkv: bias, q/k/v written apart; 
 residual, f32 out; fc1: bias + GELU, bf16 out). Per shape: max |error| of both kernels against the XLA
 reference (relative to the reference's max |value|), then ms per call (``--reps`` calls back to back, median
 of ``--iters`` samples). ``--variants`` also times other Mosaic configs (the second is session 9's pipeline:
-``mma_in_flight=0``, no residual prefetch). Writes
+``mma_in_flight=0``, no residual prefetch). ``--math precise approx`` times GELU's two erf forms
+(``MosaicTileConfig.epilogue_math``), ``--gelu-bound`` the GELU GEMMs without their activation. Writes
 ``$OUT/mgpu_gemm.json`` when OUT is set.
 """
 
@@ -108,6 +109,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--variants", action="store_true")
     p.add_argument("--tiles", action="store_true", help="time every warpgroup tile shape instead")
+    p.add_argument("--math", nargs="+", choices=sorted(mg.ERF_OF_MATH), default=None,
+                   help="time each config under each of these epilogue_math settings (GELU's erf)")
+    p.add_argument("--gelu-bound", action="store_true",
+                   help="also time the GELU GEMMs' default config without the activation (its cost's bound)")
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -163,6 +168,8 @@ def main() -> None:
             cfgs = tile_variants(base, n, k, split)
         else:
             cfgs = variants(base, kind == "residual") if args.variants else [base]
+        if args.math:
+            cfgs = [dataclasses.replace(c, epilogue_math=mth) for c in cfgs for mth in args.math]
         for cfg in cfgs:
             try:
                 f = jax.jit(lambda a, b, a_s, b_s, cfg=cfg, split=split, epi=epi: mg.int8_matmul_mgpu(
@@ -178,6 +185,11 @@ def main() -> None:
                 if not (args.variants or args.tiles):
                     traceback.print_exc()
         row["mosaic"] = tried
+        if args.gelu_bound and kind == "gelu":
+            plain = {k_: v for k_, v in epi.items() if k_ != "activation"}
+            f = jax.jit(lambda a, b, a_s, b_s, plain=plain, cfg=base: mg.int8_matmul_mgpu(
+                a, b, a_s, b_s, config=cfg, **plain))  # fmt: skip
+            row["no_gelu_ms"] = ms(f, a, b, a_s, b_s)
         ok = [t for t in tried if "ms" in t]
         if ok:
             best = min(ok, key=lambda t: t["ms"])

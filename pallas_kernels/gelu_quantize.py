@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import QArray, QuantSpec, Rounding, quantize
 from pallas_kernels._common import resolve_interpret
+from pallas_kernels.int8_matmul import erf_rational
 from pallas_kernels.quantize import (
     AXIS_STATS_CONFIG,
     BlockPlan,
@@ -58,28 +59,6 @@ _TANH_C = math.sqrt(2.0 / math.pi)
 
 
 # -------------------------------------------------------------------------------- GELU in fp32 (kernel-safe)
-
-
-# Eigen's (and XLA's) float erf: a rational minimax fit x P(x^2) / Q(x^2) on [-4, 4] (erf(4) rounds to 1 in
-# f32). One division and no exp: the Numerical Recipes erfc these kernels used before costs an exp too, and
-# these producers are bound by arithmetic (BENCHMARKS.md session 13).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
-
-
-def erf_rational(x: jax.Array) -> jax.Array:
-    """erf(x) in fp32 from mul/add and one division (max absolute error 3.3e-7, as ``lax.erf``'s 3.1e-7)."""
-    x = jnp.clip(x, -4.0, 4.0)
-    x2 = x * x
-    p = jnp.full_like(x2, _ERF_P[0])
-    for c in _ERF_P[1:]:
-        p = p * x2 + c
-    q = jnp.full_like(x2, _ERF_Q[0])
-    for c in _ERF_Q[1:]:
-        q = q * x2 + c
-    return x * p / q
 
 
 def _phi_cdf(x: jax.Array) -> jax.Array:

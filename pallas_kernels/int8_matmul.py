@@ -89,7 +89,7 @@ def epilogue_reference(
     """y: (M, N) f32 dequantized product -> act(y + bias) + residual, cast or requantized."""
     if bias is not None:
         y = y + jnp.asarray(bias, jnp.float32)[None, :]
-    y = activation_fn(y, activation, exact_erf=True)
+    y = activation_fn(y, activation, erf="exact")
     if residual is not None:
         y = y + jnp.asarray(residual, jnp.float32)
     if out_spec is None:
@@ -113,13 +113,54 @@ def erf_approx(x: jax.Array) -> jax.Array:
     return jnp.where(x < 0, -r, r)
 
 
-def activation_fn(y: jax.Array, activation: Activation, *, exact_erf: bool = False) -> jax.Array:
-    """The epilogue activations on f32: exact-erf GELU, tanh GELU, ReLU, or identity."""
+# Eigen's (and XLA's) float erf: a rational minimax fit x P(x^2) / Q(x^2) on [-4, 4] (erf(4) rounds to 1 in
+# f32). No exp: the producers that use it are bound by arithmetic (BENCHMARKS.md session 13).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf_rational(x: jax.Array, *, rsqrt_reciprocal: bool = False) -> jax.Array:
+    """erf(x) in fp32 from mul/add and one division (max absolute error 3.3e-7, as ``lax.erf``'s 3.1e-7).
+
+    ``rsqrt_reciprocal``: 1 / Q as -rsqrt(-Q)^2 (Q < 0 on the whole range) instead of a division. Mosaic GPU
+    lowers a float division to IEEE ``div.rn.f32``, a dozen instructions; under its ``approx_math`` the
+    rsqrt is one ``rsqrt.approx.f32`` (relative error 2^-22.9, so erf stays within about 5e-7).
+    """
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = x2 * _ERF_P[0] + _ERF_P[1]
+    for c in _ERF_P[2:]:
+        p = p * x2 + c
+    q = x2 * _ERF_Q[0] + _ERF_Q[1]
+    for c in _ERF_Q[2:]:
+        q = q * x2 + c
+    if rsqrt_reciprocal:
+        r = lax.rsqrt(-q)
+        return -(x * p) * (r * r)
+    return x * p / q
+
+
+ERF_IMPLS = ("exact", "approx", "rational_rsqrt")
+
+
+def activation_fn(y: jax.Array, activation: Activation, *, erf: str = "approx") -> jax.Array:
+    """The epilogue activations on f32: exact-erf GELU, tanh GELU, ReLU, or identity.
+
+    ``erf`` (exact GELU only): "exact" is ``lax.erf`` (jnp references), "approx" :func:`erf_approx` (one exp,
+    one division), "rational_rsqrt" :func:`erf_rational` with no exp and no division (Mosaic GPU's
+    ``approx_math`` epilogues).
+    """
     if activation is None:
         return y
     if activation == "gelu":
-        if exact_erf:
+        if erf == "exact":
             return jax.nn.gelu(y, approximate=False)
+        if erf == "rational_rsqrt":
+            return y * (0.5 + 0.5 * erf_rational(y * 0.7071067811865476, rsqrt_reciprocal=True))
+        if erf != "approx":
+            raise ValueError(f"erf must be one of {ERF_IMPLS}, got {erf!r}")
         return 0.5 * y * (1.0 + erf_approx(y * 0.7071067811865476))
     if activation == "gelu_tanh":
         return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))

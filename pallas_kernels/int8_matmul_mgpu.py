@@ -51,6 +51,7 @@ from pallas_kernels._common import on_gpu
 from pallas_kernels.int8_matmul import ACTIVATIONS, activation_fn
 
 MEMORY_REGISTERS = 40  # the TMA producer warpgroup needs few registers; the consumers get the rest
+ERF_OF_MATH = {"precise": "approx", "approx": "rational_rsqrt"}  # MosaicTileConfig.epilogue_math -> erf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,9 @@ class MosaicTileConfig:
     stage is released one step later, so the next wgmma issues while this one runs).
     ``residual_prefetch``: TMA-load the first staging slots' residual tiles while the main loop runs,
     instead of at the start of the epilogue (where each load's latency is exposed).
+    ``epilogue_math``: "precise" computes GELU's erf with :func:`erf_approx` (an IEEE division and an exp);
+    "approx" with :func:`erf_rational` (no exp, its division as ``rsqrt.approx``: the kernel compiles with
+    Mosaic GPU's ``approx_math``), within 1e-6 of exact erf either way.
     """
 
     tile_m: int = 128
@@ -78,6 +82,7 @@ class MosaicTileConfig:
     grid_width: int = 8
     mma_in_flight: int = 1
     residual_prefetch: bool = True
+    epilogue_math: str = "precise"
 
     @property
     def cta_m(self) -> int:
@@ -276,6 +281,8 @@ def check_config(
         raise ValueError(f"mma_in_flight must be 0 or 1 and below stages, got {cfg}")
     if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n:
         raise ValueError(f"epilogue tiles must divide the warpgroup tile, got {cfg}")
+    if cfg.epilogue_math not in ERF_OF_MATH:
+        raise ValueError(f"epilogue_math must be one of {sorted(ERF_OF_MATH)}, got {cfg}")
     if cfg.epi_tile_n < 32:
         # 16-column staging tiles faulted with a misaligned address on the H100 (session 11), which
         # poisons the CUDA context for every later call: refuse them here.
@@ -417,7 +424,7 @@ def int8_matmul_mgpu(
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(),
+        compiler_params=plgpu.CompilerParams(approx_math=cfg.epilogue_math == "approx"),
     )
     out = f(*inputs)
     if out_group is not None:
@@ -556,7 +563,8 @@ def _kernel(
                 if has_bias:
                     bias = plgpu.load(col_smem.at[wg, 1], (), layout=plgpu.Layout.WGMMA.reduce(0))
                     y = y + lax.broadcast_in_dim(bias, shape, [1])
-                y = activation_fn(y, activation)  # GELU via erf_approx: Mosaic GPU has no erf layout rule
+                # Mosaic GPU has no erf layout rule: GELU takes a kernel-safe erf (see epilogue_math)
+                y = activation_fn(y, activation, erf=ERF_OF_MATH[cfg.epilogue_math])
                 if requantize:
                     y = _requantize(y, row0, col0)
                 _store_epilogue(y, wg, row0, col0)

@@ -107,6 +107,8 @@ def test_check_config_rejects_bad_tiles():
         mg.check_config(256, 768, 256, mg.MosaicTileConfig(), split_cols=96)
     with pytest.raises(ValueError, match="mma_in_flight"):
         mg.check_config(256, 256, 256, mg.MosaicTileConfig(stages=1, mma_in_flight=1))
+    with pytest.raises(ValueError, match="epilogue_math must be one of"):
+        mg.check_config(256, 256, 256, mg.MosaicTileConfig(epilogue_math="fast"))
 
 
 def test_reference_is_int8_matmul_reference_split():
@@ -260,6 +262,26 @@ def test_mosaic_pipeline_variants_match_reference(in_flight, prefetch):
     kw = dict(bias=bias, residual=res.astype(jnp.float32), out_dtype=jnp.float32)
     out = mg.int8_matmul_mgpu(a, b, sa, sb, config=cfg, **kw)
     _close(out, int8_matmul_reference(a, b, sa, sb, **kw))
+
+
+@on_hopper
+@pytest.mark.parametrize("math_", sorted(mg.ERF_OF_MATH))
+@pytest.mark.parametrize("requantize", [False, True])
+def test_mosaic_gelu_epilogue_math_matches_exact_gelu(math_, requantize):
+    """Both erf forms of the GELU epilogue against the exact-erf reference, bf16 out and INT8 codes out."""
+    m, n, k = 1024, 2560, 1280
+    a, b, sa, sb, bias, _ = _operands(5 + requantize, m, n, k)
+    kw = dict(bias=bias, activation="gelu")
+    if requantize:
+        kw["out_spec"] = QuantSpec(tile=(1, 128))
+    cfg = mg.fit_config(m, n, k, out_group=128 if requantize else None)
+    cfg = dataclasses.replace(cfg, epilogue_math=math_)
+    out = mg.int8_matmul_mgpu(a, b, sa, sb, config=cfg, **kw)
+    ref = int8_matmul_reference(a, b, sa, sb, **kw)
+    if requantize:
+        _close_codes(out, ref)
+    else:
+        _close(out, ref)
 
 
 @on_hopper
