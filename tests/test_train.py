@@ -66,7 +66,7 @@ def test_overrides_are_typed_and_nested():
     assert "model.num_layers" in valid_keys() and "steps" in valid_keys()
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama_tiny", "gpt2_124m", "gpt2_350m"])
+@pytest.mark.parametrize("name", ["tiny", "llama_tiny", "gpt2_124m", "gpt2_350m", "gpt_wide"])
 def test_configs_load(name):
     cfg = load_config(os.path.join(CONFIGS, f"{name}.py"))
     assert isinstance(cfg, TrainConfig) and cfg.seq_len <= cfg.model.max_seq_len
