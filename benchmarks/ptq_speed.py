@@ -109,9 +109,14 @@ def with_bf16_head(apply_fn):
     return wrapped
 
 
+@jax.jit
+def _rel_rms(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)  # on the device: prefill logits are 1.6 GB at 1.5B
+    return jnp.sqrt(jnp.mean((a - b) ** 2)) / (jnp.sqrt(jnp.mean(b**2)) + 1e-12)
+
+
 def rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b**2)) + 1e-12))
+    return float(_rel_rms(jnp.asarray(a), jnp.asarray(b)))
 
 
 def bf16_lm_head(next_fun, args, kwargs, context):
@@ -172,6 +177,23 @@ def per_token_fc1_row(apply_fn, qp, tokens, args, iters: int) -> dict:
     return dict(model="w8a8 (fc1 bf16 + quantize pass)", prefill_ms=timeit(fn, tokens, iters=iters))
 
 
+def epilogue_math_row(apply_fn, qp, tokens, ref, args, iters: int, math_: str) -> dict:
+    """The same W8A8 prefill with every Mosaic GEMM's GELU epilogue under ``math_`` (the
+    ``MosaicTileConfig.epilogue_math`` that ``fit_config`` picks is replaced while the call compiles);
+    ``ref``: the bf16 model's prefill logits, for the error of these."""
+    from pallas_kernels import int8_matmul_mgpu as mg
+
+    real = mg.fit_config
+    mg.fit_config = lambda *a, **k: dataclasses.replace(real(*a, **k), epilogue_math=math_)
+    try:
+        fn = bind(apply_fn, qp, args.dispatch)
+        err = rel_rms(fn(tokens), ref)  # compiles under the patch
+    finally:
+        mg.fit_config = real
+    return dict(model=f"w8a8 (GELU epilogue {math_})", prefill_ms=timeit(fn, tokens, iters=iters),
+                prefill_b2b_ms=timeit_back_to_back(fn, tokens, iters=iters), prefill_rel_rms=err)
+
+
 def bench_preset(name: str, args, prefill: bool) -> dict:
     base = dataclasses.replace(preset(name), attention=args.attention)
     cfg = dataclasses.replace(base, max_seq_len=max(args.seq, base.max_seq_len)) if prefill else base
@@ -204,8 +226,9 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         row["prefill_b2b_ms"] = timeit_back_to_back(fp_fn, tokens, iters=iters)
     rows.append(row)
     print("row", json.dumps(row), flush=True)
+    ref_prefill = fp_fn(tokens) if prefill and args.compare_epilogue_math else None
     sizes = {}
-    for scheme in SCHEMES:
+    for scheme in args.schemes:
         qp = ptq.quantize_params(params, ptq.scheme(scheme, int4_group=args.int4_group))
         int8_head = head_label(qp)
         qp = as_bf16_checkpoint(qp)
@@ -231,6 +254,8 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
                 return with_bf16_head(decode.quantized_apply_fn(model, q, backend="pallas"))
 
             row["kv_decode_ms"] = kv_decode_ms(make_apply, qp, model, args, iters)
+        if prefill and args.compare_epilogue_math and scheme == "w8a8":
+            row["prefill_rel_rms"] = rel_rms(q_fn(tokens), ref_prefill)
         if prefill:
             row["prefill_ms"] = timeit(q_fn, tokens, iters=iters)
             row["prefill_b2b_ms"] = timeit_back_to_back(q_fn, tokens, iters=iters)
@@ -239,9 +264,14 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
         if prefill and scheme == "w8a8" and args.compare_fc1_codes:
             rows.append(per_token_fc1_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, args, iters))
             print("row", json.dumps(rows[-1]), flush=True)
-        if prefill:
+        for math_ in args.compare_epilogue_math if prefill and scheme == "w8a8" else ():
+            rows.append(epilogue_math_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, ref_prefill, args,
+                                          iters, math_))
+            print("row", json.dumps(rows[-1]), flush=True)
+        if prefill and args.xla_rows:
             rows.append(dict(model=f"{scheme} (xla int8 dots)", prefill_ms=timeit(x_fn, tokens, iters=iters)))
             print("row", json.dumps(rows[-1]), flush=True)
+        if prefill:
             with tempfile.TemporaryDirectory() as d:
                 qcheckpoint.save_quantized(os.path.join(d, "q"), qp, float_dtype="float16")
                 sizes[scheme] = qcheckpoint.disk_bytes(os.path.join(d, "q"))
@@ -277,7 +307,7 @@ def _print_table(rows, prefill: bool, args) -> None:
     hdr += f" {'MB/token':>9s} {'GB/s':>7s} {'KV-loop ms/tok':>14s} {'x bf16':>7s}"
     if prefill:
         hdr += f" {f'prefill {args.batch}x{args.seq} ms':>22s} {'x bf16':>7s} {'b2b ms':>8s} {'x bf16':>7s}"
-    print(hdr + f" {'relRMS vs bf16':>15s} {'pallas vs xla':>14s}")
+    print(hdr + f" {'relRMS vs bf16':>15s} {'pallas vs xla':>14s} {'prefill relRMS':>15s}")
     for r in rows:
         line = f"{r['model']:24s} {r.get('head', '-'):>5s}"
         if "decode_ms" in r:
@@ -298,7 +328,7 @@ def _print_table(rows, prefill: bool, args) -> None:
                 line += f" {r['prefill_b2b_ms']:8.2f} {base['prefill_b2b_ms'] / r['prefill_b2b_ms']:7.2f}"
             else:
                 line += f" {'-':>8s} {'-':>7s}"
-        for key, width in (("rel_rms_vs_bf16", 15), ("pallas_vs_xla", 14)):
+        for key, width in (("rel_rms_vs_bf16", 15), ("pallas_vs_xla", 14), ("prefill_rel_rms", 15)):
             line += f" {r[key]:>{width}.3g}" if key in r else f" {'-':>{width}s}"
         print(line)
     print(
@@ -339,6 +369,17 @@ def main() -> None:
         action="store_true",
         help="also time the W8A8 prefill with a per-token quantize pass between fc1 and fc2",
     )
+    ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    ap.add_argument(
+        "--compare-epilogue-math",
+        nargs="*",
+        default=[],
+        metavar="MATH",
+        help="also time the W8A8 prefill with the Mosaic GEMMs' GELU epilogue under each of these "
+        "MosaicTileConfig.epilogue_math settings (precise, approx, tanh)",
+    )
+    ap.add_argument("--no-xla-rows", dest="xla_rows", action="store_false",
+                    help="skip the prefill rows of the XLA int8 path")
     args = ap.parse_args()
     if args.quick:
         args.presets, args.batch, args.seq, args.iters, args.big_iters = ["gpt-tiny"], 2, 32, 2, 2

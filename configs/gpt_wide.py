@@ -15,7 +15,8 @@ from models.presets import preset
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model=dataclasses.replace(preset("gpt2-124m"), num_layers=8, num_heads=32, d_model=4096, vocab_size=0),
+        model=dataclasses.replace(preset("gpt2-124m"), num_layers=8, num_heads=32, d_model=4096,
+                                  vocab_size=0),
         run_dir="runs/gpt_wide",
         batch_size=16,
         seq_len=1024,

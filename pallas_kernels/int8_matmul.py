@@ -142,7 +142,7 @@ def erf_rational(x: jax.Array, *, rsqrt_reciprocal: bool = False) -> jax.Array:
     return x * p / q
 
 
-ERF_IMPLS = ("exact", "approx", "rational_rsqrt")
+ERF_IMPLS = ("exact", "approx", "rational_rsqrt", "tanh")
 
 
 def activation_fn(y: jax.Array, activation: Activation, *, erf: str = "approx") -> jax.Array:
@@ -150,7 +150,8 @@ def activation_fn(y: jax.Array, activation: Activation, *, erf: str = "approx") 
 
     ``erf`` (exact GELU only): "exact" is ``lax.erf`` (jnp references), "approx" :func:`erf_approx` (one exp,
     one division), "rational_rsqrt" :func:`erf_rational` with no exp and no division (Mosaic GPU's
-    ``approx_math`` epilogues).
+    ``approx_math`` epilogues), "tanh" GELU's tanh form instead (within 5e-4 of exact GELU; one
+    ``tanh.approx.f32`` under ``approx_math``).
     """
     if activation is None:
         return y
@@ -159,6 +160,8 @@ def activation_fn(y: jax.Array, activation: Activation, *, erf: str = "approx") 
             return jax.nn.gelu(y, approximate=False)
         if erf == "rational_rsqrt":
             return y * (0.5 + 0.5 * erf_rational(y * 0.7071067811865476, rsqrt_reciprocal=True))
+        if erf == "tanh":
+            return activation_fn(y, "gelu_tanh")
         if erf != "approx":
             raise ValueError(f"erf must be one of {ERF_IMPLS}, got {erf!r}")
         return 0.5 * y * (1.0 + erf_approx(y * 0.7071067811865476))
