@@ -113,11 +113,17 @@ def linear_fwd(
 
 
 def linear_bwd(
-    g: jax.Array, x_dw: Operand, w_dx: Operand, policy: Policy, seed: jax.Array, *, has_bias: bool
+    g: jax.Array, x_dw: Operand, w_dx: Operand, policy: Policy, seed: jax.Array, *, has_bias: bool,
+    dx_dtype=F32,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """g: (M, N) float dL/dY -> (dX (M, K) f32, dW (K, N) f32, db (N,) f32 or None)."""
+    """g: (M, N) float dL/dY -> (dX (M, K) ``dx_dtype``, dW (K, N) f32, db (N,) f32 or None).
+
+    ``dx_dtype``: the input's dtype, so the grad-input GEMM writes it directly (fp32 accumulation, one
+    rounding) instead of an fp32 dX plus a convert pass (0.13 ms per step at hidden 4096, session 15).
+    """
     g_dx, g_dw, *db = grad_operands(g, policy, seed, column_sum=has_bias)
-    return grad_input(g_dx, w_dx, policy), grad_weight(x_dw, g_dw, policy), (db[0] if has_bias else None)
+    dx = grad_input(g_dx, w_dx, policy, out_dtype=dx_dtype)
+    return dx, grad_weight(x_dw, g_dw, policy), (db[0] if has_bias else None)
 
 
 def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy, out_dtype=F32) -> jax.Array:
