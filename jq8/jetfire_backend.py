@@ -119,7 +119,7 @@ def _gelu_backward_quantize_fallback(
 
 def _matmul_qarrays_fallback(
     a, b, *, bias=None, activation=None, residual=None, out_dtype=jnp.bfloat16, out_spec=None, config=None,
-    interpret=None,
+    interpret=None, split_cols=None,
 ):
     out = jnp.dot(
         dequantize(a, jnp.float32), dequantize(b, jnp.float32).T, precision=jax.lax.Precision.HIGHEST
@@ -134,7 +134,8 @@ def _matmul_qarrays_fallback(
         out = out + residual.astype(jnp.float32)
     if out_spec is not None:  # requantized from the fp32 epilogue value, as the kernels do
         return dataclasses.replace(quantize(out, out_spec), dtype=jnp.dtype(out_dtype))
-    return out.astype(out_dtype)
+    out = out.astype(out_dtype)
+    return out if split_cols is None else tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
 
 
 _FALLBACKS = {

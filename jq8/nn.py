@@ -274,12 +274,14 @@ class AttentionBlock(nn.Module):
         out_proj = Dense(d, bias, self.policy, name="out")
         if self.policy.int8 and not self.is_initializing():
             kernel, qkv_bias = qkv_proj.weights(d)
+            # q, k and v come from the GEMM's epilogue as three arrays: no slicing copies for attention
             qkv = jetfire_norm_linear(
-                x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy, eps=self.eps, rms=rms
+                x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy, eps=self.eps, rms=rms,
+                split_cols=d,
             )
+            qkv = tuple(a.astype(cd).reshape(b, t, self.num_heads, hd) for a in qkv)
         else:
-            qkv = qkv_proj(norm(x))
-        qkv = qkv.astype(cd).reshape(b, t, 3, self.num_heads, hd)
+            qkv = qkv_proj(norm(x)).astype(cd).reshape(b, t, 3, self.num_heads, hd)
         o = self.attend(qkv, mask, decode)
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
