@@ -187,14 +187,16 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def attention_implementation(
-    choice: str, dtype, head_dim: int, *, masked: bool, decode: bool, one_token: bool = False
+    choice: str, dtype, head_dim: int, *, masked: bool, decode: bool, one_token: bool = False,
+    seq_len: int | None = None,
 ) -> str:
     """The attention implementation ("xla", "cudnn" or "pallas") for a requested ``choice``.
 
     choice: "auto" | "xla" | "cudnn" | "pallas" (``ModelConfig.attention`` / the block's ``implementation``).
     "auto" picks cuDNN flash attention (no T x T probabilities saved for the backward pass) when the
-    default backend is a GPU, q/k/v are bf16 or fp16, head_dim % 8 == 0 and head_dim <= 128, there is no
-    explicit mask and the call does not decode; otherwise XLA. "cudnn" needs a GPU (ValueError here,
+    default backend is a GPU, q/k/v are bf16 or fp16, head_dim % 8 == 0 and head_dim <= 128, the sequence
+    length ``seq_len`` is even (cuDNN's causal training kernels refuse odd lengths), there is no explicit
+    mask and the call does not decode; otherwise XLA. "cudnn" needs a GPU (ValueError here,
     instead of JAX's "cuDNN is not detected"). Cached decoding runs XLA (its (T, cache length) mask over a
     partly filled cache is not a flash-attention case), except a one-token cached call without an explicit
     mask and with a power-of-two head_dim: "auto" on a GPU and "pallas" anywhere take
@@ -215,6 +217,7 @@ def attention_implementation(
     if choice == "cudnn":
         return "cudnn"
     fits = jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    fits = fits and (seq_len is None or seq_len % 2 == 0)
     return "cudnn" if gpu and fits and not masked else "xla"
 
 
@@ -319,6 +322,7 @@ class AttentionBlock(nn.Module):
             masked=mask is not None,
             decode=cache is not None,
             one_token=q.shape[1] == 1,
+            seq_len=q.shape[1],
         )
         if impl == "pallas":  # one cached query token (attention_implementation): one launch for the step
             from pallas_kernels.decode_attention import decode_attention_update

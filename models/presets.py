@@ -26,8 +26,8 @@ class ModelConfig:
     remat: recompute each block in the backward pass (saves activation memory for the large presets).
     attention: attention core implementation, "auto" | "xla" | "cudnn" | "pallas" (see
       :func:`jq8.nn.attention_implementation`): "auto" = cuDNN flash attention on GPU for bf16/fp16
-      unmasked, non-decoding calls with head_dim % 8 == 0 and <= 128, the Pallas decode kernel for
-      one-token cached calls on GPU, else XLA ("pallas": that kernel on any backend). Configs saved
+      unmasked, non-decoding calls of even length with head_dim % 8 == 0 and <= 128, the Pallas decode
+      kernel for one-token cached calls on GPU, else XLA ("pallas": that kernel on any backend). Configs saved
       before this field existed load with the default (``from_dict`` fills missing fields).
     """
 

@@ -363,12 +363,14 @@ def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
     """The decision table of "auto" as if on a GPU (nothing runs there: only the choice is checked)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
-    def pick(choice="auto", dtype=jnp.bfloat16, head_dim=64, masked=False, decode=False, one_token=False):
+    def pick(choice="auto", dtype=jnp.bfloat16, head_dim=64, masked=False, decode=False, one_token=False,
+             seq_len=None):
         return attention_implementation(
-            choice, dtype, head_dim, masked=masked, decode=decode, one_token=one_token
+            choice, dtype, head_dim, masked=masked, decode=decode, one_token=one_token, seq_len=seq_len
         )
 
     assert pick() == "cudnn" and pick(dtype=jnp.float16, head_dim=128) == "cudnn"
+    assert pick(seq_len=1024) == "cudnn" and pick(seq_len=21) == "xla"  # cuDNN refuses odd lengths
     assert pick(dtype=jnp.float32) == "xla"
     assert pick(head_dim=60) == "xla" and pick(head_dim=160) == "xla"
     assert pick(masked=True) == "xla" and pick(decode=True) == "xla"
