@@ -124,7 +124,8 @@ def test_dropout_uses_rng_and_deterministic_flag():
     zeros = float(jnp.mean(y1 == 0))
     assert 0.35 < zeros < 0.65
     kept = y1 != 0
-    np.testing.assert_allclose(np.asarray(y1)[kept], 2 * np.asarray(y0)[kept], rtol=1e-5, atol=1e-6)
+    # bf16 resolution: XLA on a GPU may keep excess precision (skip a bf16 rounding) in one path, not the other
+    np.testing.assert_allclose(np.asarray(y1)[kept], 2 * np.asarray(y0)[kept], rtol=2.0**-7, atol=1e-6)
 
 
 def test_int8_dimension_errors_name_the_dimension():
