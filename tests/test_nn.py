@@ -124,7 +124,7 @@ def test_dropout_uses_rng_and_deterministic_flag():
     zeros = float(jnp.mean(y1 == 0))
     assert 0.35 < zeros < 0.65
     kept = y1 != 0
-    # bf16 resolution: XLA on a GPU may keep excess precision (skip a bf16 rounding) in one path, not the other
+    # bf16 resolution: XLA on a GPU may keep excess precision (skip a bf16 rounding) in one path only
     np.testing.assert_allclose(np.asarray(y1)[kept], 2 * np.asarray(y0)[kept], rtol=2.0**-7, atol=1e-6)
 
 
