@@ -125,7 +125,7 @@ def _linear_bwd(policy, res, g):
     x_dw, w_dx, seeds, b_tag, x_tag = res
     dx, dw, db = ops.linear_bwd(g, x_dw, w_dx, policy, seeds[0], has_bias=b_tag is not None,
                                 dx_dtype=x_tag.dtype)
-    return dx.astype(x_tag.dtype), dw, db, None
+    return dx, dw, db, None
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)

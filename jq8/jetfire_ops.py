@@ -106,9 +106,8 @@ def linear_fwd(
     (the GEMM epilogue writes them apart where the kernel can: no slicing copies of a packed output).
     """
     if isinstance(x_fwd, QArray):
-        split = {} if split_cols is None else dict(split_cols=split_cols)
         return kb.matmul_qarrays(x_fwd, w_fwd, bias=bias, out_dtype=out_dtype, out_spec=out_spec,
-                                 use_kernels=policy.use_kernels, **split)
+                                 split_cols=split_cols, use_kernels=policy.use_kernels)
     y = _dot(x_fwd, w_fwd, (1, 0), policy.compute_dtype)
     if bias is not None:
         y = y + bias.astype(F32)
