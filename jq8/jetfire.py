@@ -148,20 +148,31 @@ def jetfire_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, key:
 # ------------------------------------------------------------------------------------- norm + linear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _norm_linear(x, norm, w, b, seeds, policy, eps, rms, split):
-    return _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms, split)[0]
+def _with_input(y, x, return_input: bool):
+    """The op's output, and with ``return_input`` also x itself: the caller's residual stream then passes
+    through the op, so its gradient arrives in the op's backward (added to dx in the LayerNorm pass)."""
+    return (y, x) if return_input else y
 
 
-def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms, split):
+def _split_input_grad(g, return_input: bool):
+    return g if return_input else (g, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _norm_linear(x, norm, w, b, seeds, policy, eps, rms, split, return_input):
+    return _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms, split, return_input)[0]
+
+
+def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms, split, return_input):
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
     w_fwd, w_dx = ops.weight_operands(w, policy)
     y = ops.linear_fwd(h_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype, split_cols=split)
-    return y, (ln_res, h_dw, w_dx, norm, seeds, _dtype_tag(b), _dtype_tag(x))
+    return _with_input(y, x, return_input), (ln_res, h_dw, w_dx, norm, seeds, _dtype_tag(b), _dtype_tag(x))
 
 
-def _norm_linear_bwd(policy, eps, rms, split, res, g):
+def _norm_linear_bwd(policy, eps, rms, split, return_input, res, g):
     ln_res, h_dw, w_dx, norm, seeds, b_tag, x_tag = res
+    g, g_residual = _split_input_grad(g, return_input)
     if split is not None:  # the parts' cotangents, side by side again: one (M, N) gradient to quantize
         g = jnp.concatenate(g, axis=1)
     has_bias, x_dtype = b_tag is not None, x_tag.dtype
@@ -169,9 +180,11 @@ def _norm_linear_bwd(policy, eps, rms, split, res, g):
     dh = ops.grad_input(g_dx, w_dx, policy)
     dw = ops.grad_weight(h_dw, g_dw, policy)
     db = db[0] if has_bias else None
-    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, norm["scale"], rms=rms, has_beta="bias" in norm)
+    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, norm["scale"], rms=rms, has_beta="bias" in norm,
+                                           residual_grad=g_residual, out_dtype=x_dtype,
+                                           use_kernels=policy.use_kernels)
     dnorm = {"scale": dgamma, **({"bias": dbeta} if "bias" in norm else {})}
-    return dx.astype(x_dtype), dnorm, dw, db, None
+    return dx, dnorm, dw, db, None
 
 
 _norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
@@ -179,14 +192,17 @@ _norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
 
 def jetfire_norm_linear(x: jax.Array, norm: Mapping[str, jax.Array], kernel: jax.Array,
                         bias: jax.Array | None, key: jax.Array | None, policy: Policy, *, eps: float = 1e-5,
-                        rms: bool = False,
-                        split_cols: int | None = None) -> jax.Array | tuple[jax.Array, ...]:
+                        rms: bool = False, split_cols: int | None = None,
+                        return_input: bool = False):
     """linear(LayerNorm(x)) with the normalised activation INT8 between them.
 
     x: (..., D) fp32 residual stream; norm: {"scale": (D,), "bias": (D,) unless rms}; kernel (D, N) fp32.
     Returns (..., N) in ``policy.compute_dtype``, or with ``split_cols`` (dividing N) a tuple of N /
     split_cols (..., split_cols) column blocks in order: attention's q, k, v, which the INT8 GEMM's epilogue
     writes apart (slicing a packed output costs a copy of it, 0.26 ms per step at d=4096).
+    return_input: return (that, x), x unchanged; use this x as the residual stream (x + branch). Its gradient
+    then joins dx inside the op's fused LayerNorm backward instead of in a separate XLA pass over the
+    fp32 stream.
     """
     n = kernel.shape[1]
     if split_cols is not None and (split_cols <= 0 or n % split_cols):
@@ -194,24 +210,29 @@ def jetfire_norm_linear(x: jax.Array, norm: Mapping[str, jax.Array], kernel: jax
     if not policy.int8:
         cd = policy.compute_dtype
         y = norm_linear_reference(x, norm, kernel, bias, compute_dtype=cd, eps=eps, rms=rms)
-        return y if split_cols is None else tuple(jnp.split(y, n // split_cols, axis=-1))
+        y = y if split_cols is None else tuple(jnp.split(y, n // split_cols, axis=-1))
+        return _with_input(y, x, return_input)
     policy.check_dims(in_features=kernel.shape[0], out_features=n)
     seeds = seeds_from_key(key, 1)
-    y = _norm_linear(_flat(x), dict(norm), kernel, bias, seeds, policy, float(eps), bool(rms), split_cols)
+    out = _norm_linear(_flat(x), dict(norm), kernel, bias, seeds, policy, float(eps), bool(rms), split_cols,
+                       bool(return_input))
+    y, x_out = out if return_input else (out, None)
     if split_cols is None:
-        return y.reshape(*x.shape[:-1], n)
-    return tuple(part.reshape(*x.shape[:-1], split_cols) for part in y)
+        y = y.reshape(*x.shape[:-1], n)
+    else:
+        y = tuple(part.reshape(*x.shape[:-1], split_cols) for part in y)
+    return _with_input(y, None if x_out is None else x_out.reshape(x.shape), return_input)
 
 
 # ---------------------------------------------------------------------------------------------- MLP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _mlp(x, params, seeds, policy, activation, eps, rms):
-    return _mlp_fwd(x, params, seeds, policy, activation, eps, rms)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _mlp(x, params, seeds, policy, activation, eps, rms, return_input):
+    return _mlp_fwd(x, params, seeds, policy, activation, eps, rms, return_input)[0]
 
 
-def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
+def _mlp_fwd(x, params, seeds, policy, activation, eps, rms, return_input):
     cd = policy.compute_dtype
     norm, fc1, fc2 = params["norm"], params["fc1"], params["fc2"]
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
@@ -231,11 +252,12 @@ def _mlp_fwd(x, params, seeds, policy, activation, eps, rms):
     y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=cd)
     res = (ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, norm["scale"], seeds, _dtype_tag(x),
            _structure(params))
-    return y, res
+    return _with_input(y, x, return_input), res
 
 
-def _mlp_bwd(policy, activation, eps, rms, res, g):
+def _mlp_bwd(policy, activation, eps, rms, return_input, res, g):
     ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, gamma, seeds, x_tag, names = res
+    g, g_residual = _split_input_grad(g, return_input)
     grads = {}
 
     def pack(name, dw, db):
@@ -253,9 +275,11 @@ def _mlp_bwd(policy, activation, eps, rms, res, g):
         dh = ops.grad_input(du_dx, w1_dx, policy) + ops.grad_input(dv_dx, wg_dx, policy)
         pack("gate", ops.grad_weight(h_dw, dv_dw, policy), dbg)
     pack("fc1", ops.grad_weight(h_dw, du_dw, policy), db1)
-    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, gamma, rms=rms, has_beta="bias" in names["norm"])
+    dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, gamma, rms=rms, has_beta="bias" in names["norm"],
+                                           residual_grad=g_residual, out_dtype=x_tag.dtype,
+                                           use_kernels=policy.use_kernels)
     grads["norm"] = {"scale": dgamma, **({"bias": dbeta} if "bias" in names["norm"] else {})}
-    return dx.astype(x_tag.dtype), grads, None
+    return dx, grads, None
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -264,20 +288,26 @@ ACTIVATIONS = ("gelu", "swiglu")
 
 
 def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Policy, *,
-                activation: str = "gelu", eps: float = 1e-5, rms: bool = False) -> jax.Array:
+                activation: str = "gelu", eps: float = 1e-5, rms: bool = False, return_input: bool = False):
     """The pre-norm MLP branch fc2(act(fc1(norm(x)))) with Jetfire INT8 data flow.
 
     x: (..., D) fp32 residual stream. params: {"norm": {"scale", "bias"?}, "fc1": {"kernel" (D, F),
     "bias"?}, "fc2": {"kernel" (F, D), "bias"?}, and "gate" like fc1 for swiglu}: the parameter tree of
     :class:`jq8.nn.MlpBlock`. Returns (..., D) in ``policy.compute_dtype``; the residual add is the caller's.
+    return_input: return (y, x), x unchanged, as in :func:`jetfire_norm_linear`: adding this x as the
+    residual lets the fused LayerNorm backward add the residual's gradient to dx in the same pass.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not policy.int8:
-        return mlp_reference(x, params, compute_dtype=policy.compute_dtype, activation=activation, eps=eps,
-                             rms=rms)
+        y = mlp_reference(x, params, compute_dtype=policy.compute_dtype, activation=activation, eps=eps,
+                          rms=rms)
+        return _with_input(y, x, return_input)
     d, f = params["fc1"]["kernel"].shape
     policy.check_dims(model_dim=d, hidden=f)
     p = {k: dict(v) for k, v in params.items()}
-    y = _mlp(_flat(x), p, seeds_from_key(key, 3), policy, activation, float(eps), bool(rms))
-    return y.reshape(x.shape)
+    out = _mlp(_flat(x), p, seeds_from_key(key, 3), policy, activation, float(eps), bool(rms),
+               bool(return_input))
+    if return_input:
+        return out[0].reshape(x.shape), out[1].reshape(x.shape)
+    return out.reshape(x.shape)

@@ -20,6 +20,7 @@ from jq8.quant import QArray, QuantSpec, dequantize, quantize
 _MODULES = {
     "quantize_tiles": "pallas_kernels.quantize",
     "layer_norm_quantize": "pallas_kernels.norm_quantize",
+    "layer_norm_backward": "pallas_kernels.norm_backward",
     "bias_gelu_quantize": "pallas_kernels.gelu_quantize",
     "gelu_backward_quantize": "pallas_kernels.gelu_quantize",
     "matmul_qarrays": "pallas_kernels.int8_matmul_block_scaled",
@@ -93,6 +94,21 @@ def _layer_norm_quantize_fallback(
     return (*q, mean, rstd) if transposed_spec is not None else (q, mean, rstd)
 
 
+def _layer_norm_backward_fallback(dh, x, mean, rstd, gamma, *, rms=False, has_beta=True, residual_grad=None,
+                                  out_dtype=None, interpret=None, config=None):
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    xhat = ((dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32))
+            - mean[:, None]) * rstd[:, None]
+    dh = dh.astype(jnp.float32)
+    dxhat = dh * gamma.astype(jnp.float32)
+    proj = jnp.mean(dxhat * xhat, axis=1, keepdims=True)
+    centred = dxhat if rms else dxhat - jnp.mean(dxhat, axis=1, keepdims=True)
+    dx = rstd[:, None] * (centred - xhat * proj)
+    if residual_grad is not None:
+        dx = dx + residual_grad.astype(jnp.float32)
+    return dx.astype(out_dtype), jnp.sum(dh * xhat, axis=0), (jnp.sum(dh, axis=0) if has_beta else None)
+
+
 def _bias_gelu_quantize_fallback(x, bias=None, *, spec, activation="gelu", transposed_spec=None,
                                  interpret=None):
     y = dequantize(x, jnp.float32) if isinstance(x, QArray) else x.astype(jnp.float32)
@@ -141,6 +157,7 @@ def _matmul_qarrays_fallback(
 _FALLBACKS = {
     "quantize_tiles": _quantize_tiles_fallback,
     "layer_norm_quantize": _layer_norm_quantize_fallback,
+    "layer_norm_backward": _layer_norm_backward_fallback,
     "bias_gelu_quantize": _bias_gelu_quantize_fallback,
     "gelu_backward_quantize": _gelu_backward_quantize_fallback,
     "matmul_qarrays": _matmul_qarrays_fallback,
@@ -166,6 +183,15 @@ def layer_norm_quantize(x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed
     """x: (M, N) float -> (q[, qT], mean (M,) f32, rstd (M,) f32); q quantizes LN(x) (full-row stats)."""
     return _call("layer_norm_quantize", use_kernels, x, gamma, beta, eps=eps, rms=rms, spec=spec,
                  transposed_spec=transposed_spec)
+
+
+def layer_norm_backward(dh, x, mean, rstd, gamma, *, rms=False, has_beta=True, residual_grad=None,
+                        out_dtype=None, use_kernels=True):
+    """Exact LayerNorm/RMSNorm backward. dh: (M, D) dL/dLN(x); x: (M, D) float or QArray (the saved input);
+    mean, rstd: (M,) f32; gamma: (D,). -> (dx (M, D) ``out_dtype`` [+ residual_grad], dgamma (D,) f32,
+    dbeta (D,) f32 or None)."""
+    return _call("layer_norm_backward", use_kernels, dh, x, mean, rstd, gamma, rms=rms, has_beta=has_beta,
+                 residual_grad=residual_grad, out_dtype=out_dtype)
 
 
 def bias_gelu_quantize(x, bias=None, *, spec, activation="gelu", transposed_spec=None, use_kernels=True):

@@ -183,19 +183,16 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
     return h_fwd, h_dw, (x, mean, rstd)
 
 
-def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool):
-    """Exact LayerNorm/RMSNorm backward with full-row reductions.
+def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool, residual_grad=None,
+                   out_dtype=F32, use_kernels: bool = True):
+    """Exact LayerNorm/RMSNorm backward with full-row reductions (one fused kernel pass under kernels).
 
-    dh: (M, D) f32 dL/dLN(x) -> (dx (M, D) f32, dgamma (D,) f32, dbeta (D,) f32 or None).
+    dh: (M, D) float dL/dLN(x); residual_grad: None or (M, D), the residual stream's gradient, added to dx
+    in the same pass -> (dx (M, D) ``out_dtype``, dgamma (D,) f32, dbeta (D,) f32 or None).
     """
     x_saved, mean, rstd = residuals
-    xhat = (_float(x_saved) - mean[:, None]) * rstd[:, None]
-    dh = dh.astype(F32)
-    dxhat = dh * gamma.astype(F32)
-    proj = jnp.mean(dxhat * xhat, axis=1, keepdims=True)
-    centred = dxhat if rms else dxhat - jnp.mean(dxhat, axis=1, keepdims=True)
-    dx = rstd[:, None] * (centred - xhat * proj)
-    return dx, jnp.sum(dh * xhat, axis=0), (jnp.sum(dh, axis=0) if has_beta else None)
+    return kb.layer_norm_backward(dh, x_saved, mean, rstd, gamma, rms=rms, has_beta=has_beta,
+                                  residual_grad=residual_grad, out_dtype=out_dtype, use_kernels=use_kernels)
 
 
 # -------------------------------------------------------------------------------------- activations

@@ -144,9 +144,13 @@ class MlpBlock(nn.Module):
             }
             if gate is not None:
                 params["gate"] = _as_dict(gate.weights(d))
+            # The residual stream passes through the op when it is this branch's own input (the pre-norm
+            # block), so its gradient joins the fused LayerNorm backward's dx.
             y = jetfire_mlp(
-                x, params, quant_key(self), self.policy, activation=self.activation, eps=self.eps, rms=rms
+                x, params, quant_key(self), self.policy, activation=self.activation, eps=self.eps, rms=rms,
+                return_input=residual is x,
             )
+            y, residual = y if residual is x else (y, residual)
         else:
             h = norm(x)
             y = fc2(activation_reference(fc1(h), None if gate is None else gate(h), self.activation))
@@ -280,8 +284,9 @@ class AttentionBlock(nn.Module):
             # q, k and v come from the GEMM's epilogue as three arrays: no slicing copies for attention
             qkv = jetfire_norm_linear(
                 x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy, eps=self.eps, rms=rms,
-                split_cols=d,
+                split_cols=d, return_input=residual is x,  # residual stream through the op, as in MlpBlock
             )
+            qkv, residual = qkv if residual is x else (qkv, residual)
             qkv = tuple(a.astype(cd).reshape(b, t, self.num_heads, hd) for a in qkv)
         else:
             qkv = qkv_proj(norm(x)).astype(cd).reshape(b, t, 3, self.num_heads, hd)

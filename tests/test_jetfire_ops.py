@@ -164,6 +164,41 @@ def test_norm_linear_split_cols_equals_packed_output_and_grads(granularity, use_
         jetfire_norm_linear(x, norm, w, b, key, pol, split_cols=50)
 
 
+@pytest.mark.parametrize("op", ["norm_linear", "mlp"])
+@pytest.mark.parametrize("granularity,use_kernels", [("block", True), ("row", True), ("row", False)])
+def test_return_input_residual_equals_outside_add(op, granularity, use_kernels):
+    """x + branch(x) with x passed through the op (return_input: the residual's gradient is added inside the
+    op's LayerNorm backward) has the values and gradients of the residual added outside."""
+    pol = Policy.from_name("jetfire-int8", use_kernels=use_kernels, granularity=granularity)
+    x, key = rand(31, (2, 48, 64)), jax.random.PRNGKey(4)
+    ct = rand(32, (2, 48, 64))
+    if op == "mlp":
+        params = mlp_params(64, 128)
+
+        def branch(x, p, return_input=False):
+            return jetfire_mlp(x, p, key, pol, return_input=return_input)
+    else:
+        params = {"w": rand(33, (64, 64), 0.125), "b": rand(34, (64,), 0.1),
+                  "norm": {"scale": 1.0 + rand(35, (64,), 0.1), "bias": rand(36, (64,), 0.1)}}
+
+        def branch(x, p, return_input=False):
+            return jetfire_norm_linear(x, p["norm"], p["w"], p["b"], key, pol, return_input=return_input)
+
+    def outside(x, p):
+        return jnp.sum((x + branch(x, p).astype(jnp.float32)) * ct)
+
+    def through(x, p):
+        y, x_res = branch(x, p, return_input=True)
+        assert x_res.shape == x.shape
+        return jnp.sum((x_res + y.astype(jnp.float32)) * ct)
+
+    v1, g1 = jax.value_and_grad(outside, argnums=(0, 1))(x, params)
+    v2, g2 = jax.value_and_grad(through, argnums=(0, 1))(x, params)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    for a, c in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "fwd,gi,gw",
     [
@@ -294,7 +329,7 @@ def test_mlp_residuals_are_int8():
     d, f = 64, 128
     x, p = rand(4, (M, d)), mlp_params(d, f)
     seeds = jnp.zeros((3, 2), jnp.uint32)
-    _, res = jax.eval_shape(lambda x, p: _mlp_fwd(x, p, seeds, INT8, "gelu", 1e-5, False), x, p)
+    _, res = jax.eval_shape(lambda x, p: _mlp_fwd(x, p, seeds, INT8, "gelu", 1e-5, False, False), x, p)
     (x_saved, _, _), h_dw, u, _, a_dw = res[:5]
     expected = [("x", x_saved, (M, d)), ("h^T", h_dw, (d, M)), ("u", u, (M, f)), ("a^T", a_dw, (f, M))]
     for name, q, shape in expected:
