@@ -81,7 +81,7 @@ def _quantize_tiles_fallback(x, spec, *, rounding="nearest", seed=None, transpos
 
 
 def _layer_norm_quantize_fallback(
-    x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, interpret=None
+    x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, input_spec=None, interpret=None
 ):
     xf = x.astype(jnp.float32)
     mean = jnp.zeros(x.shape[0], jnp.float32) if rms else jnp.mean(xf, axis=1)
@@ -91,7 +91,9 @@ def _layer_norm_quantize_fallback(
     if beta is not None:
         y = y + beta.astype(jnp.float32)
     q = _both(y, spec, transposed_spec)
-    return (*q, mean, rstd) if transposed_spec is not None else (q, mean, rstd)
+    q = q if transposed_spec is not None else (q,)
+    xq = (quantize(x, input_spec),) if input_spec is not None else ()
+    return (*q, *xq, mean, rstd)
 
 
 def _layer_norm_backward_fallback(dh, x, mean, rstd, gamma, *, rms=False, has_beta=True, residual_grad=None,
@@ -179,10 +181,12 @@ def quantize_tiles(x, spec, *, rounding="nearest", seed=None, transposed_spec=No
                  transposed_spec=transposed_spec, column_sum=column_sum)
 
 
-def layer_norm_quantize(x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, use_kernels=True):
-    """x: (M, N) float -> (q[, qT], mean (M,) f32, rstd (M,) f32); q quantizes LN(x) (full-row stats)."""
+def layer_norm_quantize(x, gamma, beta, *, eps=1e-5, rms=False, spec, transposed_spec=None, input_spec=None,
+                        use_kernels=True):
+    """x: (M, N) float -> (q[, qT][, xq], mean (M,) f32, rstd (M,) f32); q quantizes LN(x) (full-row
+    stats), qT LN(x).T, xq x itself under ``input_spec`` (round to nearest), from the same reads of x."""
     return _call("layer_norm_quantize", use_kernels, x, gamma, beta, eps=eps, rms=rms, spec=spec,
-                 transposed_spec=transposed_spec)
+                 transposed_spec=transposed_spec, input_spec=input_spec)
 
 
 def layer_norm_backward(dh, x, mean, rstd, gamma, *, rms=False, has_beta=True, residual_grad=None,

@@ -161,25 +161,22 @@ def layer_norm_float(x: jax.Array, gamma, beta, *, eps: float, rms: bool):
 def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms: bool):
     """x: (M, D) float residual stream -> (h_fwd, h_dw, residuals) with full-row fp32 statistics.
 
-    With INT8 forward the normalised output is quantized by the fused LayerNorm kernel, and x itself is
-    saved for the backward as INT8 blocks (Jetfire's activation-memory saving); mean/rstd come from the
-    exact x. residuals = (x_saved: QArray (M, D) or float (M, D), mean (M,), rstd (M,)).
+    With INT8 forward one fused LayerNorm kernel quantizes the normalised output (and its transposed copy
+    for an INT8 grad-weight GEMM; under "row" after a statistics pass) and, from the same reads, x itself
+    as INT8 blocks for the backward (Jetfire's activation-memory saving); mean/rstd come from the exact x.
+    residuals = (x_saved: QArray (M, D) or float (M, D), mean (M,), rstd (M,)).
     """
-    if policy.int8_forward and policy.fused:
-        t_spec = policy.spec_t if policy.int8_grad_weight else None
-        outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.spec,
-                                      transposed_spec=t_spec, use_kernels=policy.use_kernels)
-        if t_spec is not None:
-            h_fwd, h_dw, mean, rstd = outs
-        else:
-            h_fwd, mean, rstd = outs
-            h_dw = h_fwd
-    else:
-        h, mean, rstd = layer_norm_float(x, gamma, beta, eps=eps, rms=rms)
-        # The jnp producer writes compute dtype (half the bytes the quantize kernels then read).
-        h_fwd, h_dw = activation_operands(h.astype(policy.compute_dtype), policy)
     if policy.int8_forward:
-        x = kb.quantize_tiles(x, policy.storage_spec, use_kernels=policy.use_kernels)
+        t_spec = policy.spec_t if policy.int8_grad_weight else None
+        h_fwd, *outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.spec,
+                                              transposed_spec=t_spec, input_spec=policy.storage_spec,
+                                              use_kernels=policy.use_kernels)
+        h_dw = outs.pop(0) if t_spec is not None else h_fwd
+        x_saved, mean, rstd = outs
+        return h_fwd, h_dw, (x_saved, mean, rstd)
+    h, mean, rstd = layer_norm_float(x, gamma, beta, eps=eps, rms=rms)
+    # The jnp producer writes compute dtype (half the bytes the quantize kernels then read).
+    h_fwd, h_dw = activation_operands(h.astype(policy.compute_dtype), policy)
     return h_fwd, h_dw, (x, mean, rstd)
 
 

@@ -146,13 +146,6 @@ class Policy:
         requantizes to (one scale per row of each 128-column warpgroup tile)."""
         return QuantSpec((1, 128)) if self.granularity == "row" else QuantSpec.blocks(self.block)
 
-    @property
-    def fused(self) -> bool:
-        """True when the fused LayerNorm kernel can write both layouts in one pass (block tiles; per-row
-        scales of both x and x^T need whole rows and whole columns). The GELU kernels take those from a
-        statistics pre-pass, so they serve both granularities."""
-        return self.granularity == "block"
-
     def check_dims(self, **dims: int) -> None:
         """Raises if an INT8 policy meets a contraction/feature dimension that is not a block multiple.
 

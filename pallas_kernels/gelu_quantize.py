@@ -25,23 +25,21 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import QArray, QuantSpec, Rounding, quantize
 from pallas_kernels._common import resolve_interpret
 from pallas_kernels.int8_matmul import erf_rational
 from pallas_kernels.quantize import (
     AXIS_STATS_CONFIG,
-    BlockPlan,
+    Operand,
     OutSpec,
     QuantizeConfig,
+    as_operand,
     as_seed,
     axis_partials,
     block_mask,
-    block_tile,
-    expand_tile,
     launch,
+    load_operand,
     load_seed,
     out_shapes,
     plan_blocks,
@@ -92,57 +90,6 @@ def gelu_grad_fp32(x: jax.Array, activation: Activation) -> jax.Array:
 # ------------------------------------------------------------------------------------------ operand loading
 
 
-@dataclasses.dataclass(frozen=True)
-class _Operand:
-    """How a kernel input is read: a dense float (M, N) array, a QArray of tile (x coordinates), or a bias."""
-
-    kind: Literal["dense", "qarray", "bias"]
-    tile: tuple[int, int] = (1, 1)
-
-    @property
-    def n_refs(self) -> int:
-        return 2 if self.kind == "qarray" else 1
-
-    @property
-    def requirement(self) -> tuple[int, int]:
-        """Block divisibility it imposes: its tile, with a whole axis imposing nothing (one scale)."""
-        return tuple(1 if t == -1 else t for t in self.tile) if self.kind == "qarray" else (1, 1)
-
-
-def _as_operand(a, m: int, n: int) -> tuple[_Operand, list[jax.Array]]:
-    if isinstance(a, QArray):
-        if a.shape_2d != (m, n) or a.values.dtype != jnp.int8:
-            raise ValueError(
-                f"QArray operand must hold ({m}, {n}) int8 codes, got {a.shape} {a.values.dtype}"
-            )
-        return _Operand("qarray", x_tile(a.spec, m, n)), [a.values.reshape(m, n), a.scale]
-    a = jnp.asarray(a)
-    if a.shape != (m, n) or not jnp.issubdtype(a.dtype, jnp.floating):
-        raise ValueError(f"dense operand must be a float ({m}, {n}) array, got {a.shape} {a.dtype}")
-    return _Operand("dense"), [a]
-
-
-def _load_operand(op: _Operand, refs, r0, c0, plan: BlockPlan) -> jax.Array:
-    """The (bm, bn) fp32 block of an operand at (r0, c0); 0 outside the array."""
-    mask = block_mask(r0, c0, plan)
-    if op.kind == "bias":
-        cmask = c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n
-        return plgpu.load(refs[0].at[pl.ds(c0, plan.bn)], mask=cmask, other=0.0).astype(jnp.float32)[None, :]
-    v = plgpu.load(refs[0].at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=mask, other=0)
-    v = v.astype(jnp.float32)
-    if op.kind == "dense":
-        return v
-    rt, ct = block_tile(op.tile, plan.bm, plan.bn)
-    gr, gc = plan.bm // rt, plan.bn // ct
-    sr0 = 0 if op.tile[0] == -1 else r0 // rt
-    sc0 = 0 if op.tile[1] == -1 else c0 // ct
-    srows = sr0 + jnp.arange(gr, dtype=jnp.int32)[:, None]
-    scols = sc0 + jnp.arange(gc, dtype=jnp.int32)[None, :]
-    smask = (srows < refs[1].shape[0]) & (scols < refs[1].shape[1])
-    s = plgpu.load(refs[1].at[pl.ds(sr0, gr), pl.ds(sc0, gc)], mask=smask, other=0.0)
-    return jnp.where(mask, v * expand_tile(s, rt, ct, plan.bm, plan.bn), 0.0)
-
-
 def _split_refs(ops, refs):
     out, i = [], 0
     for op in ops:
@@ -162,7 +109,7 @@ def _producer_load(ops, op_refs, *, mode, activation, plan):
     """load(r0, c0) -> the (bm, bn) fp32 block of the producer: act(x + bias) or g * act'(x + bias)."""
 
     def load(r0, c0):
-        vals = [_load_operand(op, r, r0, c0, plan) for op, r in zip(ops, op_refs)]
+        vals = [load_operand(op, r, r0, c0, plan) for op, r in zip(ops, op_refs)]
         x = vals[0]
         has_bias = len(ops) > 1 and ops[1].kind == "bias"
         if has_bias:
@@ -228,16 +175,16 @@ def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed,
     if len(jnp.shape(x) if not isinstance(x, QArray) else x.shape) != 2:
         raise ValueError(f"x must be (M, N), got shape {x.shape}")
     m, n = x.shape if isinstance(x, QArray) else jnp.shape(x)
-    op, arrays = _as_operand(x, m, n)
+    op, arrays = as_operand(x, m, n)
     ops = [op]
     if bias is not None:
         bias = jnp.asarray(bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
-        ops.append(_Operand("bias"))
+        ops.append(Operand("bias"))
         arrays.append(bias)
     if g is not None:
-        gop, garrs = _as_operand(g, m, n)
+        gop, garrs = as_operand(g, m, n)
         ops.append(gop)
         arrays += garrs
     specs = ((spec, False),) + (((transposed_spec, True),) if transposed_spec is not None else ())

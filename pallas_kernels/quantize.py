@@ -29,6 +29,8 @@ over the same blocks (:func:`axis_partials`, the fused producers, which would ot
 The building blocks (:func:`plan_blocks`, :func:`tile_absmax`, :func:`scaled_block`, :func:`round_codes`,
 :func:`store_codes`, :func:`store_scale`, :func:`sweep`, :func:`launch`) are shared with the fused producer
 kernels (``norm_quantize.py``, ``gelu_quantize.py``): each provides only a ``load(r0, c0) -> fp32 block``.
+Kernel inputs that may be dense or a QArray (dequantized in registers) are read through :class:`Operand`,
+:func:`as_operand` and :func:`load_operand` (the GELU producers, the LayerNorm backward).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -501,6 +504,65 @@ def block_mask(r0: jax.Array, c0: jax.Array, plan: BlockPlan) -> jax.Array:
     rows = r0 + jnp.arange(plan.bm, dtype=jnp.int32)[:, None]
     cols = c0 + jnp.arange(plan.bn, dtype=jnp.int32)[None, :]
     return (rows < plan.m) & (cols < plan.n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """How a kernel input is read: a dense float (M, N) array, a QArray of tile (x coordinates), or a bias."""
+
+    kind: Literal["dense", "qarray", "bias"]
+    tile: tuple[int, int] = (1, 1)
+
+    @property
+    def n_refs(self) -> int:
+        return 2 if self.kind == "qarray" else 1
+
+    @property
+    def requirement(self) -> tuple[int, int]:
+        """Block divisibility it imposes: its tile, with a whole axis imposing nothing (one scale)."""
+        return tuple(1 if t == -1 else t for t in self.tile) if self.kind == "qarray" else (1, 1)
+
+
+def as_operand(a, m: int, n: int) -> tuple[Operand, list[jax.Array]]:
+    """(how to read ``a``, the arrays the kernel takes for it): a QArray of (M, N) symmetric INT8 codes
+    (codes and scales), or a dense float (M, N) array. Raises ValueError on another shape or dtype."""
+    if isinstance(a, QArray):
+        if a.shape_2d != (m, n) or a.values.dtype != jnp.int8:
+            raise ValueError(
+                f"QArray operand must hold ({m}, {n}) int8 codes, got {a.shape} {a.values.dtype}"
+            )
+        return Operand("qarray", x_tile(a.spec, m, n)), [a.values.reshape(m, n), a.scale]
+    a = jnp.asarray(a)
+    if a.shape != (m, n) or not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"dense operand must be a float ({m}, {n}) array, got {a.shape} {a.dtype}")
+    return Operand("dense"), [a]
+
+
+def load_operand(op: Operand, refs, r0, c0, plan: BlockPlan) -> jax.Array:
+    """The (bm, bn) fp32 block of an operand at (r0, c0); 0 outside the array.
+
+    A QArray's tile may be larger than the block (a few rows of 32 x 32 blocks, a column chunk of a wide
+    group): tile and block sizes are powers of two and the origin a multiple of the block, so the block then
+    lies inside one tile row / column and needs one scale along that axis.
+    """
+    mask = block_mask(r0, c0, plan)
+    if op.kind == "bias":
+        cmask = c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n
+        return plgpu.load(refs[0].at[pl.ds(c0, plan.bn)], mask=cmask, other=0.0).astype(jnp.float32)[None, :]
+    v = plgpu.load(refs[0].at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=mask, other=0)
+    v = v.astype(jnp.float32)
+    if op.kind == "dense":
+        return v
+    rt, ct = block_tile(op.tile, plan.bm, plan.bn)
+    rb, cb = min(rt, plan.bm), min(ct, plan.bn)  # the tile's extent inside this block
+    gr, gc = plan.bm // rb, plan.bn // cb
+    sr0 = 0 if op.tile[0] == -1 else r0 // rt
+    sc0 = 0 if op.tile[1] == -1 else c0 // ct
+    srows = sr0 + jnp.arange(gr, dtype=jnp.int32)[:, None]
+    scols = sc0 + jnp.arange(gc, dtype=jnp.int32)[None, :]
+    smask = (srows < refs[1].shape[0]) & (scols < refs[1].shape[1])
+    s = plgpu.load(refs[1].at[pl.ds(sr0, gr), pl.ds(sc0, gc)], mask=smask, other=0.0)
+    return jnp.where(mask, v * expand_tile(s, rb, cb, plan.bm, plan.bn), 0.0)
 
 
 def sweep(

@@ -22,8 +22,14 @@ from pallas_kernels.gelu_quantize import (
     gelu_fp32,
     gelu_grad_fp32,
 )
-from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference
-from pallas_kernels.quantize import QuantizeConfig, stat_tiles
+from pallas_kernels.norm_quantize import (
+    RowStatsConfig,
+    _stats_plan,
+    layer_norm_quantize,
+    layer_norm_quantize_reference,
+    norm_plan,
+)
+from pallas_kernels.quantize import AXIS_STATS_CONFIG, BlockPlan, QuantizeConfig, plan_blocks, stat_tiles
 
 P, B = QuantSpec.per_row(), QuantSpec.blocks
 
@@ -92,6 +98,124 @@ def test_layer_norm_without_affine_swept_rows():
     # Normalized rows: mean 0, unit variance (so the constant shift did not leak into the codes).
     y = np.asarray(got[0].dequantize(jnp.float32))
     assert np.abs(y.mean(axis=1)).max() < 0.05 and np.abs(y.std(axis=1) - 1).max() < 0.05
+
+
+def _affine(n, affine):
+    gamma = 1.0 + 0.2 * jax.random.normal(jax.random.key(1), (n,)) if affine else None
+    beta = 0.1 * jax.random.normal(jax.random.key(2), (n,)) if affine else None
+    return gamma, beta
+
+
+def _check_norm(got, ref):
+    *gq, mean, rstd = got
+    *rq, rmean, rrstd = ref
+    _close_q(tuple(gq), tuple(rq))
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(rmean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rstd), np.asarray(rrstd), rtol=1e-5)
+
+
+# The int8-row policy: per-row codes of y and of y.T need whole rows and whole columns: a statistics pass
+# (mean, rstd, row absmax, column partials) and a full-grid quantize pass (+ x's own codes with input_spec).
+@pytest.mark.parametrize(
+    "shape,dtype,affine,rms,input_spec,budget,stats",
+    [
+        ((70, 200), jnp.bfloat16, True, False, B((32, 32)), 16384, None),
+        ((1100, 72), jnp.float32, True, False, P, 16384, None),  # x per row: its row absmax from pass 1 too
+        ((70, 200), jnp.float32, False, False, None, 16384, RowStatsConfig(rows=64, block_elems=2048)),
+        ((40, 300), jnp.float32, True, True, B((32, 32)), 256, RowStatsConfig(rows=8)),  # column chunks
+    ],
+)
+def test_layer_norm_row_policy(shape, dtype, affine, rms, input_spec, budget, stats):
+    m, n = shape
+    config = QuantizeConfig(max_block_elems=budget)
+    specs = ((P, False), (P, True))
+    assert norm_plan(m, n, specs, input_spec, config)[0] == "two_pass"
+    plan1, rows = _stats_plan(m, n, [(1, -1), (-1, 1)], config, stats or RowStatsConfig())
+    chunks = budget == 256
+    assert (plan1.loop_axis == 1) == chunks and (rows // plan1.bm > 1) == (stats is not None and not chunks)
+    x = _x(shape, dtype)
+    kw = dict(eps=1e-5, rms=rms, spec=P, transposed_spec=P, input_spec=input_spec)
+    got = layer_norm_quantize(x, *_affine(n, affine), config=config, stats_config=stats, poison_outputs=True,
+                              **kw)
+    assert len(got) == (5 if input_spec is not None else 4)
+    _check_norm(got, layer_norm_quantize_reference(x, *_affine(n, affine), **kw))
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,spec,tspec,budget",
+    [
+        ((70, 200), jnp.float32, P, None, 16384),  # ZeroQuant's per-token LayerNorm; whole rows loaded once
+        ((70, 200), jnp.bfloat16, B((32, 32)), B((32, 32)), 16384),  # Jetfire's block LayerNorm
+        ((40, 300), jnp.float32, P, None, 512),  # rows swept in column chunks: x's chunks read once more
+    ],
+)
+def test_layer_norm_input_spec_one_pass(shape, dtype, spec, tspec, budget):
+    x = _x(shape, dtype, key=4)
+    kw = dict(spec=spec, transposed_spec=tspec, input_spec=B((32, 32)))
+    config = QuantizeConfig(max_block_elems=budget)
+    route, plan, _ = norm_plan(*shape, ((spec, False),) + (((tspec, True),) if tspec else ()), B((32, 32)),
+                               config)
+    assert route == "one_pass" and (plan.loop_axis == 1) == (budget == 512)
+    got = layer_norm_quantize(x, *_affine(shape[1], True), config=config, poison_outputs=True, **kw)
+    ref = layer_norm_quantize_reference(x, *_affine(shape[1], True), **kw)
+    _check_norm(got, ref)
+    np.testing.assert_array_equal(got[-3].values, ref[-3].values)  # x's codes: no fp32 math, bit-exact
+    np.testing.assert_array_equal(got[-3].scale, ref[-3].scale)
+
+
+def test_layer_norm_plans_kept():
+    """Without whole columns the one-pass plans stay as they were (ZeroQuant's prefill, Jetfire's blocks);
+    per-row codes of y and y.T take the two-pass route."""
+    prefill = norm_plan(8192, 1600, ((P, False),))
+    assert prefill == ("one_pass", BlockPlan(8192, 1600, 1, 2048, None, True), QuantizeConfig())
+    b32 = ((B((32, 32)), False), (B((32, 32)), True))
+    old = plan_blocks(16384, 4096, [(32, 32), (32, 32), (1, -1)], QuantizeConfig())
+    assert norm_plan(16384, 4096, b32) == ("one_pass", old, QuantizeConfig())
+    rows = norm_plan(16384, 4096, ((P, False), (P, True)), B((32, 32)))
+    assert rows == ("two_pass", BlockPlan(16384, 4096, 32, 128), AXIS_STATS_CONFIG)
+
+
+def test_layer_norm_row_policy_keeps_nan():
+    x = _x((70, 200), key=5).at[9, 150].set(jnp.nan)
+    kw = dict(spec=P, transposed_spec=P, input_spec=B((32, 32)))
+    q, qt, xq, mean, rstd = layer_norm_quantize(x, *_affine(200, True), **kw)
+    rq, rqt, rxq, _, _ = layer_norm_quantize_reference(x, *_affine(200, True), **kw)
+    s = np.asarray(q.scale)[:, 0]
+    assert np.isnan(s[9]) and np.isfinite(np.delete(s, 9)).all()
+    assert np.isnan(np.asarray(qt.scale)).all()  # every column of y holds row 9's NaN
+    xs = np.isnan(np.asarray(xq.scale))
+    assert xs[0, 4] and xs.sum() == 1
+    assert np.isnan(mean[9]) and np.isnan(rstd[9]) and np.isfinite(np.delete(np.asarray(rstd), 9)).all()
+    keep = np.arange(70) != 9
+    assert np.abs(np.asarray(q.values, np.int32)[keep] - np.asarray(rq.values, np.int32)[keep]).max() <= 1
+    np.testing.assert_array_equal(q.values[9], rq.values[9])
+    np.testing.assert_array_equal(qt.values, rqt.values)
+    np.testing.assert_array_equal(xq.values, rxq.values)
+
+
+def test_layer_norm_row_policy_lowers_to_triton(verified_triton_modules):
+    """Both passes of the two-pass route (whole rows, and rows in column chunks) and the one-pass route with
+    input_spec lower to Triton IR that verifies (cross-lowered on CPU)."""
+    x = jax.ShapeDtypeStruct((300, 1000), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    b32 = B((32, 32))
+    cases = [
+        lambda x, g, b: layer_norm_quantize(
+            x, g, b, spec=P, transposed_spec=P, input_spec=b32, interpret=False
+        ),
+        lambda x, g, b: layer_norm_quantize(
+            x, None, None, rms=True, spec=P, transposed_spec=P, input_spec=b32,
+            config=QuantizeConfig(max_block_elems=512), interpret=False,
+        ),
+        lambda x, g, b: layer_norm_quantize(
+            x, g, b, spec=P, transposed_spec=P, stats_config=RowStatsConfig(rows=16, block_elems=2048),
+            interpret=False,
+        ),
+        lambda x, g, b: layer_norm_quantize(x, g, b, spec=P, input_spec=b32, interpret=False),
+    ]
+    for fn in cases:
+        assert "triton" in jax.jit(fn).trace(x, vec, vec).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(verified_triton_modules) == 7  # 2 + 2 + 2 + 1 kernels
 
 
 # ---------------------------------------------------------------------------------------------- GELU
