@@ -54,7 +54,9 @@ class NormBackwardConfig:
       time; its dgamma / dbeta partials are one (1, D) row each, so more rows per program means fewer
       partials to write and sum, fewer rows means more programs to hide memory latency. None: about
       ``PROGRAMS_PER_SM`` programs per SM (32 rows at M = 16384).
-    num_warps: None: one warp per 512 elements of the block, 4 to 16 (8 at D = 4096, 4 at D <= 2048).
+    num_warps: None: one warp per 1024 elements of the block, 4 to 16 (4 at D <= 4096). On the H100 at
+      16384 x 4096 (``benchmarks/norm_backward.py``, BENCHMARKS.md session 16): 4 warps 0.378 ms, 8 warps
+      0.452, 16 warps 0.440; XLA 0.658.
     max_block_elems: register budget of one (block_rows, next_pow2(D)) block, per operand; rows wider than
       this are swept in (block_rows, budget / block_rows)-column chunks (dh and x read twice, the second
       time mostly from L2).
@@ -119,7 +121,7 @@ def plan_norm_backward(m: int, d: int, config: NormBackwardConfig) -> NormBackwa
         rows = bm * cdiv(cdiv(m, cdiv(m, rows)), bm)  # even out: the last program is about as full
     elif rows <= 0 or rows % bm:
         raise ValueError(f"rows_per_program ({rows}) must be a positive multiple of block_rows ({bm})")
-    warps = config.num_warps or min(16, max(4, next_pow2(bm * bn // 512)))
+    warps = config.num_warps or min(16, max(4, next_pow2(bm * bn // 1024)))
     return NormBackwardPlan(m, d, bm, bn, rows, sweep, warps, config.num_stages)
 
 

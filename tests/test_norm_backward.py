@@ -146,11 +146,11 @@ def test_bad_config_raises():
 @pytest.mark.parametrize(
     "m,d,bm,rows,sweep,warps",
     [
-        (16384, 4096, 1, 32, False, 8),  # the target: whole rows, 512 programs of 32 rows
+        (16384, 4096, 1, 32, False, 4),  # the target: whole rows, 512 programs of 32 rows
         (16384, 2048, 1, 32, False, 4),
         (16384, 1024, 2, 32, False, 4),
         (16384, 768, 2, 32, False, 4),
-        (16384, 12288, 2, 32, True, 16),  # over the budget: swept in (2, 4096) chunks
+        (16384, 12288, 2, 32, True, 8),  # over the budget: swept in (2, 4096) chunks
     ],
 )
 def test_default_plans(m, d, bm, rows, sweep, warps):
