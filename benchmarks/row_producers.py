@@ -12,6 +12,7 @@ when OUT is set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -65,6 +66,10 @@ def main() -> None:
             row["bwd_ms"] = ms(bwd, da, u)
             row["bwd_nearest_ms"] = ms(jax.jit(lambda da, u, cfg=cfg: gq.gelu_backward_quantize(
                 da, u, P, rounding="nearest", transposed_spec=P, config=cfg)), da, u)  # fmt: skip
+            # the backward recomputing dx in its quantize pass instead of reading the pre-pass's bf16 dx
+            recompute = dataclasses.replace(cfg, materialize_producer=False)
+            row["bwd_recompute_ms"] = ms(jax.jit(lambda da, u, cfg=recompute: gq.gelu_backward_quantize(
+                da, u, P, seed=seed, transposed_spec=P, config=cfg)), da, u)  # fmt: skip
             # what the GELU costs: the same kernel with no activation (dequantize + requantize only)
             row["fwd_no_gelu_ms"] = ms(jax.jit(lambda u, cfg=cfg: gq.bias_gelu_quantize(
                 u, spec=P, transposed_spec=P, activation=None, config=cfg)), u)  # fmt: skip

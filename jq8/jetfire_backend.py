@@ -132,7 +132,9 @@ def _gelu_backward_quantize_fallback(
         u = u + bias.astype(jnp.float32)
     g = dequantize(grad, jnp.float32) if isinstance(grad, QArray) else grad.astype(jnp.float32)
     du = g * gelu_grad(u)
-    return _with_sum(_both(du, spec, transposed_spec, rounding=rounding, seed=seed), du, column_sum)
+    # rounded to the gradient's dtype when 16-bit before quantizing, as the kernel does; the sum stays fp32
+    dq = du.astype(grad.dtype).astype(jnp.float32) if jnp.dtype(grad.dtype).itemsize < 4 else du
+    return _with_sum(_both(dq, spec, transposed_spec, rounding=rounding, seed=seed), du, column_sum)
 
 
 def _matmul_qarrays_fallback(

@@ -45,6 +45,7 @@ from pallas_kernels.quantize import (
     plan_blocks,
     plan_tile,
     producer_axis_stats,
+    quantize_kernel,
     stat_tiles,
     sweep,
     x_tile,
@@ -105,8 +106,9 @@ def producer_config(tiles, m: int, n: int, config: QuantizeConfig | None):
     return config or (AXIS_STATS_CONFIG if axis_tiles else QuantizeConfig()), axis_tiles
 
 
-def _producer_load(ops, op_refs, *, mode, activation, plan):
-    """load(r0, c0) -> the (bm, bn) fp32 block of the producer: act(x + bias) or g * act'(x + bias)."""
+def _producer_load(ops, op_refs, *, mode, activation, plan, round_to=None):
+    """load(r0, c0) -> the (bm, bn) fp32 block of the producer: act(x + bias) or g * act'(x + bias), rounded
+    to ``round_to`` (a 16-bit float dtype, or None) and back."""
 
     def load(r0, c0):
         vals = [load_operand(op, r, r0, c0, plan) for op, r in zip(ops, op_refs)]
@@ -118,37 +120,46 @@ def _producer_load(ops, op_refs, *, mode, activation, plan):
             y = gelu_fp32(x, activation)
         else:
             y = vals[-1] * gelu_grad_fp32(x, activation)
+        if round_to is not None:
+            y = y.astype(round_to).astype(jnp.float32)
         return jnp.where(block_mask(r0, c0, plan), y, 0.0)
 
     return load
 
 
-def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, axis_tiles, rounding, interpret):
+def _producer_kernel(seed_ref, *refs, ops, mode, activation, plan, outs, axis_tiles, rounding, interpret,
+                     round_to):
     """mode "forward": act(x + bias); "backward": g * act'(x + bias). ops = (x, bias?, g?); then one absmax
     ref per ``axis_tiles`` entry (from the statistics pre-pass), then the outputs."""
     op_refs, rest = _split_refs(ops, refs)
     axis_amax = dict(zip(axis_tiles, rest[: len(axis_tiles)]))
-    load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan)
+    load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan, round_to=round_to)
     seed = load_seed(seed_ref, rounding)
     sweep(load, outs, rest[len(axis_tiles) :], plan, rounding=rounding, seed=seed, interpret=interpret,
           axis_amax=axis_amax)
 
 
-def _producer_stats_kernel(*refs, ops, mode, activation, plan, axis_tiles, column_sum):
-    op_refs, partial_refs = _split_refs(ops, refs)
+def _producer_stats_kernel(*refs, ops, mode, activation, plan, axis_tiles, column_sum, round_to, materialize):
+    """Partial absmax of y rounded to ``round_to`` (column sums of the fp32 y); with ``materialize`` the
+    rounded y is written too (the last output)."""
+    op_refs, outs = _split_refs(ops, refs)
+    value_ref = outs[-1] if materialize else None
+    partial_refs = outs[:-1] if materialize else outs
     load = _producer_load(ops, op_refs, mode=mode, activation=activation, plan=plan)
     sum_ref = partial_refs[-1] if column_sum else None
-    axis_partials(load, axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref)
+    axis_partials(load, axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref, round_to=round_to,
+                  value_ref=value_ref)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("ops", "mode", "activation", "specs", "rounding", "config", "interpret", "poison",
-                     "column_sum"),
+                     "column_sum", "round_to"),
 )
 def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, config, interpret, poison,
-                   column_sum=False):
-    """-> (output arrays, y's (N,) f32 column sums from the pre-pass, or None when no pre-pass ran)."""
+                   column_sum=False, round_to=None):
+    """-> (output arrays, y's (N,) f32 column sums from the pre-pass, or None when no pre-pass ran).
+    round_to: None, or the 16-bit float dtype y is rounded to before it is quantized."""
     m, n = arrays[0].shape  # ops[0] is x: dense (M, N) or QArray codes (M, N)
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Whole long axes (per-row codes of y and of y.T: the int8-row policy) take their absmax from a
@@ -158,14 +169,32 @@ def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, conf
     plan = plan_blocks(m, n, tiles + [op.requirement for op in ops], config)
     common = dict(ops=ops, mode=mode, activation=activation, plan=plan, axis_tiles=axis_tiles)
     stats, sums = [], None
+    materialize = bool(axis_tiles) and round_to is not None and config.materialize_producer
     if axis_tiles:
-        stats_kernel = functools.partial(_producer_stats_kernel, column_sum=column_sum, **common)
-        stats, sums = producer_axis_stats(stats_kernel, arrays, axis_tiles, plan, config, interpret=interpret,
-                                          name=f"gelu_absmax_{mode}", column_sum=column_sum)
-    kernel = functools.partial(_producer_kernel, outs=outs, rounding=rounding, interpret=interpret, **common)
-    outs = launch(kernel, [seed, *arrays, *stats], out_shapes(m, n, specs), plan, config,
-                  interpret=interpret, poison=poison, name=f"gelu_quantize_{mode}")
+        stats_kernel = functools.partial(_producer_stats_kernel, column_sum=column_sum, round_to=round_to,
+                                         materialize=materialize, **common)
+        value = [jax.ShapeDtypeStruct((m, n), round_to)] if materialize else []
+        stats, sums, *value = producer_axis_stats(
+            stats_kernel, arrays, axis_tiles, plan, config, interpret=interpret, name=f"gelu_absmax_{mode}",
+            column_sum=column_sum, extra_outputs=value)
+    if materialize:  # y itself came from the pre-pass: a plain quantize of it (the same codes, fewer bytes)
+        kernel = functools.partial(quantize_kernel, plan=plan, outs=outs, axis_tiles=axis_tiles,
+                                   rounding=rounding, interpret=interpret)
+        operands = [seed, value[0], *stats]
+    else:
+        kernel = functools.partial(_producer_kernel, outs=outs, rounding=rounding, interpret=interpret,
+                                   round_to=round_to, **common)
+        operands = [seed, *arrays, *stats]
+    outs = launch(kernel, operands, out_shapes(m, n, specs), plan, config, interpret=interpret, poison=poison,
+                  name=f"gelu_quantize_{mode}")
     return outs, sums
+
+
+def _round_to(g):
+    """The backward's dx is rounded to the gradient's dtype when that is a 16-bit float (what an unfused
+    GELU backward in that dtype would hold) before it is quantized; None for fp32."""
+    dtype = jnp.dtype(g.dtype)
+    return dtype if dtype.itemsize < 4 else None
 
 
 def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed, interpret, config, poison,
@@ -191,7 +220,7 @@ def _run(x, bias, g, *, mode, activation, spec, transposed_spec, rounding, seed,
     res, sums = _producer_call(
         as_seed(seed, rounding), arrays, ops=tuple(ops), mode=mode, activation=activation, specs=specs,
         rounding=rounding, config=config, interpret=resolve_interpret(interpret),
-        poison=poison, column_sum=column_sum,
+        poison=poison, column_sum=column_sum, round_to=_round_to(g) if mode == "backward" else None,
     )
     if column_sum and sums is None:  # no pre-pass read y: XLA computes it (exact fp32, as the references)
         sums = jnp.sum(_backward_value(g, x, bias, activation), axis=0)
@@ -247,12 +276,15 @@ def gelu_backward_quantize(
     poison_outputs: bool = False,
     column_sum: bool = False,
 ) -> QArray | tuple:
-    """Quantized GELU backward: dx = g * act'(dequant(x) + bias), fp32 math (Jetfire's GELU backward).
+    """Quantized GELU backward: dx = g * act'(dequant(x) + bias), fp32 math (Jetfire's GELU backward),
+    rounded to g's dtype when that is 16-bit (bf16 / f16) before it is quantized.
 
     g: (M, N) upstream gradient, float or QArray. x: (M, N) the GELU's (pre-bias) input, usually the QArray
     the forward kept. bias: (N,) or None. rounding: "stochastic" (needs seed = noise_seed(key)) or
     "nearest". config: as for :func:`bias_gelu_quantize`. column_sum: also return dx.sum(axis=0) (N,) f32
-    (the fc1 bias gradient) of the unquantized dx, from the statistics pre-pass when it runs, else by XLA.
+    (the fc1 bias gradient) of the unquantized fp32 dx, from the statistics pre-pass when it runs, else by
+    XLA. When the pre-pass runs for a 16-bit g, it also writes the rounded dx, and the quantize pass reads
+    that (``QuantizeConfig.materialize_producer``).
     Returns QArray (M, N) under spec, or (q, qT) with qT (N, M) under transposed_spec; the sums last.
     """
     return _run(x, bias, g, mode="backward", activation=activation, spec=spec,
@@ -301,10 +333,13 @@ def gelu_backward_quantize_reference(
     g, x, spec, *, rounding="stochastic", seed=None, bias=None, activation="gelu", transposed_spec=None,
     interpret=None, config=None, poison_outputs=False, column_sum=False,
 ):
-    """Same contract as :func:`gelu_backward_quantize`: the derivative by jax.jvp of jax.nn.gelu."""
+    """Same contract as :func:`gelu_backward_quantize`: the derivative by jax.jvp of jax.nn.gelu, rounded to
+    g's dtype when that is 16-bit before it is quantized (the column sums stay of the fp32 value)."""
     del interpret, config, poison_outputs
     y = _backward_value(g, x, bias, activation)
-    q = _quantize_reference(y, spec, transposed_spec, rounding, seed, g.dtype)
+    round_to = _round_to(g)
+    yq = y if round_to is None else y.astype(round_to).astype(jnp.float32)
+    q = _quantize_reference(yq, spec, transposed_spec, rounding, seed, g.dtype)
     if not column_sum:
         return q
     return (*(q if isinstance(q, tuple) else (q,)), jnp.sum(y, axis=0))

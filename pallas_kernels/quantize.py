@@ -88,6 +88,11 @@ class QuantizeConfig:
     prepass_axis_stats: when both whole rows and whole columns take their absmax first, ``quantize_tiles``
       computes both in one Pallas pre-pass over x (:func:`axis_partials`) instead of two XLA reductions
       (each its own read of x).
+    materialize_producer: a fused producer whose statistics pre-pass runs and whose value is rounded to a
+      16-bit dtype (the GELU backward's dx in the gradient's dtype) writes that value from the pre-pass;
+      the quantize pass is then a plain quantize of it, instead of reading the inputs again and
+      recomputing (GELU' is an erf and an exp per element, and the inputs are more bytes). The codes are
+      the same either way.
     row_block_elems: when every tile is a whole row (per-token codes, LayerNorm statistics) and there are
       at least ``ROW_BLOCK_MIN_ROWS`` rows, each program takes max(1, row_block_elems // next_pow2(N))
       rows (capped by max_block_elems) and :func:`default_warps` gives it 4 warps (2 above 2048 elements).
@@ -105,6 +110,7 @@ class QuantizeConfig:
     xla_row_stats_cols: int = 128
     row_block_elems: int | None = 2048
     prepass_axis_stats: bool = True
+    materialize_producer: bool = True
 
 
 # Blocks of both passes when a statistics pre-pass runs (whole rows and whole columns: the int8-row policy),
@@ -420,7 +426,8 @@ def partial_shapes(tiles: Sequence[Tile], plan: BlockPlan) -> list[jax.ShapeDtyp
     return [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
 
 
-def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan, sum_ref=None) -> None:
+def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan, sum_ref=None, *,
+                  round_to=None, value_ref=None) -> None:
     """Kernel body of the statistics pre-pass: this program's absmax of each whole-axis tile, over its block.
 
     A producer that needs whole rows AND whole columns (per-row codes of y and of y.T) would otherwise
@@ -428,12 +435,20 @@ def axis_partials(load: LoadFn, tiles: Sequence[Tile], refs, plan: BlockPlan, su
     block once and writes one partial absmax per tile row / column; :func:`finish_partials` reduces them.
     sum_ref: optional (grid_m, grid_n * bn) f32, this block's column sums of y (a bias gradient rides along
     the same read; :func:`finish_column_sum` adds them up).
+    round_to: a float dtype: the absmax is of y rounded to it (the sums stay of the fp32 y). value_ref:
+    optional (M, N) output in that dtype, where y rounded is written, for a plain quantize pass to read.
     """
     pid = (pl.program_id(0), pl.program_id(1))
     r0, c0 = pid[0] * plan.bm, pid[1] * plan.bn
     y = load(r0, c0)
     if sum_ref is not None:
         plgpu.store(sum_ref.at[pl.ds(pid[0], 1), pl.ds(c0, plan.bn)], jnp.sum(y, axis=0, keepdims=True))
+    if round_to is not None:
+        y = y.astype(round_to)
+        if value_ref is not None:
+            mask = block_mask(r0, c0, plan)
+            plgpu.store(value_ref.at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], y, mask=mask)
+        y = y.astype(jnp.float32)
     a = jnp.abs(y)
     for t, ref in zip(tiles, refs):
         if t[1] == -1:
@@ -462,17 +477,19 @@ def finish_column_sum(partial: jax.Array, n: int) -> jax.Array:
 
 def producer_axis_stats(
     kernel, operands: Sequence[jax.Array], tiles: Sequence[Tile], plan: BlockPlan, config: QuantizeConfig,
-    *, interpret: bool, name: str, column_sum: bool = False,
-) -> tuple[list[jax.Array], jax.Array | None]:  # fmt: skip
-    """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs[, sum_ref])`` (a body calling
-    :func:`axis_partials`) over ``plan``'s grid. Returns (one :func:`axis_absmax`-shaped array per tile,
-    the (N,) f32 column sums with ``column_sum`` else None)."""
+    *, interpret: bool, name: str, column_sum: bool = False, extra_outputs: Sequence = (),
+) -> tuple:  # fmt: skip
+    """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs[, sum_ref], *extra_refs)`` (a body
+    calling :func:`axis_partials`) over ``plan``'s grid. Returns (one :func:`axis_absmax`-shaped array per
+    tile, the (N,) f32 column sums with ``column_sum`` else None, *the ``extra_outputs`` arrays)."""
     shapes = partial_shapes(tiles, plan)
     if column_sum:
         shapes.append(jax.ShapeDtypeStruct((plan.grid[0], plan.grid[1] * plan.bn), jnp.float32))
-    partials = launch(kernel, operands, shapes, plan, config, interpret=interpret, poison=False, name=name)
+    outs = launch(kernel, operands, [*shapes, *extra_outputs], plan, config, interpret=interpret,
+                  poison=False, name=name)
+    partials, extras = outs[: len(shapes)], outs[len(shapes) :]
     stats = [finish_partials(p, t, plan.m, plan.n) for p, t in zip(partials, tiles)]
-    return stats, (finish_column_sum(partials[-1], plan.n) if column_sum else None)
+    return (stats, (finish_column_sum(partials[-1], plan.n) if column_sum else None), *extras)
 
 
 def stat_tiles(tiles: Sequence[Tile], m: int, n: int, config: QuantizeConfig) -> tuple[Tile, ...]:
@@ -736,7 +753,9 @@ def _block_loader(x_ref, plan: BlockPlan) -> LoadFn:
     return load
 
 
-def _quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
+def quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
+    """Kernel body of ``quantize_tiles``' quantize pass: x's block from x_ref, whole-axis absmax from the
+    refs after it (one per ``axis_tiles`` entry), then the outputs."""
     axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
     out_refs = refs[len(axis_tiles) :]
     seed = load_seed(seed_ref, rounding)
@@ -774,7 +793,7 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False,
     axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
     plan = plan_blocks(m, n, [plan_tile(o.tile, axis_tiles) for o in outs], config)
     kernel = functools.partial(
-        _quantize_kernel,
+        quantize_kernel,
         plan=plan,
         outs=outs,
         axis_tiles=axis_tiles,

@@ -7,6 +7,8 @@ off by more than 1, dequantized error <= one quantization step, scales within a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,6 +292,29 @@ def test_gelu_row_policy_axis_stats(shape):
         kw = dict(rounding=rounding, seed=noise_seed(jax.random.key(13)), transposed_spec=P)
         got = gelu_backward_quantize(g, u, P, config=_AXIS_STATS, poison_outputs=True, **kw)
         _close_q(got, gelu_backward_quantize_reference(g, u, P, **kw))
+
+
+@pytest.mark.parametrize("g_dtype", [jnp.bfloat16, jnp.float32])
+def test_gelu_backward_materialized_value_gives_the_same_codes(g_dtype):
+    """With a 16-bit g the pre-pass writes dx in g's dtype and the quantize pass reads it
+    (materialize_producer); recomputing dx from g and u instead gives the very same codes and scales (same
+    rounding, same noise), and both match the reference, which rounds dx to g's dtype first."""
+    shape = (70, 200)
+    u = quantize(_x(shape, key=21, shift=0.0) * 3, QuantSpec((1, 128)))
+    g = (_x(shape, key=22, shift=0.0) * 1e-3).astype(g_dtype)
+    bias = 0.2 * jax.random.normal(jax.random.key(23), (200,))
+    kw = dict(rounding="stochastic", seed=noise_seed(jax.random.key(24)), bias=bias, transposed_spec=P,
+              column_sum=True)
+    outs = {}
+    for materialize in (True, False):
+        cfg = dataclasses.replace(_AXIS_STATS, materialize_producer=materialize)
+        outs[materialize] = gelu_backward_quantize(g, u, P, config=cfg, poison_outputs=True, **kw)
+    for a, b in zip(outs[True][:2], outs[False][:2]):
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.scale, b.scale)
+    np.testing.assert_allclose(outs[True][2], outs[False][2], rtol=1e-6, atol=1e-9)
+    ref = gelu_backward_quantize_reference(g, u, P, **kw)
+    _close_q(outs[True][:2], ref[:2])
 
 
 @pytest.mark.parametrize("config", [_AXIS_STATS, None])  # with the pre-pass, and without (XLA sums)
