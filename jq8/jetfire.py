@@ -109,39 +109,45 @@ def norm_linear_reference(x, norm: Mapping[str, jax.Array], kernel, bias, *, com
 # ------------------------------------------------------------------------------------------ linear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _linear(x, w, b, seeds, policy):
-    return _linear_fwd(x, w, b, seeds, policy)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _linear(x, w, b, residual, seeds, policy):
+    return _linear_fwd(x, w, b, residual, seeds, policy)[0]
 
 
-def _linear_fwd(x, w, b, seeds, policy):
+def _linear_fwd(x, w, b, residual, seeds, policy):
     x_fwd, x_dw = ops.activation_operands(x, policy)
     w_fwd, w_dx = ops.weight_operands(w, policy)
-    y = ops.linear_fwd(x_fwd, w_fwd, b, policy, out_dtype=policy.compute_dtype)
-    return y, (x_dw, w_dx, seeds, _dtype_tag(b), _dtype_tag(x))
+    out_dtype = policy.compute_dtype if residual is None else residual.dtype
+    y = ops.linear_fwd(x_fwd, w_fwd, b, policy, out_dtype=out_dtype, residual=residual)
+    return y, (x_dw, w_dx, seeds, _dtype_tag(b), _dtype_tag(x), _dtype_tag(residual))
 
 
 def _linear_bwd(policy, res, g):
-    x_dw, w_dx, seeds, b_tag, x_tag = res
+    x_dw, w_dx, seeds, b_tag, x_tag, r_tag = res
     dx, dw, db = ops.linear_bwd(g, x_dw, w_dx, policy, seeds[0], has_bias=b_tag is not None,
                                 dx_dtype=x_tag.dtype)
-    return dx, dw, db, None
+    return dx, dw, db, (None if r_tag is None else g.astype(r_tag.dtype)), None
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def jetfire_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, key: jax.Array | None,
-                   policy: Policy) -> jax.Array:
+                   policy: Policy, *, residual: jax.Array | None = None) -> jax.Array:
     """y = x @ kernel + bias with Jetfire INT8 GEMMs (forward, grad-input, grad-weight per the policy).
 
     x: (..., K) float; kernel: (K, N) fp32 master (re-quantized each call); bias: (N,) or None.
-    Returns (..., N) in ``policy.compute_dtype``.
+    Returns (..., N) in ``policy.compute_dtype``; with ``residual`` ((..., N), the fp32 residual stream)
+    residual + y in the residual's dtype, added in the GEMM's epilogue (no separate pass over the stream).
     """
+    if residual is not None and residual.shape != (*x.shape[:-1], kernel.shape[1]):
+        raise ValueError(f"residual must have shape {(*x.shape[:-1], kernel.shape[1])}, got {residual.shape}")
     if not policy.int8:
-        return linear_reference(x, kernel, bias, policy.compute_dtype)
+        y = linear_reference(x, kernel, bias, policy.compute_dtype)
+        return y if residual is None else residual + y.astype(residual.dtype)
     policy.check_dims(in_features=kernel.shape[0], out_features=kernel.shape[1])
-    y = _linear(_flat(x), kernel, bias, seeds_from_key(key, 1), policy)
+    r = None if residual is None else _flat(residual)
+    y = _linear(_flat(x), kernel, bias, r, seeds_from_key(key, 1), policy)
     return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
@@ -230,11 +236,12 @@ def jetfire_norm_linear(x: jax.Array, norm: Mapping[str, jax.Array], kernel: jax
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _mlp(x, params, seeds, policy, activation, eps, rms, return_input):
-    return _mlp_fwd(x, params, seeds, policy, activation, eps, rms, return_input)[0]
+def _mlp(x, params, seeds, policy, activation, eps, rms, residual):
+    return _mlp_fwd(x, params, seeds, policy, activation, eps, rms, residual)[0]
 
 
-def _mlp_fwd(x, params, seeds, policy, activation, eps, rms, return_input):
+def _mlp_fwd(x, params, seeds, policy, activation, eps, rms, residual):
+    """residual: "none" (the branch), "return" ((branch, x)) or "add" (x + branch from fc2's epilogue)."""
     cd = policy.compute_dtype
     norm, fc1, fc2 = params["norm"], params["fc1"], params["fc2"]
     h_fwd, h_dw, ln_res = ops.layer_norm_fwd(x, norm["scale"], norm.get("bias"), policy, eps=eps, rms=rms)
@@ -251,15 +258,19 @@ def _mlp_fwd(x, params, seeds, policy, activation, eps, rms, return_input):
         v = ops.linear_fwd(h_fwd, wg_fwd, gate.get("bias"), policy, out_dtype=cd, out_spec=u_spec)
         a_fwd, a_dw = ops.swiglu_fwd(u, v, policy)
     w2_fwd, w2_dx = ops.weight_operands(fc2["kernel"], policy)
-    y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=cd)
+    if residual == "add":
+        y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=x.dtype, residual=x)
+    else:
+        y = ops.linear_fwd(a_fwd, w2_fwd, fc2.get("bias"), policy, out_dtype=cd)
     res = (ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, norm["scale"], seeds, _dtype_tag(x),
            _structure(params))
-    return _with_input(y, x, return_input), res
+    return _with_input(y, x, residual == "return"), res
 
 
-def _mlp_bwd(policy, activation, eps, rms, return_input, res, g):
+def _mlp_bwd(policy, activation, eps, rms, residual, res, g):
     ln_res, h_dw, u, v, a_dw, w1_dx, wg_dx, w2_dx, gamma, seeds, x_tag, names = res
-    g, g_residual = _split_input_grad(g, return_input)
+    # x + branch: the residual's gradient is the output's
+    g, g_residual = (g, g) if residual == "add" else _split_input_grad(g, residual == "return")
     grads = {}
 
     def pack(name, dw, db):
@@ -290,7 +301,8 @@ ACTIVATIONS = ("gelu", "swiglu")
 
 
 def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Policy, *,
-                activation: str = "gelu", eps: float = 1e-5, rms: bool = False, return_input: bool = False):
+                activation: str = "gelu", eps: float = 1e-5, rms: bool = False, return_input: bool = False,
+                add_input: bool = False):
     """The pre-norm MLP branch fc2(act(fc1(norm(x)))) with Jetfire INT8 data flow.
 
     x: (..., D) fp32 residual stream. params: {"norm": {"scale", "bias"?}, "fc1": {"kernel" (D, F),
@@ -298,18 +310,23 @@ def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Pol
     :class:`jq8.nn.MlpBlock`. Returns (..., D) in ``policy.compute_dtype``; the residual add is the caller's.
     return_input: return (y, x), x unchanged, as in :func:`jetfire_norm_linear`: adding this x as the
     residual lets the fused LayerNorm backward add the residual's gradient to dx in the same pass.
+    add_input: return x + branch in x's dtype, the add done in fc2's GEMM epilogue (the pre-norm block's
+    residual connection with no dropout between): no separate pass over the fp32 stream.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if return_input and add_input:
+        raise ValueError("return_input and add_input exclude each other: the first returns (branch, x), the "
+                         "second x + branch")
     if not policy.int8:
         y = mlp_reference(x, params, compute_dtype=policy.compute_dtype, activation=activation, eps=eps,
                           rms=rms)
-        return _with_input(y, x, return_input)
+        return x + y.astype(x.dtype) if add_input else _with_input(y, x, return_input)
     d, f = params["fc1"]["kernel"].shape
     policy.check_dims(model_dim=d, hidden=f)
     p = {k: dict(v) for k, v in params.items()}
-    out = _mlp(_flat(x), p, seeds_from_key(key, 3), policy, activation, float(eps), bool(rms),
-               bool(return_input))
+    mode = "add" if add_input else "return" if return_input else "none"
+    out = _mlp(_flat(x), p, seeds_from_key(key, 3), policy, activation, float(eps), bool(rms), mode)
     if return_input:
         return out[0].reshape(x.shape), out[1].reshape(x.shape)
     return out.reshape(x.shape)

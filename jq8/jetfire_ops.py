@@ -97,20 +97,24 @@ def weight_operands(w: jax.Array, policy: Policy) -> tuple[Operand, Operand]:
 
 def linear_fwd(
     x_fwd: Operand, w_fwd: Operand, bias: jax.Array | None, policy: Policy, *, out_dtype=F32, out_spec=None,
-    split_cols: int | None = None,
+    split_cols: int | None = None, residual: jax.Array | None = None,
 ) -> Operand | tuple[jax.Array, ...]:
-    """Y = X W + b. x_fwd: QArray (M, K) or float (M, K); w_fwd: QArray (N, K) or float (K, N).
+    """Y = X W + b [+ residual]. x_fwd: QArray (M, K) or float (M, K); w_fwd: QArray (N, K) or float (K, N).
 
     Returns (M, N) ``out_dtype``, or with ``out_spec`` (INT8 forward only) a QArray requantized in the GEMM
     epilogue (round-to-nearest), or with ``split_cols`` a tuple of N / split_cols (M, split_cols) arrays
     (the GEMM epilogue writes them apart where the kernel can: no slicing copies of a packed output).
+    residual: (M, N) ``out_dtype``, added in the GEMM epilogue.
     """
     if isinstance(x_fwd, QArray):
+        extra = {} if residual is None else {"residual": residual}
         return kb.matmul_qarrays(x_fwd, w_fwd, bias=bias, out_dtype=out_dtype, out_spec=out_spec,
-                                 split_cols=split_cols, use_kernels=policy.use_kernels)
+                                 split_cols=split_cols, use_kernels=policy.use_kernels, **extra)
     y = _dot(x_fwd, w_fwd, (1, 0), policy.compute_dtype)
     if bias is not None:
         y = y + bias.astype(F32)
+    if residual is not None:
+        y = y + residual.astype(F32)
     y = y.astype(out_dtype)
     return y if split_cols is None else tuple(jnp.split(y, y.shape[1] // split_cols, axis=1))
 

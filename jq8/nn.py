@@ -68,12 +68,15 @@ class Dense(nn.Module):
             return kernel, None
         return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), F32)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        """x: (..., in) -> (..., features) compute dtype; with ``residual`` ((..., features)) residual + that,
+        in the residual's dtype (added in the INT8 GEMM's epilogue)."""
         kernel, bias = self.weights(x.shape[-1])
         if self.policy.int8:
             key = quant_key(self) if not self.is_initializing() else None
-            return jetfire_linear(x, kernel, bias, key, self.policy)
-        return linear_reference(x, kernel, bias, self.policy.compute_dtype)
+            return jetfire_linear(x, kernel, bias, key, self.policy, residual=residual)
+        y = linear_reference(x, kernel, bias, self.policy.compute_dtype)
+        return y if residual is None else residual + y.astype(residual.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -145,12 +148,17 @@ class MlpBlock(nn.Module):
             if gate is not None:
                 params["gate"] = _as_dict(gate.weights(d))
             # The residual stream passes through the op when it is this branch's own input (the pre-norm
-            # block), so its gradient joins the fused LayerNorm backward's dx.
+            # block), so its gradient joins the fused LayerNorm backward's dx; with no dropout between, fc2's
+            # epilogue adds it too.
+            through = residual is x
+            fused_add = through and (deterministic or self.dropout_rate == 0.0)
             y = jetfire_mlp(
                 x, params, quant_key(self), self.policy, activation=self.activation, eps=self.eps, rms=rms,
-                return_input=residual is x,
+                return_input=through and not fused_add, add_input=fused_add,
             )
-            y, residual = y if residual is x else (y, residual)
+            if fused_add:
+                return y
+            y, residual = y if through else (y, residual)
         else:
             h = norm(x)
             y = fc2(activation_reference(fc1(h), None if gate is None else gate(h), self.activation))
@@ -291,6 +299,8 @@ class AttentionBlock(nn.Module):
         else:
             qkv = qkv_proj(norm(x)).astype(cd).reshape(b, t, 3, self.num_heads, hd)
         o = self.attend(qkv, mask, decode)
+        if self.policy.int8 and residual is not None and (deterministic or self.dropout_rate == 0.0):
+            return out_proj(o.reshape(b, t, d), residual=residual.astype(F32))  # added in the GEMM epilogue
         y = out_proj(o.reshape(b, t, d))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         return _add_residual(y, residual)

@@ -174,9 +174,13 @@ def _producer_call(seed, arrays, *, ops, mode, activation, specs, rounding, conf
         stats_kernel = functools.partial(_producer_stats_kernel, column_sum=column_sum, round_to=round_to,
                                          materialize=materialize, **common)
         value = [jax.ShapeDtypeStruct((m, n), round_to)] if materialize else []
+        # dx is written over a dense g of its dtype (each program reads its block before writing it): the
+        # backward then holds no third (M, N) 16-bit array at its peak.
+        g_dense = ops[-1].kind == "dense" and arrays[-1].dtype == round_to
         stats, sums, *value = producer_axis_stats(
             stats_kernel, arrays, axis_tiles, plan, config, interpret=interpret, name=f"gelu_absmax_{mode}",
-            column_sum=column_sum, extra_outputs=value)
+            column_sum=column_sum, extra_outputs=value,
+            extra_aliases={len(arrays) - 1: 0} if materialize and g_dense else None)
     if materialize:  # y itself came from the pre-pass: a plain quantize of it (the same codes, fewer bytes)
         kernel = functools.partial(quantize_kernel, plan=plan, outs=outs, axis_tiles=axis_tiles,
                                    rounding=rounding, interpret=interpret)

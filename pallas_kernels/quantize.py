@@ -478,15 +478,18 @@ def finish_column_sum(partial: jax.Array, n: int) -> jax.Array:
 def producer_axis_stats(
     kernel, operands: Sequence[jax.Array], tiles: Sequence[Tile], plan: BlockPlan, config: QuantizeConfig,
     *, interpret: bool, name: str, column_sum: bool = False, extra_outputs: Sequence = (),
+    extra_aliases: dict[int, int] | None = None,
 ) -> tuple:  # fmt: skip
     """Runs the statistics pre-pass ``kernel(*operand_refs, *partial_refs[, sum_ref], *extra_refs)`` (a body
     calling :func:`axis_partials`) over ``plan``'s grid. Returns (one :func:`axis_absmax`-shaped array per
-    tile, the (N,) f32 column sums with ``column_sum`` else None, *the ``extra_outputs`` arrays)."""
+    tile, the (N,) f32 column sums with ``column_sum`` else None, *the ``extra_outputs`` arrays).
+    extra_aliases: {operand index: index into extra_outputs} written over that operand's buffer."""
     shapes = partial_shapes(tiles, plan)
     if column_sum:
         shapes.append(jax.ShapeDtypeStruct((plan.grid[0], plan.grid[1] * plan.bn), jnp.float32))
+    aliases = {i: len(shapes) + j for i, j in (extra_aliases or {}).items()}
     outs = launch(kernel, operands, [*shapes, *extra_outputs], plan, config, interpret=interpret,
-                  poison=False, name=name)
+                  poison=False, name=name, aliases=aliases)
     partials, extras = outs[: len(shapes)], outs[len(shapes) :]
     stats = [finish_partials(p, t, plan.m, plan.n) for p, t in zip(partials, tiles)]
     return (stats, (finish_column_sum(partials[-1], plan.n) if column_sum else None), *extras)
@@ -705,10 +708,13 @@ def launch(
     interpret: bool,
     poison: bool,
     name: str,
+    aliases: dict[int, int] | None = None,
 ) -> list[jax.Array]:
     """pallas_call over whole-array refs; with ``poison`` the outputs start as :func:`poisoned` buffers
-    (aliased inputs the kernel ignores), so any element a kernel fails to write stays visible."""
-    prefill = poisoned(shapes) if poison else []
+    (aliased inputs the kernel ignores), so any element a kernel fails to write stays visible.
+    aliases: {operand index: output index} whose buffer the output reuses (no poison for those)."""
+    aliases = aliases or {}
+    prefill = poisoned(shapes) if poison and not aliases else []
     n_in = len(operands)
 
     def body(*refs):
@@ -720,7 +726,7 @@ def launch(
         out_shape=list(shapes),
         compiler_params=compiler_params(config.num_warps or default_warps(plan), config.num_stages),
         interpret=interpret,
-        input_output_aliases={n_in + i: i for i in range(len(prefill))},
+        input_output_aliases={n_in + i: i for i in range(len(prefill))} | aliases,
         name=name,
     )(*operands, *prefill)
 

@@ -197,6 +197,36 @@ def test_return_input_residual_equals_outside_add(op, granularity, use_kernels):
     np.testing.assert_allclose(v2, v1, rtol=1e-6)
     for a, c in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    if op == "mlp":  # x + branch from fc2's epilogue: fp32 sum, where outside rounds the branch to bf16
+        def added(x, p):
+            y = jetfire_mlp(x, p, key, pol, add_input=True)
+            assert y.dtype == x.dtype
+            return jnp.sum(y * ct)
+
+        v3, g3 = jax.value_and_grad(added, argnums=(0, 1))(x, params)
+        np.testing.assert_allclose(v3, v1, rtol=1e-2)
+        for a, c in zip(jax.tree.leaves(g3), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, c, rtol=0.05, atol=0.05 * np.abs(c).max())
+        with pytest.raises(ValueError, match="exclude each other"):
+            jetfire_mlp(x, params, key, pol, add_input=True, return_input=True)
+
+
+@pytest.mark.parametrize("granularity,use_kernels", [("row", True), ("row", False), ("block", True)])
+def test_linear_residual_is_added_in_the_epilogue(granularity, use_kernels):
+    """jetfire_linear(..., residual=r) = r + x @ W + b in r's dtype; r's gradient is the output's."""
+    pol = Policy.from_name("jetfire-int8", use_kernels=use_kernels, granularity=granularity)
+    x, w, b, r = rand(41, (2, 40, 64)), rand(42, (64, 96), 0.125), rand(43, (96,), 0.1), rand(44, (2, 40, 96))
+    key, ct = jax.random.PRNGKey(5), rand(45, (2, 40, 96))
+    y = jetfire_linear(x, w, b, key, pol, residual=r)
+    assert y.dtype == jnp.float32 and y.shape == r.shape
+    ref = r + jetfire_linear(x, w, b, key, pol).astype(jnp.float32)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-2 * np.abs(np.asarray(ref - r)).max())
+    gx, gr = jax.grad(lambda x, r: jnp.sum(jetfire_linear(x, w, b, key, pol, residual=r) * ct), (0, 1))(x, r)
+    np.testing.assert_array_equal(gr, ct)
+    gx_ref = jax.grad(lambda x: jnp.sum(jetfire_linear(x, w, b, key, pol).astype(jnp.float32) * ct))(x)
+    np.testing.assert_allclose(gx, gx_ref, rtol=0, atol=0.05 * np.abs(np.asarray(gx_ref)).max())
+    with pytest.raises(ValueError, match="residual must have shape"):
+        jetfire_linear(x, w, b, key, pol, residual=r[:, :5])
 
 
 @pytest.mark.parametrize(
@@ -329,7 +359,7 @@ def test_mlp_residuals_are_int8():
     d, f = 64, 128
     x, p = rand(4, (M, d)), mlp_params(d, f)
     seeds = jnp.zeros((3, 2), jnp.uint32)
-    _, res = jax.eval_shape(lambda x, p: _mlp_fwd(x, p, seeds, INT8, "gelu", 1e-5, False, False), x, p)
+    _, res = jax.eval_shape(lambda x, p: _mlp_fwd(x, p, seeds, INT8, "gelu", 1e-5, False, "none"), x, p)
     (x_saved, _, _), h_dw, u, _, a_dw = res[:5]
     expected = [("x", x_saved, (M, d)), ("h^T", h_dw, (d, M)), ("u", u, (M, f)), ("a^T", a_dw, (f, M))]
     for name, q, shape in expected:
