@@ -1,0 +1,11 @@
+#!/bin/bash
+# Session 16: residual adds in the out-projection / fc2 GEMM epilogues, GELU backward's dx over the
+# gradient's buffer: GPU tests of the Jetfire ops and modules, the hidden-4096 block and its profile.
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+timeout 200 python3 -m pytest -q tests/test_jetfire_ops.py tests/test_nn.py 2>&1 \
+  | tee $OUT/gpu_tests_jetfire_nn.log | tail -3
+timeout 200 python3 benchmarks/block_step.py --hidden 4096 --parts block --policies bf16 int8-row --iters 10 \
+  2>&1 | tee $OUT/block_step_4096_epilogue.log | tail -4
+timeout 120 python3 benchmarks/profile_step.py --hidden 4096 --part block --policies int8-row --iters 3 \
+  --top 60 2>&1 | tee $OUT/profile_step_block_4096_int8row_epilogue.log | head -40
