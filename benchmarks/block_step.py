@@ -48,9 +48,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        # Each branch adds its own residual, as models/gpt.py's DecoderBlock (what train.py runs) does: the
+        # INT8 ops then add it in a GEMM epilogue and its gradient in the LayerNorm backward.
         if self.part == "block":
-            x = x + AttentionBlock(self.heads, self.policy, implementation=self.attention, name="attn")(x)
-        return x + MlpBlock(4 * x.shape[-1], self.policy, name="mlp")(x)
+            attn = AttentionBlock(self.heads, self.policy, implementation=self.attention, name="attn")
+            x = attn(x, residual=x)
+        return MlpBlock(4 * x.shape[-1], self.policy, name="mlp")(x, residual=x)
 
 
 def peak_bytes() -> int | None:
