@@ -179,8 +179,8 @@ def _norm_linear_fwd(x, norm, w, b, seeds, policy, eps, rms, split, return_input
 def _norm_linear_bwd(policy, eps, rms, split, return_input, res, g):
     ln_res, h_dw, w_dx, norm, seeds, b_tag, x_tag = res
     g, g_residual = _split_input_grad(g, return_input)
-    if split is not None:  # the parts' cotangents, side by side again: one (M, N) gradient to quantize
-        g = jnp.concatenate(g, axis=1)
+    if split is not None:  # the parts' cotangents: quantized as one (M, N) gradient, read where they lie
+        g = tuple(g)
     has_bias, x_dtype = b_tag is not None, x_tag.dtype
     g_dx, g_dw, *db = ops.grad_operands(g, policy, seeds[0], column_sum=has_bias)
     # dL/dLN(x) in compute dtype: its GEMM operands already carry errors up to one INT8 code (1/127 of a

@@ -77,6 +77,7 @@ def _with_sum(q, y: jax.Array, column_sum: bool):
 
 def _quantize_tiles_fallback(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, interpret=None,
                              column_sum=False):
+    x = jnp.concatenate(x, axis=1) if isinstance(x, (tuple, list)) else x
     return _with_sum(_both(x, spec, transposed_spec, rounding=rounding, seed=seed), x, column_sum)
 
 
@@ -177,7 +178,8 @@ def _call(name: str, use_kernels: bool, *args, **kwargs):
 
 def quantize_tiles(x, spec, *, rounding="nearest", seed=None, transposed_spec=None, column_sum=False,
                    use_kernels=True):
-    """x: (M, N) float -> QArray (M, N) [, QArray (N, M) of x.T] int8, bit-exact to jq8.quant.quantize
+    """x: (M, N) float, or a tuple of its column parts (read in place: no concatenated copy)
+    -> QArray (M, N) [, QArray (N, M) of x.T] int8, bit-exact to jq8.quant.quantize
     [, x.sum(axis=0) (N,) f32 with column_sum: a bias gradient, from the kernels' statistics pass]."""
     return _call("quantize_tiles", use_kernels, x, spec, rounding=rounding, seed=seed,
                  transposed_spec=transposed_spec, column_sum=column_sum)

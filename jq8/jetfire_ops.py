@@ -64,17 +64,18 @@ def activation_operands(y: jax.Array, policy: Policy) -> tuple[Operand, Operand]
 
 
 def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: bool = False) -> tuple:
-    """g: (M, N) float gradient -> (operand of the grad-input GEMM, operand of the grad-weight GEMM
-    [, sum(g, axis=0) (N,) f32 with ``column_sum``: the bias gradient, from the quantizer's statistics pass
-    when both GEMMs are INT8]).
+    """g: (M, N) float gradient, or a tuple of its column parts -> (operand of the grad-input GEMM,
+    operand of the grad-weight GEMM [, sum(g, axis=0) (N,) f32 with ``column_sum``: the bias gradient, from
+    the quantizer's statistics pass when both GEMMs are INT8]).
 
     INT8 grad-input: QArray (M, N); INT8 grad-weight: QArray (N, M) of g^T; rounding ``policy.rounding_bwd``.
     """
     cd, k, r = policy.compute_dtype, policy.use_kernels, policy.rounding_bwd
     seed = seed if r == "stochastic" else None
-    if policy.int8_grad_input and policy.int8_grad_weight:
+    if policy.int8_grad_input and policy.int8_grad_weight:  # g may be column parts: quantized in place
         return kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, transposed_spec=policy.spec_t,
                                  column_sum=column_sum, use_kernels=k)
+    g = jnp.concatenate(g, axis=1) if isinstance(g, tuple) else g
     g_dx = kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, use_kernels=k) if policy.int8_grad_input \
         else g.astype(cd)
     g_dw = kb.quantize_tiles(g.T, policy.spec_t, rounding=r, seed=seed, use_kernels=k) \

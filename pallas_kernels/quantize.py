@@ -749,42 +749,64 @@ def load_seed(seed_ref, rounding: Rounding):
 # ------------------------------------------------------------------------------------------- the kernel
 
 
-def _block_loader(x_ref, plan: BlockPlan) -> LoadFn:
-    def load(r0, c0):
-        x = plgpu.load(
-            x_ref.at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=block_mask(r0, c0, plan), other=0.0
-        )
-        return x.astype(jnp.float32)
+def _block_loader(x_refs, plan: BlockPlan) -> LoadFn:
+    """load(r0, c0) of x, given as one ref or as equal-width column parts side by side (x = concatenate(
+    parts, axis=1), each part's width a multiple of bn: a block lies in one part)."""
+    if len(x_refs) == 1:
+        def load(r0, c0):
+            x = plgpu.load(
+                x_refs[0].at[pl.ds(r0, plan.bm), pl.ds(c0, plan.bn)], mask=block_mask(r0, c0, plan), other=0.0
+            )
+            return x.astype(jnp.float32)
 
-    return load
+        return load
+    width = plan.n // len(x_refs)
+
+    def load_parts(r0, c0):
+        # Every part is loaded under a mask that is false outside the block's own part: no memory traffic
+        # for the others, and no branch.
+        part, mask = c0 // width, block_mask(r0, c0, plan)
+        x = None
+        for i, ref in enumerate(x_refs):
+            block = ref.at[pl.ds(r0, plan.bm), pl.ds(c0 - i * width, plan.bn)]
+            v = plgpu.load(block, mask=mask & (part == i), other=0.0).astype(jnp.float32)
+            x = v if x is None else jnp.where(part == i, v, x)
+        return x
+
+    return load_parts
 
 
-def quantize_kernel(seed_ref, x_ref, *refs, plan, outs, axis_tiles, rounding, interpret):
-    """Kernel body of ``quantize_tiles``' quantize pass: x's block from x_ref, whole-axis absmax from the
-    refs after it (one per ``axis_tiles`` entry), then the outputs."""
+def quantize_kernel(seed_ref, *refs, plan, outs, axis_tiles, rounding, interpret, n_parts: int = 1):
+    """Kernel body of ``quantize_tiles``' quantize pass: x's block from the first ``n_parts`` refs (x, or its
+    column parts), whole-axis absmax from the refs after them (one per ``axis_tiles`` entry), then the
+    outputs."""
+    x_refs, refs = refs[:n_parts], refs[n_parts:]
     axis_amax = dict(zip(axis_tiles, refs[: len(axis_tiles)]))
     out_refs = refs[len(axis_tiles) :]
     seed = load_seed(seed_ref, rounding)
-    sweep(_block_loader(x_ref, plan), outs, out_refs, plan, rounding=rounding, seed=seed, interpret=interpret,
-          axis_amax=axis_amax)
+    sweep(_block_loader(x_refs, plan), outs, out_refs, plan, rounding=rounding, seed=seed,
+          interpret=interpret, axis_amax=axis_amax)
 
 
-def _absmax_kernel(x_ref, *partial_refs, plan, axis_tiles, column_sum):
+def _absmax_kernel(*refs, plan, axis_tiles, column_sum, n_parts):
+    x_refs, partial_refs = refs[:n_parts], refs[n_parts:]
     sum_ref = partial_refs[-1] if column_sum else None
-    axis_partials(_block_loader(x_ref, plan), axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref)
+    axis_partials(_block_loader(x_refs, plan), axis_tiles, partial_refs[: len(axis_tiles)], plan, sum_ref)
 
 
-def _axis_stats(x: jax.Array, axis_tiles: tuple[Tile, ...], plan: BlockPlan, config: QuantizeConfig,
-                interpret: bool, column_sum: bool) -> tuple[list[jax.Array], jax.Array | None]:
-    """(the :func:`axis_absmax` array of every tile in ``axis_tiles``, x's (N,) f32 column sums or None).
-    Whole rows and whole columns together (the int8-row policy's x and x.T codes): one Pallas pre-pass
-    reads x once for both, and for the sums; else XLA."""
+def _axis_stats(parts: Sequence[jax.Array], axis_tiles: tuple[Tile, ...], plan: BlockPlan,
+                config: QuantizeConfig, interpret: bool, column_sum: bool) -> tuple:
+    """(the :func:`axis_absmax` array of every tile in ``axis_tiles``, x's (N,) f32 column sums or None), x
+    given as its column parts. Whole rows and whole columns together (the int8-row policy's x and x.T
+    codes): one Pallas pre-pass reads x once for both, and for the sums; else XLA."""
     rows = any(t[1] == -1 for t in axis_tiles)
     cols = any(t[0] == -1 for t in axis_tiles)
     if rows and cols and config.prepass_axis_stats:
-        kernel = functools.partial(_absmax_kernel, plan=plan, axis_tiles=axis_tiles, column_sum=column_sum)
-        return producer_axis_stats(kernel, [x], axis_tiles, plan, config, interpret=interpret,
+        kernel = functools.partial(_absmax_kernel, plan=plan, axis_tiles=axis_tiles, column_sum=column_sum,
+                                   n_parts=len(parts))
+        return producer_axis_stats(kernel, list(parts), axis_tiles, plan, config, interpret=interpret,
                                    name="quantize_absmax", column_sum=column_sum)
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     sums = jnp.sum(x.astype(jnp.float32), axis=0) if column_sum else None
     return [axis_absmax(x, t) for t in axis_tiles], sums
 
@@ -792,12 +814,16 @@ def _axis_stats(x: jax.Array, axis_tiles: tuple[Tile, ...], plan: BlockPlan, con
 @functools.partial(
     jax.jit, static_argnames=("specs", "rounding", "config", "interpret", "poison", "column_sum")
 )
-def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False, column_sum=False):
-    m, n = x.shape
+def _quantize_call(parts, seed, *, specs, rounding, config, interpret, poison=False, column_sum=False):
+    """parts: x (M, N), or a tuple of equal-width column parts of it (x = concatenate(parts, axis=1))."""
+    parts = tuple(parts) if isinstance(parts, (tuple, list)) else (parts,)
+    m, n = parts[0].shape[0], sum(p.shape[1] for p in parts)
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     # Tiles spanning a whole long axis: absmax computed first (_axis_stats), so blocks need no whole axis.
     axis_tiles = stat_tiles([o.tile for o in outs], m, n, config)
     plan = plan_blocks(m, n, [plan_tile(o.tile, axis_tiles) for o in outs], config)
+    if len(parts) > 1 and (len({p.shape for p in parts}) > 1 or parts[0].shape[1] % plan.bn):
+        parts = (jnp.concatenate(parts, axis=1),)  # blocks would straddle two parts
     kernel = functools.partial(
         quantize_kernel,
         plan=plan,
@@ -805,11 +831,12 @@ def _quantize_call(x, seed, *, specs, rounding, config, interpret, poison=False,
         axis_tiles=axis_tiles,
         rounding=rounding,
         interpret=interpret,
+        n_parts=len(parts),
     )
-    stats, sums = _axis_stats(x, axis_tiles, plan, config, interpret, column_sum)
+    stats, sums = _axis_stats(parts, axis_tiles, plan, config, interpret, column_sum)
     outs = launch(
         kernel,
-        [seed, x, *stats],
+        [seed, *parts, *stats],
         out_shapes(m, n, specs),
         plan,
         config,
@@ -829,7 +856,7 @@ def default_config(tiles: Sequence[Tile], m: int, n: int) -> QuantizeConfig:
 
 
 def quantize_tiles(
-    x: jax.Array,
+    x: jax.Array | Sequence[jax.Array],
     spec: QuantSpec,
     *,
     rounding: Rounding = "nearest",
@@ -842,7 +869,9 @@ def quantize_tiles(
 ) -> QArray | tuple:
     """Symmetric INT8 quantization of x in one pass; bit-exact to ``jq8.quant.quantize``.
 
-    x: (M, N) bf16 / f32 (any rank without ``transposed_spec``: viewed as 2-D like jq8.quant).
+    x: (M, N) bf16 / f32 (any rank without ``transposed_spec``: viewed as 2-D like jq8.quant), or a tuple
+      of 2-D column parts of it, x = concatenate(parts, axis=1) (attention's dq, dk, dv): equal-width parts
+      are read in place, no concatenated copy is written.
     spec: the tile of the codes (per-row, per-column, groups, power-of-two blocks, ...).
     rounding: "nearest" (half away from zero) or "stochastic" (needs ``seed``: noise_seed(key), (2,) uint32).
     transposed_spec: also return the codes of x.T (N, M) under this spec, written from the same loaded
@@ -855,14 +884,19 @@ def quantize_tiles(
     Returns QArray (values (M, N) int8, scale f32 ``spec.scale_shape``) or (q, qT), plus the sums last
     with ``column_sum``.
     """
-    x = jnp.asarray(x)
+    parts = _column_parts(x)
+    x = parts[0]
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim == 0:
         raise TypeError(f"quantize_tiles expects a floating array of rank >= 1, got {x.dtype}{x.shape}")
     if transposed_spec is not None and x.ndim != 2:
         raise ValueError(f"transposed_spec needs a 2-D x, got shape {x.shape}")
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]) if x.ndim != 2 else x
-    m, n = x2.shape
+    if len(parts) > 1:
+        x2 = parts
+        shape = (x.shape[0], sum(p.shape[1] for p in parts))
+    else:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]) if x.ndim != 2 else x
+    m, n = (shape[0], shape[1]) if len(parts) > 1 else x2.shape
     interpret = resolve_interpret(interpret)
     seed_arr = as_seed(seed, rounding)
     specs = [(spec, False)] + ([(transposed_spec, True)] if transposed_spec is not None else [])
@@ -899,6 +933,19 @@ def quantize_tiles(
     return (q, QArray(arrays[2], arrays[3], None, transposed_spec, (n, m), x.dtype), *sums)
 
 
+def _column_parts(x) -> tuple[jax.Array, ...]:
+    """x as a tuple of arrays: (x,), or its 2-D column parts (same rows and dtype), checked."""
+    if not isinstance(x, (tuple, list)):
+        return (jnp.asarray(x),)
+    parts = tuple(jnp.asarray(p) for p in x)
+    if not parts or any(p.ndim != 2 for p in parts):
+        raise ValueError(f"column parts of x must be 2-D arrays, got shapes {[p.shape for p in parts]}")
+    if len({p.shape[0] for p in parts}) > 1 or len({p.dtype for p in parts}) > 1:
+        raise ValueError("column parts of x must share their row count and dtype, got "
+                         f"{[f'{p.dtype}{p.shape}' for p in parts]}")
+    return parts
+
+
 def quantize_tiles_reference(
     x: jax.Array,
     spec: QuantSpec,
@@ -913,7 +960,8 @@ def quantize_tiles_reference(
 ) -> QArray | tuple:
     """Same contract as :func:`quantize_tiles`, computed by jq8.quant.quantize (the definition)."""
     del interpret, config, poison_outputs
-    x = jnp.asarray(x)
+    parts = _column_parts(x)
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     out = (quantize(x, spec, rounding=rounding, seed=seed),)
     if transposed_spec is not None:
         out += (quantize(x.T, transposed_spec, rounding=rounding, seed=seed),)

@@ -157,6 +157,41 @@ def test_column_sum_rides_the_statistics_pass(pre_pass, dtype):
     np.testing.assert_allclose(np.asarray(one[1]), xf.sum(axis=0), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "widths,pre_pass",
+    [((64, 64, 64), True), ((64, 64, 64), False), ((64, 100, 36), True), ((50, 50, 50), True)],
+)
+def test_column_parts_equal_the_concatenation(widths, pre_pass):
+    """x given as column parts (attention's dq, dk, dv) quantizes exactly as x = concatenate(parts): read in
+    place for equal widths that blocks do not straddle (64 with 64-wide blocks), concatenated otherwise."""
+    parts = tuple(_data((70, w), jnp.bfloat16, key=20 + i) for i, w in enumerate(widths))
+    x = jnp.concatenate(parts, axis=1)
+    cfg = QuantizeConfig(block_n=64, xla_column_stats_rows=16 if pre_pass else 10**9, xla_row_stats_cols=64)
+    kw = dict(rounding="stochastic", seed=noise_seed(jax.random.key(7)), transposed_spec=P, column_sum=True)
+    got = quantize_tiles(parts, P, config=cfg, poison_outputs=True, **kw)
+    ref = quantize_tiles(x, P, config=cfg, **kw)
+    for g, r in zip(got[:2], ref[:2]):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(r.scale))
+        np.testing.assert_array_equal(np.asarray(g.values), np.asarray(r.values))
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(ref[2]), rtol=1e-6)
+    _assert_bit_exact(got[:2], _reference(parts, P, **kw)[:2])
+    jaxpr = str(jax.make_jaxpr(lambda p: quantize_tiles(p, P, config=cfg, **kw))(parts))
+    # in place when no block straddles two parts; XLA's statistics (no pre-pass) reduce a concatenation
+    assert ("concatenate" in jaxpr) == (widths != (64, 64, 64) or not pre_pass)
+    with pytest.raises(ValueError, match="share their row count"):
+        quantize_tiles((parts[0], parts[1][:60]), P)
+
+
+def test_column_parts_lower_to_triton():
+    parts = tuple(jax.ShapeDtypeStruct((300, 256), jnp.bfloat16) for _ in range(3))
+    seed = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    cfg = QuantizeConfig(xla_column_stats_rows=16, xla_row_stats_cols=16)
+    f = jax.jit(lambda p, s: quantize_tiles(p, P, rounding="stochastic", seed=s, transposed_spec=P,
+                                            config=cfg, column_sum=True, interpret=False))
+    assert "triton" in f.trace(parts, seed).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_default_config_for_the_pre_pass_route():
     from pallas_kernels.quantize import AXIS_STATS_CONFIG, default_config
 
