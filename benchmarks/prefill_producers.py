@@ -43,6 +43,46 @@ def make_ops(name: str, n: int):
     return lambda x, c=None: quantize_tiles(x, SPEC, config=c), lambda x: quantize_tiles_reference(x, SPEC)
 
 
+def variant_ops(n: int):
+    """{name: (fn(x), bytes moved)} of LayerNorm-quantize variants at width n on an f32 (M, n) x: which part
+    of the kernel costs (the affine loads, the mean reduction, the f32 input, the quantize itself)."""
+    gamma = jax.random.normal(jax.random.key(10), (n,)) * 0.1 + 1
+    beta = jax.random.normal(jax.random.key(11), (n,)) * 0.1
+
+    def ln(g, b, **kw):
+        return lambda x: layer_norm_quantize(x, g, b, spec=SPEC, **kw)[0]
+
+    return {
+        "ln default": (ln(gamma, beta), 5),
+        "ln no affine": (ln(None, None), 5),
+        "ln rms, gamma": (ln(gamma, None, rms=True), 5),
+        "ln bf16 input": (lambda x: ln(gamma, beta)(x.astype(jnp.bfloat16)), 3),
+        "quantize f32": (lambda x: quantize_tiles(x, SPEC), 5),
+        "quantize bf16": (lambda x: quantize_tiles(x.astype(jnp.bfloat16), SPEC), 3),
+        "bf16 cast (XLA)": (lambda x: x.astype(jnp.bfloat16), 6),
+        "sum rows (XLA)": (lambda x: jnp.sum(x, axis=1), 4),
+    }
+
+
+def run_variants(m: int, widths: list[int], calls: int) -> list[dict]:
+    """Times :func:`variant_ops` (device time; casts to bf16 inside a variant are XLA kernels of their own,
+    so "ln bf16 input" / "quantize bf16" report the kernel alone from a pre-cast input)."""
+    rows = []
+    for n in widths:
+        x = jax.random.normal(jax.random.key(0), (m, n)) * 2
+        xb = x.astype(jnp.bfloat16)
+        print(f"\n== variants ({m}, {n}) float32", flush=True)
+        for name, (fn, bpe) in variant_ops(n).items():
+            if name in ("ln bf16 input", "quantize bf16"):
+                t = device_us(jax.jit(lambda v, f=fn: f(v)), xb, calls)
+            else:
+                t = device_us(jax.jit(fn), x, calls)
+            gbs = bpe * m * n / t / 1e3
+            print(f"  {name:18s} {t:7.1f} us  {gbs:5.0f} GB/s ({bpe} bytes/element)", flush=True)
+            rows.append(dict(variant=name, m=m, n=n, us=t, bytes_per_element=bpe))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
@@ -52,7 +92,12 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8,16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", default="", help="widths of LayerNorm-quantize variants to time, then exit")
     args = ap.parse_args()
+    if args.variants:
+        m = 16 if args.quick else args.m
+        run_variants(m, [int(v) for v in args.variants.split(",")], 2 if args.quick else args.calls)
+        return
     if args.quick:
         args.m, args.ln_widths, args.quant_widths = 16, "200", "200"
         args.budgets, args.warps, args.calls = "16384", "4", 2
