@@ -5,11 +5,11 @@
 
 A minimal Pallas kernel (whole rows, ``rows`` rows per program) with switches for each piece of work:
 ``affine`` (gamma, beta loads), ``stats`` ("two_round": mean, then the centred sum of squares, as
-``layer_norm_quantize``; "one_round": sum and sum of squares reduced together), ``amax`` ("after": absmax
-of the normalized row, a third dependent reduction; "minmax": from max(x) and min(x) of the first round,
-exact when there is no affine, since (x - mean) * rstd is monotonic in x) and ``cache`` (gamma/beta loaded
-with ``.ca`` / evict_last, x with evict_first). Each variant is timed by device time next to the library
-kernel and checked against the jnp reference (codes within one step).
+``layer_norm_quantize``; "one_round": sum and sum of squares reduced together), ``amax`` ("after": absmax of
+the normalized row, a third dependent reduction; "minmax": from max(x) and min(x) of the first round, exact
+when there is no affine, since (x - mean) * rstd is monotonic in x) and ``cache`` (gamma/beta loaded with
+evict_last, x with evict_first) and ``preload`` (gamma/beta loaded before the reductions). Each variant is
+timed by device time next to the library kernel and checked against the jnp reference (codes within one step).
 """
 
 from __future__ import annotations
@@ -31,16 +31,25 @@ from decode_producers import device_us  # noqa: E402
 from jq8.quant import QuantSpec  # noqa: E402
 from pallas_kernels._common import compiler_params, next_pow2, resolve_interpret  # noqa: E402
 from pallas_kernels.norm_quantize import layer_norm_quantize, layer_norm_quantize_reference  # noqa: E402
+from pallas_kernels.quantize import QuantizeConfig  # noqa: E402
 
 SPEC = QuantSpec((1, -1))
 
 
-def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, amax, cache):
+def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, amax, cache, preload):
     r0 = pl.program_id(0) * rows
     cols = jnp.arange(bn, dtype=jnp.int32)[None, :]
     mask = cols < n
     xkw = dict(eviction_policy="evict_first") if cache else {}
-    akw = dict(cache_modifier=".ca", eviction_policy="evict_last") if cache else {}
+    akw = dict(eviction_policy="evict_last") if cache else {}  # JAX 0.11's ".ca" lookup raises KeyError
+
+    def load_affine():
+        g = plgpu.load(g_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
+        b = plgpu.load(b_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
+        return g, b
+
+    # preload: gamma/beta issued before the reductions; their barriers keep later loads from being hoisted
+    gb = load_affine() if affine and preload else None
     x = plgpu.load(x_ref.at[pl.ds(r0, rows), pl.ds(0, bn)], mask=mask, other=0.0, **xkw)
     s1 = jnp.sum(x, axis=1, keepdims=True)
     mean = s1 / n
@@ -52,8 +61,7 @@ def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, am
     rstd = jax.lax.rsqrt(var + 1e-5)
     y = (x - mean) * rstd
     if affine:
-        g = plgpu.load(g_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
-        b = plgpu.load(b_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
+        g, b = gb if gb is not None else load_affine()
         y = y * g + b
     y = jnp.where(mask, y, 0.0)
     if amax == "minmax":
@@ -69,14 +77,15 @@ def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, am
     plgpu.store(s_ref.at[pl.ds(r0, rows), pl.ds(0, 1)], scale)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "warps", "affine", "stats", "amax", "cache", "interpret"))
+@functools.partial(jax.jit, static_argnames=("rows", "warps", "affine", "stats", "amax", "cache", "preload",
+                                             "interpret"))
 def probe_ln(x, g, b, *, rows=1, warps=4, affine=True, stats="two_round", amax="after", cache=False,
-             interpret=False):
+             preload=False, interpret=False):
     m, n = x.shape
     assert m % rows == 0
     bn = next_pow2(n)
     kernel = functools.partial(_kernel, n=n, bn=bn, rows=rows, affine=affine, stats=stats, amax=amax,
-                               cache=cache)
+                               cache=cache, preload=preload)
     any_spec = pl.BlockSpec(memory_space=plgpu.ANY) if hasattr(plgpu, "ANY") else pl.BlockSpec(
         memory_space=pl.ANY)
     return pl.pallas_call(
@@ -103,26 +112,31 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, M = {args.m}", flush=True)
     variants = [
         dict(),
-        dict(cache=True),
-        dict(stats="one_round"),
-        dict(stats="one_round", cache=True),
+        dict(preload=True),
+        dict(preload=True, cache=True),
+        dict(preload=True, stats="one_round"),
         dict(affine=False),
-        dict(affine=False, amax="minmax"),
-        dict(affine=False, amax="minmax", stats="one_round"),
     ]
     shapes = [dict(rows=1, warps=w) for w in (2, 4, 8)] + [dict(rows=2, warps=4), dict(rows=4, warps=8)]
     for n in (int(v) for v in args.widths.split(",")):
         x = jax.random.normal(jax.random.key(0), (args.m, n)) * 2 + 0.5
         g = jax.random.normal(jax.random.key(1), (n,)) * 0.1 + 1
         b = jax.random.normal(jax.random.key(2), (n,)) * 0.1
-        lib = jax.jit(lambda x: layer_norm_quantize(x, g, b, spec=SPEC)[0].values)
-        print(f"\n== ({args.m}, {n}) f32: layer_norm_quantize {device_us(lib, x, args.calls):.1f} us", flush=True)
+        lib = jax.jit(lambda x, g=g, b=b: layer_norm_quantize(x, g, b, spec=SPEC)[0].values)
+        t = device_us(lib, x, args.calls)
+        print(f"\n== ({args.m}, {n}) f32: layer_norm_quantize {t:.1f} us", flush=True)
+        configs = [(2048, 2), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+        for rbe, w in configs[: 1 if args.quick else None]:
+            cfg = QuantizeConfig(row_block_elems=rbe, num_warps=w)
+            fn = jax.jit(lambda x, c=cfg, g=g, b=b: layer_norm_quantize(x, g, b, spec=SPEC, config=c)[0])
+            print(f"  {device_us(fn, x, args.calls):6.1f} us  layer_norm_quantize row_block_elems {rbe} "
+                  f"warps {w}", flush=True)
         for v in variants:
             ref = layer_norm_quantize_reference(x, g if v.get("affine", True) else None,
                                                 b if v.get("affine", True) else None, spec=SPEC)[0]
             for s in shapes if not args.quick else shapes[:1]:
                 kw = {**v, **s}
-                fn = jax.jit(lambda x, kw=kw: probe_ln(x, g, b, interpret=interpret, **kw))
+                fn = jax.jit(lambda x, kw=kw, g=g, b=b: probe_ln(x, g, b, interpret=interpret, **kw))
                 try:
                     q, _ = fn(x)
                     err = int(jnp.max(jnp.abs(q.astype(jnp.int32) - ref.values.astype(jnp.int32))))
