@@ -7,9 +7,10 @@ A minimal Pallas kernel (whole rows, ``rows`` rows per program) with switches fo
 ``affine`` (gamma, beta loads), ``stats`` ("two_round": mean, then the centred sum of squares, as
 ``layer_norm_quantize``; "one_round": sum and sum of squares reduced together), ``amax`` ("after": absmax of
 the normalized row, a third dependent reduction; "minmax": from max(x) and min(x) of the first round, exact
-when there is no affine, since (x - mean) * rstd is monotonic in x) and ``cache`` (gamma/beta loaded with
-evict_last, x with evict_first) and ``preload`` (gamma/beta loaded before the reductions). Each variant is
-timed by device time next to the library kernel and checked against the jnp reference (codes within one step).
+when there is no affine, since (x - mean) * rstd is monotonic in x) ``cache`` (gamma/beta loaded with
+evict_last, x with evict_first), ``rank2`` (gamma/beta as (1, N) arrays loaded as (1, bn) rows) and
+``preload`` (gamma/beta loaded before the reductions). Each variant is timed by device time next to the
+library kernel and checked against the jnp reference (codes within one step).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pallas_kernels.quantize import QuantizeConfig  # noqa: E402
 SPEC = QuantSpec((1, -1))
 
 
-def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, amax, cache, preload):
+def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, amax, cache, preload, rank2):
     r0 = pl.program_id(0) * rows
     cols = jnp.arange(bn, dtype=jnp.int32)[None, :]
     mask = cols < n
@@ -44,6 +45,9 @@ def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, am
     akw = dict(eviction_policy="evict_last") if cache else {}  # JAX 0.11's ".ca" lookup raises KeyError
 
     def load_affine():
+        if rank2:  # (1, N) refs loaded as (1, bn): the layout of x's rows, no conversion of a 1-D vector
+            return tuple(plgpu.load(r.at[pl.ds(0, 1), pl.ds(0, bn)], mask=mask[:1], other=0.0, **akw)
+                         for r in (g_ref, b_ref))
         g = plgpu.load(g_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
         b = plgpu.load(b_ref.at[pl.ds(0, bn)], mask=mask[0], other=0.0, **akw)[None, :]
         return g, b
@@ -78,14 +82,14 @@ def _kernel(x_ref, g_ref, b_ref, q_ref, s_ref, *, n, bn, rows, affine, stats, am
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "warps", "affine", "stats", "amax", "cache", "preload",
-                                             "interpret"))
+                                             "rank2", "interpret"))
 def probe_ln(x, g, b, *, rows=1, warps=4, affine=True, stats="two_round", amax="after", cache=False,
-             preload=False, interpret=False):
+             preload=False, rank2=False, interpret=False):
     m, n = x.shape
     assert m % rows == 0
     bn = next_pow2(n)
     kernel = functools.partial(_kernel, n=n, bn=bn, rows=rows, affine=affine, stats=stats, amax=amax,
-                               cache=cache, preload=preload)
+                               cache=cache, preload=preload, rank2=rank2)
     any_spec = pl.BlockSpec(memory_space=plgpu.ANY) if hasattr(plgpu, "ANY") else pl.BlockSpec(
         memory_space=pl.ANY)
     return pl.pallas_call(
@@ -96,7 +100,7 @@ def probe_ln(x, g, b, *, rows=1, warps=4, affine=True, stats="two_round", amax="
         out_shape=[jax.ShapeDtypeStruct((m, n), jnp.int8), jax.ShapeDtypeStruct((m, 1), jnp.float32)],
         compiler_params=compiler_params(num_warps=warps, num_stages=1),
         interpret=interpret,
-    )(x, g, b)
+    )(x, *((g.reshape(1, n), b.reshape(1, n)) if rank2 else (g, b)))
 
 
 def main() -> None:
@@ -112,9 +116,9 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, M = {args.m}", flush=True)
     variants = [
         dict(),
-        dict(preload=True),
-        dict(preload=True, cache=True),
-        dict(preload=True, stats="one_round"),
+        dict(rank2=True),
+        dict(rank2=True, preload=True),
+        dict(rank2=True, stats="one_round"),
         dict(affine=False),
     ]
     shapes = [dict(rows=1, warps=w) for w in (2, 4, 8)] + [dict(rows=2, warps=4), dict(rows=4, warps=8)]
@@ -125,7 +129,7 @@ def main() -> None:
         lib = jax.jit(lambda x, g=g, b=b: layer_norm_quantize(x, g, b, spec=SPEC)[0].values)
         t = device_us(lib, x, args.calls)
         print(f"\n== ({args.m}, {n}) f32: layer_norm_quantize {t:.1f} us", flush=True)
-        configs = [(2048, 2), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+        configs = [(1, 4), (1, 8), (1, 16), (2048, None), (2048, 8), (4096, 8)]
         for rbe, w in configs[: 1 if args.quick else None]:
             cfg = QuantizeConfig(row_block_elems=rbe, num_warps=w)
             fn = jax.jit(lambda x, c=cfg, g=g, b=b: layer_norm_quantize(x, g, b, spec=SPEC, config=c)[0])

@@ -73,6 +73,13 @@ class RowStatsConfig:
     num_warps: int | None = None
 
 
+# LayerNorm-quantize with whole rows per program (per-token codes at prefill sizes), rows of 513-2048
+# columns: one row a program, 8 elements a thread. On the H100, probe kernel (benchmarks/ln_probe.py,
+# BENCHMARKS.md session 17): 8192 x 1600 f32, 1 row on 8 warps 32.1 us against 37.7 us for the quantize
+# kernels' row blocks (1 row, 4 warps); 768 columns, 1 row on 4 warps 14.5 us against 18.8 (2 rows, 4 warps).
+ROW_NORM_CONFIG = QuantizeConfig(row_block_elems=1)
+
+
 def _prev_pow2(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
@@ -120,12 +127,17 @@ def _x_loader(x_ref, plan: BlockPlan):
 
 
 def _affine(gamma_ref, beta_ref, c0, plan: BlockPlan):
-    """(gamma, beta) of the bn columns at c0: each a thunk loading it as (1, bn) fp32, or None."""
-    cmask = c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n
+    """(gamma, beta) of the bn columns at c0: each a thunk loading it as (1, bn) fp32, or None.
+
+    The refs are (1, N): a (1, bn) load gets the layout of x's rows directly. A (bn,) load expanded with
+    [None, :] costs a layout conversion through shared memory per vector (benchmarks/ln_probe.py,
+    BENCHMARKS.md session 17)."""
+    cmask = (c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n)[None, :]
 
     def loader(ref):
         def load():
-            return plgpu.load(ref.at[pl.ds(c0, plan.bn)], mask=cmask, other=0.0).astype(jnp.float32)[None, :]
+            v = plgpu.load(ref.at[pl.ds(0, 1), pl.ds(c0, plan.bn)], mask=cmask, other=0.0)
+            return v.astype(jnp.float32)
 
         return load
 
@@ -164,16 +176,12 @@ def _norm_kernel(x_ref, gamma_ref, beta_ref, *refs, plan, outs, x_outs, eps, rms
     *out_refs, mean_ref, rstd_ref = refs
     r0 = pl.program_id(0) * plan.bm
     load_x = _x_loader(x_ref, plan)
-    # Whole rows: gamma and beta are loaded before the row reductions. Loaded where they are used, they wait
-    # behind the reductions' barriers, one more memory round trip per program (38.6 -> 35 us at 8192 x 1600,
-    # benchmarks/ln_probe.py).
-    affine = _preloaded(_affine(gamma_ref, beta_ref, 0, plan)) if plan.loop_axis is None else None
     mean, rstd, x_once = _row_stats(load_x, plan, r0, eps=eps, rms=rms)
 
     def load(r0, c0):
         mask = block_mask(r0, c0, plan)
         x = x_once if x_once is not None else load_x(r0, c0)[0]
-        return _normalize(x, mask, mean, rstd, *(affine or _affine(gamma_ref, beta_ref, c0, plan)))
+        return _normalize(x, mask, mean, rstd, *_affine(gamma_ref, beta_ref, c0, plan))
 
     sweep(load, outs, out_refs[: 2 * len(outs)], plan, rounding="nearest", seed=None, interpret=interpret)
     if x_outs:  # x itself: the block already loaded, or (rows swept in chunks) the chunks read once more
@@ -347,8 +355,12 @@ def norm_plan(m: int, n: int, specs, input_spec: QuantSpec | None = None,
     tiles += [x_tile(input_spec, m, n)] if input_spec is not None else []
     route = norm_route(tiles)
     if route == "one_pass":
-        config = config or QuantizeConfig()
-        return route, _one_pass_plan(m, n, tiles, config), config
+        if config is not None:
+            return route, _one_pass_plan(m, n, tiles, config), config
+        plan = _one_pass_plan(m, n, tiles, ROW_NORM_CONFIG)
+        if not (plan.row_blocks and 1024 <= plan.bn <= 2048):  # outside the measured widths: as before
+            return route, _one_pass_plan(m, n, tiles, QuantizeConfig()), QuantizeConfig()
+        return route, plan, dataclasses.replace(ROW_NORM_CONFIG, num_warps=plan.bn // 256)
     config = config or AXIS_STATS_CONFIG
     whole = tuple(dict.fromkeys(t for t in tiles if -1 in t))
     return route, plan_blocks(m, n, [plan_tile(t, whole) for t in tiles], config), config
@@ -358,6 +370,7 @@ def norm_plan(m: int, n: int, specs, input_spec: QuantSpec | None = None,
                                              "interpret", "poison"))
 def _norm_call(x, gamma, beta, *, eps, rms, specs, input_spec, config, stats_config, interpret, poison=False):
     m, n = x.shape
+    gamma, beta = (None if v is None else v.reshape(1, n) for v in (gamma, beta))  # see _affine
     outs = tuple(OutSpec(x_tile(s, m, n, t), t) for s, t in specs)
     x_outs = (OutSpec(x_tile(input_spec, m, n)),) if input_spec is not None else ()
     route, plan, config = norm_plan(m, n, specs, input_spec, config)

@@ -168,10 +168,19 @@ def test_layer_norm_input_spec_one_pass(shape, dtype, spec, tspec, budget):
 
 
 def test_layer_norm_plans_kept():
-    """Without whole columns the one-pass plans stay as they were (ZeroQuant's prefill, Jetfire's blocks);
-    per-row codes of y and y.T take the two-pass route."""
+    """Without whole columns the one-pass plans stay as they were (Jetfire's blocks); ZeroQuant's prefill
+    widths take one row a program on 8 elements a thread; per-row codes of y and y.T take the two-pass
+    route."""
     prefill = norm_plan(8192, 1600, ((P, False),))
-    assert prefill == ("one_pass", BlockPlan(8192, 1600, 1, 2048, None, True), QuantizeConfig())
+    one_row = QuantizeConfig(row_block_elems=1)
+    assert prefill == ("one_pass", BlockPlan(8192, 1600, 1, 2048, None, True),
+                       dataclasses.replace(one_row, num_warps=8))
+    small = norm_plan(8192, 768, ((P, False),))
+    assert small == ("one_pass", BlockPlan(8192, 768, 1, 1024, None, True),
+                     dataclasses.replace(one_row, num_warps=4))
+    for m, n in ((8192, 4096), (8192, 200), (1, 1600)):  # unmeasured widths, decode: quantize kernels' plan
+        assert norm_plan(m, n, ((P, False),)) == ("one_pass", plan_blocks(m, n, [(1, -1)], QuantizeConfig()),
+                                                  QuantizeConfig())
     b32 = ((B((32, 32)), False), (B((32, 32)), True))
     old = plan_blocks(16384, 4096, [(32, 32), (32, 32), (1, -1)], QuantizeConfig())
     assert norm_plan(16384, 4096, b32) == ("one_pass", old, QuantizeConfig())
