@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 timeout 100 python3 benchmarks/ln_probe.py 2>&1 | tee $OUT/ln_probe_lib.log | grep -v "^  {"
 timeout 150 python3 -m pytest -q tests/test_kernels_fused_producers.py 2>&1 | tee $OUT/gpu_tests_producers.log \
   | tail -2
-for P in gpt2-1.5b gpt2-124m; do
+for P in ${PRESETS:-gpt2-1.5b gpt2-124m}; do
   timeout 330 python3 benchmarks/ptq_speed.py --presets $P --prefill-presets $P --kv-steps 0 --schemes w8a8 \
     --no-xla-rows 2>&1 | tee $OUT/ptq_speed_${P}_prefill_ln.log | grep -A6 "^model" | cut -c1-25,110-
 done
