@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from configs.base import TrainConfig, apply_overrides, load_config
@@ -67,6 +68,18 @@ def make_policy(cfg: TrainConfig) -> Policy:
         return Policy.from_name(cfg.policy, use_kernels=use_kernels)
     return Policy.from_name(cfg.policy, use_kernels=use_kernels, granularity=cfg.int8_granularity,
                             block=(cfg.int8_block, cfg.int8_block))
+
+
+def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> bool:
+    """Whether the training step runs per device under ``jax.shard_map`` (see ``cfg.data_parallel``)."""
+    mode = cfg.data_parallel.lower()
+    if mode not in ("auto", "shard_map", "gspmd"):
+        raise ValueError(f"data_parallel must be auto/shard_map/gspmd, got {cfg.data_parallel!r}")
+    if mesh.size == 1:
+        return False
+    if mode == "auto":  # the INT8 policy's Pallas kernels cannot be partitioned by XLA
+        return policy.name != "bf16" and policy.use_kernels
+    return mode == "shard_map"
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -184,9 +197,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logits = model.apply({"params": params}, inputs, deterministic=not dropout, rngs=rngs)
         return lm_loss(logits, targets)
 
+    def local_grads(params, inputs, targets, key):
+        """One device's share of the batch under shard_map: its own noise; loss and gradients averaged over
+        the devices (one all-reduce each)."""
+        key = jax.random.fold_in(key, jax.lax.axis_index(sharding.AXIS))
+        return jax.lax.pmean(jax.value_and_grad(loss_fn)(params, inputs, targets, key), sharding.AXIS)
+
+    loss_and_grads = jax.value_and_grad(loss_fn)
+    if use_shard_map(cfg, policy, mesh):
+        # Pallas kernels are custom calls that XLA's partitioner cannot split: under plain jit shardings each
+        # device would all-gather the batch and run every kernel on all of it. shard_map runs forward and
+        # backward on each device's tokens instead (parameters gathered whole, every INT8 tensor quantized on
+        # its own device), then averages the gradients. check_vma=False: the INT8 ops' custom VJPs return
+        # per-device weight gradients for replicated weights; the pmean above is what makes them replicated.
+        tokens = P(sharding.AXIS)
+        loss_and_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), tokens, tokens, P()),
+                                       out_specs=P(), check_vma=False)
+
     def train_step(params, opt_state, inputs, targets, step):
         key = jax.random.fold_in(base_key, step)  # per-step noise: reproducible on resume
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
+        loss, grads = loss_and_grads(params, inputs, targets, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))

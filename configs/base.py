@@ -56,6 +56,9 @@ class TrainConfig:
     sharding: str = "fsdp"  # "fsdp" (params split over devices) | "dp" (params replicated)
     fsdp_min_size: int = 2**14  # arrays smaller than this stay replicated
     num_devices: int = 0  # use the first N devices (0: all)
+    # how the step splits over devices: "gspmd" (jit shardings; XLA partitions the model), "shard_map" (each
+    # device runs the whole step on its tokens), "auto" (shard_map when the INT8 policy runs Pallas kernels)
+    data_parallel: str = "auto"
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,12 @@ SCRIPT = textwrap.dedent("""
     out = {}
     no_ckpt = ["--ckpt_every=-1"]
     for name, extra in [("fsdp8", []), ("one", ["--num_devices=1", *no_ckpt]),
-                        ("int8_fsdp8", ["--policy=jetfire-int8", *no_ckpt])]:
+                        ("int8_fsdp8", ["--policy=jetfire-int8", *no_ckpt]),
+                        ("sm8", ["--data_parallel=shard_map", *no_ckpt]),
+                        ("int8_sm8", ["--policy=jetfire-int8", "--data_parallel=shard_map", *no_ckpt]),
+                        # the Pallas kernels (interpret mode) per device, as on GPUs (data_parallel=auto)
+                        ("int8_sm8_kernels", ["--policy=jetfire-int8", "--use_kernels=true", "--steps=2",
+                                              *no_ckpt])]:
         run = os.path.join(TMP, name)
         r = train.main(base + extra + ["--run_dir=" + run])
         out[name] = [l for _, l in r["history"]]
@@ -177,3 +182,16 @@ def test_resume_on_another_device_count(result):
     assert out["start_step"] == 4 and [s for s, _ in out["history"]] == [5, 6]
     # Continues from the trained state, not from a fresh init (which would start near log(320) = 5.77).
     assert out["history"][0][1] < result["fsdp8"][0] - 0.05
+
+
+def test_shard_map_step_matches_one_device(result):
+    # Each device's forward and backward on its tokens, gradients averaged: the same updates as one device.
+    np.testing.assert_allclose(result["sm8"], result["one"], rtol=2e-5)
+
+
+def test_int8_shard_map_step_matches_partitioned_step(result):
+    # 32x32 quantization tiles do not cross the 64-token shards, so per-device quantization gives the
+    # same codes; only the per-device stochastic-rounding noise differs.
+    np.testing.assert_allclose(result["int8_sm8"], result["int8_fsdp8"], rtol=1e-4)
+    np.testing.assert_allclose(result["int8_sm8_kernels"], result["int8_fsdp8"][:2], rtol=1e-4)
+    assert not np.array_equal(result["int8_sm8"], result["int8_fsdp8"])  # its own noise per device
