@@ -74,9 +74,9 @@ class RowStatsConfig:
 
 
 # LayerNorm-quantize with whole rows per program (per-token codes at prefill sizes), rows of 513-2048
-# columns: one row a program, 8 elements a thread. On the H100, probe kernel (benchmarks/ln_probe.py,
-# BENCHMARKS.md session 17): 8192 x 1600 f32, 1 row on 8 warps 32.1 us against 37.7 us for the quantize
-# kernels' row blocks (1 row, 4 warps); 768 columns, 1 row on 4 warps 14.5 us against 18.8 (2 rows, 4 warps).
+# columns: one row a program, 8 elements a thread. On the H100 at 8192 x 1600 f32: 34.9 us against 37.7-39.1
+# for the quantize kernels' row blocks (1 row, 4 warps); at 768 columns 16.0 us against 16.7-18.9 (2 rows,
+# 4 warps) (benchmarks/ln_probe.py, BENCHMARKS.md session 17).
 ROW_NORM_CONFIG = QuantizeConfig(row_block_elems=1)
 
 
