@@ -201,3 +201,27 @@ def test_int8_granularity_reaches_the_policy(tmp_path):
     )
     losses = [v for _, v in out["history"]]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+def test_data_parallel_mode_is_checked_and_auto_picks_shard_map_for_int8_kernels():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jq8.policy import Policy
+
+    one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    with pytest.raises(ValueError, match="data_parallel must be auto/shard_map/gspmd"):
+        train.use_shard_map(TrainConfig(data_parallel="ddp"), Policy.from_name("bf16"), one)
+    assert not train.use_shard_map(TrainConfig(data_parallel="shard_map"), Policy.from_name("bf16"), one)
+
+    class TwoDevices:  # use_shard_map reads only the mesh's size
+        size = 2
+
+    int8 = Policy.from_name("jetfire-int8", use_kernels=True)
+    assert train.use_shard_map(TrainConfig(), int8, TwoDevices())
+    refs = Policy.from_name("jetfire-int8", use_kernels=False)  # jnp references: XLA partitions them
+    assert not train.use_shard_map(TrainConfig(), refs, TwoDevices())
+    assert not train.use_shard_map(TrainConfig(), Policy.from_name("bf16"), TwoDevices())
+    assert not train.use_shard_map(TrainConfig(data_parallel="gspmd"), int8, TwoDevices())
+    assert train.use_shard_map(TrainConfig(data_parallel="shard_map"), Policy.from_name("bf16"), TwoDevices())
