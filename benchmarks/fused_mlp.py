@@ -1,6 +1,6 @@
 """The W8A8 MLP's INT8 chain fc1 -> fc2 at prefill sizes: separate quantize pass vs requantizing fc1.
 
-    PYTHONPATH=. python3 benchmarks/fused_mlp.py [--m 8192] [--models 124m 1p5b] [--group 128]
+    PYTHONPATH=. python3 benchmarks/fused_mlp.py [--m 8192] [--models 124m 1p5b] [--group 128 256]
 
 Two ways to feed fc2 INT8 activations (both GEMMs on the Mosaic GPU kernel, the model's epilogues:
 fc1 bias + GELU, fc2 bias + f32 residual):
@@ -117,7 +117,8 @@ def sweep_configs(m, d, f, group, ms, operands, u8) -> list[dict]:
     spec = QuantSpec(tile=(1, group))
     base1 = mg.fit_config(m, f, d, out_group=group)
     base2 = mg.fit_config(m, d, f, residual=True, a_group=group)
-    fc1 = [dict(tile_m=128, wg_dim="m"), dict(tile_m=64, wg_dim="m")]
+    # a warpgroup holds tile_m x group int32 accumulators: <= 128 a thread
+    fc1 = [dict(tile_m=tm, wg_dim=wg) for tm in (128, 64) for wg in ("m", "n") if tm * group <= 128 * 128]
     fc2 = [dict(tile_m=64, tile_n=tn, wg_dim=wg) for tn in (160, 128, 96, 80, 64) for wg in ("m", "n")] + [
         dict(tile_m=128, tile_n=tn, wg_dim=wg) for tn in (80, 64) for wg in ("m", "n")
     ]
@@ -159,7 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, default=8192)
     p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--group", type=int, nargs="*", default=[128], help="fc1's requantization groups")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--fc1-tile-m", type=int, nargs="*", default=[0], help="0: the default fc1 tiles")
@@ -172,10 +173,11 @@ def main() -> None:
     results = {}
     for name in args.models:
         d, f = MODELS[name]
-        for tile_m in args.fc1_tile_m:
-            key = name if not tile_m else f"{name}_fc1_tile_m{tile_m}"
-            results[key] = measure(args.m, d, f, args.group, ms, fc1_tile_m=tile_m, sweep=args.sweep)
-            print(key, json.dumps(results[key]), flush=True)
+        for group in args.group:
+            for tile_m in args.fc1_tile_m:
+                key = f"{name}_g{group}" + (f"_fc1_tile_m{tile_m}" if tile_m else "")
+                results[key] = measure(args.m, d, f, group, ms, fc1_tile_m=tile_m, sweep=args.sweep)
+                print(key, json.dumps(results[key]), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "fused_mlp.json"), "w") as fh:
             json.dump(results, fh, indent=1)

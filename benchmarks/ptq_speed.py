@@ -164,17 +164,23 @@ def head_label(qp) -> str | None:
     return f"int{bits[0]}" if bits else None
 
 
-def per_token_fc1_row(apply_fn, qp, tokens, args, iters: int) -> dict:
-    """The same W8A8 prefill with fc1 writing bf16 and a per-token quantize pass before fc2 (the path
-    before fc1 requantized its own output; ``ptq_infer.fc1_codes_group`` off while the call compiles)."""
-    real = ptq_infer.fc1_codes_group
-    ptq_infer.fc1_codes_group = lambda *a, **k: None
+def fc1_groups_row(apply_fn, qp, tokens, args, iters: int, groups: tuple[int, ...]) -> dict:
+    """The same W8A8 prefill with ``ptq_infer.FC1_CODES_GROUPS`` set to ``groups`` while the call compiles:
+    () = fc1 writes bf16 and a per-token quantize pass runs before fc2 (the path before fc1 requantized its
+    own output); (g,) = fc1's codes in g-column groups wherever that group fits."""
+    real = ptq_infer.FC1_CODES_GROUPS
+    ptq_infer.FC1_CODES_GROUPS = groups
     try:
         fn = bind(apply_fn, qp, args.dispatch)
         fn(tokens)  # compiles under the patch
     finally:
-        ptq_infer.fc1_codes_group = real
-    return dict(model="w8a8 (fc1 bf16 + quantize pass)", prefill_ms=timeit(fn, tokens, iters=iters))
+        ptq_infer.FC1_CODES_GROUPS = real
+    name = f"w8a8 (fc1 codes in groups of {groups[0]})" if groups else "w8a8 (fc1 bf16 + quantize pass)"
+    return dict(
+        model=name,
+        prefill_ms=timeit(fn, tokens, iters=iters),
+        prefill_b2b_ms=timeit_back_to_back(fn, tokens, iters=iters),
+    )
 
 
 def epilogue_math_row(apply_fn, qp, tokens, ref, args, iters: int, math_: str) -> dict:
@@ -263,8 +269,11 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
             row["prefill_b2b_ms"] = timeit_back_to_back(q_fn, tokens, iters=iters)
         rows.append(row)
         print("row", json.dumps(row), flush=True)  # survives a run cut short by a time limit
-        if prefill and scheme == "w8a8" and args.compare_fc1_codes:
-            rows.append(per_token_fc1_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, args, iters))
+        fc1_groups = args.compare_fc1_codes
+        fc1_groups = (fc1_groups or [0]) if fc1_groups is not None and prefill and scheme == "w8a8" else []
+        for g in fc1_groups:
+            groups = () if g == 0 else (g,)
+            rows.append(fc1_groups_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, args, iters, groups))
             print("row", json.dumps(rows[-1]), flush=True)
         for math_ in args.compare_epilogue_math if prefill and scheme == "w8a8" else ():
             rows.append(epilogue_math_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, ref_prefill, args,
@@ -368,8 +377,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--compare-fc1-codes",
-        action="store_true",
-        help="also time the W8A8 prefill with a per-token quantize pass between fc1 and fc2",
+        type=int,
+        nargs="*",
+        default=None,
+        help="also time the W8A8 prefill with fc1's codes in these column groups only (0, or the bare flag: "
+        "no fc1 codes, a per-token quantize pass between fc1 and fc2)",
     )
     ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     ap.add_argument(

@@ -394,7 +394,7 @@ def _fused_mlp(
     return y.reshape(*lead, d)
 
 
-FC1_CODES_GROUP = 128  # columns of fc1's output per INT8 scale when fc1 writes codes (see below)
+FC1_CODES_GROUPS = (256, 128)  # columns of fc1's output per INT8 scale when fc1 writes codes, best first
 
 
 def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
@@ -402,19 +402,18 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     between them, else None.
 
     On Hopper at prefill sizes, fc1's epilogue (bias, GELU) quantizes its own output to INT8 with one scale
-    per token and per 128 columns (its warpgroup tile: a whole row's maximum is not known there), and fc2
-    applies those scales per K group in its main loop (``pallas_kernels.int8_matmul_mgpu``). That is finer
-    than one scale per token, so no less accurate, and saves writing u in bf16 and the pass that reads it
-    back. fc2 pays for that with a drain of its accumulator every K step, which costs more with wide
-    warpgroup tiles: measured on the H100 (BENCHMARKS.md, session 12), the GPT-2 124M prefill gained 7%
-    (fc2 tiles 64 x 128) and the 1.5B one lost 2% (fc2 tiles 64 x 160), so fc2's tile must be at most
-    128 columns wide. Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped weights, wider fc2 tiles)
-    the per-token path runs.
+    per token and per g columns (its warpgroup tile: a whole row's maximum is not known there), and fc2
+    applies those scales per K group in its main loop, one g-wide K step a group
+    (``pallas_kernels.int8_matmul_mgpu``). That is finer than one scale per token, so no less accurate, and
+    saves writing u in bf16 and the pass that reads it back. fc2 pays for that with a drain of its
+    accumulator every K step. With g = 128 that cost more than the pass at 160-wide fc2 tiles (GPT-2 1.5B
+    prefill 2% slower, BENCHMARKS.md session 12), so 128-wide groups need fc2 tiles <= 128 columns; 256-wide
+    groups drain half as often (session 18). Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped
+    weights) the per-token path runs.
     """
     from pallas_kernels import int8_matmul_mgpu as mgpu
     from pallas_kernels.int8_matmul import DECODE_MAX_M
 
-    g = FC1_CODES_GROUP
     if backend != "pallas" or m <= DECODE_MAX_M or not mgpu.available():
         return None
     (n1, k1), (n2, k2) = w1.shape_2d, w2.shape_2d
@@ -422,11 +421,14 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
         if w.spec.bits != 8 or w.scale.shape[1] != 1 or w.zero_point is not None:
             return None
     common = dict(b_bits=8, scales=True, residual=None, out_dtype=jnp.float32, split_cols=None)
-    fc1_ok = mgpu.unsupported_reason(m, n1, k1, out_spec=QuantSpec(tile=(1, g)), **common) is None
-    fc2_ok = mgpu.unsupported_reason(m, n2, k2, out_spec=None, a_group=g, **common) is None
-    if not (fc1_ok and fc2_ok):
-        return None
-    return g if mgpu.fit_config(m, n2, k2, residual=True, a_group=g).tile_n <= 128 else None
+    for g in FC1_CODES_GROUPS:
+        if mgpu.unsupported_reason(m, n1, k1, out_spec=QuantSpec(tile=(1, g)), **common) is not None:
+            continue
+        if mgpu.unsupported_reason(m, n2, k2, out_spec=None, a_group=g, **common) is not None:
+            continue
+        if g >= 256 or mgpu.fit_config(m, n2, k2, residual=True, a_group=g).tile_n <= 128:
+            return g
+    return None
 
 
 def _rows(residual: jax.Array | None, d: int) -> jax.Array | None:

@@ -183,13 +183,13 @@ def fit_config(
 
     out_group: the output is requantized per row and per ``out_group`` columns, so the warpgroup tile is
     that wide (its row maxima are the scales). a_group: A's scales change every ``a_group`` of K, so
-    that is ``tile_k`` (64 or 128) and each K step waits for its own wgmma (``mma_in_flight=0``).
+    that is ``tile_k`` (64, 128 or 256) and each K step waits for its own wgmma (``mma_in_flight=0``).
     """
     if out_group is not None:
         return _fit_out_group(m, n, k, out_group, a_group=a_group)
     if a_group is not None:
-        if a_group not in (64, 128) or k % a_group:
-            raise ValueError(f"A's K groups must be 64 or 128 wide and divide K={k}, got {a_group}")
+        if a_group not in (64, 128, 256) or k % a_group:
+            raise ValueError(f"A's K groups must be 64, 128 or 256 wide and divide K={k}, got {a_group}")
         tile_k = a_group
     elif k % 128 == 0:
         tile_k = 128
@@ -359,7 +359,8 @@ def int8_matmul_mgpu(
     """``act(a @ b.T * a_scale * b_scale + bias) + residual`` on Hopper wgmma.
 
     a: (M, K) int8; b: (N, K) int8; a_scale: (M,) or (M, 1) f32 per row, or (M, G) f32 per row and per
-    K / G columns of K (G groups, K / G = 64 or 128); b_scale: (N,) or (1, N) f32; bias: (N,) float or None;
+    K / G columns of K (G groups, K / G = 64, 128 or 256); b_scale: (N,) or (1, N) f32; bias: (N,) float or
+    None;
     residual: (M, N) ``out_dtype`` or None. Returns (M, N) ``out_dtype``, or with ``split_cols`` a tuple of
     N / split_cols (M, split_cols) arrays (column blocks in order), or with ``out_spec`` (symmetric INT8,
     tiles (1, g)) a :class:`QArray` of int8 codes and (M, N / g) scales requantized in the epilogue.

@@ -157,8 +157,11 @@ def test_fit_config_for_requantized_output_and_grouped_a():
     assert (cfg.tile_k, cfg.mma_in_flight) == (128, 0)
     staging = 4 * cfg.epi_tile_m * cfg.epi_tile_n * 4 + 2 * 50 * cfg.tile_m * 4
     assert cfg.stages * (cfg.cta_m + cfg.cta_n) * cfg.tile_k + staging <= mg.SMEM_BYTES
-    with pytest.raises(ValueError, match="64 or 128"):
-        mg.fit_config(8192, 1600, 6400, a_group=256)
+    # 256-wide groups: 256-wide K steps
+    cfg = mg.fit_config(8192, 1600, 6400, residual=True, a_group=256)
+    assert (cfg.tile_k, cfg.mma_in_flight, cfg.tile_m) == (256, 0, 64)
+    with pytest.raises(ValueError, match="64, 128 or 256"):
+        mg.fit_config(8192, 1600, 6400, a_group=512)
     with pytest.raises(ValueError, match="requantization group"):
         mg.fit_config(8192, 1600, 1600, out_group=96)  # 96 does not divide 1600
     with pytest.raises(ValueError, match="K groups"):
@@ -173,6 +176,8 @@ def test_fit_config_for_requantized_output_and_grouped_a():
         (8192, 3072, 768, dict(out_group=128)),
         (8192, 1600, 6400, dict(residual=True, a_group=128)),
         (8192, 768, 3072, dict(residual=True, a_group=128)),
+        (8192, 1600, 6400, dict(residual=True, a_group=256)),
+        (8192, 6400, 1600, dict(out_group=256)),
         (8192, 50304, 768, dict()),  # GPT-2 LM head: 4 stages plus its vectors did not fit
     ],
 )
@@ -199,7 +204,7 @@ def test_unsupported_reason_for_requantized_output(monkeypatch):
         8192, 6400, 1600, out_spec=QuantSpec(tile=(1, 128)), **{**kw, "residual": res}
     )
     assert mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=128, **kw) is None
-    assert "64 or 128" in mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=32, **kw)
+    assert "64, 128 or 256" in mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=32, **kw)
     monkeypatch.setattr(mg, "available", lambda: False)
     assert (
         mg.unsupported_reason(8192, 1600, 6400, out_spec=None, a_group=128, check_device=False, **kw) is None
@@ -328,7 +333,8 @@ def _close_codes(q, ref):
 
 @on_hopper
 @pytest.mark.parametrize(
-    "m, n, k, group", [(1024, 6400, 1600, 128), (512, 1600, 768, 160), (256, 512, 256, 64)]
+    "m, n, k, group",
+    [(1024, 6400, 1600, 128), (1024, 6400, 1600, 256), (512, 1600, 768, 160), (256, 512, 256, 64)],
 )
 def test_mosaic_requantized_output_matches_reference(m, n, k, group):
     a, b, sa, sb, bias, _ = _operands(m + n + group, m, n, k)
@@ -344,6 +350,7 @@ def test_mosaic_requantized_output_matches_reference(m, n, k, group):
     "m, n, k, group, epi",
     [
         (1024, 1600, 6400, 128, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # 1.5B fc2 shape
+        (1024, 1600, 6400, 256, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # 256-wide K steps
         (512, 768, 3072, 128, dict(bias=True, residual=True, out_dtype=jnp.float32)),  # 124M fc2 shape
         (2048, 1024, 1600, 64, dict()),  # 64-wide groups, several tiles per CTA
     ],

@@ -379,7 +379,7 @@ def test_fc1_codes_path_matches_xla_and_per_token_path(monkeypatch):
 
     def forced(m, w1, w2, backend):
         groups.append(w1.shape_2d)
-        return ptq_infer.FC1_CODES_GROUP
+        return 128
 
     monkeypatch.setattr(ptq_infer, "fc1_codes_group", forced)
     jax.clear_caches()
@@ -427,8 +427,11 @@ def test_fc1_codes_group_only_where_measured_faster(monkeypatch):
         return qp.weights["mlp/fc1"], qp.weights["mlp/fc2"]
 
     w1, w2 = weights(768, 3072)
-    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 256
     assert ptq_infer.fc1_codes_group(8192, w1, w2, "xla") is None
     assert ptq_infer.fc1_codes_group(8, w1, w2, "pallas") is None
-    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") is None
+    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") == 256
+    monkeypatch.setattr(ptq_infer, "FC1_CODES_GROUPS", (128,))
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
+    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") is None  # fc2 tiles 160 wide
     assert ptq_infer.fc1_codes_group(8192, *weights(768, 3072, "w4/8-a8"), "pallas") is None
