@@ -79,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="bits of the quantized embedding tables and LM head (4: INT4 in --int4-group K-groups; "
         "default: 4 for w4/8-a8 and w4a16, else 8)",
     )
+    p.add_argument(
+        "--fold-norms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold each pre-norm LayerNorm's gamma / beta into the Dense layers reading it before quantizing "
+        "(exact in float; the W8A8 LayerNorm-quantize kernel then skips them). --no-fold-norms keeps them",
+    )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
@@ -230,7 +237,8 @@ def main(argv=None) -> dict:
 
     def run_scheme(name: str, label: str, p=None, **extra):
         t0 = time.perf_counter()
-        qp = ptq.quantize_params(params if p is None else p, scheme_rules(args, name))
+        rules = scheme_rules(args, name)
+        qp = ptq.quantize_params(params if p is None else p, rules, fold_norms=args.fold_norms)
         if any(r.act_mode == "static" for r in qp.rules):
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         qp = qcheckpoint.as_stored(qp, args.float_dtype)
@@ -438,7 +446,7 @@ def minilm_main(args) -> dict:
 
     def run(label: str, scheme: str, p, **extra):
         t0 = time.perf_counter()
-        qp = ptq.quantize_params(p, scheme_rules(args, scheme))
+        qp = ptq.quantize_params(p, scheme_rules(args, scheme), fold_norms=args.fold_norms)
         if any(r.act_mode == "static" for r in qp.rules):
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         fn = jax.jit(lambda q, *a: ptq_infer.apply_quantized(model, q, *a, backend=args.backend))

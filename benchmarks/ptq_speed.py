@@ -275,6 +275,17 @@ def bench_preset(name: str, args, prefill: bool) -> dict:
             groups = () if g == 0 else (g,)
             rows.append(fc1_groups_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, args, iters, groups))
             print("row", json.dumps(rows[-1]), flush=True)
+        if prefill and scheme == "w8a8" and args.compare_fold:
+            rules = ptq.scheme(scheme, int4_group=args.int4_group)
+            unfolded = ptq.quantize_params(params, rules, fold_norms=False)
+            fn = bind(lambda q, t: q_apply(q, t, "pallas"), as_bf16_checkpoint(unfolded), args.dispatch)
+            rows.append(dict(
+                model="w8a8 (norm affines not folded)",
+                prefill_ms=timeit(fn, tokens, iters=iters),
+                prefill_b2b_ms=timeit_back_to_back(fn, tokens, iters=iters),
+            ))  # fmt: skip
+            print("row", json.dumps(rows[-1]), flush=True)
+            del unfolded, fn
         for math_ in args.compare_epilogue_math if prefill and scheme == "w8a8" else ():
             rows.append(epilogue_math_row(lambda q, t: q_apply(q, t, "pallas"), qp, tokens, ref_prefill, args,
                                           iters, math_))
@@ -382,6 +393,11 @@ def main() -> None:
         default=None,
         help="also time the W8A8 prefill with fc1's codes in these column groups only (0, or the bare flag: "
         "no fc1 codes, a per-token quantize pass between fc1 and fc2)",
+    )
+    ap.add_argument(
+        "--compare-fold",
+        action="store_true",
+        help="also time the W8A8 prefill with the LayerNorm affines left in the norms (fold_norms=False)",
     )
     ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     ap.add_argument(

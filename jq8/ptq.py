@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq8.norm_fold import fold_branch, foldable_branches
 from jq8.quant import QArray, QuantSpec, quantize
 
 GroupAxis = Literal["contraction", "rows"]
@@ -297,6 +298,8 @@ class QuantizedParams:
     rules / assignment: static; ``assignment`` pairs each quantized path (Dense or table) with its rule index.
     embeddings: nn.Embed module path -> QArray of the table, shape (V, D) int8, scale (V, 1) f32 (per row).
       Last, so that positional construction without it (older code) still works.
+    folded_norms: static; branch paths whose norm affine ``params`` holds folded into the following Dense
+      layers (gamma ones, beta zeros; :mod:`jq8.norm_fold`), so the fused path may skip it.
     """
 
     params: dict
@@ -305,6 +308,7 @@ class QuantizedParams:
     rules: tuple[QuantRule, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     assignment: tuple[tuple[str, int], ...] = dataclasses.field(default=(), metadata=dict(static=True))
     embeddings: dict = dataclasses.field(default_factory=dict)
+    folded_norms: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def rule_for(self, path: str) -> QuantRule | None:
         for p, i in self.assignment:
@@ -347,16 +351,22 @@ def _quantize_embedding(table: jax.Array, spec: QuantSpec) -> QArray:
 
 
 def quantize_params(
-    params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]
+    params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...], *, fold_norms: bool = True
 ) -> QuantizedParams:
     """Quantizes every Dense kernel matched by ``rules`` (first match wins) to a QArray (INT4 packed).
 
     params: a Flax params tree (the ``"params"`` collection, not the variables dict).
+    fold_norms: first fold each pre-norm branch's LayerNorm / RMSNorm affine into the Dense layers reading
+      it (:mod:`jq8.norm_fold`; exact in float) where all of them take token-wise INT8 activations, so the
+      fused W8A8 path's LayerNorm-quantize runs without gamma / beta. False quantizes the params as given.
     """
     if "params" in params and isinstance(params["params"], Mapping) and len(params) == 1:
         raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
     rules = tuple(rules)
     assignment = assign_rules(dense_paths(params), rules)
+    folded: tuple[str, ...] = ()
+    if fold_norms:
+        params, folded = fold_norm_affines(params, rules)
     tables = assign_rules(embedding_paths(params), rules, kind="embedding")
     weights: dict[str, QArray] = {}
     embeddings: dict[str, QArray] = {}
@@ -367,7 +377,25 @@ def quantize_params(
     for path, i in tables.items():
         embeddings[path] = quantize_embedding(get_path(params, path)["embedding"], rules[i].weight_spec())
         rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "embedding"})
-    return QuantizedParams(rest, weights, {}, rules, tuple({**assignment, **tables}.items()), embeddings)
+    return QuantizedParams(
+        rest, weights, {}, rules, tuple({**assignment, **tables}.items()), embeddings, folded
+    )
+
+
+def fold_norm_affines(
+    params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]
+) -> tuple[dict, tuple[str, ...]]:
+    """(params with norm affines folded, the folded branch paths): every pre-norm branch
+    (:func:`jq8.norm_fold.foldable_branches`) whose norm-reading Dense layers all take token-wise INT8
+    activations under ``rules``. The float model computes the same function with the returned params."""
+    assignment = assign_rules(dense_paths(params), tuple(rules))
+    folded = []
+    for path, names in foldable_branches(params).items():
+        idx = [assignment.get(f"{path}/{n}") for n in names]
+        if all(i is not None and rules[i].act_mode == "token" for i in idx):
+            params = _map_path(params, path, lambda node, names=names: fold_branch(node, names))
+            folded.append(path)
+    return dict(params), tuple(folded)
 
 
 def restore_kernels(qp: QuantizedParams, dtype=jnp.float32) -> dict:

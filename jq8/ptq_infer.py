@@ -356,10 +356,12 @@ def _bias(p: Mapping[str, Any], name: str) -> jax.Array | None:
     return p.get(name, {}).get("bias")
 
 
-def _block_norm(module, p: Mapping[str, Any]) -> dict[str, Any]:
-    """The block's pre-norm (LayerNorm or RMSNorm, per ``module.norm``) as :func:`tokens_matmul` takes it."""
+def _block_norm(module, p: Mapping[str, Any], folded: bool) -> dict[str, Any]:
+    """The block's pre-norm (LayerNorm or RMSNorm, per ``module.norm``) as :func:`tokens_matmul` takes it;
+    without gamma / beta when ``folded`` (the params hold them folded into the next Dense layers)."""
     norm = p["norm"]
-    return dict(gamma=norm["scale"], beta=norm.get("bias"), eps=module.eps, rms=module.norm == "rmsnorm")
+    gamma, beta = (None, None) if folded else (norm["scale"], norm.get("bias"))
+    return dict(gamma=gamma, beta=beta, eps=module.eps, rms=module.norm == "rmsnorm")
 
 
 def _fused_mlp(
@@ -381,7 +383,8 @@ def _fused_mlp(
     # GELU in the GEMM epilogue + quantize beats a separate bias-GELU-quantize kernel at M = 8192).
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
     u_dtype = jnp.float32 if fc2_quantizes else module.policy.compute_dtype
-    fc1 = dict(norm=_block_norm(module, p), bias=_bias(p, "fc1"), activation="gelu", out_dtype=u_dtype)
+    norm = _block_norm(module, p, path in qp.folded_norms)
+    fc1 = dict(norm=norm, bias=_bias(p, "fc1"), activation="gelu", out_dtype=u_dtype)
     group = fc1_codes_group(x2.shape[0], w1, w2, backend)
     if group is not None:  # fc1 writes INT8 codes itself, fc2 reads them: no float u, no quantize pass
         u = tokens_matmul(x2, w1, backend=backend, out_spec=QuantSpec(tile=(1, group)), **fc1)
@@ -394,7 +397,7 @@ def _fused_mlp(
     return y.reshape(*lead, d)
 
 
-FC1_CODES_GROUPS = (256, 128)  # columns of fc1's output per INT8 scale when fc1 writes codes, best first
+FC1_CODES_GROUPS = (128,)  # columns of fc1's output per INT8 scale when fc1 writes codes, best first
 
 
 def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
@@ -407,9 +410,10 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     (``pallas_kernels.int8_matmul_mgpu``). That is finer than one scale per token, so no less accurate, and
     saves writing u in bf16 and the pass that reads it back. fc2 pays for that with a drain of its
     accumulator every K step. With g = 128 that cost more than the pass at 160-wide fc2 tiles (GPT-2 1.5B
-    prefill 2% slower, BENCHMARKS.md session 12), so 128-wide groups need fc2 tiles <= 128 columns; 256-wide
-    groups drain half as often (session 18). Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped
-    weights) the per-token path runs.
+    prefill 2% slower, BENCHMARKS.md session 12), so 128-wide groups need fc2 tiles <= 128 columns. 256-wide
+    groups halve fc2's drains (0.217 -> 0.197-0.204 ms at 1.5B), but fc1's 64 x 256 requantizing tiles cost
+    more than that (0.254 -> 0.290-0.296 ms; BENCHMARKS.md session 18), so they are not among the defaults.
+    Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped weights) the per-token path runs.
     """
     from pallas_kernels import int8_matmul_mgpu as mgpu
     from pallas_kernels.int8_matmul import DECODE_MAX_M
@@ -426,7 +430,7 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
             continue
         if mgpu.unsupported_reason(m, n2, k2, out_spec=None, a_group=g, **common) is not None:
             continue
-        if g >= 256 or mgpu.fit_config(m, n2, k2, residual=True, a_group=g).tile_n <= 128:
+        if g > 128 or mgpu.fit_config(m, n2, k2, residual=True, a_group=g).tile_n <= 128:
             return g
     return None
 
@@ -462,7 +466,7 @@ def _fused_attention(
         layout = dict(split_sum="defer")
     else:
         layout = dict(split_cols=d)
-    norm = _block_norm(module, p)
+    norm = _block_norm(module, p, path in qp.folded_norms)
     qkv = tokens_matmul(x2, w, backend=backend, norm=norm, bias=_bias(p, "qkv"), out_dtype=cd, **layout)
     if isinstance(qkv, tuple):
         qkv = tuple(a.reshape(b, t, h, d // h) for a in qkv)

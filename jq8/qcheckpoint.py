@@ -4,7 +4,7 @@ Layout of a checkpoint directory::
 
     manifest.json   {"format": "jq8-quantized", "format_version": 3, "rules": [...], "assignment": {...},
                      "weights": {path: {shape, dtype, spec}}, "embeddings": {path: {shape, dtype, spec}},
-                     "float_dtype", "model_config", "extra": {...}}
+                     "folded_norms": [...], "float_dtype", "model_config", "extra": {...}}
     arrays.npz      uncompressed numpy archive: w/<path>/values|scale|zero_point (Dense kernels),
                     e/<path>/values|scale (INT8 embedding tables), p/<path> (float params),
                     s/<path> (static activation scales)
@@ -12,7 +12,9 @@ Layout of a checkpoint directory::
 Versions: 2 added quantized embedding tables (``embeddings``, ``e/``) and the rule fields ``kind`` /
 ``optional``; version-1 checkpoints (no quantized tables) load unchanged. 3 packs INT4 codes in the
 half-split layout of :func:`jq8.quant.pack_int4` (adjacent pairs before); older INT4 arrays are repacked on
-load.
+load. ``folded_norms`` (the branches whose norm affine the float params hold folded into the next Dense,
+:mod:`jq8.norm_fold`) is optional: without it the norms run with their stored (unit) gamma and (zero) beta,
+which computes the same function.
 
 Why npz + JSON and not Orbax: the checkpoint is a handful of arrays written once and read whole; an
 uncompressed npz costs the bytes of the arrays plus ~100 B per entry (so the size on disk is what
@@ -147,6 +149,7 @@ def save_quantized(
         "assignment": {p: i for p, i in qp.assignment},
         "weights": weights_meta,
         "embeddings": tables_meta,
+        "folded_norms": list(qp.folded_norms),
         "float_params": float_meta,
         "float_dtype": float_dtype,
         "model_config": dict(model_config or {}),
@@ -215,7 +218,9 @@ def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]
         flat[path] = a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
     scales = {k[2:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("s/")}
     assignment = tuple((p, int(i)) for p, i in manifest["assignment"].items())
-    return QuantizedParams(_unflatten(flat), weights, scales, rules, assignment, tables), manifest
+    folded = tuple(manifest.get("folded_norms", ()))
+    qp = QuantizedParams(_unflatten(flat), weights, scales, rules, assignment, tables, folded)
+    return qp, manifest
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:

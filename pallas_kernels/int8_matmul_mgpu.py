@@ -226,6 +226,7 @@ def fit_config(
         # waiting was 5-9% faster; on the 124M prefill's short ones (6-24 steps) it was slower.
         cfg = dataclasses.replace(cfg, mma_in_flight=0)
     check_config(m, n, k, cfg, split_cols=split_cols, a_groups=groups)
+    _check_fits(cfg, out_bytes=4, a_groups=groups)
     return cfg
 
 
@@ -249,6 +250,7 @@ def _fit_out_group(m: int, n: int, k: int, g: int, *, a_group: int | None) -> Mo
     groups = 1 if a_group is None else k // a_group
     cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=1, a_groups=groups, requantize=True))
     check_config(m, n, k, cfg, a_groups=groups)
+    _check_fits(cfg, out_bytes=1, a_groups=groups, requantize=True)
     return cfg
 
 
@@ -258,13 +260,30 @@ SMEM_BYTES = 232448 - 1024  # H100's per-block limit, less room for the pipeline
 def max_stages(
     cfg: MosaicTileConfig, *, out_bytes: int, a_groups: int = 1, requantize: bool = False, limit: int = 6
 ) -> int:
-    """The deepest operand ring (<= limit) that fits in shared memory beside the output staging tiles and
-    each warpgroup's scale / bias vectors (A's (a_groups, tile_m) scales, the column scales and bias, and
-    with ``requantize`` the output's row scales)."""
-    per_stage = (cfg.cta_m + cfg.cta_n) * cfg.tile_k
+    """The deepest operand ring (<= limit, >= 2) that fits in shared memory beside the output staging tiles
+    and each warpgroup's scale / bias vectors (see :func:`smem_bytes`); 2 when none does, which
+    :func:`fit_config` then refuses."""
+    fixed = smem_bytes(dataclasses.replace(cfg, stages=0), out_bytes=out_bytes, a_groups=a_groups,
+                       requantize=requantize)  # fmt: skip
+    return max(2, min(limit, (SMEM_BYTES - fixed) // ((cfg.cta_m + cfg.cta_n) * cfg.tile_k)))
+
+
+def smem_bytes(cfg: MosaicTileConfig, *, out_bytes: int, a_groups: int = 1, requantize: bool = False) -> int:
+    """Shared memory of ``cfg``: the operand ring, the output staging tiles, and each warpgroup's vectors
+    (A's (a_groups, tile_m) scales, the column scales and bias, with ``requantize`` the output's row
+    scales)."""
+    ring = cfg.stages * (cfg.cta_m + cfg.cta_n) * cfg.tile_k
     staging = 2 * 2 * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
     vectors = 2 * 4 * (a_groups * cfg.tile_m + 2 * cfg.tile_n + (cfg.tile_m if requantize else 0))
-    return max(2, min(limit, (SMEM_BYTES - staging - vectors) // per_stage))
+    return ring + staging + vectors
+
+
+def _check_fits(cfg: MosaicTileConfig, **kw) -> None:
+    need = smem_bytes(cfg, **kw)
+    if need > SMEM_BYTES:
+        raise ValueError(
+            f"{cfg} needs {need} B of shared memory even with a 2-stage ring, over the H100's {SMEM_BYTES}"
+        )
 
 
 def check_config(

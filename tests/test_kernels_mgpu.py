@@ -162,6 +162,9 @@ def test_fit_config_for_requantized_output_and_grouped_a():
     assert (cfg.tile_k, cfg.mma_in_flight, cfg.tile_m) == (256, 0, 64)
     with pytest.raises(ValueError, match="64, 128 or 256"):
         mg.fit_config(8192, 1600, 6400, a_group=512)
+    # 64 x 256 CTAs of 256-wide K steps: even 2 stages overflow
+    with pytest.raises(ValueError, match="shared memory"):
+        mg.fit_config(8192, 768, 3072, residual=True, a_group=256)
     with pytest.raises(ValueError, match="requantization group"):
         mg.fit_config(8192, 1600, 1600, out_group=96)  # 96 does not divide 1600
     with pytest.raises(ValueError, match="K groups"):

@@ -211,7 +211,9 @@ def _fake_quant_reference(model, params, qp, tokens):
         with nn.intercept_methods(dense), nn.intercept_methods(head_acts):
             return model.apply({"params": p}, t)
 
-    # Float kernels (ste_interceptor quantizes them itself), dequantized tables.
+    # Float kernels (ste_interceptor quantizes them itself; the norm affines folded as quantize_params did),
+    # dequantized tables.
+    params = ptq.fold_norm_affines(params, qp.rules)[0] if qp.folded_norms else params
     sim_params = ptq.restore_kernels(dataclasses.replace(qp, params=params, weights={}))
     return run(sim_params, tokens)
 
@@ -427,11 +429,12 @@ def test_fc1_codes_group_only_where_measured_faster(monkeypatch):
         return qp.weights["mlp/fc1"], qp.weights["mlp/fc2"]
 
     w1, w2 = weights(768, 3072)
-    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 256
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
     assert ptq_infer.fc1_codes_group(8192, w1, w2, "xla") is None
     assert ptq_infer.fc1_codes_group(8, w1, w2, "pallas") is None
-    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") == 256
-    monkeypatch.setattr(ptq_infer, "FC1_CODES_GROUPS", (128,))
-    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
     assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") is None  # fc2 tiles 160 wide
+    monkeypatch.setattr(ptq_infer, "FC1_CODES_GROUPS", (256, 128))
+    # 124M's fc2 with 256-wide K steps would not fit in shared memory: the next group is taken
+    assert ptq_infer.fc1_codes_group(8192, w1, w2, "pallas") == 128
+    assert ptq_infer.fc1_codes_group(8192, *weights(1600, 6400), "pallas") == 256
     assert ptq_infer.fc1_codes_group(8192, *weights(768, 3072, "w4/8-a8"), "pallas") is None
