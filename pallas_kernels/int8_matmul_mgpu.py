@@ -627,9 +627,7 @@ def _kernel(
                 return q.astype(jnp.int8)
 
             def _store_epilogue(y, wg, row0, col0):
-                # The staging buffer is free again. A requantizing tile has just issued its scale store:
-                # that may stay in flight (waiting for it stalls every tile on a fresh TMA's latency).
-                plgpu.wait_smem_to_gmem(1 if requantize else 0, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
                 for ei in range(tm // em):
                     for ej in range(tn // en):
                         e = ei * (tn // en) + ej
