@@ -358,7 +358,8 @@ def quantize_params(
     params: a Flax params tree (the ``"params"`` collection, not the variables dict).
     fold_norms: first fold each pre-norm branch's LayerNorm / RMSNorm affine into the Dense layers reading
       it (:mod:`jq8.norm_fold`; exact in float) where all of them take token-wise INT8 activations, so the
-      fused W8A8 path's LayerNorm-quantize runs without gamma / beta. False quantizes the params as given.
+      fused W8A8 path's LayerNorm-quantize runs without gamma / beta. False quantizes the params as given
+      (needed for a model whose ``norm`` / ``fc1`` / ``qkv`` modules are not jq8.nn's pre-norm branches).
     """
     if "params" in params and isinstance(params["params"], Mapping) and len(params) == 1:
         raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
