@@ -367,7 +367,7 @@ def quantize_params(
     assignment = assign_rules(dense_paths(params), rules)
     folded: tuple[str, ...] = ()
     if fold_norms:
-        params, folded = fold_norm_affines(params, rules)
+        params, folded = fold_norm_affines(params, rules, assignment)
     tables = assign_rules(embedding_paths(params), rules, kind="embedding")
     weights: dict[str, QArray] = {}
     embeddings: dict[str, QArray] = {}
@@ -384,12 +384,16 @@ def quantize_params(
 
 
 def fold_norm_affines(
-    params: Mapping[str, Any], rules: list[QuantRule] | tuple[QuantRule, ...]
+    params: Mapping[str, Any],
+    rules: list[QuantRule] | tuple[QuantRule, ...],
+    assignment: Mapping[str, int] | None = None,
 ) -> tuple[dict, tuple[str, ...]]:
     """(params with norm affines folded, the folded branch paths): every pre-norm branch
     (:func:`jq8.norm_fold.foldable_branches`) whose norm-reading Dense layers all take token-wise INT8
-    activations under ``rules``. The float model computes the same function with the returned params."""
-    assignment = assign_rules(dense_paths(params), tuple(rules))
+    activations under ``rules``. The float model computes the same function with the returned params.
+    assignment: ``assign_rules(dense_paths(params), rules)`` when the caller has it already."""
+    if assignment is None:
+        assignment = assign_rules(dense_paths(params), tuple(rules))
     folded = []
     for path, names in foldable_branches(params).items():
         idx = [assignment.get(f"{path}/{n}") for n in names]
