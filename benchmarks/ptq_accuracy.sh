@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# ZeroQuant accuracy on our own trained GPT-2 124M (the bf16 run of the loss-parity config): the evaluation
-# table with INT8 embedding tables (default) and with INT4 tables, then a reload of the compact W4/8-A8
-# checkpoint through the INT8 path. GPU: about 8 minutes on one H100.
+# ZeroQuant accuracy on our own trained GPT-2 124M (the bf16 model of the loss-parity config): W4/8-A8 + LKD
+# with the default settings (norm affines folded, INT4 embedding tables), then with --no-fold-norms, then with
+# INT8 tables, and a reload of the compact default checkpoint through the INT8 path. Each quantize.py call
+# prints its evaluation table and writes it as JSON. GPU: about 10 minutes on one H100.
 #
-#   PYTHONPATH=. bash benchmarks/ptq_accuracy.sh        # JSON tables in $OUT (or the run directory)
-#   CONFIG=configs/tiny.py TRAIN_ARGS="--steps=30" PTQ_ARGS="--lkd-steps 5" bash benchmarks/ptq_accuracy.sh  # CPU smoke
+#   PYTHONPATH=. bash benchmarks/ptq_accuracy.sh      # JSON tables in $OUT (or the run directory)
+#   CONFIG=configs/tiny.py TRAIN_ARGS="--steps=30" PTQ_ARGS="--lkd-steps 5 --eval-batches 2" \
+#     bash benchmarks/ptq_accuracy.sh                 # CPU smoke
 set -euo pipefail
 CONFIG=${CONFIG:-configs/gpt2_124m.py}
 RUN=${RUN:-runs/ptq_accuracy}
@@ -16,9 +18,12 @@ mkdir -p "$DEST"
 python3 train.py --config "$CONFIG" --run_dir="$RUN" $TRAIN_ARGS --ckpt_every=0 --progress=False --resume=False
 # shellcheck disable=SC2086
 python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --lkd-input both --out "$RUN-w48a8" --overwrite \
-  $PTQ_ARGS --generate "The history of the" --json "$DEST/ptq_eval_emb8.json"
+  $PTQ_ARGS --json "$DEST/ptq_eval.json"
 # shellcheck disable=SC2086
-python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --embedding-bits 4 --out "$RUN-w48a8-emb4" --overwrite \
-  $PTQ_ARGS --json "$DEST/ptq_eval_emb4.json"
+python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --lkd-input both --no-fold-norms \
+  --out "$RUN-w48a8-no-fold" --overwrite $PTQ_ARGS --json "$DEST/ptq_eval_no_fold_norms.json"
+# shellcheck disable=SC2086
+python3 quantize.py --ckpt "$RUN" --scheme w4/8-a8 --lkd --lkd-input both --embedding-bits 8 \
+  --out "$RUN-w48a8-emb8" --overwrite $PTQ_ARGS --json "$DEST/ptq_eval_emb8.json"
 # shellcheck disable=SC2086
 python3 quantize.py --eval "$RUN-w48a8" $PTQ_ARGS --json "$DEST/ptq_eval_reload.json"
