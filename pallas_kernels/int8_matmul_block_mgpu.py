@@ -1,0 +1,516 @@
+"""Block-scaled INT8 GEMM on Hopper through Pallas Mosaic GPU: scales that vary along K on both operands.
+
+    out = act(sum_g (a_g @ b_g.T) * sa[m, g] * sb[n, g] + bias) + residual
+
+NT layout as :func:`pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled` (the Triton kernel, and
+its reference :func:`~pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled_reference`, which
+this kernel is tested against): a (M, K) and b (N, K) int8, K-contiguous (what int8 wgmma needs for both
+operands); a_scale (cdiv(M, ta_m), cdiv(K, ta_k)), b_scale (cdiv(N, tb_n), cdiv(K, tb_k)) f32, any row
+tiles (Jetfire's 32x32 blocks, DeepSeek-style 1 x 128 activation tiles with 128 x 128 weight blocks), K tiles
+multiples of one K group G in {32, 64, 128, 256}.
+
+Why its own kernel: int8 wgmma accumulates exactly in int32, and a scale that changes every G along K forces
+an int32 -> f32 promotion of the whole accumulator once per group, on CUDA cores. The Triton kernel waits
+for each group's MMA before that promotion, so the two add up (BENCHMARKS.md, the rescale probe). Here, as
+in DeepGEMM's FP8 GEMM:
+  * one producer warpgroup streams A, B and both operands' per-group scales into a ring of shared-memory
+    stages with TMA (``plgpu.emit_pipeline_warp_specialized``), while two consumer warpgroups run wgmma;
+  * each K group's wgmmas accumulate into a fresh int32 accumulator, promoted once into an f32 sum
+    ``y += p * (sa * sb)``; while one consumer warpgroup promotes, the other's wgmma keeps the tensor core
+    busy (``pingpong`` makes them alternate strictly), and with two groups a step (``schedule="pair"``) a
+    warpgroup also promotes its first group while its second group's wgmma runs;
+  * the promotion costs three instructions an element with ``convert="magic"``: the accumulator starts at
+    the bit pattern of 1.5 * 2**23, so its value read as f32 is 1.5 * 2**23 + p exactly (|p| <= 2**22 for
+    G <= 256), and the int -> float convert (a quarter-rate instruction on Hopper) becomes one FADD before
+    the FMA. ``convert="cvt"`` uses the convert instruction; both are exact;
+  * a scale constant over a warpgroup's columns (weight blocks at least as wide as the warpgroup tile) is
+    one scalar per group, folded into the row vector of A's scales before it touches the accumulator.
+
+The accumulator (int32) and the f32 sum both live in registers: a consumer warpgroup owns 64 x 128 (or
+64 x tile_n) outputs, so a CTA is 128 x 128 (warpgroups stacked along M). Shapes must tile exactly: M by the
+CTA's rows, N by its columns, K by G (times the groups a step); anything else is a ValueError naming the
+dimension, and :func:`unsupported_reason` lets a dispatcher fall back to the Triton kernel. Mosaic GPU has
+no interpreter with int8 wgmma: this kernel runs compiled on an sm_90 GPU only (tests skip elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.int8_matmul_block_scaled import resolve_tiles
+from pallas_kernels.int8_matmul_mgpu import (
+    ACTIVATIONS,
+    ERF_OF_MATH,
+    MEMORY_REGISTERS,
+    SMEM_BYTES,
+    _epi_tile,
+    _num_sms,
+    _swizzled,
+    activation_fn,
+    available,
+    plgpu,
+)
+
+K_GROUPS = (32, 64, 128, 256)
+SCHEDULES = ("wait", "pair")
+CONVERTS = ("magic", "cvt")
+MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
+MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: bitcast_f32(MAGIC_BITS + p) == MAGIC_FLOAT + p exactly for |p| <= 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTileConfig:
+    """Tiles and schedule of the block-scaled kernel (hashable: a static jit argument).
+
+    Each of the two consumer warpgroups owns a (tile_m, tile_n) output tile: an int32 accumulator per K
+    group in flight and the f32 sum, all in registers. ``wg_dim``: the warpgroups sit along M (CTA
+    2 tile_m x tile_n, sharing B's tile) or along N (tile_m x 2 tile_n). ``group``: G, the K group of the
+    scales; ``groups_per_step`` K groups per pipeline step (each its own TMA boxes). ``schedule``: "wait"
+    promotes each group after its wgmma completes; "pair" (two groups a step) issues both groups' wgmmas and
+    promotes the first while the second runs. ``pingpong``: the two warpgroups meet at a barrier after each
+    step's wgmma issue, so one promotes while the other's wgmma runs. ``convert``: see the module docstring.
+    ``cluster_m``: two CTAs along M form a cluster and share B's tile through TMA multicast (half of B's
+    loads from L2). ``stages``: shared-memory ring depth. ``epi_tile_*``: the output staging tile.
+    ``grid_minor`` / ``grid_width``: the planar-snake order of output tiles over the persistent CTAs.
+    """
+
+    group: int = 128
+    tile_m: int = 64
+    tile_n: int = 128
+    wg_dim: str = "m"
+    groups_per_step: int = 1
+    schedule: str = "wait"
+    pingpong: bool = False
+    convert: str = "magic"
+    cluster_m: bool = False
+    stages: int = 4
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor: str = "n"
+    grid_width: int = 8
+    epilogue_math: str = "precise"
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+    @property
+    def step_k(self) -> int:
+        return self.group * self.groups_per_step
+
+
+# ------------------------------------------------------------------------------------------ tiles / fit
+
+
+def k_group_of(a_tile: tuple[int, int], b_tile: tuple[int, int], k: int) -> int:
+    """G: the narrowest K tile of the operands whose scales vary along K (K tiles that do not vary count as
+    K). Every K tile must be a multiple of G, and G one of :data:`K_GROUPS`; else a ValueError."""
+    varying = [t[1] for t in (a_tile, b_tile) if t[1] < k]
+    if not varying:
+        raise ValueError(
+            "neither operand's scales vary along K: use the W8A8 GEMM (per-row / per-column scales in the "
+            "epilogue) instead of the block-scaled one"
+        )
+    g = min(varying)
+    if g not in K_GROUPS or any(t % g for t in varying):
+        raise ValueError(
+            f"the Mosaic GPU block-scaled GEMM needs K tiles that are multiples of one group G in {K_GROUPS}; "
+            f"got K tiles {sorted(set(varying))}"
+        )
+    return g
+
+
+def smem_bytes(cfg: BlockTileConfig, *, out_bytes: int) -> int:
+    """Shared memory of ``cfg``: the ring (operands and both scale rows per group), the output staging
+    tiles and each warpgroup's bias vector."""
+    per_step = (cfg.cta_m + cfg.cta_n) * cfg.step_k + 4 * cfg.groups_per_step * (cfg.cta_m + cfg.cta_n)
+    staging = 2 * _slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
+    return cfg.stages * per_step + staging + 2 * 4 * cfg.tile_n
+
+
+def _slots(cfg: BlockTileConfig) -> int:
+    return min(2, (cfg.tile_m // cfg.epi_tile_m) * (cfg.tile_n // cfg.epi_tile_n))
+
+
+def max_stages(cfg: BlockTileConfig, *, out_bytes: int, limit: int = 8) -> int:
+    """The deepest ring (<= limit) that fits in shared memory beside the staging tiles (at least 2)."""
+    fixed = smem_bytes(dataclasses.replace(cfg, stages=0), out_bytes=out_bytes)
+    per_step = smem_bytes(dataclasses.replace(cfg, stages=1), out_bytes=out_bytes) - fixed
+    return max(2, min(limit, (SMEM_BYTES - fixed) // per_step))
+
+
+def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int = 4) -> None:
+    """Raise a ValueError naming the first dimension or field that ``cfg`` cannot run."""
+    if cfg.group not in K_GROUPS:
+        raise ValueError(f"group must be one of {K_GROUPS}, got {cfg}")
+    if cfg.groups_per_step not in (1, 2) or cfg.schedule not in SCHEDULES or cfg.convert not in CONVERTS:
+        raise ValueError(
+            f"groups_per_step must be 1 or 2, schedule one of {SCHEDULES}, convert one of {CONVERTS}; got {cfg}"
+        )
+    if cfg.schedule == "pair" and cfg.groups_per_step != 2:
+        raise ValueError(f"schedule='pair' needs groups_per_step=2, got {cfg}")
+    if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192 or cfg.wg_dim not in ("m", "n"):
+        # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
+        raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192), wg_dim 'm' or 'n'; got {cfg}")
+    if cfg.schedule == "pair" and cfg.tile_n > 128:
+        raise ValueError(f"schedule='pair' keeps two accumulators live: tile_n <= 128, got {cfg}")
+    rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
+    if m % rows:
+        raise ValueError(
+            f"M={m} must be a multiple of {rows} rows for the Mosaic GPU block-scaled GEMM (pad M, or use "
+            "the Triton kernel)"
+        )
+    if n % cfg.cta_n:
+        raise ValueError(f"N={n} must be a multiple of the CTA's {cfg.cta_n} columns")
+    if k % cfg.step_k:
+        raise ValueError(f"K={k} must be a multiple of the K step {cfg.step_k} (group {cfg.group})")
+    if cfg.tile_m % cfg.epi_tile_m or cfg.tile_n % cfg.epi_tile_n or cfg.epi_tile_n < 32:
+        raise ValueError(f"epilogue tiles must divide the warpgroup tile and be >= 32 columns, got {cfg}")
+    if cfg.epilogue_math not in ERF_OF_MATH:
+        raise ValueError(f"epilogue_math must be one of {sorted(ERF_OF_MATH)}, got {cfg}")
+    if cfg.stages < 2:
+        raise ValueError(f"stages must be >= 2, got {cfg}")
+    need = smem_bytes(cfg, out_bytes=out_bytes)
+    if need > SMEM_BYTES:
+        raise ValueError(f"{cfg} needs {need} B of shared memory, over the H100's {SMEM_BYTES}")
+
+
+def fit_config(m: int, n: int, k: int, group: int, *, out_dtype=jnp.bfloat16, **overrides) -> BlockTileConfig:
+    """The default tiles for an (M, N, K) problem with K group ``group``, or a ValueError naming the
+    dimension that does not tile. Warpgroups of 64 x 128 stacked along M (a 128 x 128 CTA) where M and N
+    allow, else side by side along N; the deepest ring that fits. ``overrides``: any other field."""
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    tile_n = next((t for t in (128, 64) if n % t == 0), 128)
+    wg_dim = "m" if m % 128 == 0 or n % (2 * tile_n) else "n"
+    cfg = BlockTileConfig(group=group, tile_n=tile_n, wg_dim=wg_dim, epi_tile_n=_epi_tile(tile_n, 64))
+    cfg = dataclasses.replace(cfg, **overrides)
+    if "stages" not in overrides:
+        cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=out_bytes))
+    check_config(m, n, k, cfg, out_bytes=out_bytes)
+    return cfg
+
+
+def unsupported_reason(
+    m: int, n: int, k: int, *, a_tile, b_tile, b_bits: int = 8, out_spec=None, residual=None,
+    out_dtype=jnp.bfloat16, check_device: bool = True,
+) -> str | None:  # fmt: skip
+    """Why :func:`int8_matmul_block_mgpu` cannot take these arguments, or None when it can.
+
+    a_tile / b_tile: the resolved (rows, K) scale tiles. check_device=False answers for the shapes alone
+    (as on an H100), whatever the default device is.
+    """
+    if check_device and not available():
+        return "it runs compiled on an sm_90 (Hopper) GPU only (Mosaic GPU's interpreter has no int8 wgmma)"
+    if b_bits != 8:
+        return "it needs an int8 b"
+    if out_spec is not None:
+        return "it writes a float output (no requantization in its epilogue)"
+    if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
+        return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
+    try:
+        fit_config(m, n, k, k_group_of(a_tile, b_tile, k), out_dtype=out_dtype)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def group_scales(scale: jax.Array, tile: tuple[int, int], rows: int, k: int, group: int) -> jax.Array:
+    """(row tiles, K tiles) scales -> (K / group, rows) f32: each row's scale in each K group, K groups
+    major so that a pipeline step's scales for a CTA's rows are one TMA box."""
+    tr, tk = tile
+    s = jnp.asarray(scale, jnp.float32)
+    s = jnp.take(s, jnp.arange(rows) // tr, axis=0)
+    s = jnp.take(s, (jnp.arange(k // group) * group) // tk, axis=1)
+    return s.T
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+
+
+def int8_matmul_block_mgpu(
+    a: jax.Array,
+    a_scale: jax.Array,
+    b: jax.Array,
+    b_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    activation=None,
+    residual: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    a_tile: tuple[int, int] | None = None,
+    b_tile: tuple[int, int] | None = None,
+    config: BlockTileConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """``act(dequant(a) @ dequant(b).T + bias) + residual`` with block scales, on Hopper wgmma.
+
+    a: (M, K) int8 with a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 with b_scale
+    (cdiv(N, tb_n), cdiv(K, tb_k)) f32. Tiles are inferred from the scale shapes as in
+    :func:`~pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled` unless given. bias: (N,) or
+    None; residual: (M, N) ``out_dtype`` or None; activation: one of
+    :data:`pallas_kernels.int8_matmul_mgpu.ACTIVATIONS`. Returns (M, N) ``out_dtype`` (bf16 or f32).
+    ``interpret=True``, or no sm_90 GPU, is a ValueError (Mosaic GPU has no int8 wgmma interpreter).
+    """
+    if interpret or not available():
+        raise ValueError(
+            "the Mosaic GPU block-scaled INT8 GEMM runs compiled on an sm_90 (Hopper) GPU only; use "
+            "int8_matmul_block_scaled (Triton, interpret mode on CPU) elsewhere"
+        )
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != jnp.int8 or b.dtype != jnp.int8 or b.shape[1] != k:
+        raise ValueError(
+            f"a (M, K) and b (N, K) must be int8 with the same K, got {a.shape} {a.dtype}, {b.shape} {b.dtype}"
+        )
+    ta = resolve_tiles((m, k), a_scale.shape, a_tile)
+    tb = resolve_tiles((n, k), b_scale.shape, b_tile)
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != out_dtype):
+        raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {residual.shape} {residual.dtype}")
+    if bias is not None and bias.size != n:
+        raise ValueError(f"bias must hold N={n} values, got shape {bias.shape}")
+    g = k_group_of(ta, tb, k)
+    cfg = config or fit_config(m, n, k, g, out_dtype=out_dtype)
+    if cfg.group != g:
+        raise ValueError(f"config.group={cfg.group} must be the scales' K group {g}")
+    check_config(m, n, k, cfg, out_bytes=out_dtype.itemsize)
+    return _block_mgpu(
+        a, group_scales(a_scale, ta, m, k, g), b, group_scales(b_scale, tb, n, k, g), bias, residual,
+        activation=activation, out_dtype=out_dtype, cfg=cfg,
+        b_uniform=tb[0] % cfg.tile_n == 0 or tb[0] >= n,
+    )  # fmt: skip
+
+
+def _block_mgpu(a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: BlockTileConfig, b_uniform: bool):
+    m, k = a.shape
+    n = b.shape[0]
+    inputs = [a, b, sa, sb]
+    if bias is not None:
+        inputs.append(jnp.asarray(bias, jnp.float32).reshape(n))
+    if residual is not None:
+        inputs.append(residual)
+    cluster = 2 if cfg.cluster_m else 1
+    tiles = (m // (cfg.cta_m * cluster)) * (n // cfg.cta_n)
+    kernel = functools.partial(
+        _kernel, cfg=cfg, activation=activation, has_bias=bias is not None, has_residual=residual is not None,
+        b_uniform=b_uniform,
+    )  # fmt: skip
+    extra = {}
+    if cluster > 1:
+        extra = dict(cluster=(cluster,), cluster_names=("cluster",))
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(min(tiles, _num_sms() // cluster),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=cfg.epilogue_math != "precise"),
+        **extra,
+    )
+    return f(*inputs)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+
+def _kernel(
+    *refs, cfg: BlockTileConfig, activation, has_bias: bool, has_residual: bool, b_uniform: bool
+):  # fmt: skip
+    a_gmem, b_gmem, sa_gmem, sb_gmem, *rest = refs
+    bias_gmem = rest.pop(0) if has_bias else None
+    res_gmem = rest.pop(0) if has_residual else None
+    (out_gmem,) = rest
+    m = a_gmem.shape[0]
+    n = b_gmem.shape[0]
+    k = a_gmem.shape[1]
+    out_dtype = out_gmem.dtype
+    tm, tn, g, gps = cfg.tile_m, cfg.tile_n, cfg.group, cfg.groups_per_step
+    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    cluster = 2 if cfg.cluster_m else 1
+    em, en = cfg.epi_tile_m, cfg.epi_tile_n
+    m_iters, n_iters = m // (cta_m * cluster), n // cta_n
+    in_transforms = _swizzled(g, jnp.int8)
+    out_transforms = _swizzled(en, out_dtype)
+    slots = _slots(cfg)
+    shape = (tm, tn)
+    b_collective = ("cluster",) if cluster > 1 else ()
+
+    def operand_spec(rows, j, collective=()):  # group j of a step: a (rows, G) box of A or B
+        extra = dict(collective_axes=collective) if collective else {}
+        return plgpu.BlockSpec(
+            (rows, g), lambda kk: (0, gps * kk + j), transforms=in_transforms, memory_space=plgpu.SMEM, **extra
+        )
+
+    def scale_spec(rows):  # the step's (groups, rows) scales
+        return plgpu.BlockSpec((gps, rows), lambda kk: (kk, 0), memory_space=plgpu.SMEM)
+
+    in_specs = [
+        *[operand_spec(cta_m, j) for j in range(gps)],
+        *[operand_spec(cta_n, j, b_collective) for j in range(gps)],
+        scale_spec(cta_m),
+        scale_spec(cta_n),
+    ]
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k // cfg.step_k,),
+            memory_registers=MEMORY_REGISTERS,
+            in_specs=in_specs,
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.stages,
+            compute_context=context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+    gmem_args = lambda a_, b_, sa_, sb_: (*[a_] * gps, *[b_] * gps, sa_, sb_)  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(*gmem_args(a_gmem, b_gmem, sa_gmem, sb_gmem)),
+        out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
+        bias_smem=plgpu.SMEM((2, tn), jnp.float32),
+        bias_barrier=plgpu.Barrier(num_barriers=2),
+        res_barrier=plgpu.Barrier(num_barriers=2 * slots),
+        sched_barrier=plgpu.Barrier(num_arrivals=2),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem, bias_smem, bias_barrier, res_barrier, sched_barrier):
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("cluster") if cluster > 1 else 0
+
+        def rendezvous():  # both consumer warpgroups meet: with one offset by a phase, they alternate
+            plgpu.barrier_arrive(sched_barrier)
+            plgpu.barrier_wait(sched_barrier)
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(
+                lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_width
+            )
+            mi = mi * cluster + cta
+            if cfg.wg_dim == "m":
+                row0, col0 = mi * cta_m + wg * tm, ni * cta_n
+                a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
+                sa_rows, sb_col = pl.ds(wg * tm, tm), 0
+            else:
+                row0, col0 = mi * cta_m, ni * cta_n + wg * tn
+                a_rows, b_rows = slice(None), pl.ds(wg * tn, tn)
+                sa_rows, sb_col = slice(None), wg * tn
+
+            def group_scale(sa_smem, sb_smem, j):
+                """The (tm, tn) scale of the step's group j, broadcast to the accumulator's layout."""
+                sa = plgpu.load(sa_smem.at[j, sa_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                if b_uniform:  # one weight scale over the warpgroup's columns: fold it into A's vector
+                    return lax.broadcast_in_dim(sa * sb_smem[j, sb_col], shape, [0])
+                sb = plgpu.load(sb_smem.at[j, pl.ds(sb_col, tn)], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                return lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+
+            def init():
+                value = MAGIC_BITS if cfg.convert == "magic" else 0
+                return plgpu.layout_cast(jnp.full(shape, value, jnp.int32), plgpu.Layout.WGMMA)
+
+            def promote(y, part, s):
+                if cfg.convert == "magic":
+                    f = lax.bitcast_convert_type(part, jnp.float32) - np.float32(MAGIC_FLOAT)
+                else:
+                    f = part.astype(jnp.float32)
+                return y + f * s
+
+            def body(idx, *refs):
+                del idx
+                a_refs, b_refs = refs[:gps], refs[gps : 2 * gps]
+                sa_smem, sb_smem, y = refs[2 * gps :]
+                b_ts = [plgpu.transpose_ref(r.at[b_rows], (1, 0)) for r in b_refs]
+                scales = [group_scale(sa_smem, sb_smem, j) for j in range(gps)]
+                if cfg.schedule == "pair":
+
+                    def both(refs):
+                        acc0, acc1, y_ref = refs
+                        plgpu.wgmma(acc0, a_refs[0].at[a_rows], b_ts[0])
+                        plgpu.wgmma(acc1, a_refs[1].at[a_rows], b_ts[1])
+                        if cfg.pingpong:
+                            rendezvous()
+                        # group 0 is done while group 1's wgmma still runs
+                        p0 = plgpu.wgmma_accumulator_load(acc0, wait_n=1)
+                        y_ref[...] = promote(y_ref[...], p0, scales[0])
+
+                    _, p1, y = pl.run_state(both)((plgpu.ACC.init(init()), plgpu.ACC.init(init()), y))
+                    return promote(y, p1, scales[1])
+                for j in range(gps):
+
+                    def one(acc, j=j):
+                        plgpu.wgmma(acc, a_refs[j].at[a_rows], b_ts[j])
+                        if cfg.pingpong and j == gps - 1:
+                            rendezvous()
+
+                    part = pl.run_state(one)(plgpu.ACC.init(init()))  # waits for the wgmma
+                    y = promote(y, part, scales[j])
+                return y
+
+            def context(run_pipeline):
+                if has_bias:
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[pl.ds(col0, tn)], bias_smem.at[wg], bias_barrier.at[wg]
+                    )
+                if cfg.pingpong:
+                    pl.when(wg == 1)(rendezvous)
+                y = run_pipeline(plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA))
+                if cfg.pingpong:
+                    pl.when(wg == 0)(rendezvous)
+                epilogue(y)
+
+            def epilogue(y):
+                if has_bias:
+                    plgpu.barrier_wait(bias_barrier.at[wg])
+                    bias = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    y = y + lax.broadcast_in_dim(bias, shape, [1])
+                y = activation_fn(y, activation, erf=ERF_OF_MATH[cfg.epilogue_math])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left the staging
+                for ei in range(tm // em):
+                    for ej in range(tn // en):
+                        e = ei * (tn // en) + ej
+                        slot = e % slots
+                        rows, cols = pl.ds(row0 + ei * em, em), pl.ds(col0 + ej * en, en)
+                        tile = y[ei * em : (ei + 1) * em, ej * en : (ej + 1) * en]
+                        stage = out_smem.at[wg, slot]
+                        if e >= slots:
+                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                        if has_residual:
+                            barrier = res_barrier.at[wg * slots + slot]
+                            plgpu.copy_gmem_to_smem(res_gmem.at[rows, cols], stage, barrier)
+                            plgpu.barrier_wait(barrier)
+                            tile = tile + plgpu.load(stage, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                        stage[...] = tile.astype(out_dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(stage, out_gmem.at[rows, cols])
+
+            pipeline(body, context)(
+                *gmem_args(
+                    a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                    b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                    sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
+                    sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
+                ),
+                allocations=pipeline_allocs,
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)

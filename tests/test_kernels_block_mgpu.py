@@ -1,0 +1,182 @@
+"""The Mosaic GPU block-scaled INT8 GEMM (pallas_kernels/int8_matmul_block_mgpu.py).
+
+Tile selection, the errors and the scale layout run everywhere. The kernel compiles only on an sm_90 GPU
+(Mosaic GPU has no interpreter with int8 wgmma), so its comparisons against the one reference,
+``int8_matmul_block_scaled_reference``, run on the H100 and skip elsewhere with that reason. Every output
+element is compared, on fresh random activation-like data with outlier channels, quantized as training does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq8.quant import QuantSpec, expand_tiles, quantize
+from pallas_kernels import int8_matmul_block_mgpu as bm
+from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled_reference
+
+on_hopper = pytest.mark.skipif(
+    not bm.available(), reason="needs an sm_90 GPU: Mosaic GPU has no interpreter with int8 wgmma"
+)
+
+
+def _operands(seed: int, m: int, n: int, k: int, a_tile, b_tile, outliers: int = 4):
+    """Activations with a few outlier channels (x30) and normal weights, quantized to (codes, scales)."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(ks[0], (m, k))
+    cols = jax.random.choice(ks[1], k, (outliers,), replace=False)
+    x = x.at[:, cols].multiply(30.0)
+    w = jax.random.normal(ks[2], (n, k)) * 0.02
+    qa, qb = quantize(x, QuantSpec(a_tile)), quantize(w, QuantSpec(b_tile))
+    return qa.values, qa.scale, qb.values, qb.scale, ks[3]
+
+
+# ------------------------------------------------------------------------------------------ everywhere
+
+
+def test_fit_config_defaults_and_errors():
+    cfg = bm.fit_config(8192, 8192, 8192, 128)
+    assert (cfg.tile_m, cfg.tile_n, cfg.wg_dim, cfg.cta_m, cfg.cta_n) == (64, 128, "m", 128, 128)
+    assert bm.smem_bytes(cfg, out_bytes=2) <= bm.SMEM_BYTES  # the deepest ring that fits
+    assert bm.smem_bytes(dataclasses.replace(cfg, stages=cfg.stages + 1), out_bytes=2) > bm.SMEM_BYTES
+    assert bm.fit_config(64, 512, 256, 64).wg_dim == "n"  # 64 rows: the warpgroups split N
+    with pytest.raises(ValueError, match="M=200 must be a multiple of"):
+        bm.fit_config(200, 256, 256, 128)
+    with pytest.raises(ValueError, match="N=100 must be a multiple"):
+        bm.fit_config(256, 100, 256, 128)
+    with pytest.raises(ValueError, match="K=192 must be a multiple of the K step 128"):
+        bm.fit_config(256, 256, 192, 128)
+    with pytest.raises(ValueError, match="schedule='pair' needs groups_per_step=2"):
+        bm.fit_config(256, 256, 256, 128, schedule="pair")
+    with pytest.raises(ValueError, match="group must be one of"):
+        bm.check_config(256, 256, 256, bm.BlockTileConfig(group=48))
+
+
+def test_k_group_of():
+    assert bm.k_group_of((1, 128), (128, 128), 4096) == 128
+    assert bm.k_group_of((32, 32), (32, 32), 4096) == 32
+    assert bm.k_group_of((1, 4096), (64, 64), 4096) == 64  # A constant along K, B in 64-wide groups
+    assert bm.k_group_of((1, 256), (128, 128), 4096) == 128
+    with pytest.raises(ValueError, match="neither operand"):
+        bm.k_group_of((1, 4096), (1, 4096), 4096)
+    with pytest.raises(ValueError, match="multiples of one group"):
+        bm.k_group_of((1, 96), (96, 96), 4096)
+    with pytest.raises(ValueError, match="multiples of one group"):
+        bm.k_group_of((1, 128), (1, 192), 4096 * 3)
+
+
+def test_group_scales_matches_expand_tiles():
+    ks = jax.random.split(jax.random.key(3), 2)
+    rows, k, g = 96, 512, 64
+    for tile in [(1, 128), (32, 64), (96, 512), (64, 256)]:
+        s = jax.random.uniform(ks[0], QuantSpec(tile).scale_shape(rows, k))
+        full = expand_tiles(s, tile, (rows, k))  # (rows, K): the scale of each element
+        got = bm.group_scales(s, tile, rows, k, g)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(full[:, ::g].T))
+
+
+def test_unsupported_reason_names_the_rule():
+    kw = dict(a_tile=(1, 128), b_tile=(128, 128), check_device=False)
+    assert bm.unsupported_reason(8192, 4096, 4096, **kw) is None
+    assert "M=100" in bm.unsupported_reason(100, 4096, 4096, **kw)
+    assert "int8 b" in bm.unsupported_reason(8192, 4096, 4096, b_bits=4, **kw)
+    assert "float output" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 128)), **kw)
+    assert "neither operand" in bm.unsupported_reason(8192, 4096, 4096, a_tile=(1, 4096), b_tile=(1, 4096),
+                                                     check_device=False)  # fmt: skip
+
+
+@pytest.mark.skipif(bm.available(), reason="checks the behaviour without an sm_90 GPU")
+def test_off_hopper_is_a_clear_error():
+    a, sa, b, sb, _ = _operands(0, 128, 128, 256, (1, 128), (128, 128))
+    with pytest.raises(ValueError, match="sm_90"):
+        bm.int8_matmul_block_mgpu(a, sa, b, sb)
+    assert "sm_90" in bm.unsupported_reason(128, 128, 256, a_tile=(1, 128), b_tile=(128, 128))
+
+
+# ---------------------------------------------------------------------------------------------- Hopper
+
+
+def _compare(out, ref, out_dtype):
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out32.shape == ref32.shape and np.isfinite(out32).all()
+    scale = float(np.abs(ref32).max())
+    if jnp.dtype(out_dtype) == jnp.float32:  # exact int32 group sums vs the f32 reference GEMM's rounding
+        np.testing.assert_allclose(out32, ref32, rtol=3e-5, atol=3e-6 * scale)
+    else:  # bf16: one rounding of nearly the same f32 value
+        np.testing.assert_allclose(out32, ref32, rtol=8e-3, atol=1e-3 * scale)
+
+
+@on_hopper
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("a_rows", [1, "g"])  # A scales per (1 x G) row tile or per (G x G) block
+@pytest.mark.parametrize("m, n, k", [(256, 256, 1024), (384, 640, 1536)])
+def test_matches_reference(g, a_rows, m, n, k):
+    a_tile = (1 if a_rows == 1 else g, g)
+    a, sa, b, sb, _ = _operands(hash((g, a_rows, m)) % 1000, m, n, k, a_tile, (g, g))
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=out_dtype)
+        ref = int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32)
+        _compare(out, ref, out_dtype)
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(convert="cvt"),
+        dict(pingpong=True),
+        dict(groups_per_step=2),
+        dict(groups_per_step=2, schedule="pair"),
+        dict(groups_per_step=2, schedule="pair", pingpong=True),
+        dict(wg_dim="n"),
+        dict(cluster_m=True),
+        dict(tile_n=64, epi_tile_n=64),
+    ],
+)
+@pytest.mark.parametrize("g", [32, 128])
+def test_schedules_match_reference(over, g):
+    m, n, k = 512, 512, 2048
+    a, sa, b, sb, _ = _operands(7 + g, m, n, k, (1, g), (g, g))
+    cfg = bm.fit_config(m, n, k, g, out_dtype=jnp.float32, **over)
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=jnp.float32, config=cfg)
+    ref = int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32)
+    _compare(out, ref, jnp.float32)
+
+
+@on_hopper
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_epilogue_bias_activation_residual(out_dtype, activation):
+    m, n, k, g = 256, 384, 1024, 128
+    a, sa, b, sb, key = _operands(11, m, n, k, (1, g), (g, g))
+    k1, k2 = jax.random.split(key)
+    bias = jax.random.normal(k1, (n,))
+    residual = jax.random.normal(k2, (m, n)).astype(out_dtype)
+    epi = dict(bias=bias, activation=activation, residual=residual, out_dtype=out_dtype)
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, **epi)
+    ref = int8_matmul_block_scaled_reference(a, sa, b, sb, **{**epi, "out_dtype": jnp.float32})
+    if activation == "gelu" and jnp.dtype(out_dtype) == jnp.float32:  # erf_approx: within 1e-6 of erf
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    else:
+        _compare(out, ref, out_dtype)
+
+
+@on_hopper
+def test_weights_in_narrow_blocks_and_per_tensor_rows():
+    # B blocks narrower than the warpgroup tile (a scale vector per group), A per-tensor rows in K groups
+    m, n, k = 256, 256, 1024
+    a, sa, b, sb, _ = _operands(5, m, n, k, (-1, 64), (32, 64))
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=jnp.float32)
+    ref = int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32)
+    _compare(out, ref, jnp.float32)
+
+
+@on_hopper
+def test_ragged_m_is_a_clear_error():
+    a, sa, b, sb, _ = _operands(2, 200, 256, 512, (1, 128), (128, 128))
+    with pytest.raises(ValueError, match="M=200 must be a multiple of"):
+        bm.int8_matmul_block_mgpu(a, sa, b, sb)
