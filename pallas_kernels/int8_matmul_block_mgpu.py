@@ -197,6 +197,10 @@ def fit_config(m: int, n: int, k: int, group: int, *, out_dtype=jnp.bfloat16, **
     cfg = dataclasses.replace(cfg, **overrides)
     if "stages" not in overrides:
         cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=out_bytes))
+        narrow = dataclasses.replace(cfg, epi_tile_n=32)
+        narrow = dataclasses.replace(narrow, stages=max_stages(narrow, out_bytes=out_bytes))
+        if cfg.stages < 4 and "epi_tile_n" not in overrides and narrow.stages > cfg.stages:
+            cfg = narrow  # half the staging tile buys a ring stage (two-group steps of 128)
     check_config(m, n, k, cfg, out_bytes=out_bytes)
     return cfg
 
