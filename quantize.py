@@ -26,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import decode, evaluate, lkd, ptq, ptq_infer, qcheckpoint
+from jq8 import ptq
+from jq8.inference import decode, evaluate
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
+from jq8.ptq import lkd
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,7 +116,7 @@ def fail(msg: str) -> None:
 
 def load_float_model(ckpt: str):
     """(model, params, meta) from a train.py checkpoint; the model runs fp32 (bf16 policy, f32 compute)."""
-    from jq8.checkpoint import load_params
+    from jq8.training.checkpoint import load_params
 
     path = Path(ckpt)
     if not path.exists():
@@ -133,7 +137,7 @@ def load_float_model(ckpt: str):
 def float_model(model_config: dict):
     """The model in fp32 compute (bf16 policy with f32 compute dtype), without remat (inference + LKD's
     block capture need plain, un-lifted blocks)."""
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model
 
     cfg = {**model_config, "remat": False} if "remat" in model_config else model_config
@@ -338,7 +342,7 @@ def main(argv=None) -> dict:
 def continuation(args, model, weights, quantized: bool, prompt: list[int], seq_len: int) -> list[int]:
     """--max-new-tokens ids after ``prompt`` from the float params or the QuantizedParams ``weights``.
 
-    KV-cached (jq8.decode: prefill + one token per step, one jitted program) when prompt + new tokens fit
+    KV-cached (jq8.inference.decode: prefill + one token per step, one jitted program) when prompt + new tokens fit
     the ``seq_len`` window the model was trained on; longer ones slide the window, re-running it per token.
     """
     n = args.max_new_tokens

@@ -7,7 +7,7 @@
 
 Reads top to bottom: config, data, model, optimizer, devices, resume, step functions, loop. A run writes
 ``<run_dir>/config.json``, ``<run_dir>/metrics.jsonl`` and ``<run_dir>/checkpoints/<step>/`` (see
-``jq8.checkpoint``); running the same command again resumes from the latest complete checkpoint.
+``jq8.training.checkpoint``); running the same command again resumes from the latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from configs.base import TrainConfig, apply_overrides, load_config
-from jq8 import checkpoint, data, metrics, sharding
-from jq8.policy import Policy
+from jq8 import data
+from jq8.training import checkpoint, metrics, sharding
+from jq8.training.policy import Policy
 from models.gpt import lm_loss
 from models.presets import build_model
 

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import jetfire_backend
-from jq8.nn import AttentionBlock, MlpBlock
-from jq8.policy import Policy
+from jq8.training.nn import AttentionBlock, MlpBlock
+from jq8.training.policy import Policy
 
 POLICIES = {
     "bf16": dict(name="bf16"),
@@ -168,10 +167,8 @@ def main() -> None:
         args.reference = True
         args.policies = list(POLICIES)
     use_kernels = not args.reference
-    print(f"device: {jax.devices()[0].device_kind}; kernels: "
-          + ", ".join(f"{n}={jetfire_backend.implementation(n, use_kernels)}"
-                      for n in ("quantize_tiles", "layer_norm_quantize", "bias_gelu_quantize",
-                                "gelu_backward_quantize", "matmul_qarrays")))
+    ops = 'Pallas kernels' if use_kernels else 'jnp references'
+    print(f"device: {jax.devices()[0].device_kind}; INT8 ops: {ops}")
     rows = []
     for hidden in args.hidden:
         for part in args.parts:

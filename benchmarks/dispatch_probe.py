@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.gemm import int8_matmul
 
 # XLA's command buffers (CUDA graphs): its default set, none, and the default minus custom calls.
 CMDBUF = {
@@ -77,7 +77,7 @@ def tree_costs(preset_name: str, schemes: list[str], iters: int) -> list[dict]:
     from ptq_speed import as_bf16_checkpoint
 
     from jq8 import ptq
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(preset(preset_name), d_model=64, num_heads=2, vocab_size=256, max_seq_len=64)

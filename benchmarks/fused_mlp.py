@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from benchmarks.mgpu_gemm import ms_per_call
 from jq8.quant import QuantSpec
 from pallas_kernels import int8_matmul_mgpu as mg
-from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.gemm import int8_matmul
 from pallas_kernels.quantize import quantize_tiles
 
 MODELS = {"124m": (768, 3072), "1p5b": (1600, 6400)}  # (d_model, d_ff)

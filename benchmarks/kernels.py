@@ -40,11 +40,12 @@ from jax import lax
 from jq8.quant import QuantSpec, pack_int4, quantize
 from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.gemm import int8_matmul
 from pallas_kernels.int8_matmul_block_scaled import (
     int8_matmul_block_scaled,
     int8_matmul_block_scaled_reference,
 )
+from pallas_kernels.int8_matmul_triton import int8_matmul_reference
 
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecat.*")
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import autotune
 from pallas_kernels import int8_matmul_mgpu as mg
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.gemm import int8_matmul
+from pallas_kernels.int8_matmul_triton import int8_matmul_reference
 
 # name -> (N, K, epilogue kind), at GPT-2 124M (d 768) and 1.5B (d 1600)
 GEMMS = {

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.mgpu_gemm import ms_per_call
-from jq8.jetfire_ops import layer_norm_float
 from jq8.quant import QuantSpec
+from jq8.training.jetfire_ops import layer_norm_float
 from pallas_kernels import norm_quantize as nq
 from pallas_kernels.quantize import AXIS_STATS_CONFIG, QuantizeConfig, quantize_tiles
 

@@ -31,8 +31,9 @@ from dispatch_probe import timings  # noqa: E402
 from profile_step import call_spans, kernel_gaps, kernel_times, lead_host_events, line_events  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, bind, timeit, with_bf16_head  # noqa: E402
 
-from jq8 import decode, ptq, ptq_infer  # noqa: E402
-from jq8.policy import Policy  # noqa: E402
+from jq8 import ptq, ptq_infer  # noqa: E402
+from jq8.inference import decode
+from jq8.training.policy import Policy  # noqa: E402
 from models.presets import build_model, preset  # noqa: E402
 
 
@@ -106,7 +107,7 @@ def main() -> None:
         "--dispatch",
         choices=["bound", "tree"],
         default="bound",
-        help="parameters as a flat leaf list (jq8.dispatch.jit_bound) or the pytree per call",
+        help="parameters as a flat leaf list (jq8.inference.dispatch.jit_bound) or the pytree per call",
     )
     args = ap.parse_args()
     if args.kv and tuple(args.tokens) != (1, 1):

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from block_step import POLICIES, Block  # noqa: E402
 
-from jq8.policy import Policy  # noqa: E402
+from jq8.training.policy import Policy  # noqa: E402
 
 
 def _trace_events(trace_dir: str) -> tuple[list[dict], dict, set]:

@@ -18,7 +18,7 @@ The bf16 baseline is a true bf16 inference model: bf16 params, and its tied LM h
 quantized models are those of the same bf16 checkpoint (:func:`as_bf16_checkpoint`) with the same bf16 query
 to the head: bf16 logits from a bf16 head, or from an INT8 GEMM when the scheme quantizes the embeddings
 (the table says which).
-Every model's parameters are bound to its jitted function with jq8.dispatch.jit_bound (``--dispatch tree``:
+Every model's parameters are bound to its jitted function with jq8.inference.dispatch.jit_bound (``--dispatch tree``:
 passed as the pytree on each call instead, as before session 11).
 Correctness before timing: logits vs the bf16 model's (relative RMS error) and Pallas vs the XLA integer
 path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set.
@@ -40,9 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import decode, ptq, ptq_infer, qcheckpoint
-from jq8.dispatch import jit_bound
-from jq8.policy import Policy
+from jq8 import ptq
+from jq8.inference import decode
+from jq8.inference.dispatch import jit_bound
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
+from jq8.training.policy import Policy
 from models.presets import build_model, preset
 
 SCHEMES = ("w8a8", "w4/8-a8")
@@ -77,14 +80,14 @@ def timeit_back_to_back(fn, *args, iters: int) -> float:
 
 def bind(fn, params, dispatch: str):
     """fn(params, tokens) as a jitted function of tokens: ``bound`` passes the parameters as a flat leaf
-    list (:func:`jq8.dispatch.jit_bound`), ``tree`` as the pytree (``jax.jit(fn)`` with params bound)."""
+    list (:func:`jq8.inference.dispatch.jit_bound`), ``tree`` as the pytree (``jax.jit(fn)`` with params bound)."""
     if dispatch == "bound":
         return jit_bound(fn, params)
     return functools.partial(jax.jit(fn), params)
 
 
 def kv_decode_ms(make_apply, weights, model, args, iters: int) -> float:
-    """ms per generated token of a real KV-cache decode loop (:func:`jq8.decode.generate`, batch 1): one
+    """ms per generated token of a real KV-cache decode loop (:func:`jq8.inference.decode.generate`, batch 1): one
     jitted call prefills ``--kv-prompt`` tokens and greedily decodes; the time of ``--kv-steps`` extra
     steps over a 1-step call, divided by ``--kv-steps`` (the prefill cancels)."""
     prompt = jax.random.randint(jax.random.PRNGKey(7), (1, args.kv_prompt), 0, model.config.vocab_size)
@@ -383,7 +386,7 @@ def main() -> None:
         "--dispatch",
         choices=["bound", "tree"],
         default="bound",
-        help="how every model's parameters reach its jitted call: a flat leaf list (jq8.dispatch.jit_bound) "
+        help="how every model's parameters reach its jitted call: a flat leaf list (jq8.inference.dispatch.jit_bound) "
         "or the pytree, flattened on each call",
     )
     ap.add_argument(

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from models.presets import ModelConfig
+from models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

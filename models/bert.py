@@ -5,7 +5,7 @@ add & LayerNorm -> GELU MLP -> add & LayerNorm]. Sentence embedding as sentence-
 all-MiniLM-L6-v2: mean of the last hidden states over real (non-padding) tokens, then L2 normalization.
 
 Every matmul is a plain ``nn.Dense`` (kernel (in, out), bias) called with one positional input, so the PTQ
-rules of ``jq8.ptq`` find them by module path and ``jq8.ptq_infer`` can intercept them::
+rules of ``jq8.ptq`` find them by module path and ``jq8.ptq.infer`` can intercept them::
 
     encoder/layer_{i}/attention/{query,key,value,out}    (384 -> 384)
     encoder/layer_{i}/mlp/{fc1,fc2}                      (384 -> 1536 -> 384)
@@ -308,7 +308,7 @@ def embed(model: BertModel, params: Mapping, tokenizer, sentences: Sequence[str]
     to 8, so one call compiles once; padding rows and columns are masked and do not change the results.
     apply_fn(params, input_ids, attention_mask, token_type_ids) -> (B, T, H) hidden states; default
     ``model.apply({"params": params}, ...)`` under jit. Pass another (e.g. wrapping
-    ``jq8.ptq_infer.apply_quantized``) to embed with a quantized model; tokenization and pooling stay
+    ``jq8.ptq.infer.apply_quantized``) to embed with a quantized model; tokenization and pooling stay
     identical.
     """
     if isinstance(sentences, str):

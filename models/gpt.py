@@ -1,16 +1,16 @@
 """GPT-2 style decoder: learned positions, pre-LN blocks, GELU MLP, LM head tied to the token embedding.
 
-The two residual branches of each block (attention, MLP) are ``jq8.nn`` modules that take a ``policy``
+The two residual branches of each block (attention, MLP) are ``jq8.training.nn`` modules that take a ``policy``
 (bf16 or Jetfire INT8); everything else (embeddings, final norm, LM head, loss) runs in fp32, and the
 residual stream is fp32.
 
 Parameter tree (what checkpoints and ``quantize.py`` see)::
 
     wte/embedding (vocab, d)     wpe/embedding (max_seq_len, d)
-    h_0 ... h_{L-1}/attn/...     h_i/mlp/...      (layout owned by jq8.nn.AttentionBlock / MlpBlock)
+    h_0 ... h_{L-1}/attn/...     h_i/mlp/...      (layout owned by jq8.training.nn.AttentionBlock / MlpBlock)
     ln_f/{scale, bias} (d,)
 
-KV cache (``decode=True``, see :class:`jq8.nn.AttentionBlock` and :mod:`jq8.decode`): the "cache"
+KV cache (``decode=True``, see :class:`jq8.training.nn.AttentionBlock` and :mod:`jq8.inference.decode`): the "cache"
 collection holds each block's ``h_i/attn/{cached_key, cached_value, cache_index}`` plus GPT's own ``pos``
 (int32: the position of the next token, so the learned position table is read at pos..pos+T-1).
 """
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jq8.nn import AttentionBlock, MlpBlock
-from models.presets import ModelConfig
+from jq8.training.nn import AttentionBlock, MlpBlock
+from models.config import ModelConfig
 
 EMBED_INIT = nn.initializers.normal(0.02)
 

@@ -1,6 +1,6 @@
 """LLaMA-style decoder: rotary positions, pre-RMSNorm blocks, SwiGLU MLP, untied LM head.
 
-Same policy seam as :mod:`models.gpt`: the branches are ``jq8.nn`` modules; embedding, final norm and LM
+Same policy seam as :mod:`models.gpt`: the branches are ``jq8.training.nn`` modules; embedding, final norm and LM
 head run in fp32. Parameter tree::
 
     wte/embedding (vocab, d)   h_i/attn/...   h_i/mlp/...   ln_f/scale (d,)   lm_head/kernel (d, vocab)
@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.config import ModelConfig
 from models.gpt import EMBED_INIT, decoder_stack, lm_loss
-from models.presets import ModelConfig
 
 __all__ = ["Llama", "lm_loss"]
 
@@ -28,7 +28,7 @@ class Llama(nn.Module):
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, decode: bool = False) -> jax.Array:
         """tokens: (B, T) int32 with T <= max_seq_len -> logits (B, T, vocab) float32.
 
-        decode: KV-cached call (:class:`jq8.nn.AttentionBlock`); the rotary positions start at each
+        decode: KV-cached call (:class:`jq8.training.nn.AttentionBlock`); the rotary positions start at each
         attention cache's ``cache_index``, so no model-level position state is needed.
         """
         c = self.config

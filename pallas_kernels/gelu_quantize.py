@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jq8.quant import QArray, QuantSpec, Rounding, quantize
 from pallas_kernels._common import resolve_interpret
-from pallas_kernels.int8_matmul import erf_rational
+from pallas_kernels.int8_matmul_triton import erf_rational
 from pallas_kernels.quantize import (
     AXIS_STATS_CONFIG,
     Operand,

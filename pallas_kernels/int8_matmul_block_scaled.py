@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jq8.quant import QArray, QuantSpec, check_int32_k, expand_tiles, int4_block, int4_width, unpack_int4
-from pallas_kernels._common import TileConfig, cdiv, compiler_params, is_pow2, resolve_interpret
-from pallas_kernels.int8_matmul import (
+from pallas_kernels._common import TileConfig, cdiv, compiler_params, resolve_interpret
+from pallas_kernels.int8_matmul_triton import (
     NT_DIMS,
     Activation,
     div_pow2,
@@ -39,7 +39,6 @@ from pallas_kernels.int8_matmul import (
     epilogue_reference,
     grouped_program_ids,
     int4_pair_dot,
-    int8_matmul,
     int_dot,
     load_k_tile,
     make_epilogue,
@@ -48,7 +47,6 @@ from pallas_kernels.int8_matmul import (
     store_epilogue,
     wrap_output,
 )
-from pallas_kernels.int8_matmul_decode import DECODE_MAX_M, int8_matmul_decode, quantize_matmul_decode
 
 MIN_K_GROUP = 32  # block_k = 16 int8 dots are wrong on GPU, so a K group must allow block_k >= 32
 
@@ -432,7 +430,7 @@ def int8_matmul_block_scaled(
     groups are issued per loop iteration (a tuning knob: more overlap, more registers). ``split_n``
     accumulates the output tile in column chunks as wide as b's scale tile, so each chunk's per-group scale
     is a row vector times a scalar (one multiply-add per element) instead of a full outer product.
-    Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul`.
+    Epilogue arguments and the return value as in :func:`pallas_kernels.gemm.int8_matmul`.
     """
     m, k = a.shape
     n = b.shape[0]
@@ -501,130 +499,3 @@ def int8_matmul_block_scaled(
         name="int8_matmul_block_scaled",
     )(a, sa_t, b, sb_t, *epilogue_inputs(bias, residual))
     return wrap_output(out, m, n, epi, out_spec)
-
-
-# --------------------------------------------------------------------------------------------- dispatch
-
-
-def matmul_qarrays(
-    a: QArray, b: QArray, *, split_cols: int | None = None, **epilogue
-) -> jax.Array | QArray | tuple[jax.Array, ...]:
-    """GEMM of two quantized operands in NT layout: a (M, K), b (N, K) (INT8, or INT4 for b).
-
-    Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
-    vectors, applied in the epilogue); otherwise :func:`int8_matmul_block_scaled`. ``epilogue``: bias,
-    activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
-    (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
-    split after.
-    """
-    if split_cols is not None and (a.scale.shape[1] != 1 or b.scale.shape[1] != 1):
-        y = matmul_qarrays(a, b, **epilogue)
-        return tuple(jnp.split(y, y.shape[1] // split_cols, axis=1))
-    if split_cols is not None:
-        epilogue["split_cols"] = split_cols
-    (m, k), (n, kb) = a.shape_2d, b.shape_2d
-    if k != kb:
-        raise ValueError(
-            f"contraction mismatch: a is {a.shape_2d}, b is {b.shape_2d} (both operands are (., K))"
-        )
-    if a.zero_point is not None or b.zero_point is not None:
-        raise NotImplementedError("matmul_qarrays needs symmetric quantization (no zero points)")
-    if a.spec.bits != 8:
-        raise NotImplementedError(f"the activation operand must be INT8, got {a.spec.bits} bits")
-    ta, tb = a.spec.resolve(m, k), b.spec.resolve(n, k)
-    if a.scale.shape[1] == 1 and b.scale.shape[1] == 1:
-        sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
-        sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
-        return int8_matmul(a.values, b.values, sa, sb, b_bits=b.spec.bits, **epilogue)
-    if _mosaic_groups(a, b, ta, epilogue):
-        # Per-row A scales in K groups x per-channel weight scales: the Hopper kernel folds the groups in.
-        from pallas_kernels.int8_matmul_mgpu import int8_matmul_mgpu
-
-        sb = jnp.repeat(b.scale[:, 0], tb[0])[:n].reshape(1, n)
-        return int8_matmul_mgpu(a.values, b.values, a.scale, sb, **epilogue)
-    dw = decode_weight(b) if m <= DECODE_MAX_M and a.scale.shape[1] == 1 else None
-    if dw is not None and epilogue.get("config") is None:
-        # Decode: per-token activations with ZeroQuant K-groups of the weight -> the weight-streaming kernel.
-        sa = jnp.repeat(a.scale[:, 0], ta[0])[:m].reshape(m, 1)
-        return int8_matmul_decode(
-            a.values, dw.values, sa, dw.scale, b_bits=dw.bits, b_group=dw.group, **epilogue
-        )
-    return int8_matmul_block_scaled(
-        a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
-    )
-
-
-def _mosaic_groups(a: QArray, b: QArray, ta: tuple[int, int], epilogue: dict) -> bool:
-    """Whether ``matmul_qarrays`` runs on the Mosaic GPU kernel with A's scales in K groups: per-row tiles
-    (1, g) of A, per-channel 8-bit weight scales, no explicit Triton config, compiled on Hopper at M > 16,
-    shapes that tile."""
-    from pallas_kernels import int8_matmul_mgpu as mgpu
-
-    (m, k), (n, _) = a.shape_2d, b.shape_2d
-    if a.scale.shape[1] == 1 or ta[0] != 1 or b.scale.shape[1] != 1 or b.spec.bits != 8 or m <= DECODE_MAX_M:
-        return False
-    if epilogue.get("config") is not None or resolve_interpret(epilogue.get("interpret")):
-        return False
-    residual = epilogue.get("residual")
-    reason = mgpu.unsupported_reason(
-        m, n, k, b_bits=8, scales=True, out_spec=epilogue.get("out_spec"), residual=residual,
-        out_dtype=epilogue.get("out_dtype", jnp.bfloat16), split_cols=None, a_group=ta[1],
-    )  # fmt: skip
-    return reason is None
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeWeight:
-    """An (N, K) weight QArray as the decode kernels take it (``b``, ``b_scale``, ``b_bits``, ``b_group``)."""
-
-    values: jax.Array
-    scale: jax.Array  # (1, N) per output channel, or (N, G) K groups
-    bits: int
-    group: int | None
-
-
-def decode_weight(b: QArray) -> DecodeWeight | None:
-    """``b`` as the decode kernels take it, or None when they cannot: asymmetric codes, scales that vary
-    along both N and K in blocks (not per channel / row runs / K groups), INT4 groups not a power of two."""
-    n, k = b.shape_2d
-    if b.zero_point is not None:
-        return None
-    tn, tk = b.spec.resolve(n, k)
-    if b.scale.shape[1] == 1:  # per channel, row runs or per tensor: one scale per output column
-        return DecodeWeight(b.values, jnp.repeat(b.scale[:, 0], tn)[:n].reshape(1, n), b.spec.bits, None)
-    if tn == 1 and tk % 32 == 0 and (b.spec.bits == 8 or is_pow2(tk)):
-        return DecodeWeight(b.values, b.scale, b.spec.bits, tk)
-    return None
-
-
-def quantize_matmul_qarray(
-    x: jax.Array,
-    b: QArray,
-    *,
-    norm: str | None = None,
-    gamma: jax.Array | None = None,
-    beta: jax.Array | None = None,
-    eps: float = 1e-5,
-    **epilogue,
-) -> jax.Array | QArray:
-    """Decode-size (M <= 16) GEMM of float rows x (M, K) with a weight QArray b (N, K), the per-token INT8
-    quantization of ``norm(x)`` done inside the kernel (:func:`int8_matmul_decode.quantize_matmul_decode`).
-    Raises ValueError when M > 16 or the decode kernels cannot take ``b`` (see :func:`decode_weight`)."""
-    dw = decode_weight(b)
-    if x.shape[0] > DECODE_MAX_M or dw is None:
-        raise ValueError(
-            f"quantize_matmul_qarray needs M <= {DECODE_MAX_M} and a weight the decode kernel takes; got "
-            f"M={x.shape[0]}, weight spec {b.spec} (check with decode_weight, else quantize x first)"
-        )
-    return quantize_matmul_decode(
-        x,
-        dw.values,
-        dw.scale,
-        norm=norm,
-        gamma=gamma,
-        beta=beta,
-        eps=eps,
-        b_bits=dw.bits,
-        b_group=dw.group,
-        **epilogue,
-    )

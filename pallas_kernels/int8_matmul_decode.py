@@ -9,7 +9,7 @@ too few programs (N = 768 gives 24 tiles of 32 for 132 SMs) K is cut into ``spli
 linear float32 epilogue (scales, bias, residual: the projections that feed the residual stream) each split
 adds its scaled partial atomically into the output, which starts as the residual: one launch. Otherwise the
 partial sums (S, M, N) are reduced by XLA, where the epilogue (activation, requantization) then runs as
-:func:`pallas_kernels.int8_matmul.epilogue_reference` (XLA fuses it with the reduction).
+:func:`pallas_kernels.int8_matmul_triton.epilogue_reference` (XLA fuses it with the reduction).
 With ``split_k=1`` the epilogue is fused into the kernel's store (one launch, which is what small layers
 want: at 124M a token is launch-bound).
 
@@ -45,7 +45,7 @@ from pallas_kernels._common import (
     on_gpu,
     resolve_interpret,
 )
-from pallas_kernels.int8_matmul import (
+from pallas_kernels.int8_matmul_triton import (
     ACTIVATIONS,
     Activation,
     _and_masks,
@@ -662,7 +662,7 @@ def int8_matmul_decode(
     with ``b_bits=4``.
     a_scale: (M, 1) or (M,) f32 per-row (or None). b_scale: (1, N) / (N,) per-column, or (N, G) with G > 1
     contraction groups of ``b_group`` K columns (inferred as a power of two when None; a multiple of 32).
-    Epilogue arguments and the return value as in :func:`pallas_kernels.int8_matmul.int8_matmul` (raw int32
+    Epilogue arguments and the return value as in :func:`pallas_kernels.gemm.int8_matmul` (raw int32
     when both scales are None). ``config=None`` picks :func:`decode_config`.
     split_sum: how split-K partials are summed. "atomic": each program adds its scaled partial into the
     f32 output, which starts as ``residual`` (or zeros), so the GEMV, bias and residual add are one launch

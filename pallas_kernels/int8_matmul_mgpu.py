@@ -2,7 +2,7 @@
 
     out = act(a @ b.T * a_scale * b_scale + bias) + residual
 
-The same contract as :func:`pallas_kernels.int8_matmul.int8_matmul` (NT layout: a (M, K), b (N, K), both
+The same contract as :func:`pallas_kernels.gemm.int8_matmul` (NT layout: a (M, K), b (N, K), both
 K-contiguous, the layout int8 wgmma requires for both operands), restricted to the prefill case it is
 for: per-row / per-column scales, an 8-bit weight, a float output (optionally split into column parts).
 
@@ -48,10 +48,10 @@ except ImportError:  # pragma: no cover - every JAX this project supports has it
 
 from jq8.quant import SCALE_FLOOR, QArray, QuantSpec, qmax
 from pallas_kernels._common import on_gpu
-from pallas_kernels.int8_matmul import ACTIVATIONS, activation_fn
+from pallas_kernels.int8_matmul_triton import ACTIVATIONS, activation_fn
 
 MEMORY_REGISTERS = 40  # the TMA producer warpgroup needs few registers; the consumers get the rest
-# MosaicTileConfig.epilogue_math -> pallas_kernels.int8_matmul.activation_fn's erf
+# MosaicTileConfig.epilogue_math -> pallas_kernels.int8_matmul_triton.activation_fn's erf
 ERF_OF_MATH = {"precise": "approx", "approx": "rational_rsqrt", "tanh": "tanh"}
 
 
@@ -104,7 +104,7 @@ def int8_matmul_mgpu_reference(
 ):  # fmt: skip
     """Plain-XLA definition of :func:`int8_matmul_mgpu` (``config``/``interpret`` ignored)."""
     del config, interpret
-    from pallas_kernels.int8_matmul import epilogue_reference, int8_matmul_reference
+    from pallas_kernels.int8_matmul_triton import epilogue_reference, int8_matmul_reference
 
     m, k = a.shape
     groups = _a_groups(a_scale, m)

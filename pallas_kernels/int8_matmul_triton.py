@@ -38,6 +38,7 @@ from jq8.quant import (
     round_half_away,
     unpack_int4,
 )
+from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig, cdiv, compiler_params, is_pow2, next_pow2, resolve_interpret
 from pallas_kernels.quantize import div_rn, expand_tile, scale_from_absmax, tile_absmax, to_codes
 
@@ -508,12 +509,37 @@ def _w8a8_kernel(*refs, p: _Problem, cfg: TileConfig, epi: Epilogue):
     store_epilogue(y, epi_refs, out_refs, epi=epi, row0=row0, col0=col0, bm=bm, bn=bn, m=p.m, n=p.n)
 
 
+def check_operands(a, b, a_scale, b_scale, *, b_bits: int, out_spec, split_cols) -> bool:
+    """Validates a W8A8 GEMM's operands (every backend's contract); returns whether the output is the raw
+    int32 product (both scales None)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != jnp.int8:
+        raise TypeError(f"a must be int8, got {a.dtype}")
+    if b_bits == 8:
+        if b.dtype != jnp.int8 or b.shape[1] != k:
+            raise ValueError(f"b must be (N, K={k}) int8, got {b.shape} {b.dtype}")
+    elif b_bits == 4:
+        if b.dtype != jnp.uint8 or b.shape[1] != int4_width(k):
+            raise ValueError(
+                f"b_bits=4 needs b packed by jq8.quant.pack_int4 as (N, {int4_width(k)}) uint8, got "
+                f"{b.shape} {b.dtype}"
+            )
+    else:
+        raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
+    check_int32_k(k)
+    raw = a_scale is None and b_scale is None
+    if split_cols is not None and (raw or out_spec is not None or split_cols <= 0 or n % split_cols):
+        raise ValueError(
+            f"split_cols={split_cols} needs a float output (scales given, no out_spec) and must divide N={n}"
+        )
+    return raw
+
+
 def resolve_config(
     kernel: str, m: int, n: int, k: int, key: str, config: TileConfig | None, out_spec: QuantSpec | None
 ) -> TileConfig:
     """The explicit config, else the autotuned/heuristic one (made wide enough for per-row requantization)."""
-    from pallas_kernels import autotune  # local import: autotune imports the kernels for its CLI
-
     if config is not None:
         cfg = config
     else:
@@ -542,19 +568,9 @@ def resolve_config(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "activation",
-        "out_dtype",
-        "out_spec",
-        "b_bits",
-        "config",
-        "split_k",
-        "split_cols",
-        "impl",
-        "interpret",
-    ),
+    static_argnames=("activation", "out_dtype", "out_spec", "b_bits", "config", "split_cols", "interpret"),
 )
-def int8_matmul(
+def int8_matmul_triton(
     a: jax.Array,
     b: jax.Array,
     a_scale: jax.Array | None = None,
@@ -567,84 +583,14 @@ def int8_matmul(
     out_spec: QuantSpec | None = None,
     b_bits: int = 8,
     config: TileConfig | None = None,
-    split_k: int | None = None,
     split_cols: int | None = None,
-    impl: Literal["triton", "mosaic"] | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
-    """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
-
-    a: (M, K) int8. b: (N, K) int8, or with ``b_bits=4`` (N, int4_width(K)) uint8 INT4 (``pack_int4``).
-    a_scale: (M, 1) or (M,) f32 per-row; b_scale: (1, N) or (N,) f32 per-column (either may be None = 1).
-    bias: (N,) float; residual: (M, N) float; activation: None, "gelu" (erf), "gelu_tanh", "relu".
-    Returns (M, N) ``out_dtype``; with ``out_spec`` (per-row (1, -1) or power-of-two blocks dividing the tile)
-    a :class:`QArray` requantized in the epilogue; with both scales None the raw (M, N) int32 product.
-    ``config=None`` uses the autotune cache or a heuristic (never autotunes implicitly).
-    split_cols: return the output as N / split_cols arrays (M, split_cols), column blocks in order: q, k, v
-    of a fused qkv projection, written by the epilogue where attention reads them (no slicing copies). It
-    needs split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two
-    dividing split_cols).
-
-    impl: "mosaic" runs :mod:`pallas_kernels.int8_matmul_mgpu` (warp-specialised wgmma + TMA, Hopper only:
-    8-bit b, per-row/per-column scales, a float output or an ``out_spec`` of (1, g) tiles, shapes its tiles
-    divide; else a ValueError), "triton" this module's kernel; None picks Mosaic GPU where it can run
-    (compiled on an sm_90 GPU, ``config`` None, M > 16) and Triton otherwise.
-
-    Decode sizes (M <= 16) run :mod:`pallas_kernels.int8_matmul_decode` (narrow N tiles, split-K) when
-    ``config`` is None or ``split_k`` is given (``split_k``: K chunks; the tiles of ``config`` when given);
-    an explicit ``config`` without ``split_k`` keeps this kernel at any M.
-    """
+    """The Triton W8A8 GEMM at any M; arguments and result as :func:`pallas_kernels.gemm.int8_matmul`
+    (which routes between this kernel, the Mosaic GPU kernel and the decode kernel)."""
     m, k = a.shape
     n = b.shape[0]
-    if a.dtype != jnp.int8:
-        raise TypeError(f"a must be int8, got {a.dtype}")
-    if b_bits == 8:
-        if b.dtype != jnp.int8 or b.shape[1] != k:
-            raise ValueError(f"b must be (N, K={k}) int8, got {b.shape} {b.dtype}")
-    elif b_bits == 4:
-        if b.dtype != jnp.uint8 or b.shape[1] != int4_width(k):
-            raise ValueError(
-                f"b_bits=4 needs b packed by jq8.quant.pack_int4 as (N, {int4_width(k)}) uint8, got "
-                f"{b.shape} {b.dtype}"
-            )
-    else:
-        raise ValueError(f"b_bits must be 8 or 4, got {b_bits}")
-    check_int32_k(k)
-    raw = a_scale is None and b_scale is None
-    if split_cols is not None and (raw or out_spec is not None or split_cols <= 0 or n % split_cols):
-        raise ValueError(
-            f"split_cols={split_cols} needs a float output (scales given, no out_spec) and must divide N={n}"
-        )
-    if impl not in (None, "triton", "mosaic"):
-        raise ValueError(f"impl must be None, 'triton' or 'mosaic', got {impl!r}")
-    from pallas_kernels import int8_matmul_mgpu as mgpu  # local import: it builds on this module
-
-    if impl == "mosaic" or (
-        impl is None and config is None and split_k is None and m > DECODE_MAX_M
-        and not resolve_interpret(interpret)
-    ):  # fmt: skip
-        reason = mgpu.unsupported_reason(
-            m, n, k, b_bits=b_bits, scales=a_scale is not None and b_scale is not None, out_spec=out_spec,
-            residual=residual, out_dtype=out_dtype, split_cols=split_cols,
-        )  # fmt: skip
-        if reason is not None and impl == "mosaic":
-            raise ValueError(f"impl='mosaic' cannot run this call: {reason}")
-        use_mosaic = reason is None
-    else:
-        use_mosaic = False
-    if use_mosaic:
-        return mgpu.int8_matmul_mgpu(
-            a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-            out_spec=out_spec, split_cols=split_cols, interpret=interpret,
-        )  # fmt: skip
-    if split_k is not None or (config is None and m <= DECODE_MAX_M):
-        out = _decode(
-            a, b, a_scale, b_scale, bias=bias, activation=activation, residual=residual, out_dtype=out_dtype,
-            out_spec=out_spec, b_bits=b_bits, config=config, split_k=split_k, interpret=interpret,
-        )  # fmt: skip
-        if split_cols is None:
-            return out
-        return tuple(jnp.split(out, n // split_cols, axis=1))  # a few rows: a cheap copy
+    raw = check_operands(a, b, a_scale, b_scale, b_bits=b_bits, out_spec=out_spec, split_cols=split_cols)
     if raw:
         _check_raw_output(bias, activation, residual, out_spec)
     key = f"b{b_bits}-{'raw' if raw else jnp.dtype(out_dtype).name}" + (
@@ -703,34 +649,3 @@ def int8_matmul(
     if epi.parts > 1:
         return tuple(out)
     return out if raw else wrap_output(out, m, n, epi, out_spec)
-
-
-DECODE_MAX_M = 16  # M up to one 16-row tile (Triton's smallest int8 dot) runs the decode kernel
-
-
-def _decode(a, b, a_scale, b_scale, *, config: TileConfig | None, split_k: int | None, **kw):
-    """int8_matmul at M <= 16 through the decode kernel (tiles from ``config``/``split_k`` when given)."""
-    from pallas_kernels import int8_matmul_decode as dec  # local import: it builds on this module
-
-    m, k = a.shape
-    if m > DECODE_MAX_M:
-        raise ValueError(f"split_k is for decode sizes M <= {DECODE_MAX_M}, got M={m}")
-    if a_scale is not None and math.prod(a_scale.shape) != m:
-        raise ValueError(f"a_scale must be (M, 1) = ({m}, 1) per-row, got {a_scale.shape}")
-    n = b.shape[0]
-    if b_scale is not None and math.prod(b_scale.shape) != n:
-        raise ValueError(f"b_scale must be (1, N) = (1, {n}) per-column, got {b_scale.shape}")
-    b_scale = None if b_scale is None else jnp.reshape(b_scale, (n,))
-    cfg = None
-    if config is not None or split_k is not None:
-        base = dec.lookup_decode_config(m, n, k, b_bits=kw["b_bits"])
-        if config is not None:
-            base = dataclasses.replace(
-                base,
-                block_n=config.block_n,
-                block_k=config.block_k,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            )
-        cfg = base if split_k is None else dataclasses.replace(base, split_k=split_k)
-    return dec.int8_matmul_decode(a, b, a_scale, b_scale, config=cfg, **kw)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import train
-from jq8 import checkpoint
-from jq8.policy import Policy
+from jq8.training import checkpoint
+from jq8.training.policy import Policy
 from models.presets import build_model, preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,7 @@ def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
         import os, sys
         sys.path.insert(0, {REPO!r})
         import train
-        from jq8 import checkpoint
+        from jq8.training import checkpoint
         orig = checkpoint.Checkpointer.save
         def save(self, step, *a, **k):
             orig(self, step, *a, **k)

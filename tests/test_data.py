@@ -1,4 +1,4 @@
-"""Tests for jq8.wikitext (markup stripping) and jq8.data (tokenizers, token cache, batches)."""
+"""Tests for jq8.data.wikitext (markup stripping) and jq8.data (tokenizers, token cache, batches)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jq8 import data, wikitext
+from jq8 import data
+from jq8.data import wikitext
 
 # --------------------------------------------------------------------------------------------- wikitext
 

@@ -1,4 +1,4 @@
-"""KV-cached decoding (jq8.decode, AttentionBlock decode=True) and the attention implementation choice.
+"""KV-cached decoding (jq8.inference.decode, AttentionBlock decode=True) and the attention implementation choice.
 
 Every cached result is compared with the full-sequence model on random weights and tokens: a causal model's
 logits at position i depend only on tokens <= i, so row i of one full pass is the reference for the cached
@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8 import decode, ptq, ptq_infer
-from jq8.nn import ATTENTION_IMPLEMENTATIONS, AttentionBlock, attention_implementation
-from jq8.policy import Policy
-from models.presets import ATTENTION_CHOICES, ModelConfig, build_model, preset
+from jq8 import ptq
+from jq8.inference import decode
+from jq8.ptq import infer as ptq_infer
+from jq8.training.nn import ATTENTION_IMPLEMENTATIONS, AttentionBlock, attention_implementation
+from jq8.training.policy import Policy
+from models.config import ATTENTION_CHOICES, ModelConfig
+from models.presets import build_model, preset
 
 FP32 = Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
 BF16 = Policy.from_name("bf16", use_kernels=False)
@@ -317,7 +320,7 @@ def test_quantize_cli_cached_continuation_matches_window_rerun():
     import argparse
 
     import quantize
-    from jq8 import evaluate
+    from jq8.inference import evaluate
 
     model = build_model(_config("gpt"), FP32)
     qp = ptq.quantize_params(_params("gpt"), ptq.scheme("w8a8"))

@@ -1,13 +1,14 @@
-"""jq8.dispatch.jit_bound: same results as jax.jit(fn)(params, ...), on float and quantized trees."""
+"""jq8.inference.dispatch.jit_bound: same results as jax.jit(fn)(params, ...), on float and quantized trees."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8 import ptq, ptq_infer
-from jq8.dispatch import jit_bound
-from jq8.policy import Policy
+from jq8 import ptq
+from jq8.inference.dispatch import jit_bound
+from jq8.ptq import infer as ptq_infer
+from jq8.training.policy import Policy
 from models.presets import build_model, preset
 
 

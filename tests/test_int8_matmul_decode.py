@@ -14,12 +14,8 @@ from jq8.quant import QuantSpec, pack_int4, quantize
 from pallas_kernels import autotune
 from pallas_kernels import int8_matmul_decode as decode_module
 from pallas_kernels._common import TileConfig, cdiv
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
-from pallas_kernels.int8_matmul_block_scaled import (
-    decode_weight,
-    int8_matmul_block_scaled_reference,
-    quantize_matmul_qarray,
-)
+from pallas_kernels.gemm import decode_weight, int8_matmul, quantize_matmul_qarray
+from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled_reference
 from pallas_kernels.int8_matmul_decode import (
     DecodeConfig,
     SplitKSum,
@@ -28,6 +24,7 @@ from pallas_kernels.int8_matmul_decode import (
     int8_matmul_decode,
     lookup_decode_config,
 )
+from pallas_kernels.int8_matmul_triton import int8_matmul_reference
 from pallas_kernels.norm_quantize import layer_norm_quantize_reference
 
 NT = (((1,), (1,)), ((), ()))
@@ -204,7 +201,7 @@ def test_errors_are_actionable():
 def test_matmul_qarrays_routes_grouped_decode(monkeypatch, bits):
     """Per-token activations x K-group weights at M <= 16 take the decode kernel and match the dequantized
     product (the ZeroQuant W4/8 decode path)."""
-    from pallas_kernels import int8_matmul_block_scaled as bs
+    from pallas_kernels import gemm as bs
 
     calls = []
     real = bs.int8_matmul_decode

@@ -12,13 +12,13 @@ from jax import lax
 from jq8.quant import QuantSpec, dequantize, pack_int4, quantize
 from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
-from pallas_kernels.int8_matmul import erf_approx, int8_matmul, int8_matmul_reference
+from pallas_kernels.gemm import int8_matmul, matmul_qarrays
 from pallas_kernels.int8_matmul_block_scaled import (
     infer_tile,
     int8_matmul_block_scaled,
     int8_matmul_block_scaled_reference,
-    matmul_qarrays,
 )
+from pallas_kernels.int8_matmul_triton import erf_approx, int8_matmul_reference
 
 NT = (((1,), (1,)), ((), ()))
 CFG = TileConfig(32, 64, 64, num_warps=4, num_stages=3, group_m=2)  # several programs, K loop + tail

@@ -16,7 +16,8 @@ import pytest
 
 from jq8.quant import QuantSpec
 from pallas_kernels import int8_matmul_mgpu as mg
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.gemm import int8_matmul
+from pallas_kernels.int8_matmul_triton import int8_matmul_reference
 
 on_hopper = pytest.mark.skipif(not mg.available(), reason="needs an sm_90 GPU with Mosaic GPU")
 

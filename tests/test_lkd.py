@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_ptq import run_int8, tiny_gpt
 
-from jq8 import lkd, ptq
+from jq8 import ptq
+from jq8.ptq import lkd
 from jq8.quant import QuantSpec, fake_quantize
 
 
@@ -78,7 +79,7 @@ def tiny_llama(d: int = 32, heads: int = 2, vocab: int = 89, seq: int = 16, seed
     """(model, params) for a small models.llama Llama in fp32 (untied ``lm_head``), random RMSNorm scales."""
     import dataclasses
 
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(

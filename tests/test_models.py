@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from jq8.policy import Policy
+from jq8.training.policy import Policy
+from models.config import ModelConfig
 from models.gpt import lm_loss
-from models.presets import PRESETS, ModelConfig, build_model, preset
+from models.presets import PRESETS, build_model, preset
 
 BF16 = Policy.from_name("bf16")
 INT8 = Policy.from_name("jetfire-int8", use_kernels=False)  # jnp references: fast on CPU

@@ -1,4 +1,4 @@
-"""jq8.nn modules and jq8.policy: parameter trees, bf16 vs INT8 blocks under jit + grad, policy rules."""
+"""jq8.training.nn modules and jq8.training.policy: parameter trees, bf16 vs INT8 blocks under jit + grad, policy rules."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8.jetfire import mlp_reference
-from jq8.nn import AttentionBlock, Dense, LayerNorm, MlpBlock
-from jq8.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy
+from jq8.training.jetfire import mlp_reference
+from jq8.training.nn import AttentionBlock, Dense, LayerNorm, MlpBlock
+from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy
 
 BF16 = Policy.from_name("bf16")
 F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)  # the float block: no INT8, fp32 compute
@@ -207,7 +207,7 @@ def test_apply_policy_reroutes_matching_dense_layers():
 def test_int8_dot_general_in_flax_dense():
     import functools
 
-    from jq8.nn import Int8DotGeneral
+    from jq8.training.nn import Int8DotGeneral
 
     pol = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32)
     x = normal(6, (2, 19, 64))

@@ -1,4 +1,4 @@
-"""Folding pre-norm affines into the next Dense layers (jq8.norm_fold, ptq.quantize_params(fold_norms=))."""
+"""Folding pre-norm affines into the next Dense layers (jq8.ptq.norm_fold, ptq.quantize_params(fold_norms=))."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8 import norm_fold, ptq, ptq_infer, qcheckpoint
+from jq8 import ptq
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
+from jq8.ptq import norm_fold
 from tests.test_ptq import run_int8, tiny_gpt
 
 
 def tiny_llama(seed: int = 4):
     """(model, params, tokens) of a 1-layer LLaMA (RMSNorm, SwiGLU, no biases) with random norm gammas."""
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8 import ptq, ptq_infer, qcheckpoint
+from jq8 import ptq
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
 from jq8.quant import QArray, QuantSpec, dequantize, fake_quantize, int4_width, quantize
 
 
 def tiny_gpt(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 203, seq: int = 24, seed: int = 0):
     """(model, params, tokens) for a small models.gpt GPT run in fp32; weights scaled up to be non-trivial."""
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(
@@ -194,7 +196,7 @@ def _fake_quant_reference(model, params, qp, tokens):
     table by its dequantized value and a tied head by dequant(Q(x)) @ table.T (simulation)."""
     import flax.linen as nn
 
-    from jq8.lkd import ste_interceptor
+    from jq8.ptq.lkd import ste_interceptor
 
     rules = {p: qp.rules[i] for p, i in qp.assignment if qp.rules[i].kind == "dense"}
     dense = ste_interceptor(rules)
@@ -276,7 +278,7 @@ def test_static_calibration_uses_input_ranges(gpt):
 
 
 def test_fused_branches_match_per_dense_path(gpt, monkeypatch):
-    """jq8.nn blocks run fused (LN/GELU + quantize in one op); same numbers as intercepting each Dense."""
+    """jq8.training.nn blocks run fused (LN/GELU + quantize in one op); same numbers as intercepting each Dense."""
     model, params, tokens = gpt
     calls = []
     for name in ("_fused_mlp", "_fused_attention"):
@@ -302,7 +304,7 @@ def test_fused_pallas_kernels_match_xla(monkeypatch):
     """The Pallas kernels (interpret mode on CPU) give the XLA path's numbers through the whole model. At
     decode sizes (M = 8 tokens here) the GEMMs quantize their own inputs, but an INT4 one after a
     LayerNorm."""
-    from pallas_kernels import int8_matmul_block_scaled as bs
+    from pallas_kernels import gemm as bs
 
     # d=48: ragged against every kernel block. (d=32 trips a K < block_k slicing bug in int8_matmul's
     # interpret mode, reported to the kernel owner.)
@@ -327,7 +329,7 @@ def test_fused_pallas_kernels_match_xla(monkeypatch):
 @pytest.mark.parametrize("name", ["static-w8a8", "w4/8-a8"])
 def test_llama_without_biases_runs_quantized(name, tmp_path):
     """Regression: a reloaded bias-less LLaMA has no float entry left for its qkv layer (KeyError 'qkv')."""
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(
@@ -351,7 +353,7 @@ def test_fused_prefill_pallas_matches_xla(monkeypatch):
     """At prefill sizes (M = 24 > 16 tokens) the fused path runs the GEMM kernels with their epilogues: qkv
     written as q, k, v apart (attend gets a tuple), fc1 with bias + GELU, a per-token quantize, fc2 with the
     residual; the same numbers as the XLA integer path."""
-    from jq8.nn import AttentionBlock
+    from jq8.training.nn import AttentionBlock
 
     model, params, tokens = tiny_gpt(layers=1, d=48, heads=2, vocab=101, seq=8, seed=5)
     qp = ptq.quantize_params(params, ptq.scheme("w8a8"))

@@ -14,7 +14,9 @@ from test_lkd import tiny_llama
 from test_ptq import run_int8, tiny_gpt
 from test_qcheckpoint import as_format_2
 
-from jq8 import ptq, ptq_infer, qcheckpoint
+from jq8 import ptq
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
 from jq8.quant import QuantSpec, fake_quantize
 
 EMBED_RULE = ptq.QuantRule(".*", 8, kind="embedding")

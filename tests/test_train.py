@@ -10,7 +10,7 @@ import pytest
 
 import train
 from configs.base import TrainConfig, apply_overrides, load_config, valid_keys
-from jq8 import metrics
+from jq8.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -208,7 +208,7 @@ def test_data_parallel_mode_is_checked_and_auto_picks_shard_map_for_int8_kernels
     import numpy as np
     from jax.sharding import Mesh
 
-    from jq8.policy import Policy
+    from jq8.training.policy import Policy
 
     one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match="data_parallel must be auto/shard_map/gspmd"):

@@ -14,8 +14,7 @@ import pytest
 
 from jq8.quant import QuantSpec, pack_int4, quantize
 from pallas_kernels._common import TileConfig, cdiv
-from pallas_kernels.int8_matmul import int8_matmul
-from pallas_kernels.int8_matmul_block_scaled import matmul_qarrays
+from pallas_kernels.gemm import int8_matmul, matmul_qarrays
 from pallas_kernels.int8_matmul_decode import DecodeConfig, int8_matmul_decode, quantize_matmul_decode
 
 CFG = TileConfig(32, 64, 64, num_warps=4, num_stages=3, group_m=2)

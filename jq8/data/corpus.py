@@ -30,9 +30,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from jq8 import wikitext
+from jq8.data import wikitext
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 WIKI_SAMPLE = DATA_DIR / "enwiki-sample.xml.bz2"
 LEE_BACKGROUND = DATA_DIR / "lee_background.txt"
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer-wiki-8k.json"
@@ -82,7 +82,7 @@ def split_text_documents(text: str) -> list[str]:
 
 
 def load_documents(source: str | os.PathLike | None = None) -> list[str]:
-    """All documents of a source as plain-text strings (wiki dumps are cleaned by `jq8.wikitext`)."""
+    """All documents of a source as plain-text strings (wiki dumps are cleaned by `jq8.data.wikitext`)."""
     docs: list[str] = []
     for path in source_files(source):
         if _is_wiki_dump(path):

@@ -2,7 +2,7 @@
 
 The same loop runs the float model and the ZeroQuant INT8 model: both are an
 ``apply_fn(tokens (B, T) int32, cache) -> (logits (B, T, V), new cache)`` over the models' Flax "cache"
-collection (:class:`jq8.nn.AttentionBlock` with ``decode=True``; GPT adds its position counter ``pos``)::
+collection (:class:`jq8.training.nn.AttentionBlock` with ``decode=True``; GPT adds its position counter ``pos``)::
 
     cache = init_cache(model, batch=1, max_len=prompt_len + steps - 1)
     gen = jax.jit(lambda p, c, t: generate(float_apply_fn(model, p), c, t, steps=32))
@@ -80,8 +80,8 @@ def float_apply_fn(model: nn.Module, params: Mapping[str, Any]) -> ApplyFn:
 
 
 def quantized_apply_fn(model: nn.Module, qp, backend: str | None = None, fused: bool = True) -> ApplyFn:
-    """apply_fn of the INT8 model (``jq8.ptq_infer.apply_quantized``, qp a ``QuantizedParams``)."""
-    from jq8 import ptq_infer
+    """apply_fn of the INT8 model (``jq8.ptq.infer.apply_quantized``, qp a ``QuantizedParams``)."""
+    from jq8.ptq import infer as ptq_infer
 
     def apply_fn(tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         logits, mutated = ptq_infer.apply_quantized(

@@ -1,7 +1,7 @@
 """Evaluation of (quantized) language models: held-out perplexity and text generation.
 
 Both take a ``logits_fn(tokens (B, T) int32) -> logits (B, T, V) float`` so the float model, the INT8
-model (``jq8.ptq_infer.apply_quantized``) and a reloaded compact checkpoint are evaluated by one code path.
+model (``jq8.ptq.infer.apply_quantized``) and a reloaded compact checkpoint are evaluated by one code path.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def generate(
     The model sees the last ``window`` tokens (its max sequence length), padded on the right to a fixed
     length so every step reuses one compiled program; a causal model ignores the padding. Every step
     re-runs the whole window: for any ``logits_fn`` and for continuations longer than the window. Models
-    with a KV cache (GPT, LLaMA) decode far faster with :func:`jq8.decode.generate` (one token per step);
+    with a KV cache (GPT, LLaMA) decode far faster with :func:`jq8.inference.decode.generate` (one token per step);
     quantize.py uses it whenever prompt + new tokens fit the window.
     """
     if not prompt:

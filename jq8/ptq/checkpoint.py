@@ -13,7 +13,7 @@ Versions: 2 added quantized embedding tables (``embeddings``, ``e/``) and the ru
 ``optional``; version-1 checkpoints (no quantized tables) load unchanged. 3 packs INT4 codes in the
 half-split layout of :func:`jq8.quant.pack_int4` (adjacent pairs before); older INT4 arrays are repacked on
 load. ``folded_norms`` (the branches whose norm affine the float params hold folded into the next Dense,
-:mod:`jq8.norm_fold`) is optional: without it the norms run with their stored (unit) gamma and (zero) beta,
+:mod:`jq8.ptq.norm_fold`) is optional: without it the norms run with their stored (unit) gamma and (zero) beta,
 which computes the same function.
 
 Why npz + JSON and not Orbax: the checkpoint is a handful of arrays written once and read whole; an
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8.ptq import QuantizedParams, QuantRule
+from jq8.ptq.schemes import QuantizedParams, QuantRule
 from jq8.quant import QArray, QuantSpec, pack_int4, unpack_int4_pairs
 
 FORMAT = "jq8-quantized"

@@ -3,7 +3,7 @@
 How the quantized model enters a Flax model: ``flax.linen.intercept_methods`` (chosen over a functional
 forward that mirrors the model). Two levels, one interceptor (:func:`fused_interceptor`):
 
-* jq8.nn's ``MlpBlock`` / ``AttentionBlock`` (the GPT/LLaMA branches) whose Dense layers are all INT8
+* jq8.training.nn's ``MlpBlock`` / ``AttentionBlock`` (the GPT/LLaMA branches) whose Dense layers are all INT8
   token-wise are replaced whole by the fused ZeroQuant data flow: LayerNorm + per-token quantization in
   one kernel (``norm_quantize``) -> INT8 GEMM with dequant + bias + GELU in the epilogue -> per-token
   quantization (``quantize_tiles``) -> INT8/INT4 GEMM (dequant + bias + residual in the epilogue); on
@@ -22,8 +22,8 @@ forward that mirrors the model). Two levels, one interceptor (:func:`fused_inter
   ``setup`` is skipped (it would ask for the float table, which the compact params no longer hold).
 
 Why interception: the user's model (GPT, LLaMA, MiniLM BERT...) runs unchanged from its own code, rules
-find layers by module path, LKD (jq8.lkd) uses the same hook for its straight-through student, and only
-the two jq8.nn branches (which this repo owns) are mirrored, not whole models.
+find layers by module path, LKD (jq8.ptq.lkd) uses the same hook for its straight-through student, and only
+the two jq8.training.nn branches (which this repo owns) are mirrored, not whole models.
 
 Backends (``backend=``): ``"pallas"`` runs the Pallas kernels of ``pallas_kernels`` (compiled on GPU,
 interpret mode on CPU); ``"xla"`` runs the same integer math with XLA ops (``lax.dot_general`` int8 x int8
@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jq8.ptq import QuantizedParams, QuantRule
+from jq8.ptq.schemes import QuantizedParams, QuantRule
 from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, quantize_with_scale, unpack_int4
 
 TOKEN_SPEC = QuantSpec.per_row(8)
@@ -95,7 +95,7 @@ def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str, norm: bool = Fal
     (5.6 + 3.6 us)."""
     if backend != "pallas" or x2.shape[0] > 16 or (norm and w.spec.bits == 4):
         return False
-    from pallas_kernels.int8_matmul_block_scaled import decode_weight
+    from pallas_kernels.gemm import decode_weight
 
     return decode_weight(w) is not None
 
@@ -110,7 +110,7 @@ def tokens_matmul(
     GEMM itself (see :func:`_in_kernel_quantize`). ``epilogue``: bias, activation, residual, out_dtype.
     """
     if _in_kernel_quantize(x2, w, backend, norm=norm is not None):
-        from pallas_kernels.int8_matmul_block_scaled import quantize_matmul_qarray
+        from pallas_kernels.gemm import quantize_matmul_qarray
 
         kw = {}
         if norm is not None:
@@ -212,7 +212,7 @@ def matmul_qarrays_xla(
 def matmul_qarrays(a: QArray, b: QArray, *, backend: str, **epilogue) -> jax.Array:
     """(M, K) x (N, K) quantized GEMM with the fused epilogue, on the chosen backend."""
     if backend == "pallas":
-        from pallas_kernels.int8_matmul_block_scaled import matmul_qarrays as kernel
+        from pallas_kernels.gemm import matmul_qarrays as kernel
 
         return kernel(a, b, **epilogue)
     return matmul_qarrays_xla(a, b, **epilogue)
@@ -367,7 +367,7 @@ def _block_norm(module, p: Mapping[str, Any], folded: bool) -> dict[str, Any]:
 def _fused_mlp(
     module, qp: QuantizedParams, path: str, x: jax.Array, backend: str, residual: jax.Array | None = None
 ) -> jax.Array:
-    """jq8.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant+bias+GELU epilogue) -> quantize -> fc2.
+    """jq8.training.nn.MlpBlock (GELU) all INT8: LN+quantize -> fc1 (dequant+bias+GELU epilogue) -> quantize -> fc2.
 
     At decode sizes on Pallas the quantizations run inside the GEMMs instead, and fc1's epilogue adds the
     bias and applies GELU (see :func:`tokens_matmul`). ``residual`` is added in fc2's epilogue (at decode
@@ -416,7 +416,7 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped weights) the per-token path runs.
     """
     from pallas_kernels import int8_matmul_mgpu as mgpu
-    from pallas_kernels.int8_matmul import DECODE_MAX_M
+    from pallas_kernels.gemm import DECODE_MAX_M
 
     if backend != "pallas" or m <= DECODE_MAX_M or not mgpu.available():
         return None
@@ -450,7 +450,7 @@ def _fused_attention(
     decode: bool = False,
     residual: jax.Array | None = None,
 ) -> jax.Array:
-    """jq8.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
+    """jq8.training.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
     -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous); the float core
     (rotary, KV cache when ``decode``, softmax attention) is the block's own ``attend`` on the bound module,
     so the cached INT8 model reads and advances the same "cache" variables as the float one."""
@@ -480,13 +480,13 @@ def _fused_attention(
 
 
 def fused_interceptor(qp: QuantizedParams, backend: str | None = None) -> Callable:
-    """Like :func:`dense_interceptor`, plus whole-branch fusion for jq8.nn's MlpBlock / AttentionBlock.
+    """Like :func:`dense_interceptor`, plus whole-branch fusion for jq8.training.nn's MlpBlock / AttentionBlock.
 
     A branch whose Dense layers are all token-mode INT8 runs with the activation quantization fused into
     its producer (LayerNorm, bias+GELU) and the dequantization in the GEMM epilogues; other branches (and
     any other model) fall back to per-Dense interception. Only inference (deterministic) calls are fused.
     """
-    from jq8.nn import AttentionBlock, MlpBlock
+    from jq8.training.nn import AttentionBlock, MlpBlock
 
     backend = resolve_backend(backend)
     rules = _dense_rules(qp)
@@ -527,11 +527,11 @@ def apply_quantized(
 ) -> Any:
     """``model.apply`` with the quantized params: same arguments and outputs as the float model.
 
-    fused: fuse activation quantization into LayerNorm / GELU for jq8.nn blocks (:func:`fused_interceptor`);
+    fused: fuse activation quantization into LayerNorm / GELU for jq8.training.nn blocks (:func:`fused_interceptor`);
     False intercepts each Dense separately (works for any Flax model). Quantized embedding tables (and a
     tied head ``attend``) run from their INT8 codes either way.
     variables: other variable collections to apply with, e.g. ``{"cache": cache}`` for KV-cached decoding
-    (with ``decode=True, mutable=["cache"]`` in kwargs, which go to ``model.apply``; see jq8.decode).
+    (with ``decode=True, mutable=["cache"]`` in kwargs, which go to ``model.apply``; see jq8.inference.decode).
     """
     policy = getattr(model, "policy", None)
     if getattr(policy, "int8", False):

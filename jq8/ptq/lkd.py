@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jq8.ptq import QuantRule, assign_rules, dense_paths, get_path
-from jq8.ptq_infer import TOKEN_SPEC
+from jq8.ptq.infer import TOKEN_SPEC
+from jq8.ptq.schemes import QuantRule, assign_rules, dense_paths, get_path
 from jq8.quant import fake_quantize
 
 BLOCK_PATTERN = r"(^|/)(blocks|layer|layers|h)_\d+$"

@@ -1,6 +1,6 @@
 """Fold a pre-norm branch's LayerNorm / RMSNorm affine into the Dense layers that read the norm's output.
 
-In jq8.nn's branches (``MlpBlock``: norm -> fc1 [and gate]; ``AttentionBlock``: norm -> qkv) the norm's
+In jq8.training.nn's branches (``MlpBlock``: norm -> fc1 [and gate]; ``AttentionBlock``: norm -> qkv) the norm's
 output feeds only those Dense layers, so
 
     (n(x) * gamma + beta) @ W + b  ==  n(x) @ (gamma[:, None] * W) + (beta @ W + b)
@@ -17,7 +17,7 @@ n(x) * gamma + beta, and the weight's per-channel scale over gamma-scaled rows (
 the norm's own gamma as the smoothing factor). The accuracy effect is measured per scheme in BENCHMARKS.md.
 
 Branches are found by name in the params tree (a ``norm`` beside ``fc1`` / ``gate`` or ``qkv``), which is
-jq8.nn's layout. A model of its own whose modules use those names with another data flow (the norm's output
+jq8.training.nn's layout. A model of its own whose modules use those names with another data flow (the norm's output
 also feeding something else, as in a post-norm block) must quantize with ``fold_norms=False``.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 
 # A branch node (a dict of the params tree) with a "norm" child and these Dense children, which are the
-# only readers of the norm's output in jq8.nn's MlpBlock and AttentionBlock.
+# only readers of the norm's output in jq8.training.nn's MlpBlock and AttentionBlock.
 NORM_CONSUMERS = (("fc1", "gate"), ("qkv",))
 
 
@@ -42,7 +42,7 @@ def _consumers(node: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def foldable_branches(params: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Branch path -> the Dense names reading its norm, for every jq8.nn-style pre-norm branch whose norm
+    """Branch path -> the Dense names reading its norm, for every jq8.training.nn-style pre-norm branch whose norm
     has an affine to fold (a ``scale`` and/or ``bias``) and whose consumers can take it (a norm bias needs
     a bias on every consumer: a bias-less Dense has no slot for beta @ W)."""
     out: dict[str, tuple[str, ...]] = {}

@@ -9,7 +9,7 @@ Embedding tables (``nn.Embed``: a module holding a 2-D ``embedding``) are matche
 ``kind="embedding"``: INT8 codes with one scale per table row (per token, which for a tied LM head
 ``wte.attend`` is also one scale per output channel). The lookup dequantizes only the gathered rows; the
 tied head runs as a W8A8 GEMM (``act_mode="token"``) or weight-only (``"none"``), see
-:mod:`jq8.ptq_infer`. The named schemes quantize the embeddings and an untied ``lm_head`` Dense (LLaMA)
+:mod:`jq8.ptq.infer`. The named schemes quantize the embeddings and an untied ``lm_head`` Dense (LLaMA)
 by default (INT8; optional rules, since not every model has them); ``scheme(..., embeddings=False)`` keeps
 them float.
 
@@ -24,7 +24,7 @@ Weights are stored for the inference GEMM's "NT" layout: a Flax kernel ``W`` (K=
   share a scale, tile (r, K) (``r=-1`` is per-tensor); scales are constant along K (epilogue only)
 
 Activation modes: ``"token"`` (ZeroQuant: one dynamic scale per token, no calibration), ``"static"`` (the
-baseline: one calibrated per-tensor scale, see :func:`jq8.ptq_infer.calibrate_static`), ``"none"``
+baseline: one calibrated per-tensor scale, see :func:`jq8.ptq.infer.calibrate_static`), ``"none"``
 (weight-only: activations stay bf16/f32).
 """
 
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8.norm_fold import fold_branch, foldable_branches
+from jq8.ptq.norm_fold import fold_branch, foldable_branches
 from jq8.quant import QArray, QuantSpec, quantize
 
 GroupAxis = Literal["contraction", "rows"]
@@ -299,7 +299,7 @@ class QuantizedParams:
     embeddings: nn.Embed module path -> QArray of the table, shape (V, D) int8, scale (V, 1) f32 (per row).
       Last, so that positional construction without it (older code) still works.
     folded_norms: static; branch paths whose norm affine ``params`` holds folded into the following Dense
-      layers (gamma ones, beta zeros; :mod:`jq8.norm_fold`), so the fused path may skip it.
+      layers (gamma ones, beta zeros; :mod:`jq8.ptq.norm_fold`), so the fused path may skip it.
     """
 
     params: dict
@@ -357,9 +357,9 @@ def quantize_params(
 
     params: a Flax params tree (the ``"params"`` collection, not the variables dict).
     fold_norms: first fold each pre-norm branch's LayerNorm / RMSNorm affine into the Dense layers reading
-      it (:mod:`jq8.norm_fold`; exact in float) where all of them take token-wise INT8 activations, so the
+      it (:mod:`jq8.ptq.norm_fold`; exact in float) where all of them take token-wise INT8 activations, so the
       fused W8A8 path's LayerNorm-quantize runs without gamma / beta. False quantizes the params as given
-      (needed for a model whose ``norm`` / ``fc1`` / ``qkv`` modules are not jq8.nn's pre-norm branches).
+      (needed for a model whose ``norm`` / ``fc1`` / ``qkv`` modules are not jq8.training.nn's pre-norm branches).
     """
     if "params" in params and isinstance(params["params"], Mapping) and len(params) == 1:
         raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
@@ -389,7 +389,7 @@ def fold_norm_affines(
     assignment: Mapping[str, int] | None = None,
 ) -> tuple[dict, tuple[str, ...]]:
     """(params with norm affines folded, the folded branch paths): every pre-norm branch
-    (:func:`jq8.norm_fold.foldable_branches`) whose norm-reading Dense layers all take token-wise INT8
+    (:func:`jq8.ptq.norm_fold.foldable_branches`) whose norm-reading Dense layers all take token-wise INT8
     activations under ``rules``. The float model computes the same function with the returned params.
     assignment: ``assign_rules(dense_paths(params), rules)`` when the caller has it already."""
     if assignment is None:

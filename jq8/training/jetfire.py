@@ -8,7 +8,7 @@
 
 Outputs are in ``policy.compute_dtype`` (the residual stream around them stays fp32). Under a policy whose
 GEMMs are all high precision (``policy.int8`` False) each op is the plain jnp reference below, which is
-also what :mod:`jq8.nn` runs for the bf16 policy, so both policies share one definition of the math.
+also what :mod:`jq8.training.nn` runs for the bf16 policy, so both policies share one definition of the math.
 
 ``key``: a ``jax.random`` key for the stochastic rounding of gradients (one per op and step; ``None`` gives
 a fixed seed). Differences from Jetfire's reference code (see /work/shared/design/jetfire.md): LayerNorm
@@ -16,7 +16,7 @@ uses the biased variance with eps and exact full-row backward; fc2's grad-input 
 LayerNorm backward input (fp32) are not re-quantized (they are consumed at once by the fused GELU backward
 / the LN backward, so re-quantizing them would add error without saving a GEMM); stochastic-rounding noise
 is a hash of (seed, row, col), distinct for every tile. ``policy.granularity="row"`` swaps the 32 x 32
-blocks of the GEMM operands for per-row scales along K (see :class:`jq8.policy.Policy`).
+blocks of the GEMM operands for per-row scales along K (see :class:`jq8.training.policy.Policy`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jq8 import jetfire_ops as ops
-from jq8.policy import Policy
+from jq8.training import jetfire_ops as ops
+from jq8.training.policy import Policy
 
 F32 = jnp.float32
 Params = Mapping[str, Mapping[str, jax.Array]]
@@ -307,7 +307,7 @@ def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Pol
 
     x: (..., D) fp32 residual stream. params: {"norm": {"scale", "bias"?}, "fc1": {"kernel" (D, F),
     "bias"?}, "fc2": {"kernel" (F, D), "bias"?}, and "gate" like fc1 for swiglu}: the parameter tree of
-    :class:`jq8.nn.MlpBlock`. Returns (..., D) in ``policy.compute_dtype``; the residual add is the caller's.
+    :class:`jq8.training.nn.MlpBlock`. Returns (..., D) in ``policy.compute_dtype``; the residual add is the caller's.
     return_input: return (y, x), x unchanged, as in :func:`jetfire_norm_linear`: adding this x as the
     residual lets the fused LayerNorm backward add the residual's gradient to dx in the same pass.
     add_input: return x + branch in x's dtype, the add done in fc2's GEMM epilogue (the pre-norm block's

@@ -2,7 +2,7 @@
 
 JAX gives int8 primals float0 cotangents, so INT8 cannot flow between separately differentiated ops. These
 functions are therefore written by hand in pairs (``*_fwd`` returns what its ``*_bwd`` needs) and composed
-inside the ``jax.custom_vjp`` ops of :mod:`jq8.jetfire`, so INT8 tensors stay inside one op.
+inside the ``jax.custom_vjp`` ops of :mod:`jq8.training.jetfire`, so INT8 tensors stay inside one op.
 
 Operands. Every GEMM is "NT" (both operands contiguous along K) when it runs in INT8:
     forward      Y  = X W      a = X (M, K),    b = W^T (N, K)
@@ -23,9 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jq8 import jetfire_backend as kb
-from jq8.policy import Policy
 from jq8.quant import QArray, dequantize
+from jq8.training import kernels as kb
+from jq8.training.policy import Policy
 
 Operand = QArray | jax.Array
 F32 = jnp.float32

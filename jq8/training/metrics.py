@@ -3,7 +3,7 @@
 Each run directory holds ``metrics.jsonl``: one JSON object per line with ``step`` and whatever was logged
 (``loss``, ``lr``, ``tokens_per_s``, ``val_loss``, ``val_ppl``, ...). Plot runs against each other::
 
-    python -m jq8.metrics plot runs/tiny_bf16 runs/tiny_int8 --out loss.png [--metric loss]
+    python -m jq8.training.metrics plot runs/tiny_bf16 runs/tiny_int8 --out loss.png [--metric loss]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def plot(run_dirs: list[str], out: str, metric: str = "loss", labels: list[str] 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jq8.metrics")
+    parser = argparse.ArgumentParser(prog="python -m jq8.training.metrics")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plot", help="plot a metric of several runs against step")
     p.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")

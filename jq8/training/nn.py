@@ -1,4 +1,4 @@
-"""Flax linen modules whose numerics follow a :class:`jq8.policy.Policy` (bf16 or Jetfire INT8).
+"""Flax linen modules whose numerics follow a :class:`jq8.training.policy.Policy` (bf16 or Jetfire INT8).
 
 Why linen (not NNX): the repository's training loop, checkpointing (orbax) and PTQ walk linen parameter
 dicts with optax; linen modules are pure functions of those dicts, which is also what a ``jax.custom_vjp``
@@ -15,7 +15,7 @@ PTQ finds weights by path:
 ``MlpBlock`` and ``AttentionBlock`` are pre-norm residual *branches*: they return branch(norm(x)) in fp32;
 a GPT block is ``x = x + AttentionBlock(...)(x); x = x + MlpBlock(...)(x)``. Under the bf16 policy they are
 plain bf16-compute layers (fp32 statistics and accumulation); under "jetfire-int8" the whole MLP branch is
-one custom_vjp op (:func:`jq8.jetfire.jetfire_mlp`) and the attention projections are INT8 around a bf16
+one custom_vjp op (:func:`jq8.training.jetfire.jetfire_mlp`) and the attention projections are INT8 around a bf16
 attention core (:func:`jax.nn.dot_product_attention`).
 
 Dimensions: under an INT8 policy, feature dimensions (model width, hidden width, head_dim * heads) must be
@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jq8.jetfire import (
+from jq8.training.jetfire import (
     ACTIVATIONS,
     activation_reference,
     jetfire_linear,
@@ -43,7 +43,7 @@ from jq8.jetfire import (
     linear_reference,
     norm_reference,
 )
-from jq8.policy import Policy, quant_key
+from jq8.training.policy import Policy, quant_key
 
 F32 = jnp.float32
 NORMS = ("layernorm", "rmsnorm")
@@ -113,7 +113,7 @@ class MlpBlock(nn.Module):
 
     x: (..., D) fp32 residual stream -> (..., D) fp32 branch output. ``residual`` (same shape, optional):
     returned as residual + branch instead, so an INT8 inference path can add it in its last GEMM's epilogue
-    (``jq8.ptq_infer``); the float and training paths add it after the dropout, as the caller would.
+    (``jq8.ptq.infer``); the float and training paths add it after the dropout, as the caller would.
     activation "gelu" (exact erf) or "swiglu" (u * silu(gate), u = fc1); norm "layernorm" or "rmsnorm".
     use_bias: None means True for gelu and False for swiglu (LLaMA style).
     """
@@ -247,13 +247,13 @@ class AttentionBlock(nn.Module):
     KV cache (``decode=True``, the ``nn.MultiHeadDotProductAttention`` pattern): the "cache" collection
     holds ``cached_key`` / ``cached_value`` (B, max_len, H, Dh) in the compute dtype and ``cache_index``
     (int32 scalar, the number of filled positions). Initialising with decode=True (``model.init`` on a
-    (B, max_len) input, or :func:`jq8.decode.init_cache`) creates the empty cache sized by the input and
+    (B, max_len) input, or :func:`jq8.inference.decode.init_cache`) creates the empty cache sized by the input and
     attends normally. Later calls (cache passed in, ``mutable=["cache"]``) with T >= 1 new tokens rotate
     them from position ``cache_index``, write them there, advance the index by T and attend each query to
     the cached keys at positions <= its own (causal inside the chunk too): one call can prefill a prompt,
     later calls decode a token at a time. T > max_len raises; the index is traced, so the caller bounds
     the number of steps (``dynamic_update_slice`` would clamp, not wrap, an overflowing write:
-    :func:`jq8.decode.generate` checks prompt + steps against the cache length).
+    :func:`jq8.inference.decode.generate` checks prompt + steps against the cache length).
     """
 
     num_heads: int
@@ -312,7 +312,7 @@ class AttentionBlock(nn.Module):
         dtype; or a ``pallas_kernels.int8_matmul_decode.SplitKSum`` finishing to it (the INT8 path's split-K
         qkv GEMV, whose reduction the one-token decode kernel then does in its prologue); or a tuple
         (q, k, v) of (B, T, H, Dh) arrays (the INT8 path's prefill GEMM writes them apart).
-        Shared by :meth:`__call__` and the INT8 path (``jq8.ptq_infer``'s fused attention calls it on the
+        Shared by :meth:`__call__` and the INT8 path (``jq8.ptq.infer``'s fused attention calls it on the
         bound module from inside the intercepted ``__call__``, so the cache variables can be created and
         mutated there too). mask / decode: as in the class docstring. A one-token cached call on the
         "pallas" implementation is one kernel that also writes the cache and advances its index
@@ -373,7 +373,7 @@ def _check_cache(cached_key: jax.Array, k: jax.Array) -> None:
     if cached_key.shape[0] != k.shape[0] or cached_key.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"KV cache of shape {cached_key.shape} (batch, max_len, heads, head_dim) does not fit new keys "
-            f"{k.shape}: build the cache for this batch size (jq8.decode.init_cache)"
+            f"{k.shape}: build the cache for this batch size (jq8.inference.decode.init_cache)"
         )
 
 

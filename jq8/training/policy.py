@@ -11,7 +11,7 @@ argument of ``jax.jit`` / ``jax.custom_vjp``. Two named policies exist:
 
 :func:`apply_policy` puts a policy on an *existing* Flax model whose layers are ``flax.linen.Dense``: rules
 are (module-path regex, policy) pairs, and matching ``Dense`` calls are rerouted through
-:func:`jq8.jetfire.jetfire_linear` with ``flax.linen.intercept_methods``; parameters are untouched.
+:func:`jq8.training.jetfire.jetfire_linear` with ``flax.linen.intercept_methods``; parameters are untouched.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class PolicyModel:
     rules: tuple[tuple[re.Pattern, Policy], ...]
 
     def _interceptor(self, matched: set[int], seen: list[str]) -> Callable:
-        from jq8.jetfire import jetfire_linear  # late import: jetfire imports policy
+        from jq8.training.jetfire import jetfire_linear  # late import: jetfire imports policy
 
         def intercept(next_fun, args, kwargs, context):
             mod = context.module

@@ -1,0 +1,2 @@
+"""Running models: KV-cache generation (``decode``), jitted calls on large parameter trees (``dispatch``),
+perplexity evaluation (``evaluate``)."""
