@@ -1,4 +1,4 @@
-"""jq8.training.nn modules and jq8.training.policy: parameter trees, bf16 vs INT8 blocks under jit + grad, policy rules."""
+"""jq8.training.nn and jq8.training.policy: parameter trees, bf16 vs INT8 blocks under jit + grad, policy rules."""
 
 from __future__ import annotations
 
