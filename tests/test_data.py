@@ -5,6 +5,8 @@ from __future__ import annotations
 import bz2
 import json
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +300,7 @@ def test_clear_errors(tmp_path, small_ds):
     with pytest.raises(FileNotFoundError, match="not found"):
         data.prepare(tmp_path / "nope.txt", tokenizer="bytes", cache_dir=tmp_path)
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .txt files"):
+    with pytest.raises(FileNotFoundError, match="no .txt or .jsonl files"):
         data.prepare(tmp_path / "empty_dir", tokenizer="bytes", cache_dir=tmp_path)
     (tmp_path / "one.txt").write_text("a single document without blank lines")
     with pytest.raises(ValueError, match="single document"):
@@ -340,3 +342,211 @@ def test_sentence_groups():
     assert len(groups) >= 20 and all(len(g) >= 2 for g in groups)
     assert 60 <= len(flat) <= 100 and len(set(flat)) == len(flat)
     assert not any(s.startswith("#") for s in flat)
+
+
+# ------------------------------------------------------------------------------------- non-text input
+
+
+def test_random_bytes_are_refused_naming_the_file(tmp_path):
+    blob = tmp_path / "x.bin"
+    blob.write_bytes(np.random.default_rng().bytes(1 << 20))
+    with pytest.raises(ValueError, match=r"x\.bin: \d+% of the first 1 MiB is not UTF-8 text") as err:
+        data.prepare(blob, tokenizer="bytes", cache_dir=tmp_path / "c")
+    assert "\n" not in str(err.value) and "NUL" in str(err.value)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    # Inside a directory, the bad file is the one named.
+    d = tmp_path / "corpus"
+    d.mkdir()
+    _write_corpus(d / "a.txt", np.random.default_rng(), n_docs=3)
+    (d / "b.txt").write_bytes(np.random.default_rng().bytes(5000))
+    with pytest.raises(ValueError, match=r"b\.txt: \d+% of the file is not UTF-8 text"):
+        data.prepare(d, tokenizer="bytes", cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    "payload, found",
+    [
+        (b"fine text\n\nsecond\0document\n" * 50, "NUL"),  # a NUL byte at all: binary
+        ("héllo wörld ".encode("latin-1") * 200, "invalid UTF-8"),  # a legacy 8-bit encoding
+        (b"\x1b[31mred\x1b[0m \x07" * 100, "control characters"),
+        ("UTF-16 text here\n".encode("utf-16"), "UTF-16"),
+    ],
+)
+def test_non_utf8_text_is_refused(tmp_path, payload, found):
+    path = tmp_path / "in.txt"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=found):
+        data.check_text_file(path)
+    with pytest.raises(ValueError, match=r"in\.txt"):
+        data.load_documents(path)
+
+
+def test_valid_non_ascii_text_passes(tmp_path):
+    docs = [
+        "Ελληνικά: το γρήγορο καφέ αλεπού\tπηδάει.",
+        "日本語のテキストです。改行なし。\fページ区切りも文字。",
+        "Русский текст — с тире и «кавычками».",
+        "العربية نص قصير 😀 emoji 🚀 and ASCII.",
+        "a stray \x1b escape in real text is fine " + "word " * 200,
+    ]
+    path = tmp_path / "multi.txt"
+    path.write_bytes(("\r\n\r\n".join(docs) + "\r\n").encode())
+    data.check_text_file(path)
+    ds = data.prepare(path, tokenizer="wiki-8k", cache_dir=tmp_path / "c", val_fraction=0.2)
+    assert sorted(_all_docs_from_cache(ds, data.load_tokenizer())) == sorted(d.strip() for d in docs)
+
+
+# ------------------------------------------------------------------------------- streaming documents
+
+_PIECES = ["word", "ünï", "日本", "😀", " ", "  ", "\t", "\n", "\n", "\n", "\r\n", "\r", "\x0c", "\u3000",
+           "\u2028", "\x85", "\u00a0", "\n \n", "\n\u3000\n"]
+
+
+@pytest.mark.parametrize("paragraphs", [True, False])
+def test_streamed_text_documents_equal_the_whole_file_rule(tmp_path, paragraphs):
+    """Line-by-line streaming splits a file exactly as `split_text_documents` splits its whole text,
+    whitespace corner cases and an invalid byte included."""
+    rng = np.random.default_rng()
+    pieces = [p for p in _PIECES if paragraphs or not p.startswith("\n ") and not p.startswith("\n\u3000")]
+    for trial in range(20):
+        parts = [pieces[i] for i in rng.integers(0, len(pieces), 300)]
+        raw = "".join(parts).encode()
+        if not paragraphs:
+            raw = raw.replace(b"\r", b"").replace(b"\n\n", b"\nx\n")
+            while b"\n\n" in raw:
+                raw = raw.replace(b"\n\n", b"\nx\n")
+        cut = int(rng.integers(0, len(raw)))
+        raw = raw[:cut] + b"\xff" + raw[cut:]  # one invalid byte: U+FFFD either way
+        path = tmp_path / f"t{trial}.txt"
+        path.write_bytes(raw)
+        expect = data.split_text_documents(raw.decode("utf-8", errors="replace"))
+        assert list(data.iter_documents(path)) == expect, raw
+
+
+def _jsonl(path: Path, records: list, field: str = "text") -> None:
+    lines = [json.dumps(r if isinstance(r, dict) else {"id": i, field: r}, ensure_ascii=bool(i % 2))
+             for i, r in enumerate(records)]
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # a blank line is skipped
+
+
+def test_jsonl_source_and_text_field(tmp_path):
+    rng = np.random.default_rng()
+    docs = [_random_text(rng, 40) + "\n\nsecond paragraph\u2028same document" for _ in range(8)]
+    _jsonl(tmp_path / "a.jsonl", docs)
+    assert data.load_documents(tmp_path / "a.jsonl") == docs
+    ds = data.prepare(tmp_path / "a.jsonl", tokenizer="bytes", cache_dir=tmp_path / "c", val_fraction=0.25)
+    assert sorted(_all_docs_from_cache(ds, data.ByteTokenizer())) == sorted(docs)
+    assert ds.meta["text_field"] == "text" and ds.meta["documents"] == len(docs)
+
+    _jsonl(tmp_path / "b.jsonl", docs, field="content")
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: no 'text' field \(found: id, content\)"):
+        data.prepare(tmp_path / "b.jsonl", tokenizer="bytes", cache_dir=tmp_path / "c")
+    other = data.prepare(tmp_path / "b.jsonl", tokenizer="bytes", cache_dir=tmp_path / "c",
+                         val_fraction=0.25, text_field="content")
+    np.testing.assert_array_equal(other.tokens("train"), ds.tokens("train"))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "ok"', r"bad\.jsonl:5: not a JSON object"),
+        ('{"text": 3}', r"bad\.jsonl:5: field 'text' is int"),
+        ('["text"]', r"bad\.jsonl:5: no 'text' field \(found: list\)"),
+    ],
+)
+def test_bad_jsonl_line_is_named_and_leaves_no_cache(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps({"text": f"document {i}"}) for i in range(4)] + [line]) + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.prepare(path, tokenizer="bytes", cache_dir=tmp_path / "c")
+    assert [p.name for p in (tmp_path / "c").iterdir()] in ([], ["file-hashes.json"])
+
+
+def test_workers_and_split_match_the_in_memory_reference(tmp_path, monkeypatch):
+    """A pool of workers writes the same files as one process, and the streamed, bucketed val choice
+    equals `split_documents` over the whole corpus (few buckets, so ranking inside a bucket matters)."""
+    monkeypatch.setattr(data.corpus, "BUCKET_BITS", 2)
+    monkeypatch.setattr(data.corpus, "TASK_CHARS", 700)  # many small tasks, out-of-order completion
+    rng = np.random.default_rng()
+    d = tmp_path / "corpus"
+    d.mkdir()
+    docs = _write_corpus(d / "a.txt", rng, n_docs=25, words=30)
+    docs += [docs[3]]  # a duplicate document: equal hashes rank by position
+    (d / "a.txt").write_text("\n\n".join(docs))
+    more = [_random_text(rng, int(rng.integers(3, 60))) for _ in range(20)]
+    _jsonl(d / "b.jsonl", more)
+    docs += more
+    tok = data.load_tokenizer("wiki-8k")
+    one = data.prepare(d, tokenizer=tok, cache_dir=tmp_path / "c1", val_fraction=0.3, workers=1)
+    two = data.prepare(d, tokenizer=tok, cache_dir=tmp_path / "c2", val_fraction=0.3, workers=2)
+    for split in one.SPLITS:
+        np.testing.assert_array_equal(one.tokens(split), two.tokens(split))
+    assert one.meta["splits"] == two.meta["splits"]
+    counts = [len(ids) + 1 for ids in tok.encode_batch(docs)]
+    is_val = data.split_documents(docs, counts, 0.3)
+    expect_val = [d for d, v in zip(docs, is_val) if v]
+    got_val = [x for x in tok.decode(np.asarray(one.tokens("val")).tolist()).split(data.EOT) if x]
+    assert got_val == expect_val  # document order kept within the split
+    got_train = [x for x in tok.decode(np.asarray(one.tokens("train")).tolist()).split(data.EOT) if x]
+    assert got_train == [d for d, v in zip(docs, is_val) if not v]
+
+
+def _word_level_tokenizer(vocab_size: int, eos: str = data.EOT):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size - 2)]
+    vocab = {eos: 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok, words
+
+
+def test_large_vocabulary_writes_uint32_tokens(tmp_path):
+    tok, words = _word_level_tokenizer(70_000, eos="</s>")
+    rng = np.random.default_rng()
+    docs = [" ".join(rng.choice(words, 50)) for _ in range(6)]
+    (tmp_path / "c.txt").write_text("\n".join(docs))
+    ds = data.prepare(tmp_path / "c.txt", tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
+    assert ds.meta["dtype"] == "uint32" and ds.tokens("train").dtype == np.uint32
+    assert (ds.vocab_size, ds.eot_id, ds.meta["eot_token"]) == (70_000, 0, "</s>")
+    expect = sorted(ids + [0] for ids in data.load_tokenizer(tok).encode_batch(docs))
+    got = np.concatenate([ds.tokens("train"), ds.tokens("val")]).tolist()
+    runs, start = [], 0
+    for i, t in enumerate(got):
+        if t == 0:
+            runs.append(got[start : i + 1])
+            start = i + 1
+    assert sorted(runs) == expect and max(got) >= 1 << 16
+    assert ds.decode(ds.tokens("val")[:3]).split() == [words[i - 2] for i in ds.tokens("val")[:3]]
+    again = data.TokenDataset(ds.path)
+    assert again.batch("train", 0, 2, 16).inputs.max() >= 0 and again.dtype == np.uint32
+    # A small vocabulary object: uint16; a different tokenizer is a different cache.
+    small, _ = _word_level_tokenizer(300)
+    (tmp_path / "s.txt").write_text("\n".join(" ".join(rng.choice(words[:298], 20)) for _ in range(4)))
+    assert data.prepare(tmp_path / "s.txt", tokenizer=small, cache_dir=tmp_path / "c").dtype == np.uint16
+    no_eos, _ = _word_level_tokenizer(300, eos="[SEP]")
+    with pytest.raises(ValueError, match="eos_token="):
+        data.load_tokenizer(no_eos)
+    assert data.load_tokenizer(no_eos, eos_token="[SEP]").eot_id == 0
+
+
+def test_source_hash_memo_skips_rereading_unchanged_files(tmp_path, monkeypatch):
+    src, cache = tmp_path / "u.txt", tmp_path / "c"
+    _write_corpus(src, np.random.default_rng(), n_docs=4)
+    monkeypatch.setattr(data.corpus, "RACY_NS", 0)  # the file was just written: remember it anyway
+    ds = data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.25)
+    reads = []
+    real = data.corpus._file_sha256
+    monkeypatch.setattr(data.corpus, "_file_sha256", lambda p: reads.append(p) or real(p))
+    assert data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.25).from_cache and not reads
+    _write_corpus(src, np.random.default_rng(), n_docs=4)  # new content, new stat: re-read, new key
+    changed = data.prepare(src, tokenizer="bytes", cache_dir=cache, val_fraction=0.25)
+    assert reads == [src] and not changed.from_cache and changed.path != ds.path
+
+
+def test_cli_prepare_errors_are_one_line(tmp_path):
+    (tmp_path / "x.bin").write_bytes(bytes(range(256)) * 64)
+    cmd = [sys.executable, "-m", "jq8.data", "prepare", "--source", str(tmp_path / "x.bin"),
+           "--tokenizer", "bytes", "--cache-dir", str(tmp_path / "c")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "x.bin" in res.stderr, res.stderr

@@ -19,6 +19,8 @@ from pathlib import Path
 
 # Bump when the cleaning rules change: jq8.data folds it into the token-cache key.
 CLEANER_VERSION = 1
+# Articles shorter than this once cleaned (stubs, disambiguation debris) are not documents.
+MIN_ARTICLE_CHARS = 200
 
 # Links whose target starts with one of these are media/metadata, not prose.
 _DROP_LINK_NAMESPACES = frozenset({"file", "image", "media", "category"})
@@ -150,30 +152,40 @@ def _local(tag: str) -> str:
 
 
 def iter_pages(path: str | Path) -> Iterator[tuple[str, str]]:
-    """Stream ``(title, raw wikitext)`` of main-namespace, non-redirect pages from a ``.xml[.bz2]`` dump."""
+    """Stream ``(title, raw wikitext)`` of main-namespace, non-redirect pages from a ``.xml[.bz2]`` dump.
+
+    A file that is not XML (or not bzip2 when named ``.bz2``) raises ``ValueError`` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MediaWiki dump not found: {path}")
     opener = bz2.open if path.suffix == ".bz2" else open
-    with opener(path, "rb") as f:
-        for _, elem in ET.iterparse(f, events=("end",)):
-            if _local(elem.tag) != "page":
-                continue
-            fields = {_local(child.tag): child for child in elem}
-            ns = fields.get("ns")
-            title = (fields["title"].text or "") if "title" in fields else ""
-            is_redirect = "redirect" in fields
-            text_elem = next((e for e in elem.iter() if _local(e.tag) == "text"), None)
-            raw = (text_elem.text or "") if text_elem is not None else ""
-            elem.clear()  # keep memory flat on big dumps
-            if is_redirect or (ns is not None and (ns.text or "0").strip() != "0"):
-                continue
-            if raw.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            yield title, raw
+    try:
+        with opener(path, "rb") as f:
+            root = None
+            for event, elem in ET.iterparse(f, events=("start", "end")):
+                if root is None:
+                    root = elem
+                if event != "end" or _local(elem.tag) != "page":
+                    continue
+                fields = {_local(child.tag): child for child in elem}
+                ns = fields.get("ns")
+                title = (fields["title"].text or "") if "title" in fields else ""
+                is_redirect = "redirect" in fields
+                text_elem = next((e for e in elem.iter() if _local(e.tag) == "text"), None)
+                raw = (text_elem.text or "") if text_elem is not None else ""
+                root.clear()  # drop finished pages: memory stays flat on dumps of any size
+                if is_redirect or (ns is not None and (ns.text or "0").strip() != "0"):
+                    continue
+                if raw.lstrip().upper().startswith("#REDIRECT"):
+                    continue
+                yield title, raw
+    except (ET.ParseError, OSError, EOFError) as e:
+        kind = "bzip2-compressed MediaWiki XML" if path.suffix == ".bz2" else "MediaWiki XML"
+        raise ValueError(f"{path}: not a {kind} dump ({e}); pass a .xml or .xml.bz2 export") from None
 
 
-def iter_articles(path: str | Path, min_chars: int = 200) -> Iterator[tuple[str, str]]:
+def iter_articles(path: str | Path, min_chars: int = MIN_ARTICLE_CHARS) -> Iterator[tuple[str, str]]:
     """Stream ``(title, plain text)`` per article; articles shorter than ``min_chars`` after cleaning
     (stubs, disambiguation debris) are skipped."""
     for title, raw in iter_pages(path):
