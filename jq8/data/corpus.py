@@ -349,7 +349,8 @@ def source_fingerprint(source: str | os.PathLike | None = None,
                 memo[str(f.resolve())] = {"stat": stat, "sha256": digest}
                 changed = True
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0" + digest.encode())
-    if changed:
+    if changed:  # forget files that are gone, so the memo does not grow without bound
+        memo = {k: v for k, v in memo.items() if os.path.exists(k)}
         _atomic_write_text(Path(memo_path), json.dumps(memo))
     return h.hexdigest()
 
@@ -531,7 +532,7 @@ def train_tokenizer(source: str | os.PathLike | None = None, vocab_size: int = 8
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
                                   max_token_length=16)
-    tok.train_from_iterator(load_documents(source), trainer=trainer)
+    tok.train_from_iterator(iter_documents(source), trainer=trainer)
     name = f"bpe-{vocab_size}"
     if out_path is not None:
         out_path = Path(out_path)
