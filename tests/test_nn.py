@@ -200,8 +200,43 @@ def test_apply_policy_reroutes_matching_dense_layers():
         assert rel(g_q[name]["kernel"], g_plain[name]["kernel"]) < 6e-2
     with pytest.raises(ValueError, match=r"\['fc3'\] matched no nn.Dense"):
         apply_policy(model, [(r"fc[12]", "jetfire-int8"), (r"fc3", "jetfire-int8")]).apply(v, x)
-    with pytest.raises(ValueError, match="invalid module-path regex"):
+    with pytest.raises(ValueError, match="policy rule pattern 'fc\\[' is not a valid regex"):
         apply_policy(model, {r"fc[": "jetfire-int8"})
+
+
+def test_named_policies_and_spec_strings():
+    from jq8.training.policy import NAMED_POLICIES, parse_policy
+
+    for name in NAMED_POLICIES:  # every documented name builds, by name and by spec string
+        assert Policy.from_name(name) == parse_policy(name)
+    row = parse_policy("int8-row")
+    assert row.int8 and row.granularity == "row"
+    blk = parse_policy("jetfire-int8:block=64,rounding_bwd=nearest", use_kernels=False)
+    assert (blk.block, blk.rounding_bwd, blk.use_kernels, blk.granularity) == ((64, 64), "nearest", False, "block")
+    assert parse_policy("jetfire-int8:block=32x128").block == (32, 128)
+    assert parse_policy("jetfire-int8:int8_grad_weight=false").int8_grad_weight is False
+    for bad, msg in [("int9", "unknown policy name 'int9'"), ("jetfire-int8:block", "is not field=value"),
+                     ("jetfire-int8:block=6x4x2", "block must be N or RxC"), ("jetfire-int8:colour=red", "colour")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_policy(bad)
+    with pytest.raises(ValueError, match=r"--policy=jetfire-int8:block=64"):
+        Policy.from_name("jetfire-int8", block=(128, 128)).check_dims(in_features=192)
+
+
+def test_training_and_ptq_rules_share_one_matcher():
+    """A pattern selects the same module paths in apply_policy and in PTQ's QuantRule (jq8.rules)."""
+    from jq8 import rules
+    from jq8.ptq import QuantRule, assign_rules
+
+    paths = ["blocks_0/mlp/fc1", "blocks_0/mlp/fc10", "blocks_1/attn/qkv"]
+    for pattern in (r"(^|/)fc1$", r"mlp/fc1", r"^blocks_1/"):
+        want = {p for p in paths if rules.matches(pattern, p)}
+        assert {p for p in paths if QuantRule(pattern).matches(p)} == want
+        assert set(assign_rules(paths, [QuantRule(pattern)])) == want
+    assert rules.assign(paths, [r"fc1$", r"nothing"]) == ({"blocks_0/mlp/fc1": 0}, [1])
+    tree = {"a": {"b": {"kernel": jnp.ones((2, 2))}}, "c": {"embedding": jnp.ones((3, 2))}}
+    assert rules.paths_holding(tree, "kernel") == ["a/b"]
+    assert rules.get_path(rules.set_path(tree, "a/b", 1), "a/b") == 1 and "kernel" in tree["a"]["b"]
 
 
 def test_int8_dot_general_in_flax_dense():

@@ -13,6 +13,7 @@ from jq8 import ptq
 from jq8.ptq import checkpoint as qcheckpoint
 from jq8.ptq import infer as ptq_infer
 from jq8.ptq import norm_fold
+from jq8.rules import get_path
 from tests.test_ptq import run_int8, tiny_gpt
 
 
@@ -49,9 +50,9 @@ def test_fold_is_exact_in_float(which):
     folded, paths = ptq.fold_norm_affines(params, ptq.scheme("w8a8"))
     assert sorted(paths) == sorted(branches)
     for path in paths:
-        norm = ptq.get_path(folded, path)["norm"]
+        norm = get_path(folded, path)["norm"]
         assert bool(jnp.all(norm["scale"] == 1)) and bool(jnp.all(norm.get("bias", jnp.zeros(1)) == 0))
-        assert not bool(jnp.all(ptq.get_path(params, path)["norm"]["scale"] == 1))  # the input is untouched
+        assert not bool(jnp.all(get_path(params, path)["norm"]["scale"] == 1))  # the input is untouched
     with jax.default_matmul_precision("highest"):
         ref = jax.jit(model.apply)({"params": params}, tokens)
         got = jax.jit(model.apply)({"params": folded}, tokens)

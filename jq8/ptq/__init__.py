@@ -23,7 +23,6 @@ from jq8.ptq.schemes import (  # noqa: F401
     embedding_paths,
     fold_norm_affines,
     format_bits_report,
-    get_path,
     quantize_embedding,
     quantize_params,
     quantize_weight,

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jq8.ptq.schemes import QuantizedParams, QuantRule
+from jq8.rules import module_path
 from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, quantize_with_scale, unpack_int4
 
 TOKEN_SPEC = QuantSpec.per_row(8)
@@ -310,7 +311,7 @@ def _embed_method(module: nn.Embed, method: str, args: tuple, kwargs: dict, tabl
 
 
 def _module_path(module: nn.Module) -> str:
-    return "/".join(str(p) for p in module.path)
+    return module_path(module.path)
 
 
 def _dense_rules(qp: QuantizedParams) -> dict[str, QuantRule]:

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import optax
 
 from jq8.ptq.infer import TOKEN_SPEC
-from jq8.ptq.schemes import QuantRule, assign_rules, dense_paths, get_path
+from jq8.ptq.schemes import QuantRule, assign_rules, dense_paths
+from jq8.rules import compile_pattern, get_path, module_path, set_path
 from jq8.quant import fake_quantize
 
 BLOCK_PATTERN = r"(^|/)(blocks|layer|layers|h)_\d+$"
@@ -114,7 +115,7 @@ def ste_interceptor(rules_by_path: Mapping[str, QuantRule]) -> Callable:
 
 
 def _path(module: nn.Module) -> str:
-    return "/".join(str(p) for p in module.path)
+    return module_path(module.path)
 
 
 @dataclasses.dataclass
@@ -145,7 +146,7 @@ def _capture_modules(
     apply_kwargs: Mapping[str, Any],
 ) -> list[_Block]:
     """Block modules (unbound clones) and the static structure of their calls, in call order."""
-    pattern = re.compile(block_pattern)
+    pattern = compile_pattern(block_pattern, "LKD block")
     blocks: dict[str, _Block] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -205,13 +206,6 @@ def capture_blocks(
             by_path[path].inputs.append(x)
             by_path[path].arrays.append(arrays)
     return blocks
-
-
-def _set_path(tree: Mapping[str, Any], path: str, value: Any) -> dict:
-    keys = path.split("/")
-    new = dict(tree)
-    new[keys[0]] = value if len(keys) == 1 else _set_path(tree[keys[0]], "/".join(keys[1:]), value)
-    return new
 
 
 # ------------------------------------------------------------------------------------ LM head (KL)
@@ -486,7 +480,7 @@ def distill(
         after = full_loss(p)
         if not after <= before:  # never leave a block worse than plain quantization (or NaN)
             p = p0
-        params = _set_path(params, blk.path, p)
+        params = set_path(params, blk.path, p)
         if config.lkd_input == "quantized":
             q_stream = [fns.student(p, x, a) for x, a in zip(xs, blk.arrays)]
         row = dict(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -42,6 +41,7 @@ import numpy as np
 
 from jq8.ptq.norm_fold import fold_branch, foldable_branches
 from jq8.quant import QArray, QuantSpec, quantize
+from jq8.rules import assign, compile_pattern, get_path, map_path, matches, paths_holding
 
 GroupAxis = Literal["contraction", "rows"]
 ActMode = Literal["token", "static", "none"]
@@ -59,7 +59,7 @@ EMBED_PATTERN = r".*"
 
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
-    """How the Dense layers whose module path matches ``pattern`` (``re.search``) are quantized.
+    """How the Dense layers whose module path matches ``pattern`` (:mod:`jq8.rules`) are quantized.
 
     weight_bits: 8 or 4 (INT4 codes are packed two per byte).
     group_size: None = one scale per output channel; else the group length along ``group_axis``
@@ -84,10 +84,7 @@ class QuantRule:
     optional: bool = False
 
     def __post_init__(self):
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}") from None
+        compile_pattern(self.pattern, "QuantRule")
         if self.weight_bits not in (4, 8):
             raise ValueError(
                 f"QuantRule {self.pattern!r}: weight_bits must be 8 or 4, got {self.weight_bits}"
@@ -128,7 +125,7 @@ class QuantRule:
             )
 
     def matches(self, path: str) -> bool:
-        return re.search(self.pattern, path) is not None
+        return matches(self.pattern, path)
 
     def weight_spec(self) -> QuantSpec:
         """The QuantSpec of the transposed (N, K) weight."""
@@ -216,30 +213,15 @@ scheme_rules = scheme
 # ------------------------------------------------------------------------------------------ params tree
 
 
-def _paths_holding(params: Mapping[str, Any], leaf: str) -> list[str]:
-    """Module paths (in tree order) of every dict holding a 2-D array named ``leaf``."""
-    out: list[str] = []
-
-    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, prefix + (str(k),))
-            elif k == leaf and getattr(v, "ndim", 0) == 2:
-                out.append("/".join(prefix))
-
-    walk(params, ())
-    return out
-
-
 def dense_paths(params: Mapping[str, Any]) -> list[str]:
     """Module paths of every Dense-like layer (a dict holding a 2-D ``kernel``), in tree order."""
-    return _paths_holding(params, "kernel")
+    return paths_holding(params, "kernel")
 
 
 def embedding_paths(params: Mapping[str, Any]) -> list[str]:
     """Module paths of every embedding table (a dict holding a 2-D ``embedding``, as nn.Embed), in tree
     order."""
-    return _paths_holding(params, "embedding")
+    return paths_holding(params, "embedding")
 
 
 def assign_rules(
@@ -251,39 +233,15 @@ def assign_rules(
     """
     if not rules:
         raise ValueError("no quantization rules given")
-    assignment: dict[str, int] = {}
-    used = [False] * len(rules)
-    for p in paths:
-        for i, r in enumerate(rules):
-            if r.kind == kind and r.matches(p):
-                assignment[p] = i
-                used[i] = True
-                break
-    unused = [r.pattern for r, u in zip(rules, used) if r.kind == kind and not u and not r.optional]
+    own = [i for i, r in enumerate(rules) if r.kind == kind]
+    assignment, unmatched = assign(paths, [rules[i].pattern for i in own])
+    unused = [rules[own[j]].pattern for j in unmatched if not rules[own[j]].optional]
     if unused:
         what = "Dense layer" if kind == "dense" else "embedding table"
         raise ValueError(
-            f"quantization rule(s) {unused} match no {what}; the model's {what} paths are: {paths}"
+            f"quantization rule(s) {unused} match no {what}; the model's {what} paths are: {list(paths)}"
         )
-    return assignment
-
-
-def get_path(tree: Mapping[str, Any], path: str) -> Any:
-    node = tree
-    for k in path.split("/"):
-        node = node[k]
-    return node
-
-
-def _map_path(tree: Mapping[str, Any], path: str, fn) -> dict:
-    """A copy of ``tree`` (dicts copied along ``path`` only), the node at ``path`` replaced by fn(node)."""
-    keys = path.split("/")
-    new = dict(tree)
-    if len(keys) == 1:
-        new[keys[0]] = fn(tree[keys[0]])
-    else:
-        new[keys[0]] = _map_path(tree[keys[0]], "/".join(keys[1:]), fn)
-    return new
+    return {path: own[j] for path, j in assignment.items()}
 
 
 @jax.tree_util.register_dataclass
@@ -374,10 +332,10 @@ def quantize_params(
     rest: dict = dict(params)
     for path, i in assignment.items():
         weights[path] = quantize_weight(get_path(params, path)["kernel"], rules[i])
-        rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "kernel"})
+        rest = map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "kernel"})
     for path, i in tables.items():
         embeddings[path] = quantize_embedding(get_path(params, path)["embedding"], rules[i].weight_spec())
-        rest = _map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "embedding"})
+        rest = map_path(rest, path, lambda node: {k: v for k, v in node.items() if k != "embedding"})
     return QuantizedParams(
         rest, weights, {}, rules, tuple({**assignment, **tables}.items()), embeddings, folded
     )
@@ -398,7 +356,7 @@ def fold_norm_affines(
     for path, names in foldable_branches(params).items():
         idx = [assignment.get(f"{path}/{n}") for n in names]
         if all(i is not None and rules[i].act_mode == "token" for i in idx):
-            params = _map_path(params, path, lambda node, names=names: fold_branch(node, names))
+            params = map_path(params, path, lambda node, names=names: fold_branch(node, names))
             folded.append(path)
     return dict(params), tuple(folded)
 
@@ -409,10 +367,10 @@ def restore_kernels(qp: QuantizedParams, dtype=jnp.float32) -> dict:
     tree = qp.params
     for path, q in qp.weights.items():
         kern = q.dequantize(jnp.float32).T.astype(dtype)
-        tree = _map_path(tree, path, lambda node, kern=kern: {**node, "kernel": kern})
+        tree = map_path(tree, path, lambda node, kern=kern: {**node, "kernel": kern})
     for path, q in qp.embeddings.items():
         table = q.dequantize(jnp.float32).astype(dtype)
-        tree = _map_path(tree, path, lambda node, table=table: {**node, "embedding": table})
+        tree = map_path(tree, path, lambda node, table=table: {**node, "embedding": table})
     return tree
 
 

@@ -1,11 +1,17 @@
 """Precision policy: which GEMMs run in INT8 (Jetfire data flow) and which stay high precision.
 
 A :class:`Policy` is a frozen, hashable dataclass, so it can be a Flax module attribute and a static
-argument of ``jax.jit`` / ``jax.custom_vjp``. Two named policies exist:
+argument of ``jax.jit`` / ``jax.custom_vjp``. Named policies (:data:`NAMED_POLICIES`, the names
+``train.py --policy`` takes):
 
     "bf16"          plain bf16-compute layers with fp32 parameters (the baseline)
     "jetfire-int8"  Jetfire INT8 training: block-quantized (32 x 32) activations, weights and gradients;
                     INT8 between LayerNorm -> fc1 -> GELU -> fc2 and into the attention projections
+    "int8-row"      the same INT8 data flow with per-row scales along K on every GEMM operand (per token,
+                    per output channel): all scaling in the GEMM epilogue, the fast path on Hopper
+
+A policy spec string is a name with optional field overrides, ``"jetfire-int8:block=64"`` or
+``"int8-row:rounding_bwd=nearest"`` (:func:`parse_policy`).
 
 :data:`HIGH_PRECISION_ISLANDS` lists, in one place, what never runs in INT8 under any policy.
 
@@ -27,9 +33,16 @@ import jax
 import jax.numpy as jnp
 
 from jq8.quant import QuantSpec
+from jq8.rules import compile_pattern, first_match, module_path
 
 PolicyName = Literal["bf16", "jetfire-int8"]
 POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
+# Named policies: name -> the Policy fields it sets.
+NAMED_POLICIES: dict[str, dict[str, Any]] = {
+    "bf16": dict(name="bf16"),
+    "jetfire-int8": dict(name="jetfire-int8", granularity="block", block=(32, 32)),
+    "int8-row": dict(name="jetfire-int8", granularity="row"),
+}
 
 # What stays in high precision under every policy, and why (Jetfire's split, kept explicit here).
 HIGH_PRECISION_ISLANDS: tuple[tuple[str, str], ...] = (
@@ -108,14 +121,14 @@ class Policy:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> Policy:
-        """The named policy ("bf16" or "jetfire-int8"), with any field overridden by keyword."""
-        if name not in POLICY_NAMES:
-            raise ValueError(f"unknown policy name {name!r}; expected one of {POLICY_NAMES}")
+        """The named policy (a key of :data:`NAMED_POLICIES`), with any field overridden by keyword."""
+        if name not in NAMED_POLICIES:
+            raise ValueError(f"unknown policy name {name!r}; expected one of {sorted(NAMED_POLICIES)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - fields
         if unknown:
             raise ValueError(f"unknown Policy field(s) {sorted(unknown)}; valid fields: {sorted(fields)}")
-        return cls(name=name, **overrides)
+        return cls(**{**NAMED_POLICIES[name], **overrides})
 
     @property
     def int8(self) -> bool:
@@ -157,16 +170,49 @@ class Policy:
         for label, n in dims.items():
             for b in set(self.block):
                 if n % b:
+                    works = [c for c in (128, 64, 32) if n % c == 0]
+                    hint = (
+                        f"use a block that divides it, e.g. --policy=jetfire-int8:block={works[0]} "
+                        f"(Policy.from_name('jetfire-int8', block=({works[0]}, {works[0]})))"
+                        if works
+                        else "make it a multiple of 32 (the smallest block the kernels take), or use "
+                        "--policy=int8-row (per-row scales, no block constraint)"
+                    )
                     raise ValueError(
-                        f"{label}={n} is not a multiple of the INT8 block size {b} (policy block "
-                        f"{self.block}); choose {label} as a multiple of {b} or use a smaller block, "
-                        "e.g. Policy.from_name('jetfire-int8', block=(16, 16))"
+                        f"{label}={n} is not a multiple of the INT8 block size {b} (policy block {self.block}); "
+                        + hint
                     )
 
 
+def parse_policy(spec: str, **overrides) -> Policy:
+    """A Policy from a spec string ``NAME[:field=value[,field=value...]]``, e.g. ``"int8-row"`` or
+    ``"jetfire-int8:block=64"`` (``block=64`` means 64 x 64; ``block=32x128`` a (32, 128) tile).
+    Keyword ``overrides`` apply last (e.g. ``use_kernels``)."""
+    name, _, rest = spec.partition(":")
+    fields: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy spec {spec!r}: {item!r} is not field=value (e.g. jetfire-int8:block=64)")
+        key = key.strip()
+        value = value.strip()
+        if key == "block":
+            dims = value.lower().split("x")
+            if not all(d.isdigit() for d in dims) or len(dims) > 2:
+                raise ValueError(f"policy spec {spec!r}: block must be N or RxC (e.g. block=64), got {value!r}")
+            fields[key] = (int(dims[0]), int(dims[-1]))
+        elif key.startswith("int8_"):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"policy spec {spec!r}: {key} must be true or false, got {value!r}")
+            fields[key] = value.lower() == "true"
+        else:
+            fields[key] = value
+    return Policy.from_name(name.strip(), **{**fields, **overrides})
+
+
 def as_policy(policy: Policy | str) -> Policy:
-    """A Policy from a Policy or a policy name."""
-    return policy if isinstance(policy, Policy) else Policy.from_name(policy)
+    """A Policy from a Policy or a policy spec string (see :func:`parse_policy`)."""
+    return policy if isinstance(policy, Policy) else parse_policy(policy)
 
 
 # ------------------------------------------------------------------------------- apply to a model
@@ -178,8 +224,8 @@ Rules = Sequence[tuple[str, Policy | str]] | Mapping[str, Policy | str]
 class PolicyModel:
     """A Flax model with a policy applied by rules; ``init`` / ``apply`` mirror ``flax.linen.Module``.
 
-    rules: (regex, policy) pairs, matched with ``re.fullmatch`` against a Dense module's path joined by
-    "/" (e.g. ``"blocks_0/mlp/fc1"``); the first matching rule wins; Dense modules that match no rule
+    rules: (regex, policy) pairs matched against a Dense module's path (``"blocks_0/mlp/fc1"``) by
+    :mod:`jq8.rules` (``re.search``, as PTQ's rules); the first matching rule wins; Dense modules that match no rule
     run unchanged. After each ``init``/``apply``, a rule that matched no ``nn.Dense`` raises ValueError.
     Stochastic rounding draws keys from the ``"quant"`` rng stream when given, else from ``"dropout"``,
     else a fixed key (deterministic noise: pass an rng to vary it per step).
@@ -195,9 +241,9 @@ class PolicyModel:
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
                 return next_fun(*args, **kwargs)
-            path = "/".join(str(p) for p in mod.scope.path)
+            path = module_path(mod.scope.path)
             seen.append(path)
-            hit = next((i for i, (rx, _) in enumerate(self.rules) if rx.fullmatch(path)), None)
+            hit = first_match([rx for rx, _ in self.rules], path)
             if hit is None:
                 return next_fun(*args, **kwargs)
             matched.add(hit)
@@ -242,13 +288,7 @@ def apply_policy(model: nn.Module, rules: Rules) -> PolicyModel:
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     if not items:
         raise ValueError("apply_policy needs at least one (regex, policy) rule")
-    compiled = []
-    for pattern, policy in items:
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"invalid module-path regex {pattern!r}: {e}") from e
-        compiled.append((rx, as_policy(policy)))
+    compiled = [(compile_pattern(pattern, "policy rule"), as_policy(policy)) for pattern, policy in items]
     return PolicyModel(model, tuple(compiled))
 
 
@@ -260,5 +300,5 @@ def quant_key(module: nn.Module) -> jax.Array:
     for stream in ("quant", "dropout"):
         if module.has_rng(stream):
             return module.make_rng(stream)
-    path = "/".join(str(p) for p in module.scope.path)
+    path = module_path(module.scope.path)
     return jax.random.fold_in(jax.random.PRNGKey(0), zlib.crc32(path.encode()) & 0x7FFFFFFF)
