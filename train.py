@@ -30,7 +30,7 @@ from tqdm import tqdm
 from configs.base import TrainConfig, apply_overrides, load_config
 from jq8 import data
 from jq8.training import checkpoint, metrics, sharding
-from jq8.training.policy import Policy
+from jq8.training.policy import Policy, parse_policy
 from models.gpt import lm_loss
 from models.presets import build_model
 
@@ -60,15 +60,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 def make_policy(cfg: TrainConfig) -> Policy:
-    use = cfg.use_kernels.lower()
-    if use not in ("auto", "true", "false"):
-        raise ValueError(f"use_kernels must be auto/true/false, got {cfg.use_kernels!r}")
-    # On CPU the Pallas kernels would run in (slow) interpret mode: use their jnp references instead.
-    use_kernels = jax.default_backend() == "gpu" if use == "auto" else use == "true"
-    if cfg.policy == "bf16":
-        return Policy.from_name(cfg.policy, use_kernels=use_kernels)
-    return Policy.from_name(cfg.policy, use_kernels=use_kernels, granularity=cfg.int8_granularity,
-                            block=(cfg.int8_block, cfg.int8_block))
+    if cfg.backend not in ("auto", "pallas", "xla"):
+        raise ValueError(f"--backend={cfg.backend!r}: expected auto, pallas or xla")
+    use_kernels = jax.default_backend() == "gpu" if cfg.backend == "auto" else cfg.backend == "pallas"
+    return parse_policy(cfg.policy, use_kernels=use_kernels)
 
 
 def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> bool:

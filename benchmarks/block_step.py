@@ -26,14 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq8.training.nn import AttentionBlock, MlpBlock
-from jq8.training.policy import Policy
+from jq8.training.policy import Policy, parse_policy
 
-POLICIES = {
-    "bf16": dict(name="bf16"),
-    "jetfire-int8": dict(name="jetfire-int8"),  # 32x32 blocks (or --block), INT8 data flow
-    "int8-row": dict(name="jetfire-int8", granularity="row"),  # per-row scales along K: epilogue-only
-    "int8-fwd-only": dict(name="jetfire-int8", int8_grad_input=False, int8_grad_weight=False),
-}
 DEFAULT_POLICIES = ["bf16", "jetfire-int8", "int8-row"]
 
 
@@ -83,7 +77,9 @@ def max_grad_err(grads, want) -> tuple[float, str]:
 
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
              block: tuple[int, int], check_reference: bool, attention: str = "auto"):
-    policy = Policy.from_name(**POLICIES[policy_name], use_kernels=use_kernels, block=block)
+    policy = parse_policy(policy_name, use_kernels=use_kernels)
+    if policy.granularity == "block" and "block=" not in policy_name:
+        policy = dataclasses.replace(policy, block=block)
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
     probe = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float32)
@@ -152,7 +148,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--parts", nargs="+", default=["mlp", "block"], choices=["mlp", "block"])
-    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=list(POLICIES))
+    ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
+                    help="policy spec strings (jq8.training.policy.parse_policy), e.g. bf16 jetfire-int8 int8-row "
+                    "jetfire-int8:block=64 'jetfire-int8:int8_grad_input=false,int8_grad_weight=false'")
     ap.add_argument("--block", type=int, default=32, help="square INT8 block size (Jetfire: 32)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
@@ -165,7 +163,7 @@ def main() -> None:
     if args.tiny:
         args.hidden, args.tokens, args.seq, args.iters = [64], 96, 48, 2
         args.reference = True
-        args.policies = list(POLICIES)
+        args.policies = list(DEFAULT_POLICIES)
     use_kernels = not args.reference
     ops = 'Pallas kernels' if use_kernels else 'jnp references'
     print(f"device: {jax.devices()[0].device_kind}; INT8 ops: {ops}")

@@ -1,7 +1,7 @@
 """Data-parallel scaling: the same training run on 1 and on N devices, per policy, then a restore on 1 device.
 
     PYTHONPATH=. python3 benchmarks/dp_scaling.py --config configs/gpt2_124m.py --out /tmp/dp \\
-        --policies bf16 jetfire-int8 --devices 1 2 --steps=150 --int8_granularity=row   # 2 GPUs
+        --policies bf16 int8-row --devices 1 2 --steps=150   # 2 GPUs
     PYTHONPATH=. python3 benchmarks/dp_scaling.py --config configs/tiny.py --out /tmp/dp --quick   # CPU smoke
 
 Everything after the known flags goes to every ``train.py`` run as ``--key=value`` overrides: the runs of

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -24,9 +25,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from block_step import POLICIES, Block  # noqa: E402
+from block_step import Block  # noqa: E402
 
-from jq8.training.policy import Policy  # noqa: E402
+from jq8.training.policy import Policy, parse_policy  # noqa: E402
 
 
 def _trace_events(trace_dir: str) -> tuple[list[dict], dict, set]:
@@ -142,8 +143,9 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 def profile(
     hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int, hlo_dir: str = ""
 ) -> dict:
-    policy = Policy.from_name(**POLICIES[policy_name], use_kernels=jax.default_backend() == "gpu",
-                              block=(block, block))
+    policy = parse_policy(policy_name, use_kernels=jax.default_backend() == "gpu")
+    if policy.granularity == "block" and "block=" not in policy_name:
+        policy = dataclasses.replace(policy, block=(block, block))
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
     params = jax.jit(Block(Policy(), heads, part).init)(jax.random.PRNGKey(2), x)["params"]
@@ -191,7 +193,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--part", default="mlp", choices=["mlp", "block"])
     ap.add_argument("--policies", nargs="+", default=["bf16", "int8-row", "jetfire-int8"],
-                    choices=list(POLICIES))
+                    help="policy spec strings (jq8.training.policy.parse_policy)")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)

@@ -20,12 +20,11 @@ from models.config import ModelConfig
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    policy: str = "bf16"  # "bf16" | "jetfire-int8": the only difference between the two runs
-    # jetfire-int8 scales: "block" (Jetfire's square blocks of int8_block) or "row" (per-token/per-channel
-    # scales constant along K: the faster path on H100, see BENCHMARKS.md)
-    int8_granularity: str = "block"
-    int8_block: int = 32
-    use_kernels: str = "auto"  # Pallas kernels for INT8: "auto" (on GPU only), "true", "false" (references)
+    # precision policy spec (jq8.training.policy.parse_policy): "bf16", "jetfire-int8" (Jetfire, 32x32 blocks),
+    # "int8-row" (per-row scales along K: the fast path on Hopper), or NAME:field=value,... e.g.
+    # "jetfire-int8:block=64"
+    policy: str = "bf16"
+    backend: str = "auto"  # INT8 ops: "auto" (Pallas kernels on GPU, jnp references on CPU), "pallas", "xla"
     run_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and config.json go here
     # data
     dataset: str = "wiki"  # jq8.data source: "wiki" (bundled Wikipedia sample), "lee", or a text path
@@ -141,4 +140,10 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
     """Inverse of ``TrainConfig.to_dict`` (e.g. from a checkpoint's meta)."""
     d = dict(d)
     d["model"] = ModelConfig.from_dict(d["model"])
+    # Runs written before the policy became one spec string kept its fields apart.
+    granularity, block = d.pop("int8_granularity", "block"), d.pop("int8_block", 32)
+    if d.get("policy") == "jetfire-int8" and (granularity, block) != ("block", 32):
+        d["policy"] = "int8-row" if granularity == "row" else f"jetfire-int8:block={block}"
+    if "use_kernels" in d:
+        d["backend"] = {"true": "pallas", "false": "xla"}.get(str(d.pop("use_kernels")).lower(), "auto")
     return TrainConfig(**d)

@@ -12,8 +12,9 @@ from models.presets import preset
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        model=dataclasses.replace(preset("gpt2-124m"), vocab_size=0, max_seq_len=1024),
+    return dataclasses.replace(
+        TrainConfig(),
+        model=dataclasses.replace(preset("gpt2-124m"), vocab_size=0),
         run_dir="runs/gpt2_124m",
         batch_size=32,
         seq_len=1024,
@@ -21,10 +22,6 @@ def get_config() -> TrainConfig:
         lr=6e-4,
         min_lr=6e-5,
         warmup_steps=200,
-        weight_decay=0.1,
-        beta2=0.95,
-        grad_clip=1.0,
-        log_every=10,
         eval_every=250,
         eval_batches=20,
         ckpt_every=500,

@@ -9,24 +9,21 @@ Compare the policies with ``benchmarks/loss_parity.py --config configs/gpt_wide.
 
 import dataclasses
 
+from configs import gpt2_124m
 from configs.base import TrainConfig
 from models.presets import preset
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        model=dataclasses.replace(preset("gpt2-124m"), num_layers=8, num_heads=32, d_model=4096,
-                                  vocab_size=0),
+    return dataclasses.replace(
+        gpt2_124m.get_config(),
+        model=dataclasses.replace(preset("gpt2-124m"), num_layers=8, num_heads=32, d_model=4096, vocab_size=0),
         run_dir="runs/gpt_wide",
         batch_size=16,
-        seq_len=1024,
         steps=200,
         lr=1.5e-4,
         min_lr=1.5e-5,
         warmup_steps=20,
-        weight_decay=0.1,
-        beta2=0.95,
-        grad_clip=1.0,
         log_every=5,
         eval_every=100,
         eval_batches=4,

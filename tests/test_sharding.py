@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
                         ("sm8", ["--data_parallel=shard_map", *no_ckpt]),
                         ("int8_sm8", ["--policy=jetfire-int8", "--data_parallel=shard_map", *no_ckpt]),
                         # the Pallas kernels (interpret mode) per device, as on GPUs (data_parallel=auto)
-                        ("int8_sm8_kernels", ["--policy=jetfire-int8", "--use_kernels=true", "--steps=2",
+                        ("int8_sm8_kernels", ["--policy=jetfire-int8", "--backend=pallas", "--steps=2",
                                               *no_ckpt])]:
         run = os.path.join(TMP, name)
         r = train.main(base + extra + ["--run_dir=" + run])

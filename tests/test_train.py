@@ -9,7 +9,7 @@ import os
 import pytest
 
 import train
-from configs.base import TrainConfig, apply_overrides, load_config, valid_keys
+from configs.base import TrainConfig, apply_overrides, from_dict, load_config, valid_keys
 from jq8.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,21 +176,25 @@ def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
         assert (tmp_path / "tb").is_dir()
 
 
-def test_int8_granularity_reaches_the_policy(tmp_path):
-    cfg = apply_overrides(
-        load_config(os.path.join(CONFIGS, "tiny.py")),
-        ["--policy=jetfire-int8", "--int8_granularity=row", "--int8_block=16"],
-    )
+def test_policy_spec_reaches_the_policy(tmp_path):
+    cfg = apply_overrides(load_config(os.path.join(CONFIGS, "tiny.py")), ["--policy=jetfire-int8:block=64"])
     pol = train.make_policy(cfg)
-    assert pol.granularity == "row" and pol.block == (16, 16) and pol.int8
+    assert pol.granularity == "block" and pol.block == (64, 64) and pol.int8
+    row = train.make_policy(dataclasses.replace(cfg, policy="int8-row"))
+    assert row.granularity == "row" and row.int8
     assert train.make_policy(dataclasses.replace(cfg, policy="bf16")).int8 is False
     with pytest.raises(ValueError, match="granularity must be 'block' or 'row'"):
-        train.make_policy(dataclasses.replace(cfg, int8_granularity="tile"))
+        train.make_policy(dataclasses.replace(cfg, policy="jetfire-int8:granularity=tile"))
+    with pytest.raises(ValueError, match="--backend='gpu'"):
+        train.make_policy(dataclasses.replace(cfg, backend="gpu"))
+    old = {**cfg.to_dict(), "policy": "jetfire-int8", "int8_granularity": "row", "int8_block": 32,
+           "use_kernels": "false"}  # a config.json written before the policy was one spec string
+    del old["backend"]
+    assert (from_dict(old).policy, from_dict(old).backend) == ("int8-row", "xla")
     out = train.main(
         [
             *TINY,
-            "--policy=jetfire-int8",
-            "--int8_granularity=row",
+            "--policy=int8-row",
             "--steps=6",
             "--lr=3e-3",
             "--warmup_steps=1",
