@@ -59,7 +59,7 @@ from pallas_kernels.int8_matmul_mgpu import (
 )
 
 K_GROUPS = (32, 64, 128, 256)
-SCHEDULES = ("wait", "pair")
+SCHEDULES = ("wait", "pair", "carry")
 CONVERTS = ("magic", "cvt")
 MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
 MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: bitcast_f32(MAGIC_BITS + p) == MAGIC_FLOAT + p exactly for |p| <= 2**22
@@ -158,13 +158,13 @@ def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int
         raise ValueError(
             f"groups_per_step must be 1 or 2, schedule one of {SCHEDULES}, convert one of {CONVERTS}; got {cfg}"
         )
-    if cfg.schedule == "pair" and cfg.groups_per_step != 2:
-        raise ValueError(f"schedule='pair' needs groups_per_step=2, got {cfg}")
+    if cfg.schedule in ("pair", "carry") and cfg.groups_per_step != 2:
+        raise ValueError(f"schedule={cfg.schedule!r} needs groups_per_step=2, got {cfg}")
     if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192 or cfg.wg_dim not in ("m", "n"):
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
         raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192), wg_dim 'm' or 'n'; got {cfg}")
-    if cfg.schedule == "pair" and cfg.tile_n > 128:
-        raise ValueError(f"schedule='pair' keeps two accumulators live: tile_n <= 128, got {cfg}")
+    if cfg.schedule != "wait" and cfg.tile_n > 128:
+        raise ValueError(f"schedule={cfg.schedule!r} keeps two accumulators live: tile_n <= 128, got {cfg}")
     rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
     if m % rows:
         raise ValueError(
@@ -220,6 +220,8 @@ def unsupported_reason(
         return "it needs an int8 b"
     if out_spec is not None:
         return "it writes a float output (no requantization in its epilogue)"
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return f"it writes bfloat16 or float32, got {jnp.dtype(out_dtype)}"
     if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
         return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
     try:
@@ -355,14 +357,18 @@ def _kernel(
     shape = (tm, tn)
     b_collective = ("cluster",) if cluster > 1 else ()
 
+    # "carry" leaves a step's last wgmma running past the step: its stage is released one step later
+    delay = 1 if cfg.schedule == "carry" else 0
+
     def operand_spec(rows, j, collective=()):  # group j of a step: a (rows, G) box of A or B
         extra = dict(collective_axes=collective) if collective else {}
         return plgpu.BlockSpec(
-            (rows, g), lambda kk: (0, gps * kk + j), transforms=in_transforms, memory_space=plgpu.SMEM, **extra
-        )
+            (rows, g), lambda kk: (0, gps * kk + j), transforms=in_transforms, memory_space=plgpu.SMEM,
+            delay_release=delay, **extra,
+        )  # fmt: skip
 
     def scale_spec(rows):  # the step's (groups, rows) scales
-        return plgpu.BlockSpec((gps, rows), lambda kk: (kk, 0), memory_space=plgpu.SMEM)
+        return plgpu.BlockSpec((gps, rows), lambda kk: (kk, 0), memory_space=plgpu.SMEM, delay_release=delay)
 
     in_specs = [
         *[operand_spec(cta_m, j) for j in range(gps)],
@@ -420,13 +426,24 @@ def _kernel(
                 a_rows, b_rows = slice(None), pl.ds(wg * tn, tn)
                 sa_rows, sb_col = slice(None), wg * tn
 
-            def group_scale(sa_smem, sb_smem, j):
-                """The (tm, tn) scale of the step's group j, broadcast to the accumulator's layout."""
+            def scale_vectors(sa_smem, sb_smem, j):
+                """The step's group j scales as vectors: (A's row scales times the weight's scalar,) when the
+                weight's scale is one value over the warpgroup's columns, else (row scales, column scales)."""
                 sa = plgpu.load(sa_smem.at[j, sa_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                if b_uniform:  # one weight scale over the warpgroup's columns: fold it into A's vector
-                    return lax.broadcast_in_dim(sa * sb_smem[j, sb_col], shape, [0])
+                if b_uniform:  # fold the weight's scalar into A's vector: one FMA an element stays
+                    return (sa * sb_smem[j, sb_col],)
                 sb = plgpu.load(sb_smem.at[j, pl.ds(sb_col, tn)], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                return lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+                return sa, sb
+
+            def zero_vectors():
+                vecs = [plgpu.layout_cast(jnp.full((tm,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))]
+                if not b_uniform:
+                    vecs.append(plgpu.layout_cast(jnp.full((tn,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
+                return tuple(vecs)
+
+            def broadcast(vecs):
+                s = lax.broadcast_in_dim(vecs[0], shape, [0])
+                return s if len(vecs) == 1 else s * lax.broadcast_in_dim(vecs[1], shape, [1])
 
             def init():
                 value = MAGIC_BITS if cfg.convert == "magic" else 0
@@ -437,14 +454,31 @@ def _kernel(
                     f = lax.bitcast_convert_type(part, jnp.float32) - np.float32(MAGIC_FLOAT)
                 else:
                     f = part.astype(jnp.float32)
-                return y + f * s
+                return y + f * broadcast(s)
+
+            accs = []  # the "carry" schedule's two accumulators, allocated per tile in ``context``
+
+            def body_carry(a_refs, b_ts, scales, y, s_prev):
+                """Groups 2k and 2k + 1; group 2k - 1's wgmma (issued last step) is still in flight."""
+                acc0, acc1 = accs
+                acc0[...] = init()
+                plgpu.wgmma(acc0, a_refs[0].at[a_rows], b_ts[0])
+                if cfg.pingpong:
+                    rendezvous()
+                y = promote(y, plgpu.wgmma_accumulator_load(acc1, wait_n=1), s_prev)
+                acc1[...] = init()
+                plgpu.wgmma(acc1, a_refs[1].at[a_rows], b_ts[1])
+                y = promote(y, plgpu.wgmma_accumulator_load(acc0, wait_n=1), scales[0])
+                return y, scales[1]  # group 2k + 1 is promoted next step (its stage is released then)
 
             def body(idx, *refs):
                 del idx
                 a_refs, b_refs = refs[:gps], refs[gps : 2 * gps]
                 sa_smem, sb_smem, y = refs[2 * gps :]
                 b_ts = [plgpu.transpose_ref(r.at[b_rows], (1, 0)) for r in b_refs]
-                scales = [group_scale(sa_smem, sb_smem, j) for j in range(gps)]
+                scales = [scale_vectors(sa_smem, sb_smem, j) for j in range(gps)]
+                if cfg.schedule == "carry":
+                    return body_carry(a_refs, b_ts, scales, *y)
                 if cfg.schedule == "pair":
 
                     def both(refs):
@@ -477,10 +511,23 @@ def _kernel(
                     )
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
-                y = run_pipeline(plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA))
-                if cfg.pingpong:
-                    pl.when(wg == 0)(rendezvous)
-                epilogue(y)
+                y0 = plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+                if cfg.schedule != "carry":
+                    y = run_pipeline(y0)
+                    if cfg.pingpong:
+                        pl.when(wg == 0)(rendezvous)
+                    epilogue(y)
+                    return
+
+                def carried(acc0, acc1):
+                    accs[:] = [acc0, acc1]
+                    acc1[...] = init()  # read (times zero scales) by the first step
+                    y, s_last = run_pipeline((y0, zero_vectors()))
+                    if cfg.pingpong:
+                        pl.when(wg == 0)(rendezvous)
+                    epilogue(promote(y, acc1[...], s_last))  # the last group: wait for its wgmma
+
+                pl.run_scoped(carried, plgpu.ACC(shape, jnp.int32), plgpu.ACC(shape, jnp.int32))
 
             def epilogue(y):
                 if has_bias:

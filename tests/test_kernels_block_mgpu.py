@@ -132,6 +132,9 @@ def test_matches_reference(g, a_rows, m, n, k):
         dict(groups_per_step=2),
         dict(groups_per_step=2, schedule="pair"),
         dict(groups_per_step=2, schedule="pair", pingpong=True),
+        dict(groups_per_step=2, schedule="carry"),
+        dict(groups_per_step=2, schedule="carry", pingpong=True),
+        dict(groups_per_step=2, schedule="carry", convert="cvt"),
         dict(wg_dim="n"),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
@@ -180,3 +183,18 @@ def test_ragged_m_is_a_clear_error():
     a, sa, b, sb, _ = _operands(2, 200, 256, 512, (1, 128), (128, 128))
     with pytest.raises(ValueError, match="M=200 must be a multiple of"):
         bm.int8_matmul_block_mgpu(a, sa, b, sb)
+
+
+@pytest.mark.parametrize("m", [256, 200])  # 200 rows do not tile: the Triton kernel takes them on Hopper
+def test_gemm_router_block_route_matches_reference(m):
+    from pallas_kernels import gemm
+
+    n, k, g = 128, 256, 128
+    if not bm.available():  # the CPU path: Triton in interpret mode, small enough to run here
+        n, k = 64, 256
+    ks = jax.random.split(jax.random.key(m), 2)
+    qa = quantize(jax.random.normal(ks[0], (m, k)), QuantSpec((1, g)))
+    qb = quantize(jax.random.normal(ks[1], (n, k)), QuantSpec((g, g)))
+    out = gemm.matmul_qarrays(qa, qb, out_dtype=jnp.float32)
+    ref = gemm.matmul_qarrays_reference(qa, qb, out_dtype=jnp.float32)
+    _compare(out, ref, jnp.float32)
