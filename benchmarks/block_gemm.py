@@ -46,7 +46,7 @@ def shapes_of(name: str) -> tuple[int, int, int]:
 
 PRESETS = {
     "small": ["sq2048"],
-    "full": ["sq8192"] + [f"h{d}_{l}" for d in (1024, 2048, 4096) for l in ("fwd", "dgrad", "wgrad")],
+    "full": ["sq8192"] + [f"h{d}_{l}" for d in (4096, 2048, 1024) for l in ("fwd", "dgrad", "wgrad")],
 }
 
 
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--a-square", action="store_true", help="A's scales per (G x G) block, not (1 x G)")
     p.add_argument("--variants", default="[]", help="JSON list of BlockTileConfig overrides to time too")
+    p.add_argument("--variant-groups", nargs="*", type=int, default=None,
+                   help="time --variants only at these K groups (default: every group)")  # fmt: skip
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
                 print(f"  mosaic   G={g:3d} unsupported: {e}", flush=True)
                 continue
             cfgs = [base]
-            for over in variants:
+            for over in variants if args.variant_groups is None or g in args.variant_groups else []:
                 try:
                     cfgs.append(bm.fit_config(m, n, k, g, out_dtype=out_dtype, **over))
                 except (ValueError, TypeError) as e:
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
                 run("mosaic", g, f, ops, cfg if cfg != base else None)
             del ops
         results["shapes"][name] = row
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            write_json(args.json, results)
 
     print("\nshape           M x N x K              bf16 TOP/s | best Mosaic per G: TOP/s (x bf16) | Triton")
     for name, row in results["shapes"].items():
@@ -181,12 +185,14 @@ def main(argv=None) -> int:
                     cells.append(f"{kind[0]}G{g} -")
         shape = f"{row['m']}x{row['n']}x{row['k']}"
         print(f"{name:15s} {shape:22s} {tops / row['bf16_ms'] * 1e3:6.0f} | " + "  ".join(cells))
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
     return 0
+
+
+def write_json(path: str, results: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
