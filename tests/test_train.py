@@ -121,7 +121,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
+    with pytest.raises(ImportError, match=r'pip install "jq8\[plot\]"'):
         metrics.plot([str(tmp_path)], str(tmp_path / "x.png"))
 
 
@@ -167,7 +167,7 @@ def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
     try:
         import tensorboardX  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="pip install tensorboardX"):
+        with pytest.raises(ImportError, match=r'pip install "jq8\[tensorboard\]"'):
             metrics.MetricsWriter(str(tmp_path), tensorboard=True)
     else:
         w = metrics.MetricsWriter(str(tmp_path), tensorboard=True)

@@ -16,10 +16,12 @@ reads everything and first checks the saved parameter shapes against the model b
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,6 +33,28 @@ FORMAT_VERSION = 1
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model / optimizer being restored into."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint step cannot be read (a truncated or missing file, missing metadata).
+
+    ``step`` / ``path``: the damaged step and its folder; ``intact``: the other complete steps, newest last
+    (not checked).
+    """
+
+    def __init__(self, message: str, step: int, path: str, intact: list[int]):
+        super().__init__(message)
+        self.step, self.path, self.intact = step, path, intact
+
+
+def describe_error(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of a storage error on one short line: its root cause (Orbax wraps TensorStore's
+    error, which names the file), without TensorStore's appended spec."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split("[tensorstore_spec=")[0].split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -92,6 +116,20 @@ def remove_partial_saves(directory: str) -> list[str]:
     return removed
 
 
+def existing_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps with a ``<step>/`` folder in ``directory``, sorted ([] if it does not exist).
+
+    Reads the folder names only (no Orbax, nothing created): unfinished saves
+    (``<step>.orbax-checkpoint-tmp``) and set-aside steps (``<step>.damaged-<n>``) are not steps.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+    )
+
+
 class Checkpointer:
     """Periodic async saves, keep-last-N, resume from the latest complete step.
 
@@ -139,7 +177,10 @@ class Checkpointer:
         md = self._mngr.item_metadata(step)
         check_compatible(md["params"].tree, abstract_params, "params")
         items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
-        has_opt = md["opt_state"] is not None
+        try:  # a step saved without optimizer state (see ``save``) has no such item
+            has_opt = md["opt_state"] is not None
+        except KeyError:
+            has_opt = False
         if has_opt:
             check_compatible(md["opt_state"].tree, abstract_opt_state, "optimizer state")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -149,6 +190,62 @@ class Checkpointer:
             )
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return out["params"], (out["opt_state"] if has_opt else abstract_opt_state), out["meta"]
+
+    def restore_newest(
+        self,
+        abstract_params: Any,
+        abstract_opt_state: Any,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[tuple[Any, Any, dict[str, Any]], list[tuple[int, str, str]]]:
+        """Restores the newest step that reads back whole, setting damaged newer steps aside.
+
+        Steps are tried newest first. A step that fails to restore (or whose meta ``check_meta`` rejects by
+        raising) while an older one restores is damaged: it is renamed to ``<step>.damaged-<n>`` (kept for
+        inspection, never deleted, no longer a step). When no step restores, nothing is renamed (the cause
+        may be this code or environment rather than the files) and :class:`CheckpointDamagedError` names
+        the newest. A :class:`CheckpointMismatchError` (a checkpoint of another model) is raised as is.
+
+        Returns ``(restored, set_aside)``: restore()'s (params, opt_state, meta), and (step, new path,
+        reason) for each step set aside. Raises FileNotFoundError when there is no step at all.
+        """
+        failed: list[tuple[int, str]] = []
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        for step in steps:
+            try:
+                restored = self.restore(abstract_params, abstract_opt_state, step)
+                if check_meta is not None:
+                    check_meta(restored[2])
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # any storage / format error means this step cannot be resumed from
+                failed.append((step, describe_error(e)))
+                continue
+            return restored, [(s, self.set_aside(s), why) for s, why in failed]
+        newest, why = failed[0]
+        raise CheckpointDamagedError(
+            f"no checkpoint in {self.directory} restores (steps {', '.join(str(s) for s, _ in failed)}); the "
+            f"newest, step {newest}: {why}",
+            newest,
+            self.step_dir(newest),
+            [],
+        )
+
+    def set_aside(self, step: int) -> str:
+        """Renames step ``step``'s folder to ``<step>.damaged-<n>`` (first free n); returns the new path.
+
+        Only process 0 renames; every process forgets the step.
+        """
+        src = self.step_dir(step)
+        n = 1
+        while os.path.exists(f"{src}.damaged-{n}"):
+            n += 1
+        dst = f"{src}.damaged-{n}"
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.replace(src, dst)
+        self._mngr.reload()
+        return dst
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
@@ -188,19 +285,42 @@ def load_params(
     base = os.path.basename(directory)
     if step is None and base.isdigit() and os.path.isdir(os.path.join(directory, "params")):
         directory, step = os.path.dirname(directory), int(base)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as mngr:
-        step = mngr.latest_step() if step is None else step
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with _quiet_read_only():
+        mngr = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+    with mngr:
+        steps = list(mngr.all_steps())
+        step = (steps[-1] if steps else None) if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {directory}")
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        tree = mngr.item_metadata(step)["params"].tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-        out = mngr.restore(
-            step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            tree = mngr.item_metadata(step)["params"].tree
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+            restore = ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            out = mngr.restore(step, args=restore)
+        except Exception as e:  # any storage / format error: name the step and the others to try
+            path = os.path.join(directory, str(step))
+            others = [s for s in steps if s != step]
+            raise CheckpointDamagedError(
+                f"checkpoint {path} cannot be read ({describe_error(e)})", step, path, others
+            ) from e
     return out["params"], out["meta"]
+
+
+class _quiet_read_only(contextlib.AbstractContextManager):
+    """Drops Orbax's "Given directory is read only" warning: reading a checkpoint is not news."""
+
+    @staticmethod
+    def _filter(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+    def __enter__(self):
+        logging.getLogger("absl").addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("absl").removeFilter(self._filter)
 
 
 def rng_to_json(key: jax.Array) -> list[int]:
