@@ -26,7 +26,6 @@ import functools
 import hashlib
 import itertools
 import json
-import mmap
 import multiprocessing
 import os
 import pickle
@@ -167,11 +166,17 @@ def _blank_line_bytes() -> re.Pattern[bytes]:
     return re.compile(b"\n(?:" + alternatives + b")*\n")
 
 
-def _has_blank_line(path: Path) -> bool:
-    if path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        return _blank_line_bytes().search(m) is not None
+def _has_blank_line(path: Path, chunk: int = 1 << 24) -> bool:
+    pattern, carry = _blank_line_bytes(), b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            text = carry + block
+            if pattern.search(text):
+                return True
+            # A match that crosses into the next block starts at this block's last newline.
+            last = text.rfind(b"\n")
+            carry = text[last:] if last >= 0 else b""
+    return False
 
 
 def _iter_text_file(path: Path) -> Iterator[tuple[str, int]]:
@@ -800,13 +805,12 @@ def _tokenize_to_files(tasks: Iterator[_Task], tok: TextTokenizer, dtype: np.dty
     return _StreamStats(totals[0], totals[1], totals[2], hist)
 
 
-def _doc_chunks(docs_path: Path, n_docs: int, chunk: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
-    """(index of the first document, records) over the document file, ``chunk`` records at a time."""
-    if n_docs == 0:
-        return
-    records = np.memmap(docs_path, dtype=_DOC_RECORD, mode="r", shape=(n_docs,))
-    for start in range(0, n_docs, chunk):
-        yield start, np.array(records[start:start + chunk])
+def _doc_chunks(docs_path: Path, n_docs: int, chunk: int = 1 << 18) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first document, records) over the document file, ``chunk`` records at a time. Read,
+    not memory-mapped: a mapping's touched pages would count toward the resident set on huge corpora."""
+    with open(docs_path, "rb") as f:
+        for start in range(0, n_docs, chunk):
+            yield start, np.fromfile(f, dtype=_DOC_RECORD, count=min(chunk, n_docs - start))
 
 
 def _select_val(docs_path: Path, stats: _StreamStats, val_fraction: float) -> tuple[int, np.ndarray]:
@@ -842,7 +846,7 @@ def _select_val(docs_path: Path, stats: _StreamStats, val_fraction: float) -> tu
 
 
 def _split_files(tokens_path: Path, val_path: Path, docs_path: Path, stats: _StreamStats, bucket: int,
-                 extra: np.ndarray, dtype: np.dtype, block_tokens: int = 1 << 23) -> dict:
+                 extra: np.ndarray, dtype: np.dtype, block_tokens: int = 1 << 22) -> dict:
     """Move the val documents' tokens from ``tokens_path`` to ``val_path`` and compact the rest in place
     (train keeps document order). Works block by block: memory is one block, disk is never doubled."""
     shift, item = 64 - BUCKET_BITS, dtype.itemsize
@@ -869,7 +873,7 @@ def _split_files(tokens_path: Path, val_path: Path, docs_path: Path, stats: _Str
                         mask = np.repeat(sel, cnt)
                         block[mask].tofile(val_f)
                         kept_tokens = block[~mask]
-                        _pwrite(fd, kept_tokens.tobytes(), write_pos * item)
+                        _pwrite(fd, kept_tokens, write_pos * item)
                         kept = kept_tokens.size
                     out["val"]["tokens"] += n - kept
                     out["val"]["documents"] += int(sel.sum())
@@ -894,8 +898,8 @@ def _pread(fd: int, n: int, offset: int) -> bytearray:
     return buf
 
 
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
+def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
