@@ -407,20 +407,23 @@ def test_streamed_text_documents_equal_the_whole_file_rule(tmp_path, paragraphs)
     """Line-by-line streaming splits a file exactly as `split_text_documents` splits its whole text,
     whitespace corner cases and an invalid byte included."""
     rng = np.random.default_rng()
-    pieces = [p for p in _PIECES if paragraphs or not p.startswith("\n ") and not p.startswith("\n\u3000")]
+    inline = [p for p in _PIECES if "\n" not in p]
     for trial in range(20):
-        parts = [pieces[i] for i in rng.integers(0, len(pieces), 300)]
-        raw = "".join(parts).encode()
-        if not paragraphs:
-            raw = raw.replace(b"\r", b"").replace(b"\n\n", b"\nx\n")
-            while b"\n\n" in raw:
-                raw = raw.replace(b"\n\n", b"\nx\n")
+        if paragraphs:
+            raw = "".join(_PIECES[i] for i in rng.integers(0, len(_PIECES), 300)).encode()
+        else:  # no line is blank: every line holds a word between runs of any other whitespace
+            lines = ["".join(inline[i] for i in rng.integers(0, len(inline), 6)) + "w" for _ in range(40)]
+            raw = "".join(line + ("\r\n" if rng.random() < 0.3 else "\n") for line in lines).encode()
         cut = int(rng.integers(0, len(raw)))
         raw = raw[:cut] + b"\xff" + raw[cut:]  # one invalid byte: U+FFFD either way
         path = tmp_path / f"t{trial}.txt"
         path.write_bytes(raw)
         expect = data.split_text_documents(raw.decode("utf-8", errors="replace"))
         assert list(data.iter_documents(path)) == expect, raw
+        # The blank-line scan reads blocks: a match split across blocks of any size is still found.
+        blank = data.corpus._BLANK_LINE.search(raw.decode("utf-8", errors="replace").replace("\r\n", "\n"))
+        for chunk in (1, 2, 3, 5):
+            assert data.corpus._has_blank_line(path, chunk=chunk) == bool(blank), (chunk, raw)
 
 
 def _jsonl(path: Path, records: list, field: str = "text") -> None:
