@@ -77,7 +77,7 @@ def max_grad_err(grads, want) -> tuple[float, str]:
 
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
              block: tuple[int, int], check_reference: bool, attention: str = "auto"):
-    policy = parse_policy(policy_name, use_kernels=use_kernels)
+    policy = parse_policy(policy_name, backend="pallas" if use_kernels else "xla")
     if policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=block)
     heads = max(1, hidden // 64)
@@ -129,7 +129,7 @@ def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, it
     if check_reference and policy.int8 and use_kernels:
         # Same step through the kernels' jnp references, same key (so the same stochastic-rounding noise):
         # differences come only from accumulation order and the requantizations it flips.
-        ref = dataclasses.replace(policy, use_kernels=False)
+        ref = dataclasses.replace(policy, backend="xla")
         ref_step = jax.jit(jax.value_and_grad(make_loss(ref), argnums=(0, 1)))
         _, ref_grads = ref_step(params, x, key)
         row["kernel_vs_reference_err"], row["kernel_vs_reference_worst"] = max_grad_err(out[1], ref_grads)

@@ -146,7 +146,7 @@ def main() -> None:
             return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32)))) / scale
 
         triton = jax.jit(lambda a, b, a_s, b_s, split=split, epi=epi: int8_matmul(
-            a, b, a_s, b_s, split_cols=split, impl="triton", **epi))  # fmt: skip
+            a, b, a_s, b_s, split_cols=split, backend="triton", **epi))  # fmt: skip
         row["triton_err"] = err(triton(a, b, a_s, b_s))
         row["triton_ms"] = ms(triton, a, b, a_s, b_s)
         w = jax.random.normal(ks[1], (n, k), jnp.bfloat16)

@@ -143,7 +143,7 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 def profile(
     hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int, hlo_dir: str = ""
 ) -> dict:
-    policy = parse_policy(policy_name, use_kernels=jax.default_backend() == "gpu")
+    policy = parse_policy(policy_name, backend="pallas" if jax.default_backend() == "gpu" else "xla")
     if policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=(block, block))
     heads = max(1, hidden // 64)

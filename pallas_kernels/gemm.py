@@ -6,8 +6,8 @@ and picks the kernel: the warp-specialised Mosaic GPU kernel on Hopper where its
 (M <= :data:`DECODE_MAX_M`, :mod:`pallas_kernels.int8_matmul_decode`), and the Triton kernel otherwise
 (:mod:`pallas_kernels.int8_matmul_triton`; also the CPU path, in interpret mode). :func:`matmul_qarrays`
 takes two :class:`jq8.quant.QArray` operands of any scale granularity and adds the block-scaled route
-(scales that vary along K: :mod:`pallas_kernels.int8_matmul_block_scaled`). Kernel files never import this
-module.
+(scales that vary along K: :mod:`pallas_kernels.int8_matmul_block_mgpu` on Hopper where its tiles fit,
+:mod:`pallas_kernels.int8_matmul_block_scaled` otherwise). Kernel files never import this module.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jq8.quant import QArray, QuantSpec, dequantize
+from pallas_kernels import int8_matmul_block_mgpu as block_mgpu
 from pallas_kernels import int8_matmul_decode as dec
 from pallas_kernels import int8_matmul_mgpu as mgpu
 from pallas_kernels._common import TileConfig, is_pow2, resolve_interpret
@@ -54,7 +55,7 @@ __all__ = [
         "config",
         "split_k",
         "split_cols",
-        "impl",
+        "backend",
         "interpret",
     ),
 )
@@ -73,7 +74,7 @@ def int8_matmul(
     config: TileConfig | None = None,
     split_k: int | None = None,
     split_cols: int | None = None,
-    impl: Literal["triton", "mosaic"] | None = None,
+    backend: Literal["triton", "mosaic"] | None = None,
     interpret: bool | None = None,
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """W8A8 GEMM ``act(a @ b.T * a_scale * b_scale + bias) + residual``.
@@ -89,7 +90,7 @@ def int8_matmul(
     needs split_cols | N and block_n | split_cols (``config=None`` narrows block_n to a power of two
     dividing split_cols).
 
-    impl: "mosaic" runs :mod:`pallas_kernels.int8_matmul_mgpu` (warp-specialised wgmma + TMA, Hopper only:
+    backend: "mosaic" runs :mod:`pallas_kernels.int8_matmul_mgpu` (warp-specialised wgmma + TMA, Hopper only:
     8-bit b, per-row/per-column scales, a float output or an ``out_spec`` of (1, g) tiles, shapes its tiles
     divide; else a ValueError), "triton" the Triton kernel; None picks Mosaic GPU where it can run
     (compiled on an sm_90 GPU, ``config`` None, M > 16) and Triton otherwise.
@@ -101,18 +102,18 @@ def int8_matmul(
     m, k = a.shape
     n = b.shape[0]
     check_operands(a, b, a_scale, b_scale, b_bits=b_bits, out_spec=out_spec, split_cols=split_cols)
-    if impl not in (None, "triton", "mosaic"):
-        raise ValueError(f"impl must be None, 'triton' or 'mosaic', got {impl!r}")
-    if impl == "mosaic" or (
-        impl is None and config is None and split_k is None and m > DECODE_MAX_M
+    if backend not in (None, "triton", "mosaic"):
+        raise ValueError(f"backend must be None, 'triton' or 'mosaic', got {backend!r}")
+    if backend == "mosaic" or (
+        backend is None and config is None and split_k is None and m > DECODE_MAX_M
         and not resolve_interpret(interpret)
     ):  # fmt: skip
         reason = mgpu.unsupported_reason(
             m, n, k, b_bits=b_bits, scales=a_scale is not None and b_scale is not None, out_spec=out_spec,
             residual=residual, out_dtype=out_dtype, split_cols=split_cols,
         )  # fmt: skip
-        if reason is not None and impl == "mosaic":
-            raise ValueError(f"impl='mosaic' cannot run this call: {reason}")
+        if reason is not None and backend == "mosaic":
+            raise ValueError(f"backend='mosaic' cannot run this call: {reason}")
         use_mosaic = reason is None
     else:
         use_mosaic = False
@@ -203,9 +204,28 @@ def matmul_qarrays(
         return int8_matmul_decode(
             a.values, dw.values, sa, dw.scale, b_bits=dw.bits, b_group=dw.group, **epilogue
         )
+    if _mosaic_blocks(a, b, ta, tb, epilogue):
+        # Scales varying along K on both operands, on Hopper: the warp-specialised wgmma kernel.
+        epi = {key: v for key, v in epilogue.items() if key not in ("out_spec", "config", "interpret")}
+        return block_mgpu.int8_matmul_block_mgpu(
+            a.values, a.scale, b.values, b.scale, a_tile=ta, b_tile=tb, **epi
+        )
     return int8_matmul_block_scaled(
         a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=ta, b_tile=tb, **epilogue
     )
+
+
+def _mosaic_blocks(a: QArray, b: QArray, ta: tuple[int, int], tb: tuple[int, int], epilogue: dict) -> bool:
+    """Whether ``matmul_qarrays``' block-scaled route runs on :mod:`pallas_kernels.int8_matmul_block_mgpu`:
+    compiled on Hopper, no explicit Triton config, shapes that tile, an epilogue it has; else Triton."""
+    (m, k), (n, _) = a.shape_2d, b.shape_2d
+    if m <= DECODE_MAX_M or epilogue.get("config") is not None or resolve_interpret(epilogue.get("interpret")):
+        return False
+    reason = block_mgpu.unsupported_reason(
+        m, n, k, a_tile=ta, b_tile=tb, b_bits=b.spec.bits, out_spec=epilogue.get("out_spec"),
+        residual=epilogue.get("residual"), out_dtype=epilogue.get("out_dtype", jnp.bfloat16),
+    )  # fmt: skip
+    return reason is None
 
 
 def matmul_qarrays_reference(

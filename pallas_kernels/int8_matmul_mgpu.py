@@ -388,7 +388,7 @@ def int8_matmul_mgpu(
     if interpret or not available():
         raise ValueError(
             "the Mosaic GPU INT8 GEMM runs compiled on an sm_90 (Hopper) GPU only: Mosaic GPU's interpreter "
-            "has no transposed int8 wgmma; use impl='triton' (int8_matmul) elsewhere"
+            "has no transposed int8 wgmma; use backend='triton' (int8_matmul) elsewhere"
         )
     m, k = a.shape
     n = b.shape[0]

@@ -20,7 +20,7 @@ from jq8.training.jetfire import (
 )
 from jq8.training.policy import Policy
 
-INT8 = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32)
+INT8 = Policy.from_name("jetfire-int8", backend="xla", compute_dtype=jnp.float32)
 F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)
 M = 45  # ragged token count: not a multiple of the 32-row block
 
@@ -93,7 +93,7 @@ def test_linear_grads_match_fp32_reference():
 
 
 def test_linear_without_bias_and_bf16_compute():
-    pol = Policy.from_name("jetfire-int8", use_kernels=False)  # bf16 outputs
+    pol = Policy.from_name("jetfire-int8", backend="xla")  # bf16 outputs
     x, w = rand(1, (M, 32)), rand(2, (32, 64), 0.2)
     y = jax.eval_shape(lambda x, w: jetfire_linear(x, w, None, jax.random.PRNGKey(0), pol), x, w)
     assert y.dtype == jnp.bfloat16 and y.shape == (M, 64)
@@ -112,7 +112,7 @@ def test_mlp_grads_match_fp32_reference(activation, rms, granularity):
     x, p = rand(4, (M, d)), mlp_params(d, f, activation, rms)
     key = jax.random.PRNGKey(3)
     pol = Policy.from_name(
-        "jetfire-int8", use_kernels=False, compute_dtype=jnp.float32, granularity=granularity
+        "jetfire-int8", backend="xla", compute_dtype=jnp.float32, granularity=granularity
     )
     check_grads(
         lambda x, p: jetfire_mlp(x, p, key, pol, activation=activation, rms=rms),
@@ -141,7 +141,7 @@ def test_norm_linear_grads_match_fp32_reference():
 def test_norm_linear_split_cols_equals_packed_output_and_grads(granularity, use_kernels):
     """split_cols=D gives q, k, v apart: the same values and the same gradients (same noise key) as the
     packed (.., 3D) output sliced afterwards."""
-    pol = Policy.from_name("jetfire-int8", use_kernels=use_kernels, granularity=granularity)
+    pol = Policy.from_name("jetfire-int8", backend="pallas" if use_kernels else "xla", granularity=granularity)
     x, w, b = rand(21, (2, 32, 64)), rand(22, (64, 192), 0.125), rand(23, (192,), 0.1)
     norm = {"scale": 1.0 + rand(24, (64,), 0.1), "bias": rand(25, (64,), 0.1)}
     key, ct = jax.random.PRNGKey(3), rand(26, (2, 32, 192))
@@ -168,7 +168,7 @@ def test_norm_linear_split_cols_equals_packed_output_and_grads(granularity, use_
 def test_return_input_residual_equals_outside_add(op, granularity, use_kernels):
     """x + branch(x) with x passed through the op (return_input: the residual's gradient is added inside the
     op's LayerNorm backward) has the values and gradients of the residual added outside."""
-    pol = Policy.from_name("jetfire-int8", use_kernels=use_kernels, granularity=granularity)
+    pol = Policy.from_name("jetfire-int8", backend="pallas" if use_kernels else "xla", granularity=granularity)
     x, key = rand(31, (2, 48, 64)), jax.random.PRNGKey(4)
     ct = rand(32, (2, 48, 64))
     if op == "mlp":
@@ -213,7 +213,7 @@ def test_return_input_residual_equals_outside_add(op, granularity, use_kernels):
 @pytest.mark.parametrize("granularity,use_kernels", [("row", True), ("row", False), ("block", True)])
 def test_linear_residual_is_added_in_the_epilogue(granularity, use_kernels):
     """jetfire_linear(..., residual=r) = r + x @ W + b in r's dtype; r's gradient is the output's."""
-    pol = Policy.from_name("jetfire-int8", use_kernels=use_kernels, granularity=granularity)
+    pol = Policy.from_name("jetfire-int8", backend="pallas" if use_kernels else "xla", granularity=granularity)
     x, w, b, r = rand(41, (2, 40, 64)), rand(42, (64, 96), 0.125), rand(43, (96,), 0.1), rand(44, (2, 40, 96))
     key, ct = jax.random.PRNGKey(5), rand(45, (2, 40, 96))
     y = jetfire_linear(x, w, b, key, pol, residual=r)
@@ -239,7 +239,7 @@ def test_linear_residual_is_added_in_the_epilogue(granularity, use_kernels):
 def test_per_gemm_toggles(fwd, gi, gw):
     pol = Policy.from_name(
         "jetfire-int8",
-        use_kernels=False,
+        backend="xla",
         compute_dtype=jnp.float32,
         int8_forward=fwd,
         int8_grad_input=gi,
@@ -289,7 +289,7 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_nearest_backward_rounding_is_deterministic_across_keys():
-    pol = Policy.from_name("jetfire-int8", use_kernels=False, rounding_bwd="nearest")
+    pol = Policy.from_name("jetfire-int8", backend="xla", rounding_bwd="nearest")
     x, w = rand(1, (40, 32)), rand(2, (32, 32))
     grad = jax.jit(
         lambda k: jax.grad(lambda w: jnp.sum(jetfire_linear(x, w, None, k, pol).astype(jnp.float32) ** 2))(w)
@@ -336,7 +336,7 @@ def test_layer_norm_forward_saves_int8_and_full_row_stats():
 
 def test_gelu_backward_matches_autodiff():
     u, da = rand(1, (M, 64), 2.0), rand(2, (M, 64))
-    pol = Policy.from_name("jetfire-int8", use_kernels=False, int8_grad_input=False, int8_grad_weight=False)
+    pol = Policy.from_name("jetfire-int8", backend="xla", int8_grad_input=False, int8_grad_weight=False)
 
     @jax.jit
     def run(da, u):
@@ -383,10 +383,10 @@ def test_dimension_not_multiple_of_block_raises():
 
 @pytest.mark.parametrize("granularity,hidden", [("block", 64), ("row", 64), ("row", 192)])
 def test_kernel_path_matches_reference_path(granularity, hidden):
-    """use_kernels=True (Pallas, interpret mode on CPU) against use_kernels=False on one small MLP."""
+    """backend="pallas" (Pallas, interpret mode on CPU) against backend="xla" on one small MLP."""
     pk, pr = (
-        Policy.from_name("jetfire-int8", use_kernels=k, compute_dtype=jnp.float32, granularity=granularity)
-        for k in (True, False)
+        Policy.from_name("jetfire-int8", backend=k, compute_dtype=jnp.float32, granularity=granularity)
+        for k in ("pallas", "xla")
     )
     # tokens > 64: int8_matmul fails for K < block_k. hidden 192: fc1's (1, 128) row groups are ragged (row).
     x, p = rand(4, (72, 64)), mlp_params(64, hidden)

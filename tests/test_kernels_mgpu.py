@@ -123,15 +123,15 @@ def test_reference_is_int8_matmul_reference_split():
 def test_mosaic_off_hopper_is_a_clear_error_and_auto_falls_back():
     a, b, sa, sb, bias, _ = _operands(1, 256, 256, 128)
     with pytest.raises(ValueError, match="sm_90"):
-        int8_matmul(a, b, sa, sb, impl="mosaic")
+        int8_matmul(a, b, sa, sb, backend="mosaic")
     assert "sm_90" in mg.unsupported_reason(
         256, 256, 128, b_bits=8, scales=True, out_spec=None, residual=None, out_dtype=jnp.bfloat16,
         split_cols=None,
     )  # fmt: skip
     out = int8_matmul(a, b, sa, sb, bias=bias)  # auto: the Triton kernel (interpret mode here)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(int8_matmul_reference(a, b, sa, sb, bias=bias)))
-    with pytest.raises(ValueError, match="impl must be"):
-        int8_matmul(a, b, sa, sb, impl="cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        int8_matmul(a, b, sa, sb, backend="cuda")
 
 
 def test_unsupported_reason_names_what_rules_the_kernel_out(monkeypatch):
@@ -255,7 +255,7 @@ def test_mosaic_matches_reference(m, n, k, epi):
         residual=res.astype(out_dtype) if epi.get("residual") else None,
         out_dtype=out_dtype,
     )
-    out = int8_matmul(a, b, sa, sb, impl="mosaic", **kw)
+    out = int8_matmul(a, b, sa, sb, backend="mosaic", **kw)
     assert out.dtype == out_dtype and out.shape == (m, n)
     _close(out, int8_matmul_reference(a, b, sa, sb, **kw))
 
@@ -302,7 +302,7 @@ def test_mosaic_gelu_epilogue_math_matches_exact_gelu(math_, requantize):
 @pytest.mark.parametrize("n, d", [(2304, 768), (4800, 1600)])
 def test_mosaic_split_cols_matches_packed_columns(n, d):
     a, b, sa, sb, bias, _ = _operands(7, 512, n, d)
-    parts = int8_matmul(a, b, sa, sb, bias=bias, split_cols=d, impl="mosaic")
+    parts = int8_matmul(a, b, sa, sb, bias=bias, split_cols=d, backend="mosaic")
     ref = int8_matmul_reference(a, b, sa, sb, bias=bias)
     assert len(parts) == n // d
     _close(np.concatenate([np.asarray(p, np.float32) for p in parts], axis=1), ref)
@@ -343,7 +343,7 @@ def _close_codes(q, ref):
 def test_mosaic_requantized_output_matches_reference(m, n, k, group):
     a, b, sa, sb, bias, _ = _operands(m + n + group, m, n, k)
     spec = QuantSpec(tile=(1, group))
-    q = int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, impl="mosaic")
+    q = int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, backend="mosaic")
     ref = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec)
     assert q.values.dtype == jnp.int8 and q.values.shape == (m, n) and q.scale.shape == (m, n // group)
     _close_codes(q, ref)
@@ -380,7 +380,7 @@ def test_mosaic_fc1_codes_feed_fc2_groups():
     a, w1, sa, s1, b1, _ = _operands(21, m, f, d)
     _, w2, _, s2, b2, res = _operands(22, m, d, f)
     spec = QuantSpec(tile=(1, 128))
-    u = jax.jit(lambda *x: int8_matmul(*x, bias=b1, activation="gelu", out_spec=spec, impl="mosaic"))(
+    u = jax.jit(lambda *x: int8_matmul(*x, bias=b1, activation="gelu", out_spec=spec, backend="mosaic"))(
         a, w1, sa, s1
     )
     y = mg.int8_matmul_mgpu(u.values, w2, u.scale, s2, bias=b2, residual=res, out_dtype=jnp.float32)

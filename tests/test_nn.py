@@ -14,7 +14,7 @@ from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy
 
 BF16 = Policy.from_name("bf16")
 F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)  # the float block: no INT8, fp32 compute
-INT8 = Policy.from_name("jetfire-int8", use_kernels=False)
+INT8 = Policy.from_name("jetfire-int8", backend="xla")
 
 
 class Block(nn.Module):
@@ -186,7 +186,7 @@ def test_apply_policy_reroutes_matching_dense_layers():
     x = normal(5, (40, 64))
     v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     pm = apply_policy(
-        model, {r"fc[12]": Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32)}
+        model, {r"fc[12]": Policy.from_name("jetfire-int8", backend="xla", compute_dtype=jnp.float32)}
     )
     assert shapes(jax.eval_shape(pm.init, jax.random.PRNGKey(0), x)) == shapes(v)
 
@@ -211,8 +211,8 @@ def test_named_policies_and_spec_strings():
         assert Policy.from_name(name) == parse_policy(name)
     row = parse_policy("int8-row")
     assert row.int8 and row.granularity == "row"
-    blk = parse_policy("jetfire-int8:block=64,rounding_bwd=nearest", use_kernels=False)
-    assert (blk.block, blk.rounding_bwd, blk.use_kernels, blk.granularity) == ((64, 64), "nearest", False, "block")
+    blk = parse_policy("jetfire-int8:block=64,rounding_bwd=nearest", backend="xla")
+    assert (blk.block, blk.rounding_bwd, blk.backend, blk.granularity) == ((64, 64), "nearest", "xla", "block")
     assert parse_policy("jetfire-int8:block=32x128").block == (32, 128)
     assert parse_policy("jetfire-int8:int8_grad_weight=false").int8_grad_weight is False
     for bad, msg in [("int9", "unknown policy name 'int9'"), ("jetfire-int8:block", "is not field=value"),
@@ -244,7 +244,7 @@ def test_int8_dot_general_in_flax_dense():
 
     from jq8.training.nn import Int8DotGeneral
 
-    pol = Policy.from_name("jetfire-int8", use_kernels=False, compute_dtype=jnp.float32)
+    pol = Policy.from_name("jetfire-int8", backend="xla", compute_dtype=jnp.float32)
     x = normal(6, (2, 19, 64))
     plain = nn.Dense(96)
     q = nn.Dense(96, dot_general_cls=functools.partial(Int8DotGeneral, policy=pol))

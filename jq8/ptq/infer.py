@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from jq8.ptq.schemes import QuantizedParams, QuantRule
-from jq8.rules import module_path
 from jq8.quant import QArray, QuantSpec, check_int32_k, qmax, quantize, quantize_with_scale, unpack_int4
+from jq8.rules import module_path
 
 TOKEN_SPEC = QuantSpec.per_row(8)
 STATIC_SPEC = QuantSpec.per_tensor(8)
@@ -452,27 +452,32 @@ def _fused_attention(
     residual: jax.Array | None = None,
 ) -> jax.Array:
     """jq8.training.nn.AttentionBlock, INT8 projections: LN+quantize -> qkv GEMM -> attention (float) -> quantize
-    -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous); the float core
+    -> out GEMM. Mirrors AttentionBlock.__call__ (layout [q | k | v], heads contiguous, grouped KV heads
+    kept grouped); the float core
     (rotary, KV cache when ``decode``, softmax attention) is the block's own ``attend`` on the bound module,
     so the cached INT8 model reads and advances the same "cache" variables as the float one."""
+    from jq8.training.nn import split_qkv_columns
+
     p = module.variables["params"]
     b, t, d = x.shape
-    h = module.num_heads
+    h, hk = module.num_heads, module.kv_heads
+    hd = d // h
     cd = module.policy.compute_dtype
     x2, w = x.reshape(-1, d), qp.weights[f"{path}/qkv"]
     # At decode sizes a split-K qkv GEMV leaves its partial sums to the attention kernel (module.attend
-    # finishes them with XLA on any other path): one launch fewer per layer. Otherwise the GEMM writes q, k
-    # and v as three arrays, so attention needs no slicing copies of a packed qkv.
+    # finishes them with XLA on any other path): one launch fewer per layer. Otherwise the GEMM writes its
+    # output as KV-head-wide column blocks (q, k, v; with grouped KV heads q is the first h / hk blocks), so
+    # attention needs no slicing copies of a packed qkv.
     if _in_kernel_quantize(x2, w, backend, norm=True):
         layout = dict(split_sum="defer")
     else:
-        layout = dict(split_cols=d)
+        layout = dict(split_cols=hk * hd)
     norm = _block_norm(module, p, path in qp.folded_norms)
     qkv = tokens_matmul(x2, w, backend=backend, norm=norm, bias=_bias(p, "qkv"), out_dtype=cd, **layout)
     if isinstance(qkv, tuple):
-        qkv = tuple(a.reshape(b, t, h, d // h) for a in qkv)
+        qkv = tuple(a.reshape(b, t, -1, hd) for a in split_qkv_columns(qkv, h, hk))
     else:
-        qkv = qkv.reshape(b, t, 3, h, d // h)
+        qkv = qkv.reshape(b, t, h + 2 * hk, hd)
     o = module.attend(qkv, mask, decode).reshape(b * t, d)
     out = qp.weights[f"{path}/out"]
     res = _rows(residual, d)

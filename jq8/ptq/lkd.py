@@ -32,7 +32,6 @@ captured). Blocks of the same structure share one set of compiled functions (one
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -44,8 +43,8 @@ import optax
 
 from jq8.ptq.infer import TOKEN_SPEC
 from jq8.ptq.schemes import QuantRule, assign_rules, dense_paths
-from jq8.rules import compile_pattern, get_path, module_path, set_path
 from jq8.quant import fake_quantize
+from jq8.rules import compile_pattern, get_path, module_path, set_path
 
 BLOCK_PATTERN = r"(^|/)(blocks|layer|layers|h)_\d+$"
 LAST_BLOCK_LOSSES = ("mse", "kl", "mse+kl")

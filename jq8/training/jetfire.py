@@ -77,16 +77,16 @@ def norm_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array | None, *, ep
 
 
 def activation_reference(u: jax.Array, v: jax.Array | None, activation: str) -> jax.Array:
-    """gelu(u) (exact erf) or u * silu(v), in the inputs' dtype (bf16 under the bf16 policy, so autodiff
-    keeps bf16 residuals, as a plain bf16 Flax MLP does)."""
-    if activation == "gelu":
-        return jax.nn.gelu(u, approximate=False)
+    """gelu(u) (exact erf), its tanh form ("gelu_tanh", GPT-2's) or u * silu(v), in the inputs' dtype (bf16
+    under the bf16 policy, so autodiff keeps bf16 residuals, as a plain bf16 Flax MLP does)."""
+    if activation in ("gelu", "gelu_tanh"):
+        return jax.nn.gelu(u, approximate=activation == "gelu_tanh")
     return u * jax.nn.silu(v)
 
 
 def _act_reference(params: Params, h: jax.Array, activation: str, cd) -> jax.Array:
     u = linear_reference(h, params["fc1"]["kernel"], params["fc1"].get("bias"), cd)
-    v = None if activation == "gelu" else linear_reference(h, params["gate"]["kernel"],
+    v = None if activation != "swiglu" else linear_reference(h, params["gate"]["kernel"],
                                                            params["gate"].get("bias"), cd)
     return activation_reference(u, v, activation)
 
@@ -190,7 +190,7 @@ def _norm_linear_bwd(policy, eps, rms, split, return_input, res, g):
     db = db[0] if has_bias else None
     dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, norm["scale"], rms=rms, has_beta="bias" in norm,
                                            residual_grad=g_residual, out_dtype=x_dtype,
-                                           use_kernels=policy.use_kernels)
+                                           backend=policy.backend)
     dnorm = {"scale": dgamma, **({"bias": dbeta} if "bias" in norm else {})}
     return dx, dnorm, dw, db, None
 
@@ -290,14 +290,14 @@ def _mlp_bwd(policy, activation, eps, rms, residual, res, g):
     pack("fc1", ops.grad_weight(h_dw, du_dw, policy), db1)
     dx, dgamma, dbeta = ops.layer_norm_bwd(dh, ln_res, gamma, rms=rms, has_beta="bias" in names["norm"],
                                            residual_grad=g_residual, out_dtype=x_tag.dtype,
-                                           use_kernels=policy.use_kernels)
+                                           backend=policy.backend)
     grads["norm"] = {"scale": dgamma, **({"bias": dbeta} if "bias" in names["norm"] else {})}
     return dx, grads, None
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 
 
 def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Policy, *,
@@ -315,6 +315,9 @@ def jetfire_mlp(x: jax.Array, params: Params, key: jax.Array | None, policy: Pol
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "gelu_tanh" and policy.int8:
+        raise ValueError("the Jetfire INT8 MLP runs exact GELU or SwiGLU; a gelu_tanh MLP (GPT-2 checkpoints) "
+                         "trains under the bf16 policy")
     if return_input and add_input:
         raise ValueError("return_input and add_input exclude each other: the first returns (branch, x), the "
                          "second x + branch")

@@ -52,14 +52,14 @@ def activation_operands(y: jax.Array, policy: Policy) -> tuple[Operand, Operand]
     INT8 forward: QArray (M, N) round-to-nearest; INT8 grad-weight: QArray (N, M) of y^T (same pass).
     When only the forward is INT8, the backward reuses the forward QArray (dequantized there).
     """
-    cd, k = policy.compute_dtype, policy.use_kernels
+    cd, k = policy.compute_dtype, policy.backend
     if policy.int8_forward and policy.int8_grad_weight:
-        return kb.quantize_tiles(y, policy.spec, transposed_spec=policy.spec_t, use_kernels=k)
+        return kb.quantize_tiles(y, policy.spec, transposed_spec=policy.spec_t, backend=k)
     if policy.int8_forward:
-        q = kb.quantize_tiles(y, policy.spec, use_kernels=k)
+        q = kb.quantize_tiles(y, policy.spec, backend=k)
         return q, q
     if policy.int8_grad_weight:
-        return y.astype(cd), kb.quantize_tiles(y.T, policy.spec_t, use_kernels=k)
+        return y.astype(cd), kb.quantize_tiles(y.T, policy.spec_t, backend=k)
     return y.astype(cd), y.astype(cd)
 
 
@@ -70,15 +70,15 @@ def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: 
 
     INT8 grad-input: QArray (M, N); INT8 grad-weight: QArray (N, M) of g^T; rounding ``policy.rounding_bwd``.
     """
-    cd, k, r = policy.compute_dtype, policy.use_kernels, policy.rounding_bwd
+    cd, k, r = policy.compute_dtype, policy.backend, policy.rounding_bwd
     seed = seed if r == "stochastic" else None
     if policy.int8_grad_input and policy.int8_grad_weight:  # g may be column parts: quantized in place
         return kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, transposed_spec=policy.spec_t,
-                                 column_sum=column_sum, use_kernels=k)
+                                 column_sum=column_sum, backend=k)
     g = jnp.concatenate(g, axis=1) if isinstance(g, tuple) else g
-    g_dx = kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, use_kernels=k) if policy.int8_grad_input \
+    g_dx = kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, backend=k) if policy.int8_grad_input \
         else g.astype(cd)
-    g_dw = kb.quantize_tiles(g.T, policy.spec_t, rounding=r, seed=seed, use_kernels=k) \
+    g_dw = kb.quantize_tiles(g.T, policy.spec_t, rounding=r, seed=seed, backend=k) \
         if policy.int8_grad_weight else g.astype(cd)
     return (g_dx, g_dw, jnp.sum(g.astype(F32), axis=0)) if column_sum else (g_dx, g_dw)
 
@@ -88,7 +88,7 @@ def weight_operands(w: jax.Array, policy: Policy) -> tuple[Operand, Operand]:
     grad-input operand: QArray (K, N) or the fp32 master). Re-quantized every step, round-to-nearest."""
     if not (policy.int8_forward or policy.int8_grad_input):
         return w.astype(policy.compute_dtype), w
-    qw, qwt = kb.quantize_tiles(w, policy.spec, transposed_spec=policy.spec_t, use_kernels=policy.use_kernels)
+    qw, qwt = kb.quantize_tiles(w, policy.spec, transposed_spec=policy.spec_t, backend=policy.backend)
     w_fwd = qwt if policy.int8_forward else w.astype(policy.compute_dtype)
     return w_fwd, (qw if policy.int8_grad_input else w)
 
@@ -110,7 +110,7 @@ def linear_fwd(
     if isinstance(x_fwd, QArray):
         extra = {} if residual is None else {"residual": residual}
         return kb.matmul_qarrays(x_fwd, w_fwd, bias=bias, out_dtype=out_dtype, out_spec=out_spec,
-                                 split_cols=split_cols, use_kernels=policy.use_kernels, **extra)
+                                 split_cols=split_cols, backend=policy.backend, **extra)
     y = _dot(x_fwd, w_fwd, (1, 0), policy.compute_dtype)
     if bias is not None:
         y = y + bias.astype(F32)
@@ -137,14 +137,14 @@ def linear_bwd(
 def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy, out_dtype=F32) -> jax.Array:
     """dX = dY W^T: (M, N) x (K, N) -> (M, K) ``out_dtype`` (fp32 accumulation)."""
     if policy.int8_grad_input:
-        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=out_dtype, use_kernels=policy.use_kernels)
+        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=out_dtype, backend=policy.backend)
     return _dot(g_dx, w_dx, (1, 1), policy.compute_dtype).astype(out_dtype)
 
 
 def grad_weight(x_dw: Operand, g_dw: Operand, policy: Policy) -> jax.Array:
     """dW = X^T dY -> (K, N) f32. INT8: X^T (K, M) x dY^T (N, M); else X (M, K), dY (M, N)."""
     if policy.int8_grad_weight:
-        return kb.matmul_qarrays(x_dw, g_dw, out_dtype=F32, use_kernels=policy.use_kernels)
+        return kb.matmul_qarrays(x_dw, g_dw, out_dtype=F32, backend=policy.backend)
     return _dot(x_dw, g_dw, (0, 0), policy.compute_dtype)
 
 
@@ -175,7 +175,7 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
         t_spec = policy.spec_t if policy.int8_grad_weight else None
         h_fwd, *outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.spec,
                                               transposed_spec=t_spec, input_spec=policy.storage_spec,
-                                              use_kernels=policy.use_kernels)
+                                              backend=policy.backend)
         h_dw = outs.pop(0) if t_spec is not None else h_fwd
         x_saved, mean, rstd = outs
         return h_fwd, h_dw, (x_saved, mean, rstd)
@@ -186,7 +186,7 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
 
 
 def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool, residual_grad=None,
-                   out_dtype=F32, use_kernels: bool = True):
+                   out_dtype=F32, backend: str = "pallas"):
     """Exact LayerNorm/RMSNorm backward with full-row reductions (one fused kernel pass under kernels).
 
     dh: (M, D) float dL/dLN(x); residual_grad: None or (M, D), the residual stream's gradient, added to dx
@@ -194,7 +194,7 @@ def layer_norm_bwd(dh: jax.Array, residuals, gamma, *, rms: bool, has_beta: bool
     """
     x_saved, mean, rstd = residuals
     return kb.layer_norm_backward(dh, x_saved, mean, rstd, gamma, rms=rms, has_beta=has_beta,
-                                  residual_grad=residual_grad, out_dtype=out_dtype, use_kernels=use_kernels)
+                                  residual_grad=residual_grad, out_dtype=out_dtype, backend=backend)
 
 
 # -------------------------------------------------------------------------------------- activations
@@ -206,7 +206,7 @@ def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
     if isinstance(u, QArray):
         t_spec = policy.spec_t if policy.int8_grad_weight else None
         out = kb.bias_gelu_quantize(u, None, spec=policy.spec, activation="gelu", transposed_spec=t_spec,
-                                    use_kernels=policy.use_kernels)
+                                    backend=policy.backend)
         return out if t_spec is not None else (out, out)
     return activation_operands(kb.gelu(_float(u)).astype(policy.compute_dtype), policy)
 
@@ -222,7 +222,7 @@ def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
         return kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
                                          seed=seed if r == "stochastic" else None,
                                          transposed_spec=policy.spec_t, column_sum=True,
-                                         use_kernels=policy.use_kernels)
+                                         backend=policy.backend)
     du = da.astype(F32) * kb.gelu_grad(_float(u))
     g_dx, g_dw = grad_operands(du.astype(policy.compute_dtype), policy, seed)
     return g_dx, g_dw, jnp.sum(du, axis=0)
@@ -253,7 +253,7 @@ def residual_add(x: jax.Array, branch: Operand, policy: Policy) -> tuple[jax.Arr
     block copy) in one place; the copy is what a following INT8 LayerNorm backward keeps. The backward of
     an add is the identity for both inputs (``residual_add_bwd``)."""
     y = x.astype(F32) + _float(branch)
-    return y, kb.quantize_tiles(y, policy.storage_spec, use_kernels=policy.use_kernels)
+    return y, kb.quantize_tiles(y, policy.storage_spec, backend=policy.backend)
 
 
 def residual_add_bwd(g: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -77,8 +77,8 @@ class Policy:
       grad-input GEMM dX = dY W^T, the grad-weight GEMM dW = X^T dY); a GEMM switched off runs in
       ``compute_dtype`` with fp32 accumulation.
     compute_dtype: dtype of the high-precision GEMMs and of block outputs' intermediate values.
-    use_kernels: run the Pallas kernels (interpret mode on CPU); False uses their pure-jnp references
-      (fast on CPU, for tests).
+    backend: "pallas" runs the INT8 ops on the Pallas kernels (interpret mode on CPU); "xla" runs their
+      pure-jnp references through XLA (fast on CPU, for tests; the same name PTQ inference takes).
     granularity: scales of the GEMM operands. "block" (Jetfire): ``block`` tiles, one quantized tensor
       serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
@@ -94,7 +94,7 @@ class Policy:
     int8_grad_input: bool = True
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
-    use_kernels: bool = True
+    backend: Literal["pallas", "xla"] = "pallas"
     granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
@@ -109,6 +109,8 @@ class Policy:
         object.__setattr__(self, "block", block)
         if self.granularity not in ("block", "row"):
             raise ValueError(f"granularity must be 'block' or 'row', got {self.granularity!r}")
+        if self.backend not in ("pallas", "xla"):
+            raise ValueError(f"backend must be 'pallas' or 'xla', got {self.backend!r}")
         if self.rounding_bwd not in ("stochastic", "nearest"):
             raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
         dt = jnp.dtype(self.compute_dtype)
@@ -187,7 +189,7 @@ class Policy:
 def parse_policy(spec: str, **overrides) -> Policy:
     """A Policy from a spec string ``NAME[:field=value[,field=value...]]``, e.g. ``"int8-row"`` or
     ``"jetfire-int8:block=64"`` (``block=64`` means 64 x 64; ``block=32x128`` a (32, 128) tile).
-    Keyword ``overrides`` apply last (e.g. ``use_kernels``)."""
+    Keyword ``overrides`` apply last (e.g. ``backend="xla"``)."""
     name, _, rest = spec.partition(":")
     fields: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
