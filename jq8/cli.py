@@ -65,6 +65,8 @@ def run(
     """
     try:
         main(argv)
+    except SystemExit as e:  # argparse's --help (0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
     except UsageError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

