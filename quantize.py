@@ -237,7 +237,7 @@ def float_model(model_config: dict):
     from models.presets import build_model
 
     cfg = {**model_config, "remat": False} if "remat" in model_config else model_config
-    return build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    return build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
 
 
 def eval_data(meta: dict, args, seq_len: int):

@@ -99,8 +99,8 @@ def help_text(argv: list[str]) -> str:
 def make_policy(cfg: TrainConfig) -> Policy:
     if cfg.backend not in ("auto", "pallas", "xla"):
         raise UsageError(f"--backend={cfg.backend!r}: expected auto, pallas or xla")
-    use_kernels = jax.default_backend() == "gpu" if cfg.backend == "auto" else cfg.backend == "pallas"
-    return parse_policy(cfg.policy, use_kernels=use_kernels)
+    backend = ("pallas" if jax.default_backend() == "gpu" else "xla") if cfg.backend == "auto" else cfg.backend
+    return parse_policy(cfg.policy, backend=backend)
 
 
 def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> bool:
@@ -111,7 +111,7 @@ def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> 
     if mesh.size == 1:
         return False
     if mode == "auto":  # the INT8 policy's Pallas kernels cannot be partitioned by XLA
-        return policy.name != "bf16" and policy.use_kernels
+        return policy.name != "bf16" and policy.backend == "pallas"
     return mode == "shard_map"
 
 
@@ -224,7 +224,7 @@ def check_int8_dims(model_cfg, policy: Policy, given: str) -> None:
     --policy (or a --model.d_model) that works. given: the --policy value."""
     if not policy.int8 or policy.granularity != "block":
         return
-    kernels = policy.use_kernels
+    kernels = policy.backend == "pallas"
     block = max(policy.block)
     spec = lambda b: f"--policy={policy.name}:block={b}"
     if kernels and min(policy.block) < MIN_KERNEL_BLOCK:
