@@ -222,9 +222,9 @@ def test_data_parallel_mode_is_checked_and_auto_picks_shard_map_for_int8_kernels
     class TwoDevices:  # use_shard_map reads only the mesh's size
         size = 2
 
-    int8 = Policy.from_name("jetfire-int8", use_kernels=True)
+    int8 = Policy.from_name("jetfire-int8", backend="pallas")
     assert train.use_shard_map(TrainConfig(), int8, TwoDevices())
-    refs = Policy.from_name("jetfire-int8", use_kernels=False)  # jnp references: XLA partitions them
+    refs = Policy.from_name("jetfire-int8", backend="xla")  # jnp references: XLA partitions them
     assert not train.use_shard_map(TrainConfig(), refs, TwoDevices())
     assert not train.use_shard_map(TrainConfig(), Policy.from_name("bf16"), TwoDevices())
     assert not train.use_shard_map(TrainConfig(data_parallel="gspmd"), int8, TwoDevices())
