@@ -11,6 +11,7 @@ from typing import Any
 
 # jq8.training.nn.ATTENTION_IMPLEMENTATIONS (not imported: presets stay importable without pulling in JAX)
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas")
+ACTIVATIONS = {"gpt": ("gelu", "gelu_tanh"), "llama": ("swiglu",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,17 @@ class ModelConfig:
       unmasked, non-decoding calls of even length with head_dim % 8 == 0 and <= 128, the Pallas decode
       kernel for one-token cached calls on GPU, else XLA ("pallas": that kernel on any backend). Configs saved
       before this field existed load with the default (``from_dict`` fills missing fields).
+    num_kv_heads: key / value heads of grouped-query attention (query head i reads KV head
+      i // (num_heads / num_kv_heads)); 0 means num_heads (multi-head attention). The qkv projection is
+      (d_model, (num_heads + 2 * num_kv_heads) * head_dim) and the KV cache holds num_kv_heads heads.
+    rope_theta: rotary base (llama family).
+    norm_eps: epsilon of every norm; None keeps the models' own defaults (1e-5 in the blocks, Flax's 1e-6
+      in the final norm), which configs saved before this field existed were trained with.
+    qkv_bias: llama family: biases on the q / k / v projection only (Qwen2). GPT has all biases.
+    tie_embeddings: LM head = the token embedding (transposed); None means the family's default (gpt tied,
+      llama untied). GPT is always tied.
+    activation: MLP activation; "" means the family's default ("gelu" for gpt, "swiglu" for llama). gpt
+      also takes "gelu_tanh" (GPT-2's own "gelu_new").
     """
 
     family: str = "gpt"
@@ -41,6 +53,12 @@ class ModelConfig:
     dropout_rate: float = 0.0
     remat: bool = False
     attention: str = "auto"
+    num_kv_heads: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float | None = None
+    qkv_bias: bool = False
+    tie_embeddings: bool | None = None
+    activation: str = ""
 
     def __post_init__(self):
         if self.family not in ("gpt", "llama"):
@@ -51,6 +69,34 @@ class ModelConfig:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.d_model // self.num_heads}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.family == "gpt" and self.tie_embeddings is False:
+            raise ValueError("the gpt family always ties its LM head to the token embedding (tie_embeddings)")
+        if self.family == "gpt" and self.qkv_bias:
+            raise ValueError("qkv_bias is a llama-family option (gpt already has biases on every projection)")
+        if self.mlp_activation not in ACTIVATIONS[self.family]:
+            raise ValueError(f"activation for family {self.family!r} must be one of {ACTIVATIONS[self.family]}, "
+                             f"got {self.activation!r}")
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key / value heads (num_kv_heads, or num_heads when that is 0)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def tied_head(self) -> bool:
+        return self.family == "gpt" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def mlp_activation(self) -> str:
+        return self.activation or ("gelu" if self.family == "gpt" else "swiglu")
 
     @property
     def hidden(self) -> int:

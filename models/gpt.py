@@ -41,6 +41,7 @@ class DecoderBlock(nn.Module):
         c = self.config
         llama = c.family == "llama"
         norm = "rmsnorm" if llama else "layernorm"
+        eps = 1e-5 if c.norm_eps is None else c.norm_eps
         attn = AttentionBlock(
             c.num_heads,
             self.policy,
@@ -48,15 +49,20 @@ class DecoderBlock(nn.Module):
             rotary=llama,
             causal=True,
             dropout_rate=c.dropout_rate,
+            eps=eps,
             implementation=c.attention,
+            num_kv_heads=c.kv_heads,
+            qkv_bias=c.qkv_bias if llama else None,
+            rope_theta=c.rope_theta,
             name="attn",
         )
         mlp = MlpBlock(
             c.hidden,
             self.policy,
-            activation="swiglu" if llama else "gelu",
+            activation=c.mlp_activation,
             norm=norm,
             dropout_rate=c.dropout_rate,
+            eps=eps,
             name="mlp",
         )
         # the branches add the residual themselves: the INT8 inference path folds it into a GEMM epilogue
@@ -99,7 +105,7 @@ class GPT(nn.Module):
         x = wte(tokens) + wpe(self._positions(t, decode))[None]
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         x = decoder_stack(c, self.policy, x, deterministic, decode)
-        x = nn.LayerNorm(dtype=jnp.float32, name="ln_f")(x)
+        x = nn.LayerNorm(epsilon=final_norm_eps(c), dtype=jnp.float32, name="ln_f")(x)
         return wte.attend(x.astype(jnp.float32))
 
     def _positions(self, t: int, decode: bool) -> jax.Array:
@@ -116,6 +122,11 @@ class GPT(nn.Module):
         start = pos.value
         pos.value = start + t
         return start + jnp.arange(t, dtype=jnp.int32)
+
+
+def final_norm_eps(config: ModelConfig) -> float:
+    """The final norm's epsilon: ``norm_eps``, or Flax's default 1e-6 when the config leaves it None."""
+    return 1e-6 if config.norm_eps is None else config.norm_eps
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -1,9 +1,12 @@
-"""LLaMA-style decoder: rotary positions, pre-RMSNorm blocks, SwiGLU MLP, untied LM head.
+"""LLaMA-style decoder: rotary positions, pre-RMSNorm blocks, SwiGLU MLP, untied (or tied) LM head.
 
 Same policy seam as :mod:`models.gpt`: the branches are ``jq8.training.nn`` modules; embedding, final norm and LM
 head run in fp32. Parameter tree::
 
     wte/embedding (vocab, d)   h_i/attn/...   h_i/mlp/...   ln_f/scale (d,)   lm_head/kernel (d, vocab)
+
+(no ``lm_head`` when ``config.tied_head``: the logits are x @ wte^T). Grouped-query attention, rotary
+base, norm epsilon and q/k/v biases come from the config (:class:`models.config.ModelConfig`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.gpt import EMBED_INIT, decoder_stack, lm_loss
+from models.gpt import EMBED_INIT, decoder_stack, final_norm_eps, lm_loss
 
 __all__ = ["Llama", "lm_loss"]
 
@@ -34,11 +37,13 @@ class Llama(nn.Module):
         c = self.config
         if tokens.shape[-1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_seq_len={c.max_seq_len}")
-        x = nn.Embed(c.vocab_size, c.d_model, embedding_init=EMBED_INIT, name="wte")(tokens)
-        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        wte = nn.Embed(c.vocab_size, c.d_model, embedding_init=EMBED_INIT, name="wte")
+        x = nn.Dropout(c.dropout_rate)(wte(tokens), deterministic=deterministic)
         x = decoder_stack(c, self.policy, x, deterministic, decode)
-        x = nn.RMSNorm(dtype=jnp.float32, name="ln_f")(x)
+        x = nn.RMSNorm(epsilon=final_norm_eps(c), dtype=jnp.float32, name="ln_f")(x).astype(jnp.float32)
+        if c.tied_head:
+            return wte.attend(x)
         head = nn.Dense(
             c.vocab_size, use_bias=False, dtype=jnp.float32, kernel_init=EMBED_INIT, name="lm_head"
         )
-        return head(x.astype(jnp.float32))
+        return head(x)

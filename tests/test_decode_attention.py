@@ -130,8 +130,8 @@ def test_scale():
     "q_shape,k_shape,v_shape,match",
     [
         ((2, 32), (1, 8, 2, 32), (1, 8, 2, 32), r"q must be \(B, H, Dh\)"),
-        ((1, 2, 32), (8, 2, 32), (8, 2, 32), r"must be \(B, L, H, Dh\)"),
-        ((1, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32, 1), r"must be \(B, L, H, Dh\)"),
+        ((1, 2, 32), (8, 2, 32), (8, 2, 32), r"must be \(B, L, Hkv, Dh\)"),
+        ((1, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32, 1), r"must be \(B, L, Hkv, Dh\)"),
         ((1, 2, 32), (1, 8, 3, 32), (1, 8, 3, 32), r"= \(1, 8, 2, 32\) to match q"),
         ((2, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32), r"= \(2, 8, 2, 32\) to match q"),
         ((1, 2, 32), (1, 8, 2, 32), (1, 9, 2, 32), r"= \(1, 8, 2, 32\) to match q"),
@@ -255,10 +255,12 @@ def test_update_finishes_split_k_sums(scales):
 
 def test_update_errors():
     _, k, v = _packed(0, 1, 2, 8, 32)
-    with pytest.raises(ValueError, match=r"qkv must be \(B, 3, H, Dh\)"):
+    with pytest.raises(ValueError, match=r"qkv must be \(B, H \+ 2 Hkv, Dh\)"):
         decode_attention_update(jnp.ones((1, 2, 2, 32)), k, v, 1)
-    with pytest.raises(ValueError, match="to match q"):
-        decode_attention_update(jnp.ones((1, 3, 4, 32)), k, v, 1)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, H \+ 2 Hkv, Dh\) .* the caches' 2 heads"):
+        decode_attention_update(jnp.ones((1, 3, 4, 32)), k, v, 1)  # (B, 3, H, Dh) is multi-head only
+    with pytest.raises(ValueError, match=r"Hkv dividing H"):
+        decode_attention_update(jnp.ones((1, 7, 32)), k, v, 1)  # H = 3 query heads over 2 KV heads
     with pytest.raises(ValueError, match="length must be a scalar"):
         decode_attention_update(jnp.ones((1, 3, 2, 32)), k, v, jnp.ones((2,), jnp.int32))
     parts = jnp.ones((2, 1, 3 * 2 * 32), jnp.int32)
@@ -307,6 +309,81 @@ def test_int32_offset_guard():
 def test_update_triton_lowering(verified_triton_modules, dtype):
     qkv = jax.ShapeDtypeStruct((2, 3, 4, 64), dtype)
     cache = jax.ShapeDtypeStruct((2, 100, 4, 64), jnp.bfloat16)
+    fn = lambda qkv, k, v, n: decode_attention_update(qkv, k, v, n, interpret=False)
+    jax.jit(fn).trace(qkv, cache, cache, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)
+    )
+    (module,) = verified_triton_modules
+    assert "scf.for" in module
+
+
+# ------------------------------------------------------------------------------------ grouped-query attention
+# The references here repeat each KV head for its query heads (the plain multi-head computation), so the
+# kernels' grouping (query head h -> KV head h // g) is checked against an independent formulation.
+
+GQA_SHAPES = [(1, 6, 2, 40, 32), (2, 4, 1, 24, 16), (1, 9, 3, 33, 64)]  # (B, H, Hkv, L, Dh)
+
+
+def _repeat_kv(x, group):
+    return jnp.repeat(x, group, axis=2)
+
+
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gqa_matches_repeated_kv_reference(shape):
+    b, h, hk, seq_len, dh = shape
+    q, _, _ = _inputs(sum(shape), b, h, seq_len, dh)
+    _, k, v = _inputs(sum(shape) + 1, b, hk, seq_len, dh)
+    for n in (1, 17, seq_len):
+        out = decode_attention(q, k, v, jnp.int32(n), block_l=16)
+        want = decode_attention_reference(q, _repeat_kv(k, h // hk), _repeat_kv(v, h // hk), n)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=f"length={n}")
+        np.testing.assert_allclose(decode_attention_reference(q, k, v, n), want, rtol=1e-6, atol=1e-6)
+
+
+def _gqa_step_reference(qkv, k, v, index, h, hk):
+    """The cache step with the KV heads repeated: write the new Hkv heads, attend over repeated heads."""
+    q, kn, vn = qkv[:, :h], qkv[:, h : h + hk], qkv[:, h + hk :]
+    p = min(index, k.shape[1] - 1)
+    k = k.at[:, p].set(kn.astype(k.dtype))
+    v = v.at[:, p].set(vn.astype(v.dtype))
+    o = decode_attention_reference(q, _repeat_kv(k, h // hk), _repeat_kv(v, h // hk), p + 1)
+    return o, k, v, index + 1
+
+
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gqa_update_matches_repeated_kv_reference(shape):
+    b, h, hk, seq_len, dh = shape
+    ks = jax.random.split(jax.random.key(sum(shape)), 3)
+    qkv = jax.random.normal(ks[0], (b, h + 2 * hk, dh))
+    k, v = (jax.random.normal(kk, (b, seq_len, hk, dh)) for kk in ks[1:])
+    for index in (0, 16, seq_len - 1, seq_len + 2):
+        out = decode_attention_update(qkv, k, v, jnp.int32(index), block_l=16)
+        assert out[0].shape == (b, h, dh)
+        want = _gqa_step_reference(qkv, k, v, index, h, hk)
+        _assert_step(out, want, 1e-5)
+        _assert_step(decode_attention_update_reference(qkv, k, v, index), want, 1e-5)
+
+
+def test_gqa_update_finishes_split_k_sums():
+    b, h, hk, seq_len, dh, splits = 2, 4, 2, 24, 16, 2
+    n = (h + 2 * hk) * dh
+    ks = jax.random.split(jax.random.key(3), 6)
+    parts = jax.random.randint(ks[0], (splits, b, n), -4000, 4000, jnp.int32)
+    row = jax.random.uniform(ks[1], (b,), minval=1e-3, maxval=2e-3)
+    col = jax.random.uniform(ks[2], (n,), minval=1e-3, maxval=2e-2)
+    bias = jax.random.normal(ks[3], (n,))
+    # bf16 rows, as in test_update_finishes_split_k_sums: the cache writes compare bit for bit
+    qkv = SplitKSum(parts, row, col, bias, jnp.dtype(jnp.bfloat16), (b, n)).reshape(b, h + 2 * hk, dh)
+    k, v = (jax.random.normal(kk, (b, seq_len, hk, dh)).astype(jnp.bfloat16) for kk in ks[4:])
+    for index in (0, 9, seq_len + 1):
+        out = decode_attention_update(qkv, k, v, jnp.int32(index), block_l=16)
+        _assert_step(out, _gqa_step_reference(qkv.finish(), k, v, index, h, hk), 1e-2)
+
+
+def test_gqa_update_triton_lowering(verified_triton_modules):
+    """SmolLM2's attention: 9 query heads over 3 KV heads, Dh 64, bf16 cache."""
+    qkv = jax.ShapeDtypeStruct((1, 9 + 2 * 3, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, 100, 3, 64), jnp.bfloat16)
     fn = lambda qkv, k, v, n: decode_attention_update(qkv, k, v, n, interpret=False)
     jax.jit(fn).trace(qkv, cache, cache, jax.ShapeDtypeStruct((), jnp.int32)).lower(
         lowering_platforms=("cuda",)

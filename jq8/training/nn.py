@@ -114,13 +114,14 @@ class MlpBlock(nn.Module):
     x: (..., D) fp32 residual stream -> (..., D) fp32 branch output. ``residual`` (same shape, optional):
     returned as residual + branch instead, so an INT8 inference path can add it in its last GEMM's epilogue
     (``jq8.ptq.infer``); the float and training paths add it after the dropout, as the caller would.
-    activation "gelu" (exact erf) or "swiglu" (u * silu(gate), u = fc1); norm "layernorm" or "rmsnorm".
+    activation "gelu" (exact erf), "gelu_tanh" (its tanh form, GPT-2's; float policies only) or "swiglu"
+    (u * silu(gate), u = fc1); norm "layernorm" or "rmsnorm".
     use_bias: None means True for gelu and False for swiglu (LLaMA style).
     """
 
     hidden: int
     policy: Policy = Policy()
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     dropout_rate: float = 0.0
     use_bias: bool | None = None
@@ -134,7 +135,7 @@ class MlpBlock(nn.Module):
         _check_choice("norm", self.norm, NORMS)
         d, rms = x.shape[-1], self.norm == "rmsnorm"
         self.policy.check_dims(model_dim=d, hidden=self.hidden)
-        bias = (self.activation == "gelu") if self.use_bias is None else self.use_bias
+        bias = (self.activation != "swiglu") if self.use_bias is None else self.use_bias
         norm = LayerNorm(self.policy, rms=rms, eps=self.eps, name="norm")
         fc1 = Dense(self.hidden, bias, self.policy, name="fc1")
         gate = Dense(self.hidden, bias, self.policy, name="gate") if self.activation == "swiglu" else None
@@ -237,7 +238,11 @@ class AttentionBlock(nn.Module):
     """Pre-norm self-attention residual branch: out(attn(qkv(norm(x)))), dropout on the output.
 
     x: (B, T, D) fp32 -> (B, T, D) fp32 (plus ``residual`` when given, as in :class:`MlpBlock`). qkv is
-    one Dense (D, 3D) laid out [q | k | v], heads contiguous.
+    one Dense (D, (H + 2 Hkv) Dh) laid out [q | k | v], heads contiguous: H = ``num_heads`` query heads of
+    Dh = D / H, and Hkv = ``num_kv_heads`` key / value heads (grouped-query attention: query head i reads
+    KV head i // (H / Hkv); None means H, multi-head attention, a (D, 3D) projection). ``qkv_bias``
+    overrides ``use_bias`` for the qkv projection alone (Qwen2: q/k/v biases, no out bias);
+    ``rope_theta`` is the rotary base.
     The attention core (:meth:`attend`: rotary, KV cache, softmax(QK^T / sqrt(Dh)) V, causal if ``causal``)
     is a high-precision island in the compute dtype (``jax.nn.dot_product_attention``; ``implementation``
     picks XLA or cuDNN flash attention, see :func:`attention_implementation`). mask: optional
@@ -245,7 +250,7 @@ class AttentionBlock(nn.Module):
     use_bias: None means ``not rotary`` (GPT-2 with biases, LLaMA style without).
 
     KV cache (``decode=True``, the ``nn.MultiHeadDotProductAttention`` pattern): the "cache" collection
-    holds ``cached_key`` / ``cached_value`` (B, max_len, H, Dh) in the compute dtype and ``cache_index``
+    holds ``cached_key`` / ``cached_value`` (B, max_len, Hkv, Dh) in the compute dtype and ``cache_index``
     (int32 scalar, the number of filled positions). Initialising with decode=True (``model.init`` on a
     (B, max_len) input, or :func:`jq8.inference.decode.init_cache`) creates the empty cache sized by the input and
     attends normally. Later calls (cache passed in, ``mutable=["cache"]``) with T >= 1 new tokens rotate
@@ -265,6 +270,13 @@ class AttentionBlock(nn.Module):
     use_bias: bool | None = None
     eps: float = 1e-5
     implementation: str = "auto"
+    num_kv_heads: int | None = None
+    qkv_bias: bool | None = None
+    rope_theta: float = 10000.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @nn.compact
     def __call__(
@@ -279,25 +291,31 @@ class AttentionBlock(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"AttentionBlock expects x of shape (batch, tokens, features), got {x.shape}")
         b, t, d = x.shape
-        if d % self.num_heads:
-            raise ValueError(f"model width {d} is not divisible by num_heads={self.num_heads}")
+        h, hk = self.num_heads, self.kv_heads
+        if d % h:
+            raise ValueError(f"model width {d} is not divisible by num_heads={h}")
+        if h % hk:
+            raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={hk}")
         self.policy.check_dims(model_dim=d)
-        rms, hd, cd = self.norm == "rmsnorm", d // self.num_heads, self.policy.compute_dtype
+        rms, hd, cd = self.norm == "rmsnorm", d // h, self.policy.compute_dtype
         bias = (not self.rotary) if self.use_bias is None else self.use_bias
         norm = LayerNorm(self.policy, rms=rms, eps=self.eps, name="norm")
-        qkv_proj = Dense(3 * d, bias, self.policy, name="qkv")
+        qkv_bias = bias if self.qkv_bias is None else self.qkv_bias
+        qkv_proj = Dense((h + 2 * hk) * hd, qkv_bias, self.policy, name="qkv")
         out_proj = Dense(d, bias, self.policy, name="out")
         if self.policy.int8 and not self.is_initializing():
-            kernel, qkv_bias = qkv_proj.weights(d)
-            # q, k and v come from the GEMM's epilogue as three arrays: no slicing copies for attention
-            qkv = jetfire_norm_linear(
-                x, norm.weights(d), kernel, qkv_bias, quant_key(self), self.policy, eps=self.eps, rms=rms,
-                split_cols=d, return_input=residual is x,  # residual stream through the op, as in MlpBlock
+            kernel, qkv_b = qkv_proj.weights(d)
+            # q, k and v come from the GEMM's epilogue as separate arrays (KV-head-wide column blocks, the
+            # first h / hk of them q's): no slicing copies for attention
+            parts = jetfire_norm_linear(
+                x, norm.weights(d), kernel, qkv_b, quant_key(self), self.policy, eps=self.eps, rms=rms,
+                split_cols=hk * hd, return_input=residual is x,  # residual stream through the op, as MlpBlock
             )
-            qkv, residual = qkv if residual is x else (qkv, residual)
-            qkv = tuple(a.astype(cd).reshape(b, t, self.num_heads, hd) for a in qkv)
+            parts, residual = parts if residual is x else (parts, residual)
+            qkv = split_qkv_columns(parts, h, hk)
+            qkv = tuple(a.astype(cd).reshape(b, t, -1, hd) for a in qkv)
         else:
-            qkv = qkv_proj(norm(x)).astype(cd).reshape(b, t, 3, self.num_heads, hd)
+            qkv = qkv_proj(norm(x)).astype(cd).reshape(b, t, h + 2 * hk, hd)
         o = self.attend(qkv, mask, decode)
         if self.policy.int8 and residual is not None and (deterministic or self.dropout_rate == 0.0):
             return out_proj(o.reshape(b, t, d), residual=residual.astype(F32))  # added in the GEMM epilogue
@@ -308,10 +326,13 @@ class AttentionBlock(nn.Module):
     def attend(self, qkv, mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """The attention core after the qkv projection: rotary, KV cache, softmax attention.
 
-        qkv: (B, T, 3, H, Dh) in the compute dtype, [q | k | v] *before* rotary -> o (B, T, H, Dh), same
-        dtype; or a ``pallas_kernels.int8_matmul_decode.SplitKSum`` finishing to it (the INT8 path's split-K
-        qkv GEMV, whose reduction the one-token decode kernel then does in its prologue); or a tuple
-        (q, k, v) of (B, T, H, Dh) arrays (the INT8 path's prefill GEMM writes them apart).
+        qkv: (B, T, H + 2 Hkv, Dh) in the compute dtype, the heads of [q | k | v] *before* rotary (with
+        multi-head attention also (B, T, 3, H, Dh), the same memory) -> o (B, T, H, Dh), same dtype; or a
+        ``pallas_kernels.int8_matmul_decode.SplitKSum`` finishing to it (the INT8 path's split-K qkv GEMV,
+        whose reduction the one-token decode kernel then does in its prologue); or a tuple (q, k, v) of
+        (B, T, H, Dh), (B, T, Hkv, Dh), (B, T, Hkv, Dh) arrays (the INT8 path's prefill GEMM writes them
+        apart). Grouped KV heads stay grouped: the cache, XLA's attention and the decode kernel read each KV
+        head for its H / Hkv query heads.
         Shared by :meth:`__call__` and the INT8 path (``jq8.ptq.infer``'s fused attention calls it on the
         bound module from inside the intercepted ``__call__``, so the cache variables can be created and
         mutated there too). mask / decode: as in the class docstring. A one-token cached call on the
@@ -324,11 +345,11 @@ class AttentionBlock(nn.Module):
         # Unfinished split-K sums: finished by XLA here, an op XLA drops where the kernel finishes them.
         if isinstance(qkv, SplitKSum):
             qkv = qkv.finish()
-        q, k, v = qkv if isinstance(qkv, tuple) else (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        q, k, v = qkv if isinstance(qkv, tuple) else self._split_heads(qkv)
         cache = self._cache_variables(k, v) if decode else None
         offset = cache[2].value if cache is not None else 0
         if self.rotary:
-            q, k = rotary(q, offset=offset), rotary(k, offset=offset)
+            q, k = rotary(q, self.rope_theta, offset), rotary(k, self.rope_theta, offset)
         causal = self.causal
         impl = attention_implementation(
             self.implementation,
@@ -344,9 +365,10 @@ class AttentionBlock(nn.Module):
 
             ck, cv, ci = cache
             _check_cache(ck.value, k)
-            # (B, 3, H, Dh): with rotary (or q, k, v given apart) re-packed in one fusion, else a free reshape
+            # (B, H + 2 Hkv, Dh): with rotary (or q, k, v given apart) re-packed in one fusion, else a free
+            # reshape
             if self.rotary or packed is None:
-                row = jnp.stack([q[:, 0], k[:, 0], v[:, 0]], axis=1)
+                row = jnp.concatenate([q[:, 0], k[:, 0], v[:, 0]], axis=1)
             else:
                 row = packed.reshape(packed.shape[0], *packed.shape[2:])
             o, ck.value, cv.value, ci.value = decode_attention_update(row, ck.value, cv.value, ci.value)
@@ -355,6 +377,15 @@ class AttentionBlock(nn.Module):
             k, v, mask = _write_cache(cache, k, v, mask, causal=self.causal)
             causal = False  # the cache mask already holds the causal structure
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+    def _split_heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, T, H + 2 Hkv, Dh) or (B, T, 3, H, Dh) packed heads -> q (B, T, H, Dh), k, v (B, T, Hkv, Dh)."""
+        h, hk = self.num_heads, self.kv_heads
+        b, t = qkv.shape[:2]
+        qkv = qkv.reshape(b, t, -1, qkv.shape[-1])
+        if qkv.shape[2] != h + 2 * hk:
+            raise ValueError(f"packed qkv has {qkv.shape[2]} heads, expected {h} + 2 x {hk} (num_heads, num_kv_heads)")
+        return qkv[:, :, :h], qkv[:, :, h : h + hk], qkv[:, :, h + hk :]
 
     def _cache_variables(self, k: jax.Array, v: jax.Array) -> tuple | None:
         """(cached_key, cached_value, cache_index) variables, or None when this call creates them (init)."""
@@ -365,8 +396,22 @@ class AttentionBlock(nn.Module):
         return (ck, cv, ci) if initialized else None
 
 
+def split_qkv_columns(parts, num_heads: int, num_kv_heads: int) -> tuple:
+    """A qkv GEMM's output written as (H + 2 Hkv) / Hkv column blocks of Hkv heads each -> (q, k, v).
+
+    With multi-head attention those are the three blocks; with grouped KV heads q is the first H / Hkv
+    blocks, joined along the columns (the GEMM epilogue writes equal-width blocks only).
+    """
+    g = num_heads // num_kv_heads
+    parts = tuple(parts)
+    if len(parts) != g + 2:
+        raise ValueError(f"expected {g + 2} qkv column blocks for {num_heads} / {num_kv_heads} heads, got {len(parts)}")
+    q = parts[0] if g == 1 else jnp.concatenate(parts[:g], axis=-1)
+    return q, parts[g], parts[g + 1]
+
+
 def _check_cache(cached_key: jax.Array, k: jax.Array) -> None:
-    """Raises unless the new keys k (B, T, H, Dh) fit the cache (B, max_len, H, Dh)."""
+    """Raises unless the new keys k (B, T, Hkv, Dh) fit the cache (B, max_len, Hkv, Dh)."""
     t, s = k.shape[1], cached_key.shape[1]
     if t > s:
         raise ValueError(f"decoding {t} tokens in one call exceeds the KV cache length {s}")

@@ -39,12 +39,13 @@ def hf_config(c: ModelConfig, tokenizer=None) -> dict[str, Any]:
             ids = [i for i in ids if i is not None]
             if ids:
                 special[key] = ids[0]
+    eps = 1e-5 if c.norm_eps is None else c.norm_eps  # see export_hf on configs without norm_eps
     if c.family == "gpt":
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
             "n_positions": c.max_seq_len, "n_embd": c.d_model, "n_layer": c.num_layers, "n_head": c.num_heads,
             "n_inner": c.hidden, "activation_function": GELU_NAMES[c.mlp_activation],
-            "layer_norm_epsilon": c.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "layer_norm_epsilon": eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "tie_word_embeddings": True, "torch_dtype": "float32", **special,
         }
     qwen = c.qkv_bias
@@ -53,7 +54,7 @@ def hf_config(c: ModelConfig, tokenizer=None) -> dict[str, Any]:
         "model_type": "qwen2" if qwen else "llama", "vocab_size": c.vocab_size, "hidden_size": c.d_model,
         "intermediate_size": c.hidden, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len,
-        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+        "rms_norm_eps": eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
         "tie_word_embeddings": c.tied_head, "attention_bias": False, "mlp_bias": False,
         "use_sliding_window": False, "torch_dtype": "float32", **special,
     }
@@ -109,6 +110,10 @@ def export_hf(config: ModelConfig, params: Mapping[str, Any], directory: str | o
     params: the model's float parameter tree (``{"params": ...}`` is unwrapped). tokenizer: a
     ``tokenizers.Tokenizer`` saved as ``tokenizer.json`` (None: no tokenizer file). An existing
     ``directory`` raises FileExistsError unless ``overwrite``.
+
+    HF configs have one norm epsilon. A config with ``norm_eps=None`` (jq8's own default: 1e-5 in the
+    blocks, 1e-6 in the final norm) is written with 1e-5 for every norm, which moves the final norm's
+    output by about 1e-5 / (2 var(x)) relative; set ``norm_eps`` for an exact export.
     """
     directory = Path(directory)
     if "params" in params and len(params) == 1:

@@ -287,5 +287,5 @@ def load_gguf(path: str | os.PathLike, *, tokenizer: bool = True) -> tuple[Model
     """(ModelConfig, float32 numpy parameter tree, ``tokenizers.Tokenizer`` or None) of a GGUF file."""
     f = GGUFFile(path)
     config = config_from_gguf(f)
-    params = params_from_gguf(f, config)
-    return config, params, tokenizer_from_gguf(f) if tokenizer else None
+    tok = tokenizer_from_gguf(f) if tokenizer else None  # before the weights: the cheaper check first
+    return config, params_from_gguf(f, config), tok
