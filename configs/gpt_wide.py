@@ -1,7 +1,7 @@
 """A wide GPT (d=4096, 32 heads, 8 layers; 1.6B parameters in its blocks): the width where INT8 training pays.
 
 Jetfire's INT8 GEMMs save time per multiply-add while its quantize passes cost time per element, so the
-INT8 block beats bf16 only from about d=2048 on the H100 (BENCHMARKS.md, session 14); GPT-2 124M runs
+INT8 block beats bf16 only from about d=2048 on the H100 (BENCHMARKS.md); GPT-2 124M runs
 slower in INT8. This config measures the whole training step (embeddings, LM head, loss, AdamW included) at
 the width of LLaMA-7B / GPT-3 6.7B, on one H100, with few layers so that it fits and compiles quickly.
 Compare the policies with ``benchmarks/loss_parity.py --config configs/gpt_wide.py``.

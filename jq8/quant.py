@@ -362,7 +362,7 @@ def pack_int4(codes: jax.Array) -> jax.Array:
     The row is cut into blocks of P = :func:`int4_block` (N) columns; byte i of a block holds column i in
     its low nibble and column P/2 + i in its high nibble. A GEMM kernel then reads each nibble plane as a
     contiguous half of the block, to be multiplied by a contiguous half of the activations: no interleave
-    on the GPU (4x faster decode GEMVs than adjacent pairs, BENCHMARKS.md session 4).
+    on the GPU (4x faster decode GEMVs than adjacent pairs, BENCHMARKS.md).
     """
     m, n = codes.shape
     p, width = int4_block(n), int4_width(n)

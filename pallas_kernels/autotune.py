@@ -93,7 +93,7 @@ def heuristic_config(kernel: str, m: int, n: int, k: int) -> TileConfig:
 
 def default_candidates(m: int, n: int, k: int) -> list[TileConfig]:
     """A short candidate list (the device-time budget is small); all have block_k >= 64 (block_k=16 is wrong
-    on GPU and 256x256 tiles spill registers, h100.md)."""
+    on GPU and 256x256 tiles spill registers)."""
     c = [
         TileConfig(256, 128, 128, 8, 3, 8),
         TileConfig(256, 128, 128, 8, 4, 8),

@@ -6,7 +6,7 @@ activation tiles with 128x128 weight blocks, ZeroQuant group-wise weights with p
 a: (M, K) int8 with a_scale (cdiv(M, ta_m), cdiv(K, ta_k)); b: (N, K) int8 (or packed INT4) with b_scale
 (cdiv(N, tb_n), cdiv(K, tb_k)). Per K group of ``gk = min`` over the operands whose scale varies along K, the
 int32 partial of ``gk / block_k`` tensor-core steps is converted and rescaled into an f32 accumulator once.
-What makes it cheap (h100.md: the rescale is CUDA-core work on every accumulator element):
+What makes it cheap (the rescale is CUDA-core work on every accumulator element):
   * an operand whose scale is constant along K (per-row activations, per-column weights) is applied in the
     epilogue only; the loop then does one multiply-add per element with a row or column vector;
   * a scale tile as large as the output tile (128x128 weight blocks with block_n <= 128) is one scalar per

@@ -191,7 +191,7 @@ def _check_config(cfg: DecodeConfig) -> None:
         if not is_pow2(v) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
     if cfg.block_k < 32:
-        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")
+        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU")
     if cfg.split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {cfg.split_k}")
 

@@ -7,7 +7,7 @@ K-contiguous, the layout int8 wgmma requires for both operands), restricted to t
 for: per-row / per-column scales, an 8-bit weight, a float output (optionally split into column parts).
 
 Why a second backend: the Pallas-Triton kernel issues its int8 MMAs from the same warps that wait on the
-loads, and at K = 1600-6400 it reaches about half of cuBLAS INT8 (BENCHMARKS.md, session 8). Here one
+loads, and at K = 1600-6400 it reaches about half of cuBLAS INT8 (BENCHMARKS.md). Here one
 producer warpgroup streams A and B tiles into a ring of shared-memory stages with TMA while two consumer
 warpgroups run wgmma on them (``plgpu.emit_pipeline_warp_specialized``, as in JAX's
 ``hopper_matmul_mgpu.py``); the CTAs are persistent and walk output tiles in a planar snake order for L2
@@ -178,8 +178,8 @@ def fit_config(
     and has an epilogue tile of >= 32 columns (see :func:`check_config`). Without a residual
     (``residual=False``), warpgroups of 129-160 columns take 128 rows each (a 256-row CTA, 160 accumulator
     registers a thread) where M allows it and the ring keeps >= 4 stages: 14% faster at the 1.5B qkv GEMM,
-    while with a residual to stage, or 3 stages, the 64-row tiles were faster (BENCHMARKS.md, session 11).
-    Rings of 3 stages over >= 32 K steps wait for each K step's wgmma (``mma_in_flight=0``, session 13).
+    while with a residual to stage, or 3 stages, the 64-row tiles were faster (BENCHMARKS.md).
+    Rings of 3 stages over >= 32 K steps wait for each K step's wgmma (``mma_in_flight=0``).
 
     out_group: the output is requantized per row and per ``out_group`` columns, so the warpgroup tile is
     that wide (its row maxima are the scales). a_group: A's scales change every ``a_group`` of K, so
@@ -234,7 +234,7 @@ def _fit_out_group(m: int, n: int, k: int, g: int, *, a_group: int | None) -> Mo
     """Tiles whose warpgroup is exactly g columns wide (the requantization group), 128 rows a warpgroup up
     to 128 columns (<= 128 accumulator registers a thread). The two warpgroups stack along M (a 256-row
     CTA) where M allows: at the GPT-2 fc1 shapes that was 6-8% faster than side by side along N
-    (BENCHMARKS.md, session 12)."""
+    (BENCHMARKS.md)."""
     if n % g or g % 16 or not 32 <= g <= 256:
         raise ValueError(
             f"the requantization group must be a multiple of 16 in [32, 256] dividing N={n}, got {g}"
@@ -305,7 +305,7 @@ def check_config(
     if cfg.epilogue_math not in ERF_OF_MATH:
         raise ValueError(f"epilogue_math must be one of {sorted(ERF_OF_MATH)}, got {cfg}")
     if cfg.epi_tile_n < 32:
-        # 16-column staging tiles faulted with a misaligned address on the H100 (session 11), which
+        # 16-column staging tiles faulted with a misaligned address on the H100, which
         # poisons the CUDA context for every later call: refuse them here.
         raise ValueError(f"epi_tile_n must be >= 32, got {cfg}")
     if split_cols is not None and (n % split_cols or split_cols % cfg.epi_tile_n):

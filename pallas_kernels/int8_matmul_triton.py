@@ -3,7 +3,7 @@
     out = act(a @ b.T * a_scale * b_scale + bias) + residual
 
 a: (M, K) int8 and b: (N, K) int8 are both K-contiguous ("NT": the layout the H100 INT8 tensor cores
-want, see /work/shared/design/h100.md); b may also be INT4 packed two codes per byte in the half-split
+want, see BENCHMARKS.md); b may also be INT4 packed two codes per byte in the half-split
 layout of :func:`jq8.quant.pack_int4`, whose two nibble planes meet two contiguous halves of the
 activation tile (:func:`int4_pair_dot`: no interleave in the kernel). The product accumulates in
 int32 over a ``fori_loop`` on K; scales that are constant along K (per-row activations, per-column weights)
@@ -115,7 +115,7 @@ def erf_approx(x: jax.Array) -> jax.Array:
 
 
 # Eigen's (and XLA's) float erf: a rational minimax fit x P(x^2) / Q(x^2) on [-4, 4] (erf(4) rounds to 1 in
-# f32). No exp: the producers that use it are bound by arithmetic (BENCHMARKS.md session 13).
+# f32). No exp: the producers that use it are bound by arithmetic (BENCHMARKS.md).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
@@ -562,7 +562,7 @@ def resolve_config(
         if not is_pow2(v) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tensor shapes)")
     if cfg.block_k < 32:
-        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU (h100.md)")
+        raise ValueError(f"block_k={cfg.block_k} < 32: int8 dots with block_k=16 are wrong on GPU")
     return cfg
 
 

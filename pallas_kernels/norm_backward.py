@@ -55,7 +55,7 @@ class NormBackwardConfig:
       partials to write and sum, fewer rows means more programs to hide memory latency. None: about
       ``PROGRAMS_PER_SM`` programs per SM (32 rows at M = 16384).
     num_warps: None: one warp per 1024 elements of the block, 4 to 16 (4 at D <= 4096). On the H100 at
-      16384 x 4096 (``benchmarks/norm_backward.py``, BENCHMARKS.md session 16): 4 warps 0.378 ms, 8 warps
+      16384 x 4096 (``benchmarks/norm_backward.py``, BENCHMARKS.md): 4 warps 0.378 ms, 8 warps
       0.452, 16 warps 0.440; XLA 0.658.
     max_block_elems: register budget of one (block_rows, next_pow2(D)) block, per operand; rows wider than
       this are swept in (block_rows, budget / block_rows)-column chunks (dh and x read twice, the second

@@ -84,7 +84,7 @@ class QuantizeConfig:
       copy of x.T: the int8-row policy) and the columns take their absmax first, row tiles over more
       columns than this do too, so one full-grid pass writes both layouts. Whole rows in every program
       instead ran at 290-410 GB/s at 16384 x 768 on the H100, the pre-pass route at 430-1015 GB/s
-      (``benchmarks/quantize_kernels.py``, BENCHMARKS.md session 14).
+      (``benchmarks/quantize_kernels.py``, BENCHMARKS.md).
     prepass_axis_stats: when both whole rows and whole columns take their absmax first, ``quantize_tiles``
       computes both in one Pallas pre-pass over x (:func:`axis_partials`) instead of two XLA reductions
       (each its own read of x).
@@ -96,7 +96,7 @@ class QuantizeConfig:
     row_block_elems: when every tile is a whole row (per-token codes, LayerNorm statistics) and there are
       at least ``ROW_BLOCK_MIN_ROWS`` rows, each program takes max(1, row_block_elems // next_pow2(N))
       rows (capped by max_block_elems) and :func:`default_warps` gives it 4 warps (2 above 2048 elements).
-      Measured on the H100 at M = 8192 (BENCHMARKS.md session 10, ``benchmarks/prefill_producers.py``):
+      Measured on the H100 at M = 8192 (BENCHMARKS.md, ``benchmarks/prefill_producers.py``):
       LayerNorm-quantize of 1600 fp32 columns 42.3 -> 39.1 us, per-token quantize of 6400 bf16 columns
       81.9 -> 69.1 us, at or near a plain copy of the same input. None: the block_m / budget planning.
     """
@@ -115,8 +115,8 @@ class QuantizeConfig:
 
 # Blocks of both passes when a statistics pre-pass runs (whole rows and whole columns: the int8-row policy),
 # measured on the H100 against the default 32 x 256 on 8 warps. GELU producers at 16384 x 16384
-# (``benchmarks/row_producers.py``, BENCHMARKS.md session 13): forward 2.09 -> 1.61 ms, backward 3.12 ->
-# 2.22 ms. quantize_tiles at 16384 x 4096 / 12288 bf16 (``benchmarks/quantize_kernels.py``, session 14):
+# (``benchmarks/row_producers.py``, BENCHMARKS.md): forward 2.09 -> 1.61 ms, backward 3.12 ->
+# 2.22 ms. quantize_tiles at 16384 x 4096 / 12288 bf16 (``benchmarks/quantize_kernels.py``):
 # 1205-1306 -> 1300-1418 GB/s round-to-nearest, 1030-1101 -> 1080-1156 GB/s stochastic.
 AXIS_STATS_CONFIG = QuantizeConfig(block_m=32, block_n=128, num_warps=4)
 
@@ -158,7 +158,7 @@ def default_warps(plan: BlockPlan) -> int:
     """About 32 elements per thread (four 16-byte bf16 vectors), between 2 and 8 warps; with fewer programs
     than SMs (a decode token's one-row producers) about 4 elements per thread, 4 to 16 warps: measured at
     M = 1 on H100, 16 warps take LayerNorm-quantize of 1600 columns from 2.8 to 2.1 us and GELU-quantize of
-    6400 from 6.0 to 5.2 us (benchmarks/decode_producers.py, BENCHMARKS.md session 4)."""
+    6400 from 6.0 to 5.2 us (benchmarks/decode_producers.py, BENCHMARKS.md)."""
     elems = plan.bm * plan.bn
     if plan.row_blocks:
         return 4 if elems <= 2048 else 2

@@ -74,7 +74,7 @@ def test_fit_config_tall_tiles_only_without_residual():
 
 def test_fit_config_three_stage_rings_wait_on_long_k_loops():
     # Jetfire block GEMMs (K >= 4096, 3 stages): each K step waits for its wgmma; the 124M prefill's short
-    # K loops (6-24 steps) and the deeper rings keep one in flight (BENCHMARKS.md, session 13).
+    # K loops (6-24 steps) and the deeper rings keep one in flight (BENCHMARKS.md).
     for m, n, k in [(16384, 12288, 4096), (4096, 16384, 16384), (16384, 4096, 16384)]:
         cfg = mg.fit_config(m, n, k)
         assert (cfg.stages, cfg.mma_in_flight) == (3, 0)

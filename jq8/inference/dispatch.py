@@ -4,7 +4,7 @@ Every call of ``jax.jit(f)(params, x)`` flattens ``params`` and checks its tree 
 compiled one before anything is launched. :func:`jit_bound` flattens once, when the parameters are bound,
 and passes the leaves as a flat list on each call. On the H100 machine's host, a jitted call over a
 48-layer W8A8 GPT-2 tree (774 leaves, QArray nodes) took 1.16 ms as a pytree and 0.70 ms as a flat list
-(``benchmarks/dispatch_probe.py --trees gpt2-1.5b``, BENCHMARKS.md session 11).
+(``benchmarks/dispatch_probe.py --trees gpt2-1.5b``, BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def _in_kernel_quantize(x2: jax.Array, w: QArray, backend: str, norm: bool = Fal
     """Whether the GEMM of x2 with w quantizes x2 itself: Pallas at decode sizes (M <= 16) with a weight
     the decode kernel takes. There a separate quantize / LayerNorm-quantize launch costs about as much as
     the GEMV (a batch-1 token is a chain of small launches), so the kernel reads the float rows instead.
-    Except LayerNorm into an INT4 GEMV: measured on the H100 (GPT-2 1.5B fc1, BENCHMARKS.md session 5),
+    Except LayerNorm into an INT4 GEMV: measured on the H100 (GPT-2 1.5B fc1, BENCHMARKS.md),
     the in-kernel LayerNorm costs the INT4 loop more (11-12 us) than a LayerNorm-quantize launch does
     (5.6 + 3.6 us)."""
     if backend != "pallas" or x2.shape[0] > 16 or (norm and w.spec.bits == 4):
@@ -380,7 +380,7 @@ def _fused_mlp(
     res = dict(bias=_bias(p, "fc2"), residual=_rows(residual, d), out_dtype=jnp.float32)
     # fc1's epilogue adds the bias and applies GELU. At decode sizes fc2 quantizes that f32 output itself;
     # otherwise it leaves fc1 in the block's compute dtype, as the float model's Dense does, and one
-    # per-token quantize pass follows (a bf16 read is half an f32 one; measured in BENCHMARKS.md session 8,
+    # per-token quantize pass follows (a bf16 read is half an f32 one; measured in BENCHMARKS.md,
     # GELU in the GEMM epilogue + quantize beats a separate bias-GELU-quantize kernel at M = 8192).
     fc2_quantizes = _in_kernel_quantize(x2, w2, backend)
     u_dtype = jnp.float32 if fc2_quantizes else module.policy.compute_dtype
@@ -411,9 +411,9 @@ def fc1_codes_group(m: int, w1: QArray, w2: QArray, backend: str) -> int | None:
     (``pallas_kernels.int8_matmul_mgpu``). That is finer than one scale per token, so no less accurate, and
     saves writing u in bf16 and the pass that reads it back. fc2 pays for that with a drain of its
     accumulator every K step. With g = 128 that cost more than the pass at 160-wide fc2 tiles (GPT-2 1.5B
-    prefill 2% slower, BENCHMARKS.md session 12), so 128-wide groups need fc2 tiles <= 128 columns. 256-wide
+    prefill 2% slower, BENCHMARKS.md), so 128-wide groups need fc2 tiles <= 128 columns. 256-wide
     groups halve fc2's drains (0.217 -> 0.197-0.204 ms at 1.5B), but fc1's 64 x 256 requantizing tiles cost
-    more than that (0.254 -> 0.290-0.296 ms; BENCHMARKS.md session 18), so they are not among the defaults.
+    more than that (0.254 -> 0.290-0.296 ms; BENCHMARKS.md), so they are not among the defaults.
     Elsewhere (CPU, other GPUs, decode sizes, INT4 or K-grouped weights) the per-token path runs.
     """
     from pallas_kernels import int8_matmul_mgpu as mgpu

@@ -9,8 +9,7 @@ exactly in real arithmetic. :func:`fold_branch` (through :func:`jq8.ptq.fold_nor
 float params that way (gamma -> ones, beta -> zeros, the consumers' kernels and biases absorbing them), so
 every path that runs the float LayerNorm still computes the same function, and the W8A8 prefill's
 LayerNorm-quantize kernel may skip the affine for the folded branches (``QuantizedParams.folded_norms``):
-0.33-0.49 ms less per GPT-2 1.5B prefill of 8 x 1024 tokens, which runs 96 of them (H100, BENCHMARKS.md
-session 18).
+0.33-0.49 ms less per GPT-2 1.5B prefill of 8 x 1024 tokens, which runs 96 of them (H100, BENCHMARKS.md).
 
 What changes is what gets quantized: the token-wise activation scale is taken over n(x) instead of
 n(x) * gamma + beta, and the weight's per-channel scale over gamma-scaled rows (SmoothQuant's migration with

@@ -15,7 +15,7 @@ them float.
 
 Weights are stored for the inference GEMM's "NT" layout: a Flax kernel ``W`` (K=in, N=out) becomes a
 :class:`~jq8.quant.QArray` of ``W.T`` with shape (N, K), so both GEMM operands are K-contiguous (see
-``design/h100.md``). Weight granularities, as tiles of that (N, K) view:
+BENCHMARKS.md). Weight granularities, as tiles of that (N, K) view:
 
 * ``group_size=None``                          one scale per output channel, tile (1, K)
 * ``group_axis="contraction"``, ``group_size=g``  GPTQ/AWQ groups of g along K, tile (1, g): scales vary

@@ -11,7 +11,7 @@ GEMMs are all high precision (``policy.int8`` False) each op is the plain jnp re
 also what :mod:`jq8.training.nn` runs for the bf16 policy, so both policies share one definition of the math.
 
 ``key``: a ``jax.random`` key for the stochastic rounding of gradients (one per op and step; ``None`` gives
-a fixed seed). Differences from Jetfire's reference code (see /work/shared/design/jetfire.md): LayerNorm
+a fixed seed). Differences from Jetfire's reference code (Jetfire, arXiv 2403.12422): LayerNorm
 uses the biased variance with eps and exact full-row backward; fc2's grad-input (``compute_dtype``) and the
 LayerNorm backward input (fp32) are not re-quantized (they are consumed at once by the fused GELU backward
 / the LN backward, so re-quantizing them would add error without saving a GEMM); stochastic-rounding noise
