@@ -398,20 +398,3 @@ def test_kernel_path_matches_reference_path(granularity, hidden):
     assert abs(float(vk) - float(vr)) <= 1e-3 * abs(float(vr))
     for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gr)):
         assert rel(a, b) < 1e-2
-
-
-def test_residual_add_and_int8_dropout():
-    x, b = rand(1, (M, 64)), rand(2, (M, 64))
-    qb = quantize(b, INT8.spec)
-    y, qy = jax.jit(lambda x, qb: ops.residual_add(x, qb, INT8))(x, qb)
-    np.testing.assert_allclose(y, x + dequantize(qb, jnp.float32), rtol=1e-6, atol=1e-6)
-    assert qy.values.dtype == jnp.int8 and rel(dequantize(qy, jnp.float32), y) < 1e-2
-    gx, gb = ops.residual_add_bwd(b)
-    assert gx is b and gb is b
-    qd, keep = jax.jit(lambda q, k: ops.dropout_fwd(q, 0.25, k))(qb, jax.random.PRNGKey(0))
-    assert 0.65 < float(keep.mean()) < 0.85
-    want = jnp.where(keep, dequantize(qb, jnp.float32) / 0.75, 0.0)
-    np.testing.assert_allclose(dequantize(qd, jnp.float32), want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ops.dropout_bwd(x, keep, 0.25), jnp.where(keep, x / 0.75, 0.0), rtol=1e-6)
-    with pytest.raises(ValueError, match="rate"):
-        ops.dropout_fwd(qb, 1.0, jax.random.PRNGKey(0))

@@ -243,37 +243,3 @@ def swiglu_bwd(da: jax.Array, u: Operand, v: Operand, policy: Policy, seeds: jax
     cd = policy.compute_dtype
     return ((*grad_operands(du.astype(cd), policy, seeds[0]), jnp.sum(du, axis=0)),
             (*grad_operands(dv.astype(cd), policy, seeds[1]), jnp.sum(dv, axis=0)))
-
-
-# ------------------------------------------------------------------------------ residual add, dropout
-
-
-def residual_add(x: jax.Array, branch: Operand, policy: Policy) -> tuple[jax.Array, QArray]:
-    """Jetfire's residual add: fp32 residual + branch (QArray or float) -> (fp32 residual (M, D), its INT8
-    block copy) in one place; the copy is what a following INT8 LayerNorm backward keeps. The backward of
-    an add is the identity for both inputs (``residual_add_bwd``)."""
-    y = x.astype(F32) + _float(branch)
-    return y, kb.quantize_tiles(y, policy.storage_spec, backend=policy.backend)
-
-
-def residual_add_bwd(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """g: (M, D) -> (d residual, d branch): both are g."""
-    return g, g
-
-
-def dropout_fwd(q: QArray, rate: float, key: jax.Array) -> tuple[QArray, jax.Array]:
-    """Inverted dropout on an INT8 QArray (M, N) without dequantizing: dropped codes become 0 and every
-    block scale is multiplied by 1 / (1 - rate), which is exact (the scale is shared by the whole block).
-    Returns (dropped QArray, keep mask (M, N) bool)."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    if q.spec.bits != 8 or q.zero_point is not None:
-        raise ValueError("dropout_fwd needs a symmetric INT8 QArray")
-    keep = jax.random.bernoulli(key, 1.0 - rate, q.values.shape)
-    values = jnp.where(keep, q.values, jnp.int8(0))
-    return QArray(values, q.scale / (1.0 - rate), None, q.spec, q.shape, q.dtype), keep
-
-
-def dropout_bwd(g: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
-    """g: (M, N) -> g * keep / (1 - rate), fp32."""
-    return jnp.where(keep, g.astype(F32) / (1.0 - rate), 0.0)

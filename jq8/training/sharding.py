@@ -126,14 +126,3 @@ def tree_shardings(tree: Any, mesh: Mesh, mode: str = "fsdp", min_size: int = 2*
 def shard_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """This process's rows of the global batch -> one global array split along the batch axis."""
     return jax.make_array_from_process_local_data(sharding, local)
-
-
-def process_slice(global_batch: int) -> slice:
-    """The rows of a global batch this process feeds (all of them on a single host)."""
-    per = global_batch // jax.process_count()
-    if per * jax.process_count() != global_batch:
-        raise ValueError(
-            f"batch_size={global_batch} must be divisible by the process count {jax.process_count()}"
-        )
-    i = jax.process_index()
-    return slice(i * per, (i + 1) * per)
