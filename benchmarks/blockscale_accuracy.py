@@ -65,6 +65,11 @@ def main(argv=None) -> None:
     p.add_argument("--out-features", type=int, default=1024)
     p.add_argument("--n-outliers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/blockscale_accuracy.json when OUT is set)",
+    )
     args = p.parse_args(argv)
     kx, kw = jax.random.split(jax.random.key(args.seed))
     wt = jax.random.normal(kw, (args.out_features, args.hidden), jnp.float32) / args.hidden**0.5
@@ -84,12 +89,10 @@ def main(argv=None) -> None:
     for name in SCHEMES:
         cells = [f"{results[r][name][0]:.2e} / {results[r][name][1]:.2e}" for r, _ in regimes]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "blockscale_accuracy.json").write_text(
-            json.dumps(dict(args=vars(args), results=results), indent=1)
-        )
+    path = args.json or (os.path.join(os.environ["OUT"], "blockscale_accuracy.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(dict(args=vars(args), results=results), indent=1))
 
 
 if __name__ == "__main__":

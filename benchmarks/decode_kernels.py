@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import autotune
+from pallas_kernels import autotune, tune
 from pallas_kernels import int8_matmul_decode as dec
 
 # GPT-2 1.5B: qkv, out, fc1, fc2, LM head (INT4 where the w4/8-a8 scheme puts INT4: MLP and tables)
@@ -53,7 +53,7 @@ def bench_case(
     PTQ model (f32 out, + bias, + the residual stream threaded through the loop; split-K sums into it)."""
     group = args.int4_group if bits == 4 and not per_channel else None
     nbytes = n * k * bits // 8
-    ws = autotune.decode_weights(n, k, b_bits=bits, b_group=group)
+    ws = tune.decode_weights(n, k, b_bits=bits, b_group=group)
     if act is None:
         a = jax.random.randint(jax.random.key(99), (1, k), -127, 128, jnp.int32).astype(jnp.int8)
     else:
@@ -137,6 +137,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds before remaining cases are skipped")
     ap.add_argument("--save", action="store_true", help="store each case's fastest config in the cache")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: one small INT4 case, 1 rep")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/decode_kernels.json when OUT is set)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.cases, args.reps, args.iters, args.int4_group = "4:64x256", 1, 1, 128
@@ -154,11 +159,13 @@ def main() -> None:
         kind = kind.removesuffix("ln").removesuffix("q")
         bits = int(kind.rstrip("c"))
         rows.append(bench_case(bits, n, k, args, per_channel=kind.endswith("c"), act=act, residual=residual))
+    path = args.json or (os.path.join(os.environ["OUT"], "decode_kernels.json") if os.environ.get("OUT") else None)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
     out = os.environ.get("OUT")
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "decode_kernels.json"), "w") as f:
-            json.dump(rows, f, indent=1)
         if args.save and autotune.cache_path().exists():
             shutil.copy(autotune.cache_path(), os.path.join(out, autotune.cache_path().name))
 

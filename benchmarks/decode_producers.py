@@ -44,6 +44,11 @@ def main() -> None:
     ap.add_argument("--warps", default="default,2,4,8,16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/decode_producers.json when OUT is set)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.widths, args.warps, args.calls = "256", "default,4", 2
@@ -69,9 +74,9 @@ def main() -> None:
                 row["pallas"][warps] = t
                 print(f"  warps {warps:>7s}: {t:6.2f} us  (x{t_xla / t:4.2f} XLA)", flush=True)
             rows.append(row)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "decode_producers.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "decode_producers.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 
 

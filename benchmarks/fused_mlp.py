@@ -165,6 +165,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--fc1-tile-m", type=int, nargs="*", default=[0], help="0: the default fc1 tiles")
     p.add_argument("--sweep", action="store_true", help="also time other tiles of both GEMMs")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/fused_mlp.json when OUT is set)",
+    )
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -178,8 +183,9 @@ def main() -> None:
                 key = f"{name}_g{group}" + (f"_fc1_tile_m{tile_m}" if tile_m else "")
                 results[key] = measure(args.m, d, f, group, ms, fc1_tile_m=tile_m, sweep=args.sweep)
                 print(key, json.dumps(results[key]), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "fused_mlp.json"), "w") as fh:
+    path = args.json or (os.path.join(os.environ["OUT"], "fused_mlp.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as fh:
             json.dump(results, fh, indent=1)
 
 

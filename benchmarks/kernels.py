@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jq8.quant import QuantSpec, pack_int4, quantize
-from pallas_kernels import autotune
+from pallas_kernels import autotune, tune
 from pallas_kernels._common import TileConfig
 from pallas_kernels.gemm import int8_matmul
 from pallas_kernels.int8_matmul_block_scaled import (
@@ -402,10 +402,10 @@ TUNE_BS = [
 
 def tune_shape(m: int, n: int, k: int, iters: int) -> None:
     cands = TUNE_W8A8 if min(m, n) >= 1024 else TUNE_W8A8 + [TileConfig(64, 128, 128, 4, 3, 8)]
-    cfg = autotune.tune_int8_matmul(m, n, k, candidates=cands, iters=iters)
+    cfg = tune.tune_int8_matmul(m, n, k, candidates=cands, iters=iters)
     log(f"tuned int8_matmul {m}x{n}x{k}: {cfg}")
     for name, (ta, tb) in BLOCK_SCALED.items():
-        cfg = autotune.tune_block_scaled(m, n, k, ta, tb, candidates=TUNE_BS, iters=iters)
+        cfg = tune.tune_block_scaled(m, n, k, ta, tb, candidates=TUNE_BS, iters=iters)
         log(f"tuned {name} {m}x{n}x{k}: {cfg}")
 
 
@@ -421,6 +421,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--no-extra", action="store_true", help="skip the per-variant study at the first shape")
     p.add_argument("--extra-only", action="store_true", help="only the per-variant study at the first shape")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/kernels.json when OUT is set)",
+    )
     args = p.parse_args(argv)
     interpret = True if INTERPRET else None
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -500,13 +505,16 @@ def main(argv=None) -> int:
         print("| variant | TOP/s | ms |\n| --- | --- | --- |")
         for name in e["tops"]:
             print(f"| {name} | {e['tops'][name]:.4g} | {e['ms'][name]:.3f} |")
+    path = Path(args.json) if args.json else (out_dir / "kernels.json" if out_dir is not None else None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        log(f"wrote {path}")
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
         cache = autotune.cache_path()
         if cache.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(cache, out_dir / cache.name)
-        log(f"wrote {out_dir / 'kernels.json'}")
     log(f"done; correctness failures: {n_fail}")
     return 1 if n_fail else 0
 

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jq8 import metrics  # noqa: E402
+from jq8.training import metrics  # noqa: E402
 
 
 def _child(config: str, run_dir: str, overrides: list[str], stats_path: str) -> None:

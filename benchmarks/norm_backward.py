@@ -80,6 +80,11 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=None, metavar="BRxRPPxWARPS[xBUDGET[xSTAGES]]",
                    help="configs to time (default: a sweep; 0 = the planner's choice)")
     p.add_argument("--tiny", action="store_true", help="small ragged shapes, interpret mode on CPU")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/norm_backward.json when OUT is set)",
+    )
     args = p.parse_args()
     if args.tiny:
         args.m, args.d, args.iters, args.reps = 70, 200, 1, 1
@@ -129,8 +134,9 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     results["configs"] = rows
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "norm_backward.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "norm_backward.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -86,6 +86,11 @@ def main() -> None:
     p.add_argument("--stats-configs", nargs="*", default=None, metavar="ROWSxELEMSxWARPS",
                    help="pass-1 RowStatsConfigs to sweep, WARPS 0 = default (default: a small sweep)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: interpret mode, small shapes")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/norm_forward_rows.json when OUT is set)",
+    )
     args = p.parse_args()
     interpret = True if args.tiny else None
     if args.tiny:
@@ -153,8 +158,9 @@ def main() -> None:
     results["prefill"] = {"m": pm, "d": pd, "route": route, "plan": [plan.bm, plan.bn, plan.row_blocks],
                           "ms": t, "GB/s": moved / t / 1e6}
     print("prefill", results["prefill"], flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "norm_forward_rows.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "norm_forward_rows.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -93,6 +93,11 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="", help="widths of LayerNorm-quantize variants to time, then exit")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/prefill_producers.json when OUT is set)",
+    )
     args = ap.parse_args()
     if args.variants:
         m = 16 if args.quick else args.m
@@ -149,9 +154,9 @@ def main() -> None:
         best = min(row["configs"], key=lambda r: r["us"])
         print(f"  best: budget {best['budget']} warps {best['warps']} {best['us']:.1f} us", flush=True)
         rows.append(row)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "prefill_producers.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "prefill_producers.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 
 

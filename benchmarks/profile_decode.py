@@ -31,8 +31,9 @@ from dispatch_probe import timings  # noqa: E402
 from profile_step import call_spans, kernel_gaps, kernel_times, lead_host_events, line_events  # noqa: E402
 from ptq_speed import as_bf16_checkpoint, bf16_lm_head, bind, timeit, with_bf16_head  # noqa: E402
 
-from jq8 import ptq, ptq_infer  # noqa: E402
-from jq8.inference import decode
+from jq8 import ptq  # noqa: E402
+from jq8.inference import decode  # noqa: E402
+from jq8.ptq import infer as ptq_infer  # noqa: E402
 from jq8.training.policy import Policy  # noqa: E402
 from models.presets import build_model, preset  # noqa: E402
 
@@ -109,6 +110,11 @@ def main() -> None:
         default="bound",
         help="parameters as a flat leaf list (jq8.inference.dispatch.jit_bound) or the pytree per call",
     )
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/profile_decode_<preset>[_BxT].json when OUT is set)",
+    )
     args = ap.parse_args()
     if args.kv and tuple(args.tokens) != (1, 1):
         ap.error("--kv profiles a batch-1 decode from a 1-token prompt; leave --tokens at 1 1")
@@ -184,11 +190,12 @@ def main() -> None:
         if "dispatch_ms" in row:
             print(f"  the call returns to Python after {row['dispatch_ms']:.3f} ms (median)", flush=True)
     out = os.environ.get("OUT")
-    if out:
-        b, t = args.tokens
-        suffix = "" if (b, t) == (1, 1) else f"_{b}x{t}"
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"profile_decode_{args.preset}{suffix}.json"), "w") as f:
+    b, t = args.tokens
+    suffix = "" if (b, t) == (1, 1) else f"_{b}x{t}"
+    path = args.json or (os.path.join(out, f"profile_decode_{args.preset}{suffix}.json") if out else None)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 
 

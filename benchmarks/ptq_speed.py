@@ -19,9 +19,10 @@ quantized models are those of the same bf16 checkpoint (:func:`as_bf16_checkpoin
 to the head: bf16 logits from a bf16 head, or from an INT8 GEMM when the scheme quantizes the embeddings
 (the table says which).
 Every model's parameters are bound to its jitted function with jq8.inference.dispatch.jit_bound (``--dispatch tree``:
-passed as the pytree on each call instead, as before session 11).
+passed as the pytree on each call instead).
 Correctness before timing: logits vs the bf16 model's (relative RMS error) and Pallas vs the XLA integer
-path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set.
+path on the same quantized params, at the decode input. Writes $OUT/ptq_speed_<preset>.json when $OUT is set
+and ``--json PATH`` (all presets) when given.
 """
 
 from __future__ import annotations
@@ -413,17 +414,27 @@ def main() -> None:
     )
     ap.add_argument("--no-xla-rows", dest="xla_rows", action="store_false",
                     help="skip the prefill rows of the XLA int8 path")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH {preset: result}; default: $OUT/ptq_speed_<preset>.json per "
+        "preset when OUT is set",
+    )
     args = ap.parse_args()
     if args.quick:
         args.presets, args.batch, args.seq, args.iters, args.big_iters = ["gpt-tiny"], 2, 32, 2, 2
         args.kv_steps, args.kv_prompt = 4, 8
     out = os.environ.get("OUT")
+    results = {}
     for name in args.presets:
-        res = bench_preset(name, args, prefill=name in args.prefill_presets)
+        res = results[name] = bench_preset(name, args, prefill=name in args.prefill_presets)
         if out:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, f"ptq_speed_{name}.json"), "w") as f:
                 json.dump(res, f, indent=1)
+        if args.json:  # rewritten after every preset, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

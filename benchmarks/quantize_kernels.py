@@ -256,6 +256,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=2 if INTERPRET else 8)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="input dtype (the PTQ prefill's LayerNorm reads the float32 residual stream)")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/quantize_kernels.json when OUT is set)",
+    )
     return ap.parse_args()
 
 
@@ -363,12 +368,12 @@ def main() -> None:
     seed = noise_seed(jax.random.key(0))
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "dtype": args.dtype}
     results.update(checks=[], timings=[], sweep=[])
-    out_dir = os.environ.get("OUT")
+    path = args.json or (os.path.join(os.environ["OUT"], "quantize_kernels.json") if os.environ.get("OUT") else None)
 
     def save() -> None:  # after every phase, so a run cut short still leaves its results
-        if out_dir:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / "quantize_kernels.json").write_text(json.dumps(results, indent=1, default=str))
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(results, indent=1, default=str))
 
     all_ok = True
     if "check" in phases:

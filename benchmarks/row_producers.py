@@ -38,6 +38,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--configs", nargs="+", default=None, metavar="BMxBNxWARPS",
                    help="block configs to time, e.g. 32x128x4 (default: the whole sweep)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/row_producers.json when OUT is set)",
+    )
     args = p.parse_args()
     configs = CONFIGS if args.configs is None else [tuple(int(v) for v in c.split("x")) for c in args.configs]
     print(jax.devices(), jax.__version__, flush=True)
@@ -78,8 +83,9 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     results["configs"] = rows
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "row_producers.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "row_producers.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 
