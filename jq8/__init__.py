@@ -21,7 +21,7 @@ _LAZY = {
     "fake_quantize": "jq8.quant",
     "quantize": "jq8.quant",
     "Policy": "jq8.training.policy",
-    "apply_policy": "jq8.training.policy",
+    "apply_policy": "jq8.training.policy_rules",
     "HIGH_PRECISION_ISLANDS": "jq8.training.policy",
 }
 __all__ = sorted(_LAZY)
@@ -29,7 +29,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from jq8.quant import QArray, QuantSpec, dequantize, fake_quantize, quantize  # noqa: F401
-    from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy  # noqa: F401
+    from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy  # noqa: F401
+    from jq8.training.policy_rules import apply_policy  # noqa: F401
 
 
 def __getattr__(name: str):

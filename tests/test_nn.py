@@ -10,7 +10,8 @@ import pytest
 
 from jq8.training.jetfire import mlp_reference
 from jq8.training.nn import AttentionBlock, Dense, LayerNorm, MlpBlock
-from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy, apply_policy
+from jq8.training.policy import HIGH_PRECISION_ISLANDS, Policy
+from jq8.training.policy_rules import apply_policy
 
 BF16 = Policy.from_name("bf16")
 F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)  # the float block: no INT8, fp32 compute
