@@ -159,6 +159,11 @@ def main() -> None:
     ap.add_argument("--check-hidden", type=int, default=1024,
                     help="compare kernel gradients with the jnp-reference step for widths up to this")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 96 tokens, 2 iters")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/block_step.json when OUT is set)",
+    )
     args = ap.parse_args()
     if args.tiny:
         args.hidden, args.tokens, args.seq, args.iters = [64], 96, 48, 2
@@ -187,8 +192,9 @@ def main() -> None:
                     row["residual_ratio_vs_first"] = base[2]["residual_bytes"] / row["residual_bytes"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "block_step.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "block_step.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows), f, indent=1)
     mib = lambda b: f"{b / 2**20:9.1f}" if b else "        -"
     print(f"\n{'hidden':>6} {'part':>5} {'policy':>14} {'median ms':>10} {'speedup':>8} {'b2b ms':>8} "

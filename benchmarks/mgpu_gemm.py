@@ -5,10 +5,10 @@
 Each GEMM runs with the fused model's epilogue (qkv: bias, q/k/v written apart; out / fc2: bias + f32
 residual, f32 out; fc1: bias + GELU, bf16 out). Per shape: max |error| of both kernels against the XLA
 reference (relative to the reference's max |value|), then ms per call (``--reps`` calls back to back, median
-of ``--iters`` samples). ``--variants`` also times other Mosaic configs (the second is session 9's pipeline:
-``mma_in_flight=0``, no residual prefetch). ``--math precise approx`` times GELU's two erf forms
-(``MosaicTileConfig.epilogue_math``), ``--gelu-bound`` the GELU GEMMs without their activation. Writes
-``$OUT/mgpu_gemm.json`` when OUT is set.
+of ``--iters`` samples). ``--variants`` also times other Mosaic configs (the second waits for each K step's
+wgmma and loads residual tiles in the epilogue: ``mma_in_flight=0``, no residual prefetch). ``--math precise
+approx`` times GELU's two erf forms (``MosaicTileConfig.epilogue_math``), ``--gelu-bound`` the GELU GEMMs
+without their activation. Writes ``$OUT/mgpu_gemm.json`` when OUT is set, or ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ JETFIRE_GEMMS = {
 
 def variants(cfg: mg.MosaicTileConfig, residual: bool) -> list[mg.MosaicTileConfig]:
     out = [cfg]
-    # the session 9 pipeline: wait for each K step's wgmma, residual tiles loaded in the epilogue
+    # the plain pipeline: wait for each K step's wgmma, residual tiles loaded in the epilogue
     old = dataclasses.replace(cfg, mma_in_flight=0, residual_prefetch=False)
     out.append(old)
     if cfg.stages > 1:  # the other wgmma pipeline, all else equal (3-stage rings default to waiting)
@@ -114,6 +114,11 @@ def main() -> None:
                    help="time each config under each of these epilogue_math settings (GELU's erf)")
     p.add_argument("--gelu-bound", action="store_true",
                    help="also time the GELU GEMMs' default config without the activation (its cost's bound)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/mgpu_gemm.json when OUT is set)",
+    )
     args = p.parse_args()
     print(jax.devices(), jax.__version__, flush=True)
 
@@ -199,8 +204,9 @@ def main() -> None:
             row["x_bf16"] = row["xla_bf16_ms"] / best["ms"]
         print(name, {k_: v for k_, v in row.items() if k_ != "mosaic"}, flush=True)
         results[name] = row
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "mgpu_gemm.json"), "w") as f:
+    path = args.json or (os.path.join(os.environ["OUT"], "mgpu_gemm.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -199,6 +199,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 64 tokens")
     ap.add_argument("--dump-hlo", action="store_true", help="write each policy's optimised HLO under $OUT")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/profile_step.json when OUT is set)",
+    )
     args = ap.parse_args()
     out = os.environ.get("OUT")
     if args.dump_hlo and not out:
@@ -222,8 +227,9 @@ def main() -> None:
               f"{r['idle_ms_per_step']:.2f} ms between kernels, most before:")
         for k in r["idle_before"][:10]:
             print(f"  {k['ms_per_step']:8.3f} ms x{k['count_per_step']:<5g} {k['name'][:110]}")
-    if out:
-        with open(os.path.join(out, "profile_step.json"), "w") as f:
+    path = args.json or (os.path.join(out, "profile_step.json") if out else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 
 
