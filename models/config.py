@@ -23,7 +23,11 @@ class ModelConfig:
     vocab_size: number of token ids; the embedding and LM head have this many rows. In a training config
       0 means "from the tokenizer, rounded up to a multiple of 64" (train.py fills it in).
     max_seq_len: longest sequence (the size of GPT's position table; LLaMA only checks it).
+    num_layers: transformer blocks.
+    num_heads: attention (query) heads; d_model is a multiple of it.
+    d_model: width of the residual stream.
     mlp_hidden: MLP width; 0 means 4 * d_model (gpt) or the LLaMA rule 2/3 * 4 * d_model rounded up to 64.
+    dropout_rate: dropout on the embeddings and on each attention / MLP branch output while training (0: none).
     remat: recompute each block in the backward pass (saves activation memory for the large presets).
     attention: attention core implementation, "auto" | "xla" | "cudnn" | "pallas" (see
       :func:`jq8.training.nn.attention_implementation`): "auto" = cuDNN flash attention on GPU for bf16/fp16
