@@ -7,10 +7,11 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 import train
-from configs.base import TrainConfig, field_docs, valid_keys
+from configs.base import TrainConfig, field_docs, first_sentence, valid_keys
 from jq8 import cli
 from models.config import ModelConfig
 
@@ -70,13 +71,16 @@ def refused(capsys, argv: list[str], *needles: str) -> str:
         (["--dataset=/no/such/corpus.txt"], ["--dataset=/no/such/corpus.txt"]),
         (["--tokenizer=/no/such/tokenizer.json"], ["--tokenizer=/no/such/tokenizer.json"]),
         (["--seq_len=64", "--model.max_seq_len=1000000", "--dataset={tiny_text}"], ["split", "--seq_len"]),
+        (["--dataset={random_bytes}"], ["--dataset=", "random.bin", "not UTF-8 text"]),
     ],
 )
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, args, needles):
     tiny_text = tmp_path / "tiny.txt"
     tiny_text.write_text("A few words.\n\nToo short to train on.\n")
+    random_bytes = tmp_path / "random.bin"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(1 << 16))
     run_dir = tmp_path / "run"
-    args = [a.format(tiny_text=tiny_text) for a in args]
+    args = [a.format(tiny_text=tiny_text, random_bytes=random_bytes) for a in args]
     refused(capsys, [*TINY, *args, f"--run_dir={run_dir}"], *needles)
     assert not run_dir.exists()
 
@@ -180,8 +184,12 @@ def test_help_lists_every_key_with_type_default_and_meaning(capsys):
         if f.name != "model":
             line = lines[f"--{f.name}={f.type}"]
             assert docs[f.name] and repr(getattr(TrainConfig(), f.name)).strip("'").lower() in line.lower()
-            assert docs[f.name][:20] in line, (f.name, line)
+            assert first_sentence(docs[f.name])[:20] in line, (f.name, line)
     assert "ModelConfig" in docs["model"] and "--model.d_model=int" in lines
+    model_docs = field_docs(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):  # every model key has its docstring line too
+        key = f"model.{f.name}"
+        assert model_docs.get(f.name) and first_sentence(model_docs[f.name]) in lines[f"--{key}={_type(key)}"], key
     # With a config file, its values are shown.
     assert train.run(["--config", os.path.join(REPO, "configs", "tiny.py"), "-h"]) == 0
     assert "runs/tiny" in capsys.readouterr().out

@@ -37,9 +37,8 @@ def ckpt(tmp_path_factory):
     from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
-    # One block: the CLI pipeline is the same for every block, and LKD over several blocks is test_lkd's.
     cfg = dataclasses.replace(
-        preset("gpt-tiny"), num_layers=1, d_model=64, num_heads=2, vocab_size=8192, max_seq_len=16
+        preset("gpt-tiny"), num_layers=2, d_model=64, num_heads=2, vocab_size=8192, max_seq_len=16
     )
     model = build_model(cfg, Policy.from_name("bf16"))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
@@ -154,7 +153,7 @@ def test_bad_inputs_are_one_line_errors(ckpt, qckpt, tmp_path, capsys, monkeypat
     refused(capsys, ["--eval", str(cut)], "cannot read this quantized checkpoint", f"--out {cut} --overwrite")
     # The FP32 model of another config beside a quantized checkpoint.
     other = tmp_path / "other"
-    meta = {"model_config": {**json.loads((qckpt / "manifest.json").read_text())["model_config"], "num_layers": 2}}
+    meta = {"model_config": {**json.loads((qckpt / "manifest.json").read_text())["model_config"], "num_layers": 1}}
     with Checkpointer(other / "checkpoints", async_save=False) as c:
         c.save(1, {"w": jnp.zeros((2,))}, {}, meta)
     refused(capsys, ["--eval", str(qckpt), "--ckpt", str(other)], "holds another model", "drop --ckpt")
