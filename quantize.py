@@ -3,6 +3,12 @@
     python quantize.py --ckpt runs/tiny --scheme w4/8-a8 --lkd --out runs/tiny-w48a8 [--overwrite]
     python quantize.py --eval runs/tiny-w48a8 [--ckpt runs/tiny] [--generate "The history of"]
     python quantize.py --model minilm [--lkd]      # MiniLM sentence encoder: cosine + retrieval agreement
+    python quantize.py --ckpt gguf:model.gguf --scheme w8a8 --out runs/q [--data corpus.txt]   # pretrained
+    python quantize.py --ckpt hf:path/to/hf_dir --scheme w4/8-a8 --lkd --out runs/q
+
+A pretrained checkpoint (``hf:DIR``, ``gguf:FILE``; ``models.hub``) brings its own tokenizer; its text is
+the bundled Wikipedia sample (evaluation: the held-out split) unless ``--data FILE`` names another: then
+evaluation reads FILE's held-out split and calibration its training split.
 
 Embedding tables and the LM head are quantized too: INT4 (K-groups) under the INT4 schemes, INT8 otherwise
 (``--embedding-bits 8|4`` overrides; ``--fp-embeddings`` keeps them float).
@@ -45,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
         prog="quantize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, or one step dir")
+    p.add_argument("--ckpt", help="train.py run dir (runs/tiny), its checkpoints/ dir, one step dir, or a "
+                   "pretrained checkpoint hf:DIR (Hugging Face) / gguf:FILE (llama.cpp)")
+    p.add_argument("--data", default=None, help="text for evaluation (its held-out split) and calibration (its "
+                   "training split), tokenized with the model's tokenizer (default: --eval-source / --calib)")
     p.add_argument(
         "--model",
         default="ckpt",
@@ -75,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lkd-lr", type=float, default=1e-4, help="LKD learning rate (Adam)")
     p.add_argument("--lkd-batch", type=int, default=8, help="calibration sequences per LKD step")
     p.add_argument(
-        "--calib", default="lee", help="calibration text for LKD / static ranges (jq8.data source)"
+        "--calib", default=None, help="calibration text for LKD / static ranges (jq8.data source; default "
+        "lee, or --data's training split)"
     )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size (a power of two)")
@@ -196,9 +206,52 @@ def check_out(args) -> None:
             fail(f"--out {args.out}: {above} is a file, not a directory")
 
 
+PRETRAINED_SEQ_LEN = 256  # evaluation window of a pretrained checkpoint when --seq-len is 0
+
+
+def load_pretrained_model(spec: str):
+    """(model, params, meta) of ``hf:DIR`` / ``gguf:FILE``; meta as a training checkpoint's (tokenizer spec =
+    the checkpoint, corpus = the bundled sample)."""
+    from models import hub
+
+    try:
+        config, params, _ = hub.load_pretrained(spec, tokenizer=False)
+        hub.load_tokenizer(spec)  # checked here: evaluation needs it
+    except (hub.CheckpointError, OSError) as e:
+        fail(f"--ckpt {spec}: {e}")
+    seq_len = min(PRETRAINED_SEQ_LEN, config.max_seq_len)
+    meta = {"model_config": config.to_dict(), "tokenizer": {"spec": spec},
+            "train_config": {"dataset": "wiki", "seq_len": seq_len}}
+    return checked_model(meta["model_config"], f"--ckpt {spec}"), params, meta
+
+
+def pretrained_spec(ckpt: str) -> bool:
+    from models import hub
+
+    return hub.is_pretrained_spec(ckpt)
+
+
+def text_tokenizer(meta: dict):
+    """The tokenizer of a checkpoint's meta: a jq8.data spec, or a pretrained checkpoint's own."""
+    from models import hub
+
+    spec = meta.get("tokenizer", {}).get("spec", "wiki-8k")
+    if not hub.is_pretrained_spec(spec):
+        return spec
+    try:
+        return hub.load_tokenizer(spec)
+    except (hub.CheckpointError, OSError) as e:
+        fail(f"the model's tokenizer {spec}: {e}")
+
+
 def load_float_model(ckpt: str):
-    """(model, params, meta) from a train.py checkpoint; the model runs fp32 (bf16 policy, f32 compute)."""
+    """(model, params, meta) from a train.py checkpoint or a pretrained ``hf:`` / ``gguf:`` one; the model
+    runs fp32 (bf16 policy, f32 compute)."""
     from jq8.training.checkpoint import CheckpointDamagedError, describe_error, load_params
+    from models import hub
+
+    if hub.is_pretrained_spec(ckpt):
+        return load_pretrained_model(ckpt)
 
     path = Path(ckpt)
     want = "pass a train.py run directory (e.g. --ckpt runs/tiny)"
@@ -243,8 +296,8 @@ def float_model(model_config: dict):
 def eval_data(meta: dict, args, seq_len: int):
     from jq8.data import prepare
 
-    tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
-    src = args.eval_source or meta.get("train_config", {}).get("dataset", "wiki")
+    tok = text_tokenizer(meta)
+    src = args.eval_source or args.data or meta.get("train_config", {}).get("dataset", "wiki")
     try:
         ds = prepare(**({} if src == "wiki" else {"source": src}), tokenizer=tok)
     except (OSError, ValueError, UnicodeError) as e:
@@ -263,16 +316,19 @@ def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
     """args.calib_samples sequences of seq_len tokens from the calibration text, in chunks of lkd_batch."""
     from jq8.data import prepare
 
-    tok = meta.get("tokenizer", {}).get("spec", "wiki-8k")
+    tok = text_tokenizer(meta)
+    # --data: its training split (the held-out split is the evaluation's); else all of --calib
+    flag, src = ("--calib", args.calib) if args.calib or not args.data else ("--data", args.data)
+    src = src or "lee"
     try:
-        ds = prepare(source=args.calib, tokenizer=tok, val_fraction=0.0)
+        ds = prepare(source=src, tokenizer=tok, **({"val_fraction": 0.0} if flag == "--calib" else {}))
     except (OSError, ValueError, UnicodeError) as e:
-        fail(f"--calib {args.calib}: {e}")
+        fail(f"{flag} {src}: {e}")
     toks = np.asarray(ds.tokens("train"))
     need = args.calib_samples * seq_len
     if toks.size < need:
         fail(
-            f"calibration data too small: {args.calib!r} has {toks.size} tokens, need {need} "
+            f"calibration data too small: {src!r} has {toks.size} tokens, need {need} "
             f"({args.calib_samples} x {seq_len}); lower --calib-samples or pass a larger --calib"
         )
     seqs = toks[:need].astype(np.int32).reshape(args.calib_samples, seq_len)
@@ -410,7 +466,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     extra = {
         "tokenizer": meta.get("tokenizer", {}),
-        "source_ckpt": os.path.abspath(args.ckpt),
+        "source_ckpt": args.ckpt if pretrained_spec(args.ckpt) else os.path.abspath(args.ckpt),
         "scheme": args.scheme,
         "fp_embeddings": args.fp_embeddings,
         "embedding_bits": None if args.fp_embeddings else next(
@@ -490,7 +546,7 @@ def generations(args, model, params, qp, meta: dict, seq_len: int) -> dict:
     """Continuations of --generate by the FP model (when loaded) and the INT8 model."""
     from jq8.data import load_tokenizer
 
-    tok = load_tokenizer(meta.get("tokenizer", {}).get("spec", "wiki-8k"))
+    tok = load_tokenizer(text_tokenizer(meta))
     prompt = tok.encode(args.generate)
     out = {}
     weights = {"int8": (qp, True)}

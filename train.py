@@ -251,10 +251,12 @@ def check_int8_dims(model_cfg, policy: Policy, given: str) -> None:
     raise UsageError(f"--{key}={what} is not a multiple of the INT8 block {block} of --policy={given}; {hint}")
 
 
-def load_data(cfg: TrainConfig) -> data.TokenDataset:
-    """The tokenized corpus; UsageError naming --dataset / --tokenizer if it is unreadable or too short."""
+def load_data(cfg: TrainConfig, tokenizer: Any = None) -> data.TokenDataset:
+    """The tokenized corpus; UsageError naming --dataset / --tokenizer if it is unreadable or too short.
+
+    tokenizer: a tokenizer object to use instead of ``cfg.tokenizer`` (the --init checkpoint's own)."""
     try:
-        ds = data.prepare(cfg.dataset, cfg.tokenizer)
+        ds = data.prepare(cfg.dataset, cfg.tokenizer if tokenizer is None else tokenizer)
     except (OSError, ValueError, UnicodeError) as e:
         raise UsageError(f"--dataset={cfg.dataset} --tokenizer={cfg.tokenizer}: {e}") from None
     for split, needed in (("train", True), ("val", cfg.eval_batches > 0)):
@@ -266,6 +268,41 @@ def load_data(cfg: TrainConfig) -> data.TokenDataset:
                 f"{cfg.seq_len} + 1; use a shorter --seq_len, a larger --dataset{extra}"
             )
     return ds
+
+
+# The model fields a pretrained checkpoint (--init) fixes; dropout_rate, remat and attention stay the run's.
+CHECKPOINT_MODEL_FIELDS = ("family", "vocab_size", "max_seq_len", "num_layers", "num_heads", "d_model", "mlp_hidden",
+                           "num_kv_heads", "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings", "activation")
+
+
+def load_init(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, Any, Any]:
+    """--init=hf:DIR|gguf:FILE: (cfg with the checkpoint's model fields and tokenizer, float32 params, tokenizer).
+
+    A --model.<field> given on the command line that disagrees with the checkpoint is an error, as is a
+    --tokenizer other than the checkpoint's; the --config file's model fields are replaced.
+    """
+    from models import hub
+
+    if not hub.is_pretrained_spec(cfg.init):
+        raise UsageError(f"--init={cfg.init}: expected hf:DIR (Hugging Face checkpoint directory) or gguf:FILE")
+    try:
+        model_cfg, params, tok = hub.load_pretrained(cfg.init)
+    except (hub.CheckpointError, OSError) as e:
+        raise UsageError(f"--init={cfg.init}: {e}") from None
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in split_args(argv)[1]}
+    for key in sorted(given):
+        field = key[len("model."):]
+        if key.startswith("model.") and field in CHECKPOINT_MODEL_FIELDS:
+            mine, theirs = getattr(cfg.model, field), getattr(model_cfg, field)
+            if mine != theirs:
+                raise UsageError(f"--model.{field}={mine} conflicts with --init={cfg.init}, whose {field} is "
+                                 f"{theirs}; drop --model.{field} (the checkpoint fixes the architecture)")
+    if "tokenizer" in given and cfg.tokenizer != cfg.init:
+        raise UsageError(f"--tokenizer={cfg.tokenizer} with --init={cfg.init}: a pretrained model trains with its "
+                         "own tokenizer; drop --tokenizer")
+    keep = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(model_cfg)
+            if f.name not in CHECKPOINT_MODEL_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, **keep), tokenizer=cfg.init), params, tok
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -312,6 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- config: all checked before any write
     cfg = parse_args(argv)
+    init_params_host, init_tokenizer = None, None
+    if cfg.init:  # the checkpoint's model fields and tokenizer, before every check that reads them
+        cfg, init_params_host, init_tokenizer = load_init(cfg, argv)
     check_ranges(cfg)
     if cfg.tensorboard:
         cli.require_module("tensorboardX", "tensorboard", "--tensorboard=true")
@@ -328,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(f"--policy={cfg.policy}: {e}") from None
 
     # ---------------------------------------------------------------- data
-    ds = load_data(cfg)
+    ds = load_data(cfg, init_tokenizer)
     model_cfg = cfg.model
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=-(-ds.vocab_size // 64) * 64)
@@ -424,7 +464,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 params = init_params(key)
                 return params, tx.init(params)
 
-            params, opt_state = jax.jit(init_state, out_shardings=(param_sh, opt_sh))(base_key)
+            if init_params_host is not None:  # --init: the pretrained weights, placed in their shards
+                params = jax.device_put(init_params_host, param_sh)
+                opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+            else:
+                params, opt_state = jax.jit(init_state, out_shardings=(param_sh, opt_sh))(base_key)
         if is_main:
             write_json_atomic(os.path.join(cfg.run_dir, "config.json"), cfg.to_dict())
         # A resumed run's metrics read as one run: the rows of steps after the checkpoint are redone.

@@ -36,6 +36,8 @@ class TrainConfig:
     run_dir: the run's folder: config.json, metrics.jsonl and checkpoints/ go here.
     dataset: training text (a jq8.data source): "wiki" (bundled Wikipedia sample), "lee", or a text path.
     tokenizer: jq8.data tokenizer: "wiki-8k" (committed BPE), "bytes", or a tokenizer JSON path.
+    init: start from pretrained weights, "hf:DIR" (Hugging Face checkpoint directory) or "gguf:FILE"
+      (llama.cpp GGUF); the model's fields and tokenizer come from it ("": random initial weights).
     batch_size: global batch in sequences, split over all devices (a multiple of the device count).
     seq_len: tokens per training sequence (<= model.max_seq_len).
     steps: optimizer updates of the whole run (AdamW on fp32 master weights).
@@ -72,6 +74,7 @@ class TrainConfig:
     # data
     dataset: str = "wiki"
     tokenizer: str = "wiki-8k"
+    init: str = ""
     batch_size: int = 16
     seq_len: int = 64
     # optimizer
@@ -145,8 +148,8 @@ def _unknown(key: str) -> UsageError:
 
 
 def _parse(value: str, typ: Any, key: str) -> Any:
-    if isinstance(typ, str):  # postponed annotations
-        typ = {"int": int, "float": float, "str": str, "bool": bool}[typ]
+    if isinstance(typ, str):  # postponed annotations ("float | None": an optional field takes the type)
+        typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     try:

@@ -329,3 +329,54 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     tokens = np.asarray(gen(params, cache, prompt))[0]
     np.testing.assert_array_equal(tokens, g["greedy"])
     assert tok.decode(tokens.tolist()).startswith(" Paris")
+
+
+# ------------------------------------------------------------------------------------- the two scripts
+
+
+def test_train_starts_from_a_pretrained_checkpoint(tmp_path):
+    import train
+    from jq8.cli import UsageError
+
+    spec = f"hf:{GOLDEN / 'qwen2'}"
+    base = ["--config", str(Path(__file__).parents[1] / "configs" / "tiny.py"), f"--init={spec}", "--dataset=lee",
+            "--batch_size=4", "--seq_len=32", "--eval_batches=1", "--progress=false", "--ckpt_every=0"]
+    # an update of ~1e-9 per weight: the trained parameters are the checkpoint's
+    out = train.main([*base, "--steps=1", "--lr=1e-9", "--min_lr=0", "--warmup_steps=0", "--weight_decay=0",
+                      f"--run_dir={tmp_path / 'run'}"])
+    config, params, _ = load_pretrained(spec)
+    model_cfg = out["config"].model
+    assert (model_cfg.num_kv_heads, model_cfg.qkv_bias, model_cfg.tied_head) == (2, True, True)
+    assert out["config"].tokenizer == spec  # the run records the model's own tokenizer
+    got = jax.tree_util.tree_map(np.asarray, out["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(UsageError, match=r"--model.num_layers=3 conflicts with --init=hf:.*whose num_layers is 2"):
+        train.main([*base, "--model.num_layers=3", f"--run_dir={tmp_path / 'bad'}"])
+    with pytest.raises(UsageError, match=r"--tokenizer=bytes with --init=.*own tokenizer; drop --tokenizer"):
+        train.main([*base, "--tokenizer=bytes", f"--run_dir={tmp_path / 'bad'}"])
+    with pytest.raises(UsageError, match=r"--init=gguf:absent.gguf: absent.gguf: no such GGUF file"):
+        train.main([*base, "--init=gguf:absent.gguf", f"--run_dir={tmp_path / 'bad'}"])
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-gguf"])
+def test_quantize_takes_a_pretrained_checkpoint_and_a_text_file(tmp_path, name):
+    import quantize
+
+    spec = f"hf:{GOLDEN / name}" if name == "llama" else f"gguf:{GOLDEN / name / 'model.gguf'}"
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {i}: the lazy dog reads attention and quantization notes. " * 8
+                                for i in range(40)))
+    small = ["--eval-batches", "2", "--batch-size", "2", "--seq-len", "32", "--calib-samples", "4", "--lkd-batch", "2"]
+    rep = quantize.main(["--ckpt", spec, "--scheme", "w8a8", "--out", str(tmp_path / "q"), "--data", str(text),
+                         "--generate", "the lazy", "--max-new-tokens", "3", *small])
+    ppl = {r["setting"]: r["ppl"] for r in rep["rows"]}
+    assert np.isfinite(ppl["FP32"]) and abs(ppl["W8A8 ZeroQuant"] / ppl["FP32"] - 1) < 0.05, ppl
+    assert set(rep["generation"]) == {"fp32", "int8"}
+    from jq8.ptq.checkpoint import read_manifest
+
+    assert read_manifest(tmp_path / "q")["extra"]["tokenizer"]["spec"] == spec
+    # the quantized checkpoint evaluates with the pretrained model's tokenizer
+    rep2 = quantize.main(["--eval", str(tmp_path / "q"), "--data", str(text), *small])
+    assert abs(rep2["rows"][-1]["ppl"] / ppl["W8A8 ZeroQuant"] - 1) < 1e-3

@@ -31,6 +31,7 @@ __all__ = [
     "export_hf",
     "is_pretrained_spec",
     "load_pretrained",
+    "load_tokenizer",
 ]
 
 SPEC_PREFIXES = ("hf:", "gguf:")
@@ -63,6 +64,21 @@ def check_params(config: ModelConfig, params: Any, source: str | os.PathLike) ->
         if tuple(flat_want[key]) != flat_got[key]:
             raise CheckpointError(source, f"parameter {key} has shape {flat_got[key]}, the model needs "
                                           f"{tuple(flat_want[key])}")
+
+
+def load_tokenizer(spec: str):
+    """The ``tokenizers.Tokenizer`` of ``"hf:DIR"`` / ``"gguf:FILE"`` alone (no weights are read)."""
+    if not is_pretrained_spec(spec):
+        raise CheckpointError(spec, "a pretrained tokenizer is 'hf:DIR' or 'gguf:FILE'")
+    kind, _, path = spec.partition(":")
+    path = os.path.expanduser(path)
+    if kind == "hf":
+        from models.hub.hf import load_tokenizer as hf_tokenizer
+
+        return hf_tokenizer(path)
+    from models.hub.gguf import GGUFFile, tokenizer_from_gguf
+
+    return tokenizer_from_gguf(GGUFFile(path))
 
 
 def load_pretrained(spec: str, *, tokenizer: bool = True) -> tuple[ModelConfig, dict[str, Any], Any]:
