@@ -14,7 +14,7 @@ command-buffer setting (compiled with ``compiler_options``):
 With ``--trees PRESET``, instead: the host cost of a jitted call's arguments alone. A trivial jitted
 function (one scalar add) takes the parameter tree of PRESET's layer count at a tiny width: the bf16
 tree, each ZeroQuant scheme's tree, and the same leaves passed as a flat list; median us per call.
-Writes $OUT/dispatch_probe.json when $OUT is set.
+Writes $OUT/dispatch_probe.json when $OUT is set, or ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def chain(impl: str):
     def run(a, sa, ws, sbs):
         if impl == "xla":
             return [xla_int8(a, w, sa, sb) for w, sb in zip(ws, sbs)]
-        return [int8_matmul(a, w, sa, sb, impl=impl) for w, sb in zip(ws, sbs)]
+        return [int8_matmul(a, w, sa, sb, backend=impl) for w, sb in zip(ws, sbs)]
 
     return run
 
@@ -114,11 +114,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: xla only, small counts")
     ap.add_argument("--trees", metavar="PRESET", help="time a trivial call's arguments instead (see above)")
     ap.add_argument("--schemes", nargs="+", default=["w8a8"], help="with --trees: the quantized trees")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (default: $OUT/dispatch_probe.json, with --trees "
+        "$OUT/dispatch_probe_trees.json, when OUT is set)",
+    )
     args = ap.parse_args()
+    out = os.environ.get("OUT")
     if args.trees:
         rows = tree_costs(args.trees, args.schemes, args.iters)
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "dispatch_probe_trees.json"), "w") as f:
+        path = args.json or (os.path.join(out, "dispatch_probe_trees.json") if out else None)
+        if path:
+            with open(path, "w") as f:
                 json.dump(
                     dict(device=jax.devices()[0].device_kind, preset=args.trees, rows=rows), f, indent=1
                 )
@@ -144,7 +152,7 @@ def main() -> None:
                 fn = jax.jit(chain(impl)).lower(a, sa, ws, sbs).compile(compiler_options=opts)
                 wall, disp = timings(fn, (a, sa, ws, sbs), args.iters)
                 per_n[n] = (wall, disp)
-                rows.append(dict(impl=impl, cmdbuf=cb, n=n, wall_ms=wall, dispatch_ms=disp))
+                rows.append(dict(backend=impl, cmdbuf=cb, n=n, wall_ms=wall, dispatch_ms=disp))
                 print(f"{impl:7s} cmdbuf={cb:15s} n={n:4d}: wall {wall:8.3f} ms, dispatch {disp:8.3f} ms",
                       flush=True)  # fmt: skip
             lo, hi = min(per_n), max(per_n)
@@ -152,9 +160,10 @@ def main() -> None:
                 slope = [(per_n[hi][i] - per_n[lo][i]) / (hi - lo) * 1e3 for i in range(2)]
                 print(f"{impl:7s} cmdbuf={cb:15s} per GEMM call: wall {slope[0]:6.1f} us, "
                       f"dispatch {slope[1]:6.1f} us", flush=True)  # fmt: skip
-                rows.append(dict(impl=impl, cmdbuf=cb, slope_wall_us=slope[0], slope_dispatch_us=slope[1]))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "dispatch_probe.json"), "w") as f:
+                rows.append(dict(backend=impl, cmdbuf=cb, slope_wall_us=slope[0], slope_dispatch_us=slope[1]))
+    path = args.json or (os.path.join(out, "dispatch_probe.json") if out else None)
+    if path:
+        with open(path, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, size=s, rows=rows), f, indent=1)
 
 
