@@ -380,3 +380,27 @@ def test_quantize_takes_a_pretrained_checkpoint_and_a_text_file(tmp_path, name):
     # the quantized checkpoint evaluates with the pretrained model's tokenizer
     rep2 = quantize.main(["--eval", str(tmp_path / "q"), "--data", str(text), *small])
     assert abs(rep2["rows"][-1]["ppl"] / ppl["W8A8 ZeroQuant"] - 1) < 1e-3
+
+
+def test_export_cli_writes_a_train_run_as_hf(tmp_path):
+    import train
+    from jq8.cli import UsageError
+    from models.hub.__main__ import main as hub_main
+
+    run = tmp_path / "run"
+    train.main(["--config", str(Path(__file__).parents[1] / "configs" / "tiny.py"), "--dataset=lee",
+                "--model.family=llama", "--model.num_kv_heads=2", "--model.norm_eps=1e-5", "--model.num_layers=1",
+                "--batch_size=4", "--seq_len=32", "--steps=2", "--eval_batches=0", "--progress=false",
+                f"--run_dir={run}"])
+    out = hub_main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")])
+    config, params, tok = load_pretrained(f"hf:{out}")
+    from jq8.training.checkpoint import load_params
+
+    trained, meta = load_params(run)
+    assert config.kv_heads == 2 and tok.encode("The city").ids  # the run's wiki-8k tokenizer came along
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 12))
+    np.testing.assert_array_equal(_logits(config, params, ids), _logits(config, trained, ids))
+    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+        hub_main(["export", "--ckpt", str(run), "--out", str(out)])
+    with pytest.raises(UsageError, match="not a jq8 training checkpoint"):
+        hub_main(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf2")])
