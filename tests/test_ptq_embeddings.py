@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import flax.linen as nn
 import jax
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 from test_lkd import tiny_llama
 from test_ptq import run_int8, tiny_gpt
-from test_qcheckpoint import as_format_2
 
 from jq8 import ptq
 from jq8.ptq import checkpoint as qcheckpoint
@@ -254,24 +252,7 @@ def test_checkpoint_round_trip_and_smaller_on_disk(tmp_path, family):
     disk_q, disk_f = qcheckpoint.disk_bytes(dq), qcheckpoint.disk_bytes(df)
     rep = ptq.bits_report(qp, "float16")
     n_entries = 2 * (len(qp.weights) + len(qp.embeddings)) + len(jax.tree_util.tree_leaves(qp.params))
-    assert rep["total_bytes"] <= disk_q <= rep["total_bytes"] + 400 * n_entries + 8192  # npz headers
+    assert rep["total_bytes"] <= disk_q <= rep["total_bytes"] + 1000 * n_entries + 24_000  # Orbax metadata
     # fp16 tables -> INT8 codes + per-row f32 scales: about half their bytes saved
     tables = sum(q.values.size for q in qp.embeddings.values())
     assert disk_f - disk_q > 0.8 * (2 * tables - tables), (disk_f, disk_q)
-
-
-def test_version_1_checkpoint_without_tables_still_loads(tmp_path):
-    """A checkpoint written before quantized tables (format 1: no ``embeddings``, no rule kind/optional)."""
-    model, params, tokens = tiny_gpt(layers=1, d=32, heads=2, vocab=61, seq=8, seed=16)
-    old_rules = [ptq.QuantRule(ptq.MLP_PATTERN, 4, 16), ptq.QuantRule(ptq.ATTN_PATTERN, 8)]
-    qp = ptq.quantize_params(params, old_rules)
-    d = qcheckpoint.save_quantized(tmp_path / "v1", qp, float_dtype="float32")
-    m = as_format_2(d)  # INT4 codes in the adjacent-pair packing of formats 1 and 2
-    m["format_version"] = 1
-    del m["embeddings"]
-    for r in m["rules"]:
-        del r["kind"], r["optional"]
-    (d / "manifest.json").write_text(json.dumps(m))
-    qp2, _ = qcheckpoint.load_quantized(d)
-    assert qp2.embeddings == {} and qp2.rules == qp.rules
-    np.testing.assert_array_equal(run_int8(model, qp2, tokens), run_int8(model, qp, tokens))

@@ -14,6 +14,7 @@ import pytest
 
 import quantize
 from jq8 import cli
+from jq8.ptq.checkpoint import MANIFEST
 from jq8.training.checkpoint import Checkpointer
 
 SMALL = [
@@ -63,7 +64,7 @@ def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
     # INT8 tables by default: the 8192 x 64 token table (most of this model) is not in the float bytes.
     # (d = 64: INT4 rows are stored in whole 64-code blocks, so a narrower model would pad its MLP rows.)
     assert rep["bits"]["float_bytes"] < 8192 * 64 and rep["size_ratio_vs_fp16"] > 1.7
-    assert set(json.loads((out / "manifest.json").read_text())["embeddings"]) == {"wte", "wpe"}
+    assert set(json.loads((out / MANIFEST).read_text())["embeddings"]) == {"wte", "wpe"}
     saved = json.loads((out / "eval.json").read_text())
     assert saved["rows"] == rep["rows"]
     assert "FP32" in capsys.readouterr().out
@@ -93,7 +94,7 @@ def test_fp_embeddings_keeps_tables_float(ckpt, qckpt, tmp_path):
     rep = quantize.main(
         ["--ckpt", str(ckpt), "--scheme", "w8a8", "--fp-embeddings", "--out", str(out), "--overwrite", *SMALL]
     )
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["embeddings"] == {} and manifest["extra"]["fp_embeddings"] is True
     assert manifest["float_params"]["wte/embedding"] == "float16"
     assert rep["bits"]["float_bytes"] >= 2 * 8192 * 32 and rep["size_ratio_vs_fp16"] < 1.1
@@ -144,16 +145,16 @@ def test_bad_inputs_are_one_line_errors(ckpt, qckpt, tmp_path, capsys, monkeypat
     # A checkpoint of a newer format, and one whose arrays were cut short.
     newer = tmp_path / "newer"
     shutil.copytree(qckpt, newer)
-    manifest = json.loads((newer / "manifest.json").read_text())
-    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    manifest = json.loads((newer / MANIFEST).read_text())
+    (newer / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     refused(capsys, ["--eval", str(newer)], "format_version 99 is newer", "upgrade jq8")
     cut = tmp_path / "cut"
     shutil.copytree(qckpt, cut)
-    os.truncate(cut / "arrays.npz", 100)
+    os.truncate(max((p for p in (cut / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size), 100)
     refused(capsys, ["--eval", str(cut)], "cannot read this quantized checkpoint", f"--out {cut} --overwrite")
     # The FP32 model of another config beside a quantized checkpoint.
     other = tmp_path / "other"
-    meta = {"model_config": {**json.loads((qckpt / "manifest.json").read_text())["model_config"], "num_layers": 1}}
+    meta = {"model_config": {**json.loads((qckpt / MANIFEST).read_text())["model_config"], "num_layers": 1}}
     with Checkpointer(other / "checkpoints", async_save=False) as c:
         c.save(1, {"w": jnp.zeros((2,))}, {}, meta)
     refused(capsys, ["--eval", str(qckpt), "--ckpt", str(other)], "holds another model", "drop --ckpt")

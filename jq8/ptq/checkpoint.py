@@ -1,29 +1,32 @@
-"""Compact quantized checkpoints: INT8 / packed-INT4 codes + scales on disk, loadable and runnable.
+"""Compact quantized checkpoints: INT8 / packed-INT4 codes + scales on disk, restorable onto a device mesh.
 
-Layout of a checkpoint directory::
+A checkpoint is an Orbax checkpoint directory (format version 4)::
 
-    manifest.json   {"format": "jq8-quantized", "format_version": 3, "rules": [...], "assignment": {...},
-                     "weights": {path: {shape, dtype, spec}}, "embeddings": {path: {shape, dtype, spec}},
-                     "folded_norms": [...], "float_dtype", "model_config", "extra": {...}}
-    arrays.npz      uncompressed numpy archive: w/<path>/values|scale|zero_point (Dense kernels),
-                    e/<path>/values|scale (INT8 embedding tables), p/<path> (float params),
-                    s/<path> (static activation scales)
+    manifest/metadata       JSON item: {"format": "jq8-quantized", "format_version": 4, "rules": [...],
+                            "assignment": {...}, "weights": {path: {shape, dtype, spec}},
+                            "embeddings": {path: {shape, dtype, spec}}, "folded_norms": [...],
+                            "float_params": {path: stored dtype}, "float_dtype", "model_config", "extra"}
+    arrays/                 Orbax PyTree (OCDBT) of the arrays, nested by module path:
+                            w/<path>/values|scale[|zero_point]   Dense kernels, (N, K) codes + scales
+                            e/<path>/values|scale                quantized embedding tables, (V, D)
+                            p/<path>                             float params, stored as ``float_dtype``
+                            s/<path>                             static activation scales, () float32
 
-Versions: 2 added quantized embedding tables (``embeddings``, ``e/``) and the rule fields ``kind`` /
-``optional``; version-1 checkpoints (no quantized tables) load unchanged. 3 packs INT4 codes in the
-half-split layout of :func:`jq8.quant.pack_int4` (adjacent pairs before); older INT4 arrays are repacked on
-load. ``folded_norms`` (the branches whose norm affine the float params hold folded into the next Dense,
-:mod:`jq8.ptq.norm_fold`) is optional: without it the norms run with their stored (unit) gamma and (zero) beta,
-which computes the same function.
+INT4 codes stay packed two per byte (:func:`jq8.quant.pack_int4`) and nothing is compressed by default, so
+the size on disk is what :func:`jq8.ptq.bits_report` counts plus ~16 KB of Orbax metadata and ~0.6 KB per
+array. Orbax alone restores it: ``ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path,
+args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(), manifest=ocp.args.JsonRestore()))``.
 
-Why npz + JSON and not Orbax: the checkpoint is a handful of arrays written once and read whole; an
-uncompressed npz costs the bytes of the arrays plus ~100 B per entry (so the size on disk is what
-:func:`jq8.ptq.bits_report` says), is one file and loads with numpy alone. Measured on the tiny GPT
-(W4/8-A8, float embeddings and params fp16): bits 2,395,136 B; npz 2,404,872 B (+0.4%); Orbax
-StandardCheckpointer of the same pytree 2,233,608 B in 12 files (it compresses: -7%); ``compress=True``
-(np.savez_compressed) 2,214,616 B. INT8/INT4 codes barely compress (-5%); the savings came from the fp16
-embeddings (now INT8 by default). Orbax is not bloated, but buys nothing here that ``compress=True``
-does not.
+:func:`load_quantized` restores each array straight into its target sharding (``mesh=`` shards the
+output-channel axis of every weight, see :func:`output_channel_shardings`): every device reads only its
+own slice, so a model larger than one host's memory restores across a mesh.
+
+Versions that load: 4 (this layout) and 3 (``manifest.json`` + ``arrays.npz``, the layout jq8 0.1.0 wrote:
+same keys in an uncompressed numpy archive; ``folded_norms`` may be absent, the norms then run with their
+stored unit gamma / zero beta, which computes the same function; an npz archive is read whole on the host
+before it is placed on the mesh). Versions 1 and 2 were only written by development builds before 0.1.0
+(INT4 packed in adjacent pairs) and are refused with the fix: quantize the model again. A newer version is
+refused with the fix: upgrade jq8.
 
 Writes are atomic: everything goes to a temporary sibling directory which is renamed into place; an
 existing destination is replaced only with ``overwrite=True``.
@@ -31,26 +34,38 @@ existing destination is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jq8.ptq.schemes import QuantizedParams, QuantRule
-from jq8.quant import QArray, QuantSpec, pack_int4, unpack_int4_pairs
+from jq8.quant import QArray, QuantSpec
+from jq8.training.checkpoint import describe_error
 
 FORMAT = "jq8-quantized"
-FORMAT_VERSION = 3
-MANIFEST = "manifest.json"
-ARRAYS = "arrays.npz"
+FORMAT_VERSION = 4
+MANIFEST = "manifest/metadata"  # the manifest (Orbax JSON item), relative to the checkpoint directory
+ARRAYS = "arrays"  # the Orbax PyTree of the arrays
+NPZ_MANIFEST, NPZ_ARRAYS = "manifest.json", "arrays.npz"  # format 3
+_NPZ_VERSION = 3
+
+# Where each array of a checkpoint goes: (key, array) -> Sharding. key: "w/<path>" / "e/<path>" for a
+# quantized weight / table, given as a QArray of ShapeDtypeStructs (its codes, scales and zero points all
+# take the returned sharding); "p/<path>" (float param) / "s/<path>" (activation scale) with a
+# ShapeDtypeStruct.
+ShardingFn = Callable[[str, "jax.ShapeDtypeStruct | QArray"], jax.sharding.Sharding]
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -79,31 +94,51 @@ def _spec_json(spec: QuantSpec) -> dict:
     return {"tile": list(spec.tile), "bits": spec.bits, "symmetric": spec.symmetric}
 
 
-def _put_qarray(arrays: dict[str, np.ndarray], key: str, q: QArray) -> dict:
+def _put_qarray(arrays: dict[str, jax.Array], key: str, q: QArray) -> dict:
     """Adds q's codes / scales (/ zero points) to ``arrays`` under ``key``; returns its manifest entry."""
-    arrays[f"{key}/values"] = np.asarray(q.values)
-    arrays[f"{key}/scale"] = np.asarray(q.scale, np.float32)
+    arrays[f"{key}/values"] = q.values
+    arrays[f"{key}/scale"] = jnp.asarray(q.scale, jnp.float32)
     if q.zero_point is not None:
-        arrays[f"{key}/zero_point"] = np.asarray(q.zero_point, np.float32)
+        arrays[f"{key}/zero_point"] = jnp.asarray(q.zero_point, jnp.float32)
     return {"shape": list(q.shape), "dtype": jnp.dtype(q.dtype).name, "spec": _spec_json(q.spec)}
 
 
-def _get_qarray(arrays: Mapping[str, np.ndarray], key: str, meta: Mapping[str, Any], version: int) -> QArray:
+def _get_qarray(arrays: Mapping[str, jax.Array], key: str, meta: Mapping[str, Any]) -> QArray:
     s = meta["spec"]
-    zp = arrays.get(f"{key}/zero_point")
-    spec = QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"])
-    shape = tuple(meta["shape"])
-    values = jnp.asarray(arrays[f"{key}/values"])
-    if spec.bits == 4 and version < 3:  # INT4 was packed in adjacent pairs before version 3: repack
-        n = shape[-1] if shape else 1
-        values = pack_int4(unpack_int4_pairs(values, n))
     return QArray(
-        values,
-        jnp.asarray(arrays[f"{key}/scale"]),
-        None if zp is None else jnp.asarray(zp),
-        spec,
-        shape,
+        arrays[f"{key}/values"],
+        arrays[f"{key}/scale"],
+        arrays.get(f"{key}/zero_point"),
+        QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"]),
+        tuple(meta["shape"]),
         jnp.dtype(meta["dtype"]),
+    )
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary sibling of ``directory`` to fill; on success it is renamed to ``directory``.
+
+    On any error the temporary directory is removed and ``directory`` is left as it was. An existing
+    ``directory`` is replaced only with ``overwrite=True`` (else FileExistsError, before anything is written).
+    """
+    out = Path(directory)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (quantize.py: --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp / "new"
+        if out.exists():
+            os.replace(out, tmp / "old")
+        os.replace(tmp / "new", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(arrays=ocp.PyTreeCheckpointHandler(), manifest=ocp.JsonCheckpointHandler())
     )
 
 
@@ -117,31 +152,28 @@ def save_quantized(
     overwrite: bool = False,
     compress: bool = False,
 ) -> Path:
-    """Writes ``qp`` to ``directory`` atomically; float params are stored as ``float_dtype``.
+    """Writes ``qp`` to ``directory`` (an Orbax checkpoint, format 4) atomically.
 
-    compress: zlib-compress the archive (a few % smaller, mostly from the float params; slower to load).
+    Float params are stored as ``float_dtype`` (float16, bfloat16 or float32); integer params as they are.
+    Arrays may be sharded (each process writes its own shards). compress: zstd-compress the arrays (a few
+    % smaller, mostly from the float params: INT8 / INT4 codes barely compress).
 
     Returns the directory. Raises FileExistsError if it exists and ``overwrite`` is False.
     """
-    out = Path(directory)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (quantize.py: --overwrite)")
     if float_dtype not in ("float16", "float32", "bfloat16"):
         raise ValueError(f"float_dtype must be float16, bfloat16 or float32, got {float_dtype!r}")
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, jax.Array] = {}
     weights_meta = {path: _put_qarray(arrays, f"w/{path}", q) for path, q in qp.weights.items()}
     tables_meta = {path: _put_qarray(arrays, f"e/{path}", q) for path, q in qp.embeddings.items()}
     store = jnp.dtype(float_dtype)
     float_meta: dict[str, str] = {}
     for path, v in _flatten(qp.params).items():
-        dt = jnp.dtype(v.dtype)
-        keep = dt if not jnp.issubdtype(dt, jnp.floating) else store
-        # numpy has no bfloat16 of its own: bf16 goes to disk as its raw uint16 bits.
-        a = np.asarray(jnp.asarray(v).astype(keep))
-        arrays[f"p/{path}"] = a.view(np.uint16) if keep == jnp.bfloat16 else a
-        float_meta[path] = keep.name
+        v = jnp.asarray(v)
+        keep = store if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype
+        arrays[f"p/{path}"] = v.astype(keep)
+        float_meta[path] = jnp.dtype(keep).name
     for path, s in qp.act_scales.items():
-        arrays[f"s/{path}"] = np.asarray(s, np.float32)
+        arrays[f"s/{path}"] = jnp.asarray(s, jnp.float32)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -155,71 +187,198 @@ def save_quantized(
         "model_config": dict(model_config or {}),
         "extra": dict(extra or {}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with open(tmp / ARRAYS, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tree = _unflatten(arrays)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        handler = ocp.CompositeCheckpointHandler(
+            arrays=ocp.PyTreeCheckpointHandler(use_compression=compress),
+            manifest=ocp.JsonCheckpointHandler(),
+        )
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(
+                tmp, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(tree), manifest=ocp.args.JsonSave(manifest))
+            )
+    return Path(directory)
+
+
+def _check_version(d: Path, manifest: Mapping[str, Any], layout_version: int) -> None:
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{d}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    v = manifest.get("format_version")
+    if not isinstance(v, int):
+        raise ValueError(f"{d}: manifest has no integer format_version (got {v!r}); write it again with quantize.py")
+    if v > FORMAT_VERSION:
+        raise ValueError(f"{d}: format_version {v} is newer than this jq8 reads (up to {FORMAT_VERSION}); upgrade jq8")
+    if v < _NPZ_VERSION:
+        raise ValueError(
+            f"{d}: format_version {v} was written by a development build before jq8 0.1.0 and is no longer "
+            f"read (versions {_NPZ_VERSION} and {FORMAT_VERSION} are); quantize the model again with quantize.py"
+        )
+    if v != layout_version:
+        raise ValueError(f"{d}: format_version {v} does not match its file layout (that of version {layout_version})")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of a quantized checkpoint; clear errors for anything that is not one."""
+    """The manifest of a quantized checkpoint (format 3 or 4); clear errors for anything that is not one."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"no quantized checkpoint directory at {d}")
-    mpath = d / MANIFEST
-    if not mpath.exists() or not (d / ARRAYS).exists():
-        raise ValueError(f"{d} is not a jq8 quantized checkpoint (expected {MANIFEST} and {ARRAYS})")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{d}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if (d / MANIFEST).is_file() and (d / ARRAYS).is_dir():
+        path, version = d / MANIFEST, FORMAT_VERSION
+    elif (d / NPZ_MANIFEST).is_file() and (d / NPZ_ARRAYS).is_file():
+        path, version = d / NPZ_MANIFEST, _NPZ_VERSION
+    else:
         raise ValueError(
-            f"{d}: format_version {manifest['format_version']} is newer than this jq8 reads "
-            f"({FORMAT_VERSION}); upgrade jq8"
+            f"{d} is not a jq8 quantized checkpoint (expected {MANIFEST} and {ARRAYS}/, or {NPZ_MANIFEST} and "
+            f"{NPZ_ARRAYS})"
         )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a jq8 quantized checkpoint manifest")
+    _check_version(d, manifest, version)
     return manifest
 
 
-def load_quantized(directory: str | os.PathLike) -> tuple[QuantizedParams, dict]:
-    """Reads a checkpoint written by :func:`save_quantized` -> (QuantizedParams, manifest).
+def output_channel_shardings(mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] | None = None) -> ShardingFn:
+    """The sharding rule :func:`load_quantized` uses for ``mesh=``, as a :data:`ShardingFn`.
 
-    Float params come back as float32 (they were stored as ``manifest["float_dtype"]``).
+    axis: the mesh axis (or axes) to shard over; default all of ``mesh``'s axes (n devices in all).
+    A quantized weight (N, K) or table (V, D) is split along its rows (output channels) when they split
+    into n runs of whole scale tiles: codes, scales and zero points together, so each device holds the
+    scales of its own rows. A float param of 2+ dimensions is split along its last axis (the output
+    channels of a Flax kernel (K, N)) when n divides it, else along its first when n divides that. The rest
+    (1-D params such as norms and biases, scalars, anything n does not divide) is replicated.
+    """
+    names = tuple(mesh.axis_names) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    missing = [a for a in names if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"axis {missing} is not an axis of the mesh (its axes: {mesh.axis_names})")
+    n = int(np.prod([mesh.shape[a] for a in names]))
+    part = names[0] if len(names) == 1 else names
+
+    def split(ndim: int, dim: int | None) -> NamedSharding:
+        spec = [None] * ndim
+        if dim is not None:
+            spec[dim] = part
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def rule(key: str, x: jax.ShapeDtypeStruct | QArray) -> jax.sharding.Sharding:
+        if isinstance(x, QArray):
+            m, k = x.shape_2d
+            tm, _ = x.spec.resolve(m, k)
+            return split(x.values.ndim, 0 if m % (n * tm) == 0 else None)
+        shape = tuple(x.shape)
+        if len(shape) < 2:
+            return split(len(shape), None)
+        dims = [len(shape) - 1, 0]
+        return split(len(shape), next((i for i in dims if shape[i] % n == 0), None))
+
+    return rule
+
+
+def _sharding_fn(mesh, shardings) -> ShardingFn:
+    if mesh is not None and shardings is not None:
+        raise ValueError("pass mesh= or shardings=, not both")
+    if mesh is not None:
+        return output_channel_shardings(mesh)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda key, x, s=shardings: s
+    if callable(shardings):
+        return shardings
+    raise TypeError(
+        f"shardings must be a jax.sharding.Sharding or a function (key, array) -> Sharding, got {shardings!r}"
+    )
+
+
+def _placements(
+    manifest: Mapping[str, Any], shapes: Mapping[str, jax.ShapeDtypeStruct], where: ShardingFn
+) -> dict[str, jax.sharding.Sharding]:
+    """The sharding of every stored array: ``where`` is asked once per quantized array (its codes, scales
+    and zero points go alike) and once per other array."""
+    out: dict[str, jax.sharding.Sharding] = {}
+    for prefix, section in (("w", "weights"), ("e", "embeddings")):
+        for path, meta in manifest[section].items():
+            key = f"{prefix}/{path}"
+            q = _get_qarray(shapes, key, meta)
+            s = where(key, q)
+            out.update({f"{key}/{f}": s for f in ("values", "scale", "zero_point") if f"{key}/{f}" in shapes})
+    for key, x in shapes.items():
+        if key not in out:
+            out[key] = where(key, x)
+    return out
+
+
+def _restore_orbax(d: Path, manifest: Mapping[str, Any], where: ShardingFn) -> dict[str, jax.Array]:
+    """The arrays of a format-4 checkpoint, each read straight into its sharding; float params as float32."""
+    floats = {f"p/{p}" for p, dt in manifest["float_params"].items() if jnp.issubdtype(jnp.dtype(dt), jnp.floating)}
+    with _checkpointer() as ckptr:
+        try:
+            stored = _flatten(ckptr.metadata(d).item_metadata["arrays"].tree)
+            shapes = {
+                k: jax.ShapeDtypeStruct(tuple(m.shape), jnp.float32 if k in floats else m.dtype)
+                for k, m in stored.items()
+            }
+            placed = _placements(manifest, shapes, where)
+            args = {
+                k: ocp.ArrayRestoreArgs(sharding=placed[k], global_shape=x.shape, dtype=x.dtype)
+                for k, x in shapes.items()
+            }
+            restore = ocp.args.PyTreeRestore(item=_unflatten({k: 0 for k in shapes}), restore_args=_unflatten(args))
+            out = ckptr.restore(d, args=ocp.args.Composite(arrays=restore))["arrays"]
+        except Exception as e:  # any storage / format error: name the checkpoint and the cause
+            raise ValueError(f"{d}: cannot read the arrays of this checkpoint ({describe_error(e)})") from e
+    return _flatten(out)
+
+
+def _restore_npz(d: Path, manifest: Mapping[str, Any], where: ShardingFn) -> dict[str, jax.Array]:
+    """The arrays of a format-3 checkpoint (read whole on the host), placed by ``where``; float params
+    as float32."""
+    with np.load(d / NPZ_ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    for path, dt in manifest["float_params"].items():
+        a = arrays[f"p/{path}"]
+        if dt == "bfloat16":  # numpy has no bfloat16: format 3 stored its raw uint16 bits
+            a = a.view(jnp.bfloat16)
+        arrays[f"p/{path}"] = a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    placed = _placements(manifest, {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in arrays.items()}, where)
+    return {k: jax.device_put(a, placed[k]) for k, a in arrays.items()}
+
+
+def load_quantized(
+    directory: str | os.PathLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings: jax.sharding.Sharding | ShardingFn | None = None,
+) -> tuple[QuantizedParams, dict]:
+    """Reads a checkpoint written by :func:`save_quantized` (or format 3) -> (QuantizedParams, manifest).
+
+    mesh: restore onto this mesh, every array sharded by :func:`output_channel_shardings` (weights along
+      their output channels); each device reads only its slice.
+    shardings: instead, one Sharding for every array, or a :data:`ShardingFn` (key, array) -> Sharding:
+      ``("w/h_0/mlp/fc1", QArray of ShapeDtypeStructs)`` for a quantized weight (codes, scales and zero
+      points go alike), ``("p/ln_f/scale", ShapeDtypeStruct)`` for a float param.
+    Neither: every array on the first local device.
+    Codes keep their stored dtypes (int8, or uint8 holding two INT4 codes); float params come back float32.
     """
     d = Path(directory)
     manifest = read_manifest(d)
-    with np.load(d / ARRAYS) as z:
-        arrays = {k: z[k] for k in z.files}
-    rules = tuple(QuantRule(**r) for r in manifest["rules"])  # v1 rules: kind / optional take defaults
-    version = manifest.get("format_version", 1)
-    weights = {path: _get_qarray(arrays, f"w/{path}", m, version) for path, m in manifest["weights"].items()}
-    tables = {
-        path: _get_qarray(arrays, f"e/{path}", m, version)
-        for path, m in manifest.get("embeddings", {}).items()
-    }
-    flat = {}
-    for path, dt in manifest["float_params"].items():
-        a = arrays[f"p/{path}"]
-        if dt == "bfloat16":
-            a = a.view(jnp.bfloat16)
-        a = jnp.asarray(a)
-        flat[path] = a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
-    scales = {k[2:]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("s/")}
+    where = _sharding_fn(mesh, shardings)
+    if manifest["format_version"] == _NPZ_VERSION:
+        arrays = _restore_npz(d, manifest, where)
+    else:
+        arrays = _restore_orbax(d, manifest, where)
+    rules = tuple(QuantRule(**r) for r in manifest["rules"])
+    weights = {path: _get_qarray(arrays, f"w/{path}", m) for path, m in manifest["weights"].items()}
+    tables = {path: _get_qarray(arrays, f"e/{path}", m) for path, m in manifest["embeddings"].items()}
+    params = _unflatten({path: arrays[f"p/{path}"] for path in manifest["float_params"]})
+    scales = {k[2:]: v for k, v in arrays.items() if k.startswith("s/")}
     assignment = tuple((p, int(i)) for p, i in manifest["assignment"].items())
     folded = tuple(manifest.get("folded_norms", ()))
-    qp = QuantizedParams(_unflatten(flat), weights, scales, rules, assignment, tables, folded)
+    qp = QuantizedParams(params, weights, scales, rules, assignment, tables, folded)
     return qp, manifest
 
 
