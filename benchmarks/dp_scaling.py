@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/dp_scaling.py --config configs/gpt2_124m.py --out /tmp/dp \\
         --policies bf16 int8-row --devices 1 2 --steps=150   # 2 GPUs
-    PYTHONPATH=. python3 benchmarks/dp_scaling.py --config configs/tiny.py --out /tmp/dp --quick   # CPU smoke
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 PYTHONPATH=. python3 benchmarks/dp_scaling.py \\
+        --config configs/tiny.py --out /tmp/dp --quick   # CPU smoke on two host devices
 
 Everything after the known flags goes to every ``train.py`` run as ``--key=value`` overrides: the runs of
 one policy differ only by ``--num_devices`` (same global batch, seed, data order and steps). Each run is its
