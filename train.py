@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from configs.base import TrainConfig, apply_overrides, keys_help, load_config
@@ -104,14 +103,24 @@ def make_policy(cfg: TrainConfig) -> Policy:
 
 
 def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> bool:
-    """Whether the training step runs per device under ``jax.shard_map`` (see ``cfg.data_parallel``)."""
+    """Whether the training step runs per device under ``jax.shard_map`` (see ``cfg.data_parallel``); checks
+    the data_parallel and grad_reduce keys."""
     mode = cfg.data_parallel.lower()
     if mode not in ("auto", "shard_map", "gspmd"):
         raise UsageError(f"--data_parallel={cfg.data_parallel}: data_parallel must be auto/shard_map/gspmd")
+    if cfg.grad_reduce_dtype not in sharding.REDUCE_DTYPES:
+        raise UsageError(f"--grad_reduce_dtype={cfg.grad_reduce_dtype}: expected "
+                         f"{' or '.join(sharding.REDUCE_DTYPES)}")
+    if cfg.grad_reduce_buckets < 0:
+        raise UsageError(f"--grad_reduce_buckets={cfg.grad_reduce_buckets}: must be >= 0 (0: one reduction)")
+    explicit = cfg.grad_reduce_dtype != "float32" or cfg.grad_reduce_buckets > 0
+    if explicit and mode == "gspmd" and mesh.size > 1:  # XLA's partitioner places gspmd's reductions itself
+        raise UsageError(f"--grad_reduce_dtype={cfg.grad_reduce_dtype} --grad_reduce_buckets="
+                         f"{cfg.grad_reduce_buckets} need --data_parallel=shard_map (or auto), not gspmd")
     if mesh.size == 1:
         return False
     if mode == "auto":  # the INT8 policy's Pallas kernels cannot be partitioned by XLA
-        return policy.name != "bf16" and policy.backend == "pallas"
+        return explicit or (policy.name != "bf16" and policy.backend == "pallas")
     return mode == "shard_map"
 
 
@@ -333,6 +342,43 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
 
+def make_train_step(cfg: TrainConfig, model, tx: optax.GradientTransformation, policy: Policy,
+                    mesh: jax.sharding.Mesh, param_sh: Any, opt_sh: Any, base_key: jax.Array):
+    """The jitted step ``(params, opt_state, inputs (B, T) int32, targets (B, T) int32, step int32) ->
+    (params, opt_state, {"loss", "grad_norm", "params_finite"})``; params and opt_state are donated.
+
+    Under gspmd XLA partitions the step and places (and schedules) the gradient reductions itself; under
+    shard_map (:func:`use_shard_map`) each device runs forward and backward on its tokens and the gradients
+    are averaged as ``cfg.grad_reduce_dtype`` / ``cfg.grad_reduce_buckets`` say.
+    """
+    dropout = cfg.model.dropout_rate > 0
+
+    def loss_fn(params, inputs, targets, key):
+        rngs = dict(zip(("dropout", "quant"), jax.random.split(key)))
+        logits = model.apply({"params": params}, inputs, deterministic=not dropout, rngs=rngs)
+        return lm_loss(logits, targets)
+
+    loss_and_grads = jax.value_and_grad(loss_fn)
+    if use_shard_map(cfg, policy, mesh):
+        # Pallas kernels are custom calls that XLA's partitioner cannot split: under plain jit shardings each
+        # device would all-gather the batch and run every kernel on all of it. shard_map runs forward and
+        # backward on each device's tokens instead (parameters gathered whole, every INT8 tensor quantized on
+        # its own device), then averages the gradients.
+        loss_and_grads = sharding.data_parallel_value_and_grad(
+            loss_fn, mesh, buckets=cfg.grad_reduce_buckets, reduce_dtype=cfg.grad_reduce_dtype
+        )
+
+    def train_step(params, opt_state, inputs, targets, step):
+        key = jax.random.fold_in(base_key, step)  # per-step noise: reproducible on resume
+        loss, grads = loss_and_grads(params, inputs, targets, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
+
+    return jax.jit(train_step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs training from command-line style arguments (default ``sys.argv[1:]``).
 
@@ -482,39 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({cfg.sharding}), vocab {model_cfg.vocab_size}, {ds}")
 
     # ---------------------------------------------------------------- step functions
-    dropout = model_cfg.dropout_rate > 0
-
-    def loss_fn(params, inputs, targets, key):
-        rngs = dict(zip(("dropout", "quant"), jax.random.split(key)))
-        logits = model.apply({"params": params}, inputs, deterministic=not dropout, rngs=rngs)
-        return lm_loss(logits, targets)
-
-    def local_grads(params, inputs, targets, key):
-        """One device's share of the batch under shard_map: its own noise; loss and gradients averaged over
-        the devices (one all-reduce each)."""
-        key = jax.random.fold_in(key, jax.lax.axis_index(sharding.AXIS))
-        return jax.lax.pmean(jax.value_and_grad(loss_fn)(params, inputs, targets, key), sharding.AXIS)
-
-    loss_and_grads = jax.value_and_grad(loss_fn)
-    if use_shard_map(cfg, policy, mesh):
-        # Pallas kernels are custom calls that XLA's partitioner cannot split: under plain jit shardings each
-        # device would all-gather the batch and run every kernel on all of it. shard_map runs forward and
-        # backward on each device's tokens instead (parameters gathered whole, every INT8 tensor quantized on
-        # its own device), then averages the gradients. check_vma=False: the INT8 ops' custom VJPs return
-        # per-device weight gradients for replicated weights; the pmean above is what makes them replicated.
-        tokens = P(sharding.AXIS)
-        loss_and_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), tokens, tokens, P()),
-                                       out_specs=P(), check_vma=False)
-
-    def train_step(params, opt_state, inputs, targets, step):
-        key = jax.random.fold_in(base_key, step)  # per-step noise: reproducible on resume
-        loss, grads = loss_and_grads(params, inputs, targets, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
-
-    train_step = jax.jit(train_step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
+    train_step = make_train_step(cfg, model, tx, policy, mesh, param_sh, opt_sh, base_key)
 
     @jax.jit
     def eval_step(params, inputs, targets):

@@ -63,7 +63,13 @@ class TrainConfig:
     num_devices: use the first N devices (0: all).
     data_parallel: how a step splits over devices, "auto", "gspmd" or "shard_map". "gspmd": jit shardings
       (XLA partitions the model); "shard_map": each device runs the whole step on its tokens; "auto":
-      shard_map when the INT8 policy runs Pallas kernels, which XLA cannot partition.
+      shard_map when the INT8 policy runs Pallas kernels, which XLA cannot partition, or when a
+      grad_reduce key below is set.
+    grad_reduce_dtype: the dtype the gradient all-reduce sums in under shard_map, "float32" or "bfloat16"
+      (half the bytes; each device's gradient rounded to bf16, the mean cast back to float32).
+    grad_reduce_buckets: gradient all-reduces per step under shard_map (0: one psum of the whole tree). N
+      packs the gradients into N buckets of whole layers, last layer first, so that each reduction can
+      overlap the rest of the backward.
     distributed: call jax.distributed.initialize() first (multi-host runs).
     """
 
@@ -102,6 +108,8 @@ class TrainConfig:
     fsdp_min_size: int = 2**14
     num_devices: int = 0
     data_parallel: str = "auto"
+    grad_reduce_dtype: str = "float32"
+    grad_reduce_buckets: int = 0
     distributed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
