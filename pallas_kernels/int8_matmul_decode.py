@@ -162,7 +162,7 @@ def decode_candidates(m: int, n: int, k: int, *, b_bits: int = 8, b_group: int |
     """A short list for autotuning: the heuristic, then N tiles x split-K around it."""
     base = decode_config(m, n, k, b_bits=b_bits, b_group=b_group)
     out = [base]
-    if b_bits == 4:  # measured (int4_probe.py): 32/64-column tiles, odd split counts, whole-block steps
+    if b_bits == 4:  # measured on the H100: 32/64-column tiles, odd split counts, whole-block steps
         for bn in (32, 64):
             for split in (1, 2, 3, 4, 5, 6, 8):
                 for bk in sorted({128, int4_block(k)}):

@@ -76,7 +76,7 @@ class RowStatsConfig:
 # LayerNorm-quantize with whole rows per program (per-token codes at prefill sizes), rows of 513-2048
 # columns: one row a program, 8 elements a thread. On the H100 at 8192 x 1600 f32: 34.9 us against 37.7-39.1
 # for the quantize kernels' row blocks (1 row, 4 warps); at 768 columns 16.0 us against 16.7-18.9 (2 rows,
-# 4 warps) (benchmarks/ln_probe.py, BENCHMARKS.md).
+# 4 warps).
 ROW_NORM_CONFIG = QuantizeConfig(row_block_elems=1)
 
 
@@ -130,8 +130,7 @@ def _affine(gamma_ref, beta_ref, c0, plan: BlockPlan):
     """(gamma, beta) of the bn columns at c0: each a thunk loading it as (1, bn) fp32, or None.
 
     The refs are (1, N): a (1, bn) load gets the layout of x's rows directly. A (bn,) load expanded with
-    [None, :] costs a layout conversion through shared memory per vector (benchmarks/ln_probe.py,
-    BENCHMARKS.md)."""
+    [None, :] costs a layout conversion through shared memory per vector (measured on the H100)."""
     cmask = (c0 + jnp.arange(plan.bn, dtype=jnp.int32) < plan.n)[None, :]
 
     def loader(ref):
