@@ -18,9 +18,9 @@ rotary (each head's rows as (Dh/2, 2) pairs); :func:`unpermute_rows` restores th
 ``qwen2`` files keep the half-split order. No ``output.weight`` means the head is the tied embedding.
 
 Tokenizer: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE: the file's tokens and merges, the
-pre-tokenizer its ``tokenizer.ggml.pre`` names, control tokens as special tokens); the BOS token is added
-only when ``tokenizer.ggml.add_bos_token`` is true. SentencePiece (``"llama"``) vocabularies raise a
-CheckpointError saying so.
+pre-tokenizer its ``tokenizer.ggml.pre`` names) or ``"llama"`` (SentencePiece BPE: merges ranked by the
+pieces' scores, byte fallback); control tokens are special tokens. The BOS token is added only when
+``tokenizer.ggml.add_bos_token`` is true (absent: true for SentencePiece vocabularies, as in llama.cpp).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_REGEX = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "qwen2": _QWEN2}
 BYTE_LEVEL_PRE = ("default", "gpt2", "gpt-2", "smollm") + tuple(SPLIT_REGEX)
+TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE
 
 Params = dict[str, Any]
 
@@ -236,23 +237,34 @@ def params_from_gguf(f: GGUFFile, c: ModelConfig) -> Params:
     return p
 
 
-def tokenizer_from_gguf(f: GGUFFile):
-    """The ``tokenizers.Tokenizer`` the file holds (byte-level BPE vocabularies; see the module doc)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def sentencepiece_merges(tokens: list[str], scores: list[float], normal: set[int]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece-BPE vocabulary, which stores scores instead of merges.
 
-    kind = f.get("tokenizer.ggml.model")
-    if kind is None:
-        raise CheckpointError(f.path, "tokenizer missing (no tokenizer.ggml.model in the metadata)")
-    if kind != "gpt2":
-        raise CheckpointError(f.path, f"tokenizer model {kind!r} is not supported (jq8 builds byte-level BPE "
-                                      "'gpt2' vocabularies; SentencePiece 'llama' ones are not converted)")
+    SentencePiece joins the adjacent pair whose joined piece scores highest. As BPE merges: every way to cut
+    a normal piece into two pieces of the vocabulary is a merge, ranked by the joined piece's score (higher
+    first), then by the longer left part, then by vocabulary order.
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for i, piece in enumerate(tokens):
+        if i not in normal:
+            continue
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        cuts.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        found += [(scores[i], left, right) for left, right in cuts]
+    found.sort(key=lambda m: (-m[0], -len(m[1]), -len(m[2])))  # stable: ties keep vocabulary order
+    return [(left, right) for _, left, right in found]
+
+
+def _byte_level_bpe(f: GGUFFile, tokens: list[str]):
+    """tokenizer.ggml.model "gpt2": the file's merges, the pre-tokenizer its tokenizer.ggml.pre names."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = f.get("tokenizer.ggml.pre", "default")
     if pre not in BYTE_LEVEL_PRE:
         supported = ", ".join(BYTE_LEVEL_PRE)
         raise CheckpointError(f.path, f"pre-tokenizer {pre!r} is not supported; supported: {supported}")
-    tokens = list(f.need("tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in f.need("tokenizer.ggml.merges")]
-    types = list(f.get("tokenizer.ggml.token_type") or [])
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     if pre in SPLIT_REGEX:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -267,13 +279,55 @@ def tokenizer_from_gguf(f: GGUFFile):
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(f: GGUFFile, tokens: list[str], types: list[int]):
+    """tokenizer.ggml.model "llama": SentencePiece BPE (LLaMA 1/2, Mistral, TinyLlama): pieces with "▁" for
+    spaces, merges from the scores, unknown characters as <0xXX> byte pieces, a space prepended to the text
+    unless tokenizer.ggml.add_space_prefix is false."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = [float(x) for x in f.need("tokenizer.ggml.scores")]
+    if len(scores) != len(tokens):
+        raise CheckpointError(f.path, f"{len(scores)} token scores for {len(tokens)} tokens")
+    normal = {i for i, t in enumerate(types) if t == 1} if types else set(range(len(tokens)))
+    unk = int(f.get("tokenizer.ggml.unknown_token_id", 0))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=sentencepiece_merges(tokens, scores, normal),
+                               unk_token=tokens[unk], fuse_unk=True, byte_fallback=True))
+    prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tok
+
+
+def tokenizer_from_gguf(f: GGUFFile):
+    """The ``tokenizers.Tokenizer`` the file holds (see the module doc).
+
+    BOS is added only when ``tokenizer.ggml.add_bos_token`` says so (SentencePiece vocabularies that do not
+    say: added, as llama.cpp does).
+    """
+    from tokenizers import AddedToken, processors
+
+    kind = f.get("tokenizer.ggml.model")
+    if kind is None:
+        raise CheckpointError(f.path, "tokenizer missing (no tokenizer.ggml.model in the metadata)")
+    if kind not in TOKENIZER_MODELS:
+        raise CheckpointError(f.path, f"tokenizer model {kind!r} is not supported; supported: "
+                                      f"{', '.join(TOKENIZER_MODELS)}")
+    tokens = list(f.need("tokenizer.ggml.tokens"))
+    types = [int(t) for t in (f.get("tokenizer.ggml.token_type") or [])]
+    tok = _byte_level_bpe(f, tokens) if kind == "gpt2" else _sentencepiece_bpe(f, tokens, types)
     # CONTROL (3) tokens match whole and are special; USER_DEFINED (4) match whole too
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t == 3])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                     for i, t in enumerate(types) if t == 4])
     bos = f.get("tokenizer.ggml.bos_token_id")
-    if f.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if f.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
             special_tokens=[(tokens[bos], int(bos))])

