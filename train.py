@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except UsageError:
         raise
     except ValueError as e:  # Policy's own checks: name, fields, granularity, block
-        raise UsageError(f"--policy={cfg.policy}: {e}") from None
+        name = cfg.policy.partition(":")[0]
+        hint = f"; e.g. --policy={name}:block={MIN_KERNEL_BLOCK}" if "block must be" in str(e) else ""
+        raise UsageError(f"--policy={cfg.policy}: {e}{hint}") from None
 
     # ---------------------------------------------------------------- data
     ds = load_data(cfg, init_tokenizer)

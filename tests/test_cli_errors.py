@@ -47,6 +47,7 @@ def refused(capsys, argv: list[str], *needles: str) -> str:
         (["--policy=int9"], ["--policy=int9", "unknown policy name", "int8-row"]),
         (["--policy=jetfire-int8:granularity=tile"], ["--policy=jetfire-int8:granularity=tile", "granularity"]),
         (["--backend=gpu"], ["--backend='gpu'", "auto, pallas or xla"]),
+        (["--policy=jetfire-int8:block=48"], ["powers of two", "--policy=jetfire-int8:block=32"]),
         # The GPU kernels refuse 16-wide K groups: the hint names a block they take, as a CLI flag.
         (["--policy=jetfire-int8:block=16", "--backend=pallas"], ["at least 32", "--policy=jetfire-int8:block=32"]),
         # d_model=48 under 32x32 blocks (jnp references on CPU): a block dividing every width works.
