@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -372,3 +373,87 @@ def test_restore_onto_one_mesh_axis_and_custom_shardings(sharded):
     assert keys["p/ln_f/scale"] == "ShapeDtypeStruct" and "w/h_0/mlp/fc1/values" not in keys
     assert sharded["mine_specs"] == [str(jax.sharding.PartitionSpec())] and sharded["mine_same"]
     assert "not an axis of the mesh" in sharded["bad_axis"]
+
+
+# ------------------------------------------------------------------------------------ LKD progress
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def three_blocks():
+    model, params, _ = tiny_gpt(layers=3, d=32, heads=2, vocab=61, seq=8, seed=7)
+    tokens = jax.random.randint(jax.random.PRNGKey(8), (8, 8), 0, 61)
+    return model, params, [tokens[:4], tokens[4:]]
+
+
+def interrupt_after(n: int):
+    """A ``log`` callback that raises once ``n`` blocks have been reported (i.e. saved)."""
+    seen = []
+
+    def log(msg):
+        seen.append(msg)
+        if len(seen) == n:
+            raise Stop(msg)
+
+    return log
+
+
+@pytest.mark.parametrize("mode,last", [("fp", "mse"), ("quantized", "mse+kl")])
+def test_lkd_resumes_after_the_last_finished_block_with_the_same_result(tmp_path, three_blocks, mode, last):
+    from jq8.ptq import lkd
+
+    model, params, chunks = three_blocks
+    rules = ptq.scheme("w4/8-a8", int4_group=16)
+    cfg = lkd.LKDConfig(steps=6, lr=3e-4, batch_size=4, lkd_input=mode, last_block_loss=last, progress=False)
+    want, want_rep = lkd.distill(model, params, rules, chunks, cfg)
+    assert all(r["loss_after_raw"] < r["loss_before"] for r in want_rep), want_rep  # every block trained
+    ckpt = tmp_path / "lkd"
+    with pytest.raises(Stop, match="h_0"):
+        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000"]
+    msgs = []
+    got, got_rep = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=ckpt)
+    assert [m.endswith("(restored)") for m in msgs] == [True, False, False], msgs
+    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000", "block_0001", "block_0002"]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(got_rep) == drop(want_rep)
+    # A finished run restores every block and trains none.
+    msgs.clear()
+    again, _ = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=ckpt)
+    assert all(m.endswith("(restored)") for m in msgs) and len(msgs) == 3
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lkd_refuses_the_progress_of_another_run(tmp_path, three_blocks):
+    from jq8.ptq import lkd
+
+    model, params, chunks = three_blocks
+    rules = ptq.scheme("w8a8")
+    cfg = lkd.LKDConfig(steps=1, batch_size=4, progress=False)
+    ckpt = tmp_path / "lkd"
+    with pytest.raises(Stop):
+        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=ckpt)
+    other_params = jax.tree.map(lambda x: x, params)
+    other_params["h_2"]["mlp"]["fc1"]["bias"] = params["h_2"]["mlp"]["fc1"]["bias"].at[3].add(1e-3)
+    for kwargs in (
+        dict(config=dataclasses.replace(cfg, seed=1)),
+        dict(config=dataclasses.replace(cfg, steps=2)),
+        dict(calib_chunks=[chunks[0], chunks[1].at[0, 0].set((chunks[1][0, 0] + 1) % 61)]),
+        dict(params=other_params),
+        dict(rules=ptq.scheme("w4/8-a8", int4_group=16)),
+    ):
+        args = {**dict(model=model, params=params, rules=rules, calib_chunks=chunks, config=cfg), **kwargs}
+        with pytest.raises(ValueError, match="holds the progress of another run") as e:
+            lkd.distill(**args, checkpoint_dir=ckpt)
+        assert "\n" not in str(e.value)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000"]  # nothing of it was touched
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        lkd.distill(model, params, rules, chunks, cfg, checkpoint_dir=tmp_path / "f")

@@ -27,20 +27,36 @@ passes (their inputs, their other call arguments and an unbound clone of the mod
 works; ``lkd_input="quantized"`` also needs x_{k+1} = block_k(x_k), which is checked. Build the model
 without ``nn.remat`` around its blocks (a lifted block's inputs are internal tracers and cannot be
 captured). Blocks of the same structure share one set of compiled functions (one compile for all layers).
+
+``checkpoint_dir=`` saves the progress after each distilled block, atomically, as
+``<checkpoint_dir>/block_<i>/`` (an Orbax checkpoint: the block's distilled float params and a JSON item with
+its report row, the random key after it and a fingerprint of the run's inputs). A re-run with the same
+inputs restores the finished blocks and goes on after the last one, with the same result as an uninterrupted
+run: each block starts from scratch (fresh optimizer), so no optimizer state is kept, and under
+``lkd_input="quantized"`` the quantized stream is recomputed from the restored blocks (forward passes only).
+A directory holding another run's progress (other params, rules, calibration data or config) is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
+from jq8.ptq.checkpoint import atomic_directory
 from jq8.ptq.infer import TOKEN_SPEC
 from jq8.ptq.schemes import QuantRule, assign_rules, dense_paths
 from jq8.quant import fake_quantize
@@ -393,6 +409,7 @@ def distill(
     config: LKDConfig = LKDConfig(),
     apply_kwargs: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> tuple[dict, list[dict]]:
     """Layer-wise KD of every block; returns (distilled float params, per-block report).
 
@@ -404,6 +421,9 @@ def distill(
     block's objective averaged over the whole calibration set: the MSE between student and teacher
     outputs, or for the last block with ``config.last_block_loss`` "kl" / "mse+kl" the KL of the logits
     (plus the MSE).
+    log: called with one line per block, after that block's progress is saved.
+    checkpoint_dir: save progress there after each block and resume from it (module docstring); created if
+      missing. ValueError if it holds the progress of a run with other inputs.
     """
     apply_kwargs = dict(apply_kwargs or {})
     rules = tuple(rules)
@@ -428,6 +448,11 @@ def distill(
         head_params = _head_params(fp_params, head)
     key = jax.random.PRNGKey(config.seed)
     opt = optax.adamw(config.lr, weight_decay=config.weight_decay)
+    resumed: list[tuple[Any, dict, Any]] = []
+    fingerprint = ""
+    if checkpoint_dir is not None:
+        fingerprint = run_fingerprint(fp_params, rules, calib_chunks, config, [b.path for b in blocks], apply_kwargs)
+        resumed = _restore_progress(Path(checkpoint_dir), blocks, fp_params, fingerprint)
     report: list[dict] = []
     q_stream: list | None = None  # the quantized model's input to the current block
     bar = None
@@ -467,6 +492,19 @@ def distill(
         if config.lkd_input == "quantized" and bi > 0:
             _check_sequential(blocks[bi - 1], blk, get_path(fp_params, blocks[bi - 1].path))
         xs = q_stream if (config.lkd_input == "quantized" and q_stream is not None) else blk.inputs
+        if bi < len(resumed):  # finished by an earlier run: its params, report row and the key after it
+            p, row, key = resumed[bi]
+            params = set_path(params, blk.path, p)
+            if config.lkd_input == "quantized":
+                q_stream = [fns.student(p, x, a) for x, a in zip(xs, blk.arrays)]
+            report.append(row)
+            msg = f"{blk.path}: {objective} {row['loss_before']:.4g} -> {row['loss_after']:.4g} (restored)"
+            if bar is not None:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+            if log is not None:
+                log(msg)
+            continue
         targets = [fns.teacher(p0, x, a) for x, a in zip(xs, blk.arrays)]
 
         def full_loss(p, xs=xs, targets=targets, blk=blk, fns=fns, hp=hp):
@@ -491,6 +529,8 @@ def distill(
             seconds=round(time.perf_counter() - t0, 3),
         )
         report.append(row)
+        if checkpoint_dir is not None:
+            _save_progress(Path(checkpoint_dir), bi, blk.path, p, row, key, fingerprint)
         msg = f"{blk.path}: {objective} {before:.4g} -> {row['loss_after']:.4g}"
         if bar is not None:
             bar.set_postfix_str(msg)
@@ -534,3 +574,87 @@ def _check_sequential(prev: _Block, blk: _Block, prev_params: Any) -> None:
             f"lkd_input='quantized' needs block {blk.path!r}'s input to equal block {prev.path!r}'s output, "
             f"but they differ (max abs {err:.3g}); use lkd_input='fp'"
         )
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+@jax.jit
+def _checksum(x: jax.Array) -> jax.Array:
+    """Two uint32 words of x's bits (a plain and a position-weighted sum, both mod 2**32): any changed
+    element or swapped pair changes them."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    b = jax.lax.bitcast_convert_type(x, width).reshape(-1).astype(jnp.uint32)
+    i = jnp.arange(b.size, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(b, dtype=jnp.uint32), jnp.sum(b * (2 * i + 1), dtype=jnp.uint32)])
+
+
+def run_fingerprint(
+    params: Any, rules: tuple, calib_chunks: list, config: LKDConfig, blocks: list[str], apply_kwargs: Mapping
+) -> str:
+    """A hex digest of everything that decides an LKD run's result: the float params and calibration data
+    (shapes, dtypes and checksums of their bits), the rules, the config (but ``progress``) and the blocks."""
+
+    def arrays(tree) -> list:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return [
+            [jax.tree_util.keystr(k), list(jnp.shape(v)), str(jnp.asarray(v).dtype), _checksum(jnp.asarray(v)).tolist()]
+            if isinstance(v, (jax.Array, np.ndarray))
+            else [jax.tree_util.keystr(k), repr(v)]
+            for k, v in leaves
+        ]
+
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    blob = {
+        "params": arrays(params),
+        "calib": arrays(list(calib_chunks)),
+        "apply_kwargs": arrays(dict(apply_kwargs)),
+        "rules": [r.__dict__ for r in rules],
+        "config": cfg,
+        "blocks": blocks,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _block_dir(directory: Path, index: int) -> Path:
+    return directory / f"block_{index:04d}"
+
+
+def _save_progress(directory: Path, index: int, path: str, p: Any, row: dict, key: jax.Array, fingerprint: str):
+    """Writes block ``index``'s distilled params and its meta (atomically: a killed run leaves no half block)."""
+    meta = {"index": index, "block": path, "row": row, "key": np.asarray(key).tolist(), "fingerprint": fingerprint}
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(_block_dir(directory, index), overwrite=True) as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(tmp, args=ocp.args.Composite(params=ocp.args.PyTreeSave(p), meta=ocp.args.JsonSave(meta)))
+
+
+def _restore_progress(directory: Path, blocks: list[_Block], fp_params: Any, fingerprint: str) -> list[tuple]:
+    """(params, report row, key) of the blocks an earlier run with this fingerprint finished, in order."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"LKD checkpoint_dir {directory} is a file; pass a directory")
+    for stale in directory.glob(".block_*.tmp-*"):  # the temporary folder of a save a killed run began
+        shutil.rmtree(stale, ignore_errors=True)
+    out = []
+    for i, blk in enumerate(blocks):
+        d = _block_dir(directory, i)
+        if not d.is_dir():
+            break
+        p0 = get_path(fp_params, blk.path)
+        target = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+            jax.tree.map(jnp.asarray, p0),
+        )
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(d, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if meta.get("fingerprint") != fingerprint or meta.get("block") != blk.path:
+                raise ValueError(
+                    f"LKD checkpoint_dir {directory} holds the progress of another run (other params, rules, "
+                    "calibration data or config); pass another directory, or delete it to start over"
+                )
+            args = ocp.args.Composite(params=ocp.args.PyTreeRestore(item=p0, restore_args=target))
+            p = ckptr.restore(d, args=args)["params"]
+        out.append((p, meta["row"], jnp.asarray(np.asarray(meta["key"], np.uint32))))
+    return out
