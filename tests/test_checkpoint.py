@@ -3,6 +3,8 @@ uninterrupted training (metrics included), and Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -218,53 +220,56 @@ def test_damaged_steps_are_set_aside_and_the_newest_intact_one_restores(tmp_path
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny run of 4 steps with checkpoints 2 and 4 (copied by the tests that damage or resume it)."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    train.main([*TINY, "--steps=4", "--ckpt_every=2", f"--run_dir={run}"])
-    return run
-
-
-def test_resume_sets_a_damaged_latest_checkpoint_aside(trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    _damage(run / "checkpoints" / "4", "truncated array file")
-    capsys.readouterr()
-    out = train.main([*TINY, "--steps=5", "--ckpt_every=2", f"--run_dir={run}"])
-    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed")]
-    assert len(said) == 1 and "checkpoints/2 (step 2): checkpoint step 4 is damaged" in said[0], said
-    assert "OUT_OF_RANGE" in said[0] and "4.damaged-1" in said[0]
-    assert out["start_step"] == 2 and [s for s, _ in out["history"]] == [3, 4, 5]
-    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "4.damaged-1", "5"]
-    steps = [r["step"] for r in metrics.read_metrics(str(run)) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5]
-    # quantize.py names the damaged step and an intact one to use instead.
-    import quantize
-
-    _damage(run / "checkpoints" / "5", "missing metadata")
-    assert quantize.run(["--ckpt", str(run), "--out", str(tmp_path / "q")]) == cli.EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "checkpoints/5 cannot be read" in err and f"--ckpt {run}/checkpoints/4" in err, err
-    assert not (tmp_path / "q").exists()
-
-
-def test_ctrl_c_saves_the_step_and_names_the_checkpoint(trained_run, tmp_path, capsys, monkeypatch):
+def interrupted_run(tmp_path_factory):
+    """A tiny run of 8 steps stopped by Ctrl-C while reading step 6's batch: checkpoints 2 and 4 were saved
+    on schedule, 5 by the interrupt. Returns (run dir, exit status, stderr)."""
     from jq8 import data
 
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+    run = tmp_path_factory.mktemp("interrupted") / "run"
     real_batch = data.TokenDataset.batch
 
     def batch(self, split, step, *a, **k):
-        if step == 6:  # Ctrl-C while the 7th step's batch is being read
+        if step == 5:
             raise KeyboardInterrupt
         return real_batch(self, split, step, *a, **k)
 
-    monkeypatch.setattr(data.TokenDataset, "batch", batch)
-    assert train.run([*TINY, "--steps=9", "--ckpt_every=0", f"--run_dir={run}"]) == cli.EXIT_INTERRUPTED
-    err = capsys.readouterr().err.strip()
-    last = f"last checkpoint: {run}/checkpoints/6"
-    assert err == f"interrupted after step 6 of 9; {last}. Run the same command to resume."
-    assert checkpoint.existing_steps(run / "checkpoints") == [2, 4, 6]
+    err = io.StringIO()
+    data.TokenDataset.batch = batch
+    try:
+        with contextlib.redirect_stderr(err):
+            status = train.run([*TINY, "--steps=8", "--ckpt_every=2", f"--run_dir={run}"])
+    finally:
+        data.TokenDataset.batch = real_batch
+    return run, status, err.getvalue()
+
+
+def test_ctrl_c_saves_the_step_and_names_the_checkpoint(interrupted_run):
+    run, status, err = interrupted_run
+    assert status == cli.EXIT_INTERRUPTED
+    last = f"last checkpoint: {run}/checkpoints/5"
+    assert err.strip() == f"interrupted after step 5 of 8; {last}. Run the same command to resume."
+    assert checkpoint.existing_steps(run / "checkpoints") == [2, 4, 5]
     with checkpoint.Checkpointer(run / "checkpoints") as ck:  # a checkpoint like any other: resumable
-        assert ck.read_meta(6)["data_position"]["step"] == 6
+        assert ck.read_meta(5)["data_position"]["step"] == 5
+    assert [r["step"] for r in metrics.read_metrics(str(run))] == [1, 2, 3, 4, 5]
+
+
+def test_resume_sets_a_damaged_latest_checkpoint_aside(interrupted_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run[0], run)
+    _damage(run / "checkpoints" / "5", "truncated array file")
+    out = train.main([*TINY, "--steps=6", "--ckpt_every=2", f"--run_dir={run}"])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed")]
+    assert len(said) == 1 and "checkpoints/4 (step 4): checkpoint step 5 is damaged" in said[0], said
+    assert "OUT_OF_RANGE" in said[0] and "5.damaged-1" in said[0]
+    assert out["start_step"] == 4 and [s for s, _ in out["history"]] == [5, 6]
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "5.damaged-1", "6"]
+    assert [r["step"] for r in metrics.read_metrics(str(run))] == [1, 2, 3, 4, 5, 6]  # one run: 5 redone
+    # quantize.py names the damaged step and an intact one to use instead.
+    import quantize
+
+    _damage(run / "checkpoints" / "6", "missing metadata")
+    assert quantize.run(["--ckpt", str(run), "--out", str(tmp_path / "q")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "checkpoints/6 cannot be read" in err and f"--ckpt {run}/checkpoints/4" in err, err
+    assert not (tmp_path / "q").exists()
