@@ -22,10 +22,12 @@ one-device run twice: the difference between the two is the run-to-run spread th
 judged against.
 
 ``--profile DIR``: per policy, device count and variant, a separate process builds ``train.py``'s step,
-runs ``--profile-warmup`` steps, then records one step under ``jax.profiler.trace`` into
-``DIR/<policy>_<n>dev_<variant>/``. From its device events it reports the step's span, the time in
-collectives (all-reduce, all-gather, reduce-scatter: NCCL kernels on GPUs), the part of it that overlaps
-compute kernels and the part that does not (exposed), per device, and the top kernels.
+runs ``--profile-warmup`` steps, then records ``--profile-steps`` (default 1) under ``jax.profiler.trace``
+into ``DIR/<policy>_<n>dev_<variant>/``. From its device events it reports, per device and per step: the
+span, the busy and idle time (idle between steps: the host did not keep up), the time in collectives
+(all-reduce, all-gather, reduce-scatter: NCCL kernels on GPUs), the part of it that overlaps compute kernels
+and the part that does not (exposed), and the top kernels. On a CPU the events are the host's (nested), so
+only the GPU numbers mean overlap.
 
 Writes ``<out>/dp_scaling.json`` and ``<out>/loss_<policy>.png`` (copied into ``$OUT`` when set) and prints
 the JSON.
@@ -133,9 +135,10 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
-def summarize_trace(trace_dir: str, top: int = 12) -> dict:
-    """Per device of the Perfetto trace under ``trace_dir``: step span, collective time, its overlap with
-    compute kernels, exposed collective time, and the ``top`` kernels by time (all in ms)."""
+def summarize_trace(trace_dir: str, steps: int = 1, top: int = 12) -> dict:
+    """Per device of the Perfetto trace of ``steps`` steps under ``trace_dir``, per step: span, busy and idle
+    time, collective time, its overlap with compute kernels, exposed collective time, and the ``top``
+    kernels by time (all in ms)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         return {"error": f"no perfetto_trace.json.gz under {trace_dir}"}
@@ -158,21 +161,24 @@ def summarize_trace(trace_dir: str, top: int = 12) -> dict:
         by_name: dict[str, float] = collections.defaultdict(float)
         for s, t, n in spans:
             by_name[n] += t - s
-        ms = 1e-3
+        ms = 1e-3 / steps
+        span = max(t for _, t, _ in spans) - min(s for s, _, _ in spans)
+        busy = _length(_intervals_union([(s, t) for s, t, _ in spans]))
         per_device[names.get(pid, str(pid))] = {
-            "span_ms": (max(t for _, t, _ in spans) - min(s for s, _, _ in spans)) * ms,
-            "busy_ms": _length(_intervals_union([(s, t) for s, t, _ in spans])) * ms,
+            "span_ms": span * ms,
+            "busy_ms": busy * ms,
+            "idle_ms": (span - busy) * ms,
             "compute_ms": _length(compute) * ms,
             "collective_ms": _length(comm) * ms,
             "collective_overlapped_ms": overlap * ms,
             "collective_exposed_ms": (_length(comm) - overlap) * ms,
             "top_kernels_ms": {n: v * ms for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]},
         }
-    return {"device_events": bool(gpus), "devices": per_device}
+    return {"device_events": bool(gpus), "steps": steps, "per_step": True, "devices": per_device}
 
 
-def profile_one(config: str, overrides: list[str], trace_dir: str, warmup: int) -> dict:
-    """In this process: train.py's step for ``overrides``, ``warmup`` steps, then one step traced."""
+def profile_one(config: str, overrides: list[str], trace_dir: str, warmup: int, steps: int) -> dict:
+    """In this process: train.py's step for ``overrides``, ``warmup`` steps, then ``steps`` traced."""
     import jax
     import jax.numpy as jnp
 
@@ -212,19 +218,20 @@ def profile_one(config: str, overrides: list[str], trace_dir: str, warmup: int) 
         params, opt_state, m = run(it)
     jax.block_until_ready((params, opt_state))
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        params, opt_state, m = run(warmup)
+        for it in range(warmup, warmup + steps):
+            params, opt_state, m = run(it)
         jax.block_until_ready((params, opt_state, m))
     return {"devices": mesh.size, "data_parallel": "shard_map" if train.use_shard_map(cfg, policy, mesh) else
-            "gspmd", "loss": float(m["loss"]), **summarize_trace(trace_dir)}
+            "gspmd", "loss": float(m["loss"]), **summarize_trace(trace_dir, steps)}
 
 
-def profile(config: str, trace_dir: str, overrides: list[str], warmup: int) -> dict:
+def profile(config: str, trace_dir: str, overrides: list[str], warmup: int, steps: int) -> dict:
     """:func:`profile_one` in its own process (a fresh JAX that owns the devices)."""
     shutil.rmtree(trace_dir, ignore_errors=True)
     os.makedirs(trace_dir)
     summary = os.path.join(trace_dir, "summary.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--config", config, "--out", trace_dir,
-           "--profile-one", summary, f"--profile-warmup={warmup}", *overrides]
+           "--profile-one", summary, f"--profile-warmup={warmup}", f"--profile-steps={steps}", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode or not os.path.exists(summary):
@@ -252,7 +259,9 @@ def main() -> None:
                     help="run the one-device run twice: the run-to-run spread of the loss")
     ap.add_argument("--profile", metavar="DIR", help="trace one step per policy, device count and variant "
                     "into DIR/<policy>_<n>dev_<variant>/ and summarise it")
-    ap.add_argument("--profile-warmup", type=int, default=3, help="steps before the traced one")
+    ap.add_argument("--profile-warmup", type=int, default=3, help="steps before the traced ones")
+    ap.add_argument("--profile-steps", type=int, default=1, help="steps traced (more than 1 shows the "
+                    "device idle between steps)")
     ap.add_argument("--no-train", action="store_true", help="only --profile: skip the training runs")
     ap.add_argument("--json", metavar="PATH", help="also write the summary here")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: a tiny model, 4 steps")
@@ -261,10 +270,13 @@ def main() -> None:
     if args.quick:
         overrides = [*QUICK, *overrides]
     if args.profile_one:  # the child of profile(): one step traced into --out
-        result = profile_one(args.config, overrides, args.out, args.profile_warmup)
+        result = profile_one(args.config, overrides, args.out, args.profile_warmup, args.profile_steps)
         with open(args.profile_one, "w") as f:
             json.dump(result, f, indent=1)
         return
+    if args.profile_warmup < 1 or args.profile_steps < 1:
+        raise SystemExit(f"--profile-warmup {args.profile_warmup} --profile-steps {args.profile_steps}: both "
+                         "must be >= 1 (the warm-up keeps compilation out of the trace)")
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         raise SystemExit(f"{bad[0]}: unknown argument; train.py keys go as --key=value (see --help)")
@@ -342,7 +354,7 @@ def main() -> None:
                 d = os.path.join(args.profile, f"{policy}_{label}")
                 row.setdefault("profile", {})[label] = profile(
                     args.config, d, [f"--policy={policy}", f"--num_devices={n}", *overrides, *keys,
-                                     "--eval_batches=0"], args.profile_warmup)
+                                     "--eval_batches=0"], args.profile_warmup, args.profile_steps)
         summary["policies"][policy] = row
     if len(args.policies) > 1 and not args.no_train:
         a, b = args.policies[:2]
