@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -288,3 +289,38 @@ def test_checkpoint_resumes_on_other_device_counts(result):
         r = result["restore_" + name]
         assert r["start"] == 2 and [s for s, _ in r["history"]] == [3, 4]
         np.testing.assert_allclose([loss for _, loss in r["history"]], result[src][2:], rtol=2e-5)
+
+
+def test_gradient_buckets_follow_the_backward():
+    """Whole layers, last block first, embeddings last; about equal bytes; at most one bucket per layer."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    block = lambda d: {"attn": {"qkv": {"kernel": f32(d, 3 * d)}}, "mlp": {"fc1": {"kernel": f32(d, 4 * d)},
+                                                                           "fc2": {"kernel": f32(4 * d, d)}}}
+    tree = {"wte": {"embedding": f32(64, 16)}, "wpe": {"embedding": f32(8, 16)}, "ln_f": {"scale": f32(16)},
+            **{f"h_{i}": block(16) for i in range(4)}}
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = lambda bucket: {paths[i].split("'")[1] for i in bucket}
+    assert [names(b) for b in sharding.gradient_buckets(tree, 6)] == [
+        {"ln_f"}, {"h_3"}, {"h_2"}, {"h_1"}, {"h_0"}, {"wpe", "wte"}]
+    assert [names(b) for b in sharding.gradient_buckets(tree, 60)] == [
+        names(b) for b in sharding.gradient_buckets(tree, 6)]  # never a layer split
+    two = sharding.gradient_buckets(tree, 2)
+    assert [names(b) for b in two] == [{"ln_f", "h_3", "h_2"}, {"h_1", "h_0", "wpe", "wte"}]
+    assert sorted(i for b in sharding.gradient_buckets(tree, 3) for i in b) == list(range(len(paths)))
+    with pytest.raises(ValueError, match="buckets"):
+        sharding.gradient_buckets(tree, 0)
+
+
+def test_reduce_gradients_rounds_to_the_reduce_dtype():
+    """On a one-device axis the mean is the gradient itself: exact in float32, rounded once in bfloat16,
+    returned in float32 either way (bucketed or not)."""
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    g = {"h_0": {"k": jax.random.normal(jax.random.key(1), (5, 7))}, "ln_f": {"s": jnp.linspace(-3, 3, 7)}}
+    for buckets in (0, 2):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            reduce = functools.partial(sharding.reduce_gradients, buckets=buckets, dtype=dtype)
+            fn = jax.shard_map(reduce, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+            out = fn(g)
+            for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+                assert a.dtype == jnp.float32 and a.shape == b.shape
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(dtype).astype(jnp.float32)))
