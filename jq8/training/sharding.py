@@ -197,9 +197,9 @@ def reduce_gradients(grads: Any, axis: str = AXIS, *, buckets: int = 0, dtype: A
       all-reduce combiner merges as it sees fit). N >= 1 packs the gradients into at most N flat buffers of
       whole layers (:func:`gradient_buckets`), one all-reduce each: a bucket's reduction can start as soon as
       the backward has finished its layers, while the rest of the backward still runs.
-    dtype: the dtype the all-reduce sums in. float32 is exact up to summation order; bfloat16 sends half the
-      bytes and rounds each device's gradient (and the partial sums) to 8 significant bits; the mean is
-      taken in float32 and returned in each gradient's own dtype either way.
+    dtype: the dtype the all-reduce sums in. float32 gives the same sums however the buckets are packed;
+      bfloat16 sends half the bytes and rounds each device's gradient (and the partial sums) to 8
+      significant bits. The mean is taken in float32 and returned in each gradient's own dtype either way.
     """
     dtype = jnp.dtype(dtype)
     n = jax.lax.axis_size(axis)
