@@ -517,8 +517,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
             else:
                 params, opt_state = jax.jit(init_state, out_shardings=(param_sh, opt_sh))(base_key)
-        if is_main:
-            write_json_atomic(os.path.join(cfg.run_dir, "config.json"), cfg.to_dict())
+        config_json = os.path.join(cfg.run_dir, "config.json")
+        if is_main and (start < cfg.steps or not os.path.exists(config_json)):  # nothing to do: keep the old one
+            write_json_atomic(config_json, cfg.to_dict())
         # A resumed run's metrics read as one run: the rows of steps after the checkpoint are redone.
         writer = metrics.MetricsWriter(cfg.run_dir, tensorboard=cfg.tensorboard, resume_step=start)
     except BaseException:
@@ -598,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"interrupted after step {done} of {cfg.steps}; {where}. Run the same command to resume."
         )
 
+    if is_main and start >= cfg.steps:
+        print(f"nothing to train: the run is at step {start} and --steps={cfg.steps}; raise --steps to continue it")
     pending = None  # (step, metrics) of the previous step: read one step late so dispatch stays ahead
     done, m, saved = start, None, start  # steps whose update is in params; its metrics; the last saved step
     try:

@@ -265,6 +265,11 @@ def test_resume_sets_a_damaged_latest_checkpoint_aside(interrupted_run, tmp_path
     assert out["start_step"] == 4 and [s for s, _ in out["history"]] == [5, 6]
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "5.damaged-1", "6"]
     assert [r["step"] for r in metrics.read_metrics(str(run))] == [1, 2, 3, 4, 5, 6]  # one run: 5 redone
+    # A run already past --steps trains nothing, says so, and keeps its config.json.
+    config = (run / "config.json").read_text()
+    assert train.main([*TINY, "--steps=3", f"--run_dir={run}"])["history"] == []
+    assert "nothing to train: the run is at step 6 and --steps=3" in capsys.readouterr().out
+    assert (run / "config.json").read_text() == config
     # quantize.py names the damaged step and an intact one to use instead.
     import quantize
 
