@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lkd-lr", type=float, default=1e-4, help="LKD learning rate (Adam)")
     p.add_argument("--lkd-batch", type=int, default=8, help="calibration sequences per LKD step")
     p.add_argument(
+        "--lkd-checkpoint", metavar="DIR", help="save LKD progress per block under DIR/<lkd input>; a re-run with "
+        "the same options resumes after the last finished block"
+    )
+    p.add_argument(
         "--calib", default=None, help="calibration text for LKD / static ranges (jq8.data source; default "
         "lee, or --data's training split)"
     )
@@ -451,7 +455,11 @@ def main(argv=None) -> dict:
                 last_block_loss=args.lkd_last_loss,
             )
             t0 = time.perf_counter()
-            new_params, rep = lkd.distill(model, params, rules, calib, cfg)
+            progress = os.path.join(args.lkd_checkpoint, mode) if args.lkd_checkpoint else None
+            try:
+                new_params, rep = lkd.distill(model, params, rules, calib, cfg, checkpoint_dir=progress)
+            except lkd.ProgressMismatchError as e:
+                fail(f"--lkd-checkpoint {args.lkd_checkpoint}: {e}")
             lkd_s = time.perf_counter() - t0
             lkd_reports[mode] = rep
             qp, res = run_scheme(

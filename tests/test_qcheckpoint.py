@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_ptq import run_int8, tiny_gpt
+from test_quantize_cli import SMALL, ckpt  # noqa: F401, F811 (ckpt: a fixture)
 
 from jq8 import ptq
 from jq8.ptq import checkpoint as qcheckpoint
@@ -410,14 +411,14 @@ def test_lkd_resumes_after_the_last_finished_block_with_the_same_result(tmp_path
     cfg = lkd.LKDConfig(steps=6, lr=3e-4, batch_size=4, lkd_input=mode, last_block_loss=last, progress=False)
     want, want_rep = lkd.distill(model, params, rules, chunks, cfg)
     assert all(r["loss_after_raw"] < r["loss_before"] for r in want_rep), want_rep  # every block trained
-    ckpt = tmp_path / "lkd"
+    saved = tmp_path / "lkd"
     with pytest.raises(Stop, match="h_0"):
-        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=ckpt)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000"]
+        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["block_0000"]
     msgs = []
-    got, got_rep = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=ckpt)
+    got, got_rep = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=saved)
     assert [m.endswith("(restored)") for m in msgs] == [True, False, False], msgs
-    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000", "block_0001", "block_0002"]
+    assert sorted(p.name for p in saved.iterdir()) == ["block_0000", "block_0001", "block_0002"]
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)  # bit for bit
@@ -425,7 +426,7 @@ def test_lkd_resumes_after_the_last_finished_block_with_the_same_result(tmp_path
     assert drop(got_rep) == drop(want_rep)
     # A finished run restores every block and trains none.
     msgs.clear()
-    again, _ = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=ckpt)
+    again, _ = lkd.distill(model, params, rules, chunks, cfg, log=msgs.append, checkpoint_dir=saved)
     assert all(m.endswith("(restored)") for m in msgs) and len(msgs) == 3
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
@@ -437,9 +438,9 @@ def test_lkd_refuses_the_progress_of_another_run(tmp_path, three_blocks):
     model, params, chunks = three_blocks
     rules = ptq.scheme("w8a8")
     cfg = lkd.LKDConfig(steps=1, batch_size=4, progress=False)
-    ckpt = tmp_path / "lkd"
+    saved = tmp_path / "lkd"
     with pytest.raises(Stop):
-        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=ckpt)
+        lkd.distill(model, params, rules, chunks, cfg, log=interrupt_after(1), checkpoint_dir=saved)
     other_params = jax.tree.map(lambda x: x, params)
     other_params["h_2"]["mlp"]["fc1"]["bias"] = params["h_2"]["mlp"]["fc1"]["bias"].at[3].add(1e-3)
     for kwargs in (
@@ -451,9 +452,30 @@ def test_lkd_refuses_the_progress_of_another_run(tmp_path, three_blocks):
     ):
         args = {**dict(model=model, params=params, rules=rules, calib_chunks=chunks, config=cfg), **kwargs}
         with pytest.raises(ValueError, match="holds the progress of another run") as e:
-            lkd.distill(**args, checkpoint_dir=ckpt)
+            lkd.distill(**args, checkpoint_dir=saved)
         assert "\n" not in str(e.value)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["block_0000"]  # nothing of it was touched
+    assert sorted(p.name for p in saved.iterdir()) == ["block_0000"]  # nothing of it was touched
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         lkd.distill(model, params, rules, chunks, cfg, checkpoint_dir=tmp_path / "f")
+
+
+@pytest.mark.slow
+def test_quantize_cli_resumes_lkd_from_lkd_checkpoint(ckpt, tmp_path, capsys):  # noqa: F811
+    import quantize
+    from jq8 import cli
+
+    progress = tmp_path / "lkd"
+    argv = ["--ckpt", str(ckpt), "--scheme", "w8a8", "--lkd", "--lkd-steps", "2", "--lkd-checkpoint", str(progress)]
+    first = quantize.main([*argv, "--out", str(tmp_path / "a"), *SMALL])
+    assert sorted(p.name for p in (progress / "fp").iterdir()) == ["block_0000", "block_0001"]
+    again = quantize.main([*argv, "--out", str(tmp_path / "b"), *SMALL])  # every block restored
+    lkd_row = lambda rep: next(r for r in rep["rows"] if "LKD" in r["setting"])  # noqa: E731
+    assert lkd_row(again)["ppl"] == lkd_row(first)["ppl"]
+    assert [r["loss_after"] for r in again["lkd"]["fp"]] == [r["loss_after"] for r in first["lkd"]["fp"]]
+    capsys.readouterr()
+    other = [*argv, "--lkd-lr", "3e-4", "--out", str(tmp_path / "c"), *SMALL]
+    assert quantize.run(other) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --lkd-checkpoint") and "another run" in err and "\n" not in err, err
+    assert not (tmp_path / "c").exists()

@@ -66,6 +66,10 @@ BLOCK_PATTERN = r"(^|/)(blocks|layer|layers|h)_\d+$"
 LAST_BLOCK_LOSSES = ("mse", "kl", "mse+kl")
 
 
+class ProgressMismatchError(ValueError):
+    """An LKD ``checkpoint_dir`` that cannot hold this run's progress (another run's, or a file)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LKDConfig:
     """Per-block optimisation (ZeroQuant reference: ~100 steps, lr 5e-6..1e-4, batch 32, seq 128)."""
@@ -423,7 +427,7 @@ def distill(
     (plus the MSE).
     log: called with one line per block, after that block's progress is saved.
     checkpoint_dir: save progress there after each block and resume from it (module docstring); created if
-      missing. ValueError if it holds the progress of a run with other inputs.
+      missing. :class:`ProgressMismatchError` if it holds the progress of a run with other inputs.
     """
     apply_kwargs = dict(apply_kwargs or {})
     rules = tuple(rules)
@@ -634,7 +638,7 @@ def _save_progress(directory: Path, index: int, path: str, p: Any, row: dict, ke
 def _restore_progress(directory: Path, blocks: list[_Block], fp_params: Any, fingerprint: str) -> list[tuple]:
     """(params, report row, key) of the blocks an earlier run with this fingerprint finished, in order."""
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"LKD checkpoint_dir {directory} is a file; pass a directory")
+        raise ProgressMismatchError(f"LKD checkpoint_dir {directory} is a file; pass a directory")
     for stale in directory.glob(".block_*.tmp-*"):  # the temporary folder of a save a killed run began
         shutil.rmtree(stale, ignore_errors=True)
     out = []
@@ -650,7 +654,7 @@ def _restore_progress(directory: Path, blocks: list[_Block], fp_params: Any, fin
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             meta = ckptr.restore(d, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if meta.get("fingerprint") != fingerprint or meta.get("block") != blk.path:
-                raise ValueError(
+                raise ProgressMismatchError(
                     f"LKD checkpoint_dir {directory} holds the progress of another run (other params, rules, "
                     "calibration data or config); pass another directory, or delete it to start over"
                 )
