@@ -234,7 +234,7 @@ def test_pre_release_formats_are_refused_with_the_fix(tmp_path, quantized, versi
     _, qp, _ = quantized
     m = write_format_3(tmp_path / "old", qp)
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({**m, "format_version": version}))
-    with pytest.raises(ValueError, match=f"format_version {version} was written by a development build") as e:
+    with pytest.raises(ValueError, match=f"format_version {version} was written by a pre-release") as e:
         qcheckpoint.load_quantized(tmp_path / "old")
     assert "quantize the model again" in str(e.value) and "\n" not in str(e.value)
 

@@ -24,9 +24,9 @@ own slice, so a model larger than one host's memory restores across a mesh.
 Versions that load: 4 (this layout) and 3 (``manifest.json`` + ``arrays.npz``, the layout jq8 0.1.0 wrote:
 same keys in an uncompressed numpy archive; ``folded_norms`` may be absent, the norms then run with their
 stored unit gamma / zero beta, which computes the same function; an npz archive is read whole on the host
-before it is placed on the mesh). Versions 1 and 2 were only written by development builds before 0.1.0
-(INT4 packed in adjacent pairs) and are refused with the fix: quantize the model again. A newer version is
-refused with the fix: upgrade jq8.
+before it is placed on the mesh). Versions 1 and 2 (INT4 packed in adjacent pairs) were written only by
+pre-release development snapshots, for a few hours before format 3, and no released jq8 wrote them: they are
+refused with the fix (quantize the model again). A newer version is refused with the fix: upgrade jq8.
 
 Writes are atomic: everything goes to a temporary sibling directory which is renamed into place; an
 existing destination is replaced only with ``overwrite=True``.
@@ -155,8 +155,9 @@ def save_quantized(
     """Writes ``qp`` to ``directory`` (an Orbax checkpoint, format 4) atomically.
 
     Float params are stored as ``float_dtype`` (float16, bfloat16 or float32); integer params as they are.
-    Arrays may be sharded (each process writes its own shards). compress: zstd-compress the arrays (a few
-    % smaller, mostly from the float params: INT8 / INT4 codes barely compress).
+    Arrays may be sharded over this process's devices (the write is single-process: the atomic rename
+    happens here). compress: zstd-compress the arrays (a few % smaller, mostly from the float params: INT8 /
+    INT4 codes barely compress).
 
     Returns the directory. Raises FileExistsError if it exists and ``overwrite`` is False.
     """
@@ -210,7 +211,7 @@ def _check_version(d: Path, manifest: Mapping[str, Any], layout_version: int) ->
         raise ValueError(f"{d}: format_version {v} is newer than this jq8 reads (up to {FORMAT_VERSION}); upgrade jq8")
     if v < _NPZ_VERSION:
         raise ValueError(
-            f"{d}: format_version {v} was written by a development build before jq8 0.1.0 and is no longer "
+            f"{d}: format_version {v} was written by a pre-release development build of jq8 and is no longer "
             f"read (versions {_NPZ_VERSION} and {FORMAT_VERSION} are); quantize the model again with quantize.py"
         )
     if v != layout_version:
