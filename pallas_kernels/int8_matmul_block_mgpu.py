@@ -268,10 +268,10 @@ def int8_matmul_block_mgpu(
     :data:`pallas_kernels.int8_matmul_mgpu.ACTIVATIONS`. Returns (M, N) ``out_dtype`` (bf16 or f32).
     ``interpret=True``, or no sm_90 GPU, is a ValueError (Mosaic GPU has no int8 wgmma interpreter).
     """
-    if interpret or not available():
+    if not interpret and not available():
         raise ValueError(
-            "the Mosaic GPU block-scaled INT8 GEMM runs compiled on an sm_90 (Hopper) GPU only; use "
-            "int8_matmul_block_scaled (Triton, interpret mode on CPU) elsewhere"
+            "the Mosaic GPU block-scaled INT8 GEMM runs compiled on an sm_90 (Hopper) GPU only; pass "
+            "interpret=True for Mosaic GPU's interpreter (slow), or use int8_matmul_block_scaled elsewhere"
         )
     m, k = a.shape
     n = b.shape[0]
@@ -298,11 +298,13 @@ def int8_matmul_block_mgpu(
     return _block_mgpu(
         a, group_scales(a_scale, ta, m, k, g), b, group_scales(b_scale, tb, n, k, g), bias, residual,
         activation=activation, out_dtype=out_dtype, cfg=cfg,
-        b_uniform=tb[0] % cfg.tile_n == 0 or tb[0] >= n,
+        b_uniform=tb[0] % cfg.tile_n == 0 or tb[0] >= n, interpret=bool(interpret),
     )  # fmt: skip
 
 
-def _block_mgpu(a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: BlockTileConfig, b_uniform: bool):
+def _block_mgpu(
+    a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: BlockTileConfig, b_uniform: bool, interpret: bool
+):  # fmt: skip
     m, k = a.shape
     n = b.shape[0]
     inputs = [a, b, sa, sb]
@@ -314,9 +316,13 @@ def _block_mgpu(a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: Blo
     tiles = (m // (cfg.cta_m * cluster)) * (n // cfg.cta_n)
     kernel = functools.partial(
         _kernel, cfg=cfg, activation=activation, has_bias=bias is not None, has_residual=residual is not None,
-        b_uniform=b_uniform,
+        b_uniform=b_uniform, interpret=interpret,
     )  # fmt: skip
     extra = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        extra["interpret"] = InterpretGPUParams()
     if cluster > 1:
         extra = dict(cluster=(cluster,), cluster_names=("cluster",))
     f = plgpu.kernel(
@@ -336,8 +342,16 @@ def _block_mgpu(a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: Blo
 
 
 def _kernel(
-    *refs, cfg: BlockTileConfig, activation, has_bias: bool, has_residual: bool, b_uniform: bool
+    *refs, cfg: BlockTileConfig, activation, has_bias: bool, has_residual: bool, b_uniform: bool,
+    interpret: bool,
 ):  # fmt: skip
+    # Register layouts matter to the compiler only; Mosaic GPU's interpreter reads refs plainly.
+    def load(ref, layout):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+    def cast(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
     a_gmem, b_gmem, sa_gmem, sb_gmem, *rest = refs
     bias_gmem = rest.pop(0) if has_bias else None
     res_gmem = rest.pop(0) if has_residual else None
@@ -429,16 +443,16 @@ def _kernel(
             def scale_vectors(sa_smem, sb_smem, j):
                 """The step's group j scales as vectors: (A's row scales times the weight's scalar,) when the
                 weight's scale is one value over the warpgroup's columns, else (row scales, column scales)."""
-                sa = plgpu.load(sa_smem.at[j, sa_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                sa = load(sa_smem.at[j, sa_rows], plgpu.Layout.WGMMA.reduce(1))
                 if b_uniform:  # fold the weight's scalar into A's vector: one FMA an element stays
                     return (sa * sb_smem[j, sb_col],)
-                sb = plgpu.load(sb_smem.at[j, pl.ds(sb_col, tn)], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                sb = load(sb_smem.at[j, pl.ds(sb_col, tn)], plgpu.Layout.WGMMA.reduce(0))
                 return sa, sb
 
             def zero_vectors():
-                vecs = [plgpu.layout_cast(jnp.full((tm,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))]
+                vecs = [cast(jnp.full((tm,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))]
                 if not b_uniform:
-                    vecs.append(plgpu.layout_cast(jnp.full((tn,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
+                    vecs.append(cast(jnp.full((tn,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(0)))
                 return tuple(vecs)
 
             def broadcast(vecs):
@@ -447,7 +461,7 @@ def _kernel(
 
             def init():
                 value = MAGIC_BITS if cfg.convert == "magic" else 0
-                return plgpu.layout_cast(jnp.full(shape, value, jnp.int32), plgpu.Layout.WGMMA)
+                return cast(jnp.full(shape, value, jnp.int32), plgpu.Layout.WGMMA)
 
             def promote(y, part, s):
                 if cfg.convert == "magic":
@@ -456,10 +470,30 @@ def _kernel(
                     f = part.astype(jnp.float32)
                 return y + f * broadcast(s)
 
-            accs = []  # the "carry" schedule's two accumulators, allocated per tile in ``context``
+            def product(a_ref, b_t, sync=False):
+                """One group's int32 accumulator (MAGIC_BITS + p with convert="magic"), its wgmma waited for.
+                ``sync``: meet the other warpgroup between the wgmma's issue and the wait (pingpong)."""
+                if interpret:  # the interpreter has neither transposed wgmma operands nor run_state
+                    a_tile, b_tile = a_ref.at[a_rows][...], b_t_of[id(b_t)][...]
+                    part = lax.dot_general(a_tile, b_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+                    return part + MAGIC_BITS if cfg.convert == "magic" else part
 
-            def body_carry(a_refs, b_ts, scales, y, s_prev):
+                def one(acc):
+                    plgpu.wgmma(acc, a_ref.at[a_rows], b_t)
+                    if sync:
+                        rendezvous()
+
+                return pl.run_state(one)(plgpu.ACC.init(init()))
+
+            accs = []  # the "carry" schedule's two accumulators, allocated per tile in ``context``
+            b_t_of = {}  # interpret mode: each transposed B view's untransposed (N, K) ref
+
+            def body_carry(a_refs, b_ts, scales, y, s_prev, *pending):
                 """Groups 2k and 2k + 1; group 2k - 1's wgmma (issued last step) is still in flight."""
+                if interpret:  # the same order of promotions; group 2k + 1's product waits in the carry
+                    y = promote(y, pending[0], s_prev)
+                    y = promote(y, product(a_refs[0], b_ts[0]), scales[0])
+                    return y, scales[1], product(a_refs[1], b_ts[1])
                 acc0, acc1 = accs
                 acc0[...] = init()
                 plgpu.wgmma(acc0, a_refs[0].at[a_rows], b_ts[0])
@@ -476,10 +510,11 @@ def _kernel(
                 a_refs, b_refs = refs[:gps], refs[gps : 2 * gps]
                 sa_smem, sb_smem, y = refs[2 * gps :]
                 b_ts = [plgpu.transpose_ref(r.at[b_rows], (1, 0)) for r in b_refs]
+                b_t_of.update({id(t): r.at[b_rows] for t, r in zip(b_ts, b_refs)})
                 scales = [scale_vectors(sa_smem, sb_smem, j) for j in range(gps)]
                 if cfg.schedule == "carry":
                     return body_carry(a_refs, b_ts, scales, *y)
-                if cfg.schedule == "pair":
+                if cfg.schedule == "pair" and not interpret:
 
                     def both(refs):
                         acc0, acc1, y_ref = refs
@@ -494,14 +529,8 @@ def _kernel(
                     _, p1, y = pl.run_state(both)((plgpu.ACC.init(init()), plgpu.ACC.init(init()), y))
                     return promote(y, p1, scales[1])
                 for j in range(gps):
-
-                    def one(acc, j=j):
-                        plgpu.wgmma(acc, a_refs[j].at[a_rows], b_ts[j])
-                        if cfg.pingpong and j == gps - 1:
-                            rendezvous()
-
-                    part = pl.run_state(one)(plgpu.ACC.init(init()))  # waits for the wgmma
-                    y = promote(y, part, scales[j])
+                    sync = cfg.pingpong and j == gps - 1
+                    y = promote(y, product(a_refs[j], b_ts[j], sync), scales[j])
                 return y
 
             def context(run_pipeline):
@@ -511,12 +540,19 @@ def _kernel(
                     )
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
-                y0 = plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+                y0 = cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
                 if cfg.schedule != "carry":
                     y = run_pipeline(y0)
                     if cfg.pingpong:
                         pl.when(wg == 0)(rendezvous)
                     epilogue(y)
+                    return
+
+                if interpret:
+                    y, s_last, p_last = run_pipeline((y0, zero_vectors(), init()))
+                    if cfg.pingpong:
+                        pl.when(wg == 0)(rendezvous)
+                    epilogue(promote(y, p_last, s_last))
                     return
 
                 def carried(acc0, acc1):
@@ -532,7 +568,7 @@ def _kernel(
             def epilogue(y):
                 if has_bias:
                     plgpu.barrier_wait(bias_barrier.at[wg])
-                    bias = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    bias = load(bias_smem.at[wg], plgpu.Layout.WGMMA.reduce(0))
                     y = y + lax.broadcast_in_dim(bias, shape, [1])
                 y = activation_fn(y, activation, erf=ERF_OF_MATH[cfg.epilogue_math])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left the staging
@@ -549,7 +585,7 @@ def _kernel(
                             barrier = res_barrier.at[wg * slots + slot]
                             plgpu.copy_gmem_to_smem(res_gmem.at[rows, cols], stage, barrier)
                             plgpu.barrier_wait(barrier)
-                            tile = tile + plgpu.load(stage, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                            tile = tile + load(stage, plgpu.Layout.WGMMA).astype(jnp.float32)
                         stage[...] = tile.astype(out_dtype)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(stage, out_gmem.at[rows, cols])
