@@ -324,3 +324,26 @@ def test_reduce_gradients_rounds_to_the_reduce_dtype():
             for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
                 assert a.dtype == jnp.float32 and a.shape == b.shape
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(dtype).astype(jnp.float32)))
+
+
+def test_grad_reduce_keys_are_checked_and_pick_shard_map():
+    import train
+    from configs.base import TrainConfig
+    from jq8.cli import UsageError
+    from jq8.training.policy import Policy
+
+    class TwoDevices:  # use_shard_map reads only the mesh's size
+        size = 2
+
+    bf16, two, one = Policy.from_name("bf16"), TwoDevices(), sharding.make_mesh(jax.devices()[:1])
+    with pytest.raises(UsageError, match="--grad_reduce_dtype=float16: expected float32 or bfloat16"):
+        train.use_shard_map(TrainConfig(grad_reduce_dtype="float16"), bf16, two)
+    with pytest.raises(UsageError, match="--grad_reduce_buckets=-1: must be >= 0"):
+        train.use_shard_map(TrainConfig(grad_reduce_buckets=-1), bf16, two)
+    with pytest.raises(UsageError, match="need --data_parallel=shard_map"):
+        train.use_shard_map(TrainConfig(data_parallel="gspmd", grad_reduce_buckets=4), bf16, two)
+    assert not train.use_shard_map(TrainConfig(), bf16, two)  # bf16: XLA partitions the step
+    assert train.use_shard_map(TrainConfig(grad_reduce_buckets=4), bf16, two)
+    assert train.use_shard_map(TrainConfig(grad_reduce_dtype="bfloat16"), bf16, two)
+    # One device has nothing to reduce: the keys are accepted and change nothing.
+    assert not train.use_shard_map(TrainConfig(data_parallel="gspmd", grad_reduce_buckets=4), bf16, one)
