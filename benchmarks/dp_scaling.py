@@ -149,9 +149,15 @@ def summarize_trace(trace_dir: str, steps: int = 1, top: int = 12) -> dict:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpus = {pid for pid, n in names.items() if re.search(r"gpu|/device:", n, re.IGNORECASE)
             and not re.search(r"host|cpu", n, re.IGNORECASE)}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
     per_device = {}
     for pid in sorted(gpus) or sorted(names):
         evs = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid and float(e.get("dur", 0)) > 0]
+        # A GPU shows its kernels on its stream lines and again on derived lines (XLA Ops, XLA Modules, ...)
+        # that span them: only the streams are kernels.
+        streams = [e for e in evs if threads.get((pid, e.get("tid")), "").startswith("Stream")]
+        evs = streams or evs
         if not evs:
             continue
         spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in evs]
@@ -170,6 +176,8 @@ def summarize_trace(trace_dir: str, steps: int = 1, top: int = 12) -> dict:
             "idle_ms": (span - busy) * ms,
             "compute_ms": _length(compute) * ms,
             "collective_ms": _length(comm) * ms,
+            # kernels per step (NCCL kernel names carry the dtype: did XLA keep bf16, merge the buckets?)
+            "collective_calls": sum(1 for _, _, n in spans if COLLECTIVE.search(n)) / steps,
             "collective_overlapped_ms": overlap * ms,
             "collective_exposed_ms": (_length(comm) - overlap) * ms,
             "top_kernels_ms": {n: v * ms for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]},
