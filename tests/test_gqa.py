@@ -58,8 +58,8 @@ def test_attention_block_matches_repeated_kv_reference(heads, kv_heads, qkv_bias
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _llama(kv_heads=2, **kw):
-    cfg = dataclasses.replace(preset("llama-tiny"), num_layers=2, d_model=64, num_heads=4, num_kv_heads=kv_heads,
+def _llama(kv_heads=2, layers=2, **kw):
+    cfg = dataclasses.replace(preset("llama-tiny"), num_layers=layers, d_model=64, num_heads=4, num_kv_heads=kv_heads,
                               vocab_size=97, max_seq_len=32, **kw)
     model = build_model(cfg, F32)
     params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -88,7 +88,7 @@ def test_kv_cache_holds_kv_heads_and_decodes_like_the_full_pass(impl):
 
 def test_jetfire_int8_attention_with_grouped_heads():
     """The INT8 training path splits the qkv GEMM's output into KV-head-wide blocks: close to bf16."""
-    x = jax.random.normal(jax.random.PRNGKey(6), (2, 32, 128))
+    x = jax.random.normal(jax.random.PRNGKey(6), (1, 32, 64))
     kw = dict(norm="rmsnorm", rotary=True, num_kv_heads=2)
     block = AttentionBlock(4, F32, **kw)
     params = block.init(jax.random.PRNGKey(7), x)["params"]
@@ -121,14 +121,14 @@ def test_ptq_fused_path_matches_per_dense_path(scheme):
 
 def test_ptq_fused_pallas_matches_xla_and_generates_from_the_cache():
     """Pallas kernels in interpret mode (the GQA decode kernel finishing the split-K qkv sums) vs XLA."""
-    cfg, model, params = _llama(attention="pallas")
+    cfg, model, params = _llama(attention="pallas", layers=1)
     qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
     prompt = jax.random.randint(jax.random.PRNGKey(9), (1, 5), 0, cfg.vocab_size)
     outs = {}
     for backend in ("xla", "pallas"):
-        cache = decode.init_cache(model, batch=1, max_len=9)
+        cache = decode.init_cache(model, batch=1, max_len=7)
         gen = jax.jit(lambda q, c, t, b=backend: decode.generate(decode.quantized_apply_fn(model, q, backend=b),
-                                                                  c, t, steps=4))
+                                                                  c, t, steps=3))
         outs[backend] = np.asarray(gen(qp, cache, prompt))
     np.testing.assert_array_equal(outs["pallas"], outs["xla"])
     # greedy tokens from the cache = argmax of the quantized model re-run on the whole sequence
@@ -142,7 +142,7 @@ def test_lkd_distills_a_grouped_query_model():
     tokens = jax.random.randint(jax.random.PRNGKey(10), (8, 16), 0, cfg.vocab_size)
     rules = ptq.scheme("w4/8-a8", int4_group=32)
     new, rep = lkd.distill(model, params, rules, [tokens[:4], tokens[4:]],
-                           lkd.LKDConfig(steps=20, lr=2e-3, batch_size=4, progress=False))
+                           lkd.LKDConfig(steps=8, lr=2e-3, batch_size=4, progress=False))
     assert [r["block"] for r in rep] == ["h_0", "h_1"]
     assert all(r["loss_after"] <= r["loss_before"] for r in rep), rep
     assert new["h_0"]["attn"]["qkv"]["kernel"].shape == (64, (4 + 2 * 2) * 16)

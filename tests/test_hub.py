@@ -34,7 +34,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # float32 on both sides; observed differences 
 
 def _logits(config: ModelConfig, params, ids) -> np.ndarray:
     model = build_model(config, F32)
-    return np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)))
+    return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids, jnp.int32)))
 
 
 def _golden(name: str):
