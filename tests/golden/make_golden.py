@@ -2,6 +2,10 @@
 
     python tests/golden/make_golden.py        # in an environment with torch, transformers, gguf, tokenizers
 
+The committed files were written with transformers 5.25.0, torch 2.13.0 (CPU) and gguf 0.19.0. In such an
+environment (plus jq8's own dependencies) ``python -m pytest tests/test_hub.py`` also runs the checks that
+load jq8's exported directories in transformers; elsewhere they skip.
+
 For each family (gpt2; llama with grouped-query attention and an untied head; qwen2 with q/k/v biases
 and a tied head; mistral with one KV head) it builds a small random transformers model (fixed seed;
 norm weights and biases randomized too, so they are exercised), saves it as an HF checkpoint directory
