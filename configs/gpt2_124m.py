@@ -2,7 +2,7 @@
 
 The bundled corpus is small (about 1.5 M tokens with the 8k tokenizer): this config is for step-time and
 loss-parity comparisons between policies, not for a converged GPT-2. Multi-GPU: runs data parallel + FSDP
-over every visible device; multi-host: add --distributed=True (see jq8/sharding.py).
+over every visible device; multi-host: add --distributed=True (see jq8/training/sharding.py).
 """
 
 import dataclasses
