@@ -279,6 +279,15 @@ SHARDED = textwrap.dedent("""
     write_format_3(__import__("pathlib").Path(TMP) / "v3", qp, "bfloat16")
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
     out = {}
+    # Small chunks: each array is read back from several.
+    qcheckpoint.CHUNK_BYTES = 2048
+    qcheckpoint.save_quantized(os.path.join(TMP, "chunked"), qp, float_dtype="bfloat16")
+    import orbax.checkpoint as ocp
+    h = ocp.CompositeCheckpointHandler(arrays=ocp.PyTreeCheckpointHandler(), manifest=ocp.JsonCheckpointHandler())
+    with ocp.Checkpointer(h) as ckptr:
+        stored = ckptr.metadata(os.path.join(TMP, "chunked")).item_metadata["arrays"].tree
+    fc1 = stored["w"]["h_1"]["mlp"]["fc1"]["values"]
+    out["chunk"] = {"shape": list(fc1.shape), "chunk": list(fc1.storage.chunk_shape)}
 
     def describe(qp2):
         arrays = {}
@@ -303,7 +312,7 @@ SHARDED = textwrap.dedent("""
         pairs += list(zip(jax.tree.leaves(qp.params), jax.tree.leaves(qp2.params)))
         return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
 
-    for name in ("q", "v3"):
+    for name in ("q", "v3", "chunked"):
         qp2, _ = qcheckpoint.load_quantized(os.path.join(TMP, name), mesh=mesh)
         got = jax.jit(lambda q, t: ptq_infer.apply_quantized(model, q, t, backend="xla"))(qp2, tokens)
         out[name] = {"arrays": describe(qp2), "same": same(qp2),
@@ -342,7 +351,7 @@ def sharded(tmp_path_factory):
     return json.loads(line[len("RESULT ") :])
 
 
-@pytest.mark.parametrize("name", ["q", "v3"])
+@pytest.mark.parametrize("name", ["q", "v3", "chunked"])
 def test_restore_onto_a_mesh_splits_output_channels(sharded, name):
     res = sharded[name]
     arrays = res["arrays"]
@@ -479,3 +488,8 @@ def test_quantize_cli_resumes_lkd_from_lkd_checkpoint(ckpt, tmp_path, capsys):  
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --lkd-checkpoint") and "another run" in err and "\n" not in err, err
     assert not (tmp_path / "c").exists()
+
+
+def test_arrays_are_stored_in_row_chunks(sharded):
+    """fc1's (256, 32) packed INT4 codes in 2 KB chunks: 64 whole rows each (the longest axis is cut)."""
+    assert sharded["chunk"] == {"shape": [256, 32], "chunk": [64, 32]}, sharded["chunk"]

@@ -18,8 +18,9 @@ array. Orbax alone restores it: ``ocp.Checkpointer(ocp.CompositeCheckpointHandle
 args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(), manifest=ocp.args.JsonRestore()))``.
 
 :func:`load_quantized` restores each array straight into its target sharding (``mesh=`` shards the
-output-channel axis of every weight, see :func:`output_channel_shardings`): every device reads only its
-own slice, so a model larger than one host's memory restores across a mesh.
+output-channel axis of every weight, see :func:`output_channel_shardings`). Arrays are stored in chunks of
+at most :data:`CHUNK_BYTES`: a device reads the chunks that overlap its slice, no host buffers more than a
+few chunks of an array it does not hold, and a model larger than one host's memory restores across a mesh.
 
 Versions that load: 4 (this layout) and 3 (``manifest.json`` + ``arrays.npz``, the layout jq8 0.1.0 wrote:
 same keys in an uncompressed numpy archive; ``folded_norms`` may be absent, the norms then run with their
@@ -60,6 +61,9 @@ MANIFEST = "manifest/metadata"  # the manifest (Orbax JSON item), relative to th
 ARRAYS = "arrays"  # the Orbax PyTree of the arrays
 NPZ_MANIFEST, NPZ_ARRAYS = "manifest.json", "arrays.npz"  # format 3
 _NPZ_VERSION = 3
+# Arrays are stored in chunks of at most this many bytes (Orbax cuts the largest axis first): a device
+# restoring a slice reads the chunks that overlap it, and no host buffers a whole large array.
+CHUNK_BYTES = 8 << 20
 
 # Where each array of a checkpoint goes: (key, array) -> Sharding. key: "w/<path>" / "e/<path>" for a
 # quantized weight / table, given as a QArray of ShapeDtypeStructs (its codes, scales and zero points all
@@ -189,6 +193,7 @@ def save_quantized(
         "extra": dict(extra or {}),
     }
     tree = _unflatten(arrays)
+    save_args = _unflatten({k: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for k in arrays})
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         handler = ocp.CompositeCheckpointHandler(
             arrays=ocp.PyTreeCheckpointHandler(use_compression=compress),
@@ -196,7 +201,10 @@ def save_quantized(
         )
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(
-                tmp, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(tree), manifest=ocp.args.JsonSave(manifest))
+                tmp,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.PyTreeSave(tree, save_args=save_args), manifest=ocp.args.JsonSave(manifest)
+                ),
             )
     return Path(directory)
 
