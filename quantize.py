@@ -199,7 +199,7 @@ def check_out(args) -> None:
             fail(f"--out {args.out} already exists; pass --overwrite to replace it, or another --out")
         if not is_quantized_checkpoint(out):
             fail(
-                f"--out {args.out} exists and is not a jq8 quantized checkpoint (no jq8 manifest.json); "
+                f"--out {args.out} exists and is not a jq8 quantized checkpoint (no jq8 manifest); "
                 "--overwrite only replaces quantized checkpoints: pass another --out"
             )
     else:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from configs.base import TrainConfig, apply_overrides, keys_help, load_config
 from jq8 import cli, data
 from jq8.cli import UsageError
+from jq8.ptq import checkpoint as qcheckpoint
 from jq8.training import checkpoint, metrics, sharding
 from jq8.training.policy import Policy, parse_policy
 from models.gpt import lm_loss
@@ -184,7 +185,7 @@ def check_run_dir(cfg: TrainConfig) -> list[int]:
         raise UsageError(f"--run_dir={d}: {above} is not writable; {fix}")
     if above != os.path.abspath(d):
         return []  # does not exist yet: created once everything else checked out
-    if os.path.exists(os.path.join(d, "manifest.json")):
+    if any(os.path.exists(os.path.join(d, m)) for m in (qcheckpoint.MANIFEST, qcheckpoint.NPZ_MANIFEST)):
         raise UsageError(f"--run_dir={d} is a quantized checkpoint (quantize.py output), not a run; {fix}")
     entries = set(os.listdir(d))
     if entries and not entries & {"config.json", "metrics.jsonl", "checkpoints"}:
