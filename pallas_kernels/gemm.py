@@ -169,7 +169,9 @@ def matmul_qarrays(
     """GEMM of two quantized operands in NT layout: a (M, K), b (N, K) (INT8, or INT4 for b).
 
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
-    vectors, applied in the epilogue); otherwise :func:`int8_matmul_block_scaled`. ``epilogue``: bias,
+    vectors, applied in the epilogue); otherwise the block-scaled route: the Mosaic GPU kernel on Hopper
+    where it fits (:mod:`pallas_kernels.int8_matmul_block_mgpu`), else :func:`int8_matmul_block_scaled`
+    (Triton; interpret mode on CPU). ``epilogue``: bias,
     activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
     (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
     split after.

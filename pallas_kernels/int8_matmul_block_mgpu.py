@@ -29,8 +29,10 @@ in DeepGEMM's FP8 GEMM:
 The accumulator (int32) and the f32 sum both live in registers: a consumer warpgroup owns 64 x 128 (or
 64 x tile_n) outputs, so a CTA is 128 x 128 (warpgroups stacked along M). Shapes must tile exactly: M by the
 CTA's rows, N by its columns, K by G (times the groups a step); anything else is a ValueError naming the
-dimension, and :func:`unsupported_reason` lets a dispatcher fall back to the Triton kernel. Mosaic GPU has
-no interpreter with int8 wgmma: this kernel runs compiled on an sm_90 GPU only (tests skip elsewhere).
+dimension, and :func:`unsupported_reason` lets a dispatcher fall back to the Triton kernel. The kernel runs
+compiled on an sm_90 GPU; ``interpret=True`` runs it in Mosaic GPU's interpreter on any host (pipeline,
+scale indexing, promotion and epilogue as compiled; each group's product as a dot of the loaded tiles,
+since the interpreter has no transposed wgmma operand nor preinitialised accumulators).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from pallas_kernels.int8_matmul_mgpu import (
 )
 
 K_GROUPS = (32, 64, 128, 256)
+_INTERPRET_OPTIONS: dict = {}  # extra InterpretGPUParams fields (detect_races=True, logging_mode=...) when debugging
 SCHEDULES = ("wait", "pair", "carry")
 CONVERTS = ("magic", "cvt")
 MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
@@ -70,8 +73,8 @@ class BlockTileConfig:
     """Tiles and schedule of the block-scaled kernel (hashable: a static jit argument).
 
     Each of the two consumer warpgroups owns a (tile_m, tile_n) output tile: an int32 accumulator per K
-    group in flight and the f32 sum, all in registers. ``wg_dim``: the warpgroups sit along M (CTA
-    2 tile_m x tile_n, sharing B's tile) or along N (tile_m x 2 tile_n). ``group``: G, the K group of the
+    group in flight and the f32 sum, all in registers; the two sit along M (a 2 tile_m x tile_n CTA, one
+    B tile for both). ``group``: G, the K group of the
     scales; ``groups_per_step`` K groups per pipeline step (each its own TMA boxes). ``schedule``: "wait"
     promotes each group after its wgmma completes; "pair" (two groups a step) issues both groups' wgmmas and
     promotes the first while the second runs. ``pingpong``: the two warpgroups meet at a barrier after each
@@ -84,7 +87,6 @@ class BlockTileConfig:
     group: int = 128
     tile_m: int = 64
     tile_n: int = 128
-    wg_dim: str = "m"
     groups_per_step: int = 1
     schedule: str = "wait"
     pingpong: bool = False
@@ -99,11 +101,11 @@ class BlockTileConfig:
 
     @property
     def cta_m(self) -> int:
-        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+        return 2 * self.tile_m
 
     @property
     def cta_n(self) -> int:
-        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+        return self.tile_n
 
     @property
     def step_k(self) -> int:
@@ -160,9 +162,9 @@ def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int
         )
     if cfg.schedule in ("pair", "carry") and cfg.groups_per_step != 2:
         raise ValueError(f"schedule={cfg.schedule!r} needs groups_per_step=2, got {cfg}")
-    if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192 or cfg.wg_dim not in ("m", "n"):
+    if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192:
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
-        raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192), wg_dim 'm' or 'n'; got {cfg}")
+        raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192); got {cfg}")
     if cfg.schedule != "wait" and cfg.tile_n > 128:
         raise ValueError(f"schedule={cfg.schedule!r} keeps two accumulators live: tile_n <= 128, got {cfg}")
     rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
@@ -188,12 +190,11 @@ def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int
 
 def fit_config(m: int, n: int, k: int, group: int, *, out_dtype=jnp.bfloat16, **overrides) -> BlockTileConfig:
     """The default tiles for an (M, N, K) problem with K group ``group``, or a ValueError naming the
-    dimension that does not tile. Warpgroups of 64 x 128 stacked along M (a 128 x 128 CTA) where M and N
-    allow, else side by side along N; the deepest ring that fits. ``overrides``: any other field."""
+    dimension that does not tile. Warpgroups of 64 x 128 (64 x 64 where N needs it) stacked along M (a
+    128-row CTA); the deepest ring that fits. ``overrides``: any other field."""
     out_bytes = jnp.dtype(out_dtype).itemsize
     tile_n = next((t for t in (128, 64) if n % t == 0), 128)
-    wg_dim = "m" if m % 128 == 0 or n % (2 * tile_n) else "n"
-    cfg = BlockTileConfig(group=group, tile_n=tile_n, wg_dim=wg_dim, epi_tile_n=_epi_tile(tile_n, 64))
+    cfg = BlockTileConfig(group=group, tile_n=tile_n, epi_tile_n=_epi_tile(tile_n, 64))
     cfg = dataclasses.replace(cfg, **overrides)
     if "stages" not in overrides:
         cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=out_bytes))
@@ -266,7 +267,7 @@ def int8_matmul_block_mgpu(
     :func:`~pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled` unless given. bias: (N,) or
     None; residual: (M, N) ``out_dtype`` or None; activation: one of
     :data:`pallas_kernels.int8_matmul_mgpu.ACTIVATIONS`. Returns (M, N) ``out_dtype`` (bf16 or f32).
-    ``interpret=True``, or no sm_90 GPU, is a ValueError (Mosaic GPU has no int8 wgmma interpreter).
+    ``interpret=True`` runs Mosaic GPU's interpreter (slow; any host); otherwise no sm_90 GPU is a ValueError.
     """
     if not interpret and not available():
         raise ValueError(
@@ -322,7 +323,7 @@ def _block_mgpu(
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-        extra["interpret"] = InterpretGPUParams()
+        extra["interpret"] = InterpretGPUParams(**_INTERPRET_OPTIONS)
     if cluster > 1:
         extra = dict(cluster=(cluster,), cluster_names=("cluster",))
     f = plgpu.kernel(
@@ -431,14 +432,9 @@ def _kernel(
                 lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_width
             )
             mi = mi * cluster + cta
-            if cfg.wg_dim == "m":
-                row0, col0 = mi * cta_m + wg * tm, ni * cta_n
-                a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
-                sa_rows, sb_col = pl.ds(wg * tm, tm), 0
-            else:
-                row0, col0 = mi * cta_m, ni * cta_n + wg * tn
-                a_rows, b_rows = slice(None), pl.ds(wg * tn, tn)
-                sa_rows, sb_col = slice(None), wg * tn
+            row0, col0 = mi * cta_m + wg * tm, ni * cta_n  # each warpgroup: its 64 rows of the CTA tile
+            a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
+            sa_rows, sb_col = pl.ds(wg * tm, tm), 0
 
             def scale_vectors(sa_smem, sb_smem, j):
                 """The step's group j scales as vectors: (A's row scales times the weight's scalar,) when the

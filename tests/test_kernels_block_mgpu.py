@@ -1,14 +1,18 @@
 """The Mosaic GPU block-scaled INT8 GEMM (pallas_kernels/int8_matmul_block_mgpu.py).
 
-Tile selection, the errors and the scale layout run everywhere. The kernel compiles only on an sm_90 GPU
-(Mosaic GPU has no interpreter with int8 wgmma), so its comparisons against the one reference,
-``int8_matmul_block_scaled_reference``, run on the H100 and skip elsewhere with that reason. Every output
+Tile selection, the errors and the scale layout run everywhere. The compiled kernel needs an sm_90 GPU: its
+comparisons against the one reference, ``int8_matmul_block_scaled_reference``, run on the H100 and skip
+elsewhere with that reason. On a CPU, ``interpret=True`` runs the same pipeline, scale indexing, promotion
+and epilogue in Mosaic GPU's interpreter (with a dot of the loaded tiles in place of wgmma, which the
+interpreter cannot take transposed); it needs a host with >= 4 CPUs, because the interpreter blocks one host
+thread per warpgroup inside XLA's CPU thread pool and deadlocks when that pool is smaller. Every output
 element is compared, on fresh random activation-like data with outlier channels, quantized as training does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +44,10 @@ def _operands(seed: int, m: int, n: int, k: int, a_tile, b_tile, outliers: int =
 
 def test_fit_config_defaults_and_errors():
     cfg = bm.fit_config(8192, 8192, 8192, 128)
-    assert (cfg.tile_m, cfg.tile_n, cfg.wg_dim, cfg.cta_m, cfg.cta_n) == (64, 128, "m", 128, 128)
+    assert (cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n) == (64, 128, 128, 128)
     assert bm.smem_bytes(cfg, out_bytes=2) <= bm.SMEM_BYTES  # the deepest ring that fits
     assert bm.smem_bytes(dataclasses.replace(cfg, stages=cfg.stages + 1), out_bytes=2) > bm.SMEM_BYTES
-    assert bm.fit_config(64, 512, 256, 64).wg_dim == "n"  # 64 rows: the warpgroups split N
+    assert bm.fit_config(256, 192, 256, 64).tile_n == 64  # N not a multiple of 128: 64-wide warpgroups
     with pytest.raises(ValueError, match="M=200 must be a multiple of"):
         bm.fit_config(200, 256, 256, 128)
     with pytest.raises(ValueError, match="N=100 must be a multiple"):
@@ -97,6 +101,42 @@ def test_off_hopper_is_a_clear_error():
     assert "sm_90" in bm.unsupported_reason(128, 128, 256, a_tile=(1, 128), b_tile=(128, 128))
 
 
+interpret_host = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 4,
+    reason="Mosaic GPU's interpreter needs >= 4 host CPUs (one blocked XLA pool thread per warpgroup)",
+)
+
+
+@interpret_host
+@pytest.mark.parametrize(
+    "m, n, k, g, a_tile, b_tile, over, epi",
+    [
+        (256, 256, 512, 128, (1, 128), (128, 128), {}, {}),  # 4 tiles on one persistent CTA
+        (128, 128, 512, 32, (32, 32), (32, 32), {}, {}),
+        (128, 256, 512, 64, (1, 64), (32, 64), {}, {}),  # weight scales vary inside a warpgroup tile
+        (128, 128, 512, 128, (1, 128), (128, 128), dict(groups_per_step=2, schedule="carry"), {}),
+        (128, 128, 256, 64, (1, 64), (64, 64), dict(groups_per_step=2, schedule="pair", pingpong=True), {}),
+        (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="cvt"), {}),
+        (128, 384, 256, 128, (1, 128), (128, 128), {}, dict(bias=True, activation="gelu", residual=True)),
+    ],
+)
+def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, over, epi):
+    monkeypatch.setattr(bm, "_num_sms", lambda: 1)
+    a, sa, b, sb, key = _operands(m + n + g, m, n, k, a_tile, b_tile)
+    k1, k2 = jax.random.split(key)
+    kw = dict(out_dtype=jnp.float32)
+    if epi:
+        kw.update(bias=jax.random.normal(k1, (n,)), activation=epi["activation"],
+                  residual=jax.random.normal(k2, (m, n)))  # fmt: skip
+    cfg = bm.fit_config(m, n, k, g, out_dtype=jnp.float32, **over)
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, config=cfg, interpret=True, **kw)
+    ref = int8_matmul_block_scaled_reference(a, sa, b, sb, **kw)
+    if epi:  # erf_approx: within 1e-6 of erf
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    else:
+        _compare(out, ref, jnp.float32)
+
+
 # ---------------------------------------------------------------------------------------------- Hopper
 
 
@@ -135,7 +175,6 @@ def test_matches_reference(g, a_rows, m, n, k):
         dict(groups_per_step=2, schedule="carry"),
         dict(groups_per_step=2, schedule="carry", pingpong=True),
         dict(groups_per_step=2, schedule="carry", convert="cvt"),
-        dict(wg_dim="n"),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
     ],
