@@ -32,6 +32,7 @@ from pallas_kernels import int8_matmul_block_mgpu as bm
 from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled, int8_matmul_block_scaled_reference
 
 TOKENS = 16384
+NT = (((1,), (1,)), ((), ()))  # contract both operands' last (K) axis
 
 
 def shapes_of(name: str) -> tuple[int, int, int]:
@@ -46,7 +47,7 @@ def shapes_of(name: str) -> tuple[int, int, int]:
 
 PRESETS = {
     "small": ["sq2048"],
-    "full": ["sq8192"] + [f"h{d}_{l}" for d in (4096, 2048, 1024) for l in ("fwd", "dgrad", "wgrad")],
+    "full": ["sq8192"] + [f"h{d}_{lay}" for d in (4096, 2048, 1024) for lay in ("fwd", "dgrad", "wgrad")],
 }
 
 
@@ -112,19 +113,18 @@ def main(argv=None) -> int:
     print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
 
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:], "shapes": {}}
-    rows = []
     for name, (m, n, k) in shapes.items():
         tops = 2 * m * n * k / 1e12
         row = {"m": m, "n": n, "k": k, "runs": []}
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
         w = jax.random.normal(jax.random.key(2), (n, k), jnp.bfloat16)
-        bf16 = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
+        bf16 = jax.jit(lambda x, w: jax.lax.dot_general(x, w, NT, preferred_element_type=jnp.bfloat16))
         row["bf16_ms"] = ms_per_call(bf16, x, w, **timing)
         del x, w
         print(f"{name} {m}x{n}x{k}: XLA bf16 {row['bf16_ms']:.4f} ms {tops / row['bf16_ms'] * 1e3:.0f} TOP/s",
               flush=True)  # fmt: skip
 
-        def run(label, g, fn, ops, cfg=None):
+        def run(label, g, fn, ops, cfg=None, row=row, tops=tops):
             entry = {"kernel": label, "group": g, "config": dataclasses.asdict(cfg) if cfg else None}
             try:
                 if not args.no_check:
@@ -135,13 +135,13 @@ def main(argv=None) -> int:
                     del out, ref
                 t = ms_per_call(fn, *ops, **timing)
                 entry.update(ms=t, tops=tops / t * 1e3, x_bf16=row["bf16_ms"] / t)
+                err = entry.get("err", float("nan"))
                 print(f"  {label:8s} G={g:3d} {t:.4f} ms {entry['tops']:6.0f} TOP/s {entry['x_bf16']:.2f}x bf16"
-                      f" err {entry.get('err', float('nan')):.1e}" + (f" {cfg}" if cfg else ""), flush=True)  # fmt: skip
+                      f" err {err:.1e}" + (f" {cfg}" if cfg else ""), flush=True)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - report each failure and go on with the next kernel
                 entry["error"] = "".join(traceback.format_exception_only(type(e), e))[-2000:]
                 print(f"  {label:8s} G={g:3d} FAILED {entry['error']}" + (f" {cfg}" if cfg else ""), flush=True)
             row["runs"].append(entry)
-            rows.append((name, entry))
 
         for g in sorted(set(args.groups) | set(triton_groups)):
             ops = operands(m, n, k, g, args.a_square)

@@ -17,8 +17,9 @@ in DeepGEMM's FP8 GEMM:
     stages with TMA (``plgpu.emit_pipeline_warp_specialized``), while two consumer warpgroups run wgmma;
   * each K group's wgmmas accumulate into a fresh int32 accumulator, promoted once into an f32 sum
     ``y += p * (sa * sb)``; while one consumer warpgroup promotes, the other's wgmma keeps the tensor core
-    busy (``pingpong`` makes them alternate strictly), and with two groups a step (``schedule="pair"``) a
-    warpgroup also promotes its first group while its second group's wgmma runs;
+    busy (``pingpong`` makes them alternate strictly); with two groups a step a warpgroup also promotes
+    one group while its next group's wgmma runs (``schedule="pair"`` within a step, ``"carry"`` across
+    steps, so that a wgmma is always in flight);
   * the promotion costs three instructions an element with ``convert="magic"``: the accumulator starts at
     the bit pattern of 1.5 * 2**23, so its value read as f32 is 1.5 * 2**23 + p exactly (|p| <= 2**22 for
     G <= 256), and the int -> float convert (a quarter-rate instruction on Hopper) becomes one FADD before
@@ -61,7 +62,7 @@ from pallas_kernels.int8_matmul_mgpu import (
 )
 
 K_GROUPS = (32, 64, 128, 256)
-_INTERPRET_OPTIONS: dict = {}  # extra InterpretGPUParams fields (detect_races=True, logging_mode=...) when debugging
+_INTERPRET_OPTIONS: dict = {}  # extra InterpretGPUParams fields when debugging (e.g. detect_races=True)
 SCHEDULES = ("wait", "pair", "carry")
 CONVERTS = ("magic", "cvt")
 MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
@@ -74,10 +75,12 @@ class BlockTileConfig:
 
     Each of the two consumer warpgroups owns a (tile_m, tile_n) output tile: an int32 accumulator per K
     group in flight and the f32 sum, all in registers; the two sit along M (a 2 tile_m x tile_n CTA, one
-    B tile for both). ``group``: G, the K group of the
-    scales; ``groups_per_step`` K groups per pipeline step (each its own TMA boxes). ``schedule``: "wait"
-    promotes each group after its wgmma completes; "pair" (two groups a step) issues both groups' wgmmas and
-    promotes the first while the second runs. ``pingpong``: the two warpgroups meet at a barrier after each
+    B tile for both). ``group``: G, the K group of the scales; ``groups_per_step`` K groups per pipeline
+    step (each its own TMA boxes). ``schedule``: "wait" promotes each group after its wgmma completes;
+    "pair" (two groups a step) issues both groups' wgmmas and promotes the first while the second runs;
+    "carry" (two groups a step, two accumulators) issues group i + 1's wgmma before promoting group i, also
+    across steps (a step's stage is then released one step later). ``pingpong``: the two warpgroups meet at
+    a barrier after each
     step's wgmma issue, so one promotes while the other's wgmma runs. ``convert``: see the module docstring.
     ``cluster_m``: two CTAs along M form a cluster and share B's tile through TMA multicast (half of B's
     loads from L2). ``stages``: shared-memory ring depth. ``epi_tile_*``: the output staging tile.
@@ -216,7 +219,7 @@ def unsupported_reason(
     (as on an H100), whatever the default device is.
     """
     if check_device and not available():
-        return "it runs compiled on an sm_90 (Hopper) GPU only (Mosaic GPU's interpreter has no int8 wgmma)"
+        return "it runs compiled on an sm_90 (Hopper) GPU only"
     if b_bits != 8:
         return "it needs an int8 b"
     if out_spec is not None:
