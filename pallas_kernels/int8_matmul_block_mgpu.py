@@ -431,9 +431,7 @@ def _kernel(
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info):
             (lin,) = info.index
-            mi, ni = plgpu.planar_snake(
-                lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_width
-            )
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_width)
             mi = mi * cluster + cta
             row0, col0 = mi * cta_m + wg * tm, ni * cta_n  # each warpgroup: its 64 rows of the CTA tile
             a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
@@ -534,9 +532,7 @@ def _kernel(
 
             def context(run_pipeline):
                 if has_bias:
-                    plgpu.copy_gmem_to_smem(
-                        bias_gmem.at[pl.ds(col0, tn)], bias_smem.at[wg], bias_barrier.at[wg]
-                    )
+                    plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(col0, tn)], bias_smem.at[wg], bias_barrier.at[wg])
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
                 y0 = cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
