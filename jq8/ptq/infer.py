@@ -193,12 +193,18 @@ def matmul_qarrays_xla(
         pad = g * gk - k
         av = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, gk)
         bv = jnp.pad(bc, ((0, 0), (0, pad))).reshape(n, g, gk)
-        part = jax.lax.dot_general(av, bv, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
-        part = part.astype(jnp.float32)
-        if a_groups:
-            y = jnp.einsum("gmn,mg->mn", part, a_scale) * jnp.repeat(b.scale[:, 0], tn)[:n][None, :]
-        else:
-            y = jnp.einsum("gmn,ng->mn", part, jnp.repeat(b.scale, tn, axis=0)[:n]) * a_scale
+        # per-group scales (M or N, g) and the other operand's (1, N) / (M, 1) scale
+        gs = a_scale if a_groups else jnp.repeat(b.scale, tn, axis=0)[:n]
+        other = jnp.repeat(b.scale[:, 0], tn)[:n][None, :] if a_groups else a_scale
+
+        def group(i, y):  # one (M, N) int32 partial at a time: a (g, M, N) stack is GBs at a vocabulary head
+            ai = jax.lax.dynamic_index_in_dim(av, i, 1, keepdims=False)
+            bi = jax.lax.dynamic_index_in_dim(bv, i, 1, keepdims=False)
+            part = jax.lax.dot_general(ai, bi, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+            si = jax.lax.dynamic_index_in_dim(gs, i, 1, keepdims=True)
+            return y + part.astype(jnp.float32) * (si if a_groups else si.T)
+
+        y = jax.lax.fori_loop(0, g, group, jnp.zeros((m, n), jnp.float32)) * other
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = _apply_activation(y, activation)
