@@ -142,8 +142,10 @@ def test_resume_after_kill_mid_save_reproduces_uninterrupted_losses(tmp_path):
         checkpoint.Checkpointer.save = save
         train.main({args!r})
     """)
+    # The same XLA settings as this process (tests/conftest.py): the losses are compared bit for bit.
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": str(int(jax.config.read("jax_disable_most_optimizations")))}
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 17, proc.stderr[-2000:]
     ck_dir = tmp_path / "checkpoints"
