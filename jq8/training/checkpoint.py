@@ -17,10 +17,12 @@ reads everything and first checks the saved parameter shapes against the model b
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -221,8 +223,9 @@ class Checkpointer:
                 raise
             except Exception as e:  # any storage / format error means this step cannot be resumed from
                 failed.append((step, describe_error(e)))
-                continue
-            return restored, [(s, self.set_aside(s), why) for s, why in failed]
+            else:
+                return restored, [(s, self.set_aside(s), why) for s, why in failed]
+            _drop_abandoned_reads()
         newest, why = failed[0]
         raise CheckpointDamagedError(
             f"no checkpoint in {self.directory} restores (steps {', '.join(str(s) for s, _ in failed)}); the "
@@ -294,17 +297,19 @@ def load_params(
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {directory}")
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        why = None
         try:
             tree = mngr.item_metadata(step)["params"].tree
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
             restore = ocp.args.Composite(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
             out = mngr.restore(step, args=restore)
         except Exception as e:  # any storage / format error: name the step and the others to try
+            why = describe_error(e)
+        if why is not None:
+            _drop_abandoned_reads()
             path = os.path.join(directory, str(step))
             others = [s for s in steps if s != step]
-            raise CheckpointDamagedError(
-                f"checkpoint {path} cannot be read ({describe_error(e)})", step, path, others
-            ) from e
+            raise CheckpointDamagedError(f"checkpoint {path} cannot be read ({why})", step, path, others)
     return out["params"], out["meta"]
 
 
@@ -321,6 +326,17 @@ class _quiet_read_only(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc):
         logging.getLogger("absl").removeFilter(self._filter)
+
+
+def _drop_abandoned_reads() -> None:
+    """Collects, quietly, the reads a failed Orbax restore left as unfinished coroutines: otherwise each prints
+    "Exception ignored in <coroutine ...>" whenever the garbage collector happens to meet it."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def rng_to_json(key: jax.Array) -> list[int]:
