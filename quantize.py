@@ -178,6 +178,16 @@ def check_args(args) -> None:
             fail(f"--sentences {args.sentences}: no such file; pass a file of paraphrase groups")
 
 
+def write_json(path: str | os.PathLike, obj) -> None:
+    """``obj`` as JSON at ``path``, written beside it and renamed over it: never a half-written table."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory holding a jq8 quantized checkpoint (by its manifest)."""
     try:
@@ -519,7 +529,7 @@ def main(argv=None) -> dict:
     if args.generate:
         report["generation"] = generations(args, model, params, final_qp, meta, seq_len)
     out_json = args.json or os.path.join(args.out, "eval.json")
-    Path(out_json).write_text(json.dumps(report, indent=1, default=str))
+    write_json(out_json, report)
     print(f"table saved to {out_json}")
     return report
 
@@ -617,7 +627,7 @@ def eval_main(args) -> dict:
     if args.generate:
         report["generation"] = generations(args, model, params, qp, meta, seq_len)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        write_json(args.json, report)
     return report
 
 
@@ -690,7 +700,7 @@ def minilm_main(args) -> dict:
         )
     report = {"model": "all-MiniLM-L6-v2", "rows": rows, "fp_paraphrase_top1": fp_top1}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     return report
 
 
