@@ -23,8 +23,8 @@ from jq8.training.policy import Policy
 from models.config import ATTENTION_CHOICES, ModelConfig
 from models.presets import build_model, preset
 
-FP32 = Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False)
-BF16 = Policy.from_name("bf16", use_kernels=False)
+FP32 = Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla")
+BF16 = Policy.from_name("bf16", backend="xla")
 B, L, MAX_LEN = 2, 10, 12  # batch, tokens compared, cache length (> L: unfilled slots must stay masked)
 
 

@@ -16,7 +16,7 @@ from models.gpt import lm_loss
 from models.presets import PRESETS, build_model, preset
 
 BF16 = Policy.from_name("bf16")
-INT8 = Policy.from_name("jetfire-int8", use_kernels=False)  # jnp references: fast on CPU
+INT8 = Policy.from_name("jetfire-int8", backend="xla")  # jnp references: fast on CPU
 
 
 def _init(model, tokens, seed: int = 0):

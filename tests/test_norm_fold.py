@@ -25,7 +25,7 @@ def tiny_llama(seed: int = 4):
     cfg = dataclasses.replace(
         preset("llama-tiny"), num_layers=1, d_model=32, num_heads=2, vocab_size=97, max_seq_len=16
     )
-    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
     tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (2, 16), 0, 97)
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
     leaves, tree = jax.tree_util.tree_flatten(params)

@@ -23,7 +23,7 @@ def tiny_gpt(layers: int = 2, d: int = 64, heads: int = 4, vocab: int = 203, seq
     cfg = dataclasses.replace(
         preset("gpt-tiny"), num_layers=layers, d_model=d, num_heads=heads, vocab_size=vocab, max_seq_len=seq
     )
-    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
     tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (3, seq), 0, vocab)
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
     # Random biases and LN params so every parameter kind matters (init leaves them 0 / 1).
@@ -335,7 +335,7 @@ def test_llama_without_biases_runs_quantized(name, tmp_path):
     cfg = dataclasses.replace(
         preset("llama-tiny"), num_layers=1, d_model=32, num_heads=2, vocab_size=97, max_seq_len=16
     )
-    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, use_kernels=False))
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
     params = jax.jit(model.init)(jax.random.PRNGKey(4), tokens)["params"]
     qp = ptq.quantize_params(params, ptq.scheme(name, int4_group=32))
