@@ -469,27 +469,6 @@ def test_lkd_refuses_the_progress_of_another_run(tmp_path, three_blocks):
         lkd.distill(model, params, rules, chunks, cfg, checkpoint_dir=tmp_path / "f")
 
 
-@pytest.mark.slow
-def test_quantize_cli_resumes_lkd_from_lkd_checkpoint(ckpt, tmp_path, capsys):  # noqa: F811
-    import quantize
-    from jq8 import cli
-
-    progress = tmp_path / "lkd"
-    argv = ["--ckpt", str(ckpt), "--scheme", "w8a8", "--lkd", "--lkd-steps", "2", "--lkd-checkpoint", str(progress)]
-    first = quantize.main([*argv, "--out", str(tmp_path / "a"), *SMALL])
-    assert sorted(p.name for p in (progress / "fp").iterdir()) == ["block_0000", "block_0001"]
-    again = quantize.main([*argv, "--out", str(tmp_path / "b"), *SMALL])  # every block restored
-    lkd_row = lambda rep: next(r for r in rep["rows"] if "LKD" in r["setting"])  # noqa: E731
-    assert lkd_row(again)["ppl"] == lkd_row(first)["ppl"]
-    assert [r["loss_after"] for r in again["lkd"]["fp"]] == [r["loss_after"] for r in first["lkd"]["fp"]]
-    capsys.readouterr()
-    other = [*argv, "--lkd-lr", "3e-4", "--out", str(tmp_path / "c"), *SMALL]
-    assert quantize.run(other) == cli.EXIT_USAGE
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --lkd-checkpoint") and "another run" in err and "\n" not in err, err
-    assert not (tmp_path / "c").exists()
-
-
 def test_arrays_are_stored_in_row_chunks(sharded):
     """fc1's (256, 32) packed INT4 codes in 2 KB chunks: 64 whole rows each (the longest axis is cut)."""
     assert sharded["chunk"] == {"shape": [256, 32], "chunk": [64, 32]}, sharded["chunk"]

@@ -51,10 +51,9 @@ def ckpt(tmp_path_factory):
 
 
 def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
-    out = tmp_path / "q"
-    rep = quantize.main(
-        ["--ckpt", str(ckpt), "--scheme", "w4/8-a8", "--lkd", "--lkd-steps", "2", "--out", str(out), *SMALL]
-    )
+    out, progress = tmp_path / "q", tmp_path / "lkd"
+    argv = ["--ckpt", str(ckpt), "--scheme", "w4/8-a8", "--lkd", "--lkd-steps", "2", "--lkd-checkpoint", str(progress)]
+    rep = quantize.main([*argv, "--out", str(out), *SMALL])
     names = [r["setting"] for r in rep["rows"]]
     assert names[:4] == ["FP32", "W8A8 static (per-tensor)", "W8A8 ZeroQuant", "w4/8-a8 ZeroQuant"]
     assert "LKD" in names[4] and names[5].startswith("reloaded")
@@ -71,6 +70,17 @@ def test_quantize_lkd_save_reload_and_eval(ckpt, tmp_path, capsys):
     rep2 = quantize.main(["--eval", str(out), "--generate", "The city", "--max-new-tokens", "3", *SMALL])
     assert rep2["rows"][0]["ppl"] == rep["rows"][5]["ppl"]
     assert isinstance(rep2["generation"]["int8"], str)
+    # LKD progress was saved per block: a re-run restores every block and gives the same model.
+    assert sorted(p.name for p in (progress / "fp").iterdir()) == ["block_0000", "block_0001"]
+    again = quantize.main([*argv, "--out", str(tmp_path / "q2"), *SMALL])
+    assert again["rows"][4]["ppl"] == rep["rows"][4]["ppl"]
+    assert [r["loss_after"] for r in again["lkd"]["fp"]] == [r["loss_after"] for r in rep["lkd"]["fp"]]
+    capsys.readouterr()
+    other = [*argv, "--lkd-lr", "3e-4", "--out", str(tmp_path / "c"), *SMALL]  # another run's progress
+    assert quantize.run(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --lkd-checkpoint") and "another run" in err and "\n" not in err, err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.fixture(scope="module")

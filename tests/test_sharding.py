@@ -45,8 +45,7 @@ SCRIPT = textwrap.dedent(r"""
                         ("int8_sm8_kernels", ["--policy=jetfire-int8", "--backend=pallas", "--steps=2",
                                               *no_ckpt]),
                         # gradient reduction options (auto picks shard_map for them)
-                        ("sm8_b3", [b3, *no_ckpt]), ("sm8_bf16", [bf16, *no_ckpt]),
-                        ("int8_sm8_b3", ["--policy=jetfire-int8", b3, *no_ckpt]),
+                        ("sm8_b3", [b3, *no_ckpt]),
                         ("int8_sm8_b3_bf16", ["--policy=jetfire-int8", b3, bf16, *no_ckpt])]:
         run = os.path.join(TMP, name)
         r = train.main(base + extra + ["--run_dir=" + run])
@@ -247,17 +246,16 @@ def test_int8_shard_map_step_matches_partitioned_step(result):
 def test_bucketed_reduction_matches_one_reduction(result):
     # Same sums, packed into 3 flat buffers instead of one psum: the same updates, to float32 rounding.
     np.testing.assert_allclose(result["sm8_b3"], result["sm8"], rtol=1e-6)
-    np.testing.assert_allclose(result["int8_sm8_b3"], result["int8_sm8"], rtol=1e-6)
 
 
 def test_bf16_reduction_tracks_float32(result):
     # Each device's gradient rounded to 8 significant bits before the sum: Adam's normalised updates move
     # the 4-step loss curve by < 1e-3 relative (the INT8 policy's own noise is ~1e-2, see above).
-    for bf16, f32 in (("sm8_bf16", "sm8"), ("int8_sm8_b3_bf16", "int8_sm8")):
-        a, b = np.asarray(result[bf16]), np.asarray(result[f32])
-        assert np.isfinite(a).all()
-        np.testing.assert_allclose(a, b, rtol=1e-3)
-    assert not np.array_equal(result["sm8_bf16"], result["sm8"])  # the bf16 reduction really ran
+    a, b = np.asarray(result["int8_sm8_b3_bf16"]), np.asarray(result["int8_sm8"])
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=1e-3)
+    # The INT8 policy's noise is the same in both runs (same keys), so a difference is the bf16 reduction.
+    assert not np.array_equal(a, b)
 
 
 def test_lowered_step_has_one_all_reduce_per_bucket(result):
