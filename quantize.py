@@ -454,6 +454,9 @@ def main(argv=None) -> dict:
     lkd_reports = {}
     if args.lkd:
         rules = scheme_rules(args, args.scheme)
+        # LKD's student must be the model the checkpoint holds: with --fold-norms that is the folded one
+        # (Q(gamma W), activations without gamma), so distill the folded params (exact in float).
+        lkd_params = ptq.fold_norm_affines(params, rules)[0] if args.fold_norms else params
         modes = ["fp", "quantized"] if args.lkd_input == "both" else [args.lkd_input]
         last_loss = "" if args.lkd_last_loss == "mse" else f", last block {args.lkd_last_loss}"
         for mode in modes:
@@ -467,7 +470,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             progress = os.path.join(args.lkd_checkpoint, mode) if args.lkd_checkpoint else None
             try:
-                new_params, rep = lkd.distill(model, params, rules, calib, cfg, checkpoint_dir=progress)
+                new_params, rep = lkd.distill(model, lkd_params, rules, calib, cfg, checkpoint_dir=progress)
             except lkd.ProgressMismatchError as e:
                 fail(f"--lkd-checkpoint {args.lkd_checkpoint}: {e}")
             lkd_s = time.perf_counter() - t0
