@@ -266,7 +266,9 @@ def main(argv=None) -> dict:
         cfg = lkd.LKDConfig(steps=a.lkd_steps, lr=a.lkd_lr, batch_size=a.lkd_batch, lkd_input=lkd_input,
                             progress=False)
         t = time.perf_counter()
-        new_params, rep = lkd.distill(model, params, quantize.scheme_rules(qargs, "w4/8-a8"), calib, cfg)
+        rules = quantize.scheme_rules(qargs, "w4/8-a8")
+        # as quantize.py: distill the folded params, the model the checkpoint holds
+        new_params, rep = lkd.distill(model, ptq.fold_norm_affines(params, rules)[0], rules, calib, cfg)
         lkd_s = time.perf_counter() - t
         gain = [r["loss_after"] / r["loss_before"] for r in rep if r["loss_before"] > 0]
         run_scheme(label, "w4/8-a8", new_params, qargs, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
