@@ -365,8 +365,9 @@ def scheme_rules(args, name: str) -> list:
     )
 
 
-def quantized_logits(model, qp, backend):
-    return lambda tokens: ptq_infer.apply_quantized(model, qp, tokens, backend=backend)
+def quantized_logits(model, backend):
+    """(qp, tokens) -> logits of the quantized model (qp is passed to evaluate.perplexity as an argument)."""
+    return lambda qp, tokens: ptq_infer.apply_quantized(model, qp, tokens, backend=backend)
 
 
 def table_row(name: str, res: dict, size: int, **extra) -> dict:
@@ -427,7 +428,7 @@ def main(argv=None) -> dict:
     fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
     rows = []
 
-    fp_res = evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches)
+    fp_res = evaluate.perplexity(lambda p, t: model.apply({"params": p}, t), batches, params)
     rows.append(table_row("FP32", fp_res, fp_bytes))
 
     def run_scheme(name: str, label: str, p=None, **extra):
@@ -438,7 +439,7 @@ def main(argv=None) -> dict:
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         qp = qcheckpoint.as_stored(qp, args.float_dtype)
         qs = time.perf_counter() - t0
-        res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
+        res = evaluate.perplexity(quantized_logits(model, args.backend), batches, qp)
         size = ptq.bits_report(qp, args.float_dtype)["total_bytes"]
         rows.append(table_row(label, res, size, quant_s=round(qs, 3), **extra))
         return qp, res
@@ -508,7 +509,7 @@ def main(argv=None) -> dict:
     )
     save_s = time.perf_counter() - t0
     qp2, _ = qcheckpoint.load_quantized(args.out)
-    res2 = evaluate.perplexity(quantized_logits(model, qp2, args.backend), batches)
+    res2 = evaluate.perplexity(quantized_logits(model, args.backend), batches, qp2)
     disk = qcheckpoint.disk_bytes(args.out)
     rows.append(table_row(f"reloaded from {args.out}", res2, disk, save_s=round(save_s, 3)))
 
@@ -546,7 +547,7 @@ def continuation(args, model, weights, quantized: bool, prompt: list[int], seq_l
     n = args.max_new_tokens
     if not prompt or n < 1 or len(prompt) + n - 1 > seq_len:  # (evaluate.generate reports an empty prompt)
         if quantized:
-            fn = quantized_logits(model, weights, args.backend)
+            fn = lambda tokens: quantized_logits(model, args.backend)(weights, tokens)
         else:
             fn = lambda t: model.apply({"params": weights}, t)
         return evaluate.generate(fn, prompt, max_new_tokens=n, window=seq_len, top_k=args.top_k)
@@ -616,10 +617,10 @@ def eval_main(args) -> dict:
         fp_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
         rows.append(
             table_row(
-                "FP32", evaluate.perplexity(lambda t: model.apply({"params": params}, t), batches), fp_bytes
+                "FP32", evaluate.perplexity(lambda p, t: model.apply({"params": p}, t), batches, params), fp_bytes
             )
         )
-    res = evaluate.perplexity(quantized_logits(model, qp, args.backend), batches)
+    res = evaluate.perplexity(quantized_logits(model, args.backend), batches, qp)
     rows.append(
         table_row(
             f"{extra.get('scheme', '?')} from {args.eval_dir}", res, qcheckpoint.disk_bytes(args.eval_dir)
