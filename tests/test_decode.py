@@ -326,7 +326,8 @@ def test_quantize_cli_cached_continuation_matches_window_rerun():
     qp = ptq.quantize_params(_params("gpt"), ptq.scheme("w8a8"))
     args = argparse.Namespace(max_new_tokens=5, top_k=1, backend=None)
     prompt = [int(t) for t in _tokens((4,), seed=8)]
-    old = evaluate.generate(lambda t: quantize.quantized_logits(model, None)(qp, t), prompt, max_new_tokens=5, window=16)
+    logits = quantize.quantized_logits(model, None)
+    old = evaluate.generate(lambda t: logits(qp, t), prompt, max_new_tokens=5, window=16)
     assert quantize.continuation(args, model, qp, True, prompt, seq_len=16) == old
 
 
