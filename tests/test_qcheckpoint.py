@@ -88,6 +88,16 @@ def test_orbax_alone_restores_codes_and_manifest(tmp_path, quantized):
     assert got["manifest"]["weights"][path]["spec"]["bits"] == 4
 
 
+def test_relative_paths_save_and_load(quantized, tmp_path, monkeypatch):
+    """quantize.py --out runs/x passes a relative path; Orbax itself takes absolute ones only."""
+    _, qp, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    qcheckpoint.save_quantized("runs/q", qp)
+    back, _ = qcheckpoint.load_quantized("runs/q")
+    path = next(iter(qp.weights))
+    np.testing.assert_array_equal(back.weights[path].values, qp.weights[path].values)
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_size_on_disk_is_the_bits(tmp_path, quantized, compress):
     _, qp, _ = quantized

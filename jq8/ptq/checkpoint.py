@@ -126,7 +126,7 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
     On any error the temporary directory is removed and ``directory`` is left as it was. An existing
     ``directory`` is replaced only with ``overwrite=True`` (else FileExistsError, before anything is written).
     """
-    out = Path(directory)
+    out = Path(directory).absolute()  # Orbax takes absolute paths only
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (quantize.py: --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def _check_version(d: Path, manifest: Mapping[str, Any], layout_version: int) ->
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of a quantized checkpoint (format 3 or 4); clear errors for anything that is not one."""
-    d = Path(directory)
+    d = Path(directory).absolute()
     if not d.is_dir():
         raise FileNotFoundError(f"no quantized checkpoint directory at {d}")
     if (d / MANIFEST).is_file() and (d / ARRAYS).is_dir():
@@ -373,7 +373,7 @@ def load_quantized(
     Neither: every array on the first local device.
     Codes keep their stored dtypes (int8, or uint8 holding two INT4 codes); float params come back float32.
     """
-    d = Path(directory)
+    d = Path(directory).absolute()  # Orbax takes absolute paths only
     manifest = read_manifest(d)
     where = _sharding_fn(mesh, shardings)
     if manifest["format_version"] == _NPZ_VERSION:

@@ -456,7 +456,7 @@ def distill(
     fingerprint = ""
     if checkpoint_dir is not None:
         fingerprint = run_fingerprint(fp_params, rules, calib_chunks, config, [b.path for b in blocks], apply_kwargs)
-        resumed = _restore_progress(Path(checkpoint_dir), blocks, fp_params, fingerprint)
+        resumed = _restore_progress(Path(checkpoint_dir).absolute(), blocks, fp_params, fingerprint)
     report: list[dict] = []
     q_stream: list | None = None  # the quantized model's input to the current block
     bar = None
@@ -534,7 +534,7 @@ def distill(
         )
         report.append(row)
         if checkpoint_dir is not None:
-            _save_progress(Path(checkpoint_dir), bi, blk.path, p, row, key, fingerprint)
+            _save_progress(Path(checkpoint_dir).absolute(), bi, blk.path, p, row, key, fingerprint)
         msg = f"{blk.path}: {objective} {before:.4g} -> {row['loss_after']:.4g}"
         if bar is not None:
             bar.set_postfix_str(msg)
