@@ -20,17 +20,16 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jq8.quant import QArray, QuantSpec, dequantize
+from jq8.quant import QArray, QuantSpec
 from pallas_kernels import int8_matmul_block_mgpu as block_mgpu
 from pallas_kernels import int8_matmul_decode as dec
 from pallas_kernels import int8_matmul_mgpu as mgpu
 from pallas_kernels._common import TileConfig, is_pow2, resolve_interpret
-from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled
+from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled, int8_matmul_block_scaled_reference
 from pallas_kernels.int8_matmul_decode import DECODE_MAX_M, int8_matmul_decode, quantize_matmul_decode
 from pallas_kernels.int8_matmul_triton import (
     Activation,
     check_operands,
-    epilogue_reference,
     int8_matmul_triton,
 )
 
@@ -237,14 +236,14 @@ def _mosaic_blocks(a: QArray, b: QArray, ta: tuple[int, int], tb: tuple[int, int
 def matmul_qarrays_reference(
     a: QArray, b: QArray, *, split_cols: int | None = None, config=None, interpret=None, **epilogue
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
-    """Plain-XLA definition of :func:`matmul_qarrays`: both operands dequantized to fp32, one fp32 GEMM
-    (``Precision.HIGHEST``), then :func:`epilogue_reference` (requantized from the fp32 value)."""
+    """Plain-XLA definition of :func:`matmul_qarrays`: :func:`int8_matmul_block_scaled_reference` (both
+    operands dequantized in fp32, one HIGHEST-precision GEMM, the epilogue) at the operands' own tiles."""
     del config, interpret
-    y = jnp.dot(dequantize(a, jnp.float32), dequantize(b, jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-    epilogue.setdefault("out_dtype", jnp.bfloat16)
-    for name in ("bias", "activation", "residual", "out_spec"):
-        epilogue.setdefault(name, None)
-    out = epilogue_reference(y, **epilogue)
+    (m, k), (n, _) = a.shape_2d, b.shape_2d
+    out = int8_matmul_block_scaled_reference(
+        a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=a.spec.resolve(m, k),
+        b_tile=b.spec.resolve(n, k), **epilogue,
+    )  # fmt: skip
     return out if split_cols is None else tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
 
 
