@@ -41,7 +41,7 @@ from jq8 import cli, data
 from jq8.cli import UsageError
 from jq8.ptq import checkpoint as qcheckpoint
 from jq8.training import checkpoint, metrics, sharding
-from jq8.training.policy import Policy, parse_policy
+from jq8.training.policy import ROLES, Policy, parse_policy
 from models.gpt import lm_loss
 from models.presets import build_model
 
@@ -235,11 +235,18 @@ def check_int8_dims(model_cfg, policy: Policy, given: str) -> None:
     if not policy.int8 or policy.granularity != "block":
         return
     kernels = policy.backend == "pallas"
-    block = max(policy.block)
-    spec = lambda b: f"--policy={policy.name}:block={b}"
-    if kernels and min(policy.block) < MIN_KERNEL_BLOCK:
+    block = max(b for tile in policy.tiles for b in tile)
+
+    def spec(b: int) -> str:  # every tile scaled to b along its blocked axes (1 x 128 -> 1 x b)
+        fields = [f"block={b}"] + [
+            f"{r}_block={'x'.join(str(b if d > 1 else 1) for d in getattr(policy, f'{r}_block'))}"
+            for r in ROLES if getattr(policy, f"{r}_block") is not None
+        ]  # fmt: skip
+        return f"--policy={policy.name}:{','.join(fields)}"
+
+    if kernels and min(tile[1] for tile in policy.tiles) < MIN_KERNEL_BLOCK:
         raise UsageError(
-            f"--policy={given}: the INT8 GPU kernels need blocks of at least {MIN_KERNEL_BLOCK}; use "
+            f"--policy={given}: the INT8 GPU kernels need blocks at least {MIN_KERNEL_BLOCK} wide along K; use "
             f"{spec(MIN_KERNEL_BLOCK)} (or --backend=xla to run the jnp references)"
         )
     widths = {"model.d_model": model_cfg.d_model, "model.mlp_hidden": model_cfg.hidden}
@@ -528,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         undo_start()
         raise
     if is_main:
-        print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {policy.name}, {mesh.size} device(s) "
+        print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {cfg.policy}, {mesh.size} device(s) "
               f"({cfg.sharding}), vocab {model_cfg.vocab_size}, {ds}")
 
     # ---------------------------------------------------------------- step functions

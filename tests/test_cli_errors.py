@@ -54,6 +54,10 @@ def refused(capsys, argv: list[str], *needles: str) -> str:
         (["--policy=jetfire-int8", "--model.d_model=48"], ["--model.d_model=48", "--policy=jetfire-int8:block=16"]),
         # ... and on the kernels, whose blocks are >= 32, a d_model that is a multiple of the block.
         (["--policy=jetfire-int8", "--model.d_model=48", "--backend=pallas"], ["--model.d_model=64"]),
+        # Per-role tiles: the hint scales every tile, keeping per-token (1 x G) tiles per token.
+        (["--policy=jetfire-int8-g128", "--model.d_model=64", "--backend=pallas"],
+         ["block 128", "--policy=jetfire-int8:block=64,act_block=1x64,grad_block=1x64"]),
+        (["--policy=jetfire-int8:act_block=1x16", "--backend=pallas"], ["wide along K", "act_block=1x32"]),
         (["--seq_len=2000"], ["--seq_len=2000", "--model.max_seq_len=64", "--seq_len=64"]),
         (["--num_devices=64"], ["--num_devices=64", "--num_devices=1"]),
         (["--log_every=0"], ["--log_every=0", ">= 1"]),

@@ -18,7 +18,7 @@ from jq8.training.jetfire import (
     mlp_reference,
     norm_linear_reference,
 )
-from jq8.training.policy import Policy
+from jq8.training.policy import Policy, parse_policy
 
 INT8 = Policy.from_name("jetfire-int8", backend="xla", compute_dtype=jnp.float32)
 F32 = Policy.from_name("bf16", compute_dtype=jnp.float32)
@@ -103,23 +103,27 @@ def test_linear_without_bias_and_bf16_compute():
     assert dx.dtype == x.dtype and rel(dx, dxr) < 5e-2 and rel(dw, dwr) < 5e-2
 
 
+# Per-token tiles (1 x 32) for activations and gradients with 32 x 32 weight blocks: the Hopper policy's
+# shape (jetfire-int8-g128) at widths a CPU test can afford.
+ROLE_TILES = "jetfire-int8:block=32,act_block=1x32,grad_block=1x32"
+
+
 @pytest.mark.parametrize(
-    "activation,rms,granularity",
-    [("gelu", False, "block"), ("swiglu", True, "block"), ("gelu", False, "row")],
+    "activation,rms,spec",
+    [("gelu", False, "jetfire-int8"), ("swiglu", True, "jetfire-int8"), ("gelu", False, "int8-row"),
+     ("gelu", False, ROLE_TILES), ("swiglu", True, ROLE_TILES)],
 )
-def test_mlp_grads_match_fp32_reference(activation, rms, granularity):
+def test_mlp_grads_match_fp32_reference(activation, rms, spec):
     d, f = 64, 128
     x, p = rand(4, (M, d)), mlp_params(d, f, activation, rms)
     key = jax.random.PRNGKey(3)
-    pol = Policy.from_name(
-        "jetfire-int8", backend="xla", compute_dtype=jnp.float32, granularity=granularity
-    )
+    pol = parse_policy(spec, backend="xla", compute_dtype=jnp.float32)
     check_grads(
         lambda x, p: jetfire_mlp(x, p, key, pol, activation=activation, rms=rms),
         lambda x, p: mlp_reference(x, p, activation=activation, rms=rms),
         (x, p),
         5e-2,
-        f"mlp[{activation}, rms={rms}, {granularity}]",
+        f"mlp[{activation}, rms={rms}, {spec}]",
     )
 
 
@@ -381,13 +385,12 @@ def test_dimension_not_multiple_of_block_raises():
         )
 
 
-@pytest.mark.parametrize("granularity,hidden", [("block", 64), ("row", 64), ("row", 192)])
-def test_kernel_path_matches_reference_path(granularity, hidden):
+@pytest.mark.parametrize(
+    "spec,hidden", [("jetfire-int8", 64), ("int8-row", 64), ("int8-row", 192), (ROLE_TILES, 64)]
+)
+def test_kernel_path_matches_reference_path(spec, hidden):
     """backend="pallas" (Pallas, interpret mode on CPU) against backend="xla" on one small MLP."""
-    pk, pr = (
-        Policy.from_name("jetfire-int8", backend=k, compute_dtype=jnp.float32, granularity=granularity)
-        for k in ("pallas", "xla")
-    )
+    pk, pr = (parse_policy(spec, backend=k, compute_dtype=jnp.float32) for k in ("pallas", "xla"))
     # tokens > 64: int8_matmul fails for K < block_k. hidden 192: fc1's (1, 128) row groups are ragged (row).
     x, p = rand(4, (72, 64)), mlp_params(64, hidden)
     key = jax.random.PRNGKey(5)

@@ -262,3 +262,28 @@ def test_int8_dot_general_in_flax_dense():
     ((_, yp), gp), ((_, yq), gq) = f(plain)(v["params"]), f(q)(v["params"])
     assert 1e-3 < rel(yq, yp) < 3e-2  # quantized, and close
     assert rel(gq["kernel"], gp["kernel"]) < 5e-2 and rel(gq["bias"], gp["bias"]) < 5e-2
+
+
+def test_role_tiles_and_their_transposed_copies():
+    from jq8.training.policy import parse_policy
+
+    paper, hopper = parse_policy("jetfire-int8"), parse_policy("jetfire-int8-g128")
+    for role in ("act", "weight", "grad"):  # square 32 x 32 everywhere: one set of scales for both layouts
+        assert paper.role_spec(role).tile == paper.role_spec_t(role).tile == (32, 32)
+    # per-token tiles: the transposed copy is quantized again in (1 x 128) tiles (K groups along tokens)
+    assert hopper.act_spec.tile == hopper.act_spec_t.tile == hopper.grad_spec_t.tile == (1, 128)
+    assert hopper.weight_spec.tile == hopper.weight_spec_t.tile == (128, 128)
+    assert parse_policy("jetfire-int8:block=32x128").weight_spec_t.tile == (128, 32)  # mirrored, same scales
+    assert hopper.tiles == ((1, 128), (128, 128)) and hopper.storage_spec.tile == (1, 128)
+    custom = parse_policy("jetfire-int8:act_block=1x64,weight_block=64,grad_block=32", backend="xla")
+    assert (custom.tile("act"), custom.tile("weight"), custom.tile("grad")) == ((1, 64), (64, 64), (32, 32))
+    with pytest.raises(ValueError, match="act_block must be two powers of two"):
+        parse_policy("jetfire-int8:act_block=1x96")
+    with pytest.raises(ValueError, match="grad_block must be N or RxC"):
+        parse_policy("jetfire-int8:grad_block=wide")
+    with pytest.raises(ValueError, match="role must be one of"):
+        hopper.tile("bias")
+    with pytest.raises(ValueError, match="block_gemm must be 'triton' or 'mosaic'"):
+        parse_policy("jetfire-int8:block_gemm=cuda")
+    with pytest.raises(ValueError, match=r"model_dim=576 is not a multiple of the INT8 block size 128"):
+        hopper.check_dims(model_dim=576)  # SmolLM2's width: 128 x 128 blocks do not tile it

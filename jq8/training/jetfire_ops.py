@@ -54,12 +54,12 @@ def activation_operands(y: jax.Array, policy: Policy) -> tuple[Operand, Operand]
     """
     cd, k = policy.compute_dtype, policy.backend
     if policy.int8_forward and policy.int8_grad_weight:
-        return kb.quantize_tiles(y, policy.spec, transposed_spec=policy.spec_t, backend=k)
+        return kb.quantize_tiles(y, policy.act_spec, transposed_spec=policy.act_spec_t, backend=k)
     if policy.int8_forward:
-        q = kb.quantize_tiles(y, policy.spec, backend=k)
+        q = kb.quantize_tiles(y, policy.act_spec, backend=k)
         return q, q
     if policy.int8_grad_weight:
-        return y.astype(cd), kb.quantize_tiles(y.T, policy.spec_t, backend=k)
+        return y.astype(cd), kb.quantize_tiles(y.T, policy.act_spec_t, backend=k)
     return y.astype(cd), y.astype(cd)
 
 
@@ -73,12 +73,12 @@ def grad_operands(g: jax.Array, policy: Policy, seed: jax.Array, *, column_sum: 
     cd, k, r = policy.compute_dtype, policy.backend, policy.rounding_bwd
     seed = seed if r == "stochastic" else None
     if policy.int8_grad_input and policy.int8_grad_weight:  # g may be column parts: quantized in place
-        return kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, transposed_spec=policy.spec_t,
+        return kb.quantize_tiles(g, policy.grad_spec, rounding=r, seed=seed, transposed_spec=policy.grad_spec_t,
                                  column_sum=column_sum, backend=k)
     g = jnp.concatenate(g, axis=1) if isinstance(g, tuple) else g
-    g_dx = kb.quantize_tiles(g, policy.spec, rounding=r, seed=seed, backend=k) if policy.int8_grad_input \
+    g_dx = kb.quantize_tiles(g, policy.grad_spec, rounding=r, seed=seed, backend=k) if policy.int8_grad_input \
         else g.astype(cd)
-    g_dw = kb.quantize_tiles(g.T, policy.spec_t, rounding=r, seed=seed, backend=k) \
+    g_dw = kb.quantize_tiles(g.T, policy.grad_spec_t, rounding=r, seed=seed, backend=k) \
         if policy.int8_grad_weight else g.astype(cd)
     return (g_dx, g_dw, jnp.sum(g.astype(F32), axis=0)) if column_sum else (g_dx, g_dw)
 
@@ -88,7 +88,8 @@ def weight_operands(w: jax.Array, policy: Policy) -> tuple[Operand, Operand]:
     grad-input operand: QArray (K, N) or the fp32 master). Re-quantized every step, round-to-nearest."""
     if not (policy.int8_forward or policy.int8_grad_input):
         return w.astype(policy.compute_dtype), w
-    qw, qwt = kb.quantize_tiles(w, policy.spec, transposed_spec=policy.spec_t, backend=policy.backend)
+    qw, qwt = kb.quantize_tiles(w, policy.weight_spec, transposed_spec=policy.weight_spec_t,
+                                backend=policy.backend)
     w_fwd = qwt if policy.int8_forward else w.astype(policy.compute_dtype)
     return w_fwd, (qw if policy.int8_grad_input else w)
 
@@ -110,7 +111,8 @@ def linear_fwd(
     if isinstance(x_fwd, QArray):
         extra = {} if residual is None else {"residual": residual}
         return kb.matmul_qarrays(x_fwd, w_fwd, bias=bias, out_dtype=out_dtype, out_spec=out_spec,
-                                 split_cols=split_cols, backend=policy.backend, **extra)
+                                 split_cols=split_cols, backend=policy.backend, block_gemm=policy.block_gemm,
+                                 **extra)
     y = _dot(x_fwd, w_fwd, (1, 0), policy.compute_dtype)
     if bias is not None:
         y = y + bias.astype(F32)
@@ -137,14 +139,15 @@ def linear_bwd(
 def grad_input(g_dx: Operand, w_dx: Operand, policy: Policy, out_dtype=F32) -> jax.Array:
     """dX = dY W^T: (M, N) x (K, N) -> (M, K) ``out_dtype`` (fp32 accumulation)."""
     if policy.int8_grad_input:
-        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=out_dtype, backend=policy.backend)
+        return kb.matmul_qarrays(g_dx, w_dx, out_dtype=out_dtype, backend=policy.backend,
+                                 block_gemm=policy.block_gemm)
     return _dot(g_dx, w_dx, (1, 1), policy.compute_dtype).astype(out_dtype)
 
 
 def grad_weight(x_dw: Operand, g_dw: Operand, policy: Policy) -> jax.Array:
     """dW = X^T dY -> (K, N) f32. INT8: X^T (K, M) x dY^T (N, M); else X (M, K), dY (M, N)."""
     if policy.int8_grad_weight:
-        return kb.matmul_qarrays(x_dw, g_dw, out_dtype=F32, backend=policy.backend)
+        return kb.matmul_qarrays(x_dw, g_dw, out_dtype=F32, backend=policy.backend, block_gemm=policy.block_gemm)
     return _dot(x_dw, g_dw, (0, 0), policy.compute_dtype)
 
 
@@ -172,8 +175,8 @@ def layer_norm_fwd(x: jax.Array, gamma, beta, policy: Policy, *, eps: float, rms
     residuals = (x_saved: QArray (M, D) or float (M, D), mean (M,), rstd (M,)).
     """
     if policy.int8_forward:
-        t_spec = policy.spec_t if policy.int8_grad_weight else None
-        h_fwd, *outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.spec,
+        t_spec = policy.act_spec_t if policy.int8_grad_weight else None
+        h_fwd, *outs = kb.layer_norm_quantize(x, gamma, beta, eps=eps, rms=rms, spec=policy.act_spec,
                                               transposed_spec=t_spec, input_spec=policy.storage_spec,
                                               backend=policy.backend)
         h_dw = outs.pop(0) if t_spec is not None else h_fwd
@@ -204,8 +207,8 @@ def gelu_fwd(u: Operand, policy: Policy) -> tuple[Operand, Operand]:
     """GELU (exact erf) of u: (M, F), the fc1 output incl. bias (QArray from the fc1 epilogue, or float)
     -> (a_fwd, a_dw) operands for fc2's forward and grad-weight GEMMs."""
     if isinstance(u, QArray):
-        t_spec = policy.spec_t if policy.int8_grad_weight else None
-        out = kb.bias_gelu_quantize(u, None, spec=policy.spec, activation="gelu", transposed_spec=t_spec,
+        t_spec = policy.act_spec_t if policy.int8_grad_weight else None
+        out = kb.bias_gelu_quantize(u, None, spec=policy.act_spec, activation="gelu", transposed_spec=t_spec,
                                     backend=policy.backend)
         return out if t_spec is not None else (out, out)
     return activation_operands(kb.gelu(_float(u)).astype(policy.compute_dtype), policy)
@@ -219,9 +222,9 @@ def gelu_bwd(da: jax.Array, u: Operand, policy: Policy, seed: jax.Array):
     """
     if policy.int8_grad_input and policy.int8_grad_weight and isinstance(u, QArray):
         r = policy.rounding_bwd
-        return kb.gelu_backward_quantize(da, u, None, spec=policy.spec, rounding=r,
+        return kb.gelu_backward_quantize(da, u, None, spec=policy.grad_spec, rounding=r,
                                          seed=seed if r == "stochastic" else None,
-                                         transposed_spec=policy.spec_t, column_sum=True,
+                                         transposed_spec=policy.grad_spec_t, column_sum=True,
                                          backend=policy.backend)
     du = da.astype(F32) * kb.gelu_grad(_float(u))
     g_dx, g_dw = grad_operands(du.astype(policy.compute_dtype), policy, seed)

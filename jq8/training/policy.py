@@ -7,6 +7,9 @@ argument of ``jax.jit`` / ``jax.custom_vjp``. Named policies (:data:`NAMED_POLIC
     "bf16"          plain bf16-compute layers with fp32 parameters (the baseline)
     "jetfire-int8"  Jetfire INT8 training: block-quantized (32 x 32) activations, weights and gradients;
                     INT8 between LayerNorm -> fc1 -> GELU -> fc2 and into the attention projections
+    "jetfire-int8-g128"  the same data flow in the tiles Hopper's int8 wgmma favours (DeepSeek-style): 1 x 128
+                    activation and gradient tiles (per token, per 128 features), 128 x 128 weight blocks;
+                    one scale change every 128 along K instead of every 32
     "int8-row"      the same INT8 data flow with per-row scales along K on every GEMM operand (per token,
                     per output channel): all scaling in the GEMM epilogue, the fast path on Hopper
 
@@ -37,8 +40,11 @@ POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
 NAMED_POLICIES: dict[str, dict[str, Any]] = {
     "bf16": dict(name="bf16"),
     "jetfire-int8": dict(name="jetfire-int8", granularity="block", block=(32, 32)),
+    "jetfire-int8-g128": dict(name="jetfire-int8", granularity="block", block=(128, 128), act_block=(1, 128),
+                              grad_block=(1, 128)),
     "int8-row": dict(name="jetfire-int8", granularity="row"),
 }
+ROLES: tuple[str, ...] = ("act", "weight", "grad")
 
 # What stays in high precision under every policy, and why (Jetfire's split, kept explicit here).
 HIGH_PRECISION_ISLANDS: tuple[tuple[str, str], ...] = (
@@ -66,7 +72,14 @@ class Policy:
     """Numerics of the transformer-block GEMMs.
 
     name: "bf16" or "jetfire-int8". Under "bf16" the int8 flags are set to False.
-    block: (rows, cols) tile of the Jetfire block quantization (powers of two; 32 x 32 in the paper).
+    block: (rows, cols) tile of the Jetfire block quantization (powers of two; 32 x 32 in the paper), the
+      tile of every operand role not given its own below.
+    act_block / weight_block / grad_block: the tile of one operand role, or None for ``block``: activations
+      (LayerNorm / GELU / SwiGLU outputs, (tokens, features)), weights ((in, out) masters) and gradients
+      ((tokens, features)). cols run along the forward GEMM's K for activations. A tile of at least 32
+      rows serves both GEMM layouts with one set of scales (the transposed copy reuses them); a thinner tile
+      (1 x 128, per token) has its transposed copy quantized again in the same pass with the same tile shape,
+      since the grad-weight GEMM contracts over tokens and its K groups must be >= 32 wide.
     rounding_bwd: rounding of backward (gradient) quantization: "stochastic" (unbiased) or "nearest".
       Forward quantization is always round-to-nearest.
     int8_forward / int8_grad_input / int8_grad_weight: per-GEMM switches (the forward GEMM Y = X W, the
@@ -75,6 +88,9 @@ class Policy:
     compute_dtype: dtype of the high-precision GEMMs and of block outputs' intermediate values.
     backend: "pallas" runs the INT8 ops on the Pallas kernels (interpret mode on CPU); "xla" runs their
       pure-jnp references through XLA (fast on CPU, for tests; the same name PTQ inference takes).
+    block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "triton"
+      (every GPU), or "mosaic", the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``), where the
+      shapes tile and no requantizing epilogue is asked for (else Triton).
     granularity: scales of the GEMM operands. "block" (Jetfire): ``block`` tiles, one quantized tensor
       serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
@@ -85,28 +101,38 @@ class Policy:
 
     name: PolicyName = "bf16"
     block: tuple[int, int] = (32, 32)
+    act_block: tuple[int, int] | None = None
+    weight_block: tuple[int, int] | None = None
+    grad_block: tuple[int, int] | None = None
     rounding_bwd: Literal["stochastic", "nearest"] = "stochastic"
     int8_forward: bool = True
     int8_grad_input: bool = True
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
     backend: Literal["pallas", "xla"] = "pallas"
+    block_gemm: Literal["triton", "mosaic"] = "triton"
     granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
             raise ValueError(f"unknown policy name {self.name!r}; expected one of {POLICY_NAMES}")
-        block = tuple(int(b) for b in self.block)
-        if len(block) != 2 or not all(_is_pow2(b) for b in block):
-            raise ValueError(
-                f"block must be two powers of two (the kernels' tile sizes), got {self.block}; "
-                "Jetfire uses (32, 32)"
-            )
-        object.__setattr__(self, "block", block)
+        for field in ("block", *(f"{r}_block" for r in ROLES)):
+            value = getattr(self, field)
+            if value is None and field != "block":
+                continue
+            tile = tuple(int(b) for b in value) if isinstance(value, (tuple, list)) else ()
+            if len(tile) != 2 or not all(_is_pow2(b) for b in tile):
+                raise ValueError(
+                    f"{field} must be two powers of two (the kernels' tile sizes), got {value}; "
+                    "Jetfire uses (32, 32)"
+                )
+            object.__setattr__(self, field, tile)
         if self.granularity not in ("block", "row"):
             raise ValueError(f"granularity must be 'block' or 'row', got {self.granularity!r}")
         if self.backend not in ("pallas", "xla"):
             raise ValueError(f"backend must be 'pallas' or 'xla', got {self.backend!r}")
+        if self.block_gemm not in ("triton", "mosaic"):
+            raise ValueError(f"block_gemm must be 'triton' or 'mosaic', got {self.block_gemm!r}")
         if self.rounding_bwd not in ("stochastic", "nearest"):
             raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
         dt = jnp.dtype(self.compute_dtype)
@@ -135,27 +161,66 @@ class Policy:
             self.int8_forward or self.int8_grad_input or self.int8_grad_weight
         )
 
-    @property
-    def spec(self) -> QuantSpec:
-        """Spec of a GEMM operand in its (rows, K) layout (activations, weights, gradients)."""
-        return QuantSpec.per_row() if self.granularity == "row" else QuantSpec.blocks(self.block)
+    def tile(self, role: str) -> tuple[int, int]:
+        """The block tile of an operand role ("act", "weight" or "grad"; see the class docstring)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return getattr(self, f"{role}_block") or self.block
 
     @property
-    def spec_t(self) -> QuantSpec:
-        """Spec of the transposed (N, M) copy; equals ``spec`` for square blocks and for rows."""
-        return QuantSpec.per_row() if self.granularity == "row" else QuantSpec.blocks(self.block[::-1])
+    def tiles(self) -> tuple[tuple[int, int], ...]:
+        """The distinct tiles of the three roles."""
+        return tuple(dict.fromkeys(self.tile(r) for r in ROLES))
+
+    def role_spec(self, role: str) -> QuantSpec:
+        """Spec of a role's operand in its stored layout: activations and gradients (tokens, features),
+        weights (in, out). Per row along the features under "row"."""
+        return QuantSpec.per_row() if self.granularity == "row" else QuantSpec.blocks(self.tile(role))
+
+    def role_spec_t(self, role: str) -> QuantSpec:
+        """Spec of the transposed copy: the mirrored tile (same scales) when the tile has >= 32 rows,
+        else the same tile shape again on the transposed tensor (requantized); per row under "row"."""
+        if self.granularity == "row":
+            return QuantSpec.per_row()
+        r, c = self.tile(role)
+        return QuantSpec.blocks((c, r) if r >= 32 else (r, c))
+
+    @property
+    def act_spec(self) -> QuantSpec:
+        return self.role_spec("act")
+
+    @property
+    def act_spec_t(self) -> QuantSpec:
+        return self.role_spec_t("act")
+
+    @property
+    def weight_spec(self) -> QuantSpec:
+        return self.role_spec("weight")
+
+    @property
+    def weight_spec_t(self) -> QuantSpec:
+        return self.role_spec_t("weight")
+
+    @property
+    def grad_spec(self) -> QuantSpec:
+        return self.role_spec("grad")
+
+    @property
+    def grad_spec_t(self) -> QuantSpec:
+        return self.role_spec_t("grad")
 
     @property
     def storage_spec(self) -> QuantSpec:
-        """Spec of tensors saved for the backward but not fed to a GEMM (always ``block`` tiles)."""
-        return QuantSpec.blocks(self.block)
+        """Spec of tensors saved for the backward but not fed to a GEMM (the LayerNorm input): the
+        activation tile (``block`` under "row")."""
+        return QuantSpec.blocks(self.block if self.granularity == "row" else self.tile("act"))
 
     @property
     def epilogue_spec(self) -> QuantSpec:
         """Spec of a GEMM output requantized in its epilogue and kept for the backward (fc1's output, the
-        GELU input): ``block`` tiles, or under "row" groups of 128 columns per row, the tiles the Hopper GEMM
-        requantizes to (one scale per row of each 128-column warpgroup tile)."""
-        return QuantSpec((1, 128)) if self.granularity == "row" else QuantSpec.blocks(self.block)
+        GELU input): the activation tile, or under "row" groups of 128 columns per row, the tiles the Hopper
+        GEMM requantizes to (one scale per row of each 128-column warpgroup tile)."""
+        return QuantSpec((1, 128)) if self.granularity == "row" else QuantSpec.blocks(self.tile("act"))
 
     def check_dims(self, **dims: int) -> None:
         """Raises if an INT8 policy meets a contraction/feature dimension that is not a block multiple.
@@ -165,8 +230,9 @@ class Policy:
         """
         if not self.int8 or self.granularity == "row":
             return
+        sizes = sorted({b for t in self.tiles for b in t if b > 1}, reverse=True)
         for label, n in dims.items():
-            for b in set(self.block):
+            for b in sizes:
                 if n % b:
                     works = [c for c in (128, 64, 32) if n % c == 0]
                     hint = (
@@ -177,7 +243,7 @@ class Policy:
                         "--policy=int8-row (per-row scales, no block constraint)"
                     )
                     raise ValueError(
-                        f"{label}={n} is not a multiple of the INT8 block size {b} (policy block {self.block}); "
+                        f"{label}={n} is not a multiple of the INT8 block size {b} (policy tiles {self.tiles}); "
                         + hint
                     )
 
@@ -194,10 +260,11 @@ def parse_policy(spec: str, **overrides) -> Policy:
             raise ValueError(f"policy spec {spec!r}: {item!r} is not field=value (e.g. jetfire-int8:block=64)")
         key = key.strip()
         value = value.strip()
-        if key == "block":
+        if key == "block" or key in (f"{r}_block" for r in ROLES):
             dims = value.lower().split("x")
             if not all(d.isdigit() for d in dims) or len(dims) > 2:
-                raise ValueError(f"policy spec {spec!r}: block must be N or RxC (e.g. block=64), got {value!r}")
+                raise ValueError(f"policy spec {spec!r}: {key} must be N or RxC (e.g. {key}=64 or 1x128), "
+                                 f"got {value!r}")
             fields[key] = (int(dims[0]), int(dims[-1]))
         elif key.startswith("int8_"):
             if value.lower() not in ("true", "false"):
