@@ -76,9 +76,9 @@ def max_grad_err(grads, want) -> tuple[float, str]:
 
 
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
-             block: tuple[int, int], check_reference: bool, attention: str = "auto"):
+             block: tuple[int, int] | None, check_reference: bool, attention: str = "auto"):
     policy = parse_policy(policy_name, backend="pallas" if use_kernels else "xla")
-    if policy.granularity == "block" and "block=" not in policy_name:
+    if block is not None and policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=block)
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
@@ -120,7 +120,7 @@ def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, it
         jax.block_until_ready(outs)
         rounds.append((time.perf_counter() - t) * 1e3 / len(keys))
         del outs
-    row = dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, block=block[0],
+    row = dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, tiles=[list(t) for t in policy.tiles],
                attention=attention, median_ms=statistics.median(times), min_ms=min(times),
                back_to_back_ms=statistics.median(rounds),
                compile_s=compile_s,
@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                     help="policy spec strings (jq8.training.policy.parse_policy), e.g. bf16 jetfire-int8 int8-row "
                     "jetfire-int8:block=64 'jetfire-int8:int8_grad_input=false,int8_grad_weight=false'")
-    ap.add_argument("--block", type=int, default=32, help="square INT8 block size (Jetfire: 32)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="square INT8 block of block policies that name none (default: each policy's own)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
                     help="attention core (auto: cuDNN flash attention on GPU for bf16)")
@@ -178,7 +179,7 @@ def main() -> None:
             base = None
             for pname in args.policies:
                 (lv, grads), row = run_case(hidden, args.tokens, args.seq, part, pname, args.iters,
-                                            use_kernels, (args.block, args.block),
+                                            use_kernels, args.block and (args.block, args.block),
                                             hidden <= args.check_hidden, args.attention)
                 if base is None:
                     base = (lv, grads, row)

@@ -141,10 +141,10 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 
 
 def profile(
-    hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int, hlo_dir: str = ""
+    hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int | None, hlo_dir: str = ""
 ) -> dict:
     policy = parse_policy(policy_name, backend="pallas" if jax.default_backend() == "gpu" else "xla")
-    if policy.granularity == "block" and "block=" not in policy_name:
+    if block and policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=(block, block))
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--part", default="mlp", choices=["mlp", "block"])
     ap.add_argument("--policies", nargs="+", default=["bf16", "int8-row", "jetfire-int8"],
                     help="policy spec strings (jq8.training.policy.parse_policy)")
-    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--block", type=int, default=None, help="square block of block policies naming none")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: hidden 64, 64 tokens")
