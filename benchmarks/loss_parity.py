@@ -1,13 +1,14 @@
-"""Loss parity: the same training run under two policies (bf16 vs Jetfire INT8), then one plot + summary.
+"""Loss parity: the same training run under several policies (bf16 first, then INT8 ones), one plot + summary.
 
     PYTHONPATH=. python3 benchmarks/loss_parity.py --config configs/gpt2_124m.py --out runs/parity \\
         --steps=1000 --batch_size=16                                   # H100 (see BENCHMARKS.md)
     PYTHONPATH=. python3 benchmarks/loss_parity.py --config configs/tiny.py --out /tmp/parity --steps=20
 
-Everything after the known flags is passed to both ``train.py`` runs as ``--key=value`` overrides; the runs
-differ only by ``--policy``. Each run is its own process so that the GPU's peak-memory counter is per run.
-Writes ``<out>/<policy>/metrics.jsonl``, ``<out>/loss.png``, ``<out>/val_loss.png`` and
-``<out>/parity.json`` (final and best validation loss per policy, relative gap, tokens/s, peak memory), and
+Everything after the known flags is passed to every ``train.py`` run as ``--key=value`` overrides; the runs
+differ only by ``--policy`` (``--policies``: the baseline first; each other run is compared with it). Each
+run is its own process so that the GPU's peak-memory counter is per run. Writes ``<out>/<policy>/metrics.jsonl``
+(the policy spec with ``:=,`` as ``_``), ``<out>/loss.png``, ``<out>/val_loss.png`` and ``<out>/parity.json``
+(final and best validation loss per policy, relative gap, tokens/s, peak memory), and
 copies those into ``$OUT`` when it is set.
 """
 
@@ -43,6 +44,11 @@ def _child(config: str, run_dir: str, overrides: list[str], stats_path: str) -> 
                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}, f)
 
 
+def dir_name(policy: str) -> str:
+    """A file-name-safe form of a policy spec ("jetfire-int8:block=64" -> "jetfire-int8_block_64")."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in policy)
+
+
 def summarize(run_dir: str) -> dict:
     rows = metrics.read_metrics(run_dir)
     val = list(zip(*metrics.series(rows, "val_loss")))
@@ -65,18 +71,21 @@ def summarize(run_dir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True, help="parent directory of the two run directories")
-    ap.add_argument("--policies", nargs=2, default=["bf16", "jetfire-int8"])
+    ap.add_argument("--out", required=True, help="parent directory of the run directories")
+    ap.add_argument("--policies", nargs="+", default=["bf16", "jetfire-int8"],
+                    help="policy specs, the baseline first (at least two)")
     ap.add_argument("--child", nargs=2, metavar=("RUN_DIR", "STATS"), help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args()
     if args.child:
         _child(args.config, args.child[0], overrides, args.child[1])
         return
 
-    summary: dict = {"config": args.config, "overrides": overrides, "runs": {}}
+    if len(args.policies) < 2 or len(set(args.policies)) != len(args.policies):
+        ap.error(f"--policies needs at least two distinct policies (the baseline first), got {args.policies}")
+    summary: dict = {"config": args.config, "overrides": overrides, "baseline": args.policies[0], "runs": {}}
     dirs = []
     for policy in args.policies:
-        run_dir = os.path.join(args.out, policy)
+        run_dir = os.path.join(args.out, dir_name(policy))
         if os.path.exists(run_dir):  # a parity run starts from step 0: never resume a stale run
             shutil.rmtree(run_dir)
         dirs.append(run_dir)
@@ -86,34 +95,39 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         summary["runs"][policy] = summarize(run_dir)
 
-    a, b = (summary["runs"][p] for p in args.policies)
-    for key in ("final_val_loss", "best_val_loss", "final_train_loss"):
-        if a[key] is not None and b[key] is not None:
-            summary[f"{key}_rel_gap"] = (b[key] - a[key]) / a[key]
-    if a["tokens_per_s"] and b["tokens_per_s"]:
-        summary["speedup"] = b["tokens_per_s"] / a["tokens_per_s"]
-    if a.get("peak_bytes_in_use") and b.get("peak_bytes_in_use"):
-        summary["peak_memory_ratio"] = a["peak_bytes_in_use"] / b["peak_bytes_in_use"]
-    metrics.plot(dirs, os.path.join(args.out, "loss.png"), metric="loss")
-    metrics.plot(dirs, os.path.join(args.out, "val_loss.png"), metric="val_loss")
+    a = summary["runs"][args.policies[0]]
+    for p in args.policies[1:]:
+        b = summary["runs"][p]
+        for key in ("final_val_loss", "best_val_loss", "final_train_loss"):
+            if a[key] is not None and b[key] is not None:
+                b[f"{key}_rel_gap"] = (b[key] - a[key]) / a[key]
+        if a["tokens_per_s"] and b["tokens_per_s"]:
+            b["speedup"] = b["tokens_per_s"] / a["tokens_per_s"]
+        if a.get("peak_bytes_in_use") and b.get("peak_bytes_in_use"):
+            b["peak_memory_ratio"] = a["peak_bytes_in_use"] / b["peak_bytes_in_use"]
+    metrics.plot(dirs, os.path.join(args.out, "loss.png"), metric="loss", labels=args.policies)
+    metrics.plot(dirs, os.path.join(args.out, "val_loss.png"), metric="val_loss", labels=args.policies)
     with open(os.path.join(args.out, "parity.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    print(f"\n{'policy':14s} {'final val':>10s} {'best val':>10s} {'@step':>6s} {'train':>8s} {'tok/s':>10s} "
-          f"{'peak GiB':>9s}")
+    width = max(14, *(len(p) for p in args.policies))
+    print(f"\n{'policy':{width}s} {'final val':>10s} {'best val':>10s} {'@step':>6s} {'train':>8s} {'tok/s':>10s} "
+          f"{'peak GiB':>9s} {'val gap':>8s} {'speed':>6s} {'mem x':>6s}")
+
+    def fmt(v, spec):  # "-" right-aligned to the spec's width where there is no value
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-".rjust(int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 1))
+        return format(v, spec)
+
     for p in args.policies:
         r = summary["runs"][p]
         peak = r.get("peak_bytes_in_use")
-        def fmt(v, spec):
-            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-        print(f"{p:14s} {fmt(r['final_val_loss'], '10.4f')} {fmt(r['best_val_loss'], '10.4f')} "
+        print(f"{p:{width}s} {fmt(r['final_val_loss'], '10.4f')} {fmt(r['best_val_loss'], '10.4f')} "
               f"{fmt(r['best_val_step'], '6d')} {fmt(r['final_train_loss'], '8.4f')} "
-              f"{fmt(r['tokens_per_s'], '10,.0f')} {fmt(peak and peak / 2**30, '9.2f')}")
-    gaps = {k: f"{v:+.2%}" for k, v in summary.items() if k.endswith("_rel_gap")}
-    print(f"relative gaps ({args.policies[1]} vs {args.policies[0]}): {gaps}; "
-          f"speedup {summary.get('speedup', float('nan')):.2f}x; "
-          f"peak memory ratio {summary.get('peak_memory_ratio', float('nan')):.2f}x")
+              f"{fmt(r['tokens_per_s'], '10,.0f')} {fmt(peak and peak / 2**30, '9.2f')} "
+              f"{fmt(r.get('final_val_loss_rel_gap'), '+8.2%')} {fmt(r.get('speedup'), '6.2f')} "
+              f"{fmt(r.get('peak_memory_ratio'), '6.2f')}")
+    print(f"val gap, speed, mem x: against {args.policies[0]} (final validation loss, tokens/s, peak memory)")
 
     dest = os.environ.get("OUT")
     if dest:
@@ -121,7 +135,7 @@ def main() -> None:
         for name in ("loss.png", "val_loss.png", "parity.json"):
             shutil.copy(os.path.join(args.out, name), os.path.join(dest, name))
         for p, d in zip(args.policies, dirs):
-            shutil.copy(os.path.join(d, metrics.METRICS_FILE), os.path.join(dest, f"metrics_{p}.jsonl"))
+            shutil.copy(os.path.join(d, metrics.METRICS_FILE), os.path.join(dest, f"metrics_{dir_name(p)}.jsonl"))
 
 
 if __name__ == "__main__":
