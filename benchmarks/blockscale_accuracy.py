@@ -31,6 +31,7 @@ SCHEMES = {  # name -> (activation tile of (M, K), weight tile of (N, K))
     "blocks 64x64": ((64, 64), (64, 64)),
     "blocks 128x128": ((128, 128), (128, 128)),
     "1x128 act, 128x128 weight (DeepSeek-V3)": ((1, 128), (128, 128)),
+    "1x64 act, 64x64 weight": ((1, 64), (64, 64)),
     "1x32 act, 32x32 weight": ((1, 32), (32, 32)),
 }
 
