@@ -49,6 +49,16 @@ PROMPTS = (
     "The history of the Roman Empire began",
 )
 TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03}  # relative perplexity increase allowed vs FP
+# Module roles of a LLaMA-family decoder (jq8 names: qkv = q/k/v, out = o, fc1 = up, gate, fc2 = down), by
+# module-path regex; None = the tied head (the embedding table, read by the lookup and by ``attend``).
+ROLES = (
+    ("q/k/v", r"(^|/)qkv$"),
+    ("o", r"(^|/)out$"),
+    ("gate/up", r"(^|/)(fc1|gate)$"),
+    ("down", r"(^|/)fc2$"),
+    ("tied head", None),
+)
+ALL_DENSE = r"(^|/)(qkv|out|fc1|gate|fc2)$"
 
 
 def installed_gguf() -> str | None:
@@ -85,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pallas-smoke", type=int, default=0, metavar="N",
                    help="also run the fused Pallas path (interpret mode off GPU) on the W8A8 and W4/8-A8 "
                    "checkpoints: prompt logits and N KV-cached greedy tokens vs the XLA integer path (0: skip)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="first break W8A8's cost down by module role: per role (q/k/v, o, gate/up, down, tied "
+                   "head), perplexity with only that role's activations INT8 (A8) or only its weights INT8 (W8), "
+                   "the rest float, on the params W8A8 quantizes (norms folded); written to the JSON")
+    p.add_argument("--diagnose-batches", type=int, default=1,
+                   help="evaluation batches of the --diagnose runs (a prefix of the table's)")
+    p.add_argument("--diagnose-only", action="store_true", help="run the FP row and --diagnose, not the table")
     p.add_argument("--workdir", default=None,
                    help="where the compact checkpoints are written (default: a temporary directory, removed)")
     p.add_argument("--json", default=None, help="write the table and settings here")
@@ -161,6 +178,79 @@ def greedy(model, weights, quantized: bool, prompts: list[list[int]], n: int) ->
     return [out[i] for i in range(len(prompts))]
 
 
+def fake_quant_interceptor(pattern: str | None, head: bool, a8: bool, w8: bool):
+    """Interceptor simulating W8A8 on some module roles of the float model, in float arithmetic: the Dense
+    layers whose path matches ``pattern`` (None: none) and, with ``head``, the tied embedding table and head
+    get token-wise INT8 inputs (``a8``: one scale per token, as ZeroQuant's A8) and / or per-output-channel
+    INT8 weights (``w8``: the w8a8 scheme's weights; for the table one scale per row, which quantizes the
+    lookup too). The same codes and scales as the integer path, so only float rounding separates the two."""
+    import flax.linen as nn
+
+    from jq8.quant import fake_quantize
+    from jq8.rules import matches, module_path
+
+    wspec = ptq.QuantRule(ALL_DENSE, 8).weight_spec()
+
+    def act(x):
+        x = x.astype(jnp.float32)
+        return fake_quantize(x.reshape(-1, x.shape[-1]), ptq_infer.TOKEN_SPEC).reshape(x.shape) if a8 else x
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod, method = context.module, context.method_name
+        if head and isinstance(mod, nn.Embed) and method in ("__call__", "attend"):
+            table = mod.variables["params"]["embedding"].astype(jnp.float32)
+            table = fake_quantize(table, ptq.EMBED_SPEC) if w8 else table
+            if method == "__call__":
+                return jnp.take(table, args[0], axis=0)
+            return act(args[0]) @ table.T
+        if pattern is None or method != "__call__" or "kernel" not in mod.variables.get("params", {}):
+            return next_fun(*args, **kwargs)
+        if not matches(pattern, module_path(mod.path)):
+            return next_fun(*args, **kwargs)
+        p = mod.variables["params"]
+        w = p["kernel"].astype(jnp.float32)
+        y = act(args[0]) @ (fake_quantize(w.T, wspec).T if w8 else w)
+        return (y if "bias" not in p else y + p["bias"].astype(jnp.float32)).astype(args[0].dtype)
+
+    return interceptor
+
+
+def diagnose(model, params, batches, fp_ppl: float) -> dict:
+    """W8A8's perplexity cost per module role, one role quantized at a time (A8 alone, W8 alone), plus
+    every role at once (A8, W8, both: the last reproduces the product W8A8 up to float rounding). ``params`` are the
+    ones W8A8 quantizes (norm affines folded); perplexities relative to ``fp_ppl`` on the same batches."""
+    import flax.linen as nn
+    import optax
+
+    def entry(pattern, head, a8, w8):
+        icpt = fake_quant_interceptor(pattern, head, a8, w8)
+
+        @jax.jit
+        def nll(w, inputs, targets):
+            with nn.intercept_methods(icpt):
+                logits = model.apply({"params": w}, inputs)
+            return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).sum()
+
+        t, total, count = time.perf_counter(), 0.0, 0
+        for inputs, targets in batches:
+            total += float(nll(params, jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32)))
+            count += int(np.prod(np.shape(targets)))
+        v = float(np.exp(total / count))
+        return {"ppl": round(v, 4), "vs_fp": round(v / fp_ppl - 1, 5), "seconds": round(time.perf_counter() - t, 1)}
+
+    rows = []
+    for role, pattern in ROLES:
+        head = pattern is None
+        row = {"role": role, "a8": entry(pattern, head, True, False), "w8": entry(pattern, head, False, True)}
+        rows.append(row)
+        print(f"diagnose {role}: A8 alone {100 * row['a8']['vs_fp']:+.2f}%, W8 alone "
+              f"{100 * row['w8']['vs_fp']:+.2f}%", flush=True)
+    every = {k: entry(ALL_DENSE, True, a8, w8) for k, a8, w8 in
+             (("a8", True, False), ("w8", False, True), ("w8a8", True, True))}
+    print("diagnose every role: " + ", ".join(f"{k} {100 * v['vs_fp']:+.2f}%" for k, v in every.items()), flush=True)
+    return {"rows": rows, "every_role": every}
+
+
 def pallas_smoke(model, qp, prompt: list[int], n: int) -> dict:
     """The fused Pallas inference path vs the XLA integer path on one quantized model: the prompt's logits
     (relative RMS difference, argmax agreement) and n KV-cached greedy tokens, each timed with its compile."""
@@ -195,7 +285,7 @@ def main(argv=None) -> dict:
     if not os.path.isfile(gguf):
         fail(f"--gguf {gguf}: no such file")
     for name in ("eval_batches", "batch_size", "seq_len", "calib_samples", "lkd_steps", "lkd_batch",
-                 "max_new_tokens"):
+                 "max_new_tokens", "diagnose_batches"):
         if getattr(a, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
@@ -226,6 +316,7 @@ def main(argv=None) -> dict:
 
     rows: list[dict] = []
     smoke: dict = {}
+    sections: dict = {}
     checkpoints: dict[str, Path] = {}
 
     def record(label: str, res: dict, disk: int | None, gen_weights, quantized: bool, **extra):
@@ -237,7 +328,7 @@ def main(argv=None) -> dict:
                "generate_s": round(gen_s, 2),
                "continuations": {p: tok.decode(g) for p, g in zip(prompts, gens)}, **extra}
         rows.append(row)
-        write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke)
+        write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sections)
         print(json.dumps({k: v for k, v in row.items() if k != "continuations"}), flush=True)
         for p, text in row["continuations"].items():
             print(f"  {p!r} -> {text!r}", flush=True)
@@ -245,6 +336,23 @@ def main(argv=None) -> dict:
     fp_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree_util.tree_leaves(params))
     fp = perplexity(model, params, False, batches)
     record("FP (dequantized GGUF, fp32)", fp, None, params, False, fp16_bytes=fp_bytes)
+
+    if a.diagnose or a.diagnose_only:
+        dbatches = batches[: a.diagnose_batches]
+        rules = quantize.scheme_rules(qa, "w8a8")
+        fp_d = perplexity(model, params, False, dbatches)
+        w8a8_d = perplexity(model, ptq.quantize_params(params, rules, fold_norms=True), True, dbatches)
+        sections["diagnosis"] = {
+            "eval_tokens": fp_d["tokens"], "fp_ppl": round(fp_d["ppl"], 4),
+            "w8a8_product": {"ppl": round(w8a8_d["ppl"], 4), "vs_fp": round(w8a8_d["ppl"] / fp_d["ppl"] - 1, 5)},
+            "params": "norm affines folded (what W8A8 quantizes)",
+            **diagnose(model, ptq.fold_norm_affines(params, rules)[0], dbatches, fp_d["ppl"]),
+        }
+        write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sections)
+        if a.diagnose_only:
+            if tmp is not None:
+                tmp.cleanup()
+            return sections["diagnosis"]
 
     def run_scheme(label: str, scheme: str, p, qargs, **extra):
         t = time.perf_counter()
@@ -293,14 +401,14 @@ def main(argv=None) -> dict:
             smoke[label] = pallas_smoke(model, qp, prompt_ids[0], a.pallas_smoke)
             print(f"Pallas (interpret={jax.default_backend() != 'gpu'}) vs XLA, {label}: {smoke[label]}", flush=True)
 
-    report = write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke)
+    report = write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sections)
     print("\n" + report["markdown"])
     if tmp is not None:
         tmp.cleanup()
     return report
 
 
-def write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke) -> dict:
+def write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sections) -> dict:
     """The report so far (written after every row, atomically, so a stopped run keeps its rows)."""
     for r in rows[1:]:
         r["ppl_vs_fp"] = round(r["ppl"] / rows[0]["ppl"] - 1, 5)
@@ -320,6 +428,7 @@ def write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke) -> d
         "rows": rows,
         "markdown": table,
         "pallas_smoke": smoke,
+        **sections,
     }
     if a.json:
         tmp_json = Path(a.json).with_suffix(".json.tmp")
