@@ -40,6 +40,6 @@ def get_config() -> TrainConfig:
         weight_decay=0.0,
         log_every=10,
         eval_every=50,
-        eval_batches=8,
+        eval_batches=4,
         ckpt_every=-1,
     )
