@@ -414,3 +414,15 @@ def test_export_cli_writes_a_train_run_as_hf(tmp_path):
         hub_main(["export", "--ckpt", str(run), "--out", str(out)])
     with pytest.raises(UsageError, match="not a jq8 training checkpoint"):
         hub_main(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf2")])
+
+
+def test_smollm2_preset_is_the_real_models_shape(smollm2):
+    """The speed preset ``smollm2-135m`` (random weights) has the real checkpoint's config and tree."""
+    config, params, _, _ = smollm2
+    fields = ("family", "vocab_size", "num_layers", "num_heads", "d_model", "hidden", "kv_heads", "rope_theta",
+              "tied_head")
+    want = preset("smollm2-135m")
+    assert {f: getattr(want, f) for f in fields} == {f: getattr(config, f) for f in fields}
+    model = build_model(want, Policy())
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: np.shape(a), params)
