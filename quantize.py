@@ -43,7 +43,7 @@ from jq8.cli import UsageError
 from jq8.inference import decode, evaluate
 from jq8.ptq import checkpoint as qcheckpoint
 from jq8.ptq import infer as ptq_infer
-from jq8.ptq import lkd
+from jq8.ptq import lkd, smooth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold each pre-norm LayerNorm's gamma / beta into the Dense layers reading it before quantizing "
         "(exact in float; the W8A8 LayerNorm-quantize kernel then skips them). --no-fold-norms keeps them",
     )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="jq8's extension (off by default): before quantizing, migrate activation outliers into the weights "
+        "(SmoothQuant, strength ALPHA in [0, 1], e.g. 0.5; exact in float, calibrated on --calib). The factors "
+        "live in the norms, so it implies --no-fold-norms",
+    )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
     p.add_argument("--eval-batches", type=int, default=20, help="evaluation batches (at most)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size in sequences")
@@ -158,6 +167,11 @@ def check_args(args) -> None:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not args.lkd_lr > 0:
         fail(f"--lkd-lr {args.lkd_lr}: must be > 0")
+    if args.smooth is not None:
+        if not 0.0 <= args.smooth <= 1.0:
+            fail(f"--smooth {args.smooth}: the migration strength must be in [0, 1] (e.g. --smooth 0.5)")
+        if args.model == "minilm" or args.eval_dir:
+            fail("--smooth applies when quantizing a decoder checkpoint (--ckpt ... --out); drop it here")
     if args.seq_len < 0:
         fail(f"--seq-len {args.seq_len}: must be >= 1 (or 0: the training sequence length)")
     g = args.int4_group
@@ -430,6 +444,13 @@ def main(argv=None) -> dict:
 
     fp_res = evaluate.perplexity(lambda p, t: model.apply({"params": p}, t), batches, params)
     rows.append(table_row("FP32", fp_res, fp_bytes))
+    if args.smooth is not None:  # the same float model, outlier channels moved into the weights (jq8.ptq.smooth)
+        cfg = meta["model_config"]
+        params, smoothed = smooth.smooth(
+            model, params, calib, args.smooth, num_heads=cfg.get("num_heads"), num_kv_heads=cfg.get("num_kv_heads")
+        )
+        print(smooth.describe(smoothed))
+        args.fold_norms = False  # the factors live in the norms: folding them into the weights would undo them
 
     def run_scheme(name: str, label: str, p=None, **extra):
         t0 = time.perf_counter()

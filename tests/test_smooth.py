@@ -1,0 +1,149 @@
+"""Activation-outlier migration (jq8.ptq.smooth, quantize.py --smooth): exact in float on a GQA LLaMA and a GPT,
+smaller W8A8 error where a channel is an outlier, the factor formula, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quantize
+from jq8 import ptq
+from jq8.ptq import infer as ptq_infer
+from jq8.ptq import smooth
+from jq8.rules import get_path
+from tests.test_ptq import tiny_gpt
+from tests.test_quantize_cli import SMALL, ckpt  # noqa: F401  (the tiny GPT run fixture)
+
+
+def tiny_gqa_llama(seed: int = 3, layers: int = 2):
+    """(model, params, tokens): a LLaMA with 4 query heads on 2 KV heads (SwiGLU, RMSNorm) and random gammas."""
+    from jq8.training.policy import Policy
+    from models.presets import build_model, preset
+
+    cfg = dataclasses.replace(
+        preset("llama-tiny"), num_layers=layers, d_model=32, num_heads=4, num_kv_heads=2, vocab_size=89,
+        max_seq_len=16,
+    )
+    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (3, 16), 0, 89)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
+    return model, jax.tree_util.tree_unflatten(tree, leaves), tokens, cfg
+
+
+def logits(model, params, tokens):
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(model.apply)({"params": params}, tokens)
+
+
+@pytest.mark.parametrize("which", ["llama-gqa", "gpt"])
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_smoothing_is_exact_in_float(which, alpha):
+    """Same logits after smoothing every site; the weights did change (the factors are not all 1)."""
+    if which == "gpt":
+        model, params, tokens = tiny_gpt(layers=2, d=32, heads=2, vocab=101, seq=16)
+        heads, kv = 2, None
+    else:
+        model, params, tokens, cfg = tiny_gqa_llama()
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+    new, rep = smooth.smooth(model, params, [tokens[:2], tokens[1:]], alpha, num_heads=heads, num_kv_heads=kv)
+    sites = sorted((r["path"], r["site"]) for r in rep)
+    per_layer = ("norm->fc1", "norm->qkv", "v->out") + (("fc1->fc2",) if which != "gpt" else ())
+    want = sorted((f"h_{i}/{'mlp' if 'fc' in s else 'attn'}", s) for i in range(2) for s in per_layer)
+    assert sites == want  # GELU's fc2 input is not linear in fc1: no fc1->fc2 site on the GPT
+    assert all(r["s_max"] / r["s_min"] > 1.3 for r in rep)  # per-channel factors, not one constant
+    ref, got = logits(model, params, tokens), logits(model, new, tokens)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    for path in ("h_0/attn/qkv", "h_0/attn/out", "h_1/mlp/fc1", "h_1/mlp/fc2" if which != "gpt" else "h_1/mlp/fc1"):
+        assert not np.allclose(get_path(new, path)["kernel"], get_path(params, path)["kernel"])
+
+
+def test_gqa_factors_are_shared_by_a_group():
+    """v -> out on 4 query heads / 2 KV heads: out's rows of the two query heads reading one KV head get one
+    factor per channel, and q, k columns are untouched."""
+    model, params, tokens, cfg = tiny_gqa_llama(layers=1)
+    amax = smooth.activation_absmax(model, params, [tokens])
+    new, _ = smooth.smooth_params(params, amax, 0.5, num_heads=4, num_kv_heads=2)
+    hd = 32 // 4
+    ratio = np.asarray(new["h_0"]["attn"]["out"]["kernel"][:, 0] / params["h_0"]["attn"]["out"]["kernel"][:, 0])
+    ratio = ratio.reshape(2, 2, hd)  # (KV head, query head in group, channel)
+    np.testing.assert_allclose(ratio[:, 0], ratio[:, 1], rtol=1e-5)
+    assert not np.allclose(ratio[0, 0], ratio[1, 0])
+    qkv0, qkv1 = params["h_0"]["attn"]["qkv"]["kernel"], new["h_0"]["attn"]["qkv"]["kernel"]
+    qk = (4 + 2) * hd
+    # the norm site rescales qkv's rows, v -> out its v columns: q, k columns only by the row factors
+    row = np.asarray(qkv1[:, 0] / qkv0[:, 0])
+    np.testing.assert_allclose(np.asarray(qkv1[:, :qk]), np.asarray(qkv0[:, :qk]) * row[:, None], rtol=1e-5)
+    with pytest.raises(ValueError, match="num_heads"):
+        smooth.smooth_params(params, amax, 0.5, num_heads=3, num_kv_heads=1)
+    only, rep = smooth.smooth_params(params, amax, 0.5, num_heads=4, num_kv_heads=2, sites=("v->out",))
+    assert [r["site"] for r in rep] == ["v->out"]
+    np.testing.assert_array_equal(only["h_0"]["mlp"]["fc2"]["kernel"], params["h_0"]["mlp"]["fc2"]["kernel"])
+    with pytest.raises(ValueError, match="site"):
+        smooth.smooth_params(params, amax, 0.5, sites=("norm->gate",))
+
+
+def test_smoothing_lowers_w8a8_error_on_outlier_channels():
+    """A few 40x channels in the norms' output (as real LMs have): token-wise W8A8 loses them to the row
+    scale; smoothed (alpha 0.5), the same W8A8 rules land closer to the float logits."""
+    model, params, tokens, cfg = tiny_gqa_llama()
+    for i in range(2):
+        for b in ("attn", "mlp"):
+            g = params[f"h_{i}"][b]["norm"]["scale"]
+            params[f"h_{i}"][b]["norm"]["scale"] = g.at[jnp.array([3, 17])].multiply(40.0)
+    rules = ptq.scheme("w8a8", embeddings=False)
+    ref = logits(model, params, tokens)
+
+    def err(p):
+        qp = ptq.quantize_params(p, rules, fold_norms=False)
+        out = ptq_infer.apply_quantized(model, qp, tokens, backend="xla")
+        return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+    new, rep = smooth.smooth(model, params, [tokens], 0.5, num_heads=4, num_kv_heads=2)
+    norm_sites = [r for r in rep if r["site"].startswith("norm")]
+    assert all(r["act_max_ratio_after"] < r["act_max_ratio_before"] / 3 for r in norm_sites)
+    before, after = err(params), err(new)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_smoothing_factors_formula_and_bad_input():
+    a = jnp.array([8.0, 1.0, 0.0, 2.0])
+    w = jnp.array([0.5, 2.0, 1.0, 0.0])
+    s = smooth.smoothing_factors(a, w, 0.75)
+    np.testing.assert_allclose(s[:2], [8.0**0.75 / 0.5**0.25, 1.0 / 2.0**0.25], rtol=1e-6)
+    np.testing.assert_array_equal(s[2:], [1.0, 1.0])  # a dead channel keeps s = 1
+    np.testing.assert_allclose(smooth.smoothing_factors(a[:2], w[:2], 1.0), a[:2])
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            smooth.smoothing_factors(a, w, bad)
+    with pytest.raises(ValueError, match="shape"):
+        smooth.smoothing_factors(a, w[:3], 0.5)
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "-0.2", "nan"])
+def test_cli_rejects_alpha_outside_unit_interval(ckpt, tmp_path, capsys, alpha):  # noqa: F811
+    out = tmp_path / "q"
+    assert quantize.run(["--ckpt", str(ckpt), "--out", str(out), "--smooth", alpha, *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --smooth") and "[0, 1]" in err[0]
+    assert not out.exists()
+
+
+def test_cli_smooth_quantizes_the_smoothed_model(ckpt, tmp_path, capsys):  # noqa: F811
+    """--smooth 0.5: the table is produced, the checkpoint holds unfolded (smoothed) norms, and the reloaded
+    model is the evaluated one."""
+    out = tmp_path / "q"
+    rep = quantize.main(["--ckpt", str(ckpt), "--scheme", "w8a8", "--smooth", "0.5", "--out", str(out), *SMALL])
+    assert "smoothing: 6 sites" in capsys.readouterr().out  # 2 layers x (norm->qkv, norm->fc1, v->out)
+    assert rep["rows"][-1]["ppl"] == rep["rows"][2]["ppl"] and all(r["ppl"] > 1 for r in rep["rows"])
+    from jq8.ptq import checkpoint as qcheckpoint
+
+    qp, _ = qcheckpoint.load_quantized(out)
+    assert qp.folded_norms == ()
+    assert not np.allclose(np.asarray(qp.params["h_0"]["attn"]["norm"]["scale"], np.float32), 1.0)
