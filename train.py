@@ -41,7 +41,7 @@ from jq8 import cli, data
 from jq8.cli import UsageError
 from jq8.ptq import checkpoint as qcheckpoint
 from jq8.training import checkpoint, metrics, sharding
-from jq8.training.policy import ROLES, Policy, parse_policy
+from jq8.training.policy import ROLES, Policy, parse_policy, resolve_spec
 from models.gpt import lm_loss
 from models.presets import build_model
 
@@ -414,14 +414,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     devices = check_devices(cfg)
+    given_policy = cfg.policy
+    cfg = dataclasses.replace(cfg, policy=resolve_spec(cfg.policy))  # config.json records the tiles used
     try:
         policy = make_policy(cfg)
     except UsageError:
         raise
     except ValueError as e:  # Policy's own checks: name, fields, granularity, block
-        name = cfg.policy.partition(":")[0]
+        name = given_policy.partition(":")[0]
         hint = f"; e.g. --policy={name}:block={MIN_KERNEL_BLOCK}" if "block must be" in str(e) else ""
-        raise UsageError(f"--policy={cfg.policy}: {e}{hint}") from None
+        raise UsageError(f"--policy={given_policy}: {e}{hint}") from None
 
     # ---------------------------------------------------------------- data
     ds = load_data(cfg, init_tokenizer)
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(f"--model.vocab_size={model_cfg.vocab_size} < the tokenizer's {ds.vocab_size} ids; "
                          "use --model.vocab_size=0 to take it from the tokenizer")
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    check_int8_dims(model_cfg, policy, cfg.policy)
+    check_int8_dims(model_cfg, policy, given_policy)
 
     # ---------------------------------------------------------------- model + optimizer
     model = build_model(model_cfg, policy)
@@ -535,7 +537,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         undo_start()
         raise
     if is_main:
-        print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {cfg.policy}, {mesh.size} device(s) "
+        tiles = f" (tiles {'/'.join('x'.join(map(str, t)) for t in policy.tiles)})" if policy.int8 and \
+            policy.granularity == "block" else ""
+        print(f"{model_cfg.family} {n_params / 1e6:.2f}M params, policy {cfg.policy}{tiles}, {mesh.size} device(s) "
               f"({cfg.sharding}), vocab {model_cfg.vocab_size}, {ds}")
 
     # ---------------------------------------------------------------- step functions

@@ -210,6 +210,8 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
     granularity, block = d.pop("int8_granularity", "block"), d.pop("int8_block", 32)
     if d.get("policy") == "jetfire-int8" and (granularity, block) != ("block", 32):
         d["policy"] = "int8-row" if granularity == "row" else f"jetfire-int8:block={block}"
+    elif d.get("policy") == "jetfire-int8":  # runs record the resolved name; a bare one trained 32x32 blocks
+        d["policy"] = "jetfire-int8-32x32"
     if "use_kernels" in d:
         d["backend"] = {"true": "pallas", "false": "xla"}.get(str(d.pop("use_kernels")).lower(), "auto")
     return TrainConfig(**d)

@@ -163,16 +163,17 @@ def _decode(a, b, a_scale, b_scale, *, config: TileConfig | None, split_k: int |
 
 
 def matmul_qarrays(
-    a: QArray, b: QArray, *, split_cols: int | None = None, block_backend: Literal["triton", "mosaic"] = "triton",
+    a: QArray, b: QArray, *, split_cols: int | None = None, block_backend: Literal["auto", "triton"] = "auto",
     **epilogue,
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """GEMM of two quantized operands in NT layout: a (M, K), b (N, K) (INT8, or INT4 for b).
 
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
     vectors, applied in the epilogue); otherwise the block-scaled route: :func:`int8_matmul_block_scaled`
-    (Triton; interpret mode on CPU), or with ``block_backend="mosaic"`` the warp-specialised Mosaic GPU kernel
-    (:mod:`pallas_kernels.int8_matmul_block_mgpu`) on Hopper where it fits. That kernel is opt-in: it has
-    been checked in Mosaic GPU's interpreter, not yet compiled and timed on an H100. ``epilogue``: bias,
+    (Triton; interpret mode on CPU), or under ``block_backend="auto"`` on Hopper the warp-specialised Mosaic GPU
+    kernel (:mod:`pallas_kernels.int8_matmul_block_mgpu`) where it fits: shapes that tile, no requantizing
+    epilogue (13-25% faster than Triton at the training shapes, BENCHMARKS.md); ``"triton"`` keeps Triton
+    everywhere. ``epilogue``: bias,
     activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
     (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
     split after.
@@ -207,9 +208,9 @@ def matmul_qarrays(
         return int8_matmul_decode(
             a.values, dw.values, sa, dw.scale, b_bits=dw.bits, b_group=dw.group, **epilogue
         )
-    if block_backend not in ("triton", "mosaic"):
-        raise ValueError(f"block_backend must be 'triton' or 'mosaic', got {block_backend!r}")
-    if block_backend == "mosaic" and _mosaic_blocks(a, b, ta, tb, epilogue):
+    if block_backend not in ("auto", "triton"):
+        raise ValueError(f"block_backend must be 'auto' or 'triton', got {block_backend!r}")
+    if block_backend == "auto" and _mosaic_blocks(a, b, ta, tb, epilogue):
         # Scales varying along K on both operands, on Hopper: the warp-specialised wgmma kernel.
         epi = {key: v for key, v in epilogue.items() if key not in ("out_spec", "config", "interpret")}
         return block_mgpu.int8_matmul_block_mgpu(

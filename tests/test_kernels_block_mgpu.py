@@ -236,7 +236,7 @@ def test_gemm_router_block_route_matches_reference(m):
     qa = quantize(jax.random.normal(ks[0], (m, k)), QuantSpec((1, g)))
     qb = quantize(jax.random.normal(ks[1], (n, k)), QuantSpec((g, g)))
     ref = gemm.matmul_qarrays_reference(qa, qb, out_dtype=jnp.float32)
-    for block_backend in ("triton", "mosaic"):  # mosaic: opt-in on Hopper, Triton where it cannot run
+    for block_backend in ("triton", "auto"):  # auto: Mosaic on Hopper, Triton where it cannot run
         _compare(gemm.matmul_qarrays(qa, qb, out_dtype=jnp.float32, block_backend=block_backend), ref, jnp.float32)
     with pytest.raises(ValueError, match="block_backend must be"):
         gemm.matmul_qarrays(qa, qb, block_backend="cuda")

@@ -283,7 +283,20 @@ def test_role_tiles_and_their_transposed_copies():
         parse_policy("jetfire-int8:grad_block=wide")
     with pytest.raises(ValueError, match="role must be one of"):
         hopper.tile("bias")
-    with pytest.raises(ValueError, match="block_gemm must be 'triton' or 'mosaic'"):
+    with pytest.raises(ValueError, match="block_gemm must be 'auto' or 'triton'"):
         parse_policy("jetfire-int8:block_gemm=cuda")
     with pytest.raises(ValueError, match=r"model_dim=576 is not a multiple of the INT8 block size 128"):
         hopper.check_dims(model_dim=576)  # SmolLM2's width: 128 x 128 blocks do not tile it
+
+
+def test_jetfire_int8_names_the_block_policy_of_the_device(monkeypatch):
+    from jq8.training import policy as policy_lib
+
+    paper, hopper = Policy.from_name("jetfire-int8-32x32"), Policy.from_name("jetfire-int8-g128")
+    monkeypatch.setattr(policy_lib, "on_hopper", lambda: False)
+    assert Policy.from_name("jetfire-int8") == paper
+    monkeypatch.setattr(policy_lib, "on_hopper", lambda: True)
+    assert policy_lib.parse_policy("jetfire-int8") == hopper
+    assert policy_lib.parse_policy("jetfire-int8:rounding_bwd=nearest").tiles == hopper.tiles
+    # an explicit block size means the paper's square tiles at that size, on every device
+    assert policy_lib.parse_policy("jetfire-int8:block=64").tiles == ((64, 64),)

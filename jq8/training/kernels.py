@@ -91,7 +91,7 @@ def gelu_backward_quantize(grad, x, bias=None, *, spec, rounding="stochastic", s
                  seed=seed, transposed_spec=transposed_spec, column_sum=column_sum)
 
 
-def matmul_qarrays(a: QArray, b: QArray, *, backend: str = "pallas", block_gemm: str = "triton", **epilogue):
+def matmul_qarrays(a: QArray, b: QArray, *, backend: str = "pallas", block_gemm: str = "auto", **epilogue):
     """a: QArray (M, K), b: QArray (N, K) -> epilogue(a @ b.T): (M, N) out_dtype, or QArray with out_spec.
     block_gemm: the kernel of the block-scaled route under "pallas" (``gemm.matmul_qarrays``' block_backend)."""
     if backend == "pallas":

@@ -5,11 +5,16 @@ argument of ``jax.jit`` / ``jax.custom_vjp``. Named policies (:data:`NAMED_POLIC
 ``train.py --policy`` takes):
 
     "bf16"          plain bf16-compute layers with fp32 parameters (the baseline)
-    "jetfire-int8"  Jetfire INT8 training: block-quantized (32 x 32) activations, weights and gradients;
-                    INT8 between LayerNorm -> fc1 -> GELU -> fc2 and into the attention projections
+    "jetfire-int8-32x32"  Jetfire INT8 training as in the paper: block-quantized (32 x 32) activations,
+                    weights and gradients; INT8 between LayerNorm -> fc1 -> GELU -> fc2 and into the attention
+                    projections
     "jetfire-int8-g128"  the same data flow in the tiles Hopper's int8 wgmma favours (DeepSeek-style): 1 x 128
                     activation and gradient tiles (per token, per 128 features), 128 x 128 weight blocks;
-                    one scale change every 128 along K instead of every 32
+                    one scale change every 128 along K instead of every 32 (faster on the H100, and closer to
+                    bf16 in BENCHMARKS.md's loss-parity and GEMM-error tables)
+    "jetfire-int8"  the block policy for the device: "jetfire-int8-g128" when the default device is a Hopper
+                    (sm_90) GPU, else "jetfire-int8-32x32". With a ``block=`` override it is the paper's
+                    square tiles at that size on every device
     "int8-row"      the same INT8 data flow with per-row scales along K on every GEMM operand (per token,
                     per output channel): all scaling in the GEMM epilogue, the fast path on Hopper
 
@@ -39,12 +44,26 @@ POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
 # Named policies: name -> the Policy fields it sets.
 NAMED_POLICIES: dict[str, dict[str, Any]] = {
     "bf16": dict(name="bf16"),
-    "jetfire-int8": dict(name="jetfire-int8", granularity="block", block=(32, 32)),
+    "jetfire-int8-32x32": dict(name="jetfire-int8", granularity="block", block=(32, 32)),
     "jetfire-int8-g128": dict(name="jetfire-int8", granularity="block", block=(128, 128), act_block=(1, 128),
                               grad_block=(1, 128)),
+    "jetfire-int8": {},  # resolved per device by Policy.from_name (see jetfire_int8_fields)
     "int8-row": dict(name="jetfire-int8", granularity="row"),
 }
 ROLES: tuple[str, ...] = ("act", "weight", "grad")
+
+
+def on_hopper() -> bool:
+    """Whether JAX's default device is an sm_90 (Hopper) GPU."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def jetfire_int8_fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The fields "jetfire-int8" stands for: the Hopper tiles on sm_90, else the paper's 32 x 32 blocks;
+    the paper's square tiles wherever ``overrides`` set ``block`` (``jetfire-int8:block=64`` is 64 x 64)."""
+    hopper = on_hopper() and "block" not in overrides
+    return NAMED_POLICIES["jetfire-int8-g128" if hopper else "jetfire-int8-32x32"]
 
 # What stays in high precision under every policy, and why (Jetfire's split, kept explicit here).
 HIGH_PRECISION_ISLANDS: tuple[tuple[str, str], ...] = (
@@ -88,9 +107,9 @@ class Policy:
     compute_dtype: dtype of the high-precision GEMMs and of block outputs' intermediate values.
     backend: "pallas" runs the INT8 ops on the Pallas kernels (interpret mode on CPU); "xla" runs their
       pure-jnp references through XLA (fast on CPU, for tests; the same name PTQ inference takes).
-    block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "triton"
-      (every GPU), or "mosaic", the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``), where the
-      shapes tile and no requantizing epilogue is asked for (else Triton).
+    block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "auto" takes
+      the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``) on sm_90 where the shapes tile and no
+      requantizing epilogue is asked for, else Triton; "triton" keeps Triton everywhere.
     granularity: scales of the GEMM operands. "block" (Jetfire): ``block`` tiles, one quantized tensor
       serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
@@ -110,7 +129,7 @@ class Policy:
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
     backend: Literal["pallas", "xla"] = "pallas"
-    block_gemm: Literal["triton", "mosaic"] = "triton"
+    block_gemm: Literal["auto", "triton"] = "auto"
     granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
@@ -131,8 +150,8 @@ class Policy:
             raise ValueError(f"granularity must be 'block' or 'row', got {self.granularity!r}")
         if self.backend not in ("pallas", "xla"):
             raise ValueError(f"backend must be 'pallas' or 'xla', got {self.backend!r}")
-        if self.block_gemm not in ("triton", "mosaic"):
-            raise ValueError(f"block_gemm must be 'triton' or 'mosaic', got {self.block_gemm!r}")
+        if self.block_gemm not in ("auto", "triton"):
+            raise ValueError(f"block_gemm must be 'auto' or 'triton', got {self.block_gemm!r}")
         if self.rounding_bwd not in ("stochastic", "nearest"):
             raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
         dt = jnp.dtype(self.compute_dtype)
@@ -152,7 +171,8 @@ class Policy:
         unknown = set(overrides) - fields
         if unknown:
             raise ValueError(f"unknown Policy field(s) {sorted(unknown)}; valid fields: {sorted(fields)}")
-        return cls(**{**NAMED_POLICIES[name], **overrides})
+        named = jetfire_int8_fields(overrides) if name == "jetfire-int8" else NAMED_POLICIES[name]
+        return cls(**{**named, **overrides})
 
     @property
     def int8(self) -> bool:
@@ -273,6 +293,17 @@ def parse_policy(spec: str, **overrides) -> Policy:
         else:
             fields[key] = value
     return Policy.from_name(name.strip(), **{**fields, **overrides})
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with the device-dependent name "jetfire-int8" replaced by the named policy it stands for here
+    ("jetfire-int8-g128" on sm_90, else "jetfire-int8-32x32"), so that a run records what it trained with."""
+    name, sep, rest = spec.partition(":")
+    if name.strip() != "jetfire-int8":
+        return spec
+    keys = {item.partition("=")[0].strip() for item in rest.split(",")}
+    concrete = "jetfire-int8-g128" if on_hopper() and "block" not in keys else "jetfire-int8-32x32"
+    return concrete + sep + rest
 
 
 def as_policy(policy: Policy | str) -> Policy:
