@@ -1,5 +1,9 @@
 """Forward + backward of one transformer block (or its MLP branch), bf16 vs Jetfire INT8, same run.
 
+``--family gpt`` (default): LayerNorm, GELU MLP of 4 d, learned-position-free attention with biases.
+``--family llama``: RMSNorm, SwiGLU MLP of 8/3 d rounded up to 256 (LLaMA-7B's 11008 at d = 4096), rotary
+attention, no biases.
+
     PYTHONPATH=. python3 benchmarks/block_step.py           # GPU: hidden 1024 and 4096, 16384 tokens
     PYTHONPATH=. python3 benchmarks/block_step.py --tiny    # CPU smoke test (tiny shapes)
     ... --hidden 4096 --parts block --policies bf16 jetfire-int8 --block 128    # one slice (10-min limit)
@@ -31,22 +35,32 @@ from jq8.training.policy import Policy, parse_policy
 DEFAULT_POLICIES = ["bf16", "jetfire-int8", "int8-row"]
 
 
+def mlp_width(family: str, d: int) -> int:
+    return 4 * d if family == "gpt" else -(-8 * d // 3 // 256) * 256
+
+
 class Block(nn.Module):
-    """GPT block: x + attn(x), then + mlp(x); or the MLP branch alone (part="mlp")."""
+    """GPT or LLaMA block: x + attn(x), then + mlp(x); or the MLP branch alone (part="mlp")."""
 
     policy: Policy
     heads: int
     part: str = "block"
     attention: str = "auto"  # AttentionBlock.implementation: auto (cuDNN flash on GPU) | xla | cudnn
+    family: str = "gpt"
 
     @nn.compact
     def __call__(self, x):
         # Each branch adds its own residual, as models/gpt.py's DecoderBlock (what train.py runs) does: the
         # INT8 ops then add it in a GEMM epilogue and its gradient in the LayerNorm backward.
+        llama = self.family == "llama"
+        norm = "rmsnorm" if llama else "layernorm"
         if self.part == "block":
-            attn = AttentionBlock(self.heads, self.policy, implementation=self.attention, name="attn")
+            attn = AttentionBlock(self.heads, self.policy, norm=norm, rotary=llama, implementation=self.attention,
+                                  name="attn")  # fmt: skip
             x = attn(x, residual=x)
-        return MlpBlock(4 * x.shape[-1], self.policy, name="mlp")(x, residual=x)
+        mlp = MlpBlock(mlp_width(self.family, x.shape[-1]), self.policy, activation="swiglu" if llama else "gelu",
+                       norm=norm, name="mlp")  # fmt: skip
+        return mlp(x, residual=x)
 
 
 def peak_bytes() -> int | None:
@@ -76,18 +90,18 @@ def max_grad_err(grads, want) -> tuple[float, str]:
 
 
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
-             block: tuple[int, int] | None, check_reference: bool, attention: str = "auto"):
+             block: tuple[int, int] | None, check_reference: bool, attention: str = "auto", family: str = "gpt"):
     policy = parse_policy(policy_name, backend="pallas" if use_kernels else "xla")
     if block is not None and policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=block)
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
     probe = jax.random.normal(jax.random.PRNGKey(1), x.shape, jnp.float32)
-    params = jax.jit(Block(Policy(), heads, part, attention).init)(jax.random.PRNGKey(2), x)["params"]
+    params = jax.jit(Block(Policy(), heads, part, attention, family).init)(jax.random.PRNGKey(2), x)["params"]
 
     def make_loss(policy):
         def loss(params, x, key):
-            y = Block(policy, heads, part, attention).apply({"params": params}, x, rngs={"quant": key})
+            y = Block(policy, heads, part, attention, family).apply({"params": params}, x, rngs={"quant": key})
             return jnp.sum((y - x) * probe)
         return loss
 
@@ -120,8 +134,9 @@ def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, it
         jax.block_until_ready(outs)
         rounds.append((time.perf_counter() - t) * 1e3 / len(keys))
         del outs
-    row = dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, tiles=[list(t) for t in policy.tiles],
-               attention=attention, median_ms=statistics.median(times), min_ms=min(times),
+    row = dict(hidden=hidden, tokens=tokens, part=part, family=family, policy=policy_name,
+               tiles=[list(t) for t in policy.tiles], attention=attention, median_ms=statistics.median(times),
+               min_ms=min(times),
                back_to_back_ms=statistics.median(rounds),
                compile_s=compile_s,
                compiled_bytes=compiled_bytes(compiled), peak_bytes=peak_bytes(),
@@ -148,6 +163,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--parts", nargs="+", default=["mlp", "block"], choices=["mlp", "block"])
+    ap.add_argument("--family", default="gpt", choices=["gpt", "llama"],
+                    help="gpt: LayerNorm + GELU; llama: RMSNorm + SwiGLU + rotary, no biases")
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
                     help="policy spec strings (jq8.training.policy.parse_policy), e.g. bf16 jetfire-int8 int8-row "
                     "jetfire-int8:block=64 'jetfire-int8:int8_grad_input=false,int8_grad_weight=false'")
@@ -180,7 +197,7 @@ def main() -> None:
             for pname in args.policies:
                 (lv, grads), row = run_case(hidden, args.tokens, args.seq, part, pname, args.iters,
                                             use_kernels, args.block and (args.block, args.block),
-                                            hidden <= args.check_hidden, args.attention)
+                                            hidden <= args.check_hidden, args.attention, args.family)
                 if base is None:
                     base = (lv, grads, row)
                 else:
