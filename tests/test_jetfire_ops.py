@@ -277,8 +277,8 @@ def test_stochastic_rounding_is_unbiased():
 
     keys = jax.random.split(jax.random.PRNGKey(0), 128)
     dx, dw = jax.jit(jax.vmap(grads))(keys)
-    xq = dequantize(quantize(x, INT8.spec), jnp.float32)
-    wq = dequantize(quantize(w, INT8.spec), jnp.float32)
+    xq = dequantize(quantize(x, INT8.act_spec), jnp.float32)
+    wq = dequantize(quantize(w, INT8.weight_spec), jnp.float32)
     hi = jax.lax.Precision.HIGHEST
     want_dx, want_dw = jnp.dot(g, wq.T, precision=hi), jnp.dot(xq.T, g, precision=hi)
     one_dx, one_dw = rel(dx[0], want_dx), rel(dw[0], want_dw)
