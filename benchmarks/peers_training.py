@@ -8,7 +8,13 @@ for torch 2.11, travel in the git-ignored ``.whl``: the device call names ``.whl
       benchmarks/peers_training.py --deadline-s 450
 
 (hidden 4096 first, then 1024, each ``mlp`` then ``block``; under a 10-minute limit ``--deadline-s`` keeps
-the end of the run and its table.) Elsewhere:
+the end of the run and its table.) The wheels, where ``.whl`` lacks them (qwix's own needs, flax, numpy,
+opt_einsum and absl-py, are on the GPU image; torchao needs nothing beyond torch):
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl qwix==0.1.8 torchao==0.18.0
+
+Elsewhere:
 
     PYTHONPATH=. python3 benchmarks/peers_training.py --tiny          # CPU smoke test (JAX rows; tiny shapes)
     PYTHONPATH=. python3 benchmarks/peers_training.py --tiny --torch-device cpu   # + the PyTorch rows on CPU
