@@ -48,11 +48,12 @@ The PyTorch rows run where torch sees a CUDA device (``--torch-device cpu`` runs
 test, its times mean nothing); otherwise they are skipped with the reason. A peer that fails to import or
 run is a row with its error; the run goes on. Timing as ``block_step.py``: median of ``--iters``
 synchronised steps after warm-up, and ``b2b`` per step when ``--iters`` steps are enqueued back to back (JAX:
-``block_until_ready``; PyTorch: CUDA events). Memory: XLA's compiled peak (JAX) or
-``torch.cuda.max_memory_allocated`` during the steps (PyTorch). Gradient error: max over parameters and the
-input of |g - g_bf16| / |g_bf16| against the bf16 row of the same framework, and against ``jax-bf16`` (also
-for ``torch-bf16``: a check that both frameworks run the same block). ``int8 dots``: XLA dot_generals with
-int8 operands in the JAX step (forward and backward), ``pallas``: Pallas kernel calls in it.
+``block_until_ready``; PyTorch: CUDA events). Memory: XLA's compiled peak, arguments and outputs included
+(JAX), or ``torch.cuda.max_memory_allocated`` over the steps, parameters, input and gradients included
+(PyTorch). Gradient error: max over parameters and the input of |g - g_bf16| / |g_bf16| against the bf16 row
+of the same framework, and against ``jax-bf16`` (also for ``torch-bf16``: a check that both frameworks run
+the same block). ``int8 dots``: XLA dot_generals with int8 operands in the JAX step (forward and backward),
+``pallas``: Pallas kernel calls in it.
 
 Writes ``--json PATH`` (default ``$OUT/peers_training.json`` when ``OUT`` is set) after every row (atomic
 replace), prints a row per line as JSON and a table at the end. ``--deadline-s`` skips, as rows that say so,
@@ -428,12 +429,17 @@ def time_torch(row: str, part: str, params, x, probe, iters: int, device: str):
     loss, grads = step()  # compiles forward and backward
     sync()
     compile_s = time.perf_counter() - t0
+    loss = float(loss.detach())
+    out = {}
+    for name, g in zip(names + ["x"], grads):
+        g = g.detach().float().cpu().numpy()
+        out["x" if name == "x" else torch_param_key(name)] = g.T if name.endswith("weight") and g.ndim == 2 else g
+    del grads  # off the device before the peak is read
     for _ in range(2):
         step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     times = []
     for _ in range(iters):
         if cuda:
@@ -462,16 +468,12 @@ def time_torch(row: str, part: str, params, x, probe, iters: int, device: str):
             for _ in range(iters):
                 step()
             rounds.append((time.perf_counter() - t) * 1e3 / iters)
-    memory = torch.cuda.max_memory_allocated() - base if cuda else None
-    out = {}
-    for name, g in zip(names + ["x"], grads):
-        g = g.detach().float().cpu().numpy()
-        out["x" if name == "x" else torch_param_key(name)] = g.T if name.endswith("weight") and g.ndim == 2 else g
+    memory = torch.cuda.max_memory_allocated() if cuda else None
     row_out = dict(framework="torch", impl=desc, median_ms=statistics.median(times), min_ms=min(times),
                    back_to_back_ms=statistics.median(rounds), compile_s=compile_s, memory_bytes=memory,
                    memory_kind="torch.cuda.max_memory_allocated over the steps" if cuda else None,
                    device=torch.cuda.get_device_name() if cuda else "cpu")  # fmt: skip
-    return float(loss.detach()), out, row_out
+    return loss, out, row_out
 
 
 # ---------------------------------------------------------------------------------------------- runner
