@@ -35,7 +35,7 @@ loss with respect to all parameters and the input. Rows (``--rows``):
                   (``bwd_qtype``) against the forward's quantized residuals; XLA int8 dots (s8 x s8 -> s32).
   qwix-int8-sr    the same with ``bwd_stochastic_rounding="uniform"`` (stochastic rounding of the gradients,
                   as Jetfire does).
-  jq8:SPEC        jq8's own blocks (``jq8.training.nn.AttentionBlock`` / ``MlpBlock``) under the policy SPEC
+  jq8:SPEC        benchmarks/block_step.py's GPT block (jq8.training.nn modules) under the policy SPEC
                   (``jq8.training.policy.parse_policy``): ``jq8:int8-row``, ``jq8:jetfire-int8``, ``jq8:bf16``.
   torch-bf16      the same block in PyTorch (nn.LayerNorm, nn.Linear, F.gelu, F.scaled_dot_product_attention),
                   fp32 parameters under ``torch.autocast(bf16)``, ``torch.compile``.
@@ -86,8 +86,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jq8.training.nn import AttentionBlock, MlpBlock  # noqa: E402
-from jq8.training.policy import Policy, parse_policy  # noqa: E402
+from benchmarks.block_step import Block, compiled_bytes  # noqa: E402  (the GPT block block_step.py times)
+from jq8.training.policy import parse_policy  # noqa: E402
 
 DEFAULT_ROWS = ["jax-bf16", "qwix-int8", "jq8:int8-row", "jq8:jetfire-int8", "torch-bf16", "torchao-int8"]
 TINY_ROWS = ["jax-bf16", "qwix-int8", "qwix-int8-sr", "jq8:bf16", "jq8:int8-row", "jq8:jetfire-int8",
@@ -157,20 +157,6 @@ class PlainBlock(nn.Module):
         return PlainMlp(4 * d, name="mlp")(x)
 
 
-class Jq8Block(nn.Module):
-    """The same block from jq8's modules (as benchmarks/block_step.py's GPT block)."""
-
-    policy: Policy
-    part: str
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        if self.part == "block":
-            x = AttentionBlock(max(1, d // 64), self.policy, name="attn")(x, residual=x)
-        return MlpBlock(4 * d, self.policy, name="mlp")(x, residual=x)
-
-
 def _subjaxprs(params):
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
@@ -196,16 +182,7 @@ def count_ops(jaxpr) -> tuple[int, int]:
     return dots, calls
 
 
-def compiled_bytes(compiled) -> int | None:
-    try:
-        m = compiled.memory_analysis()
-        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # not every backend reports it
-        return None
-
-
-def jax_module(row: str, part: str, kernels: bool):
+def jax_module(row: str, part: str, kernels: bool, hidden: int):
     """(module, rng stream name, description) of a JAX row."""
     if row in ("jax-bf16", "qwix-int8", "qwix-int8-sr"):
         module = PlainBlock(part)
@@ -217,11 +194,11 @@ def jax_module(row: str, part: str, kernels: bool):
         return qwix.quantize_model(module, qwix.QtProvider([rule])), "stochastic_rounding", f"qwix {rule!r}"
     policy = parse_policy(row.removeprefix("jq8:"), backend="pallas" if kernels else "xla")
     ops = "Pallas kernels" if kernels else "jnp references"
-    return Jq8Block(policy, part), "quant", f"jq8 policy {row.removeprefix('jq8:')} ({ops})"
+    return Block(policy, max(1, hidden // 64), part), "quant", f"jq8 policy {row.removeprefix('jq8:')} ({ops})"
 
 
 def time_jax(row: str, part: str, params, x, probe, iters: int, kernels: bool):
-    module, stream, desc = jax_module(row, part, kernels)
+    module, stream, desc = jax_module(row, part, kernels, x.shape[-1])
 
     def loss(params, x, key):
         rngs = {stream: key} if stream else {}
