@@ -110,8 +110,8 @@ class Policy:
     block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "auto" takes
       the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``) on sm_90 where the shapes tile and no
       requantizing epilogue is asked for, else Triton; "triton" keeps Triton everywhere.
-    granularity: scales of the GEMM operands. "block" (Jetfire): ``block`` tiles, one quantized tensor
-      serves both layouts, the GEMM rescales its int32 partial once per K block. "row" (torchao style, an
+    granularity: scales of the GEMM operands. "block" (Jetfire): each role's tiles (above); the GEMM
+      rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
       happens in the GEMM epilogue, at the price of quantizing each tensor once per layout; tensors kept
       only for the backward stay in ``block`` tiles (the LayerNorm input) or in the GEMM epilogue's tiles
