@@ -89,6 +89,34 @@ def max_grad_err(grads, want) -> tuple[float, str]:
     return errs[worst], worst
 
 
+def time_step(step, params, x, key, iters: int):
+    """Compile ``step(params, x, key)`` and time it -> (compiled, first output, compile s, per-call ms
+    synchronised (one per key), per-call ms back to back (median-ready list of 3 rounds))."""
+    t0 = time.perf_counter()
+    compiled = step.lower(params, x, key).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(params, x, key)
+    jax.block_until_ready(out)
+    for _ in range(2):
+        jax.block_until_ready(compiled(params, x, key))
+    keys = [jax.random.fold_in(key, i) for i in range(iters)]  # outside the timed region
+    times = []
+    for k in keys:
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, x, k))
+        times.append((time.perf_counter() - t) * 1e3)
+    # Back to back, as train.py runs its steps: the host enqueues step i+1 while the device runs step i, so
+    # the per-call host lead (dispatch to first kernel) is hidden. Rounds of ``iters`` steps.
+    rounds = []
+    for _ in range(3):
+        t = time.perf_counter()
+        outs = [compiled(params, x, k) for k in keys]
+        jax.block_until_ready(outs)
+        rounds.append((time.perf_counter() - t) * 1e3 / len(keys))
+        del outs
+    return compiled, out, compile_s, times, rounds
+
+
 def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, use_kernels: bool,
              block: tuple[int, int] | None, check_reference: bool, attention: str = "auto", family: str = "gpt"):
     policy = parse_policy(policy_name, backend="pallas" if use_kernels else "xla")
@@ -112,28 +140,7 @@ def run_case(hidden: int, tokens: int, seq: int, part: str, policy_name: str, it
                                jax.random.PRNGKey(0))
     residual_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
     key = jax.random.PRNGKey(3)
-    t0 = time.perf_counter()
-    compiled = step.lower(params, x, key).compile()
-    compile_s = time.perf_counter() - t0
-    out = compiled(params, x, key)
-    jax.block_until_ready(out)
-    for _ in range(2):
-        jax.block_until_ready(compiled(params, x, key))
-    times = []
-    keys = [jax.random.fold_in(key, i) for i in range(iters)]  # outside the timed region
-    for k in keys:
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, x, k))
-        times.append((time.perf_counter() - t) * 1e3)
-    # Back to back, as train.py runs its steps: the host enqueues step i+1 while the device runs step i, so
-    # the per-call host lead (dispatch to first kernel) is hidden. Median over rounds of ``iters`` steps.
-    rounds = []
-    for _ in range(3):
-        t = time.perf_counter()
-        outs = [compiled(params, x, k) for k in keys]
-        jax.block_until_ready(outs)
-        rounds.append((time.perf_counter() - t) * 1e3 / len(keys))
-        del outs
+    compiled, out, compile_s, times, rounds = time_step(step, params, x, key, iters)
     row = dict(hidden=hidden, tokens=tokens, part=part, family=family, policy=policy_name,
                tiles=[list(t) for t in policy.tiles], attention=attention, median_ms=statistics.median(times),
                min_ms=min(times),

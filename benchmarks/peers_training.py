@@ -86,7 +86,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.block_step import Block, compiled_bytes  # noqa: E402  (the GPT block block_step.py times)
+from benchmarks.block_step import Block, compiled_bytes, time_step  # noqa: E402  (the GPT block block_step.py times)
 from jq8.training.policy import parse_policy  # noqa: E402
 
 DEFAULT_ROWS = ["jax-bf16", "qwix-int8", "jq8:int8-row", "jq8:jetfire-int8", "torch-bf16", "torchao-int8"]
@@ -208,26 +208,7 @@ def time_jax(row: str, part: str, params, x, probe, iters: int, kernels: bool):
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     key = jax.random.PRNGKey(3)
     dots, calls = count_ops(jax.make_jaxpr(step)(params, x, key).jaxpr)
-    t0 = time.perf_counter()
-    compiled = step.lower(params, x, key).compile()
-    compile_s = time.perf_counter() - t0
-    out = compiled(params, x, key)
-    jax.block_until_ready(out)
-    for _ in range(2):
-        jax.block_until_ready(compiled(params, x, key))
-    keys = [jax.random.fold_in(key, i) for i in range(iters)]  # outside the timed region
-    times = []
-    for k in keys:
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, x, k))
-        times.append((time.perf_counter() - t) * 1e3)
-    rounds = []
-    for _ in range(3):  # back to back: the host enqueues step i+1 while the device runs step i
-        t = time.perf_counter()
-        outs = [compiled(params, x, k) for k in keys]
-        jax.block_until_ready(outs)
-        rounds.append((time.perf_counter() - t) * 1e3 / len(keys))
-        del outs
+    compiled, out, compile_s, times, rounds = time_step(step, params, x, key, iters)
     loss_value, (g_params, g_x) = out
     grads = {jax.tree_util.keystr(p): np.asarray(g, np.float32)
              for p, g in jax.tree_util.tree_leaves_with_path(g_params)}  # fmt: skip
