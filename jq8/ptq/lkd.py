@@ -464,6 +464,14 @@ def distill(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(blocks), desc="LKD", unit="block")
+
+    def progress(msg: str) -> None:  # one block done (distilled or restored)
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        if log is not None:
+            log(msg)
+
     for bi, blk in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = blk.path + "/"
@@ -502,12 +510,7 @@ def distill(
             if config.lkd_input == "quantized":
                 q_stream = [fns.student(p, x, a) for x, a in zip(xs, blk.arrays)]
             report.append(row)
-            msg = f"{blk.path}: {objective} {row['loss_before']:.4g} -> {row['loss_after']:.4g} (restored)"
-            if bar is not None:
-                bar.set_postfix_str(msg)
-                bar.update(1)
-            if log is not None:
-                log(msg)
+            progress(f"{blk.path}: {objective} {row['loss_before']:.4g} -> {row['loss_after']:.4g} (restored)")
             continue
         targets = [fns.teacher(p0, x, a) for x, a in zip(xs, blk.arrays)]
 
@@ -535,12 +538,7 @@ def distill(
         report.append(row)
         if checkpoint_dir is not None:
             _save_progress(Path(checkpoint_dir).absolute(), bi, blk.path, p, row, key, fingerprint)
-        msg = f"{blk.path}: {objective} {before:.4g} -> {row['loss_after']:.4g}"
-        if bar is not None:
-            bar.set_postfix_str(msg)
-            bar.update(1)
-        if log is not None:
-            log(msg)
+        progress(f"{blk.path}: {objective} {before:.4g} -> {row['loss_after']:.4g}")
     if bar is not None:
         bar.close()
     return params, report
