@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="parent directory of the run directories")
     ap.add_argument("--policies", nargs="+", default=["bf16", "jetfire-int8"],
                     help="policy specs, the baseline first (at least two)")
+    ap.add_argument("--keep-finished", action="store_true",
+                    help="keep a policy's run that finished earlier under --out (it has memory.json) instead of "
+                         "training it again, so one comparison can span several sessions of a time-limited machine")
     ap.add_argument("--child", nargs=2, metavar=("RUN_DIR", "STATS"), help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args()
     if args.child:
@@ -86,9 +89,13 @@ def main() -> None:
     dirs = []
     for policy in args.policies:
         run_dir = os.path.join(args.out, dir_name(policy))
+        dirs.append(run_dir)
+        if args.keep_finished and os.path.exists(os.path.join(run_dir, "memory.json")):
+            print(f"= {policy}: finished run kept ({run_dir})", flush=True)
+            summary["runs"][policy] = summarize(run_dir)
+            continue
         if os.path.exists(run_dir):  # a parity run starts from step 0: never resume a stale run
             shutil.rmtree(run_dir)
-        dirs.append(run_dir)
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--out", args.out,
                "--child", run_dir, os.path.join(run_dir, "memory.json"), *overrides, f"--policy={policy}"]
         print("+", " ".join(cmd), flush=True)
