@@ -96,11 +96,15 @@ def help_text(argv: list[str]) -> str:
     )
 
 
-def make_policy(cfg: TrainConfig) -> Policy:
+def ops_backend(cfg: TrainConfig) -> str:
+    """--backend resolved: "pallas" (the kernels) or "xla" (their jnp references); auto = pallas on a GPU."""
     if cfg.backend not in ("auto", "pallas", "xla"):
         raise UsageError(f"--backend={cfg.backend!r}: expected auto, pallas or xla")
-    backend = ("pallas" if jax.default_backend() == "gpu" else "xla") if cfg.backend == "auto" else cfg.backend
-    return parse_policy(cfg.policy, backend=backend)
+    return ("pallas" if jax.default_backend() == "gpu" else "xla") if cfg.backend == "auto" else cfg.backend
+
+
+def make_policy(cfg: TrainConfig) -> Policy:
+    return parse_policy(cfg.policy, backend=ops_backend(cfg))
 
 
 def use_shard_map(cfg: TrainConfig, policy: Policy, mesh: jax.sharding.Mesh) -> bool:
@@ -415,7 +419,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     devices = check_devices(cfg)
     given_policy = cfg.policy
-    cfg = dataclasses.replace(cfg, policy=resolve_spec(cfg.policy))  # config.json records the tiles used
+    widths = (cfg.model.d_model, cfg.model.hidden)
+    min_block = MIN_KERNEL_BLOCK if ops_backend(cfg) == "pallas" else 2
+    # config.json records the tiles used; the device default narrows its tiles to fit the model's widths
+    cfg = dataclasses.replace(cfg, policy=resolve_spec(cfg.policy, widths, min_block))
+    if is_main and cfg.policy != resolve_spec(given_policy):
+        print(f"--policy={given_policy} is {cfg.policy} here: 128 does not divide the model widths {widths}")
     try:
         policy = make_policy(cfg)
     except UsageError:

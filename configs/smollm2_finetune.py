@@ -7,8 +7,9 @@
 
 The model's fields and tokenizer come from the GGUF file (``--init=gguf:FILE`` or ``hf:DIR`` names another
 checkpoint). 200 steps of 16 x 512 tokens read the corpus's 619k training tokens (SmolLM2's tokenizer)
-about 2.6 times. d_model = 576 is a multiple of 64 but not of 128: per-token INT8 tiles must be 1 x 64 here
-(``--policy=jetfire-int8:block=64,act_block=1x64,grad_block=1x64``).
+about 2.6 times. d_model = 576 is a multiple of 64 but not of 128, so on an H100 ``jetfire-int8`` trains with
+1 x 64 activation and gradient tiles and 64 x 64 weight blocks
+(``jetfire-int8-g128:block=64,act_block=1x64,grad_block=1x64``, which train.py prints and records).
 """
 
 import dataclasses

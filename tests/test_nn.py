@@ -300,3 +300,22 @@ def test_jetfire_int8_names_the_block_policy_of_the_device(monkeypatch):
     assert policy_lib.parse_policy("jetfire-int8:rounding_bwd=nearest").tiles == hopper.tiles
     # an explicit block size means the paper's square tiles at that size, on every device
     assert policy_lib.parse_policy("jetfire-int8:block=64").tiles == ((64, 64),)
+
+
+def test_device_default_tiles_narrow_to_the_model_widths(monkeypatch):
+    from jq8.training import policy as policy_lib
+
+    resolve = policy_lib.resolve_spec
+    monkeypatch.setattr(policy_lib, "on_hopper", lambda: True)
+    g64 = "jetfire-int8-g128:block=64,act_block=1x64,grad_block=1x64"
+    assert resolve("jetfire-int8", (576, 1536), 32) == g64  # SmolLM2: 576 = 4.5 x 128
+    assert policy_lib.parse_policy(g64).tiles == ((1, 64), (64, 64))
+    assert resolve("jetfire-int8:rounding_bwd=nearest", (576, 1536), 32) == g64 + ",rounding_bwd=nearest"
+    assert resolve("jetfire-int8", (96, 384), 32) == "jetfire-int8-g128:block=32,act_block=1x32,grad_block=1x32"
+    assert resolve("jetfire-int8", (4096, 16384), 32) == "jetfire-int8-g128"  # 128 fits: unchanged
+    assert resolve("jetfire-int8", (100, 400), 32) == "jetfire-int8-g128"  # nothing fits: train.py's error
+    # a spec that names a tile, or names the tiles outright, is taken as given
+    assert resolve("jetfire-int8:act_block=1x128", (576, 1536), 32) == "jetfire-int8-g128:act_block=1x128"
+    assert resolve("jetfire-int8-g128", (576, 1536), 32) == "jetfire-int8-g128"
+    monkeypatch.setattr(policy_lib, "on_hopper", lambda: False)
+    assert resolve("jetfire-int8", (576, 1536), 32) == "jetfire-int8-32x32"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -162,6 +163,17 @@ def test_llama_int8_policy_trains(tmp_path):
     assert out["config"].model.family == "llama" and out["config"].policy == "jetfire-int8-32x32"
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
     assert dataclasses.asdict(out["config"])["model"]["vocab_size"] % 64 == 0
+
+
+def test_device_default_policy_fits_its_tiles_to_the_model(tmp_path, monkeypatch, capsys):
+    from jq8.training import policy as policy_lib
+
+    monkeypatch.setattr(policy_lib, "on_hopper", lambda: True)  # the sm_90 default, run on the references
+    out = train.main([*TINY, "--model.d_model=96", "--model.num_heads=3", "--policy=jetfire-int8", "--steps=2",
+                      "--warmup_steps=1", "--eval_every=0", "--ckpt_every=0", f"--run_dir={tmp_path}"])
+    spec = "jetfire-int8-g128:block=32,act_block=1x32,grad_block=1x32"  # 96 = 3 x 32
+    assert out["config"].policy == spec and json.load(open(tmp_path / "config.json"))["policy"] == spec
+    assert "--policy=jetfire-int8 is " + spec in capsys.readouterr().out
 
 
 def test_tensorboard_is_optional_with_a_clear_error(tmp_path):

@@ -14,7 +14,8 @@ argument of ``jax.jit`` / ``jax.custom_vjp``. Named policies (:data:`NAMED_POLIC
                     bf16 in BENCHMARKS.md's loss-parity and GEMM-error tables)
     "jetfire-int8"  the block policy for the device: "jetfire-int8-g128" when the default device is a Hopper
                     (sm_90) GPU, else "jetfire-int8-32x32". With a ``block=`` override it is the paper's
-                    square tiles at that size on every device
+                    square tiles at that size on every device. train.py narrows the Hopper tiles to
+                    1 x G / G x G for a model whose widths 128 does not divide (:func:`resolve_spec`)
     "int8-row"      the same INT8 data flow with per-row scales along K on every GEMM operand (per token,
                     per output channel): all scaling in the GEMM epilogue, the fast path on Hopper
 
@@ -295,14 +296,27 @@ def parse_policy(spec: str, **overrides) -> Policy:
     return Policy.from_name(name.strip(), **{**fields, **overrides})
 
 
-def resolve_spec(spec: str) -> str:
+def resolve_spec(spec: str, widths: tuple[int, ...] = (), min_block: int = 2) -> str:
     """``spec`` with the device-dependent name "jetfire-int8" replaced by the named policy it stands for here
-    ("jetfire-int8-g128" on sm_90, else "jetfire-int8-32x32"), so that a run records what it trained with."""
+    ("jetfire-int8-g128" on sm_90, else "jetfire-int8-32x32"), so that a run records what it trained with.
+
+    ``widths``: the model's GEMM widths along K (d_model, the MLP width). Where the bare device default would
+    give Hopper's 1 x 128 / 128 x 128 tiles and 128 does not divide every width, the tiles become 1 x G /
+    G x G for the largest G >= ``min_block`` (a power of two below 128) that does (SmolLM2's d = 576 -> G = 64).
+    A spec that names a tile (``block``, ``act_block``, ...) is never changed, and neither is any other name.
+    """
     name, sep, rest = spec.partition(":")
     if name.strip() != "jetfire-int8":
         return spec
     keys = {item.partition("=")[0].strip() for item in rest.split(",")}
     concrete = "jetfire-int8-g128" if on_hopper() and "block" not in keys else "jetfire-int8-32x32"
+    tile_keys = {"block", *(f"{r}_block" for r in ROLES)}
+    if concrete == "jetfire-int8-g128" and not keys & tile_keys and any(w % 128 for w in widths):
+        fits = [g for g in (64, 32, 16, 8, 4, 2) if g >= min_block and all(w % g == 0 for w in widths)]
+        if fits:
+            g = fits[0]
+            tiles = f"block={g},act_block=1x{g},grad_block=1x{g}"
+            return f"{concrete}:{tiles}" + (f",{rest}" if rest.strip() else "")
     return concrete + sep + rest
 
 
