@@ -116,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--smooth",
-        type=float,
         default=None,
         metavar="ALPHA",
         help="jq8's extension (off by default): before quantizing, migrate activation outliers into the weights "
-        "(SmoothQuant, strength ALPHA in [0, 1], e.g. 0.5; exact in float, calibrated on --calib). The factors "
-        "live in the norms, so it implies --no-fold-norms",
+        "(SmoothQuant, strength ALPHA in [0, 1], e.g. 0.5, or auto: per site, the strength whose W8A8 output "
+        "error on calibration inputs is least; exact in float, calibrated on --calib). The factors live in the "
+        "norms, so it implies --no-fold-norms",
     )
     p.add_argument("--eval-source", default=None, help="evaluation corpus (default: the training corpus)")
     p.add_argument("--eval-batches", type=int, default=20, help="evaluation batches (at most)")
@@ -168,8 +168,14 @@ def check_args(args) -> None:
     if not args.lkd_lr > 0:
         fail(f"--lkd-lr {args.lkd_lr}: must be > 0")
     if args.smooth is not None:
-        if not 0.0 <= args.smooth <= 1.0:
-            fail(f"--smooth {args.smooth}: the migration strength must be in [0, 1] (e.g. --smooth 0.5)")
+        bad = f"--smooth {args.smooth}: the migration strength must be in [0, 1] or auto (e.g. --smooth 0.5)"
+        if args.smooth != "auto":
+            try:
+                args.smooth = float(args.smooth)
+            except ValueError:
+                fail(bad)
+            if not 0.0 <= args.smooth <= 1.0:
+                fail(bad)
         if args.model == "minilm" or args.eval_dir:
             fail("--smooth applies when quantizing a decoder checkpoint (--ckpt ... --out); drop it here")
     if args.seq_len < 0:

@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints: prompt logits and N KV-cached greedy tokens vs the XLA integer path (0: skip)")
     p.add_argument("--smooth", default=None, metavar="ALPHAS",
                    help="also W8A8 with jq8's activation-outlier migration (jq8.ptq.smooth) at each comma-separated "
-                   "strength (e.g. 0.5,0.8; the first also with the tied head weight-only); with --diagnose, the "
-                   "breakdown is repeated on the params smoothed at the first")
+                   "strength (e.g. auto,0.5; auto: a strength per site; the first also with the tied head "
+                   "weight-only); with --diagnose, the breakdown is repeated on the params smoothed at the first")
     p.add_argument("--diagnose", action="store_true",
                    help="first break W8A8's cost down by module role: per role (q/k/v, o, gate/up, down, tied "
                    "head), perplexity with only that role's activations INT8 (A8) or only its weights INT8 (W8), "
@@ -127,17 +127,19 @@ def head_weight_only(rules: list) -> list:
             else r for r in rules]
 
 
-def parse_alphas(text: str | None) -> list[float]:
-    """--smooth's comma-separated strengths, each in [0, 1]."""
+def parse_alphas(text: str | None) -> list[float | str]:
+    """--smooth's comma-separated strengths, each in [0, 1] or "auto" (a strength per site)."""
     if not text:
         return []
-    try:
-        alphas = [float(x) for x in text.split(",")]
-    except ValueError:
-        fail(f"--smooth {text}: pass comma-separated numbers in [0, 1], e.g. --smooth 0.5,0.8")
-    for x in alphas:
-        if not 0.0 <= x <= 1.0:
-            fail(f"--smooth {text}: {x} is outside [0, 1]; pass strengths in [0, 1], e.g. --smooth 0.5,0.8")
+    alphas: list[float | str] = []
+    for x in text.split(","):
+        try:
+            a = x.strip() if x.strip() == "auto" else float(x)
+        except ValueError:
+            fail(f"--smooth {text}: pass comma-separated numbers in [0, 1] or auto, e.g. --smooth auto,0.5")
+        if a != "auto" and not 0.0 <= a <= 1.0:
+            fail(f"--smooth {text}: {x} is outside [0, 1]; pass strengths in [0, 1] or auto, e.g. --smooth auto,0.5")
+        alphas.append(a)
     return alphas
 
 
@@ -373,14 +375,18 @@ def main(argv=None) -> dict:
 
     amax_cache: dict = {}
 
-    def smoothed(alpha: float) -> dict:
+    def smoothed(alpha: float | str) -> dict:
         """The float params with activation outliers migrated at ``alpha`` (calibration maxima cached)."""
         t = time.perf_counter()
         if "amax" not in amax_cache:
             amax_cache["amax"] = smooth.activation_absmax(model, params, calib)
         cfg = meta["model_config"]
-        sp, rep = smooth.smooth_params(params, amax_cache["amax"], alpha, num_heads=cfg["num_heads"],
-                                       num_kv_heads=cfg.get("num_kv_heads"))
+        heads = dict(num_heads=cfg["num_heads"], num_kv_heads=cfg.get("num_kv_heads"))
+        strength = alpha
+        if alpha == "auto":  # per site, least W8A8 output error on calibration inputs
+            samples = smooth.activation_samples(model, params, calib)
+            strength = smooth.search_alphas(params, amax_cache["amax"], samples, **heads)
+        sp, rep = smooth.smooth_params(params, amax_cache["amax"], strength, **heads)
         amax_cache[alpha] = {"smooth_s": round(time.perf_counter() - t, 2), "summary": smooth.describe(rep)}
         print(amax_cache[alpha]["summary"], flush=True)
         return sp

@@ -92,11 +92,7 @@ def test_gqa_factors_are_shared_by_a_group():
 def test_smoothing_lowers_w8a8_error_on_outlier_channels():
     """A few 40x channels in the norms' output (as real LMs have): token-wise W8A8 loses them to the row
     scale; smoothed (alpha 0.5), the same W8A8 rules land closer to the float logits."""
-    model, params, tokens, cfg = tiny_gqa_llama()
-    for i in range(2):
-        for b in ("attn", "mlp"):
-            g = params[f"h_{i}"][b]["norm"]["scale"]
-            params[f"h_{i}"][b]["norm"]["scale"] = g.at[jnp.array([3, 17])].multiply(40.0)
+    model, params, tokens = _outlier_llama()
     rules = ptq.scheme("w8a8", embeddings=False)
     ref = logits(model, params, tokens)
 
@@ -110,6 +106,68 @@ def test_smoothing_lowers_w8a8_error_on_outlier_channels():
     assert all(r["act_max_ratio_after"] < r["act_max_ratio_before"] / 3 for r in norm_sites)
     before, after = err(params), err(new)
     assert after < 0.5 * before, (before, after)
+
+
+def _outlier_llama():
+    """tiny_gqa_llama with two 40x channels in every norm's output."""
+    model, params, tokens, cfg = tiny_gqa_llama()
+    for i in range(2):
+        for b in ("attn", "mlp"):
+            g = params[f"h_{i}"][b]["norm"]["scale"]
+            params[f"h_{i}"][b]["norm"]["scale"] = g.at[jnp.array([3, 17])].multiply(40.0)
+    return model, params, tokens
+
+
+def test_w8a8_output_error_is_per_token_times_per_channel_int8():
+    x = np.asarray(jax.random.normal(jax.random.key(0), (24, 40)), np.float32) * np.linspace(0.5, 9, 40)
+    w = np.asarray(jax.random.normal(jax.random.key(1), (40, 12)), np.float32)
+
+    def q(m):  # symmetric INT8, one scale per row, rounding half away from zero
+        scale = np.abs(m).max(axis=1, keepdims=True) / 127.0
+        return np.trunc(m / scale + np.copysign(0.5, m)) * scale
+
+    want = float(np.sum(np.square(q(x) @ q(w.T).T - x.astype(np.float64) @ w)))
+    np.testing.assert_allclose(smooth.w8a8_output_error(x, w), want, rtol=2e-3)
+
+
+def test_search_alphas_takes_each_sites_least_error_strength():
+    """The first site's pick is the grid strength whose smoothed model, run in float, feeds its consumer the
+    inputs with the least W8A8 error; the picks smooth exactly in float and beat no smoothing under W8A8."""
+    model, params, tokens = _outlier_llama()
+    heads = dict(num_heads=4, num_kv_heads=2)
+    amax = smooth.activation_absmax(model, params, [tokens])
+    samples = smooth.activation_samples(model, params, [tokens])
+    grid = (0.0, 0.5, 0.9)
+    chosen = smooth.search_alphas(params, amax, samples, grid, **heads)
+    sites = smooth.smoothing_sites(params, 4)
+    assert set(chosen) == {smooth.site_key(p, s) for p, s in sites} and set(chosen.values()) <= set(grid)
+    path, site = sites[0]
+    key, consumer = smooth.site_key(path, site), f"{path}/out"
+    assert site == "v->out"
+    errors = []
+    for a in grid:
+        sp, rep = smooth.smooth_params(params, amax, {key: a}, **heads)
+        assert [(r["path"], r["site"], r["alpha"]) for r in rep] == [(path, site, a)]  # other sites skipped
+        xs = smooth.activation_samples(model, sp, [tokens])[consumer]
+        errors.append(smooth.w8a8_output_error(xs, get_path(sp, consumer)["kernel"]))
+    assert chosen[key] == grid[int(np.argmin(errors))], (chosen[key], errors)
+
+    new, rep = smooth.smooth(model, params, [tokens], "auto", grid=grid, **heads)
+    assert {smooth.site_key(r["path"], r["site"]): r["alpha"] for r in rep} == chosen
+    np.testing.assert_allclose(logits(model, new, tokens), logits(model, params, tokens), rtol=2e-4, atol=2e-4)
+    rules = ptq.scheme("w8a8", embeddings=False)
+    ref = logits(model, params, tokens)
+
+    def err(p):
+        out = ptq_infer.apply_quantized(model, ptq.quantize_params(p, rules, fold_norms=False), tokens, backend="xla")
+        return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+    assert err(new) < 0.5 * err(params)
+    assert "alpha" in smooth.describe(rep)
+    with pytest.raises(ValueError, match="'auto'"):
+        smooth.smooth(model, params, [tokens], "strong", **heads)
+    with pytest.raises(ValueError, match="empty"):
+        smooth.search_alphas(params, amax, samples, (), **heads)
 
 
 def test_smoothing_factors_formula_and_bad_input():
@@ -126,7 +184,7 @@ def test_smoothing_factors_formula_and_bad_input():
         smooth.smoothing_factors(a, w[:3], 0.5)
 
 
-@pytest.mark.parametrize("alpha", ["1.5", "-0.2", "nan"])
+@pytest.mark.parametrize("alpha", ["1.5", "-0.2", "nan", "strong"])
 def test_cli_rejects_alpha_outside_unit_interval(ckpt, tmp_path, capsys, alpha):  # noqa: F811
     out = tmp_path / "q"
     assert quantize.run(["--ckpt", str(ckpt), "--out", str(out), "--smooth", alpha, *SMALL]) == 2
@@ -135,12 +193,16 @@ def test_cli_rejects_alpha_outside_unit_interval(ckpt, tmp_path, capsys, alpha):
     assert not out.exists()
 
 
-def test_cli_smooth_quantizes_the_smoothed_model(ckpt, tmp_path, capsys):  # noqa: F811
-    """--smooth 0.5: the table is produced, the checkpoint holds unfolded (smoothed) norms, and the reloaded
-    model is the evaluated one."""
+@pytest.mark.parametrize("alpha", ["0.5", "auto"])
+def test_cli_smooth_quantizes_the_smoothed_model(ckpt, tmp_path, capsys, alpha):  # noqa: F811
+    """--smooth 0.5 / auto: the table is produced, the checkpoint holds unfolded (smoothed) norms, and the
+    reloaded model is the evaluated one."""
     out = tmp_path / "q"
-    rep = quantize.main(["--ckpt", str(ckpt), "--scheme", "w8a8", "--smooth", "0.5", "--out", str(out), *SMALL])
-    assert "smoothing: 6 sites" in capsys.readouterr().out  # 2 layers x (norm->qkv, norm->fc1, v->out)
+    rep = quantize.main(["--ckpt", str(ckpt), "--scheme", "w8a8", "--smooth", alpha, "--out", str(out), *SMALL])
+    printed = capsys.readouterr().out
+    assert "smoothing: 6 sites (alpha" in printed  # 2 layers x (norm->qkv, norm->fc1, v->out)
+    if alpha == "0.5":
+        assert "smoothing: 6 sites (alpha 0.5)" in printed
     assert rep["rows"][-1]["ppl"] == rep["rows"][2]["ppl"] and all(r["ppl"] > 1 for r in rep["rows"])
     from jq8.ptq import checkpoint as qcheckpoint
 

@@ -21,6 +21,11 @@ Flax model with other params, and the float logits do not change (up to float ro
   one group read the same KV head, so one s per (KV head, head channel) serves all of them: its activation
   and weight maxima are taken over the group's query heads. Needs ``num_heads`` (and ``num_kv_heads``).
 
+The strength can be one alpha for every site or chosen per site (:func:`search_alphas`, ``--smooth auto``):
+for each site in application order, the alpha of a grid whose smoothed consumers give the W8A8 output
+(token-wise INT8 inputs, per-output-channel INT8 weights) closest to the float output on a sample of
+calibration inputs. It reads only calibration data, so an evaluation set stays untouched.
+
 The LM head's input (the final norm's output) is not smoothed: a tied head shares its table with the
 embedding lookup, which a per-channel factor would change.
 
@@ -42,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq8.quant import QuantSpec, fake_quantize
 from jq8.rules import get_path, map_path, module_path
 
 SITES = ("v->out", "fc1->fc2", "norm->qkv", "norm->fc1")
@@ -119,10 +125,15 @@ def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
+def site_key(path: str, site: str) -> str:
+    """The key of one migration site in a per-site alpha mapping: ``"blocks_3/mlp:fc1->fc2"``."""
+    return f"{path}:{site}"
+
+
 def smooth_params(
     params: Mapping[str, Any],
     act_absmax: Mapping[str, jax.Array],
-    alpha: float,
+    alpha: float | Mapping[str, float],
     *,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
@@ -134,15 +145,18 @@ def smooth_params(
 
     params: a Flax params tree (jq8.training.nn branches). act_absmax: Dense module path -> (K,) max |x| per
       input channel over calibration tokens (:func:`activation_absmax`); a site whose consumer has no entry
-      is skipped. alpha: migration strength in [0, 1]. num_heads / num_kv_heads: the attention heads
+      is skipped. alpha: migration strength in [0, 1], one for every site or a mapping :func:`site_key` ->
+      strength (:func:`search_alphas`; a site it lacks is skipped). num_heads / num_kv_heads: the attention heads
       (num_kv_heads None = num_heads); None skips the v -> out sites. sites: the kinds of site to migrate
       (a subset of :data:`SITES`).
     Weight maxima are read from the params as each site finds them: the v -> out and fc1 -> fc2 sites go
     first, so the norm sites see qkv / fc1 kernels with their output columns already rescaled.
-    Report rows: {path, site, act_max_ratio_before, act_max_ratio_after, s_min, s_max}; the ratios are
+    Report rows: {path, site, alpha, act_max_ratio_before, act_max_ratio_after, s_min, s_max}; the ratios are
     max / median of the per-channel activation maxima (1 = no outlier channel).
     """
-    alpha = check_alpha(alpha)
+    per_site = isinstance(alpha, Mapping)
+    alphas = {k: check_alpha(v) for k, v in alpha.items()} if per_site else {}
+    uniform = None if per_site else check_alpha(alpha)
     if num_kv_heads is not None and num_heads is None:
         raise ValueError("num_kv_heads needs num_heads")
     unknown = set(sites) - set(SITES)
@@ -160,21 +174,31 @@ def smooth_params(
             consumer = _join(path, "fc2")
         else:
             consumer = _join(path, site.split("->")[1])
-        if consumer not in act_absmax:
+        a = alphas.get(site_key(path, site)) if per_site else uniform
+        if consumer not in act_absmax or a is None:
             continue
         amax = jnp.asarray(act_absmax[consumer], jnp.float32)
-        if site == "v->out":
-            new, s_in = _smooth_v_out(node, amax, alpha, num_heads, num_kv_heads or num_heads, path)
-        elif site == "fc1->fc2":
-            new, s_in = _smooth_fc1_fc2(node, amax, alpha)
-        else:
-            new, s_in = _smooth_norm(node, amax, alpha, ("qkv",) if site == "norm->qkv" else ("fc1", "gate"))
+        new, s_in = _smooth_site(node, site, amax, a, num_heads, num_kv_heads, path)
         out = dict(map_path(out, path, lambda _, new=new: new)) if path else new
         ratio = lambda m: float(jnp.max(m) / jnp.maximum(jnp.median(m), jnp.finfo(jnp.float32).tiny))  # noqa: E731
-        report.append(dict(path=path, site=site, act_max_ratio_before=ratio(amax),
+        report.append(dict(path=path, site=site, alpha=a, act_max_ratio_before=ratio(amax),
                            act_max_ratio_after=ratio(amax / s_in), s_min=float(jnp.min(s_in)),
                            s_max=float(jnp.max(s_in))))
     return out, report
+
+
+def _consumers(site: str) -> tuple[str, ...]:
+    """The Dense layers of a branch that read a site's smoothed input."""
+    return {"v->out": ("out",), "fc1->fc2": ("fc2",), "norm->qkv": ("qkv",), "norm->fc1": ("fc1", "gate")}[site]
+
+
+def _smooth_site(node, site, amax, alpha, num_heads, num_kv_heads, path) -> tuple[dict, jax.Array]:
+    """One site of one branch ``node`` migrated at ``alpha``: (new node, s per consumer input channel)."""
+    if site == "v->out":
+        return _smooth_v_out(node, amax, alpha, num_heads, num_kv_heads or num_heads, path)
+    if site == "fc1->fc2":
+        return _smooth_fc1_fc2(node, amax, alpha)
+    return _smooth_norm(node, amax, alpha, _consumers(site))
 
 
 def _smooth_norm(node, amax, alpha, names) -> tuple[dict, jax.Array]:
@@ -270,27 +294,142 @@ def activation_absmax(
     return amax
 
 
+def activation_samples(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    batches: Iterable[Any],
+    tokens: int = 1024,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, jax.Array]:
+    """Dense module path -> (T, K) f32 inputs of that Dense on T <= ``tokens`` calibration tokens, taken
+    evenly from each batch in turn until ``tokens`` are held (the search's sample; memory ~ tokens x K)."""
+    from jq8.ptq.schemes import dense_paths
+
+    wanted = set(dense_paths(params))
+    kw = dict(apply_kwargs or {})
+    batches = list(batches)
+    if not batches:
+        raise ValueError("activation_samples: no calibration batches")
+
+    @jax.jit
+    def inputs_of(p, batch):
+        found: dict[str, jax.Array] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name == "__call__":
+                path = module_path(context.module.path)
+                if path in wanted:
+                    found[path] = args[0].astype(jnp.float32).reshape(-1, args[0].shape[-1])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": p}, *(batch if isinstance(batch, tuple) else (batch,)), **kw)
+        return found
+
+    per_batch = -(-tokens // len(batches))
+    parts: dict[str, list] = {}
+    for batch in batches:
+        for path, x in inputs_of(params, batch).items():
+            step = max(1, x.shape[0] // per_batch)
+            parts.setdefault(path, []).append(np.asarray(x[::step][:per_batch]))
+    return {path: jnp.asarray(np.concatenate(xs)[:tokens]) for path, xs in parts.items()}
+
+
+ALPHA_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def w8a8_output_error(x: jax.Array, kernel: jax.Array) -> float:
+    """Sum of squared differences between ``x @ kernel`` in f32 and the same product with ``x`` quantized
+    per token (INT8) and ``kernel`` per output channel (INT8): W8A8's numerics, fake-quantized.
+    x: (T, K) f32; kernel: (K, N) Flax layout."""
+    spec = QuantSpec.per_row(8)  # tokens are rows of x; output channels are rows of kernel.T
+    x = jnp.asarray(x, jnp.float32)
+    w = jnp.asarray(kernel, jnp.float32)
+    y = fake_quantize(x, spec) @ fake_quantize(w.T, spec).T
+    return float(jnp.sum(jnp.square(y - x @ w)))
+
+
+def _site_error(node, site, amax, alpha, x, names, num_heads, num_kv_heads, path) -> float:
+    """W8A8 output error of one site's consumers after migrating at ``alpha``: (x / s) @ (s W) is x @ W in
+    float, so only the quantization error is measured."""
+    new, s_in = _smooth_site(node, site, amax, alpha, num_heads, num_kv_heads, path)
+    return sum(w8a8_output_error(x / s_in, new[n]["kernel"]) for n in names)
+
+
+def search_alphas(
+    params: Mapping[str, Any],
+    act_absmax: Mapping[str, jax.Array],
+    samples: Mapping[str, jax.Array],
+    grid: Iterable[float] = ALPHA_GRID,
+    *,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    sites: tuple[str, ...] = SITES,
+) -> dict[str, float]:
+    """A strength per site (:func:`site_key` -> alpha in ``grid``): the one whose smoothed consumers' W8A8
+    output error (:func:`w8a8_output_error`) on the calibration ``samples`` is least, sites taken in
+    :func:`smooth_params`'s order with the earlier choices applied. act_absmax: as for
+    :func:`smooth_params`; samples: :func:`activation_samples` of the same float model. Feed the result to
+    :func:`smooth_params`. A site whose consumers have no samples is left out (not smoothed)."""
+    grid = tuple(check_alpha(a) for a in grid)
+    if not grid:
+        raise ValueError("search_alphas: an empty alpha grid")
+    out = dict(params)
+    chosen: dict[str, float] = {}
+    for path, site in smoothing_sites(params, num_heads):
+        if site not in sites:
+            continue
+        node = get_path(out, path) if path else out
+        names = tuple(n for n in _consumers(site) if _dense(node, n))
+        keys = [_join(path, n) for n in names]
+        if not names or keys[0] not in samples or keys[0] not in act_absmax:
+            continue
+        x = jnp.asarray(samples[keys[0]], jnp.float32)  # the consumers of one site read the same input
+        amax = jnp.asarray(act_absmax[keys[0]], jnp.float32)
+        errors = [(_site_error(node, site, amax, a, x, names, num_heads, num_kv_heads, path), a) for a in grid]
+        best = min(errors)[1]  # ties: the smaller alpha
+        chosen[site_key(path, site)] = best
+        new, _ = _smooth_site(node, site, amax, best, num_heads, num_kv_heads, path)
+        out = dict(map_path(out, path, lambda _, new=new: new)) if path else new
+    return chosen
+
+
 def smooth(
     model: nn.Module,
     params: Mapping[str, Any],
     batches: Iterable[Any],
-    alpha: float,
+    alpha: float | str,
     *,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
     sites: tuple[str, ...] = SITES,
     apply_kwargs: Mapping[str, Any] | None = None,
+    sample_tokens: int = 1024,
+    grid: Iterable[float] = ALPHA_GRID,
 ) -> tuple[dict, list[dict]]:
-    """:func:`activation_absmax` over the calibration ``batches``, then :func:`smooth_params`."""
-    alpha = check_alpha(alpha)
+    """:func:`activation_absmax` over the calibration ``batches``, then :func:`smooth_params`. alpha: one
+    strength in [0, 1], or "auto": a strength per site of ``grid`` from :func:`search_alphas` on
+    ``sample_tokens`` calibration tokens."""
+    batches = list(batches)
+    if isinstance(alpha, str) and alpha != "auto":
+        raise ValueError(f"smoothing alpha must be in [0, 1] or 'auto', got {alpha!r}")
     amax = activation_absmax(model, params, batches, apply_kwargs=apply_kwargs)
-    return smooth_params(params, amax, alpha, num_heads=num_heads, num_kv_heads=num_kv_heads, sites=sites)
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, sites=sites)
+    if alpha == "auto":
+        samples = activation_samples(model, params, batches, sample_tokens, apply_kwargs=apply_kwargs)
+        alpha = search_alphas(params, amax, samples, grid, **kw)
+    return smooth_params(params, amax, alpha if isinstance(alpha, Mapping) else check_alpha(alpha), **kw)
 
 
 def describe(report: list[dict]) -> str:
-    """One line: the sites smoothed and the median outlier ratio (max / median channel) before -> after."""
+    """One line: the sites smoothed, their strengths and the median outlier ratio (max / median channel)
+    before -> after."""
     if not report:
         return "smoothing: no site"
     before = np.median([r["act_max_ratio_before"] for r in report])
     after = np.median([r["act_max_ratio_after"] for r in report])
-    return f"smoothing: {len(report)} sites, median activation max/median channel {before:.1f} -> {after:.1f}"
+    alphas = sorted({r["alpha"] for r in report})
+    strength = f"alpha {alphas[0]:g}" if len(alphas) == 1 else "alpha per site " + ", ".join(
+        f"{a:g} x{sum(r['alpha'] == a for r in report)}" for a in alphas)
+    return (f"smoothing: {len(report)} sites ({strength}), median activation max/median channel {before:.1f} -> "
+            f"{after:.1f}")
