@@ -49,6 +49,18 @@ def dir_name(policy: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in policy)
 
 
+def stale_settings(run_dir: str, config: str, overrides: list[str], policy: str) -> list[str]:
+    """The training settings (``--key``s besides model, policy and run_dir) in which the finished run under
+    ``run_dir`` differs from what this comparison would train: a kept run must be the run it stands for."""
+    import train
+
+    want = json.loads(json.dumps(train.parse_args(
+        ["--config", config, f"--run_dir={run_dir}", *overrides, f"--policy={policy}"]).to_dict()))
+    with open(os.path.join(run_dir, "config.json")) as f:
+        have = json.load(f)
+    return sorted(k for k in want if k not in ("model", "policy", "run_dir") and have.get(k) != want[k])
+
+
 def summarize(run_dir: str) -> dict:
     rows = metrics.read_metrics(run_dir)
     val = list(zip(*metrics.series(rows, "val_loss")))
@@ -75,8 +87,9 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["bf16", "jetfire-int8"],
                     help="policy specs, the baseline first (at least two)")
     ap.add_argument("--keep-finished", action="store_true",
-                    help="keep a policy's run that finished earlier under --out (it has memory.json) instead of "
-                         "training it again, so one comparison can span several sessions of a time-limited machine")
+                    help="keep a policy's run that finished earlier under --out (it has memory.json) with the same "
+                         "settings instead of training it again, so one comparison can span several sessions of a "
+                         "time-limited machine (a finished run with other settings is an error)")
     ap.add_argument("--child", nargs=2, metavar=("RUN_DIR", "STATS"), help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args()
     if args.child:
@@ -91,6 +104,10 @@ def main() -> None:
         run_dir = os.path.join(args.out, dir_name(policy))
         dirs.append(run_dir)
         if args.keep_finished and os.path.exists(os.path.join(run_dir, "memory.json")):
+            stale = stale_settings(run_dir, args.config, overrides, policy)
+            if stale:
+                ap.error(f"--keep-finished: the finished run {run_dir} differs in {', '.join(stale)}; remove it "
+                         "or run without --keep-finished")
             print(f"= {policy}: finished run kept ({run_dir})", flush=True)
             summary["runs"][policy] = summarize(run_dir)
             continue
