@@ -1,6 +1,8 @@
 """Where a block step's time goes: device kernels of one fwd+bwd (benchmarks/block_step.py's step), by name.
 
     PYTHONPATH=. python3 benchmarks/profile_step.py --hidden 4096 --policies bf16 int8-row jetfire-int8
+    PYTHONPATH=. python3 benchmarks/profile_step.py --hidden 576 --family llama --part block --tokens 8192 \
+        --seq 512 --policies bf16 int8-row 'jetfire-int8:block=64,act_block=1x64,grad_block=1x64'   # SmolLM2
     PYTHONPATH=. python3 benchmarks/profile_step.py --tiny            # CPU smoke test
 
 Records ``--iters`` steps under ``jax.profiler.trace`` (Perfetto trace), sums the device-side events per
@@ -141,17 +143,18 @@ def kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 
 
 def profile(
-    hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int | None, hlo_dir: str = ""
+    hidden: int, tokens: int, seq: int, part: str, policy_name: str, iters: int, block: int | None, hlo_dir: str = "",
+    family: str = "gpt",
 ) -> dict:
     policy = parse_policy(policy_name, backend="pallas" if jax.default_backend() == "gpu" else "xla")
     if block and policy.granularity == "block" and "block=" not in policy_name:
         policy = dataclasses.replace(policy, block=(block, block))
     heads = max(1, hidden // 64)
     x = jax.random.normal(jax.random.PRNGKey(0), (tokens // seq, seq, hidden), jnp.float32)
-    params = jax.jit(Block(Policy(), heads, part).init)(jax.random.PRNGKey(2), x)["params"]
+    params = jax.jit(Block(Policy(), heads, part, family=family).init)(jax.random.PRNGKey(2), x)["params"]
 
     def loss(params, x, key):
-        return jnp.sum(Block(policy, heads, part).apply({"params": params}, x, rngs={"quant": key}))
+        return jnp.sum(Block(policy, heads, part, family=family).apply({"params": params}, x, rngs={"quant": key}))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     key = jax.random.PRNGKey(3)
@@ -175,7 +178,7 @@ def profile(
     total = lines[busiest]
     gaps = kernel_gaps(evs)
     top = sorted(times.items(), key=lambda kv: -kv[1][0])
-    return dict(hidden=hidden, tokens=tokens, part=part, policy=policy_name, iters=iters,
+    return dict(hidden=hidden, tokens=tokens, part=part, family=family, policy=policy_name, iters=iters,
                 device_ms_per_step=total / iters / 1e3,
                 span_ms_per_step=(evs[-1][1] - evs[0][0]) / iters / 1e3 if evs else 0.0,
                 idle_ms_per_step=sum(g for g, _ in gaps.values()) / iters / 1e3,
@@ -192,6 +195,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--part", default="mlp", choices=["mlp", "block"])
+    ap.add_argument("--family", default="gpt", choices=["gpt", "llama"],
+                    help="gpt: LayerNorm + GELU; llama: RMSNorm + SwiGLU + rotary (block_step.py's Block)")
     ap.add_argument("--policies", nargs="+", default=["bf16", "int8-row", "jetfire-int8"],
                     help="policy spec strings (jq8.training.policy.parse_policy)")
     ap.add_argument("--block", type=int, default=None, help="square block of block policies naming none")
@@ -212,11 +217,12 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
     if args.tiny:
         args.hidden, args.tokens, args.seq, args.iters = 64, 64, 32, 1
-    print(f"device {jax.devices()[0].device_kind}, hidden {args.hidden}, {args.tokens} tokens, {args.part}")
+    print(f"device {jax.devices()[0].device_kind}, {args.family} hidden {args.hidden}, {args.tokens} tokens, "
+          f"{args.part}")
     rows = []
     for name in args.policies:
         r = profile(args.hidden, args.tokens, args.seq, args.part, name, args.iters, args.block,
-                    out if args.dump_hlo else "")
+                    out if args.dump_hlo else "", args.family)
         rows.append(r)
         print(f"\n== {name}: {r['device_ms_per_step']:.2f} ms of device events per step on the busiest line; "
               f"lines: { {k: round(v, 2) for k, v in r['lines_ms_per_step'].items()} }")
