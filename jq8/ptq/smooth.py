@@ -251,6 +251,41 @@ def _smooth_v_out(node, amax, alpha, h: int, hk: int, path: str) -> tuple[dict, 
     return {**node, "qkv": qkv, "out": {**node["out"], "kernel": _scaled(wout, s_in, 0)}}, s_in
 
 
+def _dense_inputs(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    batches: Iterable[Any],
+    reduce,
+    paths: Iterable[str] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+):
+    """Yields, per batch, {Dense path: reduce(x)} with x the (tokens, K) f32 input of each recorded Dense of
+    the float model (``model.apply({'params': params}, batch, **apply_kwargs)``; a tuple batch is unpacked
+    into positional inputs). reduce runs inside the jitted call, so only what it keeps leaves the device."""
+    from jq8.ptq.schemes import dense_paths
+
+    wanted = set(dense_paths(params) if paths is None else paths)
+    kw = dict(apply_kwargs or {})
+
+    @jax.jit
+    def inputs_of(p, batch):
+        found: dict[str, jax.Array] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name == "__call__":
+                path = module_path(context.module.path)
+                if path in wanted:
+                    found[path] = reduce(args[0].astype(jnp.float32).reshape(-1, args[0].shape[-1]))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": p}, *(batch if isinstance(batch, tuple) else (batch,)), **kw)
+        return found
+
+    for batch in batches:
+        yield inputs_of(params, batch)
+
+
 def activation_absmax(
     model: nn.Module,
     params: Mapping[str, Any],
@@ -264,30 +299,10 @@ def activation_absmax(
     unpacked into positional inputs). paths: the Dense layers to record (default: every module holding a
     2-D ``kernel``).
     """
-    from jq8.ptq.schemes import dense_paths
-
-    wanted = set(dense_paths(params) if paths is None else paths)
-    kw = dict(apply_kwargs or {})
-
-    @jax.jit
-    def amax_of(p, batch):
-        found: dict[str, jax.Array] = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__":
-                path = module_path(context.module.path)
-                if path in wanted:
-                    x = jnp.abs(args[0].astype(jnp.float32))
-                    found[path] = jnp.max(x.reshape(-1, x.shape[-1]), axis=0)
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            model.apply({"params": p}, *(batch if isinstance(batch, tuple) else (batch,)), **kw)
-        return found
-
     amax: dict[str, jax.Array] = {}
-    for batch in batches:
-        for path, m in amax_of(params, batch).items():
+    per_channel_max = lambda x: jnp.max(jnp.abs(x), axis=0)  # noqa: E731
+    for found in _dense_inputs(model, params, batches, per_channel_max, paths, apply_kwargs):
+        for path, m in found.items():
             amax[path] = m if path not in amax else jnp.maximum(amax[path], m)
     if not amax:
         raise ValueError("activation_absmax recorded nothing: no batches, or no Dense layer at the given paths")
@@ -303,35 +318,18 @@ def activation_samples(
 ) -> dict[str, jax.Array]:
     """Dense module path -> (T, K) f32 inputs of that Dense on T <= ``tokens`` calibration tokens, taken
     evenly from each batch in turn until ``tokens`` are held (the search's sample; memory ~ tokens x K)."""
-    from jq8.ptq.schemes import dense_paths
-
-    wanted = set(dense_paths(params))
-    kw = dict(apply_kwargs or {})
     batches = list(batches)
     if not batches:
         raise ValueError("activation_samples: no calibration batches")
-
-    @jax.jit
-    def inputs_of(p, batch):
-        found: dict[str, jax.Array] = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__":
-                path = module_path(context.module.path)
-                if path in wanted:
-                    found[path] = args[0].astype(jnp.float32).reshape(-1, args[0].shape[-1])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            model.apply({"params": p}, *(batch if isinstance(batch, tuple) else (batch,)), **kw)
-        return found
-
     per_batch = -(-tokens // len(batches))
+
+    def evenly(x):  # static shapes: the stride is fixed per batch shape
+        return x[:: max(1, x.shape[0] // per_batch)][:per_batch]
+
     parts: dict[str, list] = {}
-    for batch in batches:
-        for path, x in inputs_of(params, batch).items():
-            step = max(1, x.shape[0] // per_batch)
-            parts.setdefault(path, []).append(np.asarray(x[::step][:per_batch]))
+    for found in _dense_inputs(model, params, batches, evenly, apply_kwargs=apply_kwargs):
+        for path, x in found.items():
+            parts.setdefault(path, []).append(np.asarray(x))
     return {path: jnp.asarray(np.concatenate(xs)[:tokens]) for path, xs in parts.items()}
 
 
