@@ -70,7 +70,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -88,6 +87,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.block_step import Block, compiled_bytes, time_step  # noqa: E402  (the GPT block block_step.py times)
 from jq8.training.policy import parse_policy  # noqa: E402
+from train import write_json_atomic  # noqa: E402  (one atomic JSON writer)
 
 DEFAULT_ROWS = ["jax-bf16", "qwix-int8", "jq8:int8-row", "jq8:jetfire-int8", "torch-bf16", "torchao-int8"]
 TINY_ROWS = ["jax-bf16", "qwix-int8", "qwix-int8-sr", "jq8:bf16", "jq8:int8-row", "jq8:jetfire-int8",
@@ -451,19 +451,6 @@ def max_grad_err(grads: dict, want: dict) -> tuple[float, str]:
     return errs[worst], worst
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Atomic: a temporary file in the same directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".peers_training.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "flax", "qwix", "torch", "triton", "torchao"):
@@ -608,7 +595,7 @@ def main() -> None:
         info["rows"].append(row)
         print(json.dumps(row), flush=True)
         if path:
-            write_json(path, info)
+            write_json_atomic(path, info)
 
     for hidden in args.hidden:
         for part in args.parts:

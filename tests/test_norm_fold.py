@@ -17,21 +17,26 @@ from jq8.rules import get_path
 from tests.test_ptq import run_int8, tiny_gpt
 
 
-def tiny_llama(seed: int = 4):
-    """(model, params, tokens) of a 1-layer LLaMA (RMSNorm, SwiGLU, no biases) with random norm gammas."""
+def tiny_llama(seed: int = 4, *, layers: int = 1, heads: int = 2, kv_heads: int | None = None, vocab: int = 97,
+               batch: int = 2, with_config: bool = False):
+    """(model, params, tokens[, config]) of a small LLaMA (RMSNorm, SwiGLU, no biases, d = 32) with random norm
+    gammas; ``kv_heads`` < ``heads`` gives grouped-query attention."""
     from jq8.training.policy import Policy
     from models.presets import build_model, preset
 
+    gqa = {} if kv_heads is None else {"num_kv_heads": kv_heads}
     cfg = dataclasses.replace(
-        preset("llama-tiny"), num_layers=1, d_model=32, num_heads=2, vocab_size=97, max_seq_len=16
+        preset("llama-tiny"), num_layers=layers, d_model=32, num_heads=heads, vocab_size=vocab, max_seq_len=16,
+        **gqa,
     )
     model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
-    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (2, 16), 0, 97)
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, 16), 0, vocab)
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
     leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
-    return model, jax.tree_util.tree_unflatten(tree, leaves), tokens
+    params = jax.tree_util.tree_unflatten(tree, leaves)
+    return (model, params, tokens, cfg) if with_config else (model, params, tokens)
 
 
 @pytest.mark.parametrize("which", ["gpt", "llama"])

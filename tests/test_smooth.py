@@ -3,8 +3,6 @@ smaller W8A8 error where a channel is an outlier, the factor formula, and bad in
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,26 +13,14 @@ from jq8 import ptq
 from jq8.ptq import infer as ptq_infer
 from jq8.ptq import smooth
 from jq8.rules import get_path
+from tests.test_norm_fold import tiny_llama
 from tests.test_ptq import tiny_gpt
 from tests.test_quantize_cli import SMALL, ckpt  # noqa: F401  (the tiny GPT run fixture)
 
 
 def tiny_gqa_llama(seed: int = 3, layers: int = 2):
-    """(model, params, tokens): a LLaMA with 4 query heads on 2 KV heads (SwiGLU, RMSNorm) and random gammas."""
-    from jq8.training.policy import Policy
-    from models.presets import build_model, preset
-
-    cfg = dataclasses.replace(
-        preset("llama-tiny"), num_layers=layers, d_model=32, num_heads=4, num_kv_heads=2, vocab_size=89,
-        max_seq_len=16,
-    )
-    model = build_model(cfg, Policy.from_name("bf16", compute_dtype=jnp.float32, backend="xla"))
-    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (3, 16), 0, 89)
-    params = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
-    return model, jax.tree_util.tree_unflatten(tree, leaves), tokens, cfg
+    """(model, params, tokens, config): a LLaMA with 4 query heads on 2 KV heads and random gammas."""
+    return tiny_llama(seed, layers=layers, heads=4, kv_heads=2, vocab=89, batch=3, with_config=True)
 
 
 def logits(model, params, tokens):
