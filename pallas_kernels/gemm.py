@@ -171,10 +171,10 @@ def matmul_qarrays(
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
     vectors, applied in the epilogue); otherwise the block-scaled route: :func:`int8_matmul_block_scaled`
     (Triton; interpret mode on CPU), or under ``block_backend="auto"`` on Hopper the warp-specialised Mosaic GPU
-    kernel (:mod:`pallas_kernels.int8_matmul_block_mgpu`) where it fits: shapes that tile, no requantizing
-    epilogue (13-25% faster than Triton at the training shapes, BENCHMARKS.md); ``"triton"`` keeps Triton
-    everywhere. ``epilogue``: bias,
-    activation, residual, out_dtype, out_spec, config, interpret. split_cols: the output as N / split_cols
+    kernel (:mod:`pallas_kernels.int8_matmul_block_mgpu`) where it fits: shapes that tile, requantized
+    outputs in (1, q) tiles only (13-25% faster than Triton at the training shapes, BENCHMARKS.md);
+    ``"triton"`` keeps Triton everywhere. ``epilogue``: bias, activation, residual, out_dtype, out_spec,
+    config, interpret. split_cols: the output as N / split_cols
     (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
     split after.
     """
@@ -212,7 +212,7 @@ def matmul_qarrays(
         raise ValueError(f"block_backend must be 'auto' or 'triton', got {block_backend!r}")
     if block_backend == "auto" and _mosaic_blocks(a, b, ta, tb, epilogue):
         # Scales varying along K on both operands, on Hopper: the warp-specialised wgmma kernel.
-        epi = {key: v for key, v in epilogue.items() if key not in ("out_spec", "config", "interpret")}
+        epi = {key: v for key, v in epilogue.items() if key not in ("config", "interpret")}
         return block_mgpu.int8_matmul_block_mgpu(
             a.values, a.scale, b.values, b.scale, a_tile=ta, b_tile=tb, **epi
         )

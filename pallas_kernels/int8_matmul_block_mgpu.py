@@ -1,6 +1,7 @@
 """Block-scaled INT8 GEMM on Hopper through Pallas Mosaic GPU: scales that vary along K on both operands.
 
-    out = act(sum_g (a_g @ b_g.T) * sa[m, g] * sb[n, g] + bias) + residual
+    out = act(sum_g (a_g @ b_g.T) * sa[m, g] * sb[n, g] + bias) + residual     (float)
+    out = quantize(act(sum_g (a_g @ b_g.T) * sa[m, g] * sb[n, g] + bias), tiles (1, q))   (``out_spec``)
 
 NT layout as :func:`pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled` (the Triton kernel, and
 its reference :func:`~pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled_reference`, which
@@ -27,6 +28,10 @@ in DeepGEMM's FP8 GEMM:
   * a scale constant over a warpgroup's columns (weight blocks at least as wide as the warpgroup tile) is
     one scalar per group, folded into the row vector of A's scales before it touches the accumulator.
 
+With ``out_spec`` (symmetric INT8 tiles (1, q), q dividing the warpgroup's columns) the epilogue writes
+the output as the next GEMM's activation operand: int8 codes and one scale per row and q columns, the row
+maxima of the f32 tile in registers (Jetfire's fc1 -> activation: no float (M, N) tensor round-trips memory).
+
 The accumulator (int32) and the f32 sum both live in registers: a consumer warpgroup owns 64 x 128 (or
 64 x tile_n) outputs, so a CTA is 128 x 128 (warpgroups stacked along M). Shapes must tile exactly: M by the
 CTA's rows, N by its columns, K by G (times the groups a step); anything else is a ValueError naming the
@@ -47,6 +52,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jq8.quant import SCALE_FLOOR, QArray, QuantSpec, qmax
 from pallas_kernels.int8_matmul_block_scaled import resolve_tiles
 from pallas_kernels.int8_matmul_mgpu import (
     ACTIVATIONS,
@@ -58,6 +64,7 @@ from pallas_kernels.int8_matmul_mgpu import (
     _swizzled,
     activation_fn,
     available,
+    out_group_of,
     plgpu,
 )
 
@@ -136,27 +143,31 @@ def k_group_of(a_tile: tuple[int, int], b_tile: tuple[int, int], k: int) -> int:
     return g
 
 
-def smem_bytes(cfg: BlockTileConfig, *, out_bytes: int) -> int:
+def smem_bytes(cfg: BlockTileConfig, *, out_bytes: int, out_group: int | None = None) -> int:
     """Shared memory of ``cfg``: the ring (operands and both scale rows per group), the output staging
-    tiles and each warpgroup's bias vector."""
+    tiles, each warpgroup's bias vector and, requantizing per ``out_group`` columns, its output scales."""
     per_step = (cfg.cta_m + cfg.cta_n) * cfg.step_k + 4 * cfg.groups_per_step * (cfg.cta_m + cfg.cta_n)
     staging = 2 * _slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
-    return cfg.stages * per_step + staging + 2 * 4 * cfg.tile_n
+    out_scales = 2 * 4 * cfg.tile_m * (cfg.tile_n // out_group) if out_group else 0
+    return cfg.stages * per_step + staging + 2 * 4 * cfg.tile_n + out_scales
 
 
 def _slots(cfg: BlockTileConfig) -> int:
     return min(2, (cfg.tile_m // cfg.epi_tile_m) * (cfg.tile_n // cfg.epi_tile_n))
 
 
-def max_stages(cfg: BlockTileConfig, *, out_bytes: int, limit: int = 8) -> int:
+def max_stages(cfg: BlockTileConfig, *, out_bytes: int, out_group: int | None = None, limit: int = 8) -> int:
     """The deepest ring (<= limit) that fits in shared memory beside the staging tiles (at least 2)."""
-    fixed = smem_bytes(dataclasses.replace(cfg, stages=0), out_bytes=out_bytes)
-    per_step = smem_bytes(dataclasses.replace(cfg, stages=1), out_bytes=out_bytes) - fixed
+    fixed = smem_bytes(dataclasses.replace(cfg, stages=0), out_bytes=out_bytes, out_group=out_group)
+    per_step = smem_bytes(dataclasses.replace(cfg, stages=1), out_bytes=out_bytes, out_group=out_group) - fixed
     return max(2, min(limit, (SMEM_BYTES - fixed) // per_step))
 
 
-def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int = 4) -> None:
-    """Raise a ValueError naming the first dimension or field that ``cfg`` cannot run."""
+def check_config(
+    m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int = 4, out_group: int | None = None
+) -> None:
+    """Raise a ValueError naming the first dimension or field that ``cfg`` cannot run. ``out_group``: the
+    output is requantized per row and per that many columns."""
     if cfg.group not in K_GROUPS:
         raise ValueError(f"group must be one of {K_GROUPS}, got {cfg}")
     if cfg.groups_per_step not in (1, 2) or cfg.schedule not in SCHEDULES or cfg.convert not in CONVERTS:
@@ -184,28 +195,40 @@ def check_config(m: int, n: int, k: int, cfg: BlockTileConfig, *, out_bytes: int
         raise ValueError(f"epilogue tiles must divide the warpgroup tile and be >= 32 columns, got {cfg}")
     if cfg.epilogue_math not in ERF_OF_MATH:
         raise ValueError(f"epilogue_math must be one of {sorted(ERF_OF_MATH)}, got {cfg}")
+    if out_group is not None and (cfg.tile_n % out_group or out_group % cfg.epi_tile_n):
+        raise ValueError(
+            f"the requantization group of {out_group} columns must divide the warpgroup's tile_n and be a "
+            f"multiple of epi_tile_n, got {cfg}"
+        )
     if cfg.stages < 2:
         raise ValueError(f"stages must be >= 2, got {cfg}")
-    need = smem_bytes(cfg, out_bytes=out_bytes)
+    need = smem_bytes(cfg, out_bytes=out_bytes, out_group=out_group)
     if need > SMEM_BYTES:
         raise ValueError(f"{cfg} needs {need} B of shared memory, over the H100's {SMEM_BYTES}")
 
 
-def fit_config(m: int, n: int, k: int, group: int, *, out_dtype=jnp.bfloat16, **overrides) -> BlockTileConfig:
+def fit_config(
+    m: int, n: int, k: int, group: int, *, out_dtype=jnp.bfloat16, out_group: int | None = None, **overrides
+) -> BlockTileConfig:
     """The default tiles for an (M, N, K) problem with K group ``group``, or a ValueError naming the
     dimension that does not tile. Warpgroups of 64 x 128 (64 x 64 where N needs it) stacked along M (a
-    128-row CTA); the deepest ring that fits. ``overrides``: any other field."""
-    out_bytes = jnp.dtype(out_dtype).itemsize
-    tile_n = next((t for t in (128, 64) if n % t == 0), 128)
-    cfg = BlockTileConfig(group=group, tile_n=tile_n, epi_tile_n=_epi_tile(tile_n, 64))
+    128-row CTA); the deepest ring that fits. ``out_group``: the output is requantized to int8 per row and
+    per that many columns (32, 64 or 128), which the warpgroup's tile must hold whole. ``overrides``: any
+    other field."""
+    out_bytes = 1 if out_group else jnp.dtype(out_dtype).itemsize
+    if out_group is not None and out_group not in (32, 64, 128):
+        raise ValueError(f"the Mosaic GPU block-scaled GEMM requantizes per 32, 64 or 128 columns, got {out_group}")
+    tile_n = next((t for t in (128, 64) if n % t == 0 and t % (out_group or 1) == 0), 128)
+    cfg = BlockTileConfig(group=group, tile_n=tile_n, epi_tile_n=_epi_tile(min(tile_n, out_group or tile_n), 64))
     cfg = dataclasses.replace(cfg, **overrides)
+    fit = dict(out_bytes=out_bytes, out_group=out_group)
     if "stages" not in overrides:
-        cfg = dataclasses.replace(cfg, stages=max_stages(cfg, out_bytes=out_bytes))
+        cfg = dataclasses.replace(cfg, stages=max_stages(cfg, **fit))
         narrow = dataclasses.replace(cfg, epi_tile_n=32)
-        narrow = dataclasses.replace(narrow, stages=max_stages(narrow, out_bytes=out_bytes))
+        narrow = dataclasses.replace(narrow, stages=max_stages(narrow, **fit))
         if cfg.stages < 4 and "epi_tile_n" not in overrides and narrow.stages > cfg.stages:
             cfg = narrow  # half the staging tile buys a ring stage (two-group steps of 128)
-    check_config(m, n, k, cfg, out_bytes=out_bytes)
+    check_config(m, n, k, cfg, **fit)
     return cfg
 
 
@@ -222,14 +245,15 @@ def unsupported_reason(
         return "it runs compiled on an sm_90 (Hopper) GPU only"
     if b_bits != 8:
         return "it needs an int8 b"
-    if out_spec is not None:
-        return "it writes a float output (no requantization in its epilogue)"
     if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         return f"it writes bfloat16 or float32, got {jnp.dtype(out_dtype)}"
     if residual is not None and jnp.dtype(residual.dtype) != jnp.dtype(out_dtype):
         return f"the residual must have the output dtype {jnp.dtype(out_dtype)}, got {residual.dtype}"
+    if out_spec is not None and residual is not None:
+        return "a requantized output (out_spec) takes no residual"
     try:
-        fit_config(m, n, k, k_group_of(a_tile, b_tile, k), out_dtype=out_dtype)
+        out_group = None if out_spec is None else out_group_of(out_spec, n)
+        fit_config(m, n, k, k_group_of(a_tile, b_tile, k), out_dtype=out_dtype, out_group=out_group)
     except ValueError as e:
         return str(e)
     return None
@@ -258,18 +282,21 @@ def int8_matmul_block_mgpu(
     activation=None,
     residual: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
+    out_spec: QuantSpec | None = None,
     a_tile: tuple[int, int] | None = None,
     b_tile: tuple[int, int] | None = None,
     config: BlockTileConfig | None = None,
     interpret: bool | None = None,
-) -> jax.Array:
+) -> jax.Array | QArray:
     """``act(dequant(a) @ dequant(b).T + bias) + residual`` with block scales, on Hopper wgmma.
 
     a: (M, K) int8 with a_scale (cdiv(M, ta_m), cdiv(K, ta_k)) f32; b: (N, K) int8 with b_scale
     (cdiv(N, tb_n), cdiv(K, tb_k)) f32. Tiles are inferred from the scale shapes as in
     :func:`~pallas_kernels.int8_matmul_block_scaled.int8_matmul_block_scaled` unless given. bias: (N,) or
     None; residual: (M, N) ``out_dtype`` or None; activation: one of
-    :data:`pallas_kernels.int8_matmul_mgpu.ACTIVATIONS`. Returns (M, N) ``out_dtype`` (bf16 or f32).
+    :data:`pallas_kernels.int8_matmul_mgpu.ACTIVATIONS`. Returns (M, N) ``out_dtype`` (bf16 or f32), or with
+    ``out_spec`` (symmetric INT8 tiles (1, q), q in {32, 64, 128}; no residual) a :class:`QArray` of (M, N)
+    int8 codes and (M, N / q) f32 scales requantized in the epilogue, dequantizing to ``out_dtype``.
     ``interpret=True`` runs Mosaic GPU's interpreter (slow; any host); otherwise no sm_90 GPU is a ValueError.
     """
     if not interpret and not available():
@@ -294,20 +321,30 @@ def int8_matmul_block_mgpu(
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {residual.shape} {residual.dtype}")
     if bias is not None and bias.size != n:
         raise ValueError(f"bias must hold N={n} values, got shape {bias.shape}")
+    out_group = None
+    if out_spec is not None:
+        if residual is not None:
+            raise ValueError("a requantized output (out_spec) takes no residual")
+        out_group = out_group_of(out_spec, n)
     g = k_group_of(ta, tb, k)
-    cfg = config or fit_config(m, n, k, g, out_dtype=out_dtype)
+    cfg = config or fit_config(m, n, k, g, out_dtype=out_dtype, out_group=out_group)
     if cfg.group != g:
         raise ValueError(f"config.group={cfg.group} must be the scales' K group {g}")
-    check_config(m, n, k, cfg, out_bytes=out_dtype.itemsize)
-    return _block_mgpu(
+    check_config(m, n, k, cfg, out_bytes=1 if out_group else out_dtype.itemsize, out_group=out_group)
+    out = _block_mgpu(
         a, group_scales(a_scale, ta, m, k, g), b, group_scales(b_scale, tb, n, k, g), bias, residual,
-        activation=activation, out_dtype=out_dtype, cfg=cfg,
+        activation=activation, out_dtype=out_dtype, out_group=out_group, cfg=cfg,
         b_uniform=tb[0] % cfg.tile_n == 0 or tb[0] >= n, interpret=bool(interpret),
     )  # fmt: skip
+    if out_group is None:
+        return out
+    codes, scales = out
+    return QArray(codes, scales.T, None, out_spec, (m, n), out_dtype)
 
 
 def _block_mgpu(
-    a, sa, b, sb, bias, residual, *, activation, out_dtype, cfg: BlockTileConfig, b_uniform: bool, interpret: bool
+    a, sa, b, sb, bias, residual, *, activation, out_dtype, out_group: int | None, cfg: BlockTileConfig,
+    b_uniform: bool, interpret: bool,
 ):  # fmt: skip
     m, k = a.shape
     n = b.shape[0]
@@ -320,8 +357,12 @@ def _block_mgpu(
     tiles = (m // (cfg.cta_m * cluster)) * (n // cfg.cta_n)
     kernel = functools.partial(
         _kernel, cfg=cfg, activation=activation, has_bias=bias is not None, has_residual=residual is not None,
-        b_uniform=b_uniform, interpret=interpret,
+        out_group=out_group, b_uniform=b_uniform, interpret=interpret,
     )  # fmt: skip
+    if out_group is None:
+        out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:  # codes, and the scales as (N / q, M): each warpgroup stores its rows' vectors as one TMA box
+        out_type = (jax.ShapeDtypeStruct((m, n), jnp.int8), jax.ShapeDtypeStruct((n // out_group, m), jnp.float32))
     extra = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -331,7 +372,7 @@ def _block_mgpu(
         extra = dict(cluster=(cluster,), cluster_names=("cluster",))
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_type=out_type,
         grid=(min(tiles, _num_sms() // cluster),),
         grid_names=("sm",),
         num_threads=3,
@@ -346,8 +387,8 @@ def _block_mgpu(
 
 
 def _kernel(
-    *refs, cfg: BlockTileConfig, activation, has_bias: bool, has_residual: bool, b_uniform: bool,
-    interpret: bool,
+    *refs, cfg: BlockTileConfig, activation, has_bias: bool, has_residual: bool, out_group: int | None,
+    b_uniform: bool, interpret: bool,
 ):  # fmt: skip
     # Register layouts matter to the compiler only; Mosaic GPU's interpreter reads refs plainly.
     def load(ref, layout):
@@ -359,7 +400,7 @@ def _kernel(
     a_gmem, b_gmem, sa_gmem, sb_gmem, *rest = refs
     bias_gmem = rest.pop(0) if has_bias else None
     res_gmem = rest.pop(0) if has_residual else None
-    (out_gmem,) = rest
+    out_gmem, *qs = rest  # the codes' scales follow them when requantizing
     m = a_gmem.shape[0]
     n = b_gmem.shape[0]
     k = a_gmem.shape[1]
@@ -415,12 +456,13 @@ def _kernel(
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(*gmem_args(a_gmem, b_gmem, sa_gmem, sb_gmem)),
         out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
         bias_smem=plgpu.SMEM((2, tn), jnp.float32),
+        qs_smem=plgpu.SMEM((2, tn // out_group, tm) if out_group else (2, 1, 1), jnp.float32),
         bias_barrier=plgpu.Barrier(num_barriers=2),
         res_barrier=plgpu.Barrier(num_barriers=2 * slots),
         sched_barrier=plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, bias_smem, bias_barrier, res_barrier, sched_barrier):
+    def _scope(pipeline_allocs, out_smem, bias_smem, qs_smem, bias_barrier, res_barrier, sched_barrier):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cluster") if cluster > 1 else 0
 
@@ -567,12 +609,15 @@ def _kernel(
                     y = y + lax.broadcast_in_dim(bias, shape, [1])
                 y = activation_fn(y, activation, erf=ERF_OF_MATH[cfg.epilogue_math])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left the staging
+                parts = requantize(y) if out_group else [y]  # column parts of out_group (or tn) columns
+                q = out_group or tn
                 for ei in range(tm // em):
                     for ej in range(tn // en):
                         e = ei * (tn // en) + ej
                         slot = e % slots
                         rows, cols = pl.ds(row0 + ei * em, em), pl.ds(col0 + ej * en, en)
-                        tile = y[ei * em : (ei + 1) * em, ej * en : (ej + 1) * en]
+                        c = (ej * en) % q
+                        tile = parts[ej * en // q][ei * em : (ei + 1) * em, c : c + en]
                         stage = out_smem.at[wg, slot]
                         if e >= slots:
                             plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
@@ -584,6 +629,23 @@ def _kernel(
                         stage[...] = tile.astype(out_dtype)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(stage, out_gmem.at[rows, cols])
+
+            def requantize(y):
+                """Symmetric INT8 per row and per q = out_group columns, as ``jq8.quant.quantize`` with tiles
+                (1, q): stores the warpgroup's (tn / q, tm) scales, returns the rounded codes (f32) per part."""
+                parts = []
+                for j in range(tn // out_group):
+                    part = y[:, j * out_group : (j + 1) * out_group]
+                    amax = jnp.max(jnp.abs(part), axis=1)
+                    scale = jnp.maximum(amax * np.float32(1.0 / qmax(8)), np.float32(SCALE_FLOOR))
+                    qs_smem.at[wg, j][...] = scale
+                    # |part / scale| <= qmax up to an ulp, so rounding (half away from zero) needs no clamp
+                    inv = lax.broadcast_in_dim(np.float32(1.0) / scale, (tm, out_group), [0])
+                    parts.append(lax.round(part * inv))
+                plgpu.commit_smem()
+                dst = qs[0].at[pl.ds(col0 // out_group, tn // out_group), pl.ds(row0, tm)]
+                plgpu.copy_smem_to_gmem(qs_smem.at[wg], dst)
+                return parts
 
             pipeline(body, context)(
                 *gmem_args(

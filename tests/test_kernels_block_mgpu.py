@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq8.quant import QuantSpec, expand_tiles, quantize
+from jq8.quant import QArray, QuantSpec, expand_tiles, quantize
 from pallas_kernels import int8_matmul_block_mgpu as bm
 from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled_reference
 
@@ -59,6 +59,13 @@ def test_fit_config_defaults_and_errors():
         bm.fit_config(256, 256, 256, 128, schedule="pair")
     with pytest.raises(ValueError, match="group must be one of"):
         bm.check_config(256, 256, 256, bm.BlockTileConfig(group=48))
+    # requantizing per q columns: the warpgroup tile holds whole groups, the staging tile at most one
+    cfg = bm.fit_config(8192, 4096, 4096, 64, out_group=64)
+    assert (cfg.tile_n, cfg.epi_tile_n) == (128, 64)
+    assert bm.fit_config(256, 192, 256, 64, out_group=32).epi_tile_n == 32
+    assert bm.smem_bytes(cfg, out_bytes=1, out_group=64) <= bm.SMEM_BYTES
+    with pytest.raises(ValueError, match="must divide the warpgroup's tile_n"):
+        bm.fit_config(256, 256, 256, 64, out_group=128, tile_n=64)
 
 
 def test_k_group_of():
@@ -89,7 +96,11 @@ def test_unsupported_reason_names_the_rule():
     assert bm.unsupported_reason(8192, 4096, 4096, **kw) is None
     assert "M=100" in bm.unsupported_reason(100, 4096, 4096, **kw)
     assert "int8 b" in bm.unsupported_reason(8192, 4096, 4096, b_bits=4, **kw)
-    assert "float output" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 128)), **kw)
+    assert bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 64)), **kw) is None
+    assert "tiles (1, g)" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((32, 32)), **kw)
+    assert "32, 64 or 128" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 256)), **kw)
+    res = jnp.zeros((8192, 4096), jnp.bfloat16)
+    assert "no residual" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 64)), residual=res, **kw)
     assert "neither operand" in bm.unsupported_reason(8192, 4096, 4096, a_tile=(1, 4096), b_tile=(1, 4096),
                                                      check_device=False)  # fmt: skip
 
@@ -119,6 +130,7 @@ interpret_host = pytest.mark.skipif(
         (128, 128, 256, 64, (1, 64), (64, 64), dict(groups_per_step=2, schedule="pair", pingpong=True), {}),
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="cvt"), {}),
         (128, 384, 256, 128, (1, 128), (128, 128), {}, dict(bias=True, activation="gelu", residual=True)),
+        (128, 256, 256, 64, (1, 64), (64, 64), {}, dict(bias=True, out_group=64)),  # two groups a tile
     ],
 )
 def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, over, epi):
@@ -126,13 +138,18 @@ def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, ov
     a, sa, b, sb, key = _operands(m + n + g, m, n, k, a_tile, b_tile)
     k1, k2 = jax.random.split(key)
     kw = dict(out_dtype=jnp.float32)
-    if epi:
+    q = epi.get("out_group")
+    if q:
+        kw.update(bias=jax.random.normal(k1, (n,)), out_spec=QuantSpec((1, q)))
+    elif epi:
         kw.update(bias=jax.random.normal(k1, (n,)), activation=epi["activation"],
                   residual=jax.random.normal(k2, (m, n)))  # fmt: skip
-    cfg = bm.fit_config(m, n, k, g, out_dtype=jnp.float32, **over)
+    cfg = bm.fit_config(m, n, k, g, out_dtype=jnp.float32, out_group=q, **over)
     out = bm.int8_matmul_block_mgpu(a, sa, b, sb, config=cfg, interpret=True, **kw)
     ref = int8_matmul_block_scaled_reference(a, sa, b, sb, **kw)
-    if epi:  # erf_approx: within 1e-6 of erf
+    if q:
+        _close_codes(out, ref)
+    elif epi:  # erf_approx: within 1e-6 of erf
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
     else:
         _compare(out, ref, jnp.float32)
@@ -182,6 +199,34 @@ def test_epilogue_bias_activation_residual(out_dtype, activation):
         _compare(out, ref, out_dtype)
 
 
+def _close_codes(q, ref):
+    """Requantized outputs: the layout, scales to f32 rounding, codes within one step (1 / scale against
+    a division can round a value next to a boundary the other way), and few of those."""
+    assert q.values.dtype == jnp.int8 and q.values.shape == ref.values.shape and q.scale.shape == ref.scale.shape
+    np.testing.assert_allclose(np.asarray(q.scale), np.asarray(ref.scale), rtol=1e-4)
+    diff = np.abs(np.asarray(q.values, np.int32) - np.asarray(ref.values, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-2, (diff.max(), diff.mean())
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "g, q, activation, m, n, k",
+    [
+        (64, 64, None, 256, 384, 1024),  # two requantization groups per 128-column warpgroup tile
+        (128, 128, "gelu", 384, 640, 1536),  # 640 = 5 x 128: several tiles per CTA
+        (64, 64, None, 512, 1536, 576),  # SmolLM2's fc1 / gate (d=576, 1536 wide)
+        (32, 32, None, 256, 192, 512),  # N = 192: 64-wide warpgroups, two groups each
+    ],
+)
+def test_requantized_output_matches_reference(g, q, activation, m, n, k):
+    a, sa, b, sb, key = _operands(m + q, m, n, k, (1, g), (g, g))
+    spec = QuantSpec((1, q))
+    kw = dict(bias=jax.random.normal(key, (n,)), activation=activation, out_spec=spec, out_dtype=jnp.bfloat16)
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, **kw)
+    assert isinstance(out, QArray) and out.spec == spec and out.dtype == jnp.bfloat16
+    _close_codes(out, int8_matmul_block_scaled_reference(a, sa, b, sb, **kw))
+
+
 @on_hopper
 def test_weights_in_narrow_blocks_and_per_tensor_rows():
     # B blocks narrower than the warpgroup tile (a scale vector per group), A per-tensor rows in K groups
@@ -210,8 +255,11 @@ def test_gemm_router_block_route_matches_reference(m):
     qa = quantize(jax.random.normal(ks[0], (m, k)), QuantSpec((1, g)))
     qb = quantize(jax.random.normal(ks[1], (n, k)), QuantSpec((g, g)))
     ref = gemm.matmul_qarrays_reference(qa, qb, out_dtype=jnp.float32)
+    spec = QuantSpec((1, 64))  # fc1's output under the block policy: requantized in the epilogue
+    ref_q = gemm.matmul_qarrays_reference(qa, qb, out_spec=spec)
     for block_backend in ("triton", "auto"):  # auto: Mosaic on Hopper, Triton where it cannot run
         _compare(gemm.matmul_qarrays(qa, qb, out_dtype=jnp.float32, block_backend=block_backend), ref, jnp.float32)
+        _close_codes(gemm.matmul_qarrays(qa, qb, out_spec=spec, block_backend=block_backend), ref_q)
     with pytest.raises(ValueError, match="block_backend must be"):
         gemm.matmul_qarrays(qa, qb, block_backend="cuda")
 
