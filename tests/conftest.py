@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import jax
-import pytest
+# Mosaic GPU's interpreter runs each warpgroup as an XLA CPU computation that blocks in a host callback at
+# every barrier, so XLA's CPU client needs a thread per warpgroup; its pool has NPROC threads (default: one
+# per CPU), and a 2-CPU host stalls the block-scaled kernel's three warpgroups. Set before jax starts.
+if len(os.sched_getaffinity(0)) < 4:
+    os.environ.setdefault("NPROC", "4")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # On CPU most of the suite's time is XLA compiling many small programs (Pallas kernels run in interpret
 # mode); its optimisation passes buy nothing at test sizes and cost about a quarter of the CPU time. Results
