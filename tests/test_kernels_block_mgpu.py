@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kernels_mgpu import close_codes
 
 from jq8.quant import QArray, QuantSpec, expand_tiles, quantize
 from pallas_kernels import int8_matmul_block_mgpu as bm
@@ -151,7 +152,7 @@ def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, ov
     out = bm.int8_matmul_block_mgpu(a, sa, b, sb, config=cfg, interpret=True, **kw)
     ref = int8_matmul_block_scaled_reference(a, sa, b, sb, **kw)
     if q:
-        _close_codes(out, ref)
+        close_codes(out, ref)
     elif epi:  # erf_approx: within 1e-6 of erf
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
     else:
@@ -202,15 +203,6 @@ def test_epilogue_bias_activation_residual(out_dtype, activation):
         _compare(out, ref, out_dtype)
 
 
-def _close_codes(q, ref):
-    """Requantized outputs: the layout, scales to f32 rounding, codes within one step (1 / scale against
-    a division can round a value next to a boundary the other way), and few of those."""
-    assert q.values.dtype == jnp.int8 and q.values.shape == ref.values.shape and q.scale.shape == ref.scale.shape
-    np.testing.assert_allclose(np.asarray(q.scale), np.asarray(ref.scale), rtol=1e-4)
-    diff = np.abs(np.asarray(q.values, np.int32) - np.asarray(ref.values, np.int32))
-    assert diff.max() <= 1 and diff.mean() < 1e-2, (diff.max(), diff.mean())
-
-
 @on_hopper
 @pytest.mark.parametrize(
     "g, q, activation, m, n, k",
@@ -227,7 +219,7 @@ def test_requantized_output_matches_reference(g, q, activation, m, n, k):
     kw = dict(bias=jax.random.normal(key, (n,)), activation=activation, out_spec=spec, out_dtype=jnp.bfloat16)
     out = bm.int8_matmul_block_mgpu(a, sa, b, sb, **kw)
     assert isinstance(out, QArray) and out.spec == spec and out.dtype == jnp.bfloat16
-    _close_codes(out, int8_matmul_block_scaled_reference(a, sa, b, sb, **kw))
+    close_codes(out, int8_matmul_block_scaled_reference(a, sa, b, sb, **kw))
 
 
 @on_hopper
@@ -262,7 +254,7 @@ def test_gemm_router_block_route_matches_reference(m):
     ref_q = gemm.matmul_qarrays_reference(qa, qb, out_spec=spec)
     for block_backend in ("triton", "auto"):  # auto: Mosaic on Hopper, Triton where it cannot run
         _compare(gemm.matmul_qarrays(qa, qb, out_dtype=jnp.float32, block_backend=block_backend), ref, jnp.float32)
-        _close_codes(gemm.matmul_qarrays(qa, qb, out_spec=spec, block_backend=block_backend), ref_q)
+        close_codes(gemm.matmul_qarrays(qa, qb, out_spec=spec, block_backend=block_backend), ref_q)
     with pytest.raises(ValueError, match="block_backend must be"):
         gemm.matmul_qarrays(qa, qb, block_backend="cuda")
 

@@ -290,7 +290,7 @@ def test_mosaic_gelu_epilogue_math_matches_exact_gelu(math_, requantize):
     want = "gelu_tanh" if math_ == "tanh" else "gelu"
     ref = int8_matmul_reference(a, b, sa, sb, **{**kw, "activation": want})
     if requantize:
-        _close_codes(out, ref)
+        close_codes(out, ref)
     elif math_ == "tanh":  # tanh.approx.f32: relative error 2^-11 in tanh, so up to 2.4e-4 |y| in GELU
         out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
         np.testing.assert_allclose(out, ref, rtol=2.0**-7, atol=1e-3 * float(np.max(np.abs(ref))))
@@ -327,9 +327,11 @@ def test_auto_dispatch_picks_mosaic_where_it_tiles(monkeypatch):
         jax.clear_caches()
 
 
-def _close_codes(q, ref):
-    """Requantized outputs: scales to f32 rounding, codes within one step (the kernel's GELU uses an erf
-    approximation, so a value next to a rounding boundary may land on the other side), and few of those."""
+def close_codes(q, ref):
+    """Requantized outputs: the layout, scales to f32 rounding, codes within one step (an erf approximation
+    in GELU, or 1 / scale against a division, can round a value next to a boundary the other way), and few
+    of those."""
+    assert q.values.dtype == jnp.int8 and q.values.shape == ref.values.shape and q.scale.shape == ref.scale.shape
     np.testing.assert_allclose(np.asarray(q.scale), np.asarray(ref.scale), rtol=1e-4)
     diff = np.abs(np.asarray(q.values, np.int32) - np.asarray(ref.values, np.int32))
     assert diff.max() <= 1 and diff.mean() < 1e-2, (diff.max(), diff.mean())
@@ -346,7 +348,7 @@ def test_mosaic_requantized_output_matches_reference(m, n, k, group):
     q = int8_matmul(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec, backend="mosaic")
     ref = int8_matmul_reference(a, b, sa, sb, bias=bias, activation="gelu", out_spec=spec)
     assert q.values.dtype == jnp.int8 and q.values.shape == (m, n) and q.scale.shape == (m, n // group)
-    _close_codes(q, ref)
+    close_codes(q, ref)
 
 
 @on_hopper
