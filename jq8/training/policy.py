@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jq8.quant import QuantSpec
 from jq8.rules import module_path
+from pallas_kernels.gemm import BLOCK_BACKENDS
 
 PolicyName = Literal["bf16", "jetfire-int8"]
 POLICY_NAMES: tuple[str, ...] = ("bf16", "jetfire-int8")
@@ -109,8 +110,10 @@ class Policy:
     backend: "pallas" runs the INT8 ops on the Pallas kernels (interpret mode on CPU); "xla" runs their
       pure-jnp references through XLA (fast on CPU, for tests; the same name PTQ inference takes).
     block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "auto" takes
-      the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``) on sm_90 where the shapes tile and no
-      requantizing epilogue is asked for, else Triton; "triton" keeps Triton everywhere.
+      the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``) on sm_90 where the shapes tile and the
+      output is float, else Triton; "mosaic" also sends it the outputs requantized in the epilogue (fc1's,
+      in 1 x q tiles; its requantizing epilogue is tested in Mosaic GPU's interpreter, not yet compiled on
+      an H100); "triton" keeps Triton everywhere.
     granularity: scales of the GEMM operands. "block" (Jetfire): each role's tiles (above); the GEMM
       rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
@@ -130,7 +133,7 @@ class Policy:
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
     backend: Literal["pallas", "xla"] = "pallas"
-    block_gemm: Literal["auto", "triton"] = "auto"
+    block_gemm: Literal["auto", "mosaic", "triton"] = "auto"
     granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
@@ -151,8 +154,8 @@ class Policy:
             raise ValueError(f"granularity must be 'block' or 'row', got {self.granularity!r}")
         if self.backend not in ("pallas", "xla"):
             raise ValueError(f"backend must be 'pallas' or 'xla', got {self.backend!r}")
-        if self.block_gemm not in ("auto", "triton"):
-            raise ValueError(f"block_gemm must be 'auto' or 'triton', got {self.block_gemm!r}")
+        if self.block_gemm not in BLOCK_BACKENDS:
+            raise ValueError(f"block_gemm must be one of {BLOCK_BACKENDS}, got {self.block_gemm!r}")
         if self.rounding_bwd not in ("stochastic", "nearest"):
             raise ValueError(f"rounding_bwd must be 'stochastic' or 'nearest', got {self.rounding_bwd!r}")
         dt = jnp.dtype(self.compute_dtype)
