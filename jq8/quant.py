@@ -71,11 +71,17 @@ class QuantSpec:
     bits: 8 or 4. INT4 codes are packed two per byte along the last axis.
     symmetric: symmetric codes in [-qmax, qmax]; asymmetric uses a zero point and codes in
       [-2**(bits-1), 2**(bits-1) - 1].
+    exact_zero: (asymmetric only) the tile's range is stretched to include 0 and the zero point is an
+      integer, so 0 is exactly representable (PyTorch's observers; what padded activations need). False:
+      the range is the tile's own min..max and the zero point is fractional ("scale + min", llama.cpp's
+      Q4_1 / Q4_K): finer codes for weights, and a weight already on such a grid (a Q4_1 GGUF tensor at
+      its block size) comes back exactly.
     """
 
     tile: tuple[int, int] = (32, 32)
     bits: int = 8
     symmetric: bool = True
+    exact_zero: bool = True
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -231,15 +237,17 @@ def tile_stats(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | No
         # XLA's max reduction may drop NaN on some backends; keep it in the scale explicitly.
         amax = jnp.where(jnp.isnan(t).any(axis=(1, 3)), jnp.nan, amax)
         return jnp.maximum(amax * np.float32(1.0 / qmax(spec.bits)), SCALE_FLOOR), None
-    # The range always includes 0 (exactly representable, as in PyTorch's observers); this also keeps a
-    # constant tile's zero point finite.
-    lo = jnp.where(jnp.isnan(t).any(axis=(1, 3)), jnp.nan, jnp.minimum(jnp.min(t, axis=(1, 3)), 0.0))
-    hi = jnp.maximum(jnp.max(t, axis=(1, 3)), 0.0)
+    lo = jnp.where(jnp.isnan(t).any(axis=(1, 3)), jnp.nan, jnp.min(t, axis=(1, 3)))
+    hi = jnp.max(t, axis=(1, 3))
+    if spec.exact_zero:
+        # The range includes 0 (exactly representable, as in PyTorch's observers); this also keeps a
+        # constant tile's zero point finite.
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     levels = 2**spec.bits - 1
     scale = jnp.maximum((hi - lo) / levels, SCALE_FLOOR)
     # Code range [-2**(b-1), 2**(b-1)-1]; zero point maps lo to the lowest code.
-    zero_point = round_half_away(-(2 ** (spec.bits - 1)) - lo / scale)
-    return scale, zero_point
+    zero_point = -(2 ** (spec.bits - 1)) - lo / scale
+    return scale, (round_half_away(zero_point) if spec.exact_zero else zero_point)
 
 
 def reciprocal(scale: jax.Array) -> jax.Array:

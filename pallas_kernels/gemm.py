@@ -20,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jq8.quant import QArray, QuantSpec
+from jq8.quant import QArray, QuantSpec, dequantize
 from pallas_kernels import int8_matmul_block_mgpu as block_mgpu
 from pallas_kernels import int8_matmul_decode as dec
 from pallas_kernels import int8_matmul_mgpu as mgpu
@@ -28,8 +28,10 @@ from pallas_kernels._common import TileConfig, is_pow2, resolve_interpret
 from pallas_kernels.int8_matmul_block_scaled import int8_matmul_block_scaled, int8_matmul_block_scaled_reference
 from pallas_kernels.int8_matmul_decode import DECODE_MAX_M, int8_matmul_decode, quantize_matmul_decode
 from pallas_kernels.int8_matmul_triton import (
+    NT_DIMS,
     Activation,
     check_operands,
+    epilogue_reference,
     int8_matmul_triton,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "DecodeWeight",
     "decode_weight",
     "int8_matmul",
+    "matmul_asymmetric",
     "matmul_qarrays",
     "matmul_qarrays_reference",
     "quantize_matmul_qarray",
@@ -192,8 +195,11 @@ def matmul_qarrays(
         raise ValueError(
             f"contraction mismatch: a is {a.shape_2d}, b is {b.shape_2d} (both operands are (., K))"
         )
-    if a.zero_point is not None or b.zero_point is not None:
-        raise NotImplementedError("matmul_qarrays needs symmetric quantization (no zero points)")
+    if b.zero_point is not None:
+        kernel = functools.partial(matmul_qarrays, block_backend=block_backend)
+        return matmul_asymmetric(a, b, kernel, split_cols=split_cols, **epilogue)
+    if a.zero_point is not None:
+        raise NotImplementedError("matmul_qarrays needs symmetric activations (no zero points)")
     if a.spec.bits != 8:
         raise NotImplementedError(f"the activation operand must be INT8, got {a.spec.bits} bits")
     ta, tb = a.spec.resolve(m, k), b.spec.resolve(n, k)
@@ -248,13 +254,80 @@ def matmul_qarrays_reference(
     a: QArray, b: QArray, *, split_cols: int | None = None, config=None, interpret=None, **epilogue
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """Plain-XLA definition of :func:`matmul_qarrays`: :func:`int8_matmul_block_scaled_reference` (both
-    operands dequantized in fp32, one HIGHEST-precision GEMM, the epilogue) at the operands' own tiles."""
+    operands dequantized in fp32, one HIGHEST-precision GEMM, the epilogue) at the operands' own tiles;
+    with zero points, both operands dequantized by :func:`jq8.quant.dequantize`, then the same."""
     del config, interpret
     (m, k), (n, _) = a.shape_2d, b.shape_2d
-    out = int8_matmul_block_scaled_reference(
-        a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=a.spec.resolve(m, k),
-        b_tile=b.spec.resolve(n, k), **epilogue,
+    if a.zero_point is not None or b.zero_point is not None:
+        af, bf = (dequantize(q, jnp.float32).reshape(q.shape_2d) for q in (a, b))
+        y = jax.lax.dot_general(af, bf, NT_DIMS, precision=jax.lax.Precision.HIGHEST)
+        out = epilogue_reference(y, **_epilogue_args(epilogue))
+    else:
+        out = int8_matmul_block_scaled_reference(
+            a.values, a.scale, b.values, b.scale, b_bits=b.spec.bits, a_tile=a.spec.resolve(m, k),
+            b_tile=b.spec.resolve(n, k), **epilogue,
+        )  # fmt: skip
+    return out if split_cols is None else tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
+
+
+def _epilogue_args(epilogue: dict) -> dict:
+    """bias, activation, residual, out_dtype, out_spec of an epilogue dict, defaults filled in."""
+    extra = set(epilogue) - {"bias", "activation", "residual", "out_dtype", "out_spec", "config", "interpret"}
+    if extra:
+        raise TypeError(f"unexpected epilogue arguments {sorted(extra)}")
+    return dict(
+        bias=epilogue.get("bias"), activation=epilogue.get("activation"), residual=epilogue.get("residual"),
+        out_dtype=epilogue.get("out_dtype", jnp.bfloat16), out_spec=epilogue.get("out_spec"),
     )  # fmt: skip
+
+
+def zero_point_term(a: QArray, b: QArray) -> jax.Array:
+    """(M, N) f32: sum_k a[m, k] * zero_point[n, k] * scale[n, k], what b's zero points take from a @ b.T.
+
+    a: (M, K) INT8 QArray, symmetric, scales constant along K (per token or per tensor). b: (N, K)
+    asymmetric QArray whose tiles are (tn, tk) with tk dividing K or equal to it (per channel, K-groups,
+    row runs). a's codes are summed per K group of b exactly in int32; the (M, G) x (G, N) product that
+    follows is G = K / tk long (1/32 of the main GEMM at groups of 32), in f32 at HIGHEST precision.
+    """
+    (m, k), (n, _) = a.shape_2d, b.shape_2d
+    if a.zero_point is not None or a.scale.shape[1] != 1:
+        raise NotImplementedError(
+            f"an asymmetric weight needs symmetric activations with one scale per row or tensor, got "
+            f"activation spec {a.spec}"
+        )
+    tn, tk = b.spec.resolve(n, k)
+    g = b.scale.shape[1]
+    pad = g * tk - k
+    sums = jnp.pad(a.values, ((0, 0), (0, pad))).reshape(m, g, tk).sum(axis=2, dtype=jnp.int32)
+    zs = jnp.repeat(b.zero_point * b.scale, tn, axis=0)[:n]  # (N, G)
+    a_scale = jnp.broadcast_to(a.scale, (m, 1)) if a.scale.shape[0] == 1 else jnp.repeat(
+        a.scale, a.spec.resolve(m, k)[0], axis=0)[:m]  # fmt: skip
+    t = jax.lax.dot_general(
+        sums.astype(jnp.float32), zs, NT_DIMS, precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    return t * a_scale
+
+
+def matmul_asymmetric(a: QArray, b: QArray, symmetric_matmul, *, split_cols: int | None = None, **epilogue):
+    """``symmetric_matmul``'s GEMM for a weight b with zero points: dequantized b is (codes - z) * s, so
+    a @ b.T = (a @ (codes * s).T) - :func:`zero_point_term`. The first product is ``symmetric_matmul`` on b's
+    codes and scales as they are; the term is taken off before the epilogue's activation: as part of the
+    residual the kernel adds when there is no activation or requantized output (one fused epilogue), else
+    after an f32 GEMM, with the epilogue in XLA. Returns what ``symmetric_matmul`` returns."""
+    b_sym = dataclasses.replace(b, zero_point=None, spec=dataclasses.replace(b.spec, symmetric=True))
+    term = zero_point_term(a, b)
+    epi = _epilogue_args(epilogue)
+    tuning = {key: v for key, v in epilogue.items() if key in ("config", "interpret")}
+    if epi["activation"] is None and epi["out_spec"] is None:
+        # Bias then residual is all the epilogue does: the term rides in the residual (f32).
+        res = -term if epi["residual"] is None else jnp.asarray(epi["residual"], jnp.float32) - term
+        return symmetric_matmul(
+            a, b_sym, bias=epi["bias"], residual=res, out_dtype=epi["out_dtype"], split_cols=split_cols,
+            **tuning,
+        )  # fmt: skip
+    y = symmetric_matmul(a, b_sym, out_dtype=jnp.float32, **tuning) - term
+    out = epilogue_reference(y, **epi)
     return out if split_cols is None else tuple(jnp.split(out, out.shape[1] // split_cols, axis=1))
 
 

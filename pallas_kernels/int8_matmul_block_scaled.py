@@ -456,8 +456,6 @@ def int8_matmul_block_scaled(
     bk = min(cfg.block_k, gk) if gk else cfg.block_k
     sa_t, a_rows = _row_tile(jnp.asarray(a_scale, jnp.float32), ta[0], m)
     sb_t, b_rows = _row_tile(jnp.asarray(b_scale, jnp.float32), tb[0], n)
-    a_k = ta[1] if a_scale.shape[1] > 1 else k
-    b_k = tb[1] if b_scale.shape[1] > 1 else k
     if unroll < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     chunk_n = 0
@@ -477,6 +475,9 @@ def int8_matmul_block_scaled(
         int4 = dict(block=block, w=w)
         a = pad_to_int4_blocks(a, k)
         k = a.shape[1]
+    # After INT4's padding: a scale constant along K covers the padded K too (not in the loop).
+    a_k = ta[1] if a_scale.shape[1] > 1 else k
+    b_k = tb[1] if b_scale.shape[1] > 1 else k
     plan = _Plan(m, n, k, b_bits, a_rows, b_rows, a_k, b_k, gk, unroll=unroll, chunk_n=chunk_n, **int4)
     epi = make_epilogue(  # the epilogue runs per column chunk (requantization tiles must fit in one)
         m,

@@ -12,7 +12,7 @@ from jax import lax
 from jq8.quant import QuantSpec, dequantize, pack_int4, quantize
 from pallas_kernels import autotune
 from pallas_kernels._common import TileConfig
-from pallas_kernels.gemm import int8_matmul, matmul_qarrays
+from pallas_kernels.gemm import int8_matmul, matmul_qarrays, matmul_qarrays_reference
 from pallas_kernels.int8_matmul_block_scaled import (
     infer_tile,
     int8_matmul_block_scaled,
@@ -208,6 +208,49 @@ def test_matmul_qarrays_per_channel_uses_epilogue_scales():
     np.testing.assert_allclose(
         np.asarray(out), np.asarray(expect), rtol=1e-5, atol=1e-5 * float(jnp.abs(expect).max())
     )
+
+
+@pytest.mark.parametrize("m", [70, 5])  # the block-scaled kernel; the decode kernel
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec((1, 32), bits=4, symmetric=False, exact_zero=False),  # scale + min in K groups (Q4_1's)
+        QuantSpec.per_row(8, symmetric=False),  # one integer zero point per output channel
+    ],
+)
+@pytest.mark.parametrize("epilogue", ["residual", "gelu_requant"])
+def test_asymmetric_weights_match_dequantized_product(m, spec, epilogue):
+    n, k = RAGGED[1:]
+    x, w = _float_operands(15, m, n, k)
+    w = w + 0.3  # weights off-centre, so the zero points are far from the symmetric ones
+    qa, qb = quantize(x, QuantSpec.per_row()), quantize(w, spec)
+    assert qb.zero_point is not None
+    ks = jax.random.split(jax.random.key(16), 2)
+    bias = jax.random.normal(ks[0], (n,))
+    expect = lax.dot_general(dequantize(qa), dequantize(qb), NT, precision=lax.Precision.HIGHEST) + bias
+    top = float(jnp.abs(expect).max())
+    if epilogue == "residual":
+        res = jax.random.normal(ks[1], (m, n))
+        out = matmul_qarrays(qa, qb, bias=bias, residual=res, out_dtype=jnp.float32)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(expect + res), rtol=1e-5, atol=1e-5 * top)
+    else:
+        spec_out = QuantSpec.groups(32, axis=1)
+        out = matmul_qarrays(qa, qb, bias=bias, activation="gelu", out_spec=spec_out, out_dtype=jnp.float32)
+        q = quantize(jax.nn.gelu(expect, approximate=False), spec_out)
+        diff = np.abs(np.asarray(out.values, np.int32) - np.asarray(q.values, np.int32))
+        assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+        # GELU leaves some groups ~1e-30: their scales agree relative to the largest one
+        top_s = float(jnp.abs(q.scale).max())
+        np.testing.assert_allclose(np.asarray(out.scale), np.asarray(q.scale), rtol=1e-5, atol=1e-6 * top_s)
+    ref = matmul_qarrays_reference(qa, qb, bias=bias, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(expect), rtol=1e-5, atol=1e-5 * top)
+
+
+def test_asymmetric_weights_need_per_token_activations():
+    x, w = _float_operands(17, *RAGGED)
+    qb = quantize(w, QuantSpec((1, 32), bits=4, symmetric=False, exact_zero=False))
+    with pytest.raises(NotImplementedError, match="one scale per row or tensor"):
+        matmul_qarrays(quantize(x, QuantSpec((1, 32))), qb)
 
 
 def test_infer_tile():

@@ -85,7 +85,7 @@ def test_unknown_scheme_lists_names():
         (dict(group_axis="cols"), "group_axis"),
         (dict(act_mode="dyn"), "act_mode"),
         (dict(group_size=-1), "per-tensor"),
-        (dict(symmetric=False), "weight-only"),
+        (dict(symmetric=False, kind="embedding"), "symmetric"),
         (dict(group_size=0), "positive"),
     ],
 )
@@ -161,6 +161,8 @@ def _ref_product(a, b, bias=None, activation=None, residual=None):
         QuantSpec.groups(32, 1, 8),
         QuantSpec.groups(32, 1, 4),
         QuantSpec.per_row(4),
+        QuantSpec(tile=(1, 32), bits=4, symmetric=False, exact_zero=False),  # scale + min, K groups
+        QuantSpec(tile=(1, -1), bits=8, symmetric=False),  # integer zero point per channel
     ],
 )
 def test_int8_gemm_xla_matches_dequantized_product(spec):

@@ -23,6 +23,7 @@ SPECS = {
     "int4_g32": Q.QuantSpec.groups(32, axis=0, bits=4),
     "asym_row": Q.QuantSpec.per_row(symmetric=False),
     "asym_int4": Q.QuantSpec.groups(16, axis=1, bits=4, symmetric=False),
+    "scale_min_int4": Q.QuantSpec((1, 32), bits=4, symmetric=False, exact_zero=False),
 }
 
 
@@ -190,6 +191,23 @@ def test_qarray_orbax_round_trip(tmp_path):
     assert isinstance(r, Q.QArray) and r.spec == q.spec
     np.testing.assert_array_equal(r.values, q.values)
     np.testing.assert_array_equal(r.dequantize(), q.dequantize())
+
+
+def test_scale_min_codes_take_a_q4_1_grid_back_exactly():
+    # A Q4_1-style tensor: per block of 32, w = d * q + m with q in 0..15 spanning the block (llama.cpp
+    # picks d, m from the block's min and max), d and m stored in f16.
+    ks = jax.random.split(jax.random.key(5), 3)
+    d = jax.random.uniform(ks[0], (24, 4, 1), minval=1e-3, maxval=2e-2).astype(jnp.float16).astype(jnp.float32)
+    m = (-8.0 * d + jax.random.normal(ks[1], (24, 4, 1)) * 0.01).astype(jnp.float16).astype(jnp.float32)
+    q = jax.random.randint(ks[2], (24, 4, 32), 0, 16).at[:, :, 0].set(0).at[:, :, 1].set(15)
+    w = (d * q + m).reshape(24, 128)
+    exact = Q.quantize(w, Q.QuantSpec((1, 32), bits=4, symmetric=False, exact_zero=False))
+    np.testing.assert_allclose(exact.dequantize(), w, rtol=0, atol=1e-6 * float(jnp.abs(w).max()))
+    assert exact.scale.shape == exact.zero_point.shape == (24, 4)
+    assert not np.all(np.asarray(exact.zero_point) == np.round(np.asarray(exact.zero_point)))  # fractional
+    # The range stretched to 0 with an integer zero point re-rounds the same grid.
+    zero = Q.quantize(w, Q.QuantSpec((1, 32), bits=4, symmetric=False))
+    assert float(jnp.abs(zero.dequantize() - w).max()) > 1e-3 * float(jnp.abs(w).max())
 
 
 def test_bad_input_errors():

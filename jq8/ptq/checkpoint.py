@@ -95,7 +95,10 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def _spec_json(spec: QuantSpec) -> dict:
-    return {"tile": list(spec.tile), "bits": spec.bits, "symmetric": spec.symmetric}
+    out = {"tile": list(spec.tile), "bits": spec.bits, "symmetric": spec.symmetric}
+    if not spec.exact_zero:
+        out["exact_zero"] = False
+    return out
 
 
 def _put_qarray(arrays: dict[str, jax.Array], key: str, q: QArray) -> dict:
@@ -113,7 +116,7 @@ def _get_qarray(arrays: Mapping[str, jax.Array], key: str, meta: Mapping[str, An
         arrays[f"{key}/values"],
         arrays[f"{key}/scale"],
         arrays.get(f"{key}/zero_point"),
-        QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"]),
+        QuantSpec(tuple(s["tile"]), s["bits"], s["symmetric"], s.get("exact_zero", True)),
         tuple(meta["shape"]),
         jnp.dtype(meta["dtype"]),
     )

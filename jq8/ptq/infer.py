@@ -164,8 +164,9 @@ def matmul_qarrays_xla(
 
     a: (M, K) int8 QArray with a scale constant along K (per-token (M, 1) or per-tensor (1, 1)), or per
       row in K groups (tiles (1, g), scales (M, cdiv(K, g))) against a weight with per-channel scales.
-    b: (N, K) int8 / packed-INT4 QArray, symmetric, scales (gn, 1) (per channel / row runs / tensor) or
-      (N, cdiv(K, g)) (contraction groups). Returns act(a @ b.T * scales + bias) + residual, (M, N).
+    b: (N, K) int8 / packed-INT4 QArray, scales (gn, 1) (per channel / row runs / tensor) or
+      (N, cdiv(K, g)) (contraction groups); zero points too when asymmetric (``a`` then has one scale per
+      row or tensor). Returns act(a @ b.T * scales + bias) + residual, (M, N).
     The product is int8 x int8 -> int32 (exact); contraction groups get one int32 partial per group,
     rescaled into an fp32 sum, as the block-scaled kernel does. split_cols: the output as N / split_cols
     arrays.
@@ -174,9 +175,14 @@ def matmul_qarrays_xla(
     n, kb = b.shape_2d
     if k != kb:
         raise ValueError(f"contraction mismatch: activations (M={m}, K={k}) vs weight (N={n}, K={kb})")
+    if b.zero_point is not None:  # asymmetric weight: the symmetric product minus the zero points' term
+        from pallas_kernels.gemm import matmul_asymmetric
+
+        epilogue = dict(bias=bias, activation=activation, residual=residual, out_dtype=out_dtype, out_spec=out_spec)
+        return matmul_asymmetric(a, b, matmul_qarrays_xla, split_cols=split_cols, **epilogue)
     a_groups = a.scale.shape[1] != 1
-    if b.zero_point is not None or a.zero_point is not None:
-        raise ValueError("matmul_qarrays_xla: codes must be symmetric")
+    if a.zero_point is not None:
+        raise ValueError("matmul_qarrays_xla: activation codes must be symmetric")
     if a_groups and (a.spec.resolve(m, k)[0] != 1 or b.scale.shape[1] != 1):
         raise ValueError("matmul_qarrays_xla: activation scales in K groups need per-row tiles and a weight "
                          "with per-channel scales")  # fmt: skip

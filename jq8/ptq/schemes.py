@@ -65,7 +65,12 @@ class QuantRule:
     group_size: None = one scale per output channel; else the group length along ``group_axis``
       (-1 with ``group_axis="rows"`` = one scale for the whole tensor).
     group_axis: "contraction" (groups along K) or "rows" (runs of whole output rows, DeepSpeed style).
-    symmetric: symmetric weight codes. Asymmetric weights are only served weight-only (act_mode "none").
+    symmetric: symmetric weight codes; False: asymmetric "scale + min" codes (the tile's own min..max, a
+      fractional zero point per tile; ``QuantSpec.exact_zero=False``). With INT8 activations the GEMM
+      subtracts the zero points' term, sum_k a[m, k] * zero_point[n, k] * scale[n, k], from one small GEMM
+      of the activations' K-group sums (``pallas_kernels.gemm.matmul_asymmetric``). A Q4_1 GGUF weight
+      quantized asymmetric in K-groups of 32 (its block) keeps its 4-bit grid exactly. Embedding tables are
+      symmetric.
     act_mode: "token" (dynamic per-token INT8), "static" (calibrated per-tensor INT8), "none" (float).
     kind: "dense" (matches Dense kernels) or "embedding" (matches ``nn.Embed`` tables (V, D), which are
       already in the (N, K) layout of a tied head: one scale per row, or per ``group_size`` columns of a
@@ -105,11 +110,10 @@ class QuantRule:
             raise ValueError(
                 f"QuantRule {self.pattern!r}: group_size=-1 (per-tensor) needs group_axis='rows'"
             )
-        if not self.symmetric and self.act_mode != "none":
+        if not self.symmetric and self.kind == "embedding":
             raise ValueError(
-                f"QuantRule {self.pattern!r}: asymmetric weights are supported weight-only "
-                "(act_mode='none'); "
-                "the INT8 GEMM epilogue has no zero-point correction"
+                f"QuantRule {self.pattern!r}: embedding tables are quantized symmetric (the lookup and the "
+                "tied head read them without zero points); drop symmetric=False"
             )
         if self.kind not in ("dense", "embedding"):
             raise ValueError(
@@ -131,10 +135,13 @@ class QuantRule:
         """The QuantSpec of the transposed (N, K) weight."""
         b, s = self.weight_bits, self.symmetric
         if self.group_size is None:
-            return QuantSpec.per_row(b, s)
-        if self.group_axis == "contraction":
-            return QuantSpec.groups(self.group_size, axis=1, bits=b, symmetric=s)
-        return QuantSpec.row_runs(self.group_size, b, s)
+            spec = QuantSpec.per_row(b, s)
+        elif self.group_axis == "contraction":
+            spec = QuantSpec.groups(self.group_size, axis=1, bits=b, symmetric=s)
+        else:
+            spec = QuantSpec.row_runs(self.group_size, b, s)
+        # Weights need no exact zero (nothing pads them): asymmetric codes span the tile's own range.
+        return spec if s else dataclasses.replace(spec, exact_zero=False)
 
     def describe(self) -> str:
         if self.kind == "embedding":
