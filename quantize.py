@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
     p.add_argument("--int4-group", type=int, default=128, help="INT4 contraction-group size (a power of two)")
     p.add_argument(
+        "--int4-asymmetric",
+        action="store_true",
+        help="INT4 Dense weights as scale + min per group (asymmetric, a fractional zero point; the INT8 GEMM "
+        "takes the zero points' term off). A Q4_1 GGUF at --int4-group 32 --no-fold-norms keeps its 4-bit "
+        "weights exactly (a folded norm re-scales the rows its groups span). Tables stay symmetric",
+    )
+    p.add_argument(
         "--fp-embeddings",
         action="store_true",
         help="keep the embedding tables and LM head float (default: INT8 per row / per output channel; "
@@ -160,6 +167,9 @@ def check_args(args) -> None:
     """Everything about the options that can be checked before a model loads."""
     if args.scheme not in ptq.SCHEMES:
         fail(f"--scheme {args.scheme}: unknown scheme; known schemes: {', '.join(ptq.SCHEMES)}")
+    if args.int4_asymmetric and not any(r.weight_bits == 4 and r.kind == "dense"
+                                        for r in ptq.scheme(args.scheme, embeddings=False)):
+        fail(f"--int4-asymmetric: --scheme {args.scheme} has no INT4 Dense weights; drop it or pick w4/8-a8 / w4a16")
     positive = ["eval_batches", "batch_size", "calib_samples", "lkd_batch", "lkd_steps", "max_new_tokens",
                 "top_k", "int4_group"]
     for name in positive:
@@ -380,6 +390,7 @@ def scheme_rules(args, name: str) -> list:
     return ptq.scheme(
         name,
         int4_group=args.int4_group,
+        int4_symmetric=not args.int4_asymmetric,
         embeddings=not args.fp_embeddings,
         embedding_bits=args.embedding_bits,
     )

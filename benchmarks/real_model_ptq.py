@@ -16,8 +16,9 @@ tokens, tokenized with the model's own tokenizer), the size on disk, the quantiz
 greedy KV-cached continuations of fixed prompts. Calibration (static ranges, LKD) reads lee_background, a
 text disjoint from the evaluation split. The defaults are sized for a 2-core CPU; ``--variants`` adds the
 settings tried when a target is missed (INT8 embedding / tied head; LKD from the quantized stream).
-Besides ZeroQuant as published, W8A8 runs with the tied head weight-only (a rule of ZeroQuant's rule
-system), and ``--smooth`` adds W8A8 with jq8's activation-outlier migration (:mod:`jq8.ptq.smooth`, not
+Besides ZeroQuant as published, W4/8-A8 (+ LKD) also runs with INT4 codes that keep the file's Q4_1 grid
+(asymmetric scale + min in K-groups of 32, norms unfolded, INT8 table), W8A8 with the tied head weight-only
+(a rule of ZeroQuant's rule system), and ``--smooth`` adds W8A8 with jq8's activation-outlier migration (:mod:`jq8.ptq.smooth`, not
 part of ZeroQuant). ``--diagnose`` breaks W8A8's cost down by module role (A8 alone, W8 alone).
 Prints the table as Markdown and writes it, with every row's settings, as JSON (``--json``).
 """
@@ -54,7 +55,8 @@ PROMPTS = (
     "In mathematics, a prime number is",
     "The history of the Roman Empire began",
 )
-TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03}  # relative perplexity increase allowed vs FP
+SCALE_MIN_LABEL = "W4/8-A8, INT4 scale + min g32, INT8 table"
+TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03, SCALE_MIN_LABEL + " + LKD": 0.03}  # perplexity increase allowed
 # Module roles of a LLaMA-family decoder (jq8 names: qkv = q/k/v, out = o, fc1 = up, gate, fc2 = down), by
 # module-path regex; None = the tied head (the embedding table, read by the lookup and by ``attend``).
 ROLES = (
@@ -148,14 +150,18 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def quantize_args(a, gguf: str, embedding_bits: int | None) -> argparse.Namespace:
+def quantize_args(
+    a, gguf: str, embedding_bits: int | None, int4_group: int | None = None, int4_asymmetric: bool = False
+) -> argparse.Namespace:
     """quantize.py's options for the same settings (its helpers read them)."""
     argv = ["--ckpt", f"gguf:{gguf}", "--out", "unused", "--eval-batches", str(a.eval_batches),
             "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--calib-samples",
             str(a.calib_samples), "--lkd-steps", str(a.lkd_steps), "--lkd-lr", str(a.lkd_lr),
-            "--lkd-batch", str(a.lkd_batch), "--int4-group", str(a.int4_group)]
+            "--lkd-batch", str(a.lkd_batch), "--int4-group", str(int4_group or a.int4_group)]
     if embedding_bits is not None:
         argv += ["--embedding-bits", str(embedding_bits)]
+    if int4_asymmetric:
+        argv += ["--int4-asymmetric"]
     qa = quantize.parse_args(argv)
     quantize.check_args(qa)
     return qa
@@ -434,16 +440,17 @@ def main(argv=None) -> dict:
                next((r.weight_bits for r in qp.rules if r.kind == "embedding"), None), fold_norms=fold,
                rules=[r.describe() for r in qp.rules], **extra)
 
-    def run_lkd(label: str, qargs, lkd_input: str):
+    def run_lkd(label: str, qargs, lkd_input: str, fold: bool = True):
         cfg = lkd.LKDConfig(steps=a.lkd_steps, lr=a.lkd_lr, batch_size=a.lkd_batch, lkd_input=lkd_input,
                             progress=False)
         t = time.perf_counter()
         rules = quantize.scheme_rules(qargs, "w4/8-a8")
-        # as quantize.py: distill the folded params, the model the checkpoint holds
-        new_params, rep = lkd.distill(model, ptq.fold_norm_affines(params, rules)[0], rules, calib, cfg)
+        # as quantize.py: distill the params the checkpoint holds (norms folded unless told not to)
+        start = ptq.fold_norm_affines(params, rules)[0] if fold else params
+        new_params, rep = lkd.distill(model, start, rules, calib, cfg)
         lkd_s = time.perf_counter() - t
         gain = [r["loss_after"] / r["loss_before"] for r in rep if r["loss_before"] > 0]
-        run_scheme(label, "w4/8-a8", new_params, qargs, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
+        run_scheme(label, "w4/8-a8", new_params, qargs, fold=fold, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
                    lkd_lr=a.lkd_lr, lkd_batch=a.lkd_batch, lkd_input=lkd_input,
                    lkd_block_loss_ratio_median=round(float(np.median(gain)), 4) if gain else None,
                    lkd_blocks=[{"block": r["block"], "loss_before": round(r["loss_before"], 5),
@@ -463,6 +470,11 @@ def main(argv=None) -> dict:
                        **info)
     run_scheme("W4/8-A8", "w4/8-a8", params, qa)
     run_lkd("W4/8-A8 + LKD", qa, a.lkd_input)
+    # ZeroQuant's W4/8-A8 with INT4 codes that keep the file's Q4_1 grid: scale + min in K-groups of 32 (its
+    # block), norms not folded into them (a folded gamma rescales the rows a group spans), INT8 table (Q8_0).
+    qa_q4 = quantize_args(a, gguf, 8, int4_group=32, int4_asymmetric=True)
+    run_scheme(SCALE_MIN_LABEL, "w4/8-a8", params, qa_q4, fold=False)
+    run_lkd(SCALE_MIN_LABEL + " + LKD", qa_q4, a.lkd_input, fold=False)
     if a.variants:
         other = 8 if (a.embedding_bits or 4) == 4 else 4
         qa_e = quantize_args(a, gguf, other)

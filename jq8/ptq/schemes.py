@@ -166,18 +166,21 @@ def _embedding_rules(act_mode: ActMode, bits: int, int4_group: int) -> list[Quan
     ]
 
 
-def _scheme_table(int4_group: int) -> dict[str, list[QuantRule]]:
+def _scheme_table(int4_group: int, int4_symmetric: bool = True) -> dict[str, list[QuantRule]]:
+    sym4 = int4_symmetric
     return {
         # ZeroQuant W8A8: fine-grained weights (per output channel: a row run of 1, free in the epilogue)
         # and dynamic token-wise INT8 activations.
         "w8a8": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8)],
         # ZeroQuant mixed precision: INT4 MLP (contraction groups), INT8 attention, INT8 token-wise acts.
         "w4/8-a8": [
-            QuantRule(MLP_PATTERN, 4, int4_group, "contraction"),
+            QuantRule(MLP_PATTERN, 4, int4_group, "contraction", symmetric=sym4),
             QuantRule(ATTN_PATTERN, 8),
         ],
         "w8a16": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8, act_mode="none")],
-        "w4a16": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 4, int4_group, "contraction", act_mode="none")],
+        "w4a16": [
+            QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 4, int4_group, "contraction", symmetric=sym4, act_mode="none")
+        ],
         # The classic baseline ZeroQuant beats: per-tensor weights, calibrated per-tensor activations.
         "static-w8a8": [QuantRule(f"{ATTN_PATTERN}|{MLP_PATTERN}", 8, -1, "rows", act_mode="static")],
     }
@@ -187,9 +190,18 @@ SCHEMES: tuple[str, ...] = tuple(_scheme_table(128))
 
 
 def scheme(
-    name: str, *, int4_group: int = 128, embeddings: bool = True, embedding_bits: int | None = None
+    name: str,
+    *,
+    int4_group: int = 128,
+    int4_symmetric: bool = True,
+    embeddings: bool = True,
+    embedding_bits: int | None = None,
 ) -> list[QuantRule]:
     """The rules of a named scheme (see :data:`SCHEMES`); ``int4_group`` is the INT4 K-group size.
+
+    int4_symmetric: False quantizes the INT4 Dense weights asymmetric, "scale + min" per group (see
+      :class:`QuantRule`): a finer grid for the same bits, and at ``int4_group=32`` a Q4_1 GGUF's weights
+      come back exactly (when no norm is folded into them). Tables stay symmetric.
 
     embeddings: also quantize the vocabulary-sized tables: embedding tables (the tied LM head then runs on
       them) and an untied ``lm_head`` Dense, with the scheme's activation mode (token-wise INT8, or float
@@ -200,7 +212,7 @@ def scheme(
       weights (w4/8-a8, w4a16: the compact ones; on our 124M GPT +0.6% perplexity vs INT8 tables and
       0.34x instead of 0.36x the fp16 size, see BENCHMARKS.md), 8 otherwise.
     """
-    table = _scheme_table(int4_group)
+    table = _scheme_table(int4_group, int4_symmetric)
     if name not in table:
         raise ValueError(f"unknown quantization scheme {name!r}; known schemes: {', '.join(table)}")
     rules = table[name]
