@@ -18,8 +18,9 @@ text disjoint from the evaluation split. The defaults are sized for a 2-core CPU
 settings tried when a target is missed (INT8 embedding / tied head; LKD from the quantized stream).
 Besides ZeroQuant as published, W4/8-A8 (+ LKD) also runs with INT4 codes that keep the file's Q4_1 grid
 (asymmetric scale + min in K-groups of 32, norms unfolded, INT8 table), W8A8 with the tied head weight-only
-(a rule of ZeroQuant's rule system), and ``--smooth`` adds W8A8 with jq8's activation-outlier migration (:mod:`jq8.ptq.smooth`, not
-part of ZeroQuant). ``--diagnose`` breaks W8A8's cost down by module role (A8 alone, W8 alone).
+(a rule of ZeroQuant's rule system), and ``--smooth`` adds W8A8 with jq8's activation-outlier migration
+(:mod:`jq8.ptq.smooth`, not part of ZeroQuant). ``--diagnose`` breaks W8A8's cost down by module role (A8
+alone, W8 alone).
 Prints the table as Markdown and writes it, with every row's settings, as JSON (``--json``).
 """
 
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt to continue (repeatable; default: three fixed prompts)")
     p.add_argument("--pallas-smoke", type=int, default=0, metavar="N",
-                   help="also run the fused Pallas path (interpret mode off GPU) on the W8A8 and W4/8-A8 "
+                   help="also run the fused Pallas path (interpret mode off GPU) on the W8A8 and both W4/8-A8 "
                    "checkpoints: prompt logits and N KV-cached greedy tokens vs the XLA integer path (0: skip)")
     p.add_argument("--smooth", default=None, metavar="ALPHAS",
                    help="also W8A8 with jq8's activation-outlier migration (jq8.ptq.smooth) at each comma-separated "
@@ -484,7 +485,7 @@ def main(argv=None) -> dict:
                 "fp" if a.lkd_input == "quantized" else "quantized")
 
     if a.pallas_smoke:
-        for label in ("W8A8", "W4/8-A8"):
+        for label in ("W8A8", "W4/8-A8", SCALE_MIN_LABEL):
             qp, _ = qcheckpoint.load_quantized(checkpoints[label])
             smoke[label] = pallas_smoke(model, qp, prompt_ids[0], a.pallas_smoke)
             print(f"Pallas (interpret={jax.default_backend() != 'gpu'}) vs XLA, {label}: {smoke[label]}", flush=True)

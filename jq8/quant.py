@@ -245,6 +245,10 @@ def tile_stats(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | No
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     levels = 2**spec.bits - 1
     scale = jnp.maximum((hi - lo) / levels, SCALE_FLOOR)
+    if not spec.exact_zero:
+        # A (near-)constant tile would get a zero point ~ lo / SCALE_FLOOR (inf). A step of at least
+        # 2^-16 of the tile's magnitude keeps |zero_point| <= 8 + 2^16 and brings a constant tile back exactly.
+        scale = jnp.maximum(scale, jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * np.float32(2.0**-16))
     # Code range [-2**(b-1), 2**(b-1)-1]; zero point maps lo to the lowest code.
     zero_point = -(2 ** (spec.bits - 1)) - lo / scale
     return scale, (round_half_away(zero_point) if spec.exact_zero else zero_point)
