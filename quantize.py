@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(exact in float; the W8A8 LayerNorm-quantize kernel then skips them). --no-fold-norms keeps them",
     )
     p.add_argument(
+        "--head-weight-only",
+        action="store_true",
+        help="the LM head (tied table or lm_head) reads float activations: its weights stay quantized, its "
+        "input is not (a rule of ZeroQuant's rule system; the head is the one input --smooth cannot reach)",
+    )
+    p.add_argument(
+        "--smooth-sites",
+        default=",".join(smooth.SITES),
+        help="with --smooth: which kinds of site migrate, comma-separated from "
+        f"{', '.join(smooth.SITES)} (default: all). v->out,norm->qkv touch only attention weights, so INT4 MLP "
+        "codes keep their grid (--int4-asymmetric on a Q4_1 GGUF)",
+    )
+    p.add_argument(
         "--smooth",
         default=None,
         metavar="ALPHA",
@@ -188,6 +201,11 @@ def check_args(args) -> None:
                 fail(bad)
         if args.model == "minilm" or args.eval_dir:
             fail("--smooth applies when quantizing a decoder checkpoint (--ckpt ... --out); drop it here")
+    raw = args.smooth_sites if isinstance(args.smooth_sites, str) else ",".join(args.smooth_sites)
+    sites = tuple(x.strip() for x in raw.split(",") if x.strip())
+    if not sites or set(sites) - set(smooth.SITES):
+        fail(f"--smooth-sites {raw}: pass a comma-separated subset of {','.join(smooth.SITES)}")
+    args.smooth_sites = sites
     if args.seq_len < 0:
         fail(f"--seq-len {args.seq_len}: must be >= 1 (or 0: the training sequence length)")
     g = args.int4_group
@@ -387,13 +405,14 @@ def calibration_chunks(meta: dict, args, seq_len: int) -> list[jax.Array]:
 
 def scheme_rules(args, name: str) -> list:
     """The rules of scheme ``name`` under the command-line options (INT4 group, embedding options)."""
-    return ptq.scheme(
+    rules = ptq.scheme(
         name,
         int4_group=args.int4_group,
         int4_symmetric=not args.int4_asymmetric,
         embeddings=not args.fp_embeddings,
         embedding_bits=args.embedding_bits,
     )
+    return ptq.head_weight_only(rules) if args.head_weight_only else rules
 
 
 def quantized_logits(model, backend):
@@ -464,7 +483,8 @@ def main(argv=None) -> dict:
     if args.smooth is not None:  # the same float model, outlier channels moved into the weights (jq8.ptq.smooth)
         cfg = meta["model_config"]
         params, smoothed = smooth.smooth(
-            model, params, calib, args.smooth, num_heads=cfg.get("num_heads"), num_kv_heads=cfg.get("num_kv_heads")
+            model, params, calib, args.smooth, num_heads=cfg.get("num_heads"), num_kv_heads=cfg.get("num_kv_heads"),
+            sites=args.smooth_sites,
         )
         print(smooth.describe(smoothed))
         args.fold_norms = False  # the factors live in the norms: folding them into the weights would undo them

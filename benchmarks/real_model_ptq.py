@@ -27,7 +27,6 @@ Prints the table as Markdown and writes it, with every row's settings, as JSON (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -57,7 +56,10 @@ PROMPTS = (
     "The history of the Roman Empire began",
 )
 SCALE_MIN_LABEL = "W4/8-A8, INT4 scale + min g32, INT8 table"
-TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03, SCALE_MIN_LABEL + " + LKD": 0.03}  # perplexity increase allowed
+SCALE_MIN_SMOOTH_LABEL = SCALE_MIN_LABEL + ", attention smoothing, head A16 (jq8)"
+ATTENTION_SITES = ("v->out", "norm->qkv")  # smoothing sites that rescale no MLP weight
+TARGETS = {"W8A8": 0.01, "W4/8-A8 + LKD": 0.03, SCALE_MIN_LABEL + " + LKD": 0.03,
+           SCALE_MIN_SMOOTH_LABEL + " + LKD": 0.03}  # perplexity increase allowed vs FP
 # Module roles of a LLaMA-family decoder (jq8 names: qkv = q/k/v, out = o, fc1 = up, gate, fc2 = down), by
 # module-path regex; None = the tied head (the embedding table, read by the lookup and by ``attend``).
 ROLES = (
@@ -121,13 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the compact checkpoints are written (default: a temporary directory, removed)")
     p.add_argument("--json", default=None, help="write the table and settings here")
     return p
-
-
-def head_weight_only(rules: list) -> list:
-    """The scheme's rules with the embedding table / tied head (and an untied ``lm_head``) weight-only: the
-    INT8 table as before, the head's input left float (ZeroQuant's rule system: act_mode "none")."""
-    return [dataclasses.replace(r, act_mode="none") if r.kind == "embedding" or r.pattern == ptq.HEAD_PATTERN
-            else r for r in rules]
 
 
 def parse_alphas(text: str | None) -> list[float | str]:
@@ -382,20 +377,23 @@ def main(argv=None) -> dict:
 
     amax_cache: dict = {}
 
-    def smoothed(alpha: float | str) -> dict:
-        """The float params with activation outliers migrated at ``alpha`` (calibration maxima cached)."""
+    def smoothed(alpha: float | str, sites: tuple[str, ...] = smooth.SITES) -> dict:
+        """The float params with activation outliers migrated at ``alpha`` on ``sites`` (calibration maxima
+        and samples cached)."""
         t = time.perf_counter()
         if "amax" not in amax_cache:
             amax_cache["amax"] = smooth.activation_absmax(model, params, calib)
         cfg = meta["model_config"]
-        heads = dict(num_heads=cfg["num_heads"], num_kv_heads=cfg.get("num_kv_heads"))
+        heads = dict(num_heads=cfg["num_heads"], num_kv_heads=cfg.get("num_kv_heads"), sites=sites)
         strength = alpha
         if alpha == "auto":  # per site, least W8A8 output error on calibration inputs
-            samples = smooth.activation_samples(model, params, calib)
-            strength = smooth.search_alphas(params, amax_cache["amax"], samples, **heads)
+            if "samples" not in amax_cache:
+                amax_cache["samples"] = smooth.activation_samples(model, params, calib)
+            strength = smooth.search_alphas(params, amax_cache["amax"], amax_cache["samples"], **heads)
         sp, rep = smooth.smooth_params(params, amax_cache["amax"], strength, **heads)
-        amax_cache[alpha] = {"smooth_s": round(time.perf_counter() - t, 2), "summary": smooth.describe(rep)}
-        print(amax_cache[alpha]["summary"], flush=True)
+        amax_cache[(alpha, sites)] = {"smooth_s": round(time.perf_counter() - t, 2), "summary": smooth.describe(rep),
+                                      "smooth_sites": list(sites)}
+        print(amax_cache[(alpha, sites)]["summary"], flush=True)
         return sp
 
     if a.diagnose or a.diagnose_only:
@@ -441,17 +439,19 @@ def main(argv=None) -> dict:
                next((r.weight_bits for r in qp.rules if r.kind == "embedding"), None), fold_norms=fold,
                rules=[r.describe() for r in qp.rules], **extra)
 
-    def run_lkd(label: str, qargs, lkd_input: str, fold: bool = True):
+    def run_lkd(label: str, qargs, lkd_input: str, fold: bool = True, p=None, rules=None, **extra):
         cfg = lkd.LKDConfig(steps=a.lkd_steps, lr=a.lkd_lr, batch_size=a.lkd_batch, lkd_input=lkd_input,
                             progress=False)
         t = time.perf_counter()
-        rules = quantize.scheme_rules(qargs, "w4/8-a8")
+        rules = rules or quantize.scheme_rules(qargs, "w4/8-a8")
+        p = params if p is None else p
         # as quantize.py: distill the params the checkpoint holds (norms folded unless told not to)
-        start = ptq.fold_norm_affines(params, rules)[0] if fold else params
+        start = ptq.fold_norm_affines(p, rules)[0] if fold else p
         new_params, rep = lkd.distill(model, start, rules, calib, cfg)
         lkd_s = time.perf_counter() - t
         gain = [r["loss_after"] / r["loss_before"] for r in rep if r["loss_before"] > 0]
-        run_scheme(label, "w4/8-a8", new_params, qargs, fold=fold, lkd_s=round(lkd_s, 1), lkd_steps=a.lkd_steps,
+        run_scheme(label, "w4/8-a8", new_params, qargs, rules=rules, fold=fold, **extra, lkd_s=round(lkd_s, 1),
+                   lkd_steps=a.lkd_steps,
                    lkd_lr=a.lkd_lr, lkd_batch=a.lkd_batch, lkd_input=lkd_input,
                    lkd_block_loss_ratio_median=round(float(np.median(gain)), 4) if gain else None,
                    lkd_blocks=[{"block": r["block"], "loss_before": round(r["loss_before"], 5),
@@ -460,11 +460,11 @@ def main(argv=None) -> dict:
 
     run_scheme("static W8A8", "static-w8a8", params, qa)
     run_scheme("W8A8", "w8a8", params, qa)
-    w8a8_head16 = head_weight_only(quantize.scheme_rules(qa, "w8a8"))
+    w8a8_head16 = ptq.head_weight_only(quantize.scheme_rules(qa, "w8a8"))
     run_scheme("W8A8, head A16 (rule)", "w8a8", params, qa, rules=w8a8_head16)
     for i, alpha in enumerate(alphas):
         sp = smoothed(alpha)
-        info = {"smooth_alpha": alpha, **amax_cache[alpha]}
+        info = {"smooth_alpha": alpha, **amax_cache[(alpha, smooth.SITES)]}
         run_scheme(f"W8A8 + smoothing {alpha} (jq8)", "w8a8", sp, qa, fold=False, **info)
         if i == 0:
             run_scheme(f"W8A8 + smoothing {alpha}, head A16 (jq8)", "w8a8", sp, qa, rules=w8a8_head16, fold=False,
@@ -476,6 +476,13 @@ def main(argv=None) -> dict:
     qa_q4 = quantize_args(a, gguf, 8, int4_group=32, int4_asymmetric=True)
     run_scheme(SCALE_MIN_LABEL, "w4/8-a8", params, qa_q4, fold=False)
     run_lkd(SCALE_MIN_LABEL + " + LKD", qa_q4, a.lkd_input, fold=False)
+    # + jq8's extensions that leave the INT4 MLP grid alone: smoothing at the attention sites only (v -> o,
+    # norm -> q/k/v; strength per site), the head's input float (ZeroQuant's rule system).
+    sp = smoothed("auto", ATTENTION_SITES)
+    info = {"smooth_alpha": "auto", **amax_cache[("auto", ATTENTION_SITES)]}
+    q4_head16 = ptq.head_weight_only(quantize.scheme_rules(qa_q4, "w4/8-a8"))
+    run_scheme(SCALE_MIN_SMOOTH_LABEL, "w4/8-a8", sp, qa_q4, rules=q4_head16, fold=False, **info)
+    run_lkd(SCALE_MIN_SMOOTH_LABEL + " + LKD", qa_q4, a.lkd_input, fold=False, p=sp, rules=q4_head16, **info)
     if a.variants:
         other = 8 if (a.embedding_bits or 4) == 4 else 4
         qa_e = quantize_args(a, gguf, other)

@@ -96,6 +96,14 @@ def test_rule_validation(kw, msg):
         ptq.QuantRule("fc1(")
 
 
+def test_head_weight_only_keeps_tables_quantized_and_head_input_float(gpt):
+    _, params, _ = gpt
+    rules = ptq.head_weight_only(ptq.scheme("w8a8"))
+    qp = ptq.quantize_params(params, rules)
+    assert qp.embeddings and all(qp.rule_for(p).act_mode == "none" for p in qp.embeddings)
+    assert all(qp.rules[i].act_mode == "token" for p, i in qp.assignment if qp.rules[i].kind == "dense")
+
+
 def test_w48_scheme_assigns_int4_to_mlp_int8_to_attention(gpt):
     _, params, _ = gpt
     qp = ptq.quantize_params(params, ptq.scheme("w4/8-a8", int4_group=32, embedding_bits=8))

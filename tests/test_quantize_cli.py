@@ -175,6 +175,7 @@ def test_bad_inputs_are_one_line_errors(ckpt, qckpt, tmp_path, capsys, monkeypat
     refused(capsys, [*run, "--lkd-steps", "0"], "--lkd-steps 0", ">= 1")
     refused(capsys, [*run, "--int4-group", "48"], "--int4-group 48", "--int4-group 32")
     refused(capsys, [*run, "--scheme", "w8a8", "--int4-asymmetric"], "--int4-asymmetric", "no INT4", "w4/8-a8")
+    refused(capsys, [*run, "--smooth", "0.5", "--smooth-sites", "v->out,q"], "--smooth-sites v->out,q", "norm->qkv")
     refused(capsys, [*run, "--json", str(tmp_path / "no" / "t.json")], "--json")
     refused(capsys, [*run, "--lkd-input", "teacher"], "--lkd-input", "fp")
     refused(capsys, [*run, "--bogus"], "unrecognized arguments: --bogus", "--help")

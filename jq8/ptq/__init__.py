@@ -23,6 +23,7 @@ from jq8.ptq.schemes import (  # noqa: F401
     embedding_paths,
     fold_norm_affines,
     format_bits_report,
+    head_weight_only,
     quantize_embedding,
     quantize_params,
     quantize_weight,

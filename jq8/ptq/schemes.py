@@ -229,6 +229,14 @@ def scheme(
 scheme_rules = scheme
 
 
+def head_weight_only(rules: list[QuantRule]) -> list[QuantRule]:
+    """``rules`` with the embedding tables' tied head (and an untied ``lm_head``) weight-only: the tables as
+    quantized before, the head's input left float (act_mode "none"). The head is the one GEMM that
+    smoothing cannot reach (a tied table is also the embedding lookup)."""
+    return [dataclasses.replace(r, act_mode="none") if r.kind == "embedding" or r.pattern == HEAD_PATTERN
+            else r for r in rules]
+
+
 # ------------------------------------------------------------------------------------------ params tree
 
 
