@@ -165,22 +165,21 @@ def _decode(a, b, a_scale, b_scale, *, config: TileConfig | None, split_k: int |
 
 
 
-BLOCK_BACKENDS = ("auto", "mosaic", "triton")  # matmul_qarrays' kernels of the block-scaled route
+BLOCK_BACKENDS = ("auto", "triton")  # matmul_qarrays' kernels of the block-scaled route
 
 
 def matmul_qarrays(
     a: QArray, b: QArray, *, split_cols: int | None = None,
-    block_backend: Literal["auto", "mosaic", "triton"] = "auto", **epilogue,
+    block_backend: Literal["auto", "triton"] = "auto", **epilogue,
 ) -> jax.Array | QArray | tuple[jax.Array, ...]:
     """GEMM of two quantized operands in NT layout: a (M, K), b (N, K) (INT8, or INT4 for b).
 
     Scales constant along K on both sides -> :func:`int8_matmul` (scales expanded to per-row/per-column
     vectors, applied in the epilogue); otherwise the block-scaled route: :func:`int8_matmul_block_scaled`
     (Triton; interpret mode on CPU), or under ``block_backend="auto"`` on Hopper the warp-specialised Mosaic GPU
-    kernel (:mod:`pallas_kernels.int8_matmul_block_mgpu`) where it fits: shapes that tile, a float output
-    (13-25% faster than Triton at the training shapes, BENCHMARKS.md); ``"mosaic"`` also sends it outputs
-    requantized in (1, q) tiles (that epilogue is tested in Mosaic GPU's interpreter, not yet compiled on
-    an H100); ``"triton"`` keeps Triton everywhere. ``epilogue``: bias, activation, residual, out_dtype, out_spec,
+    kernel (:mod:`pallas_kernels.int8_matmul_block_mgpu`) where it fits: shapes that tile, a float output or
+    one requantized in (1, q) tiles (13-25% faster than Triton at the training shapes, BENCHMARKS.md);
+    ``"triton"`` keeps Triton everywhere. ``epilogue``: bias, activation, residual, out_dtype, out_spec,
     config, interpret. split_cols: the output as N / split_cols
     (M, split_cols) arrays; :func:`int8_matmul` writes them from its epilogue, other kernels' outputs are
     split after.
@@ -235,11 +234,10 @@ def _mosaic_blocks(
     a: QArray, b: QArray, ta: tuple[int, int], tb: tuple[int, int], epilogue: dict, block_backend: str
 ) -> bool:
     """Whether ``matmul_qarrays``' block-scaled route runs on :mod:`pallas_kernels.int8_matmul_block_mgpu`:
-    ``block_backend`` lets it (a requantized output only under "mosaic"), compiled on Hopper, no explicit
-    Triton config, shapes that tile, an epilogue it has; else Triton."""
+    ``block_backend`` "auto", compiled on Hopper, no explicit Triton config, shapes that tile, an epilogue it
+    has; else Triton."""
     (m, k), (n, _) = a.shape_2d, b.shape_2d
-    requantized = epilogue.get("out_spec") is not None
-    if block_backend == "triton" or (requantized and block_backend != "mosaic"):
+    if block_backend == "triton":
         return False
     if m <= DECODE_MAX_M or epilogue.get("config") is not None or resolve_interpret(epilogue.get("interpret")):
         return False

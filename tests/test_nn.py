@@ -283,7 +283,7 @@ def test_role_tiles_and_their_transposed_copies():
         parse_policy("jetfire-int8:grad_block=wide")
     with pytest.raises(ValueError, match="role must be one of"):
         hopper.tile("bias")
-    assert parse_policy("jetfire-int8-g128:block_gemm=mosaic").block_gemm == "mosaic"
+    assert parse_policy("jetfire-int8-g128:block_gemm=triton").block_gemm == "triton"
     with pytest.raises(ValueError, match="block_gemm must be one of"):
         parse_policy("jetfire-int8:block_gemm=cuda")
     with pytest.raises(ValueError, match=r"model_dim=576 is not a multiple of the INT8 block size 128"):

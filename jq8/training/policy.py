@@ -111,9 +111,7 @@ class Policy:
       pure-jnp references through XLA (fast on CPU, for tests; the same name PTQ inference takes).
     block_gemm: the kernel of GEMMs whose scales vary along K on both operands, under "pallas": "auto" takes
       the warp-specialised Hopper kernel (``int8_matmul_block_mgpu``) on sm_90 where the shapes tile and the
-      output is float, else Triton; "mosaic" also sends it the outputs requantized in the epilogue (fc1's,
-      in 1 x q tiles; its requantizing epilogue is tested in Mosaic GPU's interpreter, not yet compiled on
-      an H100); "triton" keeps Triton everywhere.
+      output is float or requantized in 1 x q tiles (fc1's), else Triton; "triton" keeps Triton everywhere.
     granularity: scales of the GEMM operands. "block" (Jetfire): each role's tiles (above); the GEMM
       rescales its int32 partial once per K block. "row" (torchao style, an
       experiment for speed): every GEMM operand is scaled per row of its (., K) layout, so all scaling
@@ -133,7 +131,7 @@ class Policy:
     int8_grad_weight: bool = True
     compute_dtype: Any = jnp.bfloat16
     backend: Literal["pallas", "xla"] = "pallas"
-    block_gemm: Literal["auto", "mosaic", "triton"] = "auto"
+    block_gemm: Literal["auto", "triton"] = "auto"
     granularity: Literal["block", "row"] = "block"
 
     def __post_init__(self):
