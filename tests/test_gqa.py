@@ -119,17 +119,20 @@ def test_ptq_fused_path_matches_per_dense_path(scheme):
     assert rel < (0.3 if "4" in scheme else 0.1), rel
 
 
+def _greedy(model, qp, prompt, *, steps: int, backend: str) -> np.ndarray:
+    """``steps`` greedy tokens after ``prompt`` (1, P) from the quantized model's KV cache."""
+    cache = decode.init_cache(model, batch=1, max_len=prompt.shape[1] + steps - 1)
+    gen = jax.jit(lambda q, c, t: decode.generate(decode.quantized_apply_fn(model, q, backend=backend), c, t,
+                                                   steps=steps))
+    return np.asarray(gen(qp, cache, prompt))
+
+
 def test_ptq_fused_pallas_matches_xla_and_generates_from_the_cache():
     """Pallas kernels in interpret mode (the GQA decode kernel finishing the split-K qkv sums) vs XLA."""
     cfg, model, params = _llama(attention="pallas", layers=1)
     qp = ptq.quantize_params(params, ptq.scheme("w8a8"))
     prompt = jax.random.randint(jax.random.PRNGKey(9), (1, 5), 0, cfg.vocab_size)
-    outs = {}
-    for backend in ("xla", "pallas"):
-        cache = decode.init_cache(model, batch=1, max_len=7)
-        gen = jax.jit(lambda q, c, t, b=backend: decode.generate(decode.quantized_apply_fn(model, q, backend=b),
-                                                                  c, t, steps=3))
-        outs[backend] = np.asarray(gen(qp, cache, prompt))
+    outs = {b: _greedy(model, qp, prompt, steps=3, backend=b) for b in ("xla", "pallas")}
     np.testing.assert_array_equal(outs["pallas"], outs["xla"])
     # greedy tokens from the cache = argmax of the quantized model re-run on the whole sequence
     seq = np.concatenate([np.asarray(prompt), outs["xla"]], 1)
@@ -173,12 +176,7 @@ def test_scale_min_int4_llama_matches_simulation_pallas_and_reload(tmp_path):
     np.testing.assert_allclose(got, sim, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(sim))))
 
     prompt = tokens[:1, :5]
-    outs = {}
-    for backend in ("xla", "pallas"):
-        cache = decode.init_cache(model, batch=1, max_len=8)
-        gen = jax.jit(lambda q, c, t, b=backend: decode.generate(decode.quantized_apply_fn(model, q, backend=b),
-                                                                  c, t, steps=3))
-        outs[backend] = np.asarray(gen(qp, cache, prompt))
+    outs = {b: _greedy(model, qp, prompt, steps=3, backend=b) for b in ("xla", "pallas")}
     np.testing.assert_array_equal(outs["pallas"], outs["xla"])
     prefill = ptq_infer.apply_quantized(model, qp, tokens[:, :8], backend="pallas")  # M = 16: block-scaled route
     np.testing.assert_allclose(prefill, got[:, :8], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(got))))
