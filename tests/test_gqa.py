@@ -155,8 +155,9 @@ def test_lkd_distills_a_grouped_query_model():
 
 def test_scale_min_int4_llama_matches_simulation_pallas_and_reload(tmp_path):
     """W4/8-A8 with asymmetric scale + min INT4 MLP weights (what keeps a Q4_1 GGUF's grid) on a GQA LLaMA:
-    the XLA integer path equals the fake-quant simulation, the Pallas kernels (interpret mode: block-scaled
-    prefill, decode GEMVs) equal XLA token for token, and the compact checkpoint reloads the same model."""
+    the XLA integer path equals the fake-quant simulation, the Pallas kernels (interpret mode: the decode
+    GEMVs; the block-scaled route is tested in test_kernels_matmul) equal XLA token for token, and the
+    compact checkpoint reloads the same model."""
     import flax.linen as nn
 
     from jq8.ptq import checkpoint as qcheckpoint
@@ -178,8 +179,6 @@ def test_scale_min_int4_llama_matches_simulation_pallas_and_reload(tmp_path):
     prompt = tokens[:1, :5]
     outs = {b: _greedy(model, qp, prompt, steps=3, backend=b) for b in ("xla", "pallas")}
     np.testing.assert_array_equal(outs["pallas"], outs["xla"])
-    prefill = ptq_infer.apply_quantized(model, qp, tokens[:, :8], backend="pallas")  # M = 16: block-scaled route
-    np.testing.assert_allclose(prefill, got[:, :8], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(got))))
 
     qcheckpoint.save_quantized(tmp_path / "q", qp, model_config=dataclasses.asdict(cfg), float_dtype="float32")
     qp2, _ = qcheckpoint.load_quantized(tmp_path / "q")
