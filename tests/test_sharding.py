@@ -123,11 +123,6 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-# Every test reading ``result`` on one xdist worker (``--dist loadgroup``): its multi-device subprocess
-# (about a minute on 2 cores) then runs once, not once per worker.
-pytestmark = pytest.mark.xdist_group("sharding")
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("shard"))
