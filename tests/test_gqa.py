@@ -153,16 +153,15 @@ def test_lkd_distills_a_grouped_query_model():
     assert bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_scale_min_int4_llama_matches_simulation_pallas_and_reload(tmp_path):
+def test_scale_min_int4_llama_matches_simulation_and_reload(tmp_path):
     """W4/8-A8 with asymmetric scale + min INT4 MLP weights (what keeps a Q4_1 GGUF's grid) on a GQA LLaMA:
-    the XLA integer path equals the fake-quant simulation, the Pallas kernels (interpret mode: the decode
-    GEMVs; the block-scaled route is tested in test_kernels_matmul) equal XLA token for token, and the
-    compact checkpoint reloads the same model."""
+    the XLA integer path equals the fake-quant simulation and the compact checkpoint reloads the same model
+    (the Pallas routes of asymmetric weights are checked kernel by kernel in test_kernels_matmul)."""
     import flax.linen as nn
 
     from jq8.ptq import checkpoint as qcheckpoint
 
-    cfg, model, params = _llama(layers=1, attention="pallas")
+    cfg, model, params = _llama(layers=1)
     rules = ptq.scheme("w4/8-a8", int4_group=32, int4_symmetric=False)
     qp = ptq.quantize_params(params, rules, fold_norms=False)
     asym = {p for p, w in qp.weights.items() if w.zero_point is not None}
@@ -175,10 +174,6 @@ def test_scale_min_int4_llama_matches_simulation_pallas_and_reload(tmp_path):
         with nn.intercept_methods(lkd.ste_interceptor(dense)):  # lm_head is a Dense (untied): a dense rule
             sim = model.apply({"params": sim_params}, tokens)
     np.testing.assert_allclose(got, sim, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(sim))))
-
-    prompt = tokens[:1, :5]
-    outs = {b: _greedy(model, qp, prompt, steps=3, backend=b) for b in ("xla", "pallas")}
-    np.testing.assert_array_equal(outs["pallas"], outs["xla"])
 
     qcheckpoint.save_quantized(tmp_path / "q", qp, model_config=dataclasses.asdict(cfg), float_dtype="float32")
     qp2, _ = qcheckpoint.load_quantized(tmp_path / "q")
