@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -123,9 +124,7 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("shard"))
+def _run_script(tmp: str) -> dict:
     # Lower XLA optimisation: these programs are tiny and compile time dominates on a CPU.
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
@@ -136,6 +135,29 @@ def result(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return {**json.loads(line[len("RESULT ") :]), "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    # The one-minute subprocess runs once per pytest session: under xdist the workers share the
+    # parent of their base temp directories, and a lock there lets the first worker run it while the
+    # others wait for its result file.
+    shared = tmp_path_factory.getbasetemp().parent
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        shared = tmp_path_factory.getbasetemp()
+    done = shared / "sharding_result.json"
+    with open(shared / "sharding_result.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                (shared / "sharding_runs").mkdir(exist_ok=True)
+                out = _run_script(str(shared / "sharding_runs"))
+                tmp_file = done.with_suffix(".part")
+                tmp_file.write_text(json.dumps(out))
+                os.replace(tmp_file, done)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return json.loads(done.read_text())
 
 
 def test_fsdp_params_are_split_over_all_devices(result):
