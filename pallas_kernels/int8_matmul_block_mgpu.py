@@ -24,7 +24,8 @@ in DeepGEMM's FP8 GEMM:
   * the promotion converts the int32 accumulator (``convert="cvt"``, the default: measured ~10% faster on
     the H100, BENCHMARKS.md) or, with ``convert="magic"``, starts it at the bit pattern of 1.5 * 2**23 so
     that its value read as f32 is 1.5 * 2**23 + p exactly (|p| <= 2**22 for G <= 256) and the convert
-    becomes one FADD before the FMA; both are exact;
+    becomes one FADD before the FMA, or, with ``convert="magic_add"``, adds that bit pattern to the finished
+    accumulator (an integer add instead of the start value); all three are exact;
   * a scale constant over a warpgroup's columns (weight blocks at least as wide as the warpgroup tile) is
     one scalar per group, folded into the row vector of A's scales before it touches the accumulator.
 
@@ -71,7 +72,7 @@ from pallas_kernels.int8_matmul_mgpu import (
 K_GROUPS = (32, 64, 128, 256)
 _INTERPRET_OPTIONS: dict = {}  # extra InterpretGPUParams fields when debugging (e.g. detect_races=True)
 SCHEDULES = ("wait", "pair", "carry")
-CONVERTS = ("magic", "cvt")
+CONVERTS = ("magic", "magic_add", "cvt")
 MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
 MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: bitcast_f32(MAGIC_BITS + p) == MAGIC_FLOAT + p exactly for |p| <= 2**22
 
@@ -505,6 +506,8 @@ def _kernel(
             def promote(y, part, s):
                 if cfg.convert == "magic":
                     f = lax.bitcast_convert_type(part, jnp.float32) - np.float32(MAGIC_FLOAT)
+                elif cfg.convert == "magic_add":
+                    f = lax.bitcast_convert_type(part + MAGIC_BITS, jnp.float32) - np.float32(MAGIC_FLOAT)
                 else:
                     f = part.astype(jnp.float32)
                 return y + f * broadcast(s)

@@ -129,7 +129,8 @@ interpret_host = pytest.mark.skipif(  # conftest sets NPROC=4 on smaller hosts
         (128, 256, 512, 64, (1, 64), (32, 64), {}, {}),  # weight scales vary inside a warpgroup tile
         (128, 128, 512, 128, (1, 128), (128, 128), dict(groups_per_step=2, schedule="carry"), {}),
         (128, 128, 256, 64, (1, 64), (64, 64), dict(groups_per_step=2, schedule="pair", pingpong=True), {}),
-        (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="cvt"), {}),
+        (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic"), {}),
+        (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic_add"), {}),
         (128, 384, 256, 128, (1, 128), (128, 128), {}, dict(bias=True, activation="gelu", residual=True)),
         (128, 256, 256, 64, (1, 64), (64, 64), {}, dict(bias=True, out_group=64)),  # two groups a tile
         (128, 192, 256, 32, (1, 32), (32, 32), {}, dict(bias=True, out_group=32)),  # 64-wide warpgroups
@@ -264,14 +265,15 @@ def test_gemm_router_block_route_matches_reference(m):
 @pytest.mark.parametrize(
     "over",
     [
-        dict(convert="cvt"),
+        dict(convert="magic"),
+        dict(convert="magic_add"),
         dict(pingpong=True),
         dict(groups_per_step=2),
         dict(groups_per_step=2, schedule="pair"),
         dict(groups_per_step=2, schedule="pair", pingpong=True),
         dict(groups_per_step=2, schedule="carry"),
         dict(groups_per_step=2, schedule="carry", pingpong=True),
-        dict(groups_per_step=2, schedule="carry", convert="cvt"),
+        dict(groups_per_step=2, schedule="carry", convert="magic_add"),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
     ],
