@@ -26,6 +26,11 @@ in DeepGEMM's FP8 GEMM:
     that its value read as f32 is 1.5 * 2**23 + p exactly (|p| <= 2**22 for G <= 256) and the convert
     becomes one FADD before the FMA, or, with ``convert="magic_add"``, adds that bit pattern to the finished
     accumulator (an integer add instead of the start value); all three are exact;
+  * ``schedule="running"`` never resets the int32 accumulator: it holds the running sum S_g of the groups'
+    products, and summation by parts, ``sum_g p_g s_g = sum_g S_g (s_g - s_{g+1})``, turns each group's
+    promotion into one convert and one FMA with the difference of consecutive scale vectors (no zeroing
+    of the accumulator, no FADD). The convert rounds S_g once it passes 2**24 (relative 6e-8), so the
+    result is f32-accurate rather than exact; it needs one weight scale per warpgroup tile;
   * a scale constant over a warpgroup's columns (weight blocks at least as wide as the warpgroup tile) is
     one scalar per group, folded into the row vector of A's scales before it touches the accumulator.
 
@@ -71,7 +76,7 @@ from pallas_kernels.int8_matmul_mgpu import (
 
 K_GROUPS = (32, 64, 128, 256)
 _INTERPRET_OPTIONS: dict = {}  # extra InterpretGPUParams fields when debugging (e.g. detect_races=True)
-SCHEDULES = ("wait", "pair", "carry")
+SCHEDULES = ("wait", "pair", "carry", "running")
 CONVERTS = ("magic", "magic_add", "cvt")
 MAGIC_BITS = 0x4B400000  # the bit pattern of MAGIC_FLOAT
 MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: bitcast_f32(MAGIC_BITS + p) == MAGIC_FLOAT + p exactly for |p| <= 2**22
@@ -87,7 +92,9 @@ class BlockTileConfig:
     step (each its own TMA boxes). ``schedule``: "wait" promotes each group after its wgmma completes;
     "pair" (two groups a step) issues both groups' wgmmas and promotes the first while the second runs;
     "carry" (two groups a step, two accumulators) issues group i + 1's wgmma before promoting group i, also
-    across steps (a step's stage is then released one step later). ``pingpong``: the two warpgroups meet at
+    across steps (a step's stage is then released one step later); "running" (one group a step, convert
+    "cvt") keeps the running sum in the accumulator and promotes it against the change of scale (see the
+    module docstring). ``pingpong``: the two warpgroups meet at
     a barrier after each
     step's wgmma issue, so one promotes while the other's wgmma runs. ``convert``: see the module docstring.
     ``cluster_m``: two CTAs along M form a cluster and share B's tile through TMA multicast (half of B's
@@ -177,10 +184,13 @@ def check_config(
         )
     if cfg.schedule in ("pair", "carry") and cfg.groups_per_step != 2:
         raise ValueError(f"schedule={cfg.schedule!r} needs groups_per_step=2, got {cfg}")
+    if cfg.schedule == "running" and (cfg.groups_per_step != 1 or cfg.convert != "cvt"):
+        # a running sum outgrows the magic number's exact range (|p| <= 2**22)
+        raise ValueError(f"schedule='running' needs groups_per_step=1 and convert='cvt', got {cfg}")
     if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192:
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
         raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192); got {cfg}")
-    if cfg.schedule != "wait" and cfg.tile_n > 128:
+    if cfg.schedule in ("pair", "carry") and cfg.tile_n > 128:
         raise ValueError(f"schedule={cfg.schedule!r} keeps two accumulators live: tile_n <= 128, got {cfg}")
     rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
     if m % rows:
@@ -332,10 +342,16 @@ def int8_matmul_block_mgpu(
     if cfg.group != g:
         raise ValueError(f"config.group={cfg.group} must be the scales' K group {g}")
     check_config(m, n, k, cfg, out_bytes=1 if out_group else out_dtype.itemsize, out_group=out_group)
+    b_uniform = tb[0] % cfg.tile_n == 0 or tb[0] >= n
+    if cfg.schedule == "running" and not b_uniform:
+        raise ValueError(
+            f"schedule='running' needs one weight scale per warpgroup tile: b's row tile {tb[0]} must be a "
+            f"multiple of tile_n={cfg.tile_n}; use schedule='wait'"
+        )
     out = _block_mgpu(
         a, group_scales(a_scale, ta, m, k, g), b, group_scales(b_scale, tb, n, k, g), bias, residual,
         activation=activation, out_dtype=out_dtype, out_group=out_group, cfg=cfg,
-        b_uniform=tb[0] % cfg.tile_n == 0 or tb[0] >= n, interpret=bool(interpret),
+        b_uniform=b_uniform, interpret=bool(interpret),
     )  # fmt: skip
     if out_group is None:
         return out
@@ -527,7 +543,7 @@ def _kernel(
 
                 return pl.run_state(one)(plgpu.ACC.init(init()))
 
-            accs = []  # the "carry" schedule's two accumulators, allocated per tile in ``context``
+            accs = []  # the "carry" (two) or "running" (one) schedule's accumulators, allocated in ``context``
             b_t_of = {}  # interpret mode: each transposed B view's untransposed (N, K) ref
 
             def body_carry(a_refs, b_ts, scales, y, s_prev, *pending):
@@ -547,6 +563,23 @@ def _kernel(
                 y = promote(y, plgpu.wgmma_accumulator_load(acc0, wait_n=1), scales[0])
                 return y, scales[1]  # group 2k + 1 is promoted next step (its stage is released then)
 
+            def body_running(a_ref, b_t, s, z, s_prev, *state):
+                """Group g: z += S_{g-1} (s_{g-1} - s_g), then S_g = S_{g-1} + p_g on the tensor core."""
+                delta = (s_prev[0] - s[0],)
+                if interpret:
+                    (total,) = state
+                    z = z + total.astype(jnp.float32) * broadcast(delta)
+                    a_tile, b_tile = a_ref.at[a_rows][...], b_t_of[id(b_t)][...]
+                    part = lax.dot_general(a_tile, b_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+                    return z, s, total + part
+                (acc,) = accs
+                z = z + acc[...].astype(jnp.float32) * broadcast(delta)
+                plgpu.wgmma(acc, a_ref.at[a_rows], b_t)
+                if cfg.pingpong:
+                    rendezvous()
+                plgpu.wgmma_wait(0)  # the stage is released after this body
+                return z, s
+
             def body(idx, *refs):
                 del idx
                 a_refs, b_refs = refs[:gps], refs[gps : 2 * gps]
@@ -556,6 +589,8 @@ def _kernel(
                 scales = [scale_vectors(sa_smem, sb_smem, j) for j in range(gps)]
                 if cfg.schedule == "carry":
                     return body_carry(a_refs, b_ts, scales, *y)
+                if cfg.schedule == "running":
+                    return body_running(a_refs[0], b_ts[0], scales[0], *y)
                 if cfg.schedule == "pair" and not interpret:
 
                     def both(refs):
@@ -581,6 +616,26 @@ def _kernel(
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
                 y0 = cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+                if cfg.schedule == "running":
+                    zero = cast(jnp.full(shape, 0, jnp.int32), plgpu.Layout.WGMMA)
+
+                    def running(acc=None):
+                        if interpret:
+                            z, s_last, total = run_pipeline((y0, zero_vectors(), zero))
+                        else:
+                            accs[:] = [acc]
+                            acc[...] = zero
+                            z, s_last = run_pipeline((y0, zero_vectors()))
+                            total = acc[...]
+                        if cfg.pingpong:
+                            pl.when(wg == 0)(rendezvous)
+                        epilogue(z + total.astype(jnp.float32) * broadcast(s_last))
+
+                    if interpret:
+                        running()
+                    else:
+                        pl.run_scoped(running, plgpu.ACC(shape, jnp.int32))
+                    return
                 if cfg.schedule != "carry":
                     y = run_pipeline(y0)
                     if cfg.pingpong:

@@ -58,6 +58,8 @@ def test_fit_config_defaults_and_errors():
         bm.fit_config(256, 256, 192, 128)
     with pytest.raises(ValueError, match="schedule='pair' needs groups_per_step=2"):
         bm.fit_config(256, 256, 256, 128, schedule="pair")
+    with pytest.raises(ValueError, match="schedule='running' needs groups_per_step=1 and convert='cvt'"):
+        bm.fit_config(256, 256, 256, 128, schedule="running", convert="magic")
     with pytest.raises(ValueError, match="group must be one of"):
         bm.check_config(256, 256, 256, bm.BlockTileConfig(group=48))
     # requantizing per q columns: the warpgroup tile holds whole groups, the staging tile at most one
@@ -131,6 +133,10 @@ interpret_host = pytest.mark.skipif(  # conftest sets NPROC=4 on smaller hosts
         (128, 128, 256, 64, (1, 64), (64, 64), dict(groups_per_step=2, schedule="pair", pingpong=True), {}),
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic"), {}),
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic_add"), {}),
+        (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="running"), {}),  # summation by parts
+        (256, 256, 256, 64, (1, 64), (64, 64), dict(schedule="running", pingpong=True, tile_n=64, epi_tile_n=64),
+         dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
+        (128, 256, 512, 128, (1, 128), (128, 128), dict(schedule="running"), dict(bias=True, out_group=128)),
         (128, 384, 256, 128, (1, 128), (128, 128), {}, dict(bias=True, activation="gelu", residual=True)),
         (128, 256, 256, 64, (1, 64), (64, 64), {}, dict(bias=True, out_group=64)),  # two groups a tile
         (128, 192, 256, 32, (1, 32), (32, 32), {}, dict(bias=True, out_group=32)),  # 64-wide warpgroups
@@ -158,6 +164,13 @@ def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, ov
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
     else:
         _compare(out, ref, jnp.float32)
+
+
+def test_running_schedule_needs_one_weight_scale_per_warpgroup_tile():
+    a, sa, b, sb, _ = _operands(3, 128, 256, 256, (1, 64), (32, 64))
+    cfg = bm.fit_config(128, 256, 256, 64, schedule="running")
+    with pytest.raises(ValueError, match="schedule='running' needs one weight scale per warpgroup tile"):
+        bm.int8_matmul_block_mgpu(a, sa, b, sb, config=cfg, interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------- Hopper
@@ -274,6 +287,8 @@ def test_gemm_router_block_route_matches_reference(m):
         dict(groups_per_step=2, schedule="carry"),
         dict(groups_per_step=2, schedule="carry", pingpong=True),
         dict(groups_per_step=2, schedule="carry", convert="magic_add"),
+        dict(schedule="running"),
+        dict(schedule="running", pingpong=True),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
     ],
