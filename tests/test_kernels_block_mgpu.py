@@ -134,6 +134,7 @@ interpret_host = pytest.mark.skipif(  # conftest sets NPROC=4 on smaller hosts
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic"), {}),
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic_add"), {}),
         (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="running"), {}),  # summation by parts
+        (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="wait"), {}),
         (256, 256, 256, 64, (1, 64), (64, 64), dict(schedule="running", pingpong=True, tile_n=64, epi_tile_n=64),
          dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
         (128, 256, 512, 128, (1, 128), (128, 128), dict(schedule="running"), dict(bias=True, out_group=128)),
@@ -164,6 +165,19 @@ def test_interpret_matches_reference(monkeypatch, m, n, k, g, a_tile, b_tile, ov
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
     else:
         _compare(out, ref, jnp.float32)
+
+
+@interpret_host
+def test_default_schedule_is_running_where_one_weight_scale_covers_a_warpgroup_tile(monkeypatch):
+    monkeypatch.setattr(bm, "_num_sms", lambda: 1)
+    seen = []
+    run = bm._block_mgpu
+    monkeypatch.setattr(bm, "_block_mgpu", lambda *a, **kw: seen.append(kw["cfg"].schedule) or run(*a, **kw))
+    for b_tile, schedule in [((128, 128), "running"), ((32, 64), "wait")]:
+        a, sa, b, sb, _ = _operands(11, 128, 256, 256, (1, 64 if b_tile[0] == 32 else 128), b_tile)
+        out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=jnp.float32, interpret=True)
+        _compare(out, int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32), jnp.float32)
+        assert seen[-1] == schedule
 
 
 def test_running_schedule_needs_one_weight_scale_per_warpgroup_tile():
@@ -296,7 +310,8 @@ def test_gemm_router_block_route_matches_reference(m):
 @pytest.mark.parametrize("g", [32, 128])
 def test_schedules_match_reference(over, g):
     m, n, k = 512, 512, 2048
-    a, sa, b, sb, _ = _operands(7 + g, m, n, k, (1, g), (g, g))
+    b_tile = (128, g) if over.get("schedule") == "running" else (g, g)  # one weight scale a warpgroup tile
+    a, sa, b, sb, _ = _operands(7 + g, m, n, k, (1, g), b_tile)
     cfg = bm.fit_config(m, n, k, g, out_dtype=jnp.float32, **over)
     out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=jnp.float32, config=cfg)
     ref = int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32)
