@@ -28,12 +28,12 @@ in DeepGEMM's FP8 GEMM:
     accumulator (an integer add instead of the start value); all three are exact;
   * ``schedule="running"`` never resets the int32 accumulator: it holds the running sum S_g of the groups'
     products, and summation by parts, ``sum_g p_g s_g = sum_g S_g (s_g - s_{g+1})``, turns each group's
-    promotion into one convert and one FMA with the difference of consecutive scale vectors (no zeroing
-    of the accumulator, no FADD). The convert rounds S_g once it passes 2**24 (relative 6e-8), so the
-    result is f32-accurate rather than exact; it needs one weight scale per warpgroup tile, and is the
-    default there (without ``config``): on the H100 it measured 1.22-1.31x XLA bf16 at G = 128 against
-    1.15-1.20x for "wait" (Nsight Compute: stall samples at the warpgroup arrive / wait instructions
-    30% -> 17%);
+    promotion into one convert and one FMA with the difference of consecutive scale vectors (the
+    accumulator is zeroed once a tile, not once a group). The convert rounds S_g once it passes 2**24
+    (relative 6e-8), so the result is f32-accurate rather than exact; it needs one weight scale per
+    warpgroup tile, and is the default there (without ``config``): on the H100 it measured 1.22-1.31x
+    XLA bf16 at G = 128 against 1.15-1.20x for "wait" (Nsight Compute: stall samples at the warpgroup
+    arrive / wait instructions 30% -> 17%);
   * a scale constant over a warpgroup's columns (weight blocks at least as wide as the warpgroup tile) is
     one scalar per group, folded into the row vector of A's scales before it touches the accumulator.
 
@@ -538,12 +538,15 @@ def _kernel(
                     f = part.astype(jnp.float32)
                 return y + f * broadcast(s)
 
+            def interpret_dot(a_ref, b_t):  # one group's int32 product, as a plain dot of the loaded tiles
+                a_tile, b_tile = a_ref.at[a_rows][...], b_t_of[id(b_t)][...]
+                return lax.dot_general(a_tile, b_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
             def product(a_ref, b_t, sync=False):
                 """One group's int32 accumulator (MAGIC_BITS + p with convert="magic"), its wgmma waited for.
                 ``sync``: meet the other warpgroup between the wgmma's issue and the wait (pingpong)."""
                 if interpret:  # the interpreter has neither transposed wgmma operands nor run_state
-                    a_tile, b_tile = a_ref.at[a_rows][...], b_t_of[id(b_t)][...]
-                    part = lax.dot_general(a_tile, b_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+                    part = interpret_dot(a_ref, b_t)
                     return part + MAGIC_BITS if cfg.convert == "magic" else part
 
                 def one(acc):
@@ -579,9 +582,7 @@ def _kernel(
                 if interpret:
                     (total,) = state
                     z = z + total.astype(jnp.float32) * broadcast(delta)
-                    a_tile, b_tile = a_ref.at[a_rows][...], b_t_of[id(b_t)][...]
-                    part = lax.dot_general(a_tile, b_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-                    return z, s, total + part
+                    return z, s, total + interpret_dot(a_ref, b_t)
                 (acc,) = accs
                 z = z + acc[...].astype(jnp.float32) * broadcast(delta)
                 plgpu.wgmma(acc, a_ref.at[a_rows], b_t)
