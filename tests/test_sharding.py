@@ -142,9 +142,8 @@ def result(tmp_path_factory):
     # The one-minute subprocess runs once per pytest session: under xdist the workers share the
     # parent of their base temp directories, and a lock there lets the first worker run it while the
     # others wait for its result file.
-    shared = tmp_path_factory.getbasetemp().parent
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        shared = tmp_path_factory.getbasetemp()
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     done = shared / "sharding_result.json"
     with open(shared / "sharding_result.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
