@@ -187,9 +187,11 @@ def check_config(
         )
     if cfg.schedule in ("pair", "carry") and cfg.groups_per_step != 2:
         raise ValueError(f"schedule={cfg.schedule!r} needs groups_per_step=2, got {cfg}")
-    if cfg.schedule == "running" and (cfg.groups_per_step != 1 or cfg.convert != "cvt"):
+    if cfg.schedule == "running" and cfg.convert != "cvt":
         # a running sum outgrows the magic number's exact range (|p| <= 2**22)
-        raise ValueError(f"schedule='running' needs groups_per_step=1 and convert='cvt', got {cfg}")
+        raise ValueError(f"schedule='running' needs convert='cvt', got {cfg}")
+    if cfg.schedule == "running" and cfg.groups_per_step == 2 and cfg.tile_n > 128:
+        raise ValueError(f"schedule='running' with two groups a step keeps two running sums: tile_n <= 128, got {cfg}")
     if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192:
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
         raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192); got {cfg}")
@@ -443,8 +445,8 @@ def _kernel(
     shape = (tm, tn)
     b_collective = ("cluster",) if cluster > 1 else ()
 
-    # "carry" leaves a step's last wgmma running past the step: its stage is released one step later
-    delay = 1 if cfg.schedule == "carry" else 0
+    # "carry" and two-group "running" leave wgmmas running past the step: its stage is released a step later
+    delay = 1 if cfg.schedule == "carry" or (cfg.schedule == "running" and gps == 2) else 0
 
     def operand_spec(rows, j, collective=()):  # group j of a step: a (rows, G) box of A or B
         extra = dict(collective_axes=collective) if collective else {}
@@ -591,6 +593,27 @@ def _kernel(
                 plgpu.wgmma_wait(0)  # the stage is released after this body
                 return z, s
 
+            def body_running_pair(a_refs, b_ts, scales, z, s_prev_even, s_prev_odd, *state):
+                """Groups 2k and 2k + 1 into two running sums, E (even groups) and O (odd): each is promoted
+                against the change of scale between its own consecutive groups while the other's wgmma
+                runs. On entry groups 2k - 2 (E) and 2k - 1 (O) may be in flight, in that order."""
+                d_even, d_odd = (s_prev_even[0] - scales[0][0],), (s_prev_odd[0] - scales[1][0],)
+                if interpret:
+                    total_even, total_odd = state
+                    z = z + total_even.astype(jnp.float32) * broadcast(d_even)
+                    z = z + total_odd.astype(jnp.float32) * broadcast(d_odd)
+                    total_even = total_even + interpret_dot(a_refs[0], b_ts[0])
+                    total_odd = total_odd + interpret_dot(a_refs[1], b_ts[1])
+                    return z, scales[0], scales[1], total_even, total_odd
+                acc_even, acc_odd = accs
+                z = z + plgpu.wgmma_accumulator_load(acc_even, wait_n=1).astype(jnp.float32) * broadcast(d_even)
+                plgpu.wgmma(acc_even, a_refs[0].at[a_rows], b_ts[0])
+                z = z + plgpu.wgmma_accumulator_load(acc_odd, wait_n=1).astype(jnp.float32) * broadcast(d_odd)
+                plgpu.wgmma(acc_odd, a_refs[1].at[a_rows], b_ts[1])
+                if cfg.pingpong:
+                    rendezvous()
+                return z, scales[0], scales[1]  # both wgmmas run on: the stage is released next step
+
             def body(idx, *refs):
                 del idx
                 a_refs, b_refs = refs[:gps], refs[gps : 2 * gps]
@@ -600,6 +623,8 @@ def _kernel(
                 scales = [scale_vectors(sa_smem, sb_smem, j) for j in range(gps)]
                 if cfg.schedule == "carry":
                     return body_carry(a_refs, b_ts, scales, *y)
+                if cfg.schedule == "running" and gps == 2:
+                    return body_running_pair(a_refs, b_ts, scales, *y)
                 if cfg.schedule == "running":
                     return body_running(a_refs[0], b_ts[0], scales[0], *y)
                 if cfg.schedule == "pair" and not interpret:
@@ -627,6 +652,31 @@ def _kernel(
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
                 y0 = cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
+                if cfg.schedule == "running" and gps == 2:
+                    zero = cast(jnp.full(shape, 0, jnp.int32), plgpu.Layout.WGMMA)
+
+                    def running_pair(acc_even=None, acc_odd=None):
+                        if interpret:
+                            z, s_even, s_odd, total_even, total_odd = run_pipeline(
+                                (y0, zero_vectors(), zero_vectors(), zero, zero)
+                            )
+                        else:
+                            accs[:] = [acc_even, acc_odd]
+                            acc_even[...] = zero
+                            acc_odd[...] = zero
+                            z, s_even, s_odd = run_pipeline((y0, zero_vectors(), zero_vectors()))
+                            total_even = plgpu.wgmma_accumulator_load(acc_even, wait_n=1)
+                            total_odd = plgpu.wgmma_accumulator_load(acc_odd, wait_n=0)
+                        if cfg.pingpong:
+                            pl.when(wg == 0)(rendezvous)
+                        z = z + total_even.astype(jnp.float32) * broadcast(s_even)
+                        epilogue(z + total_odd.astype(jnp.float32) * broadcast(s_odd))
+
+                    if interpret:
+                        running_pair()
+                    else:
+                        pl.run_scoped(running_pair, plgpu.ACC(shape, jnp.int32), plgpu.ACC(shape, jnp.int32))
+                    return
                 if cfg.schedule == "running":
                     zero = cast(jnp.full(shape, 0, jnp.int32), plgpu.Layout.WGMMA)
 

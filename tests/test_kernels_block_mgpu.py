@@ -58,8 +58,10 @@ def test_fit_config_defaults_and_errors():
         bm.fit_config(256, 256, 192, 128)
     with pytest.raises(ValueError, match="schedule='pair' needs groups_per_step=2"):
         bm.fit_config(256, 256, 256, 128, schedule="pair")
-    with pytest.raises(ValueError, match="schedule='running' needs groups_per_step=1 and convert='cvt'"):
+    with pytest.raises(ValueError, match="schedule='running' needs convert='cvt'"):
         bm.fit_config(256, 256, 256, 128, schedule="running", convert="magic")
+    with pytest.raises(ValueError, match="two running sums: tile_n <= 128"):
+        bm.check_config(256, 192, 256, bm.BlockTileConfig(schedule="running", groups_per_step=2, tile_n=192))
     with pytest.raises(ValueError, match="group must be one of"):
         bm.check_config(256, 256, 256, bm.BlockTileConfig(group=48))
     # requantizing per q columns: the warpgroup tile holds whole groups, the staging tile at most one
@@ -135,6 +137,9 @@ interpret_host = pytest.mark.skipif(  # conftest sets NPROC=4 on smaller hosts
         (128, 256, 256, 128, (1, 128), (128, 128), dict(convert="magic_add"), {}),
         (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="running"), {}),  # summation by parts
         (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="wait"), {}),
+        (128, 128, 768, 128, (1, 128), (128, 128), dict(schedule="running", groups_per_step=2), {}),  # E and O
+        (256, 128, 512, 64, (1, 64), (64, 64), dict(schedule="running", groups_per_step=2, pingpong=True, tile_n=64,
+         epi_tile_n=64), dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
         (256, 256, 256, 64, (1, 64), (64, 64), dict(schedule="running", pingpong=True, tile_n=64, epi_tile_n=64),
          dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
         (128, 256, 512, 128, (1, 128), (128, 128), dict(schedule="running"), dict(bias=True, out_group=128)),
@@ -303,6 +308,8 @@ def test_gemm_router_block_route_matches_reference(m):
         dict(groups_per_step=2, schedule="carry", convert="magic_add"),
         dict(schedule="running"),
         dict(schedule="running", pingpong=True),
+        dict(groups_per_step=2, schedule="running"),
+        dict(groups_per_step=2, schedule="running", pingpong=True),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
     ],
