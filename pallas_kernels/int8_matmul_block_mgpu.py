@@ -42,9 +42,11 @@ the output as the next GEMM's activation operand: int8 codes and one scale per r
 maxima of the f32 tile in registers (Jetfire's fc1 -> activation: no float (M, N) tensor round-trips memory).
 
 The accumulator (int32) and the f32 sum both live in registers: a consumer warpgroup owns 64 x 128 (or
-64 x tile_n) outputs, so a CTA is 128 x 128 (warpgroups stacked along M). Shapes must tile exactly: M by the
-CTA's rows, N by its columns, K by G (times the groups a step); anything else is a ValueError naming the
-dimension, and :func:`unsupported_reason` lets a dispatcher fall back to the Triton kernel. The kernel runs
+64 x tile_n) outputs, so a CTA is 128 x 128 (two warpgroups stacked along M; 192 x 128 with three). N must
+tile by the CTA's columns and K by G (times the groups a step); M needs only one CTA's rows: where it does
+not tile, the last row tile ends at M and overlaps the one before (the shared rows are computed and written
+twice, with the same values). Anything else is a ValueError naming the dimension, and
+:func:`unsupported_reason` lets a dispatcher fall back to the Triton kernel. The kernel runs
 compiled on an sm_90 GPU; ``interpret=True`` runs it in Mosaic GPU's interpreter on any host (pipeline,
 scale indexing, promotion and epilogue as compiled; each group's product as a dot of the loaded tiles,
 since the interpreter has no transposed wgmma operand nor preinitialised accumulators).
@@ -89,20 +91,23 @@ MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: bitcast_f32(MAGIC_BITS + p) == MAGIC_FL
 class BlockTileConfig:
     """Tiles and schedule of the block-scaled kernel (hashable: a static jit argument).
 
-    Each of the two consumer warpgroups owns a (tile_m, tile_n) output tile: an int32 accumulator per K
-    group in flight and the f32 sum, all in registers; the two sit along M (a 2 tile_m x tile_n CTA, one
-    B tile for both). ``group``: G, the K group of the scales; ``groups_per_step`` K groups per pipeline
+    Each consumer warpgroup owns a (tile_m, tile_n) output tile: an int32 accumulator per K group in flight
+    and the f32 sum, all in registers; they sit along M (a consumers * tile_m x tile_n CTA, one B tile for
+    all). ``group``: G, the K group of the scales; ``groups_per_step`` K groups per pipeline
     step (each its own TMA boxes). ``schedule``: "wait" promotes each group after its wgmma completes;
     "pair" (two groups a step) issues both groups' wgmmas and promotes the first while the second runs;
     "carry" (two groups a step, two accumulators) issues group i + 1's wgmma before promoting group i, also
-    across steps (a step's stage is then released one step later); "running" (one group a step, convert
-    "cvt") keeps the running sum in the accumulator and promotes it against the change of scale (see the
-    module docstring). ``pingpong``: the two warpgroups meet at
-    a barrier after each
-    step's wgmma issue, so one promotes while the other's wgmma runs. ``convert``: see the module docstring.
-    ``cluster_m``: two CTAs along M form a cluster and share B's tile through TMA multicast (half of B's
-    loads from L2). ``stages``: shared-memory ring depth. ``epi_tile_*``: the output staging tile.
-    ``grid_minor`` / ``grid_width``: the planar-snake order of output tiles over the persistent CTAs.
+    across steps (a step's stage is then released one step later); "running" keeps the running sum in the
+    accumulator and promotes it against the change of scale (see the module docstring); with two groups a
+    step it keeps two running sums (even and odd groups), each promoted while the other's wgmma runs.
+    ``pingpong``: the two warpgroups meet at a barrier after each step's wgmma issue, so one promotes while
+    the other's wgmma runs. ``convert``: see the module docstring. ``cluster_m``: two CTAs along M form a
+    cluster and share B's tile through TMA multicast (half of B's loads from L2). ``consumers``: consumer
+    warpgroups stacked along M (2 or 3); a third puts one more warp on each scheduler to hide the
+    promotions' latency, in registers the producer gives up (160 a thread instead of 232: room for one
+    64 x 128 int32 accumulator and the f32 sum). ``stages``: shared-memory ring depth. ``epi_tile_*``: the
+    output staging tile. ``grid_minor`` / ``grid_width``: the planar-snake order of output tiles over the
+    persistent CTAs.
     """
 
     group: int = 128
@@ -113,6 +118,7 @@ class BlockTileConfig:
     pingpong: bool = False
     convert: str = "cvt"
     cluster_m: bool = False
+    consumers: int = 2
     stages: int = 4
     epi_tile_m: int = 64
     epi_tile_n: int = 64
@@ -122,7 +128,7 @@ class BlockTileConfig:
 
     @property
     def cta_m(self) -> int:
-        return 2 * self.tile_m
+        return self.consumers * self.tile_m
 
     @property
     def cta_n(self) -> int:
@@ -158,9 +164,9 @@ def smem_bytes(cfg: BlockTileConfig, *, out_bytes: int, out_group: int | None = 
     """Shared memory of ``cfg``: the ring (operands and both scale rows per group), the output staging
     tiles, each warpgroup's bias vector and, requantizing per ``out_group`` columns, its output scales."""
     per_step = (cfg.cta_m + cfg.cta_n) * cfg.step_k + 4 * cfg.groups_per_step * (cfg.cta_m + cfg.cta_n)
-    staging = 2 * _slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
-    out_scales = 2 * 4 * cfg.tile_m * (cfg.tile_n // out_group) if out_group else 0
-    return cfg.stages * per_step + staging + 2 * 4 * cfg.tile_n + out_scales
+    staging = cfg.consumers * _slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_bytes
+    out_scales = cfg.consumers * 4 * cfg.tile_m * (cfg.tile_n // out_group) if out_group else 0
+    return cfg.stages * per_step + staging + cfg.consumers * 4 * cfg.tile_n + out_scales
 
 
 def _slots(cfg: BlockTileConfig) -> int:
@@ -195,13 +201,21 @@ def check_config(
     if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192:
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
         raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192); got {cfg}")
+    two_accumulators = cfg.schedule in ("pair", "carry") or (cfg.schedule == "running" and cfg.groups_per_step == 2)
+    if cfg.consumers not in (2, 3) or (cfg.consumers == 3 and (cfg.pingpong or cfg.tile_n > 128 or two_accumulators)):
+        # three warpgroups fit one 64 x 128 accumulator and the f32 sum in 160 registers a thread; ping-pong
+        # alternates two warpgroups
+        raise ValueError(
+            f"consumers must be 2, or 3 with tile_n <= 128, one accumulator (schedule 'wait' or one-group "
+            f"'running') and no pingpong; got {cfg}"
+        )
     if cfg.schedule in ("pair", "carry") and cfg.tile_n > 128:
         raise ValueError(f"schedule={cfg.schedule!r} keeps two accumulators live: tile_n <= 128, got {cfg}")
     rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
-    if m % rows:
+    if m < rows:
         raise ValueError(
-            f"M={m} must be a multiple of {rows} rows for the Mosaic GPU block-scaled GEMM (pad M, or use "
-            "the Triton kernel)"
+            f"M={m} must be at least the {rows} rows of a CTA tile for the Mosaic GPU block-scaled GEMM (pad M, "
+            "or use the Triton kernel)"
         )
     if n % cfg.cta_n:
         raise ValueError(f"N={n} must be a multiple of the CTA's {cfg.cta_n} columns")
@@ -269,9 +283,11 @@ def unsupported_reason(
         return "a requantized output (out_spec) takes no residual"
     try:
         out_group = None if out_spec is None else out_group_of(out_spec, n)
-        fit_config(m, n, k, k_group_of(a_tile, b_tile, k), out_dtype=out_dtype, out_group=out_group)
+        cfg = fit_config(m, n, k, k_group_of(a_tile, b_tile, k), out_dtype=out_dtype, out_group=out_group)
     except ValueError as e:
         return str(e)
+    if m % cfg.cta_m:  # the overlapping last row tile is checked in Mosaic GPU's interpreter only
+        return f"M={m} is not a multiple of the CTA's {cfg.cta_m} rows"
     return None
 
 
@@ -383,7 +399,7 @@ def _block_mgpu(
     if residual is not None:
         inputs.append(residual)
     cluster = 2 if cfg.cluster_m else 1
-    tiles = (m // (cfg.cta_m * cluster)) * (n // cfg.cta_n)
+    tiles = pl.cdiv(m, cfg.cta_m * cluster) * (n // cfg.cta_n)
     kernel = functools.partial(
         _kernel, cfg=cfg, activation=activation, has_bias=bias is not None, has_residual=residual is not None,
         out_group=out_group, b_uniform=b_uniform, interpret=interpret,
@@ -404,7 +420,7 @@ def _block_mgpu(
         out_type=out_type,
         grid=(min(tiles, _num_sms() // cluster),),
         grid_names=("sm",),
-        num_threads=3,
+        num_threads=cfg.consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=cfg.epilogue_math != "precise"),
         **extra,
@@ -435,10 +451,10 @@ def _kernel(
     k = a_gmem.shape[1]
     out_dtype = out_gmem.dtype
     tm, tn, g, gps = cfg.tile_m, cfg.tile_n, cfg.group, cfg.groups_per_step
-    cta_m, cta_n = cfg.cta_m, cfg.cta_n
+    cta_m, cta_n, consumers = cfg.cta_m, cfg.cta_n, cfg.consumers
     cluster = 2 if cfg.cluster_m else 1
     em, en = cfg.epi_tile_m, cfg.epi_tile_n
-    m_iters, n_iters = m // (cta_m * cluster), n // cta_n
+    m_iters, n_iters = pl.cdiv(m, cta_m * cluster), n // cta_n
     in_transforms = _swizzled(g, jnp.int8)
     out_transforms = _swizzled(en, out_dtype)
     slots = _slots(cfg)
@@ -469,10 +485,11 @@ def _kernel(
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k // cfg.step_k,),
-            memory_registers=MEMORY_REGISTERS,
+            # three consumers: 160 registers each (FlashAttention-3's split); two: 232 each
+            memory_registers=MEMORY_REGISTERS if cfg.consumers == 2 else 32,
             in_specs=in_specs,
             wg_axis="wg",
-            num_compute_wgs=2,
+            num_compute_wgs=cfg.consumers,
             max_concurrent_steps=cfg.stages,
             compute_context=context,
         )
@@ -483,11 +500,11 @@ def _kernel(
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(*gmem_args(a_gmem, b_gmem, sa_gmem, sb_gmem)),
-        out_smem=plgpu.SMEM((2, slots, em, en), out_dtype, transforms=out_transforms),
-        bias_smem=plgpu.SMEM((2, tn), jnp.float32),
-        qs_smem=plgpu.SMEM((2, tn // out_group, tm) if out_group else (2, 1, 1), jnp.float32),
-        bias_barrier=plgpu.Barrier(num_barriers=2),
-        res_barrier=plgpu.Barrier(num_barriers=2 * slots),
+        out_smem=plgpu.SMEM((consumers, slots, em, en), out_dtype, transforms=out_transforms),
+        bias_smem=plgpu.SMEM((consumers, tn), jnp.float32),
+        qs_smem=plgpu.SMEM((consumers, tn // out_group, tm) if out_group else (consumers, 1, 1), jnp.float32),
+        bias_barrier=plgpu.Barrier(num_barriers=consumers),
+        res_barrier=plgpu.Barrier(num_barriers=consumers * slots),
         sched_barrier=plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
     )
@@ -503,8 +520,10 @@ def _kernel(
         def _tile_loop(info):
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_width)
-            mi = mi * cluster + cta
-            row0, col0 = mi * cta_m + wg * tm, ni * cta_n  # each warpgroup: its 64 rows of the CTA tile
+            # Ragged M: the last row tile ends at M, overlapping the one before; the rows they share are
+            # computed twice and written twice with the same values (no operand box leaves the arrays).
+            cta_row0 = jnp.minimum(mi * (cta_m * cluster), m - cta_m * cluster) + cta * cta_m
+            row0, col0 = cta_row0 + wg * tm, ni * cta_n  # each warpgroup: its 64 rows of the CTA tile
             a_rows, b_rows = pl.ds(wg * tm, tm), slice(None)
             sa_rows, sb_col = pl.ds(wg * tm, tm), 0
 
@@ -768,9 +787,9 @@ def _kernel(
 
             pipeline(body, context)(
                 *gmem_args(
-                    a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                    a_gmem.at[pl.ds(cta_row0, cta_m), :],
                     b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
-                    sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
+                    sa_gmem.at[:, pl.ds(cta_row0, cta_m)],
                     sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
                 ),
                 allocations=pipeline_allocs,

@@ -50,8 +50,14 @@ def test_fit_config_defaults_and_errors():
     assert bm.smem_bytes(cfg, out_bytes=2) <= bm.SMEM_BYTES  # the deepest ring that fits
     assert bm.smem_bytes(dataclasses.replace(cfg, stages=cfg.stages + 1), out_bytes=2) > bm.SMEM_BYTES
     assert bm.fit_config(256, 192, 256, 64).tile_n == 64  # N not a multiple of 128: 64-wide warpgroups
-    with pytest.raises(ValueError, match="M=200 must be a multiple of"):
-        bm.fit_config(200, 256, 256, 128)
+    assert bm.fit_config(200, 256, 256, 128).cta_m == 128  # ragged M: the last row tile overlaps
+    with pytest.raises(ValueError, match="M=100 must be at least the 128 rows of a CTA tile"):
+        bm.fit_config(100, 256, 256, 128)
+    with pytest.raises(ValueError, match="M=128 must be at least the 192 rows"):
+        bm.fit_config(128, 256, 256, 128, consumers=3)
+    for over in (dict(pingpong=True), dict(schedule="running", groups_per_step=2), dict(tile_n=192)):
+        with pytest.raises(ValueError, match="consumers must be 2, or 3 with"):
+            bm.fit_config(384, 384, 256, 128, consumers=3, **over)
     with pytest.raises(ValueError, match="N=100 must be a multiple"):
         bm.fit_config(256, 100, 256, 128)
     with pytest.raises(ValueError, match="K=192 must be a multiple of the K step 128"):
@@ -100,6 +106,7 @@ def test_unsupported_reason_names_the_rule():
     kw = dict(a_tile=(1, 128), b_tile=(128, 128), check_device=False)
     assert bm.unsupported_reason(8192, 4096, 4096, **kw) is None
     assert "M=100" in bm.unsupported_reason(100, 4096, 4096, **kw)
+    assert "M=200 is not a multiple of the CTA's 128 rows" in bm.unsupported_reason(200, 4096, 4096, **kw)
     assert "int8 b" in bm.unsupported_reason(8192, 4096, 4096, b_bits=4, **kw)
     assert bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((1, 64)), **kw) is None
     assert "tiles (1, g)" in bm.unsupported_reason(8192, 4096, 4096, out_spec=QuantSpec((32, 32)), **kw)
@@ -138,6 +145,11 @@ interpret_host = pytest.mark.skipif(  # conftest sets NPROC=4 on smaller hosts
         (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="running"), {}),  # summation by parts
         (128, 128, 512, 128, (1, 128), (128, 128), dict(schedule="wait"), {}),
         (128, 128, 768, 128, (1, 128), (128, 128), dict(schedule="running", groups_per_step=2), {}),  # E and O
+        (200, 128, 256, 128, (1, 128), (128, 128), dict(schedule="running"), {}),  # ragged M: overlapping tile
+        (320, 128, 256, 128, (1, 128), (128, 128), dict(consumers=3),
+         dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
+        (448, 256, 256, 64, (1, 64), (64, 64), dict(consumers=3, schedule="running", tile_n=64, epi_tile_n=64),
+         dict(bias=True, out_group=64)),  # fmt: skip
         (256, 128, 512, 64, (1, 64), (64, 64), dict(schedule="running", groups_per_step=2, pingpong=True, tile_n=64,
          epi_tile_n=64), dict(bias=True, activation="gelu", residual=True)),  # fmt: skip
         (256, 256, 256, 64, (1, 64), (64, 64), dict(schedule="running", pingpong=True, tile_n=64, epi_tile_n=64),
@@ -266,10 +278,12 @@ def test_weights_in_narrow_blocks_and_per_tensor_rows():
 
 
 @on_hopper
-def test_ragged_m_is_a_clear_error():
+def test_ragged_m_matches_reference_and_too_few_rows_is_a_clear_error():
     a, sa, b, sb, _ = _operands(2, 200, 256, 512, (1, 128), (128, 128))
-    with pytest.raises(ValueError, match="M=200 must be a multiple of"):
-        bm.int8_matmul_block_mgpu(a, sa, b, sb)
+    out = bm.int8_matmul_block_mgpu(a, sa, b, sb, out_dtype=jnp.float32)  # the last row tile overlaps
+    _compare(out, int8_matmul_block_scaled_reference(a, sa, b, sb, out_dtype=jnp.float32), jnp.float32)
+    with pytest.raises(ValueError, match="M=100 must be at least the 128 rows"):
+        bm.int8_matmul_block_mgpu(a[:100], sa[:100], b, sb)
 
 
 @pytest.mark.parametrize("m", [256, 200])  # 200 rows do not tile: the Triton kernel takes them on Hopper
@@ -292,7 +306,7 @@ def test_gemm_router_block_route_matches_reference(m):
         gemm.matmul_qarrays(qa, qb, block_backend="cuda")
 
 
-# Last: 20 compiled variants; the behaviour tests above run first where a GPU session is time-limited.
+# Last: 34 compiled variants; the behaviour tests above run first where a GPU session is time-limited.
 @on_hopper
 @pytest.mark.parametrize(
     "over",
@@ -312,6 +326,8 @@ def test_gemm_router_block_route_matches_reference(m):
         dict(groups_per_step=2, schedule="running", pingpong=True),
         dict(cluster_m=True),
         dict(tile_n=64, epi_tile_n=64),
+        dict(consumers=3),  # M = 512: the third row tile overlaps the second
+        dict(consumers=3, schedule="running"),
     ],
 )
 @pytest.mark.parametrize("g", [32, 128])
