@@ -18,7 +18,8 @@ TINY = ["--dataset=lee", "--tokenizer=bytes", "--model.d_model=32", "--model.num
 def run(out, *extra, check=True):
     cmd = [sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "tiny.py"), "--out", str(out),
            "--policies", "bf16", "int8-row", *extra, *TINY]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    # tiny programs: compile time dominates, as for the suite itself (conftest.py)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     env.pop("OUT", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=check)
 

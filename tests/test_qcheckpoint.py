@@ -349,6 +349,10 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+# The tests that share it go to one xdist worker (README's `--dist loadgroup`): the subprocess runs once.
+on_one_worker = pytest.mark.xdist_group("qshard")
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("qshard"))
@@ -361,6 +365,7 @@ def sharded(tmp_path_factory):
     return json.loads(line[len("RESULT ") :])
 
 
+@on_one_worker
 @pytest.mark.parametrize("name", ["q", "v3", "chunked"])
 def test_restore_onto_a_mesh_splits_output_channels(sharded, name):
     res = sharded[name]
@@ -385,6 +390,7 @@ def test_restore_onto_a_mesh_splits_output_channels(sharded, name):
     assert arrays["p/h_0/attn/qkv/bias"]["shard"] == [192]
 
 
+@on_one_worker
 def test_restore_onto_one_mesh_axis_and_custom_shardings(sharded):
     a = sharded["model_axis"]["w/h_1/mlp/fc1/values"]
     assert a["spec"] == str(jax.sharding.PartitionSpec("model", None)) and a["shard"][0] * 4 == a["shape"][0]
@@ -479,6 +485,7 @@ def test_lkd_refuses_the_progress_of_another_run(tmp_path, three_blocks):
         lkd.distill(model, params, rules, chunks, cfg, checkpoint_dir=tmp_path / "f")
 
 
+@on_one_worker
 def test_arrays_are_stored_in_row_chunks(sharded):
     """fc1's (256, 32) packed INT4 codes in 2 KB chunks: 64 whole rows each (the longest axis is cut)."""
     assert sharded["chunk"] == {"shape": [256, 32], "chunk": [64, 32]}, sharded["chunk"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
@@ -20,6 +19,8 @@ from jq8.quant import QArray, QuantSpec, quantize
 from jq8.training import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist worker takes the module (README's `--dist loadgroup`), so its one-minute subprocess runs once.
+pytestmark = pytest.mark.xdist_group("sharding")
 
 SCRIPT = textwrap.dedent(r"""
     import dataclasses, json, os, re, shutil, sys
@@ -139,24 +140,7 @@ def _run_script(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    # The one-minute subprocess runs once per pytest session: under xdist the workers share the
-    # parent of their base temp directories, and a lock there lets the first worker run it while the
-    # others wait for its result file.
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    done = shared / "sharding_result.json"
-    with open(shared / "sharding_result.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not done.exists():
-                (shared / "sharding_runs").mkdir(exist_ok=True)
-                out = _run_script(str(shared / "sharding_runs"))
-                tmp_file = done.with_suffix(".part")
-                tmp_file.write_text(json.dumps(out))
-                os.replace(tmp_file, done)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return json.loads(done.read_text())
+    return _run_script(str(tmp_path_factory.mktemp("sharding_runs")))
 
 
 def test_fsdp_params_are_split_over_all_devices(result):
