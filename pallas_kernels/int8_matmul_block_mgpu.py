@@ -196,12 +196,10 @@ def check_config(
     if cfg.schedule == "running" and cfg.convert != "cvt":
         # a running sum outgrows the magic number's exact range (|p| <= 2**22)
         raise ValueError(f"schedule='running' needs convert='cvt', got {cfg}")
-    if cfg.schedule == "running" and cfg.groups_per_step == 2 and cfg.tile_n > 128:
-        raise ValueError(f"schedule='running' with two groups a step keeps two running sums: tile_n <= 128, got {cfg}")
+    two_accumulators = cfg.schedule in ("pair", "carry") or (cfg.schedule == "running" and cfg.groups_per_step == 2)
     if cfg.tile_m != 64 or cfg.tile_n % 16 or not 16 <= cfg.tile_n <= 192:
         # the int32 accumulator(s) and the f32 sum share a thread's registers: 64 rows a warpgroup
         raise ValueError(f"warpgroup tiles must be 64 x (a multiple of 16 <= 192); got {cfg}")
-    two_accumulators = cfg.schedule in ("pair", "carry") or (cfg.schedule == "running" and cfg.groups_per_step == 2)
     if cfg.consumers not in (2, 3) or (cfg.consumers == 3 and (cfg.pingpong or cfg.tile_n > 128 or two_accumulators)):
         # three warpgroups fit one 64 x 128 accumulator and the f32 sum in 160 registers a thread; ping-pong
         # alternates two warpgroups
@@ -209,7 +207,7 @@ def check_config(
             f"consumers must be 2, or 3 with tile_n <= 128, one accumulator (schedule 'wait' or one-group "
             f"'running') and no pingpong; got {cfg}"
         )
-    if cfg.schedule in ("pair", "carry") and cfg.tile_n > 128:
+    if two_accumulators and cfg.tile_n > 128:
         raise ValueError(f"schedule={cfg.schedule!r} keeps two accumulators live: tile_n <= 128, got {cfg}")
     rows = cfg.cta_m * (2 if cfg.cluster_m else 1)
     if m < rows:
@@ -597,41 +595,25 @@ def _kernel(
                 y = promote(y, plgpu.wgmma_accumulator_load(acc0, wait_n=1), scales[0])
                 return y, scales[1]  # group 2k + 1 is promoted next step (its stage is released then)
 
-            def body_running(a_ref, b_t, s, z, s_prev, *state):
-                """Group g: z += S_{g-1} (s_{g-1} - s_g), then S_g = S_{g-1} + p_g on the tensor core."""
-                delta = (s_prev[0] - s[0],)
+            def body_running(a_refs, b_ts, scales, z, *state):
+                """Each group j of the step into its own running sum S_j (with two groups a step, the even and
+                the odd groups'): z += S_j (s_j,prev - s_j), then S_j += p_j on the tensor core. With two, each
+                sum is promoted while the other's wgmma runs: on entry the last step's two may be in flight."""
+                s_prev, totals = state[:gps], state[gps:]  # totals: the sums themselves, interpret mode only
+                deltas = [(p[0] - s[0],) for p, s in zip(s_prev, scales)]
                 if interpret:
-                    (total,) = state
-                    z = z + total.astype(jnp.float32) * broadcast(delta)
-                    return z, s, total + interpret_dot(a_ref, b_t)
-                (acc,) = accs
-                z = z + acc[...].astype(jnp.float32) * broadcast(delta)
-                plgpu.wgmma(acc, a_ref.at[a_rows], b_t)
+                    for total, d in zip(totals, deltas):
+                        z = z + total.astype(jnp.float32) * broadcast(d)
+                    totals = [t + interpret_dot(a_refs[j], b_ts[j]) for j, t in enumerate(totals)]
+                    return z, *scales, *totals
+                for j, acc in enumerate(accs):
+                    z = z + plgpu.wgmma_accumulator_load(acc, wait_n=gps - 1).astype(jnp.float32) * broadcast(deltas[j])
+                    plgpu.wgmma(acc, a_refs[j].at[a_rows], b_ts[j])
                 if cfg.pingpong:
                     rendezvous()
-                plgpu.wgmma_wait(0)  # the stage is released after this body
-                return z, s
-
-            def body_running_pair(a_refs, b_ts, scales, z, s_prev_even, s_prev_odd, *state):
-                """Groups 2k and 2k + 1 into two running sums, E (even groups) and O (odd): each is promoted
-                against the change of scale between its own consecutive groups while the other's wgmma
-                runs. On entry groups 2k - 2 (E) and 2k - 1 (O) may be in flight, in that order."""
-                d_even, d_odd = (s_prev_even[0] - scales[0][0],), (s_prev_odd[0] - scales[1][0],)
-                if interpret:
-                    total_even, total_odd = state
-                    z = z + total_even.astype(jnp.float32) * broadcast(d_even)
-                    z = z + total_odd.astype(jnp.float32) * broadcast(d_odd)
-                    total_even = total_even + interpret_dot(a_refs[0], b_ts[0])
-                    total_odd = total_odd + interpret_dot(a_refs[1], b_ts[1])
-                    return z, scales[0], scales[1], total_even, total_odd
-                acc_even, acc_odd = accs
-                z = z + plgpu.wgmma_accumulator_load(acc_even, wait_n=1).astype(jnp.float32) * broadcast(d_even)
-                plgpu.wgmma(acc_even, a_refs[0].at[a_rows], b_ts[0])
-                z = z + plgpu.wgmma_accumulator_load(acc_odd, wait_n=1).astype(jnp.float32) * broadcast(d_odd)
-                plgpu.wgmma(acc_odd, a_refs[1].at[a_rows], b_ts[1])
-                if cfg.pingpong:
-                    rendezvous()
-                return z, scales[0], scales[1]  # both wgmmas run on: the stage is released next step
+                if not delay:
+                    plgpu.wgmma_wait(0)  # the stage is released after this body
+                return z, *scales
 
             def body(idx, *refs):
                 del idx
@@ -642,10 +624,8 @@ def _kernel(
                 scales = [scale_vectors(sa_smem, sb_smem, j) for j in range(gps)]
                 if cfg.schedule == "carry":
                     return body_carry(a_refs, b_ts, scales, *y)
-                if cfg.schedule == "running" and gps == 2:
-                    return body_running_pair(a_refs, b_ts, scales, *y)
                 if cfg.schedule == "running":
-                    return body_running(a_refs[0], b_ts[0], scales[0], *y)
+                    return body_running(a_refs, b_ts, scales, *y)
                 if cfg.schedule == "pair" and not interpret:
 
                     def both(refs):
@@ -671,50 +651,31 @@ def _kernel(
                 if cfg.pingpong:
                     pl.when(wg == 1)(rendezvous)
                 y0 = cast(jnp.full(shape, 0, jnp.float32), plgpu.Layout.WGMMA)
-                if cfg.schedule == "running" and gps == 2:
-                    zero = cast(jnp.full(shape, 0, jnp.int32), plgpu.Layout.WGMMA)
-
-                    def running_pair(acc_even=None, acc_odd=None):
-                        if interpret:
-                            z, s_even, s_odd, total_even, total_odd = run_pipeline(
-                                (y0, zero_vectors(), zero_vectors(), zero, zero)
-                            )
-                        else:
-                            accs[:] = [acc_even, acc_odd]
-                            acc_even[...] = zero
-                            acc_odd[...] = zero
-                            z, s_even, s_odd = run_pipeline((y0, zero_vectors(), zero_vectors()))
-                            total_even = plgpu.wgmma_accumulator_load(acc_even, wait_n=1)
-                            total_odd = plgpu.wgmma_accumulator_load(acc_odd, wait_n=0)
-                        if cfg.pingpong:
-                            pl.when(wg == 0)(rendezvous)
-                        z = z + total_even.astype(jnp.float32) * broadcast(s_even)
-                        epilogue(z + total_odd.astype(jnp.float32) * broadcast(s_odd))
-
-                    if interpret:
-                        running_pair()
-                    else:
-                        pl.run_scoped(running_pair, plgpu.ACC(shape, jnp.int32), plgpu.ACC(shape, jnp.int32))
-                    return
                 if cfg.schedule == "running":
                     zero = cast(jnp.full(shape, 0, jnp.int32), plgpu.Layout.WGMMA)
 
-                    def running(acc=None):
+                    def running(*acc_refs):  # one running sum per group of a step
                         if interpret:
-                            z, s_last, total = run_pipeline((y0, zero_vectors(), zero))
+                            z, *rest = run_pipeline((y0, *[zero_vectors()] * gps, *[zero] * gps))
+                            s_last, totals = rest[:gps], rest[gps:]
                         else:
-                            accs[:] = [acc]
-                            acc[...] = zero
-                            z, s_last = run_pipeline((y0, zero_vectors()))
-                            total = acc[...]
+                            accs[:] = acc_refs
+                            for acc in acc_refs:
+                                acc[...] = zero
+                            z, *s_last = run_pipeline((y0, *[zero_vectors()] * gps))
+                            # the sums' last wgmmas complete in the order they were issued
+                            totals = [plgpu.wgmma_accumulator_load(a, wait_n=gps - 1 - j)
+                                      for j, a in enumerate(acc_refs)]  # fmt: skip
                         if cfg.pingpong:
                             pl.when(wg == 0)(rendezvous)
-                        epilogue(z + total.astype(jnp.float32) * broadcast(s_last))
+                        for total, s in zip(totals, s_last):
+                            z = z + total.astype(jnp.float32) * broadcast(s)
+                        epilogue(z)
 
                     if interpret:
                         running()
                     else:
-                        pl.run_scoped(running, plgpu.ACC(shape, jnp.int32))
+                        pl.run_scoped(running, *[plgpu.ACC(shape, jnp.int32)] * gps)
                     return
                 if cfg.schedule != "carry":
                     y = run_pipeline(y0)

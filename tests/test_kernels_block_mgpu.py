@@ -66,7 +66,7 @@ def test_fit_config_defaults_and_errors():
         bm.fit_config(256, 256, 256, 128, schedule="pair")
     with pytest.raises(ValueError, match="schedule='running' needs convert='cvt'"):
         bm.fit_config(256, 256, 256, 128, schedule="running", convert="magic")
-    with pytest.raises(ValueError, match="two running sums: tile_n <= 128"):
+    with pytest.raises(ValueError, match="keeps two accumulators live: tile_n <= 128"):
         bm.check_config(256, 192, 256, bm.BlockTileConfig(schedule="running", groups_per_step=2, tile_n=192))
     with pytest.raises(ValueError, match="group must be one of"):
         bm.check_config(256, 256, 256, bm.BlockTileConfig(group=48))
