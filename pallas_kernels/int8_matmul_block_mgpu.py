@@ -484,10 +484,10 @@ def _kernel(
             body,
             grid=(k // cfg.step_k,),
             # three consumers: 160 registers each (FlashAttention-3's split); two: 232 each
-            memory_registers=MEMORY_REGISTERS if cfg.consumers == 2 else 32,
+            memory_registers=MEMORY_REGISTERS if consumers == 2 else 32,
             in_specs=in_specs,
             wg_axis="wg",
-            num_compute_wgs=cfg.consumers,
+            num_compute_wgs=consumers,
             max_concurrent_steps=cfg.stages,
             compute_context=context,
         )
